@@ -1,0 +1,23 @@
+"""scattermoe: scatter-based Mixture-of-Experts and mixture-of-attention-heads kernels.
+
+    import scattermoe
+    moe = scattermoe.GLUMLP(input_size=2048, hidden_size=5632, num_experts=8, top_k=2)
+    y = moe(x, expert_p, expert_idxs)          # x [..., D]; expert_p, expert_idxs [..., k]
+
+Backends: ``scattermoe.set_backend("auto" | "triton" | "cutlass" | "torch")``.
+"""
+
+from . import backends, ops, routing
+from ._validate import set_debug
+from .backends import get_backend, set_backend, use_backend
+from .layers import GLUMLP, MLP, MoA, MoARouting, ParallelExperts
+from .ops import parallel_linear
+from .routing import flatten_sort_count, load_balancing_loss, router_z_loss, topk_gating
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GLUMLP", "MLP", "MoA", "MoARouting", "ParallelExperts",
+    "flatten_sort_count", "get_backend", "load_balancing_loss", "parallel_linear", "router_z_loss",
+    "set_backend", "set_debug", "topk_gating", "use_backend",
+]

@@ -1,0 +1,119 @@
+"""Input checks at the public boundary.
+
+Shapes, dtypes, devices and contiguity are always checked: they are host-side
+metadata and cost nothing. Index *values* (expert ids in [0, E), slot ids in
+[0, N)) live on the device; reading them would add a device sync on the hot
+path, so they are checked only where the tensor is already on the host (CPU) or
+in debug mode (``scattermoe.set_debug(True)`` or ``SCATTERMOE_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+_DEBUG = os.environ.get("SCATTERMOE_DEBUG", "0") not in ("", "0", "false", "False")
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def set_debug(enabled: bool = True) -> None:
+    """Check index values on the device too (costs a device sync per call)."""
+    global _DEBUG
+    _DEBUG = bool(enabled)
+
+
+def debug_enabled() -> bool:
+    return _DEBUG
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # data-dependent checks would break the graph
+    return _DEBUG or t.device.type == "cpu"
+
+
+def shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_tensor(name: str, t, *, dim: Optional[int] = None, dtypes=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-d tensor, got shape {shape(t)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+
+
+def check_expert_idxs(expert_idxs: torch.Tensor, num_experts: int) -> None:
+    check_tensor("expert_idxs", expert_idxs, dtypes=_INDEX_DTYPES)
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    if expert_idxs.numel() and _values_checkable(expert_idxs):
+        lo, hi = int(expert_idxs.min()), int(expert_idxs.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"expert_idxs: expert ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+
+
+def check_parallel_linear(
+    x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+    expert_biases, gates, grouped_in, grouped_out,
+) -> None:
+    """Validate parallel_linear's arguments (see ops.parallel_linear for the contract)."""
+    check_tensor("x", x, dim=2, dtypes=_FLOAT_DTYPES)
+    device = x.device
+    check_tensor("expert_weights", expert_weights, dim=3, dtypes=(x.dtype,), device=device)
+    num_experts, d_in, d_out = expert_weights.shape
+    if 0 in (num_experts, d_in, d_out):
+        raise ValueError(f"expert_weights: expected non-empty [E, d_in, d_out], got shape {shape(expert_weights)}")
+    if x.size(1) != d_in:
+        raise ValueError(f"x: expected {d_in} features (expert_weights is [E={num_experts}, {d_in}, {d_out}]), got shape {shape(x)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"x: expected a row-major tensor (stride 1 along features), got strides {x.stride()}; call .contiguous()")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    for name, t in (("sorted_expert_idxs", sorted_expert_idxs), ("sorted_scattered_idxs", sorted_scattered_idxs)):
+        check_tensor(name, t, dim=1, dtypes=_INDEX_DTYPES, device=device)
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor")
+    num_rows = sorted_expert_idxs.numel()
+    if sorted_scattered_idxs.numel() != num_rows:
+        raise ValueError(
+            f"sorted_scattered_idxs: expected {num_rows} entries like sorted_expert_idxs, got {sorted_scattered_idxs.numel()}")
+    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
+    if expert_offsets.numel() != num_experts or not expert_offsets.is_contiguous():
+        raise ValueError(f"expert_offsets: expected a contiguous [E={num_experts}] tensor, got shape {shape(expert_offsets)}")
+    if expert_biases is not None:
+        check_tensor("expert_biases", expert_biases, dim=2, dtypes=(x.dtype,), device=device)
+        if shape(expert_biases) != (num_experts, d_out):
+            raise ValueError(f"expert_biases: expected shape ({num_experts}, {d_out}), got {shape(expert_biases)}")
+    if grouped_in:
+        if x.size(0) != num_rows:
+            raise ValueError(f"x: with grouped_in=True expected the N={num_rows} routed rows, got {x.size(0)} rows")
+    elif x.size(0) * k != num_rows:
+        raise ValueError(
+            f"sorted_expert_idxs: expected T*k = {x.size(0)}*{k} = {x.size(0) * k} routed rows for x of shape {shape(x)}, got {num_rows}")
+    if gates is not None:
+        check_tensor("gates", gates, dim=2, dtypes=_FLOAT_DTYPES, device=device)
+        if grouped_out:
+            raise ValueError("gates: a gate-weighted sum returns token order, so grouped_out must be False")
+        if gates.numel() != num_rows:
+            raise ValueError(f"gates: expected [T, k] with T*k = {num_rows} entries, got shape {shape(gates)}")
+        if not grouped_in and k not in (1, gates.size(1)):
+            raise ValueError(f"gates: expected [T, k={k}] (or k=1 with x holding the N slot rows), got shape {shape(gates)}")
+    if num_rows and _values_checkable(sorted_expert_idxs):
+        lo, hi = int(sorted_expert_idxs.min()), int(sorted_expert_idxs.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"sorted_expert_idxs: expert ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+        lo, hi = int(sorted_scattered_idxs.min()), int(sorted_scattered_idxs.max())
+        if lo < 0 or hi >= num_rows:
+            raise ValueError(f"sorted_scattered_idxs: slot ids must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
+        if int(expert_offsets[-1]) != num_rows or bool((expert_offsets.diff() < 0).any()):
+            raise ValueError(f"expert_offsets: expected non-decreasing cumulative counts ending at N={num_rows}")

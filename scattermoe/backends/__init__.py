@@ -1,0 +1,95 @@
+"""Backend choice: which implementation runs the kernels of scattermoe.ops.
+
+Names: ``auto`` (default), ``triton``, ``cutlass``, ``torch`` (the pure-PyTorch
+reference). Set with ``set_backend(name)``, ``with use_backend(name):`` or the
+``SCATTERMOE_BACKEND`` environment variable. ``auto`` picks, per call, the
+fastest backend that supports the device and dtype: Triton on CUDA; on the CPU
+the reference, or Triton when ``TRITON_INTERPRET=1`` was set before import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "cutlass", "torch")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+_current = _check_name(os.environ.get("SCATTERMOE_BACKEND", "auto"))
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all later calls (see module docstring for names)."""
+    global _current
+    _current = _check_name(name)
+
+
+def get_backend() -> str:
+    return _current
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed block on another backend, then restore the previous one."""
+    global _current
+    previous, _current = _current, _check_name(name)
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def _triton_interpreting() -> bool:
+    from .triton.config import INTERPRET
+
+    return INTERPRET
+
+
+def triton_unsupported_reason(x: torch.Tensor):
+    """Why the Triton kernels cannot run on x, or None if they can."""
+    if x.dtype not in _TRITON_DTYPES:
+        return f"the triton backend supports float16, bfloat16 and float32, not {x.dtype}"
+    if x.device.type == "cuda":
+        return None
+    if x.device.type != "cpu":
+        return f"the triton backend runs on CUDA (or the CPU interpreter), not on {x.device.type}"
+    if not _triton_interpreting():
+        return "the triton backend on the CPU needs TRITON_INTERPRET=1 set before scattermoe is imported"
+    if x.dtype == torch.bfloat16:
+        # triton-lang/triton#11584: the interpreter's tl.dot multiplies bf16 bit patterns.
+        return "bfloat16 under the Triton interpreter gives wrong results upstream (triton-lang/triton#11584)"
+    return None
+
+
+def cutlass_unsupported_reason(x: torch.Tensor):
+    return "the cutlass backend is not built in this install (the csrc extension is not present)"
+
+
+def resolve(x: torch.Tensor) -> str:
+    """The concrete backend ('triton', 'cutlass' or 'torch') that runs an op on x now."""
+    name = _current
+    if name == "auto":
+        return "triton" if triton_unsupported_reason(x) is None else "torch"
+    reason = {"triton": triton_unsupported_reason, "cutlass": cutlass_unsupported_reason}.get(name, lambda _: None)(x)
+    if reason is not None:
+        raise RuntimeError(f"scattermoe backend {name!r} cannot run here: {reason}")
+    return name
+
+
+def kernels(name: str):
+    """The kernel module of a concrete backend: scatter2scatter and group_bwd_w launchers."""
+    if name == "triton":
+        from . import triton as module
+    else:
+        raise RuntimeError(f"scattermoe backend {name!r} has no kernels")
+    return module

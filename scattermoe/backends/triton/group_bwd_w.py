@@ -1,0 +1,124 @@
+"""group_bwd_w: per-expert weight gradient dW_e = X_e^T (s * dY_e), and db_e = sum_rows s * dY_e.
+
+Legend: N routed rows, E experts, K_IN input features, N_OUT output features.
+One program per (expert, K_IN tile, N_OUT tile) reduces over that expert's rows,
+read in expert order; X and dY rows are read grouped or gathered from
+``slot // fan_out``, so neither is ever copied into expert order. Programs of
+all experts for one tile launch next to each other, so a very large expert
+does not leave the GPU idle while it finishes, and an empty expert writes zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import autotune_configs, input_precision, pow2_bucket
+
+
+@triton.autotune(configs=autotune_configs("group_bwd_w"), key=["K_IN", "N_OUT", "M_BUCKET"])
+@triton.jit
+def _group_bwd_w_kernel(
+    X_ptr, stride_xm, stride_xk,                  # X [T or N, K_IN]
+    DY_ptr, stride_dym, stride_dyn,               # dY [T or N, N_OUT]
+    DW_ptr, stride_dwe, stride_dwk, stride_dwn,   # dW [E, K_IN, N_OUT], any strides
+    DB_ptr, stride_dbe, stride_dbn,               # db [E, N_OUT] (unused without HAS_BIAS)
+    scale_ptr,                                    # [N] per-slot scale of dY rows (gates)
+    sorted_scattered_ptr,                         # [N] slot of each row in expert order
+    expert_offsets_ptr,                           # [E] end of each expert's rows
+    num_rows, K_IN, N_OUT, X_FAN_OUT, DY_FAN_OUT,
+    M_BUCKET,                                     # autotune key only
+    X_GROUPED: tl.constexpr, DY_GROUPED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    pid = tl.program_id(1)
+    num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
+    pid_k = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    end = tl.load(expert_offsets_ptr + expert).to(tl.int32)
+    start = tl.load(expert_offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
+    end = tl.minimum(tl.maximum(end, 0), num_rows)  # clamp: bad offsets must not read out of bounds
+    start = tl.minimum(tl.maximum(start, 0), end)
+
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = offs_k < K_IN
+    n_mask = offs_n < N_OUT
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row0 in range(start, end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < end
+        slots = tl.load(sorted_scattered_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        if X_GROUPED:
+            x_rows = rows.to(tl.int64)
+        else:
+            x_rows = slots // X_FAN_OUT
+        if DY_GROUPED:
+            dy_rows = rows.to(tl.int64)
+        else:
+            dy_rows = slots // DY_FAN_OUT
+        x = tl.load(X_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        dy = tl.load(DY_ptr + dy_rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+            dy = (dy.to(tl.float32) * scale[:, None]).to(DY_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(x), dy, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            db_acc += tl.sum(dy.to(tl.float32), 0)
+
+    dw_ptrs = DW_ptr + expert.to(tl.int64) * stride_dwe + offs_k[:, None] * stride_dwk + offs_n[None, :] * stride_dwn
+    tl.store(dw_ptrs, acc.to(DW_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
+    if HAS_BIAS:
+        if pid_k == 0:
+            tl.store(DB_ptr + expert.to(tl.int64) * stride_dbe + offs_n * stride_dbn,
+                     db_acc.to(DB_ptr.dtype.element_ty), mask=n_mask)
+
+
+def group_bwd_w(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    like_weight: torch.Tensor,
+    x_fan_out: int,
+    dy_fan_out: int,
+    x_grouped: bool,
+    dy_grouped: bool,
+    row_scale: Optional[torch.Tensor] = None,
+    with_bias: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Returns (dW shaped and strided like ``like_weight`` [E, K_IN, N_OUT], db [E, N_OUT] or None)."""
+    num_experts, k_in, n_out = like_weight.shape
+    num_rows = sorted_scattered_idxs.numel()
+    dw = torch.empty_like(like_weight)
+    db = like_weight.new_empty(num_experts, n_out) if with_bias else None
+    db_arg = db if db is not None else dw[0]
+    scale_arg = row_scale if row_scale is not None else dw
+
+    def grid(meta):
+        return (num_experts, triton.cdiv(k_in, meta["BLOCK_K"]) * triton.cdiv(n_out, meta["BLOCK_N"]))
+
+    _group_bwd_w_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        dy, dy.stride(0), dy.stride(1),
+        dw, dw.stride(0), dw.stride(1), dw.stride(2),
+        db_arg, db_arg.stride(0), db_arg.stride(-1),
+        scale_arg,
+        sorted_scattered_idxs,
+        expert_offsets,
+        num_rows, k_in, n_out, x_fan_out, dy_fan_out,
+        pow2_bucket(num_rows),
+        X_GROUPED=x_grouped, DY_GROUPED=dy_grouped,
+        HAS_BIAS=with_bias, HAS_SCALE=row_scale is not None,
+        INPUT_PRECISION=input_precision(x.dtype),
+    )
+    return dw, db

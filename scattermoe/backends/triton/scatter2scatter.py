@@ -1,0 +1,157 @@
+"""scatter2scatter: Y = X W_e (+ b_e) (* s) over routed rows, gathering on load and scattering on store.
+
+Legend: N routed rows (T*K), E experts, K_IN input features, N_OUT output features.
+Rows are processed in expert order (the order of ``sorted_scattered_idxs``); a row
+tile never straddles two experts, so no work is masked away at expert borders.
+X rows are read either in that order (grouped) or gathered from token
+``slot // FAN_OUT``; Y rows are written in that order (grouped) or scattered to
+``slot``. No padded copy of X or Y is ever made.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import autotune_configs, input_precision, num_row_tiles_bound, pow2_bucket
+
+
+@triton.jit
+def locate_row_tile(pid_m, expert_offsets_ptr, num_rows, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Map the pid_m-th row tile to (expert, first row, end row) from the expert offsets alone.
+
+    Each expert owns cdiv(count_e, BLOCK_M) consecutive tiles; tiles past the last
+    get expert >= E. Offsets are clamped to [0, num_rows] so inconsistent routing
+    tensors can never make a program read or write out of bounds.
+    """
+    offs_e = tl.arange(0, E_POW2)
+    in_range = offs_e < E
+    ends = tl.load(expert_offsets_ptr + offs_e, mask=in_range, other=0).to(tl.int32)
+    starts = tl.load(expert_offsets_ptr + offs_e - 1, mask=in_range & (offs_e > 0), other=0).to(tl.int32)
+    ends = tl.minimum(tl.maximum(ends, 0), num_rows)
+    starts = tl.minimum(tl.maximum(starts, 0), ends)
+    tiles = tl.where(in_range, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_ends = tl.cumsum(tiles, 0)
+    expert = tl.sum((tile_ends <= pid_m).to(tl.int32), 0)
+    is_mine = offs_e == expert
+    first_tile = tl.sum(tl.where(is_mine, tile_ends - tiles, 0), 0)
+    row_start = tl.sum(tl.where(is_mine, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(is_mine, ends, 0), 0)
+    return expert, row_start, row_end
+
+
+@triton.autotune(configs=autotune_configs("scatter2scatter"), key=["K_IN", "N_OUT", "M_BUCKET"])
+@triton.jit
+def _scatter2scatter_kernel(
+    X_ptr, stride_xm, stride_xk,            # X [T or N, K_IN]
+    W_ptr, stride_we, stride_wk, stride_wn,  # W [E, K_IN, N_OUT], any strides
+    B_ptr, stride_be, stride_bn,            # bias [E, N_OUT] (unused without HAS_BIAS)
+    Y_ptr, stride_ym, stride_yn,            # Y [N, N_OUT]
+    scale_ptr,                              # [N] per-slot row scale (gates), indexed by slot
+    sorted_scattered_ptr,                   # [N] slot of each row in expert order
+    expert_offsets_ptr,                     # [E] end of each expert's rows
+    num_rows, E, K_IN, N_OUT, FAN_OUT,
+    M_BUCKET,                               # autotune key only: num_rows rounded to a power of 2
+    E_POW2: tl.constexpr,
+    X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order (Triton matmul tutorial) so neighbouring programs share W tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_rows, BLOCK_M) + E  # upper bound on the row tiles over all experts
+    num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
+    pid_n = (pid % pids_per_group) // group_size_m
+
+    expert, row_start, row_end = locate_row_tile(pid_m, expert_offsets_ptr, num_rows, E, E_POW2, BLOCK_M)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    slots = tl.load(sorted_scattered_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    if X_GROUPED:
+        x_rows = rows.to(tl.int64)
+    else:
+        x_rows = slots // FAN_OUT
+    if Y_GROUPED:
+        y_rows = rows.to(tl.int64)
+    else:
+        y_rows = slots
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_OUT
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = W_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_IN, BLOCK_K):
+        k_mask = offs_k < K_IN - k0
+        a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        bias = tl.load(B_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
+        acc += bias[None, :].to(tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + slots, mask=row_mask, other=0.0)
+        acc *= scale[:, None].to(tl.float32)
+    y_ptrs = Y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+def scatter2scatter(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    fan_out: int,
+    grouped_in: bool,
+    grouped_out: bool,
+    row_scale: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Launch the kernel. Shapes are validated by the caller (ops.py).
+
+    x [T or N, K_IN]; w [E, K_IN, N_OUT] (a permuted view is fine); bias [E, N_OUT] or None;
+    row_scale [N] (per slot) or None; returns [N, N_OUT] in x's dtype, grouped or in slot order.
+    """
+    num_rows = sorted_scattered_idxs.numel()
+    num_experts, k_in, n_out = w.shape
+    y = out if out is not None else x.new_empty(num_rows, n_out)
+    if num_rows == 0:
+        return y
+    bias_arg = bias if bias is not None else y
+    scale_arg = row_scale if row_scale is not None else y
+
+    def grid(meta):
+        return (num_row_tiles_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+
+    _scatter2scatter_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        w, w.stride(0), w.stride(1), w.stride(2),
+        bias_arg, bias_arg.stride(0), bias_arg.stride(-1),
+        y, y.stride(0), y.stride(1),
+        scale_arg,
+        sorted_scattered_idxs,
+        expert_offsets,
+        num_rows, num_experts, k_in, n_out, fan_out,
+        pow2_bucket(num_rows),
+        E_POW2=triton.next_power_of_2(max(num_experts, 2)),
+        X_GROUPED=grouped_in, Y_GROUPED=grouped_out,
+        HAS_BIAS=bias is not None, HAS_SCALE=row_scale is not None,
+        INPUT_PRECISION=input_precision(x.dtype),
+    )
+    return y
+

@@ -1,0 +1,174 @@
+"""Drop-in layers: ParallelExperts, MLP, GLUMLP and MoA (mixture of attention heads).
+
+Legend: T tokens, K experts per token, E experts, D model dim, F expert hidden dim,
+H heads per expert, Dh head dim. Weights are stored ``[E, out, in]`` (the
+nn.Linear convention and the JetMoE checkpoint layout).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import parallel_linear
+from .routing import flatten_sort_count
+
+
+class ParallelExperts(nn.Module):
+    """E independent linear maps; ``weight`` [E, output_size, input_size], ``bias`` [E, output_size] or None."""
+
+    def __init__(self, num_experts: int, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, output_size, input_size))
+        self.bias = nn.Parameter(torch.empty(num_experts, output_size)) if bias else None
+        self.num_experts = num_experts
+        self.input_size = input_size
+        self.output_size = output_size
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, input_size={self.input_size}, "
+                f"output_size={self.output_size}, bias={self.bias is not None}")
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, inputs: torch.Tensor, k: int, sorted_expert_idxs: torch.Tensor,
+                sorted_scattered_idxs: torch.Tensor, expert_offsets: torch.Tensor,
+                gates: Optional[torch.Tensor] = None, grouped_in: bool = False,
+                grouped_out: bool = False) -> torch.Tensor:
+        """See ``scattermoe.parallel_linear``; the weight is passed as a [E, in, out] view, not copied."""
+        return parallel_linear(inputs, self.weight.permute(0, 2, 1), k, sorted_expert_idxs,
+                               sorted_scattered_idxs, expert_offsets, expert_biases=self.bias,
+                               gates=gates, grouped_in=grouped_in, grouped_out=grouped_out)
+
+
+def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int) -> None:
+    lead = tuple(x.shape[:-1])
+    for name, t in (("expert_p", expert_p), ("expert_idxs", expert_idxs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != lead + (top_k,):
+            raise ValueError(f"{name}: expected shape {lead + (top_k,)} (x's leading dims, top_k), got {tuple(t.shape)}")
+
+
+class MLP(nn.Module):
+    """Mixture of plain MLP experts: y = sum_j p_j * W2_e act(W1_e x)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
+                 bias: bool = False, activation: Optional[Callable] = None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.experts = ParallelExperts(num_experts, input_size, hidden_size, bias=bias)
+        self.output_experts = ParallelExperts(num_experts, hidden_size, input_size, bias=bias)
+        self.top_k = min(top_k, num_experts)
+        self.activation = activation if activation is not None else nn.GELU()
+
+    def extra_repr(self) -> str:
+        return f"k={self.top_k}"
+
+    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return self.activation(h)
+
+    def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
+        """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
+        _check_routing(x, expert_p, expert_idxs, self.top_k)
+        x_shape = x.shape
+        x = x.reshape(-1, x_shape[-1])
+        sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
+            expert_idxs, num_experts=self.num_experts)
+        h = self.experts(x, self.top_k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+                         grouped_out=True)
+        h = self._hidden(h)
+        y = self.output_experts(h, 1, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+                                grouped_in=True, gates=expert_p.reshape(-1, self.top_k))
+        return y.view(*x_shape[:-1], y.size(-1))
+
+
+class GLUMLP(MLP):
+    """Mixture of GLU experts: y = sum_j p_j * W2_e (act(a) * b), [a | b] or [b | a] = W1_e x.
+
+    ``activate_first=False`` activates the second half of W1's output (ScatterMoE's
+    GLUMLP); ``True`` activates the first half (JetMoE's checkpoints).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
+                 bias: bool = False, activation: Optional[Callable] = None,
+                 activate_first: bool = False) -> None:
+        super().__init__(input_size, hidden_size, num_experts, top_k, bias=bias,
+                         activation=activation if activation is not None else nn.SiLU())
+        self.experts = ParallelExperts(num_experts, input_size, 2 * hidden_size, bias=bias)
+        self.activate_first = activate_first
+
+    def extra_repr(self) -> str:
+        return f"k={self.top_k}, activate_first={self.activate_first}"
+
+    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
+        a, b = h.chunk(2, dim=-1)
+        return self.activation(a) * b if self.activate_first else a * self.activation(b)
+
+
+class MoARouting(NamedTuple):
+    """What MoA.map hands to MoA.reduce for the same tokens."""
+    expert_p: torch.Tensor  # [T, K] gates
+    sorted_expert_idxs: torch.Tensor
+    sorted_scattered_idxs: torch.Tensor
+    expert_offsets: torch.Tensor
+
+
+class MoA(nn.Module):
+    """Mixture of attention heads (JetMoE): per-expert query and output projections.
+
+    ``input_linear.weight`` [E, H*Dh, D], ``output_linear.weight`` [E, D, H*Dh], ``bias`` [D]
+    (one shared output bias) or None. Keys and values are the caller's: every query
+    head of slot j reads KV head h, so queries come back as ``[..., H*K, Dh]`` ordered
+    (kv head h, slot j) -> h*K + j. That is the grouping of torch's
+    ``scaled_dot_product_attention(..., enable_gqa=True)``: the H shared K/V heads are
+    used as they are, never repeated K times.
+    """
+
+    def __init__(self, input_size: int, head_dim: int, num_heads: int, num_experts: int, top_k: int,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.input_size = input_size
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.top_k = min(top_k, num_experts)
+        self.input_linear = ParallelExperts(num_experts, input_size, num_heads * head_dim)
+        self.output_linear = ParallelExperts(num_experts, num_heads * head_dim, input_size)
+        self.bias = nn.Parameter(torch.zeros(input_size)) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"k={self.top_k}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+    def map(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor
+            ) -> Tuple[torch.Tensor, MoARouting]:
+        """x [..., D]; expert_p, expert_idxs [..., K] -> (queries [..., H*K, Dh], routing for reduce)."""
+        _check_routing(x, expert_p, expert_idxs, self.top_k)
+        lead = x.shape[:-1]
+        routing = MoARouting(expert_p.reshape(-1, self.top_k), *flatten_sort_count(expert_idxs, self.num_experts))
+        q = self.input_linear(x.reshape(-1, x.size(-1)), self.top_k, *routing[1:])  # [T*K, H*Dh], slot order
+        # (token, slot, head) -> (token, head, slot): one copy of q, so SDPA's GQA grouping matches.
+        q = q.view(-1, self.top_k, self.num_heads, self.head_dim).transpose(1, 2)
+        return q.reshape(*lead, self.num_heads * self.top_k, self.head_dim), routing
+
+    def reduce(self, attn_out: torch.Tensor, routing: MoARouting) -> torch.Tensor:
+        """attn_out [..., H*K, Dh] (the order map produced) -> [..., D]: gated sum of per-expert projections."""
+        lead = attn_out.shape[:-2]
+        expected = (self.num_heads * self.top_k, self.head_dim)
+        if tuple(attn_out.shape[-2:]) != expected:
+            raise ValueError(f"attn_out: expected [..., {expected[0]}, {expected[1]}], got {tuple(attn_out.shape)}")
+        o = attn_out.reshape(-1, self.num_heads, self.top_k, self.head_dim).transpose(1, 2)
+        o = o.reshape(-1, self.num_heads * self.head_dim)  # [T*K, H*Dh], slot order
+        y = self.output_linear(o, 1, *routing[1:], gates=routing.expert_p)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.input_size)

@@ -1,0 +1,177 @@
+"""Differentiable ops over the kernel backends.
+
+Legend: T tokens, K experts per token (the gates' fan-out), N = T*K routed rows,
+E experts, D input features, F output features.
+
+The kernels are registered as ``torch.library.custom_op`` with fake impls, so an
+autograd Function built on them traces under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+import reference
+
+from . import backends
+from ._validate import check_parallel_linear
+
+
+@torch.library.custom_op("scattermoe::scatter2scatter", mutates_args=())
+def scatter2scatter_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    row_scale: Optional[torch.Tensor],
+    fan_out: int,
+    grouped_in: bool,
+    grouped_out: bool,
+    backend: str,
+) -> torch.Tensor:
+    """[N, F] = rows of x (grouped or gathered by slot // fan_out) times W_e (+ b_e) (* row_scale[slot])."""
+    return backends.kernels(backend).scatter2scatter(
+        x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, grouped_out, row_scale)
+
+
+@scatter2scatter_op.register_fake
+def _(x, w, bias, sorted_scattered_idxs, expert_offsets, row_scale, fan_out, grouped_in, grouped_out, backend):
+    return x.new_empty(sorted_scattered_idxs.numel(), w.size(-1))
+
+
+@torch.library.custom_op("scattermoe::group_bwd_w", mutates_args=())
+def group_bwd_w_op(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    like_weight: torch.Tensor,
+    row_scale: Optional[torch.Tensor],
+    x_fan_out: int,
+    dy_fan_out: int,
+    x_grouped: bool,
+    dy_grouped: bool,
+    with_bias: bool,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dW [E, D, F] strided like like_weight, db [E, F], or [0] without bias): per-expert X^T (s * dY)."""
+    dw, db = backends.kernels(backend).group_bwd_w(
+        x, dy, sorted_scattered_idxs, expert_offsets, like_weight,
+        x_fan_out, dy_fan_out, x_grouped, dy_grouped, row_scale, with_bias)
+    return dw, db if db is not None else dw.new_empty(0)
+
+
+@group_bwd_w_op.register_fake
+def _(x, dy, sorted_scattered_idxs, expert_offsets, like_weight, row_scale,
+      x_fan_out, dy_fan_out, x_grouped, dy_grouped, with_bias, backend):
+    db = like_weight.new_empty(like_weight.size(0), like_weight.size(-1)) if with_bias else like_weight.new_empty(0)
+    return torch.empty_like(like_weight), db
+
+
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[M] = sum_j a[m, j] * b[m, j], without an [M, D] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
+
+
+class ParallelLinear(torch.autograd.Function):
+    """parallel_linear on a kernel backend; see ``parallel_linear`` for the contract.
+
+    Saved for backward: x, the weights, biases, gates and the routing tensors only.
+    With gates, the per-expert outputs Y [N, F] are *not* kept: d(gates) is
+    recomputed as <dY W_e^T, x> + <dY, b_e> from the dX GEMM that backward runs
+    anyway (SonicMoE, arXiv 2512.14080), which saves N*F activations per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, gates, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+                grouped_in, grouped_out, backend):
+        gates_flat = gates.reshape(-1).contiguous() if gates is not None else None
+        y = scatter2scatter_op(x, w, bias, sorted_scattered_idxs, expert_offsets, gates_flat,
+                               k, grouped_in, grouped_out and gates is None, backend)
+        if gates is not None:
+            num_tokens, fan = gates.shape
+            y = y.view(num_tokens, fan, -1).sum(1) if fan > 1 else y
+        ctx.save_for_backward(x, w, bias, gates, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)
+        ctx.k, ctx.grouped_in, ctx.grouped_out, ctx.backend = k, grouped_in, grouped_out, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, bias, gates, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = ctx.saved_tensors
+        k, grouped_in, grouped_out, backend = ctx.k, ctx.grouped_in, ctx.grouped_out, ctx.backend
+        dy = dy.contiguous()
+        w_t = w.transpose(1, 2)  # a view: the kernel reads any strides
+        has_bias = bias is not None
+        if gates is None:
+            dx_rows = scatter2scatter_op(dy, w_t, None, sorted_scattered_idxs, expert_offsets, None,
+                                         1, grouped_out, grouped_in, backend)
+            dx = dx_rows if grouped_in or k == 1 else dx_rows.view(x.size(0), k, -1).sum(1)
+            dw, db = group_bwd_w_op(x, dy, sorted_scattered_idxs, expert_offsets, w, None,
+                                    k, 1, grouped_in, grouped_out, has_bias, backend)
+            return dx, dw, db if has_bias else None, None, None, None, None, None, None, None, None
+
+        # Gated: dy is [T, F]; slot t*K + j received gates[t, j] * dy[t].
+        num_tokens, fan = gates.shape
+        gates_flat = gates.reshape(-1).contiguous()
+        dx_raw = scatter2scatter_op(dy, w_t, None, sorted_scattered_idxs, expert_offsets, None,
+                                    fan, False, grouped_in, backend)  # dY W_e^T, ungated
+        if grouped_in or k == 1:  # x rows pair one-to-one with dx_raw rows
+            dgate_rows = _rowwise_dot(dx_raw, x)
+            row_gates = gates_flat[sorted_scattered_idxs] if grouped_in else gates_flat
+            dx = dx_raw * row_gates.unsqueeze(-1).to(dx_raw.dtype)
+            dgates_flat = dgate_rows.new_empty(gates_flat.shape)
+            if grouped_in:
+                dgates_flat[sorted_scattered_idxs] = dgate_rows
+            else:
+                dgates_flat = dgate_rows
+        else:  # x is [T, D], fanned out to the K slots of each token
+            dx_raw = dx_raw.view(num_tokens, fan, -1)
+            dgates_flat = torch.bmm(dx_raw, x.unsqueeze(-1)).view(-1)
+            dx = torch.bmm(gates.unsqueeze(1).to(dx_raw.dtype), dx_raw).squeeze(1)
+        dgates_flat = dgates_flat.float()
+        if has_bias:  # + <dy[t], b_e> for each slot
+            bias_dots = dy.float() @ bias.float().t()  # [T, E]
+            tokens = torch.div(sorted_scattered_idxs, fan, rounding_mode="floor")
+            dgates_flat[sorted_scattered_idxs] += bias_dots[tokens, sorted_expert_idxs]
+        dw, db = group_bwd_w_op(x, dy, sorted_scattered_idxs, expert_offsets, w, gates_flat,
+                                k, fan, grouped_in, False, has_bias, backend)
+        dgates = dgates_flat.view_as(gates).to(gates.dtype)
+        return dx, dw, db if has_bias else None, dgates, None, None, None, None, None, None, None
+
+
+def parallel_linear(
+    x: torch.Tensor,
+    expert_weights: torch.Tensor,
+    k: int,
+    sorted_expert_idxs: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    expert_biases: Optional[torch.Tensor] = None,
+    gates: Optional[torch.Tensor] = None,
+    grouped_in: bool = False,
+    grouped_out: bool = False,
+) -> torch.Tensor:
+    """Y = X W_e (+ b_e) over the N = T*K routed rows, with no padded copy of X or Y.
+
+    x: [T, D] in token order (each token feeds its K rows), or with ``grouped_in``
+       [N, D] already in expert order (then pass k=1; ScatterMoE's convention).
+       With ``k=1`` and not grouped, x may also hold the N slot rows [N, D].
+    expert_weights: [E, D, F] (e.g. ``ParallelExperts.weight.permute(0, 2, 1)``; any strides).
+    k: fan-out of x's rows. sorted_expert_idxs, sorted_scattered_idxs [N], expert_offsets [E]:
+       from ``flatten_sort_count``.
+    expert_biases: [E, F] or None. gates: [T, K] or None.
+    Returns [N, F] (expert order if ``grouped_out``, else slot order t*K + j) without gates,
+    or [T, F] = sum_j gates[t, j] * Y[t*K + j] with gates. x's dtype throughout;
+    differentiable in x, expert_weights, expert_biases and gates.
+    """
+    check_parallel_linear(x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+                          expert_biases, gates, grouped_in, grouped_out)
+    backend = backends.resolve(x)
+    if backend == "torch":
+        return reference.parallel_linear(x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs,
+                                         expert_offsets, expert_biases, gates, grouped_in, grouped_out)
+    return ParallelLinear.apply(x, expert_weights, expert_biases, gates, k, sorted_expert_idxs,
+                                sorted_scattered_idxs, expert_offsets, grouped_in, grouped_out, backend)

@@ -1,0 +1,67 @@
+"""Routing: top-k gating, sorting routed slots by expert, auxiliary losses.
+
+Legend: T tokens, K experts per token, N = T*K routed slots, E experts.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ._validate import check_expert_idxs
+
+
+@torch.no_grad()
+def flatten_sort_count(expert_idxs: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the N = T*K routed slots by expert, without a host sync.
+
+    expert_idxs: [T, K] (or [N]) integer expert ids in [0, num_experts).
+    Returns:
+      sorted_expert_idxs [N] int64: expert of the i-th row in expert order;
+      sorted_scattered_idxs [N] int64: its slot t*K + j (token t = slot // K);
+      expert_offsets [E] int64: end of each expert's rows (cumulative counts).
+    The sort is stable, so within an expert rows keep token order (deterministic).
+    Ids are range-checked where that costs no device sync (CPU tensors, or debug mode).
+    """
+    check_expert_idxs(expert_idxs, num_experts)
+    flat = expert_idxs.reshape(-1)
+    sorted_expert_idxs, sorted_scattered_idxs = torch.sort(flat, stable=True)
+    # searchsorted instead of bincount: bincount syncs on CUDA to size its output.
+    bounds = torch.arange(num_experts, device=flat.device, dtype=sorted_expert_idxs.dtype)
+    expert_offsets = torch.searchsorted(sorted_expert_idxs, bounds, right=True)
+    return sorted_expert_idxs.long(), sorted_scattered_idxs, expert_offsets
+
+
+def topk_gating(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """JetMoE's router: top-k of the raw logits, then softmax over those k only (in float32).
+
+    router_logits: [T, E]. Returns (gates [T, K] float32, expert_idxs [T, K] int64).
+    Cast the gates to the model dtype at the call site if needed.
+    """
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits: expected [T, E], got shape {tuple(router_logits.shape)}")
+    if not 1 <= top_k <= router_logits.size(-1):
+        raise ValueError(f"top_k: expected 1 <= top_k <= E={router_logits.size(-1)}, got {top_k}")
+    top_logits, expert_idxs = torch.topk(router_logits.float(), top_k, dim=-1)
+    return torch.softmax(top_logits, dim=-1), expert_idxs
+
+
+def load_balancing_loss(router_logits: torch.Tensor, expert_idxs: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer load-balancing loss, E * sum_e P_e * f_e (Fedus et al. 2021, eq. 4).
+
+    P_e: mean over tokens of the full softmax probability of expert e;
+    f_e: share of the T*K top-k assignments that went to expert e (normalised to sum to 1),
+    as in JetMoE's training code. Equals 1 for a perfectly uniform router.
+    router_logits: [T, E]; expert_idxs: [T, K].
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    counts = torch.zeros(num_experts, device=router_logits.device, dtype=torch.float32)
+    counts.scatter_add_(0, expert_idxs.reshape(-1), torch.ones_like(expert_idxs.reshape(-1), dtype=torch.float32))
+    f = counts / expert_idxs.numel()
+    return num_experts * (probs.mean(0) * f).sum()
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss, mean_t logsumexp(logits_t)^2 (Zoph et al. 2022, eq. 5)."""
+    return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
