@@ -1,0 +1,121 @@
+"""Ahead-of-time compilation of the kernels for the H100 (sm_90a), without a GPU.
+
+Used by the CPU tests to prove that every autotune config compiles under the
+installed Triton, that its dots lower to wgmma, that loads are pipelined
+(cp.async), that shared memory fits and that no registers spill. Arguments are
+specialised the way the JIT does at run time for JetMoE-like shapes: unit
+strides become constants and every other size and stride is a multiple of 16
+(without that hint Triton can neither vectorise nor pipeline the loads, and
+the AOT result would not be the kernel that actually runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .config import _SPACES
+from .group_bwd_w import _group_bwd_w_kernel
+from .scatter2scatter import _scatter2scatter_kernel
+
+H100_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block on sm_90
+
+# Per kernel: the jit function, the strides that are 1 for row-major operands (and the
+# permuted [E, in, out] weight view), and the ints that are not multiples of 16.
+_KERNELS = {
+    "scatter2scatter": (_scatter2scatter_kernel, ("stride_xk", "stride_wk", "stride_yn", "stride_bn"),
+                        ("num_rows", "E", "FAN_OUT", "M_BUCKET")),
+    "group_bwd_w": (_group_bwd_w_kernel, ("stride_xk", "stride_dyn", "stride_dwk", "stride_dbn"),
+                    ("num_rows", "X_FAN_OUT", "DY_FAN_OUT", "M_BUCKET")),
+}
+_INDEX_POINTERS = ("sorted_scattered_ptr", "expert_offsets_ptr")
+
+
+@dataclasses.dataclass
+class CompileReport:
+    kernel: str
+    config: tuple  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    wgmma: bool
+    pipelined: bool
+    shared_bytes: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    return {key: int(val) for key, val in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
+
+
+def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> CompileReport:
+    """Compile one kernel and config for sm_90 with the given constexpr flags (X_GROUPED=..., ...)."""
+    fn, unit_strides, not_aligned = _KERNELS[kernel]
+    block_m, block_n, block_k, num_warps, num_stages = config
+    constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, INPUT_PRECISION="ieee")
+    constants.update(flags)
+    if kernel == "scatter2scatter":
+        constants.setdefault("E_POW2", 8)
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constants or name in unit_strides:
+            signature[name] = "constexpr"
+            constants.setdefault(name, 1)
+            continue
+        if name.endswith("_ptr"):
+            signature[name] = "*i64" if name in _INDEX_POINTERS else ("*fp32" if name == "scale_ptr" else f"*{dtype}")
+        else:
+            signature[name] = "i32"
+        if name not in not_aligned:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn.fn, signature=signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    usage = _resource_usage(compiled.asm["cubin"])
+    return CompileReport(kernel, config, "wgmma" in ptx, "cp.async" in ptx, compiled.metadata.shared,
+                         usage.get("REG", 0), usage.get("STACK", 0), usage.get("LOCAL", 0))
+
+
+def autotune_space(kernel: str) -> list:
+    """The GPU autotune space of a kernel (what runs on the H100), whatever this process's mode."""
+    return list(_SPACES[kernel])
+
+
+def compile_in_subprocess(cases: list) -> list:
+    """compile_sm90 over [(kernel, config, dtype, flags)], in a fresh process without TRITON_INTERPRET.
+
+    Under the interpreter the kernels are not compilable JIT functions (their
+    decorators chose the interpreter at import), so compile them elsewhere.
+    """
+    import json
+    import os
+    import sys
+
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(cases), env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"AOT compilation failed:\n{result.stderr[-4000:]}")
+    return [CompileReport(**{**report, "config": tuple(report["config"])}) for report in json.loads(result.stdout)]
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    cases = json.load(sys.stdin)
+    reports = [compile_sm90(kernel, tuple(config), dtype, **flags) for kernel, config, dtype, flags in cases]
+    json.dump([dataclasses.asdict(report) for report in reports], sys.stdout)

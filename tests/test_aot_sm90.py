@@ -1,0 +1,48 @@
+"""The Triton kernels compile for the H100 (sm_90) under the installed Triton, with no GPU.
+
+For every config of the GPU autotune space: dots lower to wgmma, loads are
+pipelined through cp.async, shared memory fits in 227 KiB and nothing spills
+(no stack frame, no local memory). A config that spills or falls back to mma
+would still run, only slowly; this catches it before a GPU is at hand.
+"""
+
+import pytest
+
+from scattermoe.backends.triton import aot
+
+FLAG_SETS = {
+    "scatter2scatter": [
+        # first MoE GEMM: gather token rows, write grouped
+        dict(X_GROUPED=False, Y_GROUPED=True, HAS_BIAS=False, HAS_SCALE=False),
+        # second MoE GEMM: grouped rows in, gate-scaled scatter out, with bias
+        dict(X_GROUPED=True, Y_GROUPED=False, HAS_BIAS=True, HAS_SCALE=True),
+    ],
+    "group_bwd_w": [
+        dict(X_GROUPED=False, DY_GROUPED=True, HAS_BIAS=False, HAS_SCALE=False),
+        dict(X_GROUPED=True, DY_GROUPED=False, HAS_BIAS=True, HAS_SCALE=True),
+    ],
+}
+
+CASES = [
+    (kernel, config, dtype, flags)
+    for kernel in FLAG_SETS
+    for config in aot.autotune_space(kernel)
+    for dtype in ("bf16", "fp16")
+    for flags in FLAG_SETS[kernel]
+]
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return aot.compile_in_subprocess(CASES)  # one process for all cases: ~10 s
+
+
+@pytest.mark.parametrize("case", range(len(CASES)),
+                         ids=[f"{k}-{'x'.join(map(str, c))}-{d}-{i % 2}" for i, (k, c, d, _) in enumerate(CASES)])
+def test_compiles_to_pipelined_wgmma_without_spills(reports, case):
+    report = reports[case]
+    assert (report.kernel, report.config) == CASES[case][:2]
+    assert report.wgmma, f"dot did not lower to wgmma: {report}"
+    assert report.pipelined, f"loads are not pipelined with cp.async: {report}"
+    assert report.shared_bytes <= aot.H100_SHARED_BYTES, f"shared memory over the H100 limit: {report}"
+    assert report.stack_bytes == 0 and report.local_bytes == 0, f"registers spill: {report}"
