@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import parallel_linear
+from .ops import parallel_linear, parallel_linear_glu
 from .routing import flatten_sort_count
 
 
@@ -74,8 +74,9 @@ class MLP(nn.Module):
     def extra_repr(self) -> str:
         return f"k={self.top_k}"
 
-    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
-        return self.activation(h)
+    def _hidden(self, x: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
+        """act(W1_e x) for the routed rows, grouped by expert: [N, F]."""
+        return self.activation(self.experts(x, self.top_k, *routing, grouped_out=True))
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
         """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
@@ -84,9 +85,7 @@ class MLP(nn.Module):
         x = x.reshape(-1, x_shape[-1])
         sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
             expert_idxs, num_experts=self.num_experts)
-        h = self.experts(x, self.top_k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
-                         grouped_out=True)
-        h = self._hidden(h)
+        h = self._hidden(x, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)
         y = self.output_experts(h, 1, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
                                 grouped_in=True, gates=expert_p.reshape(-1, self.top_k))
         return y.view(*x_shape[:-1], y.size(-1))
@@ -110,8 +109,13 @@ class GLUMLP(MLP):
     def extra_repr(self) -> str:
         return f"k={self.top_k}, activate_first={self.activate_first}"
 
-    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
-        a, b = h.chunk(2, dim=-1)
+    def _hidden(self, x: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.activation, nn.SiLU) or self.activation is F.silu:
+            # SiLU: the activation runs in the first GEMM's epilogue; [N, 2F] is never re-read.
+            return parallel_linear_glu(x, self.experts.weight.permute(0, 2, 1), self.top_k, *routing,
+                                       expert_biases=self.experts.bias, grouped_out=True,
+                                       activate_first=self.activate_first)
+        a, b = self.experts(x, self.top_k, *routing, grouped_out=True).chunk(2, dim=-1)
         return self.activation(a) * b if self.activate_first else a * self.activation(b)
 
 

@@ -42,6 +42,37 @@ def _(x, w, bias, sorted_scattered_idxs, expert_offsets, row_scale, fan_out, gro
     return x.new_empty(sorted_scattered_idxs.numel(), w.size(-1))
 
 
+@torch.library.custom_op("scattermoe::scatter2scatter_glu", mutates_args=())
+def scatter2scatter_glu_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    fan_out: int,
+    grouped_in: bool,
+    grouped_out: bool,
+    activate_first: bool,
+    keep_pre_activation: bool,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(G [N, F], H [N, 2F] or [0]): H = rows of x times W_e (+ b_e), G = GLU(H) fused in the epilogue."""
+    num_rows = sorted_scattered_idxs.numel()
+    pre = x.new_empty(num_rows, w.size(-1)) if keep_pre_activation else None
+    g = backends.kernels(backend).scatter2scatter(
+        x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, grouped_out,
+        glu=1 if activate_first else 2, pre_activation=pre)
+    return g, pre if pre is not None else x.new_empty(0)
+
+
+@scatter2scatter_glu_op.register_fake
+def _(x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, grouped_out, activate_first,
+      keep_pre_activation, backend):
+    num_rows = sorted_scattered_idxs.numel()
+    pre = x.new_empty(num_rows, w.size(-1)) if keep_pre_activation else x.new_empty(0)
+    return x.new_empty(num_rows, w.size(-1) // 2), pre
+
+
 @torch.library.custom_op("scattermoe::group_bwd_w", mutates_args=())
 def group_bwd_w_op(
     x: torch.Tensor,
@@ -76,6 +107,17 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
 
 
+def _ungated_backward(dy, x, w, has_bias, k, sorted_scattered_idxs, expert_offsets, grouped_in, grouped_out,
+                      backend):
+    """(dx, dW, db) of Y = X W_e + b_e without gates; dy is [N, F], grouped if grouped_out."""
+    dx_rows = scatter2scatter_op(dy, w.transpose(1, 2), None, sorted_scattered_idxs, expert_offsets, None,
+                                 1, grouped_out, grouped_in, backend)
+    dx = dx_rows if grouped_in or k == 1 else dx_rows.view(x.size(0), k, -1).sum(1)
+    dw, db = group_bwd_w_op(x, dy, sorted_scattered_idxs, expert_offsets, w, None,
+                            k, 1, grouped_in, grouped_out, has_bias, backend)
+    return dx, dw, db if has_bias else None
+
+
 class ParallelLinear(torch.autograd.Function):
     """parallel_linear on a kernel backend; see ``parallel_linear`` for the contract.
 
@@ -103,20 +145,16 @@ class ParallelLinear(torch.autograd.Function):
         x, w, bias, gates, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = ctx.saved_tensors
         k, grouped_in, grouped_out, backend = ctx.k, ctx.grouped_in, ctx.grouped_out, ctx.backend
         dy = dy.contiguous()
-        w_t = w.transpose(1, 2)  # a view: the kernel reads any strides
         has_bias = bias is not None
         if gates is None:
-            dx_rows = scatter2scatter_op(dy, w_t, None, sorted_scattered_idxs, expert_offsets, None,
-                                         1, grouped_out, grouped_in, backend)
-            dx = dx_rows if grouped_in or k == 1 else dx_rows.view(x.size(0), k, -1).sum(1)
-            dw, db = group_bwd_w_op(x, dy, sorted_scattered_idxs, expert_offsets, w, None,
-                                    k, 1, grouped_in, grouped_out, has_bias, backend)
-            return dx, dw, db if has_bias else None, None, None, None, None, None, None, None, None
+            dx, dw, db = _ungated_backward(dy, x, w, has_bias, k, sorted_scattered_idxs, expert_offsets,
+                                           grouped_in, grouped_out, backend)
+            return dx, dw, db, None, None, None, None, None, None, None, None
 
         # Gated: dy is [T, F]; slot t*K + j received gates[t, j] * dy[t].
         num_tokens, fan = gates.shape
         gates_flat = gates.reshape(-1).contiguous()
-        dx_raw = scatter2scatter_op(dy, w_t, None, sorted_scattered_idxs, expert_offsets, None,
+        dx_raw = scatter2scatter_op(dy, w.transpose(1, 2), None, sorted_scattered_idxs, expert_offsets, None,
                                     fan, False, grouped_in, backend)  # dY W_e^T, ungated
         if grouped_in or k == 1:  # x rows pair one-to-one with dx_raw rows
             dgate_rows = _rowwise_dot(dx_raw, x)
@@ -175,3 +213,73 @@ def parallel_linear(
                                          expert_offsets, expert_biases, gates, grouped_in, grouped_out)
     return ParallelLinear.apply(x, expert_weights, expert_biases, gates, k, sorted_expert_idxs,
                                 sorted_scattered_idxs, expert_offsets, grouped_in, grouped_out, backend)
+
+
+def glu_backward(dg: torch.Tensor, pre: torch.Tensor, activate_first: bool) -> torch.Tensor:
+    """d(pre-activation) [N, 2F] of G = silu(a) * b (or a * silu(b)), [a | b] = pre, in float32."""
+    a, b = pre.float().chunk(2, dim=-1)
+    if not activate_first:
+        a, b = b, a  # now a is the activated half
+    dg = dg.float()
+    sig = torch.sigmoid(a)
+    d_act = dg * b * sig * (1 + a * (1 - sig))  # silu'(a) = sig(a) * (1 + a * (1 - sig(a)))
+    d_lin = dg * a * sig
+    halves = (d_act, d_lin) if activate_first else (d_lin, d_act)
+    return torch.cat(halves, dim=-1).to(pre.dtype)
+
+
+class ParallelLinearGLU(torch.autograd.Function):
+    """parallel_linear_glu on a kernel backend. Saved for backward: x, weights and the
+    pre-activation H [N, 2F] (the GLU's derivative needs both halves); G is not kept."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, k, sorted_scattered_idxs, expert_offsets, grouped_in, grouped_out,
+                activate_first, backend, keep):
+        g, pre = scatter2scatter_glu_op(x, w, bias, sorted_scattered_idxs, expert_offsets, k, grouped_in,
+                                        grouped_out, activate_first, keep, backend)
+        ctx.save_for_backward(x, w, bias, pre, sorted_scattered_idxs, expert_offsets)
+        ctx.k, ctx.grouped_in, ctx.grouped_out = k, grouped_in, grouped_out
+        ctx.activate_first, ctx.backend = activate_first, backend
+        return g
+
+    @staticmethod
+    def backward(ctx, dg):
+        x, w, bias, pre, sorted_scattered_idxs, expert_offsets = ctx.saved_tensors
+        dpre = glu_backward(dg, pre, ctx.activate_first)
+        dx, dw, db = _ungated_backward(dpre, x, w, bias is not None, ctx.k, sorted_scattered_idxs, expert_offsets,
+                                       ctx.grouped_in, ctx.grouped_out, ctx.backend)
+        return dx, dw, db, None, None, None, None, None, None, None, None
+
+
+def parallel_linear_glu(
+    x: torch.Tensor,
+    expert_weights: torch.Tensor,
+    k: int,
+    sorted_expert_idxs: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    expert_biases: Optional[torch.Tensor] = None,
+    grouped_in: bool = False,
+    grouped_out: bool = False,
+    activate_first: bool = True,
+) -> torch.Tensor:
+    """GLU(parallel_linear(...)) with the SiLU GLU fused into the GEMM's epilogue.
+
+    expert_weights: [E, D, 2F]; expert_biases: [E, 2F] or None. With H = [a | b] the
+    [N, 2F] projection, returns [N, F] = silu(a) * b if ``activate_first`` (JetMoE) else
+    a * silu(b) (ScatterMoE's GLUMLP). Other arguments as in ``parallel_linear`` (no gates).
+    """
+    check_parallel_linear(x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+                          expert_biases, None, grouped_in, grouped_out)
+    if expert_weights.size(-1) % 2:
+        raise ValueError(f"expert_weights: a GLU needs an even output width, got shape {tuple(expert_weights.shape)}")
+    backend = backends.resolve(x)
+    if backend == "torch":
+        h = reference.parallel_linear(x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs,
+                                      expert_offsets, expert_biases, None, grouped_in, grouped_out)
+        return reference.glu(h, torch.nn.functional.silu, activate_first)
+    # Keep the pre-activation only when a backward will need it (Function.forward runs under no_grad).
+    keep = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, expert_weights, expert_biases))
+    return ParallelLinearGLU.apply(x, expert_weights, expert_biases, k, sorted_scattered_idxs, expert_offsets,
+                                   grouped_in, grouped_out, activate_first, backend, keep)

@@ -17,6 +17,11 @@ FLAG_SETS = {
         # second MoE GEMM: grouped rows in, gate-scaled scatter out, with bias
         dict(X_GROUPED=True, Y_GROUPED=False, HAS_BIAS=True, HAS_SCALE=True),
     ],
+    "scatter2scatter_glu": [
+        # first MoE GEMM with the GLU in the epilogue, training (pre-activation kept) and inference
+        dict(X_GROUPED=False, Y_GROUPED=True, HAS_BIAS=False, HAS_SCALE=False, GLU=1, STORE_PRE=True),
+        dict(X_GROUPED=False, Y_GROUPED=True, HAS_BIAS=True, HAS_SCALE=False, GLU=2, STORE_PRE=False),
+    ],
     "group_bwd_w": [
         dict(X_GROUPED=False, DY_GROUPED=True, HAS_BIAS=False, HAS_SCALE=False),
         dict(X_GROUPED=True, DY_GROUPED=False, HAS_BIAS=True, HAS_SCALE=True),

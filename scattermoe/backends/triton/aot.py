@@ -23,15 +23,18 @@ from triton.compiler import ASTSource
 
 from .config import _SPACES
 from .group_bwd_w import _group_bwd_w_kernel
-from .scatter2scatter import _scatter2scatter_kernel
+from .scatter2scatter import _scatter2scatter_glu_kernel, _scatter2scatter_kernel
 
 H100_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block on sm_90
 
 # Per kernel: the jit function, the strides that are 1 for row-major operands (and the
 # permuted [E, in, out] weight view), and the ints that are not multiples of 16.
 _KERNELS = {
-    "scatter2scatter": (_scatter2scatter_kernel, ("stride_xk", "stride_wk", "stride_yn", "stride_bn"),
+    "scatter2scatter": (_scatter2scatter_kernel, ("stride_xk", "stride_wk", "stride_yn", "stride_bn", "stride_pn"),
                         ("num_rows", "E", "FAN_OUT", "M_BUCKET")),
+    "scatter2scatter_glu": (_scatter2scatter_glu_kernel,
+                            ("stride_xk", "stride_wk", "stride_yn", "stride_bn", "stride_pn"),
+                            ("num_rows", "E", "FAN_OUT", "M_BUCKET")),
     "group_bwd_w": (_group_bwd_w_kernel, ("stride_xk", "stride_dyn", "stride_dwk", "stride_dbn"),
                     ("num_rows", "X_FAN_OUT", "DY_FAN_OUT", "M_BUCKET")),
 }
@@ -66,8 +69,10 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
     block_m, block_n, block_k, num_warps, num_stages = config
     constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, INPUT_PRECISION="ieee")
     constants.update(flags)
-    if kernel == "scatter2scatter":
+    if kernel.startswith("scatter2scatter"):
         constants.setdefault("E_POW2", 8)
+        constants.setdefault("GLU", 0)
+        constants.setdefault("STORE_PRE", False)
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constants or name in unit_strides:

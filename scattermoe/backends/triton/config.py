@@ -30,6 +30,14 @@ _SPACES = {
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
     ],
+    # GLU: two accumulators per program, so half-width tiles (BLOCK_N columns of each half).
+    # (128, 128, 64, 8, 3) spills here (255 registers, checked by tests/test_aot_sm90.py).
+    "scatter2scatter_glu": [
+        (128, 64, 64, 8, 3),
+        (128, 64, 64, 8, 4),
+        (64, 64, 64, 4, 4),
+        (64, 128, 64, 8, 3),
+    ],
     # group_bwd_w tiles the [K_IN, N_OUT] weight gradient; BLOCK_M is the reduction step over rows.
     "group_bwd_w": [
         (64, 128, 128, 8, 3),

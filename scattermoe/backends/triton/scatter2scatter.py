@@ -43,13 +43,18 @@ def locate_row_tile(pid_m, expert_offsets_ptr, num_rows, E, E_POW2: tl.constexpr
     return expert, row_start, row_end
 
 
-@triton.autotune(configs=autotune_configs("scatter2scatter"), key=["K_IN", "N_OUT", "M_BUCKET"])
 @triton.jit
-def _scatter2scatter_kernel(
+def _silu(x):
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _scatter2scatter(
     X_ptr, stride_xm, stride_xk,            # X [T or N, K_IN]
     W_ptr, stride_we, stride_wk, stride_wn,  # W [E, K_IN, N_OUT], any strides
     B_ptr, stride_be, stride_bn,            # bias [E, N_OUT] (unused without HAS_BIAS)
     Y_ptr, stride_ym, stride_yn,            # Y [N, N_OUT]
+    P_ptr, stride_pm, stride_pn,            # GLU pre-activation [N, 2*N_OUT] (only with STORE_PRE)
     scale_ptr,                              # [N] per-slot row scale (gates), indexed by slot
     sorted_scattered_ptr,                   # [N] slot of each row in expert order
     expert_offsets_ptr,                     # [E] end of each expert's rows
@@ -58,9 +63,13 @@ def _scatter2scatter_kernel(
     E_POW2: tl.constexpr,
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    GLU: tl.constexpr,                      # 0: plain; 1: silu(first half) * second; 2: first * silu(second)
+    STORE_PRE: tl.constexpr,                # GLU: also write both halves before the activation (for backward)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # With GLU, W has 2*N_OUT columns: this program computes columns offs_n of both halves,
+    # so the activation happens in registers and Y is written once at its final width.
     # Grouped launch order (Triton matmul tutorial) so neighbouring programs share W tiles in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows, BLOCK_M) + E  # upper bound on the row tiles over all experts
@@ -92,22 +101,45 @@ def _scatter2scatter_kernel(
     x_ptrs = X_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = W_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # second GLU half; dead code without GLU
     for k0 in range(0, K_IN, BLOCK_K):
         k_mask = offs_k < K_IN - k0
         a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if GLU:
+            b2 = tl.load(w_ptrs + N_OUT * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
+    out_mask = row_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
-        bias = tl.load(B_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
-        acc += bias[None, :].to(tl.float32)
+        b_ptrs = B_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn
+        acc += tl.load(b_ptrs, mask=n_mask, other=0.0)[None, :].to(tl.float32)
+        if GLU:
+            acc2 += tl.load(b_ptrs + N_OUT * stride_bn, mask=n_mask, other=0.0)[None, :].to(tl.float32)
+    if GLU:
+        if STORE_PRE:
+            p_ptrs = P_ptr + y_rows[:, None] * stride_pm + offs_n[None, :] * stride_pn
+            tl.store(p_ptrs, acc.to(P_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(p_ptrs + N_OUT * stride_pn, acc2.to(P_ptr.dtype.element_ty), mask=out_mask)
+        if GLU == 1:
+            acc = _silu(acc) * acc2
+        else:
+            acc = acc * _silu(acc2)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + slots, mask=row_mask, other=0.0)
         acc *= scale[:, None].to(tl.float32)
     y_ptrs = Y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# One jit function, two autotuned launchers: a GLU program holds two accumulators, so it gets narrower tiles.
+_scatter2scatter_kernel = triton.autotune(
+    configs=autotune_configs("scatter2scatter"), key=["K_IN", "N_OUT", "M_BUCKET"])(_scatter2scatter)
+_scatter2scatter_glu_kernel = triton.autotune(
+    configs=autotune_configs("scatter2scatter_glu"), key=["K_IN", "N_OUT", "M_BUCKET"])(_scatter2scatter)
 
 
 def scatter2scatter(
@@ -121,28 +153,37 @@ def scatter2scatter(
     grouped_out: bool,
     row_scale: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    glu: int = 0,
+    pre_activation: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the kernel. Shapes are validated by the caller (ops.py).
 
-    x [T or N, K_IN]; w [E, K_IN, N_OUT] (a permuted view is fine); bias [E, N_OUT] or None;
-    row_scale [N] (per slot) or None; returns [N, N_OUT] in x's dtype, grouped or in slot order.
+    x [T or N, K_IN]; w [E, K_IN, W_OUT] (a permuted view is fine); bias [E, W_OUT] or None;
+    row_scale [N] (per slot) or None. Returns Y [N, N_OUT] in x's dtype, grouped or in slot
+    order, where N_OUT = W_OUT, or W_OUT / 2 with ``glu`` (1: silu(first half) * second half,
+    2: first * silu(second)); with ``glu``, ``pre_activation`` [N, W_OUT], if given, receives
+    both halves before the activation, rows ordered like Y.
     """
     num_rows = sorted_scattered_idxs.numel()
-    num_experts, k_in, n_out = w.shape
+    num_experts, k_in, w_out = w.shape
+    n_out = w_out // 2 if glu else w_out
     y = out if out is not None else x.new_empty(num_rows, n_out)
     if num_rows == 0:
         return y
     bias_arg = bias if bias is not None else y
     scale_arg = row_scale if row_scale is not None else y
+    pre_arg = pre_activation if pre_activation is not None else y
+    kernel = _scatter2scatter_glu_kernel if glu else _scatter2scatter_kernel
 
     def grid(meta):
         return (num_row_tiles_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
-    _scatter2scatter_kernel[grid](
+    kernel[grid](
         x, x.stride(0), x.stride(1),
         w, w.stride(0), w.stride(1), w.stride(2),
         bias_arg, bias_arg.stride(0), bias_arg.stride(-1),
         y, y.stride(0), y.stride(1),
+        pre_arg, pre_arg.stride(0), pre_arg.stride(1),
         scale_arg,
         sorted_scattered_idxs,
         expert_offsets,
@@ -151,7 +192,7 @@ def scatter2scatter(
         E_POW2=triton.next_power_of_2(max(num_experts, 2)),
         X_GROUPED=grouped_in, Y_GROUPED=grouped_out,
         HAS_BIAS=bias is not None, HAS_SCALE=row_scale is not None,
+        GLU=glu, STORE_PRE=pre_activation is not None,
         INPUT_PRECISION=input_precision(x.dtype),
     )
     return y
-
