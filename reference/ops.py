@@ -62,7 +62,8 @@ def parallel_linear(
     if gates is None:
         return out
     num_tokens, fan = gates.shape
-    return (gates.unsqueeze(-1) * out.view(num_tokens, fan, -1)).sum(1)
+    # gates may be float32 beside half-precision x (JetMoE's router): the result keeps x's dtype.
+    return (gates.unsqueeze(-1) * out.view(num_tokens, fan, -1)).sum(1).to(x.dtype)
 
 
 def glu(h: torch.Tensor, activation: Callable = F.silu, activate_first: bool = False) -> torch.Tensor:

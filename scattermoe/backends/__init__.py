@@ -50,6 +50,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _triton_interpreting() -> bool:
+    # Read from the kernels' config: Triton fixes interpreter mode when the kernels are defined.
     from .triton.config import INTERPRET
 
     return INTERPRET
@@ -57,6 +58,10 @@ def _triton_interpreting() -> bool:
 
 def triton_unsupported_reason(x: torch.Tensor):
     """Why the Triton kernels cannot run on x, or None if they can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
     if x.dtype not in _TRITON_DTYPES:
         return f"the triton backend supports float16, bfloat16 and float32, not {x.dtype}"
     if x.device.type == "cuda":
