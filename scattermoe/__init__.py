@@ -11,13 +11,13 @@ from . import backends, ops, routing
 from ._validate import set_debug
 from .backends import get_backend, set_backend, use_backend
 from .layers import GLUMLP, MLP, MoA, MoARouting, ParallelExperts
-from .ops import parallel_linear, parallel_linear_glu
+from .ops import glu_moe, parallel_linear, parallel_linear_glu
 from .routing import flatten_sort_count, load_balancing_loss, router_z_loss, topk_gating
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GLUMLP", "MLP", "MoA", "MoARouting", "ParallelExperts",
-    "flatten_sort_count", "get_backend", "load_balancing_loss", "parallel_linear", "parallel_linear_glu", "router_z_loss",
+    "flatten_sort_count", "get_backend", "glu_moe", "load_balancing_loss", "parallel_linear", "parallel_linear_glu", "router_z_loss",
     "set_backend", "set_debug", "topk_gating", "use_backend",
 ]

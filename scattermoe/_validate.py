@@ -117,3 +117,22 @@ def check_parallel_linear(
             raise ValueError(f"sorted_scattered_idxs: slot ids must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
         if int(expert_offsets[-1]) != num_rows or bool((expert_offsets.diff() < 0).any()):
             raise ValueError(f"expert_offsets: expected non-decreasing cumulative counts ending at N={num_rows}")
+
+
+def check_glu_moe(x, w_in, w_out, gates, b_out) -> None:
+    """The second projection and the gates of ops.glu_moe (the first is checked like parallel_linear)."""
+    check_tensor("x", x, dim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("w_in", w_in, dim=3, dtypes=(x.dtype,), device=x.device)
+    check_tensor("w_out", w_out, dim=3, dtypes=(x.dtype,), device=x.device)
+    num_experts, _, width = w_in.shape
+    expected = (num_experts, width // 2, x.size(1))
+    if width % 2 or shape(w_out) != expected:
+        raise ValueError(f"w_out: expected shape {expected} to follow w_in {shape(w_in)} (even width, GLU halves), "
+                         f"got {shape(w_out)}")
+    if b_out is not None:
+        check_tensor("b_out", b_out, dim=2, dtypes=(x.dtype,), device=x.device)
+        if shape(b_out) != (num_experts, x.size(1)):
+            raise ValueError(f"b_out: expected shape {(num_experts, x.size(1))}, got {shape(b_out)}")
+    check_tensor("gates", gates, dim=2, dtypes=_FLOAT_DTYPES, device=x.device)
+    if gates.size(0) != x.size(0):
+        raise ValueError(f"gates: expected [T={x.size(0)}, k], got shape {shape(gates)}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import parallel_linear, parallel_linear_glu
+from .ops import glu_moe, parallel_linear
 from .routing import flatten_sort_count
 
 
@@ -110,13 +110,20 @@ class GLUMLP(MLP):
         return f"k={self.top_k}, activate_first={self.activate_first}"
 
     def _hidden(self, x: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.activation, nn.SiLU) or self.activation is F.silu:
-            # SiLU: the activation runs in the first GEMM's epilogue; [N, 2F] is never re-read.
-            return parallel_linear_glu(x, self.experts.weight.permute(0, 2, 1), self.top_k, *routing,
-                                       expert_biases=self.experts.bias, grouped_out=True,
-                                       activate_first=self.activate_first)
         a, b = self.experts(x, self.top_k, *routing, grouped_out=True).chunk(2, dim=-1)
         return self.activation(a) * b if self.activate_first else a * self.activation(b)
+
+    def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
+        """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
+        if not (isinstance(self.activation, nn.SiLU) or self.activation is F.silu):
+            return super().forward(x, expert_p, expert_idxs)
+        # SiLU: one fused op (GLU in the first GEMM's epilogue, G recomputed in backward).
+        _check_routing(x, expert_p, expert_idxs, self.top_k)
+        routing = flatten_sort_count(expert_idxs, num_experts=self.num_experts)
+        y = glu_moe(x.reshape(-1, x.size(-1)), self.experts.weight.permute(0, 2, 1),
+                    self.output_experts.weight.permute(0, 2, 1), expert_p.reshape(-1, self.top_k), routing,
+                    self.experts.bias, self.output_experts.bias, self.activate_first)
+        return y.view(*x.shape[:-1], y.size(-1))
 
 
 class MoARouting(NamedTuple):

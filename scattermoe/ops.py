@@ -16,7 +16,7 @@ import torch
 import reference
 
 from . import backends
-from ._validate import check_parallel_linear
+from ._validate import check_glu_moe, check_parallel_linear
 
 
 @torch.library.custom_op("scattermoe::scatter2scatter", mutates_args=())
@@ -102,6 +102,29 @@ def _(x, dy, sorted_scattered_idxs, expert_offsets, like_weight, row_scale,
     return torch.empty_like(like_weight), db
 
 
+@torch.library.custom_op("scattermoe::glu_backward", mutates_args=())
+def glu_backward_op(
+    pre: torch.Tensor,
+    dg: torch.Tensor,
+    row_scale: Optional[torch.Tensor],
+    activate_first: bool,
+    store_g: bool,
+    store_dot: bool,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dH [N, 2F], G [N, F] or [0], <dg, G> [N] fp32 or [0]) in one pass; see backends.triton.glu_backward."""
+    dh, g, dot = backends.kernels(backend).glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)
+    return dh, g if g is not None else pre.new_empty(0), dot if dot is not None else pre.new_empty(0, dtype=torch.float32)
+
+
+@glu_backward_op.register_fake
+def _(pre, dg, row_scale, activate_first, store_g, store_dot, backend):
+    num_rows, width = pre.shape
+    g = pre.new_empty(num_rows, width // 2) if store_g else pre.new_empty(0)
+    dot = pre.new_empty(num_rows if store_dot else 0, dtype=torch.float32)
+    return torch.empty_like(pre), g, dot
+
+
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[M] = sum_j a[m, j] * b[m, j], without an [M, D] temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
@@ -116,6 +139,13 @@ def _ungated_backward(dy, x, w, has_bias, k, sorted_scattered_idxs, expert_offse
     dw, db = group_bwd_w_op(x, dy, sorted_scattered_idxs, expert_offsets, w, None,
                             k, 1, grouped_in, grouped_out, has_bias, backend)
     return dx, dw, db if has_bias else None
+
+
+def _add_gate_bias_term(dgates_flat, dy, bias, fan, sorted_expert_idxs, sorted_scattered_idxs):
+    """d(gate of slot t*K + j) gets <dy[t], b_e> from the bias that the gate also scales (in place)."""
+    bias_dots = dy.float() @ bias.float().t()  # [T, E]
+    tokens = torch.div(sorted_scattered_idxs, fan, rounding_mode="floor")
+    dgates_flat[sorted_scattered_idxs] += bias_dots[tokens, sorted_expert_idxs]
 
 
 class ParallelLinear(torch.autograd.Function):
@@ -170,10 +200,8 @@ class ParallelLinear(torch.autograd.Function):
             dgates_flat = torch.bmm(dx_raw, x.unsqueeze(-1)).view(-1)
             dx = torch.bmm(gates.unsqueeze(1).to(dx_raw.dtype), dx_raw).squeeze(1)
         dgates_flat = dgates_flat.float()
-        if has_bias:  # + <dy[t], b_e> for each slot
-            bias_dots = dy.float() @ bias.float().t()  # [T, E]
-            tokens = torch.div(sorted_scattered_idxs, fan, rounding_mode="floor")
-            dgates_flat[sorted_scattered_idxs] += bias_dots[tokens, sorted_expert_idxs]
+        if has_bias:
+            _add_gate_bias_term(dgates_flat, dy, bias, fan, sorted_expert_idxs, sorted_scattered_idxs)
         dw, db = group_bwd_w_op(x, dy, sorted_scattered_idxs, expert_offsets, w, gates_flat,
                                 k, fan, grouped_in, False, has_bias, backend)
         dgates = dgates_flat.view_as(gates).to(gates.dtype)
@@ -215,19 +243,6 @@ def parallel_linear(
                                 sorted_scattered_idxs, expert_offsets, grouped_in, grouped_out, backend)
 
 
-def glu_backward(dg: torch.Tensor, pre: torch.Tensor, activate_first: bool) -> torch.Tensor:
-    """d(pre-activation) [N, 2F] of G = silu(a) * b (or a * silu(b)), [a | b] = pre, in float32."""
-    a, b = pre.float().chunk(2, dim=-1)
-    if not activate_first:
-        a, b = b, a  # now a is the activated half
-    dg = dg.float()
-    sig = torch.sigmoid(a)
-    d_act = dg * b * sig * (1 + a * (1 - sig))  # silu'(a) = sig(a) * (1 + a * (1 - sig(a)))
-    d_lin = dg * a * sig
-    halves = (d_act, d_lin) if activate_first else (d_lin, d_act)
-    return torch.cat(halves, dim=-1).to(pre.dtype)
-
-
 class ParallelLinearGLU(torch.autograd.Function):
     """parallel_linear_glu on a kernel backend. Saved for backward: x, weights and the
     pre-activation H [N, 2F] (the GLU's derivative needs both halves); G is not kept."""
@@ -245,7 +260,7 @@ class ParallelLinearGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dg):
         x, w, bias, pre, sorted_scattered_idxs, expert_offsets = ctx.saved_tensors
-        dpre = glu_backward(dg, pre, ctx.activate_first)
+        dpre, _, _ = glu_backward_op(pre, dg.contiguous(), None, ctx.activate_first, False, False, ctx.backend)
         dx, dw, db = _ungated_backward(dpre, x, w, bias is not None, ctx.k, sorted_scattered_idxs, expert_offsets,
                                        ctx.grouped_in, ctx.grouped_out, ctx.backend)
         return dx, dw, db, None, None, None, None, None, None, None, None
@@ -283,3 +298,82 @@ def parallel_linear_glu(
         t is not None and t.requires_grad for t in (x, expert_weights, expert_biases))
     return ParallelLinearGLU.apply(x, expert_weights, expert_biases, k, sorted_scattered_idxs, expert_offsets,
                                    grouped_in, grouped_out, activate_first, backend, keep)
+
+
+class GLUMoE(torch.autograd.Function):
+    """The whole GLU MoE MLP, y = sum_j p_j * (W2_e GLU(W1_e x) + b2_e), on a kernel backend.
+
+    Saved for backward: x, the weights, the gates, the routing and the pre-activation
+    H [N, 2F]. Neither G = GLU(H) [N, F] nor the expert outputs [N, D] are kept: the
+    backward recomputes G in the same pass that differentiates the GLU, and gets
+    d(gates) from <dG, G> (SonicMoE's recipe: activation memory independent of K*F/D).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in, b_in, w_out, b_out, gates, k, sorted_expert_idxs, sorted_scattered_idxs,
+                expert_offsets, activate_first, backend, keep):
+        g, pre = scatter2scatter_glu_op(x, w_in, b_in, sorted_scattered_idxs, expert_offsets, k, False, True,
+                                        activate_first, keep, backend)
+        gates_flat = gates.reshape(-1).contiguous()
+        y = scatter2scatter_op(g, w_out, b_out, sorted_scattered_idxs, expert_offsets, gates_flat,
+                               1, True, False, backend)
+        y = y.view(gates.size(0), gates.size(1), -1).sum(1) if gates.size(1) > 1 else y
+        ctx.save_for_backward(x, w_in, b_in, w_out, b_out, gates, pre, sorted_expert_idxs, sorted_scattered_idxs,
+                              expert_offsets)
+        ctx.k, ctx.activate_first, ctx.backend = k, activate_first, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x, w_in, b_in, w_out, b_out, gates, pre, sorted_expert_idxs, sorted_scattered_idxs,
+         expert_offsets) = ctx.saved_tensors
+        k, backend = ctx.k, ctx.backend
+        dy = dy.contiguous()
+        gates_flat = gates.reshape(-1).contiguous()
+        dg_raw = scatter2scatter_op(dy, w_out.transpose(1, 2), None, sorted_scattered_idxs, expert_offsets, None,
+                                    k, False, True, backend)  # dY W2_e^T, grouped, before the gates
+        dpre, g, dot = glu_backward_op(pre, dg_raw, gates_flat[sorted_scattered_idxs], ctx.activate_first,
+                                       True, True, backend)
+        dgates_flat = torch.empty_like(dot)
+        dgates_flat[sorted_scattered_idxs] = dot
+        if b_out is not None:
+            _add_gate_bias_term(dgates_flat, dy, b_out, k, sorted_expert_idxs, sorted_scattered_idxs)
+        dw_out, db_out = group_bwd_w_op(g, dy, sorted_scattered_idxs, expert_offsets, w_out, gates_flat,
+                                        1, k, True, False, b_out is not None, backend)
+        dx, dw_in, db_in = _ungated_backward(dpre, x, w_in, b_in is not None, k, sorted_scattered_idxs,
+                                             expert_offsets, False, True, backend)
+        dgates = dgates_flat.view_as(gates).to(gates.dtype)
+        return (dx, dw_in, db_in, dw_out, db_out if b_out is not None else None, dgates,
+                None, None, None, None, None, None, None)
+
+
+def glu_moe(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    gates: torch.Tensor,
+    expert_idxs_sorted: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    b_in: Optional[torch.Tensor] = None,
+    b_out: Optional[torch.Tensor] = None,
+    activate_first: bool = True,
+) -> torch.Tensor:
+    """The SiLU-GLU MoE MLP in one differentiable op: sum_j gates[t, j] * (W2_e GLU(W1_e x_t + b1_e) + b2_e).
+
+    x: [T, D]; w_in: [E, D, 2F] and w_out: [E, F, D] (``ParallelExperts.weight.permute(0, 2, 1)``);
+    gates: [T, K]; expert_idxs_sorted: ``flatten_sort_count(expert_idxs, E)``; b_in [E, 2F], b_out [E, D].
+    Returns [T, D] in x's dtype. The GLU activates the first half if ``activate_first`` (JetMoE).
+    """
+    sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = expert_idxs_sorted
+    check_glu_moe(x, w_in, w_out, gates, b_out)
+    k = gates.size(1)
+    check_parallel_linear(x, w_in, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+                          b_in, None, False, True)
+    backend = backends.resolve(x)
+    if backend == "torch":
+        h = reference.parallel_linear(x, w_in, k, *expert_idxs_sorted, b_in, None, False, True)
+        h = reference.glu(h, torch.nn.functional.silu, activate_first)
+        return reference.parallel_linear(h, w_out, 1, *expert_idxs_sorted, b_out, gates, True, False)
+    keep = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out, gates))
+    return GLUMoE.apply(x, w_in, b_in, w_out, b_out, gates, k, sorted_expert_idxs, sorted_scattered_idxs,
+                        expert_offsets, activate_first, backend, keep)

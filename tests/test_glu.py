@@ -1,0 +1,155 @@
+"""parallel_linear_glu (SiLU GLU fused into the GEMM epilogue) against the reference, forward and backward."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before scattermoe imports Triton
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference
+import scattermoe
+from scattermoe.backends.triton import scatter2scatter
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+def _rel(out, ref, name):
+    out, ref = out.double(), ref.double()
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err == err, f"{name}: NaN in output"
+    return err
+
+
+def _routing(T, E, K, case):
+    if case == "all_on_one":  # every token's first choice is expert 0
+        idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(E - 1)[: K - 1] + 1])
+                           for _ in range(T)])
+    else:  # random distinct experts, expert E-1 left empty when possible
+        pool = E - 1 if E > K else E
+        idx = torch.stack([torch.randperm(pool)[:K] for _ in range(T)])
+    return idx
+
+
+SHAPES = [
+    # (T, E, K, D, F, routing)
+    (37, 5, 2, 24, 20, "random"),      # sizes not multiples of the 32 block; expert 4 empty
+    (1, 4, 2, 16, 16, "random"),       # T=1
+    (19, 3, 3, 40, 36, "random"),      # k=E
+    (25, 6, 1, 24, 20, "all_on_one"),  # k=1, all tokens on one expert
+    (21, 1, 1, 24, 20, "random"),      # E=1
+]
+
+
+@pytest.mark.parametrize("T, E, K, D, F_, case", SHAPES)
+@pytest.mark.parametrize("grouped_in, grouped_out", [(False, True), (False, False), (True, True), (True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_parallel_linear_glu_matches_reference(T, E, K, D, F_, case, grouped_in, grouped_out, dtype):
+    torch.manual_seed(hash((T, E, K, case, grouped_in, grouped_out, str(dtype))) % 2**31)
+    idx = _routing(T, E, K, case)
+    se, ss, off = scattermoe.flatten_sort_count(idx, E)
+    fan = 1 if grouped_in else K
+    x = torch.randn(T * K if grouped_in else T, D, dtype=dtype, requires_grad=True)
+    w = (torch.randn(E, 2 * F_, D, dtype=dtype) / D**0.5).permute(0, 2, 1).requires_grad_()
+    b = torch.randn(E, 2 * F_, dtype=dtype, requires_grad=True)
+    for activate_first in (True, False):
+        with scattermoe.use_backend("triton"):
+            y = scattermoe.parallel_linear_glu(x, w, fan, se, ss, off, b, grouped_in, grouped_out, activate_first)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+        ref_in = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        h = reference.parallel_linear(ref_in[0], ref_in[1], fan, se, ss, off, ref_in[2], None, grouped_in, grouped_out)
+        y_ref = reference.glu(h, F.silu, activate_first)
+        ref_grads = torch.autograd.grad(y_ref, ref_in, dy.double())
+        assert y.dtype == dtype and y.shape == y_ref.shape
+        for name, out, ref in zip(("y", "dx", "dw", "db"), (y,) + grads, (y_ref,) + ref_grads):
+            err = _rel(out, ref, name)
+            assert err < TOL[dtype], f"{name} (activate_first={activate_first}): rel err {err:.2e}"
+
+
+def test_glu_inference_skips_pre_activation_and_matches_training_output():
+    torch.manual_seed(0)
+    T, E, K, D, F_ = 17, 4, 2, 24, 20
+    se, ss, off = scattermoe.flatten_sort_count(torch.randint(0, E, (T, K)), E)
+    x, w = torch.randn(T, D), torch.randn(E, D, 2 * F_)
+    with scattermoe.use_backend("triton"):
+        with torch.no_grad():
+            y_infer = scattermoe.parallel_linear_glu(x, w, K, se, ss, off)
+        y_train = scattermoe.parallel_linear_glu(x, w.requires_grad_(), K, se, ss, off)
+    assert torch.equal(y_infer, y_train.detach())
+
+
+@pytest.mark.parametrize("glu", [1, 2])
+def test_glu_kernel_writes_every_output_and_pre_activation_element(glu):
+    torch.manual_seed(glu)
+    T, E, K, D, F_ = 29, 5, 2, 24, 36
+    se, ss, off = scattermoe.flatten_sort_count(torch.randint(0, E - 1, (T, K)), E)  # expert E-1 empty
+    x, w = torch.randn(T, D), torch.randn(E, D, 2 * F_)
+    out = torch.full((T * K, F_), float("nan"))
+    pre = torch.full((T * K, 2 * F_), float("nan"))
+    scatter2scatter(x, w, None, ss, off, K, False, False, out=out, glu=glu, pre_activation=pre)
+    assert not out.isnan().any() and not pre.isnan().any(), "kernel left poisoned elements unwritten"
+    h = reference.parallel_linear(x.double(), w.double(), K, se, ss, off)
+    assert _rel(pre, h, "pre-activation") < 1e-5
+    assert _rel(out, reference.glu(h, F.silu, glu == 1), "glu output") < 1e-5
+
+
+def test_glu_rejects_odd_width():
+    se, ss, off = scattermoe.flatten_sort_count(torch.zeros(3, 1, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="expert_weights"):
+        scattermoe.parallel_linear_glu(torch.randn(3, 8), torch.randn(2, 8, 7), 1, se, ss, off)
+
+
+GLU_MOE_SHAPES = [
+    # (T, E, K, D, F, bias, activate_first)
+    (23, 5, 2, 24, 20, True, True),    # odd sizes, with biases, JetMoE's half order
+    (1, 4, 2, 16, 16, False, False),   # T=1, ScatterMoE's half order
+    (19, 3, 3, 40, 36, True, False),   # k=E
+    (25, 6, 1, 24, 20, True, True),    # k=1
+    (21, 1, 1, 24, 20, False, True),   # E=1
+]
+
+
+@pytest.mark.parametrize("T, E, K, D, F_, bias, activate_first", GLU_MOE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activate_first, dtype):
+    """GLUMLP with SiLU runs ops.glu_moe (fused GLU, G recomputed in backward): every gradient, gates included."""
+    torch.manual_seed(T * 100 + E * 10 + K)
+    layer = scattermoe.GLUMLP(D, F_, E, K, bias=bias, activate_first=activate_first).to(dtype)
+    if bias:
+        with torch.no_grad():
+            for b in (layer.experts.bias, layer.output_experts.bias):
+                b.normal_()
+    x = torch.randn(T, D, dtype=dtype, requires_grad=True)
+    p, idx = scattermoe.topk_gating(torch.randn(T, E), K)
+    p = p.to(dtype).requires_grad_()
+    with scattermoe.use_backend("triton"):
+        y = layer(x, p, idx)
+    dy = torch.randn_like(y)
+    inputs = [x, p] + list(layer.parameters())
+    grads = torch.autograd.grad(y, inputs, dy)
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    w_in, b_in, w_out, b_out = (ref[2], ref[3], ref[4], ref[5]) if bias else (ref[2], None, ref[3], None)
+    y_ref = reference.moe_mlp_per_token(ref[0], ref[1], idx, w_in, w_out, b_in, b_out, F.silu, activate_first)
+    ref_grads = torch.autograd.grad(y_ref, ref, dy.double())
+    names = ["y", "dx", "dgates"] + [f"d{n}" for n, _ in layer.named_parameters()]
+    for name, out, want in zip(names, (y,) + grads, (y_ref,) + ref_grads):
+        err = _rel(out, want, name)
+        assert err < TOL[dtype], f"{name}: rel err {err:.2e}"
+
+
+def test_glu_backward_kernel_writes_every_element():
+    from scattermoe.backends.triton import glu_backward
+
+    torch.manual_seed(3)
+    N, F_ = 37, 45  # neither a multiple of the row nor the column block
+    pre, dg, scale = torch.randn(N, 2 * F_), torch.randn(N, F_), torch.rand(N)
+    dh, g, dot = glu_backward(pre, dg, True, scale, store_g=True, store_dot=True)
+    assert not (dh.isnan().any() or g.isnan().any() or dot.isnan().any())
+    pre_ref = pre.double().requires_grad_()
+    g_ref = reference.glu(pre_ref, F.silu, True)
+    (dh_ref,) = torch.autograd.grad(g_ref, pre_ref, dg.double() * scale.double()[:, None])
+    assert _rel(dh, dh_ref, "dh") < 1e-5
+    assert _rel(g, g_ref, "g") < 1e-5
+    assert _rel(dot, (dg.double() * g_ref).sum(-1), "dot") < 1e-5
