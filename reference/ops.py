@@ -49,10 +49,11 @@ def parallel_linear(
     num_rows = sorted_expert_idxs.numel()
     out = x.new_zeros(num_rows, expert_weights.size(-1))
     positions = torch.arange(num_rows, device=x.device)
+    sorted_scattered_idxs = sorted_scattered_idxs.long()  # index_copy takes int64 only; callers may pass int32
     for e in range(expert_weights.size(0)):
+        # An expert with no rows still runs (on 0 rows), so the result is in the graph of every
+        # weight even when T=0 and their gradients are zeros, not missing.
         pos = positions[sorted_expert_idxs == e]  # this expert's rows, in expert order
-        if pos.numel() == 0:
-            continue
         slots = sorted_scattered_idxs[pos]
         in_rows = pos if grouped_in else torch.div(slots, k, rounding_mode="floor")
         y = x[in_rows] @ expert_weights[e]
@@ -63,7 +64,7 @@ def parallel_linear(
         return out
     num_tokens, fan = gates.shape
     # gates may be float32 beside half-precision x (JetMoE's router): the result keeps x's dtype.
-    return (gates.unsqueeze(-1) * out.view(num_tokens, fan, -1)).sum(1).to(x.dtype)
+    return (gates.unsqueeze(-1) * out.view(num_tokens, fan, out.size(-1))).sum(1).to(x.dtype)
 
 
 def glu(h: torch.Tensor, activation: Callable = F.silu, activate_first: bool = False) -> torch.Tensor:

@@ -7,7 +7,7 @@
 Backends: ``scattermoe.set_backend("auto" | "triton" | "cutlass" | "torch")``.
 """
 
-from . import backends, ops, routing
+from . import backends, kernels, ops, routing
 from ._validate import set_debug
 from .backends import get_backend, set_backend, use_backend
 from .layers import GLUMLP, MLP, MoA, MoARouting, ParallelExperts
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GLUMLP", "MLP", "MoA", "MoARouting", "ParallelExperts",
-    "flatten_sort_count", "get_backend", "glu_moe", "load_balancing_loss", "parallel_linear", "parallel_linear_glu", "router_z_loss",
-    "set_backend", "set_debug", "topk_gating", "use_backend",
+    "backends", "kernels", "ops", "routing",
+    "flatten_sort_count", "get_backend", "glu_moe", "load_balancing_loss", "parallel_linear", "parallel_linear_glu",
+    "router_z_loss", "set_backend", "set_debug", "topk_gating", "use_backend",
 ]

@@ -74,9 +74,11 @@ def check_parallel_linear(
     if 0 in (num_experts, d_in, d_out):
         raise ValueError(f"expert_weights: expected non-empty [E, d_in, d_out], got shape {shape(expert_weights)}")
     if x.size(1) != d_in:
-        raise ValueError(f"x: expected {d_in} features (expert_weights is [E={num_experts}, {d_in}, {d_out}]), got shape {shape(x)}")
+        raise ValueError(f"x: expected {d_in} features (expert_weights is [E={num_experts}, {d_in}, {d_out}]), "
+                         f"got shape {shape(x)}")
     if x.stride(-1) != 1:
-        raise ValueError(f"x: expected a row-major tensor (stride 1 along features), got strides {x.stride()}; call .contiguous()")
+        raise ValueError(f"x: expected a row-major tensor (stride 1 along features), got strides {x.stride()}; "
+                         "call .contiguous()")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive int, got {k!r}")
     for name, t in (("sorted_expert_idxs", sorted_expert_idxs), ("sorted_scattered_idxs", sorted_scattered_idxs)):
@@ -86,10 +88,12 @@ def check_parallel_linear(
     num_rows = sorted_expert_idxs.numel()
     if sorted_scattered_idxs.numel() != num_rows:
         raise ValueError(
-            f"sorted_scattered_idxs: expected {num_rows} entries like sorted_expert_idxs, got {sorted_scattered_idxs.numel()}")
+            f"sorted_scattered_idxs: expected {num_rows} entries like sorted_expert_idxs, "
+            f"got {sorted_scattered_idxs.numel()}")
     check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
     if expert_offsets.numel() != num_experts or not expert_offsets.is_contiguous():
-        raise ValueError(f"expert_offsets: expected a contiguous [E={num_experts}] tensor, got shape {shape(expert_offsets)}")
+        raise ValueError(f"expert_offsets: expected a contiguous [E={num_experts}] tensor, "
+                         f"got shape {shape(expert_offsets)}")
     if expert_biases is not None:
         check_tensor("expert_biases", expert_biases, dim=2, dtypes=(x.dtype,), device=device)
         if shape(expert_biases) != (num_experts, d_out):
@@ -99,7 +103,8 @@ def check_parallel_linear(
             raise ValueError(f"x: with grouped_in=True expected the N={num_rows} routed rows, got {x.size(0)} rows")
     elif x.size(0) * k != num_rows:
         raise ValueError(
-            f"sorted_expert_idxs: expected T*k = {x.size(0)}*{k} = {x.size(0) * k} routed rows for x of shape {shape(x)}, got {num_rows}")
+            f"sorted_expert_idxs: expected T*k = {x.size(0)}*{k} = {x.size(0) * k} routed rows "
+            f"for x of shape {shape(x)}, got {num_rows}")
     if gates is not None:
         check_tensor("gates", gates, dim=2, dtypes=_FLOAT_DTYPES, device=device)
         if grouped_out:
@@ -107,16 +112,29 @@ def check_parallel_linear(
         if gates.numel() != num_rows:
             raise ValueError(f"gates: expected [T, k] with T*k = {num_rows} entries, got shape {shape(gates)}")
         if not grouped_in and k not in (1, gates.size(1)):
-            raise ValueError(f"gates: expected [T, k={k}] (or k=1 with x holding the N slot rows), got shape {shape(gates)}")
+            raise ValueError(f"gates: expected [T, k={k}] (or k=1 with x holding the N slot rows), "
+                             f"got shape {shape(gates)}")
     if num_rows and _values_checkable(sorted_expert_idxs):
         lo, hi = int(sorted_expert_idxs.min()), int(sorted_expert_idxs.max())
         if lo < 0 or hi >= num_experts:
-            raise ValueError(f"sorted_expert_idxs: expert ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+            raise ValueError(f"sorted_expert_idxs: expert ids must lie in [0, {num_experts}), "
+                             f"got values in [{lo}, {hi}]")
         lo, hi = int(sorted_scattered_idxs.min()), int(sorted_scattered_idxs.max())
         if lo < 0 or hi >= num_rows:
             raise ValueError(f"sorted_scattered_idxs: slot ids must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
-        if int(expert_offsets[-1]) != num_rows or bool((expert_offsets.diff() < 0).any()):
-            raise ValueError(f"expert_offsets: expected non-decreasing cumulative counts ending at N={num_rows}")
+        if bool((sorted_expert_idxs.diff() < 0).any()):
+            raise ValueError("sorted_expert_idxs: expected expert ids in non-decreasing order (use flatten_sort_count)")
+        # Each slot must appear once, and the offsets must be the cumulative counts of the sorted ids:
+        # the kernels trust both (an unlisted slot is never written, a wrong offset mixes experts).
+        if not bool((torch.bincount(sorted_scattered_idxs, minlength=num_rows) == 1).all()):
+            raise ValueError(f"sorted_scattered_idxs: expected a permutation of [0, {num_rows}) (each slot once)")
+        counts = torch.bincount(sorted_expert_idxs, minlength=num_experts).cumsum(0)
+        if not torch.equal(counts, expert_offsets.to(counts.dtype)):
+            raise ValueError(f"expert_offsets: expected the cumulative expert counts of sorted_expert_idxs "
+                             f"{counts.tolist()}, got {expert_offsets.tolist()}")
+    elif num_rows == 0 and expert_offsets.numel() and _values_checkable(expert_offsets):
+        if bool((expert_offsets != 0).any()):
+            raise ValueError("expert_offsets: expected all zeros for N=0 routed rows")
 
 
 def check_glu_moe(x, w_in, w_out, gates, b_out) -> None:

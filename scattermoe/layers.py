@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels._compat import accepts_padded_block_idxs
 from .ops import glu_moe, parallel_linear
 from .routing import flatten_sort_count
 
@@ -38,6 +39,7 @@ class ParallelExperts(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    @accepts_padded_block_idxs(5, ("gates", "grouped_in", "grouped_out"))  # self counts
     def forward(self, inputs: torch.Tensor, k: int, sorted_expert_idxs: torch.Tensor,
                 sorted_scattered_idxs: torch.Tensor, expert_offsets: torch.Tensor,
                 gates: Optional[torch.Tensor] = None, grouped_in: bool = False,
@@ -54,7 +56,8 @@ def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.T
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != lead + (top_k,):
-            raise ValueError(f"{name}: expected shape {lead + (top_k,)} (x's leading dims, top_k), got {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected shape {lead + (top_k,)} (x's leading dims, top_k), "
+                             f"got {tuple(t.shape)}")
 
 
 class MLP(nn.Module):

@@ -17,6 +17,7 @@ import reference
 
 from . import backends
 from ._validate import check_glu_moe, check_parallel_linear
+from .kernels._compat import accepts_padded_block_idxs
 
 
 @torch.library.custom_op("scattermoe::scatter2scatter", mutates_args=())
@@ -114,7 +115,8 @@ def glu_backward_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dH [N, 2F], G [N, F] or [0], <dg, G> [N] fp32 or [0]) in one pass; see backends.triton.glu_backward."""
     dh, g, dot = backends.kernels(backend).glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)
-    return dh, g if g is not None else pre.new_empty(0), dot if dot is not None else pre.new_empty(0, dtype=torch.float32)
+    empty_dot = pre.new_empty(0, dtype=torch.float32)
+    return dh, g if g is not None else pre.new_empty(0), dot if dot is not None else empty_dot
 
 
 @glu_backward_op.register_fake
@@ -135,7 +137,7 @@ def _ungated_backward(dy, x, w, has_bias, k, sorted_scattered_idxs, expert_offse
     """(dx, dW, db) of Y = X W_e + b_e without gates; dy is [N, F], grouped if grouped_out."""
     dx_rows = scatter2scatter_op(dy, w.transpose(1, 2), None, sorted_scattered_idxs, expert_offsets, None,
                                  1, grouped_out, grouped_in, backend)
-    dx = dx_rows if grouped_in or k == 1 else dx_rows.view(x.size(0), k, -1).sum(1)
+    dx = dx_rows if grouped_in or k == 1 else dx_rows.view(x.size(0), k, dx_rows.size(-1)).sum(1)
     dw, db = group_bwd_w_op(x, dy, sorted_scattered_idxs, expert_offsets, w, None,
                             k, 1, grouped_in, grouped_out, has_bias, backend)
     return dx, dw, db if has_bias else None
@@ -165,7 +167,7 @@ class ParallelLinear(torch.autograd.Function):
                                k, grouped_in, grouped_out and gates is None, backend)
         if gates is not None:
             num_tokens, fan = gates.shape
-            y = y.view(num_tokens, fan, -1).sum(1) if fan > 1 else y
+            y = y.view(num_tokens, fan, y.size(-1)).sum(1) if fan > 1 else y
         ctx.save_for_backward(x, w, bias, gates, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)
         ctx.k, ctx.grouped_in, ctx.grouped_out, ctx.backend = k, grouped_in, grouped_out, backend
         return y
@@ -196,7 +198,7 @@ class ParallelLinear(torch.autograd.Function):
             else:
                 dgates_flat = dgate_rows
         else:  # x is [T, D], fanned out to the K slots of each token
-            dx_raw = dx_raw.view(num_tokens, fan, -1)
+            dx_raw = dx_raw.view(num_tokens, fan, dx_raw.size(-1))
             dgates_flat = torch.bmm(dx_raw, x.unsqueeze(-1)).view(-1)
             dx = torch.bmm(gates.unsqueeze(1).to(dx_raw.dtype), dx_raw).squeeze(1)
         dgates_flat = dgates_flat.float()
@@ -208,6 +210,8 @@ class ParallelLinear(torch.autograd.Function):
         return dx, dw, db if has_bias else None, dgates, None, None, None, None, None, None, None
 
 
+# ScatterMoE 2024 passed padded_block_idxs before expert_offsets; accepted and dropped.
+@accepts_padded_block_idxs(5, ("gates", "grouped_in", "grouped_out"))
 def parallel_linear(
     x: torch.Tensor,
     expert_weights: torch.Tensor,
@@ -317,7 +321,7 @@ class GLUMoE(torch.autograd.Function):
         gates_flat = gates.reshape(-1).contiguous()
         y = scatter2scatter_op(g, w_out, b_out, sorted_scattered_idxs, expert_offsets, gates_flat,
                                1, True, False, backend)
-        y = y.view(gates.size(0), gates.size(1), -1).sum(1) if gates.size(1) > 1 else y
+        y = y.view(gates.size(0), gates.size(1), y.size(-1)).sum(1) if gates.size(1) > 1 else y
         ctx.save_for_backward(x, w_in, b_in, w_out, b_out, gates, pre, sorted_expert_idxs, sorted_scattered_idxs,
                               expert_offsets)
         ctx.k, ctx.activate_first, ctx.backend = k, activate_first, backend

@@ -1,18 +1,22 @@
-"""parallel_linear_glu (SiLU GLU fused into the GEMM epilogue) against the reference, forward and backward."""
+"""parallel_linear_glu (SiLU GLU fused into the GEMM epilogue) against the reference, forward and backward.
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before scattermoe imports Triton
+Every test runs on the CPU through the Triton interpreter (fp32, fp16) and on CUDA (fp32, fp16, bf16).
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CPU_DTYPES, TOL
 
 import reference
 import scattermoe
 from scattermoe.backends.triton import scatter2scatter
 
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+DEVICE_DTYPES = [pytest.param("cpu", dtype, marks=pytest.mark.interpreter, id=f"cpu-{str(dtype)[6:]}")
+                 for dtype in CPU_DTYPES]
+DEVICE_DTYPES += [pytest.param("cuda", dtype, marks=pytest.mark.gpu, id=f"cuda-{str(dtype)[6:]}")
+                  for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter), pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _rel(out, ref, name):
@@ -44,15 +48,14 @@ SHAPES = [
 
 @pytest.mark.parametrize("T, E, K, D, F_, case", SHAPES)
 @pytest.mark.parametrize("grouped_in, grouped_out", [(False, True), (False, False), (True, True), (True, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_parallel_linear_glu_matches_reference(T, E, K, D, F_, case, grouped_in, grouped_out, dtype):
-    torch.manual_seed(hash((T, E, K, case, grouped_in, grouped_out, str(dtype))) % 2**31)
-    idx = _routing(T, E, K, case)
+@pytest.mark.parametrize("dev, dtype", DEVICE_DTYPES)
+def test_parallel_linear_glu_matches_reference(T, E, K, D, F_, case, grouped_in, grouped_out, dev, dtype):
+    idx = _routing(T, E, K, case).to(dev)
     se, ss, off = scattermoe.flatten_sort_count(idx, E)
     fan = 1 if grouped_in else K
-    x = torch.randn(T * K if grouped_in else T, D, dtype=dtype, requires_grad=True)
-    w = (torch.randn(E, 2 * F_, D, dtype=dtype) / D**0.5).permute(0, 2, 1).requires_grad_()
-    b = torch.randn(E, 2 * F_, dtype=dtype, requires_grad=True)
+    x = torch.randn(T * K if grouped_in else T, D, dtype=dtype, device=dev, requires_grad=True)
+    w = (torch.randn(E, 2 * F_, D, dtype=dtype, device=dev) / D**0.5).permute(0, 2, 1).requires_grad_()
+    b = torch.randn(E, 2 * F_, dtype=dtype, device=dev, requires_grad=True)
     for activate_first in (True, False):
         with scattermoe.use_backend("triton"):
             y = scattermoe.parallel_linear_glu(x, w, fan, se, ss, off, b, grouped_in, grouped_out, activate_first)
@@ -68,11 +71,11 @@ def test_parallel_linear_glu_matches_reference(T, E, K, D, F_, case, grouped_in,
             assert err < TOL[dtype], f"{name} (activate_first={activate_first}): rel err {err:.2e}"
 
 
-def test_glu_inference_skips_pre_activation_and_matches_training_output():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_glu_inference_skips_pre_activation_and_matches_training_output(dev):
     T, E, K, D, F_ = 17, 4, 2, 24, 20
-    se, ss, off = scattermoe.flatten_sort_count(torch.randint(0, E, (T, K)), E)
-    x, w = torch.randn(T, D), torch.randn(E, D, 2 * F_)
+    se, ss, off = scattermoe.flatten_sort_count(torch.randint(0, E, (T, K), device=dev), E)
+    x, w = torch.randn(T, D, device=dev), torch.randn(E, D, 2 * F_, device=dev)
     with scattermoe.use_backend("triton"):
         with torch.no_grad():
             y_infer = scattermoe.parallel_linear_glu(x, w, K, se, ss, off)
@@ -80,14 +83,14 @@ def test_glu_inference_skips_pre_activation_and_matches_training_output():
     assert torch.equal(y_infer, y_train.detach())
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("glu", [1, 2])
-def test_glu_kernel_writes_every_output_and_pre_activation_element(glu):
-    torch.manual_seed(glu)
+def test_glu_kernel_writes_every_output_and_pre_activation_element(glu, dev):
     T, E, K, D, F_ = 29, 5, 2, 24, 36
-    se, ss, off = scattermoe.flatten_sort_count(torch.randint(0, E - 1, (T, K)), E)  # expert E-1 empty
-    x, w = torch.randn(T, D), torch.randn(E, D, 2 * F_)
-    out = torch.full((T * K, F_), float("nan"))
-    pre = torch.full((T * K, 2 * F_), float("nan"))
+    se, ss, off = scattermoe.flatten_sort_count(torch.randint(0, E - 1, (T, K), device=dev), E)  # expert E-1 empty
+    x, w = torch.randn(T, D, device=dev), torch.randn(E, D, 2 * F_, device=dev)
+    out = torch.full((T * K, F_), float("nan"), device=dev)
+    pre = torch.full((T * K, 2 * F_), float("nan"), device=dev)
     scatter2scatter(x, w, None, ss, off, K, False, False, out=out, glu=glu, pre_activation=pre)
     assert not out.isnan().any() and not pre.isnan().any(), "kernel left poisoned elements unwritten"
     h = reference.parallel_linear(x.double(), w.double(), K, se, ss, off)
@@ -112,17 +115,16 @@ GLU_MOE_SHAPES = [
 
 
 @pytest.mark.parametrize("T, E, K, D, F_, bias, activate_first", GLU_MOE_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activate_first, dtype):
+@pytest.mark.parametrize("dev, dtype", DEVICE_DTYPES)
+def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activate_first, dev, dtype):
     """GLUMLP with SiLU runs ops.glu_moe (fused GLU, G recomputed in backward): every gradient, gates included."""
-    torch.manual_seed(T * 100 + E * 10 + K)
-    layer = scattermoe.GLUMLP(D, F_, E, K, bias=bias, activate_first=activate_first).to(dtype)
+    layer = scattermoe.GLUMLP(D, F_, E, K, bias=bias, activate_first=activate_first).to(dev, dtype)
     if bias:
         with torch.no_grad():
             for b in (layer.experts.bias, layer.output_experts.bias):
                 b.normal_()
-    x = torch.randn(T, D, dtype=dtype, requires_grad=True)
-    p, idx = scattermoe.topk_gating(torch.randn(T, E), K)
+    x = torch.randn(T, D, dtype=dtype, device=dev, requires_grad=True)
+    p, idx = scattermoe.topk_gating(torch.randn(T, E, device=dev), K)
     p = p.to(dtype).requires_grad_()
     with scattermoe.use_backend("triton"):
         y = layer(x, p, idx)
@@ -131,7 +133,7 @@ def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activat
     grads = torch.autograd.grad(y, inputs, dy)
     ref = [t.detach().double().requires_grad_() for t in inputs]
     w_in, b_in, w_out, b_out = (ref[2], ref[3], ref[4], ref[5]) if bias else (ref[2], None, ref[3], None)
-    y_ref = reference.moe_mlp_per_token(ref[0], ref[1], idx, w_in, w_out, b_in, b_out, F.silu, activate_first)
+    y_ref = reference.moe_mlp_per_token(ref[0], ref[1], idx.cpu(), w_in, w_out, b_in, b_out, F.silu, activate_first)
     ref_grads = torch.autograd.grad(y_ref, ref, dy.double())
     names = ["y", "dx", "dgates"] + [f"d{n}" for n, _ in layer.named_parameters()]
     for name, out, want in zip(names, (y,) + grads, (y_ref,) + ref_grads):
@@ -139,12 +141,12 @@ def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activat
         assert err < TOL[dtype], f"{name}: rel err {err:.2e}"
 
 
-def test_glu_backward_kernel_writes_every_element():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_glu_backward_kernel_writes_every_element(dev):
     from scattermoe.backends.triton import glu_backward
 
-    torch.manual_seed(3)
     N, F_ = 37, 45  # neither a multiple of the row nor the column block
-    pre, dg, scale = torch.randn(N, 2 * F_), torch.randn(N, F_), torch.rand(N)
+    pre, dg, scale = torch.randn(N, 2 * F_, device=dev), torch.randn(N, F_, device=dev), torch.rand(N, device=dev)
     dh, g, dot = glu_backward(pre, dg, True, scale, store_g=True, store_dot=True)
     assert not (dh.isnan().any() or g.isnan().any() or dot.isnan().any())
     pre_ref = pre.double().requires_grad_()

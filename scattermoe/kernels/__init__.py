@@ -1,0 +1,11 @@
+"""The original ScatterMoE kernel-level import path: ``from scattermoe.kernels import ops``.
+
+``scattermoe.kernels.ops`` keeps every published signature of ScatterMoE's kernel module
+(``scatter2scatter``, ``group``, ``group_bwd_W``, ``flatten_and_sort``,
+``padded_block_indices``, the ``ALLOW_TF32`` switch) as thin wrappers over this library's
+backends; nothing here holds a kernel of its own.
+"""
+
+from . import ops
+
+__all__ = ["ops"]

@@ -1,0 +1,175 @@
+"""scattermoe.kernels.ops: both generations of ScatterMoE's kernel module, against loops.
+
+Legend: T tokens, K experts per token, N = T*K routed rows, E experts, D in, F out.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before scattermoe imports Triton
+
+import pytest
+import torch
+
+import scattermoe
+import scattermoe.kernels.ops as kops
+from scattermoe.backends.triton import config as triton_config
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def _routing(T, E, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    pool = E - 1 if E > K else E  # leave the last expert empty when possible
+    return torch.stack([torch.randperm(pool, generator=g)[:K] for _ in range(T)])
+
+
+def _loop_rows(X, W, b, idx_TK, K):
+    """Y [N, F] in slot order t*K + j: X[t] W_e (+ b_e), one row at a time."""
+    flat = idx_TK.reshape(-1)
+    return torch.stack([X[s // K] @ W[flat[s]] + (b[flat[s]] if b is not None else 0) for s in range(flat.numel())])
+
+
+def test_allow_tf32_is_the_triton_switch():
+    before = triton_config.ALLOW_TF32
+    try:
+        kops.ALLOW_TF32 = True
+        assert triton_config.ALLOW_TF32 is True and kops.ALLOW_TF32 is True
+        assert triton_config.input_precision(torch.float32) == "tf32"
+        kops.ALLOW_TF32 = False
+        assert triton_config.ALLOW_TF32 is False and kops.ALLOW_TF32 is False
+        assert triton_config.input_precision(torch.float32) == "ieee"
+    finally:
+        triton_config.ALLOW_TF32 = before
+
+
+@pytest.mark.parametrize("T, E, K", [(13, 4, 2), (1, 3, 1), (9, 3, 3)])
+def test_flatten_and_sort_and_padded_block_indices(T, E, K):
+    idx = _routing(T, E, K, seed=T)
+    sorted_expert_idxs, sorted_scattered_idxs = kops.flatten_and_sort(idx)
+    assert torch.equal(idx.reshape(-1)[sorted_scattered_idxs], sorted_expert_idxs)
+    assert torch.equal(sorted_scattered_idxs.sort().values, torch.arange(T * K))  # a permutation
+    for block in (4, 128):
+        padded_block_idxs, expert_offsets = kops.padded_block_indices(sorted_expert_idxs, E, N_BLOCK_SIZE=block)
+        counts = torch.bincount(idx.reshape(-1), minlength=E)
+        assert torch.equal(expert_offsets, counts.cumsum(0))
+        expected = [int(start) + i * block for e, start in enumerate(expert_offsets - counts)
+                    for i in range((int(counts[e]) + block - 1) // block)]
+        assert padded_block_idxs.tolist() == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("generation", ["2024", "0.3.0"])
+@pytest.mark.parametrize("grouped_out", [False, True])
+def test_scatter2scatter_both_signatures(backend, generation, grouped_out):
+    T, E, K, D, F = 13, 5, 2, 24, 20  # expert 4 empty; dims not multiples of the 32 block
+    torch.manual_seed(7)
+    idx = _routing(T, E, K, seed=3)
+    X, W, b = torch.randn(T, D), torch.randn(E, D, F), torch.randn(E, F)
+    sorted_expert_idxs, sorted_scattered_idxs = kops.flatten_and_sort(idx)
+    padded_block_idxs, _ = kops.padded_block_indices(sorted_expert_idxs, E)
+    ref = _loop_rows(X, W, b if generation == "0.3.0" else None, idx, K)
+    if grouped_out:
+        ref = ref[sorted_scattered_idxs]
+    with scattermoe.use_backend(backend):
+        if generation == "2024":
+            y = kops.scatter2scatter(X, W, sorted_expert_idxs, sorted_scattered_idxs, K, padded_block_idxs,
+                                     False, grouped_out)
+            y_kw = kops.scatter2scatter(X=X, W=W, sorted_expert_idxs=sorted_expert_idxs,
+                                        sorted_scattered_idxs=sorted_scattered_idxs,
+                                        padded_block_idxs=padded_block_idxs,
+                                        k=K, x_grouped=False, y_grouped=grouped_out)
+            torch.testing.assert_close(y_kw, y, rtol=0, atol=0)
+        else:
+            y = kops.scatter2scatter(X, W, sorted_expert_idxs, sorted_scattered_idxs, K, b=b, y_grouped=grouped_out)
+        # grouped input, k=1, written into a given buffer (the original's backward reuses buffers this way)
+        out = torch.full((T * K, F), float("nan"))
+        xg = X[torch.div(sorted_scattered_idxs, K, rounding_mode="floor")]
+        y2 = kops.scatter2scatter(xg, W, sorted_expert_idxs, sorted_scattered_idxs, 1,
+                                  b if generation == "0.3.0" else padded_block_idxs,
+                                  x_grouped=True, y_grouped=grouped_out, out=out)
+    assert y2.data_ptr() == out.data_ptr()
+    assert y.grad_fn is None  # kernel-level, like the original
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y2, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_and_group_bwd_W(backend):
+    T, E, K, D, F = 11, 4, 3, 20, 36
+    torch.manual_seed(1)
+    idx = _routing(T, E, K, seed=5)
+    sorted_expert_idxs, sorted_scattered_idxs = kops.flatten_and_sort(idx)
+    _, expert_offsets = kops.padded_block_indices(sorted_expert_idxs, E)
+    X, coeff, DY = torch.randn(T, D), torch.rand(T, K), torch.randn(T * K, F)
+    with scattermoe.use_backend(backend):
+        xg = kops.group(X, sorted_scattered_idxs, fan_out=K)
+        xg_scaled = kops.group(X, sorted_scattered_idxs, coeff=coeff.reshape(-1), fan_out=K,
+                               out=torch.empty(T * K, D))
+        dw_2024 = kops.group_bwd_W(DY, xg, expert_offsets, E)
+        dw, db = kops.group_bwd_W(DY, xg, expert_offsets, E, has_bias=True)
+        dw_nb, db_none = kops.group_bwd_W(DY, xg, expert_offsets, E, has_bias=False)
+    slots = sorted_scattered_idxs
+    torch.testing.assert_close(xg, X[slots // K], rtol=0, atol=0)
+    torch.testing.assert_close(xg_scaled, X[slots // K] * coeff.reshape(-1)[slots, None])
+    ref_w = torch.stack([xg[sorted_expert_idxs == e].t() @ DY[sorted_expert_idxs == e] for e in range(E)])
+    ref_b = torch.stack([DY[sorted_expert_idxs == e].sum(0) for e in range(E)])
+    for got in (dw_2024, dw, dw_nb):
+        assert got.shape == (E, D, F) and got.permute(0, 2, 1).is_contiguous()  # the original's layout
+        torch.testing.assert_close(got, ref_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, ref_b, rtol=1e-5, atol=1e-5)
+    assert db_none is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_2024_parallel_linear_and_parallel_experts_forms(backend):
+    """The 2024 MLP as written then: flatten_and_sort + padded_block_indices, and calls that pass
+    padded_block_idxs before expert_offsets, positionally and by keyword; same values and grads."""
+    T, E, K, D, H = 17, 6, 2, 24, 40
+    torch.manual_seed(2)
+    idx = _routing(T, E, K, seed=9)
+    gates = torch.softmax(torch.randn(T, K), -1).requires_grad_()
+    x = torch.randn(T, D, requires_grad=True)
+    experts = scattermoe.ParallelExperts(E, D, H)
+    output_experts = scattermoe.ParallelExperts(E, H, D, bias=True)
+    torch.nn.init.normal_(output_experts.bias)
+    w_skip = torch.randn(E, D, D, requires_grad=True)  # [E, in, out] for direct parallel_linear calls
+    params = (x, gates, experts.weight, output_experts.weight, output_experts.bias, w_skip)
+
+    def run(old):
+        with torch.no_grad():
+            if old:
+                sei, ssi = kops.flatten_and_sort(idx)
+                pbi, eo = kops.padded_block_indices(sei, E)
+            else:
+                sei, ssi, eo = scattermoe.flatten_sort_count(idx, E)
+        with scattermoe.use_backend(backend):
+            if old:
+                h = kops.parallel_experts_forward(experts, x, K, sei, ssi, pbi, eo, grouped_out=True)
+                h = torch.nn.functional.gelu(h)
+                y = kops.parallel_experts_forward(output_experts, h, 1, sei, ssi, pbi, eo, gates, True)
+                # the 2024 parallel_linear: (inputs, W, k, sei, ssi, padded_block_idxs, expert_offsets, gates)
+                y = y + kops.parallel_linear(x, w_skip, K, sei, ssi, pbi, eo, gates)
+                y = y + kops.parallel_linear(x, w_skip, K, sei, ssi, padded_block_idxs=pbi, expert_offsets=eo,
+                                             gates=gates)
+            else:
+                h = torch.nn.functional.gelu(experts(x, K, sei, ssi, eo, grouped_out=True))
+                y = output_experts(h, 1, sei, ssi, eo, gates=gates, grouped_in=True)
+                y = y + 2 * scattermoe.parallel_linear(x, w_skip, K, sei, ssi, eo, gates=gates)
+        return y, torch.autograd.grad(y.square().sum(), params)
+
+    y_old, g_old = run(True)
+    y_new, g_new = run(False)
+    torch.testing.assert_close(y_old, y_new, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_old, g_new):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_accepts_padded_block_idxs_rejects_extra_positionals():
+    f = kops.accepts_padded_block_idxs(1, ("c",))(lambda a, b, c=None: (a, b, c))
+    i = torch.arange(3)
+    out = f(0, i, i + 1, "c")
+    assert torch.equal(out[1], i + 1) and out[2] == "c"
+    out = f(0, i, padded_block_idxs=i)
+    assert torch.equal(out[1], i) and out[2] is None
+    with pytest.raises(TypeError, match="too many"):
+        f(0, i, i, 1, 2)

@@ -1,0 +1,113 @@
+"""The main comparisons on CUDA: Triton compiled for the GPU, every dtype (bf16 included), larger shapes.
+
+Legend: T tokens, K experts per token, N = T*K routed rows, E experts, D input features, F output features;
+B batch, L sequence length, H heads per expert, Dh head dim.
+Skipped with a reason without CUDA (conftest). The oracle is the same float64 CPU reference as the CPU tests;
+the checks are the CPU tests' own functions, so the two suites test the same things.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TOL, assert_close, make_expert_idxs
+from test_layers import LAYERS, check_mlp_layer, check_moa
+from test_parallel_linear import MODES, check_against_reference, check_poisoned_scatter2scatter
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import reference
+import scattermoe
+from scattermoe.backends.triton import scatter2scatter
+
+pytestmark = pytest.mark.gpu
+
+GPU_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
+              pytest.param(torch.float32, id="fp32")]
+
+GPU_SHAPES = [
+    # (T, E, K, D, F, routing case)
+    pytest.param(1000, 8, 2, 256, 384, "random", id="T1000-E8-k2-empty_expert"),  # JetMoE's ratios; expert 7 empty
+    pytest.param(1, 8, 2, 256, 384, "random", id="decode_T1"),                     # one token
+    pytest.param(1000, 8, 1, 256, 384, "all_on_one", id="all_on_one-k1"),          # 1000 rows on expert 4: many
+                                                                                   # row tiles of one expert
+    pytest.param(777, 64, 8, 128, 200, "random", id="fine_grained-E64-k8"),        # F not a multiple of 64 or 128
+    pytest.param(257, 5, 2, 100, 150, "same_set", id="unaligned_D100-F150"),       # D, F not multiples of 16
+]
+# Each dtype x flag x alignment specialisation compiles anew on the GPU (the suite's main cost there), so the
+# shapes are few and each one adds something the others do not.
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("T, E, K, D, F_, case", GPU_SHAPES)
+def test_parallel_linear_cuda(T, E, K, D, F_, case, mode, bias, dtype, device):
+    check_against_reference("triton", T, E, K, D, F_, case, mode, bias, dtype, device=device)
+
+
+@pytest.mark.parametrize("mode", ["gated_from_tokens", "gated_from_grouped", "gated_from_slot_rows"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
+def test_parallel_linear_cuda_fp32_gates(mode, dtype, device):
+    """JetMoE's float32 router gates beside a half-precision layer."""
+    check_against_reference("triton", 1000, 8, 2, 256, 384, "random", mode, True, dtype, device=device,
+                            gates_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("with_bias_and_scale", [False, True], ids=["plain", "bias_and_row_scale"])
+@pytest.mark.parametrize("grouped_in, grouped_out", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("T, E, K, D, F_, case", GPU_SHAPES)
+def test_scatter2scatter_cuda_poisoned_output(T, E, K, D, F_, case, grouped_in, grouped_out, with_bias_and_scale,
+                                              dtype, device):
+    check_poisoned_scatter2scatter(T, E, K, D, F_, case, grouped_in, grouped_out, with_bias_and_scale, dtype,
+                                   device=device)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("glu", [1, 2], ids=["activate_first", "activate_second"])
+def test_scatter2scatter_glu_cuda_poisoned_output(glu, dtype, device):
+    """The GLU epilogue writes every element of the output and of the kept pre-activation."""
+    T, E, K, D, F_ = 1000, 8, 2, 256, 384
+    idx = make_expert_idxs(T, E, K, device=device)
+    sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = scattermoe.flatten_sort_count(idx, E)
+    x = torch.randn(T, D, device=device).to(dtype)
+    w = (torch.randn(E, 2 * F_, D, device=device) / D**0.5).to(dtype).permute(0, 2, 1)
+    out = torch.full((T * K, F_), float("nan"), device=device, dtype=dtype)
+    pre = torch.full((T * K, 2 * F_), float("nan"), device=device, dtype=dtype)
+    scatter2scatter(x, w, None, sorted_scattered_idxs, expert_offsets, K, False, True, out=out, glu=glu,
+                    pre_activation=pre)
+    assert not out.isnan().any() and not pre.isnan().any(), "kernel left poisoned elements unwritten"
+    routing = [t.cpu() for t in (sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)]
+    h = reference.parallel_linear(x.double().cpu(), w.double().cpu(), K, *routing, None, None, False, True)
+    assert_close(pre, h, TOL[dtype], "pre-activation")
+    assert_close(out, reference.glu(h, F.silu, glu == 1), TOL[dtype], "glu output")
+
+
+LAYER_SHAPES = [
+    # (B, L, D, F, E, K, reference): the per-token loop for small T, the expert-loop reference for large T
+    pytest.param(4, 250, 256, 384, 8, 2, False, id="T1000"),
+    pytest.param(2, 7, 24, 40, 5, 2, True, id="small_odd"),
+]
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("layer_name", list(LAYERS))
+@pytest.mark.parametrize("B, L, D, F_, E, K, per_token", LAYER_SHAPES)
+def test_mlp_layers_cuda(B, L, D, F_, E, K, per_token, layer_name, dtype, device):
+    check_mlp_layer(layer_name, B, L, D, F_, E, K, True, "triton", dtype=dtype, device=device, per_token=per_token)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("B, L, D, H, Dh, E, K", [
+    pytest.param(2, 32, 128, 4, 32, 8, 2, id="B2-L32-E8-k2"),
+    pytest.param(2, 6, 24, 2, 8, 5, 2, id="small_odd"),
+])
+def test_moa_cuda(B, L, D, H, Dh, E, K, dtype, device):
+    # SDPA's math backend: the attention kernel is not under test, and the fused fp32 ones need not be IEEE.
+    with sdpa_kernel([SDPBackend.MATH]):
+        check_moa(B, L, D, H, Dh, E, K, True, "triton", dtype=dtype, device=device)
+
+
+def test_auto_picks_triton_on_cuda(device):
+    with scattermoe.use_backend("auto"):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert scattermoe.backends.resolve(torch.empty(1, device=device, dtype=dtype)) == "triton"

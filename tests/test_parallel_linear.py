@@ -1,0 +1,273 @@
+"""scattermoe.parallel_linear against reference.parallel_linear in float64: forward and every gradient.
+
+Legend: T tokens, K experts per token, N = T*K routed rows, E experts, D input features, F output features.
+Weights are stored [E, F, D] (ParallelExperts' nn.Linear layout) and passed as the permuted [E, D, F] view,
+as ParallelExperts does, unless a test says otherwise.
+
+The Triton kernels run under the CPU interpreter here (float32 and float16; the interpreter's bf16 dot
+is broken upstream), with the interpreter's 32x32x32 tiles: shapes are kept small and chosen around 32.
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import CPU_DTYPES, TOL, assert_all_close, assert_close, float64_leaves, make_expert_idxs
+
+import reference
+import scattermoe
+from scattermoe.backends.triton import scatter2scatter
+
+SHAPES = [
+    # (T, E, K, D, F, routing case)
+    pytest.param(37, 5, 2, 24, 40, "random", id="odd_sizes-empty_expert"),  # T, D, F not multiples of 32; expert 4 idle
+    pytest.param(1, 4, 2, 16, 24, "random", id="T1"),                         # T=1: one row per used expert
+    pytest.param(16, 4, 1, 32, 32, "all_on_one", id="k1-all_on_one"),        # k=1, every token on expert 2
+    pytest.param(19, 3, 3, 40, 36, "random", id="k_eq_E"),                    # k=E, D spans two K blocks
+    pytest.param(21, 1, 1, 24, 20, "random", id="E1"),                        # E=1
+    pytest.param(40, 6, 2, 48, 64, "same_set", id="dup_experts-2_tiles"),     # duplicate experts across tokens: 40 rows
+                                                                              # per used expert, two 32-row tiles
+    pytest.param(9, 4, 2, 24, 24, "repeat", id="same_expert_twice"),          # a token routed twice to one expert
+    pytest.param(29, 7, 3, 40, 24, "random", id="prime_E"),                   # prime E, an empty expert
+]
+
+# mode -> (grouped_in, grouped_out, gated, slot_rows). slot_rows: x holds the N rows in slot order (MoA's reduce).
+MODES = {
+    "scatter_to_scatter": (False, False, False, False),
+    "scatter_to_grouped": (False, True, False, False),   # the first MoE GEMM
+    "grouped_to_scatter": (True, False, False, False),
+    "grouped_to_grouped": (True, True, False, False),
+    "gated_from_tokens": (False, False, True, False),    # x [T, D] fanned out to K slots, gate-weighted sum
+    "gated_from_grouped": (True, False, True, False),    # the second MoE GEMM
+    "gated_from_slot_rows": (False, False, True, True),  # MoA's reduce: x [N, D] in slot order, k=1, gates [T, K]
+}
+
+
+def _make_inputs(T, E, K, D, F, case, mode, bias, dtype, device, gates_dtype=None):
+    """Routing, leaves (requiring grad) and the call's arguments for one case."""
+    grouped_in, grouped_out, gated, slot_rows = MODES[mode]
+    idx_TK = make_expert_idxs(T, E, K, case, device)
+    routing = scattermoe.flatten_sort_count(idx_TK, E)
+    N = T * K
+    k_arg = 1 if (grouped_in or slot_rows) else K
+    x = torch.randn(N if (grouped_in or slot_rows) else T, D, device=device)
+    w_EFD = torch.randn(E, F, D, device=device) / math.sqrt(D)
+    leaves = {"x": x.to(dtype), "weight": w_EFD.to(dtype)}
+    if bias:
+        leaves["bias"] = torch.randn(E, F, device=device).to(dtype)
+    if gated:
+        leaves["gates"] = torch.softmax(torch.randn(T, K, device=device), -1).to(gates_dtype or dtype)
+    for t in leaves.values():
+        t.requires_grad_()
+    return routing, leaves, dict(k=k_arg, grouped_in=grouped_in, grouped_out=grouped_out)
+
+
+def _call(fn, routing, leaves, kw):
+    """fn = scattermoe.parallel_linear or reference.parallel_linear; the weight goes in as the [E, D, F] view."""
+    return fn(leaves["x"], leaves["weight"].permute(0, 2, 1), kw["k"], *routing,
+              expert_biases=leaves.get("bias"), gates=leaves.get("gates"),
+              grouped_in=kw["grouped_in"], grouped_out=kw["grouped_out"])
+
+
+def check_against_reference(backend, T, E, K, D, F, case, mode, bias, dtype, device="cpu", gates_dtype=None,
+                            tol=None):
+    """Forward and every gradient of parallel_linear on ``backend`` vs the float64 reference from the same inputs."""
+    routing, leaves, kw = _make_inputs(T, E, K, D, F, case, mode, bias, dtype, device, gates_dtype)
+    with scattermoe.use_backend(backend):
+        y = _call(scattermoe.parallel_linear, routing, leaves, kw)
+    dy = torch.randn_like(y)
+    names = list(leaves)
+    grads = torch.autograd.grad(y, [leaves[n] for n in names], dy)
+
+    ref_leaves = dict(zip(names, float64_leaves([leaves[n] for n in names])))
+    cpu_routing = [r.cpu() for r in routing]
+    y_ref = _call(reference.parallel_linear, cpu_routing, ref_leaves, kw)
+    ref_grads = torch.autograd.grad(y_ref, [ref_leaves[n] for n in names], dy.double().cpu())
+
+    expected_rows = T if "gates" in leaves else T * K
+    assert y.shape == (expected_rows, F) and y.dtype == dtype and y.device == leaves["x"].device
+    for name, g in zip(names, grads):
+        assert g.dtype == leaves[name].dtype and g.shape == leaves[name].shape, f"d{name}: {g.dtype} {tuple(g.shape)}"
+    assert_all_close(["y"] + [f"d{n}" for n in names], (y,) + grads, (y_ref,) + ref_grads, tol or TOL[dtype])
+
+    # An expert with no rows gets an exactly zero weight (and bias) gradient: the kernel must write it.
+    counts = torch.diff(routing[2].cpu(), prepend=torch.zeros(1, dtype=torch.long))
+    for e in torch.nonzero(counts == 0).flatten().tolist():
+        assert bool((grads[names.index("weight")][e] == 0).all()), f"dweight of empty expert {e} is not zero"
+        if "bias" in leaves:
+            assert bool((grads[names.index("bias")][e] == 0).all()), f"dbias of empty expert {e} is not zero"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("T, E, K, D, F, case", SHAPES)
+def test_triton_matches_reference(T, E, K, D, F, case, mode, bias, dtype):
+    check_against_reference("triton", T, E, K, D, F, case, mode, bias, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("T, E, K, D, F, case", SHAPES)
+def test_torch_backend_matches_reference(T, E, K, D, F, case, mode, bias, dtype):
+    check_against_reference("torch", T, E, K, D, F, case, mode, bias, dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mode", ["gated_from_tokens", "gated_from_grouped", "gated_from_slot_rows"])
+def test_triton_fp32_gates_beside_fp16_x(mode):
+    """JetMoE's router gives float32 gates to a half-precision layer: output in x's dtype, dgates in float32."""
+    check_against_reference("triton", 23, 5, 2, 24, 40, "random", mode, True, torch.float16,
+                            gates_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+@pytest.mark.parametrize("mode", ["scatter_to_grouped", "gated_from_grouped", "gated_from_tokens"])
+def test_strided_operands(backend, mode):
+    """Weights as a contiguous [E, D, F] tensor, x as a column slice of a wider tensor (row-major, row stride
+    > D), bias as a transposed view and gates as a column slice: the kernels honour every stride."""
+    T, E, K, D, F = 33, 5, 2, 24, 40
+    grouped_in, grouped_out, gated, _ = MODES[mode]
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    rows = T * K if grouped_in else T
+    x = torch.randn(rows, D + 8)[:, 3:3 + D].requires_grad_()
+    w = torch.randn(E, D, F).div(math.sqrt(D)).requires_grad_()  # [E, D, F] contiguous, not a permuted view
+    b = torch.randn(F, E).t().requires_grad_()                    # [E, F] with strides (1, E)
+    gates = torch.rand(T, 2 * K)[:, 1:1 + K].requires_grad_() if gated else None
+    assert x.stride(0) == D + 8 and not b.is_contiguous()
+    leaves = [t for t in (x, w, b, gates) if t is not None]
+    k = 1 if grouped_in else K
+    with scattermoe.use_backend(backend):
+        y = scattermoe.parallel_linear(x, w, k, *routing, b, gates, grouped_in, grouped_out)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref = float64_leaves(leaves)
+    y_ref = reference.parallel_linear(ref[0], ref[1], k, *routing, ref[2], ref[3] if gated else None,
+                                      grouped_in, grouped_out)
+    ref_grads = torch.autograd.grad(y_ref, ref, dy.double())
+    names = ["y", "dx", "dweight", "dbias", "dgates"][: 1 + len(leaves)]
+    assert_all_close(names, (y,) + grads, (y_ref,) + ref_grads, TOL[torch.float32])
+
+
+POISON_SHAPES = [
+    # (T, E, K, D, F, routing case)
+    pytest.param(37, 5, 2, 24, 40, "random", id="odd_sizes-empty_expert"),
+    pytest.param(1, 4, 2, 16, 24, "random", id="T1"),
+    pytest.param(40, 6, 2, 48, 64, "same_set", id="dup_experts-2_tiles"),
+    pytest.param(21, 1, 1, 24, 20, "random", id="E1"),
+]
+
+
+def check_poisoned_scatter2scatter(T, E, K, D, F, case, grouped_in, grouped_out, with_bias_and_scale, dtype,
+                                   device="cpu"):
+    """The launcher with ``out=`` prefilled with NaN: every element must be written, with the right value."""
+    idx_TK = make_expert_idxs(T, E, K, case, device)
+    sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = scattermoe.flatten_sort_count(idx_TK, E)
+    N = T * K
+    x = torch.randn(N if grouped_in else T, D, device=device).to(dtype)
+    w = (torch.randn(E, F, D, device=device) / math.sqrt(D)).to(dtype).permute(0, 2, 1)
+    bias = torch.randn(E, F, device=device).to(dtype) if with_bias_and_scale else None
+    row_scale = torch.rand(N, device=device) + 0.5 if with_bias_and_scale else None  # per slot
+    out = torch.full((N, F), float("nan"), dtype=dtype, device=device)
+    y = scatter2scatter(x, w, bias, sorted_scattered_idxs, expert_offsets, 1 if grouped_in else K,
+                        grouped_in, grouped_out, row_scale, out=out)
+    assert y.data_ptr() == out.data_ptr(), "the launcher must write into out="
+    nan_rows = torch.isnan(out).any(-1).nonzero().flatten().tolist()
+    assert not nan_rows, f"{len(nan_rows)} rows left unwritten (still NaN), first {nan_rows[:10]}"
+    routing = [t.cpu() for t in (sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)]
+    ref = reference.parallel_linear(x.double().cpu(), w.double().cpu(), 1 if grouped_in else K, *routing,
+                                    bias.double().cpu() if bias is not None else None, None, grouped_in, grouped_out)
+    if row_scale is not None:  # row i of the output belongs to slot sorted_scattered_idxs[i] if grouped, else slot i
+        slots = routing[1] if grouped_out else torch.arange(N)
+        ref = ref * row_scale.double().cpu()[slots].unsqueeze(-1)
+    assert_close(out, ref, TOL[dtype], "scatter2scatter out")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("with_bias_and_scale", [False, True], ids=["plain", "bias_and_row_scale"])
+@pytest.mark.parametrize("grouped_in, grouped_out", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("T, E, K, D, F, case", POISON_SHAPES)
+def test_scatter2scatter_writes_every_row_of_a_poisoned_output(T, E, K, D, F, case, grouped_in, grouped_out,
+                                                              with_bias_and_scale, dtype):
+    check_poisoned_scatter2scatter(T, E, K, D, F, case, grouped_in, grouped_out, with_bias_and_scale, dtype)
+
+
+@pytest.mark.interpreter
+def test_parallel_linear_triton_without_grad_matches_with_grad():
+    """Inference (no_grad) and training run the same kernels: bitwise the same output."""
+    T, E, K, D, F = 17, 4, 2, 24, 20
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    x, w, gates = torch.randn(T, D), torch.randn(E, D, F), torch.rand(T, K)
+    with scattermoe.use_backend("triton"):
+        with torch.no_grad():
+            y_infer = scattermoe.parallel_linear(x, w, K, *routing, gates=gates)
+        y_train = scattermoe.parallel_linear(x.requires_grad_(), w, K, *routing, gates=gates)
+    assert torch.equal(y_infer, y_train.detach())
+
+
+@pytest.mark.interpreter
+def test_triton_backend_refuses_bf16_on_the_cpu():
+    """The interpreter's bf16 tl.dot is wrong upstream: the CPU triton backend must refuse bf16, not compute."""
+    T, E, K, D, F = 4, 2, 1, 8, 8
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    x, w = torch.randn(T, D, dtype=torch.bfloat16), torch.randn(E, D, F, dtype=torch.bfloat16)
+    with scattermoe.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            scattermoe.parallel_linear(x, w, K, *routing)
+
+
+def test_auto_backend_runs_bf16_on_the_cpu_through_the_reference():
+    """'auto' must not pick the broken interpreter path for bf16: it falls back to the reference and is right."""
+    T, E, K, D, F = 11, 3, 2, 16, 24
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    x, w = torch.randn(T, D, dtype=torch.bfloat16), torch.randn(E, D, F, dtype=torch.bfloat16)
+    with scattermoe.use_backend("auto"):
+        y = scattermoe.parallel_linear(x, w, K, *routing)
+    ref = reference.parallel_linear(x.double(), w.double(), K, *routing)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, ref, TOL[torch.bfloat16], "y (auto, bf16)")
+
+
+def _int32_cases():
+    for mode in MODES:
+        yield pytest.param("triton", mode, marks=pytest.mark.interpreter, id=f"triton-{mode}")
+        yield pytest.param("torch", mode, id=f"torch-{mode}")
+
+
+@pytest.mark.parametrize("backend, mode", list(_int32_cases()))
+def test_int32_routing_tensors(backend, mode):
+    """The checks accept int32 routing tensors (as ScatterMoE users may pass): results equal the int64 ones."""
+    T, E, K, D, F = 13, 4, 2, 24, 20
+    routing, leaves, kw = _make_inputs(T, E, K, D, F, "random", mode, True, torch.float32, "cpu")
+    routing32 = [t.int() for t in routing]
+    with scattermoe.use_backend(backend):
+        y32 = _call(scattermoe.parallel_linear, routing32, leaves, kw)
+        y64 = _call(scattermoe.parallel_linear, routing, leaves, kw)
+    dy = torch.randn_like(y64)
+    names = list(leaves)
+    g32 = torch.autograd.grad(y32, [leaves[n] for n in names], dy)
+    g64 = torch.autograd.grad(y64, [leaves[n] for n in names], dy)
+    assert_all_close(["y"] + [f"d{n}" for n in names], (y32,) + g32, (y64,) + g64, TOL[torch.float32])
+
+
+def _empty_batch_cases():
+    for mode in MODES:
+        yield pytest.param("triton", mode, marks=pytest.mark.interpreter, id=f"triton-{mode}")
+        yield pytest.param("torch", mode, id=f"torch-{mode}")
+
+
+@pytest.mark.parametrize("backend, mode", list(_empty_batch_cases()))
+def test_empty_batch(backend, mode):
+    """T=0 tokens (an empty micro-batch, or a rank that received no tokens): empty output, zero gradients."""
+    T, E, K, D, F = 0, 4, 2, 24, 20
+    routing, leaves, kw = _make_inputs(T, E, K, D, F, "random", mode, True, torch.float32, "cpu")
+    with scattermoe.use_backend(backend):
+        y = _call(scattermoe.parallel_linear, routing, leaves, kw)
+        assert y.shape == (0, F)
+        names = list(leaves)
+        grads = torch.autograd.grad(y, [leaves[n] for n in names], torch.zeros_like(y))
+    for name, g in zip(names, grads):
+        assert g.shape == leaves[name].shape and bool((g == 0).all()), f"d{name}"

@@ -1,0 +1,195 @@
+"""Routing: flatten_sort_count invariants, JetMoE's top-k gating, the auxiliary losses.
+
+Legend: T tokens, K experts per token, N = T*K routed slots, E experts.
+"""
+
+import pytest
+import torch
+from helpers import assert_close, make_expert_idxs
+
+import reference
+import scattermoe
+
+ROUTING_SHAPES = [
+    # (T, E, K, case)
+    (37, 5, 2, "random"),      # the last expert gets zero tokens
+    (1, 4, 2, "random"),       # T=1: most experts empty
+    (19, 3, 3, "random"),      # k=E
+    (21, 1, 1, "random"),      # E=1
+    (16, 4, 1, "all_on_one"),  # k=1, every token on the middle expert: empty experts on both sides
+    (40, 6, 2, "same_set"),    # duplicate experts across tokens, 4 experts empty
+    (9, 4, 2, "repeat"),       # a token routed twice to the same expert
+    (0, 4, 2, "random"),       # no tokens at all
+]
+
+
+@pytest.mark.parametrize("T, E, K, case", ROUTING_SHAPES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_flatten_sort_count_invariants(T, E, K, case, index_dtype):
+    idx_TK = make_expert_idxs(T, E, K, case).to(index_dtype)
+    flat = idx_TK.reshape(-1).long()
+    sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = scattermoe.flatten_sort_count(idx_TK, E)
+
+    N = T * K
+    assert sorted_expert_idxs.shape == (N,) and sorted_scattered_idxs.shape == (N,) and expert_offsets.shape == (E,)
+    for name, t in (("sorted_expert_idxs", sorted_expert_idxs), ("sorted_scattered_idxs", sorted_scattered_idxs),
+                    ("expert_offsets", expert_offsets)):
+        assert t.dtype == torch.int64, f"{name}: dtype {t.dtype}, expected int64"
+    # sorted_scattered_idxs is a permutation of the slots, and it inverts: gathering by it sorts the ids.
+    assert torch.equal(torch.sort(sorted_scattered_idxs).values, torch.arange(N))
+    assert torch.equal(flat[sorted_scattered_idxs], sorted_expert_idxs)
+    inverse = torch.argsort(sorted_scattered_idxs)
+    assert torch.equal(sorted_expert_idxs[inverse], flat)
+    # Expert order, and stable within an expert (token order kept: deterministic).
+    assert bool((sorted_expert_idxs[1:] >= sorted_expert_idxs[:-1]).all()), "sorted_expert_idxs not nondecreasing"
+    same = sorted_expert_idxs[1:] == sorted_expert_idxs[:-1]
+    assert bool((sorted_scattered_idxs[1:][same] > sorted_scattered_idxs[:-1][same]).all()), "sort is not stable"
+    # Offsets: cumulative counts, ending at T*K; empty experts repeat the previous offset.
+    counts = torch.tensor([int((flat == e).sum()) for e in range(E)], dtype=torch.long)
+    assert torch.equal(expert_offsets, counts.cumsum(0)), f"offsets {expert_offsets.tolist()}, counts {counts.tolist()}"
+    assert int(expert_offsets[-1]) == N
+    for e in range(E):
+        start = int(expert_offsets[e - 1]) if e else 0
+        assert bool((sorted_expert_idxs[start:int(expert_offsets[e])] == e).all()), f"expert {e}'s rows"
+    # The reference gives the very same tensors.
+    ref = reference.flatten_sort_count(idx_TK.long(), E)
+    for name, got, want in zip(("sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets"),
+                               (sorted_expert_idxs, sorted_scattered_idxs, expert_offsets), ref):
+        assert torch.equal(got, want), f"{name}: {got.tolist()} != reference {want.tolist()}"
+
+
+def test_flatten_sort_count_accepts_flat_ids():
+    idx_TK = make_expert_idxs(13, 5, 2)
+    got = scattermoe.flatten_sort_count(idx_TK.reshape(-1), 5)
+    want = scattermoe.flatten_sort_count(idx_TK, 5)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_flatten_sort_count_counts_empty_experts():
+    idx_TK = torch.tensor([[5, 1], [1, 5], [5, 5]])  # experts 0, 2, 3, 4, 6, 7 empty
+    _, _, expert_offsets = scattermoe.flatten_sort_count(idx_TK, 8)
+    assert expert_offsets.tolist() == [0, 2, 2, 2, 2, 6, 6, 6]
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 100], ids=["negative", "equal_to_E", "far_above_E"])
+def test_flatten_sort_count_rejects_out_of_range_ids(bad):
+    idx_TK = make_expert_idxs(6, 4, 2)
+    idx_TK[3, 1] = bad
+    with pytest.raises(ValueError, match="expert_idxs"):
+        scattermoe.flatten_sort_count(idx_TK, 4)
+
+
+def test_flatten_sort_count_rejects_float_ids():
+    with pytest.raises(TypeError, match="expert_idxs"):
+        scattermoe.flatten_sort_count(torch.zeros(4, 2), 3)
+
+
+def _topk_softmax_by_hand(logits_TE: torch.Tensor, K: int):
+    """Sort each row descending, keep K, softmax of those K by hand: exp(l - max) / sum, in float32."""
+    values, idxs = torch.sort(logits_TE.float(), dim=-1, descending=True)
+    top = values[:, :K]
+    e = torch.exp(top - top[:, :1])
+    return e / e.sum(-1, keepdim=True), idxs[:, :K]
+
+
+@pytest.mark.parametrize("T, E, K", [(17, 8, 2), (1, 4, 1), (9, 3, 3), (5, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_topk_gating_matches_softmax_over_topk_logits(T, E, K, dtype):
+    logits = (torch.randn(T, E) * 3).to(dtype)
+    gates, expert_idxs = scattermoe.topk_gating(logits, K)
+    want_gates, want_idxs = _topk_softmax_by_hand(logits, K)
+    assert gates.dtype == torch.float32, f"gates are computed and returned in float32, got {gates.dtype}"
+    assert expert_idxs.dtype == torch.int64 and expert_idxs.shape == (T, K)
+    assert torch.equal(expert_idxs, want_idxs)
+    assert_close(gates, want_gates, 1e-6, "gates")
+    assert_close(gates.sum(-1), torch.ones(T), 1e-6, "sum of gates")
+
+
+def test_topk_gating_is_not_a_renormalised_full_softmax_of_a_low_precision_cast():
+    """Softmax over the k *raw* logits in fp32: large logits far apart must not underflow to a one-hot."""
+    logits = torch.tensor([[1000.0, 999.0, -5.0, 998.5]])
+    gates, expert_idxs = scattermoe.topk_gating(logits, 2)
+    assert expert_idxs.tolist() == [[0, 1]]
+    e = torch.exp(torch.tensor([0.0, -1.0], dtype=torch.float64))
+    assert_close(gates, (e / e.sum()).unsqueeze(0), 1e-6, "gates")
+
+
+def test_topk_gating_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="router_logits"):
+        scattermoe.topk_gating(torch.randn(2, 3, 4), 2)
+    with pytest.raises(ValueError, match="top_k"):
+        scattermoe.topk_gating(torch.randn(5, 4), 5)
+    with pytest.raises(ValueError, match="top_k"):
+        scattermoe.topk_gating(torch.randn(5, 4), 0)
+
+
+def _switch_loss_by_hand(logits_TE: torch.Tensor, idx_TK: torch.Tensor, E: int) -> torch.Tensor:
+    """E * sum_e P_e f_e with explicit loops, in float64: P_e mean softmax probability, f_e share of the T*K slots."""
+    l64 = logits_TE.double()
+    probs = torch.exp(l64 - l64.max(-1, keepdim=True).values)
+    probs = probs / probs.sum(-1, keepdim=True)
+    total = l64.new_zeros(())
+    for e in range(E):
+        P_e = probs[:, e].mean()
+        f_e = (idx_TK == e).sum().double() / idx_TK.numel()
+        total = total + P_e * f_e
+    return E * total
+
+
+def test_load_balancing_loss_is_one_for_a_uniform_router():
+    T, E, K = 24, 6, 2
+    # Uniform probabilities: loss = E * sum_e (1/E) f_e = 1 whatever the assignments.
+    idx_TK = make_expert_idxs(T, E, K)
+    loss = scattermoe.load_balancing_loss(torch.zeros(T, E), idx_TK, E)
+    assert abs(loss.item() - 1.0) < 1e-6, f"uniform probabilities: loss {loss.item()}"
+    # Perfectly balanced assignments (each expert 1/E of the slots): loss = E * sum_e P_e / E = 1 for any logits.
+    balanced = torch.arange(T * K).remainder(E).view(T, K)
+    loss = scattermoe.load_balancing_loss(torch.randn(T, E) * 2, balanced, E)
+    assert abs(loss.item() - 1.0) < 1e-6, f"balanced assignments: loss {loss.item()}"
+
+
+def test_load_balancing_loss_collapsed_router_approaches_E():
+    T, E = 16, 4
+    logits = torch.full((T, E), -30.0)
+    logits[:, 0] = 30.0
+    loss = scattermoe.load_balancing_loss(logits, torch.zeros(T, 1, dtype=torch.long), E)
+    assert abs(loss.item() - E) < 1e-4, f"all tokens on expert 0 with probability ~1: loss {loss.item()}, expected {E}"
+
+
+@pytest.mark.parametrize("T, E, K", [(31, 8, 2), (7, 4, 3), (12, 5, 1)])  # k<E: at k=E the loss is constant 1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_balancing_loss_and_gradient_match_formula(T, E, K, dtype):
+    logits = (torch.randn(T, E) * 2).to(dtype).requires_grad_()
+    _, idx_TK = scattermoe.topk_gating(logits.detach(), K)
+    loss = scattermoe.load_balancing_loss(logits, idx_TK, E)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = _switch_loss_by_hand(ref_logits, idx_TK, E)
+    assert_close(loss, ref, 1e-6, "load_balancing_loss")
+    (grad,) = torch.autograd.grad(loss, logits)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert_close(grad, ref_grad, 1e-5 if dtype == torch.float32 else 1e-2, "d(load_balancing_loss)/d(logits)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_router_z_loss_matches_formula(dtype):
+    T, E = 19, 7
+    logits = (torch.randn(T, E) * 4 + 10).to(dtype).requires_grad_()  # large logits: exp overflows fp16
+    loss = scattermoe.router_z_loss(logits)
+    ref_logits = logits.detach().double().requires_grad_()
+    m = ref_logits.max(-1, keepdim=True).values
+    lse = (m + torch.log(torch.exp(ref_logits - m).sum(-1, keepdim=True))).squeeze(-1)
+    ref = (lse * lse).sum() / T
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref, 1e-6, "router_z_loss")
+    (grad,) = torch.autograd.grad(loss, logits)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert_close(grad, ref_grad, 1e-5 if dtype == torch.float32 else 3e-3, "d(router_z_loss)/d(logits)")
+
+
+def test_router_z_loss_of_zero_logits_is_log_E_squared():
+    E = 8
+    loss = scattermoe.router_z_loss(torch.zeros(5, E))
+    expected = torch.log(torch.tensor(float(E), dtype=torch.float64)) ** 2
+    assert abs(loss.item() - expected.item()) < 1e-5

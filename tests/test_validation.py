@@ -1,0 +1,248 @@
+"""Bad input raises ValueError/TypeError naming the argument (DESIGN.md section 3); backend selection.
+
+Legend: T tokens, K experts per token, N = T*K routed rows, E experts, D input features, F output features.
+The checks run before any backend is chosen, so each case runs on the triton and torch backends alike:
+neither may compute on bad input.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import make_expert_idxs
+
+import scattermoe
+from scattermoe import backends
+
+T, E, K, D, F = 6, 3, 2, 8, 5
+N = T * K
+
+
+def _valid_args() -> dict:
+    sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = scattermoe.flatten_sort_count(
+        make_expert_idxs(T, E, K), E)
+    return dict(x=torch.randn(T, D), expert_weights=torch.randn(E, D, F), k=K,
+                sorted_expert_idxs=sorted_expert_idxs, sorted_scattered_idxs=sorted_scattered_idxs,
+                expert_offsets=expert_offsets, expert_biases=None, gates=None, grouped_in=False, grouped_out=False)
+
+
+def _with_value(name, index, value):
+    """A copy of the routing tensor ``name`` with one entry replaced (keeps shape and dtype)."""
+    def change(args):
+        t = args[name].clone()
+        t[index] = value
+        return t
+    return change
+
+
+# id -> (overrides: {argument: value or function of the valid args}, exception type, regex the message must match)
+BAD_INPUTS = {
+    "x_3d": ({"x": torch.randn(T, 1, D)}, ValueError, r"^x: .*2-d"),
+    "x_1d": ({"x": torch.randn(D)}, ValueError, r"^x: .*2-d"),
+    "x_not_a_tensor": ({"x": [[0.0] * D] * T}, TypeError, r"^x: .*Tensor"),
+    "x_wrong_feature_size": ({"x": torch.randn(T, D + 1)}, ValueError, rf"^x: expected {D} features"),
+    "x_int": ({"x": torch.randint(0, 3, (T, D))}, TypeError, r"^x: .*dtype"),
+    "x_transposed": ({"x": torch.randn(D, T).t()}, ValueError, r"^x: .*row-major"),
+    "weights_dtype_mismatch": ({"expert_weights": torch.randn(E, D, F, dtype=torch.float64)}, TypeError,
+                               r"^expert_weights: .*dtype"),
+    "weights_2d": ({"expert_weights": torch.randn(D, F)}, ValueError, r"^expert_weights: .*3-d"),
+    "weights_on_another_device": ({"expert_weights": torch.randn(E, D, F, device="meta")}, ValueError,
+                                  r"^expert_weights: .*cpu"),
+    "biases_wrong_shape": ({"expert_biases": torch.randn(E, F + 1)}, ValueError, r"^expert_biases: "),
+    "biases_dtype_mismatch": ({"expert_biases": torch.randn(E, F, dtype=torch.float16)}, TypeError,
+                              r"^expert_biases: .*dtype"),
+    "k_zero": ({"k": 0}, ValueError, r"^k: "),
+    "routing_shorter_than_T_times_k": (
+        {"sorted_expert_idxs": lambda a: a["sorted_expert_idxs"][:-2],
+         "sorted_scattered_idxs": lambda a: a["sorted_scattered_idxs"][:-2]},
+        ValueError, rf"^sorted_expert_idxs: expected T\*k = {T}\*{K} = {N}"),
+    "routing_longer_than_T_times_k": (
+        {"x": torch.randn(T - 1, D)}, ValueError, rf"^sorted_expert_idxs: expected T\*k = {T - 1}\*{K}"),
+    "scattered_idxs_wrong_length": ({"sorted_scattered_idxs": lambda a: a["sorted_scattered_idxs"][:-1]},
+                                    ValueError, r"^sorted_scattered_idxs: "),
+    "routing_float": ({"sorted_expert_idxs": lambda a: a["sorted_expert_idxs"].float()}, TypeError,
+                      r"^sorted_expert_idxs: .*dtype"),
+    "routing_2d": ({"sorted_scattered_idxs": lambda a: a["sorted_scattered_idxs"].view(T, K)}, ValueError,
+                   r"^sorted_scattered_idxs: .*1-d"),
+    "expert_offsets_wrong_length": ({"expert_offsets": lambda a: a["expert_offsets"][:-1]}, ValueError,
+                                    r"^expert_offsets: "),
+    "expert_offsets_not_ending_at_N": ({"expert_offsets": _with_value("expert_offsets", -1, N - 1)}, ValueError,
+                                       r"^expert_offsets: "),
+    "expert_offsets_decreasing": ({"expert_offsets": lambda a: torch.tensor([3, 1, N])}, ValueError,
+                                  r"^expert_offsets: "),
+    "gates_with_grouped_out": ({"gates": torch.rand(T, K), "grouped_out": True}, ValueError, r"^gates: .*grouped_out"),
+    "gates_wrong_width": ({"gates": torch.rand(T, K + 1)}, ValueError, r"^gates: "),
+    "gates_wrong_length": ({"gates": torch.rand(T - 1, K)}, ValueError, r"^gates: "),
+    "gates_1d": ({"gates": torch.rand(N)}, ValueError, r"^gates: .*2-d"),
+    "gates_int": ({"gates": torch.ones(T, K, dtype=torch.long)}, TypeError, r"^gates: .*dtype"),
+    "grouped_in_with_T_rows": ({"grouped_in": True, "k": 1}, ValueError, rf"^x: .*N={N}"),
+    "expert_id_too_large": ({"sorted_expert_idxs": _with_value("sorted_expert_idxs", -1, E)}, ValueError,
+                            r"^sorted_expert_idxs: .*expert ids"),
+    "expert_id_negative": ({"sorted_expert_idxs": _with_value("sorted_expert_idxs", 0, -1)}, ValueError,
+                           r"^sorted_expert_idxs: .*expert ids"),
+    "slot_id_out_of_range": ({"sorted_scattered_idxs": _with_value("sorted_scattered_idxs", 0, N)}, ValueError,
+                             r"^sorted_scattered_idxs: .*slot ids"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_parallel_linear_rejects_bad_input(case, backend):
+    overrides, error, pattern = BAD_INPUTS[case]
+    args = _valid_args()
+    for name, value in overrides.items():
+        args[name] = value(args) if callable(value) else value
+    with scattermoe.use_backend(backend):
+        with pytest.raises(error, match=pattern):
+            scattermoe.parallel_linear(**args)
+
+
+# Routing tensors that are each in range but disagree: without a check the triton backend would leave rows
+# unwritten or assign them to the wrong expert. Checked on the CPU (values are on the host) and in debug mode.
+ROUTING_INCONSISTENT = {
+    # id -> (sorted_expert_idxs, sorted_scattered_idxs, expert_offsets, argument named); T=4, K=1, E=2
+    "slot_ids_not_a_permutation": ([0, 0, 1, 1], [0, 0, 2, 3], [2, 4], "sorted_scattered_idxs"),
+    "offsets_disagree_with_sorted_expert_idxs": ([0, 0, 1, 1], [0, 1, 2, 3], [1, 4], "expert_offsets"),
+}
+
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+@pytest.mark.parametrize("case", list(ROUTING_INCONSISTENT))
+def test_parallel_linear_rejects_inconsistent_routing_on_the_cpu(case, backend):
+    sorted_expert_idxs, sorted_scattered_idxs, expert_offsets, name = ROUTING_INCONSISTENT[case]
+    with scattermoe.use_backend(backend), pytest.raises(ValueError, match=rf"^{name}: "):
+        scattermoe.parallel_linear(torch.randn(4, D), torch.randn(2, D, F), 1, torch.tensor(sorted_expert_idxs),
+                                   torch.tensor(sorted_scattered_idxs), torch.tensor(expert_offsets))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+def test_valid_arguments_pass(backend):
+    """The baseline of the cases above is itself valid (so each case fails for its own reason)."""
+    args = _valid_args()
+    with scattermoe.use_backend(backend):
+        assert scattermoe.parallel_linear(**args).shape == (N, F)
+        args["gates"] = torch.rand(T, K)
+        assert scattermoe.parallel_linear(**args).shape == (T, F)
+
+
+def test_parallel_linear_glu_rejects_odd_width():
+    args = _valid_args()
+    args.pop("gates")
+    args["expert_weights"] = torch.randn(E, D, 7)
+    with pytest.raises(ValueError, match=r"^expert_weights: .*even"):
+        scattermoe.parallel_linear_glu(**args)
+
+
+def test_glu_moe_rejects_mismatched_second_weight():
+    x = torch.randn(T, D)
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    with pytest.raises(ValueError, match=r"^w_out: "):
+        scattermoe.glu_moe(x, torch.randn(E, D, 2 * F), torch.randn(E, F + 1, D), torch.rand(T, K), routing)
+    with pytest.raises(ValueError, match=r"^gates: "):
+        scattermoe.glu_moe(x, torch.randn(E, D, 2 * F), torch.randn(E, F, D), torch.rand(T + 1, K), routing)
+
+
+B, L = 2, 3
+
+LAYER_FACTORIES = {
+    "MLP": lambda: scattermoe.MLP(D, F, E, K),
+    "GLUMLP": lambda: scattermoe.GLUMLP(D, F, E, K),
+    "MoA.map": lambda: scattermoe.MoA(D, 4, 2, E, K).map,
+}
+
+LAYER_BAD_ROUTING = {
+    # id -> (expert_p shape, expert_idxs shape, argument named)
+    "expert_idxs_flattened": ((B, L, K), (B * L, K), "expert_idxs"),
+    "expert_idxs_too_many_slots": ((B, L, K), (B, L, K + 1), "expert_idxs"),
+    "expert_idxs_no_slot_dim": ((B, L, K), (B, L), "expert_idxs"),
+    "expert_p_wrong_shape": ((B, L, K + 1), (B, L, K), "expert_p"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", list(LAYER_BAD_ROUTING))
+@pytest.mark.parametrize("layer", list(LAYER_FACTORIES))
+def test_layers_reject_routing_of_wrong_shape(layer, case, backend):
+    p_shape, idx_shape, name = LAYER_BAD_ROUTING[case]
+    forward = LAYER_FACTORIES[layer]()
+    x = torch.randn(B, L, D)
+    with scattermoe.use_backend(backend), pytest.raises(ValueError, match=rf"^{name}: "):
+        forward(x, torch.rand(p_shape), torch.randint(0, E, idx_shape))
+
+
+@pytest.mark.parametrize("layer", list(LAYER_FACTORIES))
+def test_layers_reject_out_of_range_expert_ids(layer):
+    forward = LAYER_FACTORIES[layer]()
+    idx = make_expert_idxs(B * L, E, K).view(B, L, K)
+    idx[1, 2, 0] = E
+    with pytest.raises(ValueError, match=r"^expert_idxs: "):
+        forward(torch.randn(B, L, D), torch.rand(B, L, K), idx)
+
+
+def test_moa_reduce_rejects_attention_output_of_wrong_shape():
+    moa = scattermoe.MoA(D, 4, 2, E, K)
+    _, routing = moa.map(torch.randn(B, L, D), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
+    with pytest.raises(ValueError, match=r"^attn_out: "):
+        moa.reduce(torch.randn(B, L, 2, 4), routing)  # H heads, not H*K
+
+
+# ---- backend selection ----
+
+def test_set_backend_rejects_unknown_names():
+    before = scattermoe.get_backend()
+    for bad in ("cuda", "Triton", ""):
+        with pytest.raises(ValueError, match=r"^backend: "):
+            scattermoe.set_backend(bad)
+    with pytest.raises(ValueError, match=r"^backend: "):
+        with scattermoe.use_backend("nope"):
+            pass
+    assert scattermoe.get_backend() == before
+
+
+def test_cutlass_backend_is_refused_with_a_reason():
+    """No csrc build is usable on this machine (no extension, or no CUDA): a RuntimeError saying why, never
+    a silent fallback. (Today the message says the extension is not built; once the cutlass backend is wired
+    in, a built extension without a GPU reports the missing CUDA instead.)"""
+    args = _valid_args()
+    with scattermoe.use_backend("cutlass"):
+        with pytest.raises(RuntimeError, match=r"cutlass.*(not built|CUDA|cuda|driver)"):
+            scattermoe.parallel_linear(**args)
+
+
+def test_use_backend_restores_the_previous_backend_even_when_the_block_raises():
+    scattermoe.set_backend("torch")
+    with pytest.raises(KeyError):
+        with scattermoe.use_backend("triton"):
+            assert scattermoe.get_backend() == "triton"
+            with scattermoe.use_backend("auto"):
+                assert scattermoe.get_backend() == "auto"
+                raise KeyError("boom")
+    assert scattermoe.get_backend() == "torch"
+    with scattermoe.use_backend("triton"):
+        pass
+    assert scattermoe.get_backend() == "torch"
+
+
+@pytest.mark.interpreter
+def test_auto_resolves_per_dtype_on_the_cpu():
+    """DESIGN.md: on the CPU 'auto' is the reference unless TRITON_INTERPRET=1 (set by conftest); the
+    interpreter's broken bf16 and float64 (no Triton kernel) go to the reference."""
+    with scattermoe.use_backend("auto"):
+        assert backends.resolve(torch.empty(1, dtype=torch.float32)) == "triton"
+        assert backends.resolve(torch.empty(1, dtype=torch.float16)) == "triton"
+        assert backends.resolve(torch.empty(1, dtype=torch.bfloat16)) == "torch"
+        assert backends.resolve(torch.empty(1, dtype=torch.float64)) == "torch"
+    with scattermoe.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="float64"):
+            backends.resolve(torch.empty(1, dtype=torch.float64))
+
+
+def test_backend_from_environment():
+    env = dict(os.environ, SCATTERMOE_BACKEND="torch", PYTHONPATH=os.pathsep.join(sys.path))
+    code = "import scattermoe; print(scattermoe.get_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch"
