@@ -1,0 +1,263 @@
+"""Run the MoE blocks of Hugging Face ``transformers`` models on scattermoe (transformers >= 5).
+
+Legend: T tokens, K experts per token, N = T*K routed rows, E experts, D hidden size,
+F expert intermediate size.
+
+What is replaced is the expert computation only. Each block keeps calling its own router
+module, so routing semantics (softmax before or after top-k, renormalised top-k weights,
+jitter only in training, router-logit capture for aux losses) are the model's, and so is
+everything around the experts (Qwen2-MoE's shared expert, JetMoE's output bias, GPT-OSS's
+clamped SwiGLU via the module's own ``_apply_gate``).
+
+Parameters are reused as they are, never copied: transformers 5 stores fused experts as
+3-D parameters, ``gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F] (the nn.Linear
+``[E, out, in]`` layout of ``scattermoe.ParallelExperts``), or already ``[E, in, out]``
+where the experts class says ``is_transposed`` (GPT-OSS); scattermoe takes ``[E, in, out]``
+with any strides, so a ``permute`` view is all it needs. The modules keep their class's
+parameters and names (the replacement is a subclass), so ``state_dict`` keys do not change
+and a checkpoint saved after patching loads into an unpatched model.
+
+Two ways in (Liger-Kernel's split):
+- ``apply_scattermoe(model)``: swap, in place, the class of every supported MoE block of a loaded model;
+- ``apply_scattermoe_to_<family>()``: patch the family's modeling module before the model is
+  built or loaded, so ``from_pretrained`` builds scattermoe blocks directly.
+``revert_scattermoe_patches()`` undoes the module patches (models already built keep theirs).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..ops import glu_moe, parallel_linear
+from ..routing import flatten_sort_count
+
+# ----------------------------------------------------------------------------- expert computations
+
+
+def _is_silu(act) -> bool:
+    """True for SiLU activations (nn.SiLU, transformers' SiLUActivation, F.silu): the fused GLU path."""
+    return act is nn.functional.silu or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _as_in_out(w: torch.Tensor, is_transposed: bool) -> torch.Tensor:
+    """[E, in, out] view of an expert weight: transformers stores [E, out, in] unless ``is_transposed``."""
+    return w if is_transposed else w.permute(0, 2, 1)
+
+
+def _fused_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """forward of a transformers 5 fused experts class (``@use_experts_implementation``) on scattermoe.
+
+    hidden_states [T, D]; top_k_index [T, K] int; top_k_weights [T, K] (the router's, any float dtype).
+    Reads the layout flags that the decorator sets: ``has_gate``, ``has_bias``, ``is_transposed``,
+    ``is_concatenated``. Returns [T, D] in hidden_states' dtype.
+    """
+    if getattr(self, "_is_expert_parallel", False) or getattr(self, "has_post_expert_norm", False):
+        # Expert parallelism sends sentinel ids >= E (and a post-expert norm is not wired here):
+        # the class's own eager loop runs (``__wrapped__``: the forward under transformers' dispatcher).
+        cls = getattr(type(self), "_scattermoe_original", type(self))
+        eager = getattr(cls.forward, "__wrapped__", cls.forward)
+        return eager(self, hidden_states, top_k_index, top_k_weights)
+    num_experts = self.num_experts if hasattr(self, "num_experts") else self.down_proj.size(0)
+    k = top_k_index.size(-1)
+    routing = flatten_sort_count(top_k_index, num_experts)
+    transposed = getattr(self, "is_transposed", False)
+    has_bias = getattr(self, "has_bias", False)
+    has_gate = getattr(self, "has_gate", True)
+    w_in = _as_in_out(self.gate_up_proj if has_gate else self.up_proj, transposed)  # [E, D, 2F] or [E, D, F]
+    w_out = _as_in_out(self.down_proj, transposed)  # [E, F, D]
+    b_in = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
+    b_out = self.down_proj_bias if has_bias else None
+
+    # The default gate is act(first half) * second half; a class may override it (GPT-OSS: interleaved, clamped).
+    default_gate = getattr(type(self)._apply_gate, "__name__", "") == "_default_apply_gate"
+    if (has_gate and getattr(self, "is_concatenated", True) and default_gate and _is_silu(self.act_fn)):
+        # One op: SiLU GLU fused into the first GEMM's epilogue, G recomputed in backward.
+        y = glu_moe(hidden_states, w_in, w_out, top_k_weights, routing, b_in, b_out, activate_first=True)
+    else:
+        h = parallel_linear(hidden_states, w_in, k, *routing, expert_biases=b_in, grouped_out=True)  # [N, *] grouped
+        h = self._apply_gate(h) if has_gate else self.act_fn(h)
+        y = parallel_linear(h, w_out, 1, *routing, expert_biases=b_out, gates=top_k_weights, grouped_in=True)
+    return y.to(hidden_states.dtype)
+
+
+def _jetmoe_routing(router: nn.Module, x: torch.Tensor):
+    """Call JetMoE's own router and turn its outputs into scattermoe routing, without re-sorting.
+
+    JetMoeTopKGating returns (index_sorted_experts [N]: slots in expert order, batch_index,
+    batch_gates [N]: gates in that order, expert_size: list of E counts, logits [T, E]).
+    Returns ((sorted_expert_idxs, sorted_scattered_idxs, expert_offsets), gates [T, K], logits).
+    """
+    index_sorted_experts, _, batch_gates, expert_size, logits = router(x)
+    counts = torch.as_tensor(expert_size, device=x.device, dtype=torch.long)
+    sorted_expert_idxs = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
+    # Gates back to slot order t*K + j; differentiable in batch_gates (so the router learns).
+    gates = batch_gates.new_zeros(batch_gates.shape).scatter(0, index_sorted_experts, batch_gates)
+    routing = (sorted_expert_idxs, index_sorted_experts.contiguous(), counts.cumsum(0))
+    return routing, gates.view(x.size(0), router.top_k), logits
+
+
+def _jetmoe_moe_forward(self, layer_input: torch.Tensor) -> torch.Tensor:
+    """JetMoeMoE.forward on scattermoe: sum_j g_j W2_e (act(a) * b), [a | b] = W1_e x, plus the shared bias."""
+    bsz, length, emb_size = layer_input.size()
+    x = layer_input.reshape(-1, emb_size)
+    routing, gates, _ = _jetmoe_routing(self.router, x)
+    w_in = self.input_linear.weight.permute(0, 2, 1)  # [E, D, 2F] view of the [E, 2F, D] parameter
+    w_out = self.output_linear.weight.permute(0, 2, 1)  # [E, F, D]
+    if _is_silu(self.activation):
+        y = glu_moe(x, w_in, w_out, gates, routing, activate_first=True)
+    else:
+        a, b = parallel_linear(x, w_in, self.router.top_k, *routing, grouped_out=True).chunk(2, dim=-1)
+        y = parallel_linear(self.activation(a) * b, w_out, 1, *routing, gates=gates, grouped_in=True)
+    return y.view(bsz, length, self.input_size) + self.bias
+
+
+def _jetmoe_moa_map(self, layer_input: torch.Tensor):
+    """JetMoeMoA.map on scattermoe: per-expert query projection, back in slot order [B, L, K, H*Dh]."""
+    bsz, length, emb_size = layer_input.size()
+    x = layer_input.reshape(-1, emb_size)
+    routing, gates, router_logits = _jetmoe_routing(self.router, x)
+    q = parallel_linear(x, self.input_linear.weight.permute(0, 2, 1), self.top_k, *routing)  # [T*K, H*Dh]
+    return q.view(bsz, length, self.top_k, -1), router_logits, (routing, gates)
+
+
+def _jetmoe_moa_reduce(self, layer_input: torch.Tensor, topo_info) -> torch.Tensor:
+    """JetMoeMoA.reduce on scattermoe: per-expert output projection, gated sum over the K slots, plus bias."""
+    bsz, length, k, hidden_size = layer_input.size()
+    routing, gates = topo_info
+    o = layer_input.reshape(-1, hidden_size)  # [T*K, H*Dh], slot order
+    y = parallel_linear(o, self.output_linear.weight.permute(0, 2, 1), 1, *routing, gates=gates)
+    return y.view(bsz, length, self.input_size) + self.bias
+
+
+# ----------------------------------------------------------------------------- families
+
+_EXPERTS = {"forward": _fused_experts_forward}
+
+# family (transformers model_type) -> (modeling module, {class name: methods replaced}).
+_FAMILIES: Dict[str, Tuple[str, Dict[str, Dict[str, Callable]]]] = {
+    "mixtral": ("transformers.models.mixtral.modeling_mixtral", {"MixtralExperts": _EXPERTS}),
+    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", {"Qwen3MoeExperts": _EXPERTS}),
+    "olmoe": ("transformers.models.olmoe.modeling_olmoe", {"OlmoeExperts": _EXPERTS}),
+    "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", {"Qwen2MoeExperts": _EXPERTS}),
+    "granitemoe": ("transformers.models.granitemoe.modeling_granitemoe", {"GraniteMoeExperts": _EXPERTS}),
+    "gpt_oss": ("transformers.models.gpt_oss.modeling_gpt_oss", {"GptOssExperts": _EXPERTS}),
+    "jetmoe": ("transformers.models.jetmoe.modeling_jetmoe", {
+        "JetMoeMoE": {"forward": _jetmoe_moe_forward},
+        "JetMoeMoA": {"map": _jetmoe_moa_map, "reduce": _jetmoe_moa_reduce},
+    }),
+}
+
+SUPPORTED_FAMILIES: Tuple[str, ...] = tuple(_FAMILIES)
+
+_subclasses: Dict[type, type] = {}  # original class -> its scattermoe subclass
+_module_patches: Dict[Tuple[str, str], type] = {}  # (modeling module, class name) -> original class
+
+
+def _scattermoe_class(original: type, methods: Dict[str, Callable]) -> type:
+    """The subclass of ``original`` whose listed methods run on scattermoe (built once per class)."""
+    if getattr(original, "_scattermoe_original", None) is not None:  # already ours
+        return original
+    if original not in _subclasses:
+        attrs = dict(methods, _scattermoe_original=original, __module__=__name__,
+                     __doc__=f"{original.__name__} with its expert computation on scattermoe.")
+        _subclasses[original] = type(f"ScatterMoE{original.__name__}", (original,), attrs)
+    return _subclasses[original]
+
+
+def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Callable]]]:
+    """[(modeling module, class name, original class, methods)] of a family."""
+    module_name, classes = _FAMILIES[family]
+    module = importlib.import_module(module_name)
+    out = []
+    for name, methods in classes.items():
+        cls = getattr(module, name)
+        out.append((module, name, getattr(cls, "_scattermoe_original", None) or cls, methods))
+    return out
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f"scattermoe: {what}; supported architectures (transformers model_type): "
+                      f"{', '.join(SUPPORTED_FAMILIES)}")
+
+
+def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> nn.Module:
+    """Run every supported MoE block of a loaded ``transformers`` model on scattermoe, in place.
+
+    Each block's class is swapped for a scattermoe subclass: parameters (and their names, so the
+    ``state_dict``) stay as they are, no weight is copied, the router is the model's own.
+    ``families``: restrict to these model types (default: all in ``SUPPORTED_FAMILIES``).
+    Returns the model. Raises ValueError, listing the supported architectures, when the model
+    holds no block of a supported family.
+    """
+    families = list(families) if families is not None else list(SUPPORTED_FAMILIES)
+    for family in families:
+        if family not in _FAMILIES:
+            raise _unsupported(f"unknown family {family!r}")
+    targets = {}
+    for family in families:
+        for _, _, original, methods in _family_classes(family):
+            targets[original] = methods
+    swapped = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls in targets:
+            module.__class__ = _scattermoe_class(cls, targets[cls])
+            swapped += 1
+        elif getattr(cls, "_scattermoe_original", None) in targets:
+            swapped += 1  # already patched (e.g. built after apply_scattermoe_to_<family>())
+    if swapped == 0:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise _unsupported(f"no supported MoE block found in {type(model).__name__} (model_type={model_type!r})")
+    return model
+
+
+def register_experts_implementation(name: str = "scattermoe") -> None:
+    """Register scattermoe in transformers' experts interface, for the fused-experts families.
+
+    Afterwards ``from_pretrained(..., experts_implementation="scattermoe")`` (or
+    ``model.set_experts_implementation("scattermoe")``) runs those experts on scattermoe with no
+    patching at all. JetMoE's blocks are not experts classes of that interface: use
+    ``apply_scattermoe`` or ``apply_scattermoe_to_jetmoe`` there.
+    """
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(name, _fused_experts_forward)
+
+
+def _apply_to_family(family: str, model: Optional[nn.Module]) -> None:
+    for module, name, original, methods in _family_classes(family):
+        _module_patches.setdefault((module.__name__, name), original)
+        setattr(module, name, _scattermoe_class(original, methods))
+    if model is not None:
+        apply_scattermoe(model, families=[family])
+
+
+def revert_scattermoe_patches() -> None:
+    """Undo every ``apply_scattermoe_to_<family>()`` module patch (models already built keep scattermoe)."""
+    for (module_name, name), original in list(_module_patches.items()):
+        setattr(importlib.import_module(module_name), name, original)
+        del _module_patches[(module_name, name)]
+
+
+def _family_patcher(family: str) -> Callable[[Optional[nn.Module]], None]:
+    def patch(model: Optional[nn.Module] = None) -> None:
+        _apply_to_family(family, model)
+
+    patch.__name__ = f"apply_scattermoe_to_{family}"
+    patch.__doc__ = (f"Patch transformers' {family} modeling module so models built or loaded afterwards run their "
+                     f"MoE blocks on scattermoe; with ``model``, also patch that loaded model in place.")
+    return patch
+
+
+apply_scattermoe_to_mixtral = _family_patcher("mixtral")
+apply_scattermoe_to_qwen3_moe = _family_patcher("qwen3_moe")
+apply_scattermoe_to_olmoe = _family_patcher("olmoe")
+apply_scattermoe_to_qwen2_moe = _family_patcher("qwen2_moe")
+apply_scattermoe_to_granitemoe = _family_patcher("granitemoe")
+apply_scattermoe_to_gpt_oss = _family_patcher("gpt_oss")
+apply_scattermoe_to_jetmoe = _family_patcher("jetmoe")

@@ -1,0 +1,219 @@
+"""scattermoe.integrations: transformers MoE models patched vs unpatched, per family.
+
+Each family gets a tiny random config built with transformers and all weights randomised
+(routers and biases included, so routing is non-trivial). Checked on the CPU in float32:
+logits (rel err < 1e-4), loss and every parameter's gradient, greedy generation identical,
+and a checkpoint saved after patching reloads into an unpatched model with the same logits.
+Most checks run on the 'torch' backend; one forward+backward per family runs the Triton
+kernels through the interpreter.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before scattermoe imports Triton
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import scattermoe  # noqa: E402
+from scattermoe import integrations  # noqa: E402
+from scattermoe.integrations import transformers_moe  # noqa: E402
+
+TOL = 1e-4
+
+
+def _tiny(family):
+    """A tiny config of the family: 2 layers, hidden 32, a handful of experts, k >= 2."""
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "mixtral":
+        return transformers.MixtralConfig(**common, intermediate_size=24, num_key_value_heads=2, num_local_experts=4,
+                                          num_experts_per_tok=2, output_router_logits=True)
+    if family == "qwen3_moe":  # softmax, top-k, renormalised
+        return transformers.Qwen3MoeConfig(**common, intermediate_size=48, moe_intermediate_size=24, head_dim=8,
+                                           num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                                           norm_topk_prob=True, output_router_logits=True)
+    if family == "olmoe":  # softmax, top-k, not renormalised
+        return transformers.OlmoeConfig(**common, intermediate_size=24, num_key_value_heads=4, num_experts=5,
+                                        num_experts_per_tok=2, norm_topk_prob=False, output_router_logits=True)
+    if family == "qwen2_moe":  # with its gated shared expert
+        return transformers.Qwen2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=20,
+                                           shared_expert_intermediate_size=40, num_key_value_heads=2, num_experts=5,
+                                           num_experts_per_tok=3, output_router_logits=True)
+    if family == "granitemoe":  # top-k of logits, softmax over the k
+        return transformers.GraniteMoeConfig(**common, intermediate_size=24, num_key_value_heads=2,
+                                             num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
+    if family == "gpt_oss":  # interleaved gate/up, clamped SwiGLU (a low limit so the clamp bites), biases
+        return transformers.GptOssConfig(**common, intermediate_size=24, num_key_value_heads=2, head_dim=8,
+                                         num_local_experts=4, num_experts_per_tok=2, swiglu_limit=1.5,
+                                         sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                         output_router_logits=True)
+    if family == "jetmoe":  # MoE and MoA (attention experts), 2 KV heads x k=2 query heads
+        return transformers.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+                                         kv_channels=8, num_attention_heads=4, intermediate_size=24,
+                                         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                         output_router_logits=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    raise KeyError(family)
+
+
+def _build(family, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(_tiny(family), attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.25)
+            if "norm" in name:
+                p.add_(1.0)
+    return model.float().eval()
+
+
+def _rel(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    assert not torch.isnan(out).any(), "NaN"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _ids(batch=2, length=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 64, (batch, length), generator=g)
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _scattermoe_classes(model):
+    return {type(m).__name__ for m in model.modules() if getattr(type(m), "_scattermoe_original", None)}
+
+
+FAMILIES = list(integrations.SUPPORTED_FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_matches_unpatched(family, tmp_path):
+    ref = _build(family)
+    model = integrations.apply_scattermoe(copy.deepcopy(ref))
+    assert _scattermoe_classes(model), "no block was patched"
+    assert _scattermoe_classes(ref) == set()
+    # Parameters are the same tensors under the same names (nothing copied by the patch).
+    assert list(model.state_dict()) == list(ref.state_dict())
+    ids = _ids()
+
+    with scattermoe.use_backend("torch"):
+        out, grads = _loss_and_grads(model, ids)
+    ref_out, ref_grads = _loss_and_grads(ref, ids)
+    err = _rel(out.logits, ref_out.logits)
+    print(f"{family}: logits rel err {err:.2e}, loss {out.loss.item():.6f} vs {ref_out.loss.item():.6f}")
+    assert err < TOL
+    assert _rel(out.loss, ref_out.loss) < TOL  # includes the router aux loss (output_router_logits)
+    if getattr(ref_out, "aux_loss", None) is not None:
+        assert _rel(out.aux_loss, ref_out.aux_loss) < TOL
+    for name, ref_grad in ref_grads.items():
+        grad = grads[name]
+        if ref_grad is None:
+            assert grad is None or grad.abs().max() == 0, name
+            continue
+        assert grad is not None, f"{name}: no gradient"
+        if ref_grad.abs().max() == 0:  # e.g. an expert no token chose
+            assert grad.abs().max() < 1e-6, name
+        else:
+            assert _rel(grad, ref_grad) < TOL, f"{name}: grad rel err {_rel(grad, ref_grad):.2e}"
+
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref_gen = ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, ref_gen)
+
+    # A checkpoint saved after patching loads into a plain (unpatched) model.
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    assert _scattermoe_classes(reloaded) == set()
+    with torch.no_grad():
+        assert _rel(reloaded(input_ids=ids).logits, ref_out.logits) < 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_patch_before_loading(family, tmp_path):
+    """apply_scattermoe_to_<family>() patches the modeling module: models built afterwards use scattermoe."""
+    ref = _build(family)
+    ref.save_pretrained(tmp_path)
+    patch = getattr(integrations, f"apply_scattermoe_to_{family}")
+    try:
+        patch()
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    finally:
+        integrations.revert_scattermoe_patches()
+    assert _scattermoe_classes(model), "the model was not built with scattermoe blocks"
+    assert _scattermoe_classes(_build(family)) == set(), "revert_scattermoe_patches left the module patched"
+    ids = _ids(batch=1, length=7)
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        logits = model(input_ids=ids).logits
+    with torch.no_grad():
+        assert _rel(logits, ref(input_ids=ids).logits) < TOL
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_on_triton_backend(family):
+    """The Triton kernels (interpreter, fp32): logits, loss and the expert weights' gradients."""
+    ref = _build(family, seed=3)
+    model = integrations.apply_scattermoe(copy.deepcopy(ref))
+    ids = _ids(batch=1, length=6, seed=2)
+    with scattermoe.use_backend("triton"):
+        out, grads = _loss_and_grads(model, ids)
+    ref_out, ref_grads = _loss_and_grads(ref, ids)
+    assert _rel(out.logits, ref_out.logits) < TOL
+    assert _rel(out.loss, ref_out.loss) < TOL
+    for name, ref_grad in ref_grads.items():
+        if ref_grad is not None and ref_grad.abs().max() > 0:
+            assert _rel(grads[name], ref_grad) < TOL, name
+
+
+def test_unknown_architecture_lists_supported():
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="supported architectures.*mixtral.*jetmoe") as info:
+        integrations.apply_scattermoe(model)
+    assert "llama" in str(info.value)
+    with pytest.raises(ValueError, match="unknown family 'llama'"):
+        integrations.apply_scattermoe(model, families=["llama"])
+
+
+def test_apply_twice_is_harmless():
+    model = integrations.apply_scattermoe(_build("mixtral"))
+    classes = _scattermoe_classes(model)
+    integrations.apply_scattermoe(model)
+    assert _scattermoe_classes(model) == classes == {"ScatterMoEMixtralExperts"}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_experts_implementation_scattermoe(family, tmp_path, monkeypatch):
+    """register_experts_implementation(): transformers' own switch, experts_implementation="scattermoe"."""
+    integrations.register_experts_implementation()
+    ref = _build(family)
+    ref.save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", experts_implementation="scattermoe").float().eval()
+    assert model.config._experts_implementation == "scattermoe"
+    ids = _ids()
+    calls = []
+    for op in ("parallel_linear", "glu_moe"):  # count the scattermoe ops the experts run
+        fn = getattr(transformers_moe, op)
+        monkeypatch.setattr(transformers_moe, op, lambda *a, _fn=fn, **k: calls.append(1) or _fn(*a, **k))
+    with scattermoe.use_backend("triton"):
+        out, grads = _loss_and_grads(model, ids)
+    assert calls, "the scattermoe experts did not run"
+    ref_out, ref_grads = _loss_and_grads(ref, ids)
+    assert _rel(out.logits, ref_out.logits) < TOL
+    for name, ref_grad in ref_grads.items():
+        if ref_grad is not None and ref_grad.abs().max() > 0:
+            assert _rel(grads[name], ref_grad) < TOL, name
