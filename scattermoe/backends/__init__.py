@@ -77,7 +77,10 @@ def triton_unsupported_reason(x: torch.Tensor):
 
 
 def cutlass_unsupported_reason(x: torch.Tensor):
-    return "the cutlass backend is not built in this install (the csrc extension is not present)"
+    """Why the csrc (CUTLASS) kernels cannot run on x, or None if they can."""
+    from .cutlass import unsupported_reason
+
+    return unsupported_reason(x)
 
 
 def resolve(x: torch.Tensor) -> str:
@@ -95,6 +98,8 @@ def kernels(name: str):
     """The kernel module of a concrete backend: scatter2scatter and group_bwd_w launchers."""
     if name == "triton":
         from . import triton as module
+    elif name == "cutlass":
+        from . import cutlass as module
     else:
         raise RuntimeError(f"scattermoe backend {name!r} has no kernels")
     return module

@@ -1,0 +1,170 @@
+// scattermoe._C: pybind11 bindings of the csrc kernels. Torch-free on purpose (DESIGN.md 3b):
+// every tensor arrives as a device address (tensor.data_ptr()), shapes and strides as ints in
+// elements, the stream as torch.cuda.current_stream().cuda_stream. The module links the CUDA
+// runtime statically and imports on a machine with no GPU and no driver; there every call that
+// touches CUDA raises scattermoe._C.CudaError (cudaErrorInsufficientDriver, error 35).
+//
+// Compiled by the host compiler (no CUTLASS here); the kernels live in the nvcc-compiled .cu files.
+#include <pybind11/pybind11.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+#include "scattermoe/check.h"
+#include "scattermoe/grouped_gemm.h"
+
+namespace py = pybind11;
+
+namespace scattermoe {
+void build_versions(int* nvcc_major, int* nvcc_minor, int* cutlass_major, int* cutlass_minor, int* cutlass_patch,
+                    int* cudart);
+}  // namespace scattermoe
+
+namespace {
+
+using scattermoe::GroupedGemmParams;
+
+// Runtime flags to template parameters (flash-attention's switch helpers).
+template <class F>
+auto dtype_switch(const std::string& dtype, F&& f) {
+  if (dtype == "bfloat16") return f(scattermoe::Bf16{});
+  if (dtype == "float16") return f(scattermoe::Fp16{});
+  scattermoe::throw_invalid_argument(__FILE__, __LINE__, "dtype: expected 'bfloat16' or 'float16', got '", dtype, "'");
+}
+
+template <class F>
+auto bool_switch(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+template <class T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+int checked_int(int64_t v, const char* name) {
+  SMOE_CHECK(v >= INT32_MIN && v <= INT32_MAX, name, ": expected a 32-bit int, got ", v);
+  return static_cast<int>(v);
+}
+
+// Never raises: the Python side turns the answer into "why the cutlass backend cannot run".
+py::dict cuda_probe() {
+  py::dict out;
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  cudaGetLastError();
+  int driver = 0;
+  cudaDriverGetVersion(&driver);  // 0 when no driver is installed
+  cudaGetLastError();
+  out["error"] = static_cast<int>(err);
+  out["error_name"] = std::string(cudaGetErrorName(err));
+  out["error_string"] = std::string(cudaGetErrorString(err));
+  out["device_count"] = err == cudaSuccess ? count : 0;
+  out["driver_version"] = driver;
+  out["runtime_version"] = CUDART_VERSION;
+  return out;
+}
+
+py::tuple device_capability(int device) {
+  int major = 0, minor = 0;
+  SMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  SMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return py::make_tuple(major, minor);
+}
+
+int multiprocessor_count(int device) {
+  int count = 0;
+  SMOE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+py::dict build_info() {
+  int nvcc_major, nvcc_minor, cutlass_major, cutlass_minor, cutlass_patch, cudart;
+  scattermoe::build_versions(&nvcc_major, &nvcc_minor, &cutlass_major, &cutlass_minor, &cutlass_patch, &cudart);
+  py::dict out;
+  out["archs"] = py::make_tuple("sm_90a");
+  out["nvcc"] = std::to_string(nvcc_major) + "." + std::to_string(nvcc_minor);
+  out["cutlass"] = std::to_string(cutlass_major) + "." + std::to_string(cutlass_minor) + "." +
+                   std::to_string(cutlass_patch);
+  out["cudart"] = cudart;
+  out["grouped_gemm_tile"] = py::make_tuple(scattermoe::kGroupedGemmTileM, scattermoe::kGroupedGemmTileN,
+                                            scattermoe::kGroupedGemmTileK);
+  out["dtypes"] = py::make_tuple("bfloat16", "float16");
+  return out;
+}
+
+size_t grouped_gemm_workspace_bytes(const std::string& dtype, bool w_k_major, int64_t num_experts, int64_t sm_count) {
+  SMOE_CHECK(num_experts >= 1, "num_experts: expected >= 1, got ", num_experts);
+  SMOE_CHECK(sm_count >= 1, "sm_count: expected >= 1, got ", sm_count);
+  const int e = checked_int(num_experts, "num_experts");
+  const int sms = checked_int(sm_count, "sm_count");
+  return dtype_switch(dtype, [&](auto tag) {
+    return bool_switch(w_k_major, [&](auto k_major) {
+      return scattermoe::grouped_gemm_workspace_bytes_sm90<decltype(tag), decltype(k_major)::value>(e, sms);
+    });
+  });
+}
+
+void grouped_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t stride_xm, uintptr_t w,
+                  int64_t stride_we, int64_t stride_w_ld, uintptr_t bias, int64_t stride_be, uintptr_t y,
+                  int64_t stride_ym, uintptr_t expert_offsets, bool offsets_int64, int64_t num_experts,
+                  int64_t num_rows, int64_t k_in, int64_t n_out, uintptr_t workspace, size_t workspace_bytes,
+                  int64_t device, int64_t sm_count, uintptr_t stream) {
+  GroupedGemmParams p;
+  p.x = as_ptr<const void>(x);
+  p.stride_xm = stride_xm;
+  p.w = as_ptr<const void>(w);
+  p.stride_we = stride_we;
+  p.stride_w_ld = stride_w_ld;
+  p.bias = as_ptr<const void>(bias);
+  p.stride_be = stride_be;
+  p.y = as_ptr<void>(y);
+  p.stride_ym = stride_ym;
+  p.expert_offsets = as_ptr<const void>(expert_offsets);
+  p.offsets_int64 = offsets_int64;
+  p.num_experts = checked_int(num_experts, "num_experts");
+  p.num_rows = num_rows;
+  p.k_in = checked_int(k_in, "k_in");
+  p.n_out = checked_int(n_out, "n_out");
+  p.workspace = as_ptr<void>(workspace);
+  p.workspace_bytes = workspace_bytes;
+  p.device = checked_int(device, "device");
+  p.sm_count = checked_int(sm_count, "sm_count");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  py::gil_scoped_release release;  // the launch is asynchronous, but CUTLASS's host setup is not free
+  dtype_switch(dtype, [&](auto tag) {
+    bool_switch(w_k_major, [&](auto k_major) {
+      scattermoe::grouped_gemm_sm90<decltype(tag), decltype(k_major)::value>(p, s);
+      return 0;
+    });
+    return 0;
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "scattermoe csrc kernels (sm_90a, CUTLASS), torch-free: device pointers, shapes, strides and "
+            "streams are passed as ints. See csrc/README.md.";
+  py::register_exception<scattermoe::CudaError>(m, "CudaError", PyExc_RuntimeError);
+
+  m.def("cuda_probe", &cuda_probe,
+        "Never raises: {'error', 'error_name', 'error_string', 'device_count', 'driver_version', "
+        "'runtime_version'} from cudaGetDeviceCount / cudaDriverGetVersion.");
+  m.def("device_capability", &device_capability, py::arg("device"), "(major, minor) of a CUDA device.");
+  m.def("multiprocessor_count", &multiprocessor_count, py::arg("device"));
+  m.def("build_info", &build_info, "Versions and configuration this module was compiled with.");
+  m.def("grouped_gemm_workspace_bytes", &grouped_gemm_workspace_bytes, py::arg("dtype"), py::arg("w_k_major"),
+        py::arg("num_experts"), py::arg("sm_count"),
+        "Device workspace (bytes, to be 256-byte aligned) that grouped_gemm needs. Host-only, no CUDA call.");
+  m.def("grouped_gemm", &grouped_gemm, py::arg("dtype"), py::arg("w_k_major"), py::arg("x"), py::arg("stride_xm"),
+        py::arg("w"), py::arg("stride_we"), py::arg("stride_w_ld"), py::arg("bias"), py::arg("stride_be"),
+        py::arg("y"), py::arg("stride_ym"), py::arg("expert_offsets"), py::arg("offsets_int64"),
+        py::arg("num_experts"), py::arg("num_rows"), py::arg("k_in"), py::arg("n_out"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("device"), py::arg("sm_count"), py::arg("stream"),
+        "Y[rows of e] = X[rows of e] @ W[e] (+ bias[e]) for every expert e, rows grouped by expert, "
+        "sizes from expert_offsets on the device (csrc/include/scattermoe/grouped_gemm.h has the layouts). "
+        "Enqueued on `stream`; no host sync.");
+}

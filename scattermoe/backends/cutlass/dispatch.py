@@ -1,0 +1,133 @@
+"""The cutlass backend's launchers: csrc kernels where written, Triton for the rest.
+
+Same signatures as scattermoe.backends.triton (ops.py calls either through
+``backends.kernels(name)``). Each call that the csrc kernels do not cover yet is routed
+to the Triton launcher and counted in ``FALLBACKS`` under the name of the missing piece;
+``SCATTERMOE_CUTLASS_STRICT=1`` (or ``set_strict(True)``) raises instead, so a GPU test can
+prove it exercised the csrc path.
+
+Covered by csrc now: scatter2scatter with grouped_in=True, grouped_out=True, no gates
+(row_scale), no GLU, bf16/fp16, TMA-compatible layouts (see grouped_gemm.plan).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import grouped_gemm
+
+# The pieces not written yet, by the names csrc/README.md uses for them.
+GATHER_ON_LOAD = "gather-on-load mainloop (grouped_in=False) not written yet"
+SCATTER_STORE = "scatter store (grouped_out=False) not written yet"
+GLU_EPILOGUE = "GLU epilogue not written yet"
+GATE_EPILOGUE = "gate (row_scale) epilogue not written yet"
+GROUP_BWD_W = "dW/db kernel (per-expert X^T dY) not written yet"
+GLU_BACKWARD = "GLU backward kernel not written yet"
+
+FALLBACKS: "collections.Counter[str]" = collections.Counter()
+_strict = os.environ.get("SCATTERMOE_CUTLASS_STRICT", "0") not in ("", "0", "false", "False")
+
+
+def set_strict(enabled: bool = True) -> None:
+    """Raise NotImplementedError instead of falling back to Triton."""
+    global _strict
+    _strict = bool(enabled)
+
+
+def scatter2scatter_fallback_reason(
+    x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_offsets: torch.Tensor,
+    num_rows: int, grouped_in: bool, grouped_out: bool, row_scale: Optional[torch.Tensor],
+    out: Optional[torch.Tensor], glu: int, pre_activation: Optional[torch.Tensor],
+) -> Optional[str]:
+    """Why scatter2scatter must go to Triton for this call, or None when the csrc kernel takes it."""
+    if glu or pre_activation is not None:
+        return GLU_EPILOGUE
+    if row_scale is not None:
+        return GATE_EPILOGUE
+    if not grouped_in:
+        return GATHER_ON_LOAD
+    if not grouped_out:
+        return SCATTER_STORE
+    p = grouped_gemm.plan(x, w, bias, expert_offsets, num_rows, out)
+    return p if isinstance(p, str) else None
+
+
+def _triton():
+    from .. import triton as module
+
+    return module
+
+
+def _check_triton(x: torch.Tensor, reason: str) -> None:
+    from .. import triton_unsupported_reason
+
+    why_not = triton_unsupported_reason(x)
+    if why_not is not None:
+        raise RuntimeError(f"scattermoe cutlass backend: {reason}, and its Triton fallback cannot run: {why_not}")
+
+
+def _to_triton(x: torch.Tensor, reason: str):
+    if _strict:
+        raise NotImplementedError(f"scattermoe cutlass backend (strict mode): {reason}")
+    FALLBACKS[reason] += 1
+    _check_triton(x, reason)
+    return _triton()
+
+
+def scatter2scatter(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    fan_out: int,
+    grouped_in: bool,
+    grouped_out: bool,
+    row_scale: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    glu: int = 0,
+    pre_activation: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """See scattermoe.backends.triton.scatter2scatter: same contract, same result."""
+    num_rows = sorted_scattered_idxs.numel()
+    reason = scatter2scatter_fallback_reason(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out,
+                                             row_scale, out, glu, pre_activation)
+    if reason is not None:
+        return _to_triton(x, reason).scatter2scatter(
+            x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, grouped_out,
+            row_scale=row_scale, out=out, glu=glu, pre_activation=pre_activation)
+    y = out if out is not None else x.new_empty(num_rows, w.size(-1))
+    if num_rows == 0:
+        return y
+    # Grouped in and out: the slot permutation is not needed, expert_offsets alone place the rows.
+    p = grouped_gemm.plan(x, w, bias, expert_offsets, num_rows, y)
+    return grouped_gemm.launch(p, x, w, bias, expert_offsets, y)
+
+
+def group_bwd_w(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    like_weight: torch.Tensor,
+    x_fan_out: int,
+    dy_fan_out: int,
+    x_grouped: bool,
+    dy_grouped: bool,
+    row_scale: Optional[torch.Tensor] = None,
+    with_bias: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """See scattermoe.backends.triton.group_bwd_w. Triton for now (GROUP_BWD_W)."""
+    return _to_triton(x, GROUP_BWD_W).group_bwd_w(
+        x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out, x_grouped, dy_grouped,
+        row_scale, with_bias)
+
+
+def glu_backward(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_scale: Optional[torch.Tensor] = None,
+                 store_g: bool = False, store_dot: bool = False):
+    """See scattermoe.backends.triton.glu_backward. Triton for now (GLU_BACKWARD)."""
+    return _to_triton(pre, GLU_BACKWARD).glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)

@@ -1,0 +1,145 @@
+"""The CUTLASS sm_90a grouped GEMM (csrc/grouped_gemm/) wrapped for torch tensors.
+
+Legend: N routed rows (grouped by expert), E experts, K input features, F output features.
+
+    y[rows of e] = x[rows of e] @ w[e] (+ bias[e])     for e in [0, E)
+
+with expert e's rows [offsets[e-1], offsets[e]) read from ``expert_offsets`` on the
+device (no host sync). This is scatter2scatter with ``grouped_in=True, grouped_out=True``
+and no gates or GLU: the second MoE GEMM before its gate, and the dX GEMM of a grouped
+output. ``plan`` decides from host metadata alone (dtype, strides, alignment) whether the
+kernel can take the call; the caller falls back to Triton when it cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Union
+
+import torch
+
+from . import _extension
+
+DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+ALIGN_ELEMENTS = 8  # TMA: 16-byte aligned rows and bases, i.e. 8 two-byte elements
+ALIGN_BYTES = 16
+INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedGemmPlan:
+    """Host-side arguments of ``scattermoe._C.grouped_gemm`` except pointers, stream and workspace."""
+
+    dtype: str                # 'bfloat16' or 'float16'
+    w_k_major: bool           # W[e] has unit stride along K (the permuted nn.Linear layout) or along F
+    stride_we: int            # elements between experts in W (0 when E == 1)
+    stride_w_ld: int          # W[e]'s non-unit stride: along F if k-major, along K if f-major
+    num_experts: int
+    num_rows: int
+    k_in: int
+    n_out: int
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % ALIGN_BYTES == 0
+
+
+def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_offsets: torch.Tensor,
+         num_rows: int, out: Optional[torch.Tensor] = None) -> Union[GroupedGemmPlan, str]:
+    """A plan, or a string naming why the grouped GEMM cannot take these tensors.
+
+    x [N, K], w [E, K, F] (any strides), bias [E, F] or None, expert_offsets [E] int32/int64,
+    out [N, F] or None. Shapes were checked by ops.py; this checks what the kernel adds:
+    dtype, unit strides and 16-byte alignment for TMA, 32-bit problem sizes.
+    """
+    if x.dtype not in DTYPES:
+        return f"dtype {str(x.dtype).replace('torch.', '')}: the csrc grouped GEMM is built for bfloat16 and float16"
+    if w.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return "mixed dtypes: x, w and bias must share one dtype"
+    if out is not None and out.dtype != x.dtype:
+        return "out has another dtype than x"
+    num_experts, k_in, n_out = w.shape
+    if num_rows > INT32_MAX:
+        return f"{num_rows} rows: CUTLASS problem sizes are 32-bit"
+    if k_in % ALIGN_ELEMENTS or n_out % ALIGN_ELEMENTS:
+        return f"K={k_in}, F={n_out}: TMA needs feature dims that are multiples of {ALIGN_ELEMENTS}"
+    if x.stride(1) != 1 or x.stride(0) % ALIGN_ELEMENTS or not _aligned(x):
+        return f"x (strides {x.stride()}) is not row-major with 16-byte aligned rows"
+    if out is not None and (out.stride(1) != 1 or out.stride(0) % ALIGN_ELEMENTS or not _aligned(out)):
+        return f"out (strides {out.stride()}) is not row-major with 16-byte aligned rows"
+    if w.stride(1) == 1:
+        w_k_major, ld = True, w.stride(2)
+    elif w.stride(2) == 1:
+        w_k_major, ld = False, w.stride(1)
+    else:
+        return f"w (strides {w.stride()}) has no unit stride along K or F"
+    stride_we = w.stride(0) if num_experts > 1 else 0
+    if ld % ALIGN_ELEMENTS or stride_we % ALIGN_ELEMENTS or not _aligned(w):
+        return f"w (strides {w.stride()}) is not 16-byte aligned per row and per expert"
+    if expert_offsets.dtype not in (torch.int32, torch.int64):
+        return f"expert_offsets dtype {expert_offsets.dtype}: expected int32 or int64"
+    return GroupedGemmPlan(DTYPES[x.dtype], w_k_major, stride_we, ld, num_experts, num_rows, k_in, n_out)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _workspace_bytes(dtype: str, w_k_major: bool, num_experts: int, sm_count: int) -> int:
+    module, _ = _extension.load()
+    return module.grouped_gemm_workspace_bytes(dtype, w_k_major, num_experts, sm_count)
+
+
+def _bias_for_kernel(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """bias with unit column stride, 16-byte aligned rows and base (a copy of E*F elements if not)."""
+    if bias is None:
+        return None
+    if bias.stride(-1) == 1 and (bias.size(0) == 1 or bias.stride(0) % ALIGN_ELEMENTS == 0) and _aligned(bias):
+        return bias
+    return bias.clone(memory_format=torch.contiguous_format)
+
+
+def launch(p: GroupedGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+           expert_offsets: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Enqueue the grouped GEMM on the current stream of x's device, writing y [N, F]. No host sync."""
+    module, error = _extension.load()
+    if module is None:
+        raise RuntimeError(f"scattermoe cutlass backend: {error}")
+    bias = _bias_for_kernel(bias)
+    expert_offsets = expert_offsets.contiguous()
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    sm_count = _sm_count(device)
+    nbytes = _workspace_bytes(p.dtype, p.w_k_major, p.num_experts, sm_count)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)  # caching allocator: 512-byte aligned
+    module.grouped_gemm(
+        dtype=p.dtype, w_k_major=p.w_k_major,
+        x=x.data_ptr(), stride_xm=x.stride(0),
+        w=w.data_ptr(), stride_we=p.stride_we, stride_w_ld=p.stride_w_ld,
+        bias=bias.data_ptr() if bias is not None else 0, stride_be=bias.stride(0) if bias is not None else 0,
+        y=y.data_ptr(), stride_ym=y.stride(0),
+        expert_offsets=expert_offsets.data_ptr(), offsets_int64=expert_offsets.dtype == torch.int64,
+        num_experts=p.num_experts, num_rows=p.num_rows, k_in=p.k_in, n_out=p.n_out,
+        workspace=workspace.data_ptr(), workspace_bytes=nbytes,
+        device=device, sm_count=sm_count, stream=torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    return y
+
+
+@torch.library.custom_op("scattermoe::cutlass_grouped_gemm", mutates_args=())
+def grouped_gemm_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+                    expert_offsets: torch.Tensor) -> torch.Tensor:
+    """y [N, F] = x[rows of e] @ w[e] (+ bias[e]) per expert; x [N, K] grouped by expert, w [E, K, F],
+    bias [E, F] or None, expert_offsets [E] cumulative counts. bf16/fp16 on sm_90; raises ValueError
+    when the layout does not suit the kernel (see ``plan``)."""
+    p = plan(x, w, bias, expert_offsets, x.size(0))
+    if isinstance(p, str):
+        raise ValueError(f"cutlass grouped GEMM cannot take these tensors: {p}")
+    return launch(p, x, w, bias, expert_offsets, x.new_empty(x.size(0), w.size(-1)))
+
+
+@grouped_gemm_op.register_fake
+def _(x, w, bias, expert_offsets):
+    return x.new_empty(x.size(0), w.size(-1))

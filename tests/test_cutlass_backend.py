@@ -1,0 +1,286 @@
+"""The Python side of the cutlass backend, without a GPU or the extension.
+
+Checked here: which calls the csrc grouped GEMM takes and which fall back to Triton (each
+fallback named), the plan's reading of strides (k-major / f-major W, expert stride,
+alignment), strict mode, the reasons the backend gives when it cannot run, and that
+importing it never fails. The launch itself is replaced by an emulator that applies the
+kernel's contract to the plan's integers, so a wrong stride in the plan shows up as a wrong
+result here, before any GPU sees it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference
+from scattermoe.backends import cutlass
+from scattermoe.backends.cutlass import _extension, dispatch
+from scattermoe.backends.cutlass import grouped_gemm as gg
+
+# Legend: N routed rows, E experts, K input features, F output features.
+
+
+def routing(counts, seed=0):
+    """(sorted_expert_idxs [N], sorted_scattered_idxs [N], expert_offsets [E]) for rows grouped by expert."""
+    g = torch.Generator().manual_seed(seed)
+    sorted_expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    n = int(sum(counts))
+    scattered = torch.randperm(n, generator=g)
+    return sorted_expert, scattered, torch.tensor(counts).cumsum(0)
+
+
+def make_case(counts, k_in, n_out, dtype=torch.bfloat16, w_layout="k_major", bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_experts, n = len(counts), int(sum(counts))
+    x = torch.randn(n, k_in, generator=g).to(dtype)
+    if w_layout == "k_major":  # ParallelExperts.weight [E, F, K] permuted: unit stride along K
+        w = torch.randn(num_experts, n_out, k_in, generator=g).to(dtype).permute(0, 2, 1)
+    else:  # contiguous [E, K, F]: unit stride along F (the transposed view of the dX GEMM)
+        w = torch.randn(num_experts, k_in, n_out, generator=g).to(dtype)
+    b = torch.randn(num_experts, n_out, generator=g).to(dtype) if bias else None
+    return x, w, b, routing(counts, seed)
+
+
+def emulate_kernel(p: gg.GroupedGemmPlan, x, w, bias, expert_offsets, y):
+    """The csrc kernel's contract applied to the plan's integers (what _C.grouped_gemm receives)."""
+    ld = p.stride_w_ld
+    w_strides = (1, ld) if p.w_k_major else (ld, 1)
+    start = 0
+    for e in range(p.num_experts):
+        end = min(max(int(expert_offsets[e]), 0), p.num_rows)
+        start = min(start, end)
+        w_e = torch.as_strided(w, (p.k_in, p.n_out), w_strides, w.storage_offset() + e * p.stride_we)
+        out = x[start:end].double() @ w_e.double()
+        if bias is not None:
+            out += bias[e].double()
+        y[start:end] = out.to(y.dtype)
+        start = end
+    return y
+
+
+@pytest.fixture
+def fake_launch(monkeypatch):
+    calls = []
+
+    def launch(p, x, w, bias, expert_offsets, y):
+        calls.append(p)
+        return emulate_kernel(p, x, w, bias, expert_offsets, y)
+
+    monkeypatch.setattr(gg, "launch", launch)
+    return calls
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    """Triton launchers replaced by recorders (the real ones need a GPU or the interpreter)."""
+    calls = []
+
+    class FakeTriton:
+        @staticmethod
+        def scatter2scatter(*args, **kwargs):
+            calls.append(("scatter2scatter", args, kwargs))
+            return "triton-result"
+
+        @staticmethod
+        def group_bwd_w(*args, **kwargs):
+            calls.append(("group_bwd_w", args, kwargs))
+            return "triton-dw", None
+
+        @staticmethod
+        def glu_backward(*args, **kwargs):
+            calls.append(("glu_backward", args, kwargs))
+            return "triton-dh", None, None
+
+    monkeypatch.setattr(dispatch, "_triton", lambda: FakeTriton)
+    monkeypatch.setattr(dispatch, "_check_triton", lambda x, reason: None)
+    dispatch.FALLBACKS.clear()
+    return calls
+
+
+def s2s(x, w, b, route, grouped_in=True, grouped_out=True, **kwargs):
+    _, scattered, offsets = route
+    return cutlass.scatter2scatter(x, w, b, scattered, offsets, 1, grouped_in, grouped_out, **kwargs)
+
+
+def ref(x, w, b, route):
+    sorted_expert, scattered, offsets = route
+    return reference.parallel_linear(x.double(), w.double(), 1, sorted_expert, scattered, offsets,
+                                     b.double() if b is not None else None, None, True, True)
+
+
+CASES = [
+    # (counts, K, F, name)
+    ([5, 0, 17, 9], 64, 128, "empty expert"),
+    ([0, 0, 40, 0], 32, 48, "all rows on one expert"),
+    ([0, 1, 0], 16, 8, "T=1"),
+    ([70, 3], 72, 200, "dims not multiples of the 128x128x64 tile"),
+    ([33], 24, 40, "E=1"),
+]
+
+
+@pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("counts,k_in,n_out,name", CASES, ids=[c[-1] for c in CASES])
+def test_grouped_calls_take_the_csrc_kernel_with_the_right_strides(fake_launch, fake_triton, counts, k_in, n_out,
+                                                                    name, w_layout, bias):
+    x, w, b, route = make_case(counts, k_in, n_out, w_layout=w_layout, bias=bias)
+    y = s2s(x, w, b, route)
+    if sum(counts) > 0:
+        assert len(fake_launch) == 1 and not fake_triton, name
+        p = fake_launch[0]
+        assert p.w_k_major == (w_layout == "k_major")
+        assert p.stride_we == (0 if len(counts) == 1 else w.stride(0))
+        assert (p.num_experts, p.num_rows, p.k_in, p.n_out) == (len(counts), sum(counts), k_in, n_out)
+    expected = ref(x, w, b, route)
+    err = (y.double() - expected).norm() / expected.norm().clamp_min(1e-30)
+    assert err < 2e-2, f"{name}: relative error {err:.2e}"
+
+
+def test_no_rows_returns_empty_without_a_launch(fake_launch, fake_triton):
+    x, w, _, route = make_case([0, 0], 16, 16)
+    y = s2s(x, w, None, route)
+    assert y.shape == (0, 16) and not fake_launch and not fake_triton
+
+
+def test_out_is_written_in_place(fake_launch, fake_triton):
+    x, w, _, route = make_case([3, 4], 16, 32)
+    out = torch.full((7, 32), float("nan"), dtype=torch.bfloat16)
+    y = s2s(x, w, None, route, out=out)
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+
+
+FALLBACK_CASES = {
+    # name: (kwargs of s2s, make_case kwargs, expected reason)
+    "gather on load": (dict(grouped_in=False), {}, dispatch.GATHER_ON_LOAD),
+    "scatter store": (dict(grouped_out=False), {}, dispatch.SCATTER_STORE),
+    "GLU epilogue": (dict(glu=1), {}, dispatch.GLU_EPILOGUE),
+    "gates": (dict(row_scale=torch.ones(24)), {}, dispatch.GATE_EPILOGUE),
+    "float32": ({}, dict(dtype=torch.float32), "dtype float32"),
+    "K not a multiple of 8": ({}, dict(k_in=12), "TMA needs feature dims"),
+    "F not a multiple of 8": ({}, dict(n_out=20), "TMA needs feature dims"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FALLBACK_CASES))
+def test_uncovered_cases_fall_back_to_triton_by_name(fake_launch, fake_triton, name):
+    call_kwargs, case_kwargs, reason = FALLBACK_CASES[name]
+    case = dict(counts=[10, 0, 14], k_in=32, n_out=64)
+    case.update(case_kwargs)
+    x, w, b, route = make_case(**case)
+    assert s2s(x, w, b, route, **call_kwargs) == "triton-result"
+    assert not fake_launch and len(fake_triton) == 1
+    assert [k for k in dispatch.FALLBACKS if reason in k], dict(dispatch.FALLBACKS)
+
+
+def test_layouts_tma_cannot_take_fall_back(fake_launch, fake_triton):
+    x, w, _, route = make_case([8, 8], 32, 64)
+    offsets = route[2]
+    wide = torch.randn(16, 40).to(torch.bfloat16)[:, :32]  # row stride 40: aligned (40 % 8 == 0)
+    assert dispatch.scatter2scatter_fallback_reason(wide, w, None, offsets, 16, True, True, None, None, 0, None) is None
+    odd = torch.randn(16, 36).to(torch.bfloat16)[:, :32]  # row stride 36: rows not 16-byte aligned
+    assert "x (strides" in dispatch.scatter2scatter_fallback_reason(odd, w, None, offsets, 16, True, True, None, None,
+                                                                    0, None)
+    shifted = torch.randn(16 * 32 + 1).to(torch.bfloat16)[1:].view(16, 32)  # base 2 bytes off alignment
+    assert "x (strides" in dispatch.scatter2scatter_fallback_reason(shifted, w, None, offsets, 16, True, True, None,
+                                                                    None, 0, None)
+    no_unit = torch.randn(2, 32, 128).to(torch.bfloat16)[:, :, ::2]  # strides (4096, 128, 2)
+    assert "no unit stride" in dispatch.scatter2scatter_fallback_reason(x, no_unit, None, offsets, 16, True, True,
+                                                                        None, None, 0, None)
+    out_odd = torch.empty(16, 72).to(torch.bfloat16)[:, 4:68]
+    assert "out (strides" in dispatch.scatter2scatter_fallback_reason(x, w, None, offsets, 16, True, True, None,
+                                                                      out_odd, 0, None)
+
+
+def test_misaligned_bias_is_copied_not_refused():
+    bias = torch.randn(3 * 64 + 1).to(torch.bfloat16)[1:].view(3, 64)
+    fixed = gg._bias_for_kernel(bias)
+    assert fixed.data_ptr() % 16 == 0 and fixed.stride() == (64, 1) and torch.equal(fixed, bias)
+    aligned = torch.randn(3, 64).to(torch.bfloat16)
+    assert gg._bias_for_kernel(aligned) is aligned
+
+
+def test_backward_kernels_go_to_triton_for_now(fake_triton):
+    x = torch.randn(4, 8)
+    assert cutlass.group_bwd_w(x, x, None, None, None, 1, 1, True, True) == ("triton-dw", None)
+    assert cutlass.glu_backward(x, x, True)[0] == "triton-dh"
+    assert dispatch.FALLBACKS[dispatch.GROUP_BWD_W] == 1 and dispatch.FALLBACKS[dispatch.GLU_BACKWARD] == 1
+
+
+def test_strict_mode_refuses_to_fall_back(fake_launch, fake_triton):
+    x, w, _, route = make_case([4, 4], 32, 64)
+    dispatch.set_strict(True)
+    try:
+        with pytest.raises(NotImplementedError, match="gather-on-load"):
+            s2s(x, w, None, route, grouped_in=False)
+        s2s(x, w, None, route)  # covered: still runs
+    finally:
+        dispatch.set_strict(False)
+    assert len(fake_launch) == 1 and not fake_triton
+
+
+def test_fallback_without_triton_names_both_reasons(monkeypatch, fake_launch):
+    import scattermoe.backends as backends
+
+    monkeypatch.setattr(backends, "triton_unsupported_reason", lambda x: "triton is not installed")
+    x, w, _, route = make_case([4, 4], 32, 64)
+    with pytest.raises(RuntimeError, match="gather-on-load.*triton is not installed"):
+        s2s(x, w, None, route, grouped_in=False)
+
+
+def test_grouped_gemm_custom_op_has_a_fake_impl():
+    x = torch.empty(10, 32, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(3, 32, 64, dtype=torch.bfloat16, device="meta")
+    offsets = torch.empty(3, dtype=torch.int64, device="meta")
+    y = torch.ops.scattermoe.cutlass_grouped_gemm(x, w, None, offsets)
+    assert y.shape == (10, 64) and y.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    monkeypatch.setattr(_extension, "load", lambda: (None, "ModuleNotFoundError: No module named 'scattermoe._C'"))
+    monkeypatch.setattr(_extension, "probe", lambda: {"error": None, "device_count": 0})
+
+
+def test_missing_extension_is_reported_not_raised(no_extension):
+    reason = cutlass.unsupported_reason(torch.zeros(2, dtype=torch.bfloat16))
+    assert "not built" in reason and "SCATTERMOE_BUILD_CUDA=1" in reason and "nvidia-cutlass==4.2.0.0" in reason
+
+
+def test_no_driver_is_reported_with_the_cuda_error(monkeypatch):
+    monkeypatch.setattr(_extension, "load", lambda: (object(), None))
+    monkeypatch.setattr(_extension, "probe", lambda: {
+        "error": 35, "error_name": "cudaErrorInsufficientDriver",
+        "error_string": "CUDA driver version is insufficient for CUDA runtime version", "device_count": 0})
+    reason = cutlass.unsupported_reason(torch.zeros(2, dtype=torch.bfloat16))
+    assert "cudaErrorInsufficientDriver" in reason and "CUDA error 35" in reason
+
+
+def test_no_gpu_and_cpu_tensors_are_reported(monkeypatch):
+    monkeypatch.setattr(_extension, "load", lambda: (object(), None))
+    monkeypatch.setattr(_extension, "probe", lambda: {"error": 0, "device_count": 0})
+    assert "no CUDA GPU" in cutlass.unsupported_reason(torch.zeros(2))
+    monkeypatch.setattr(_extension, "probe", lambda: {"error": 0, "device_count": 1})
+    assert "CUDA tensors" in cutlass.unsupported_reason(torch.zeros(2))
+
+
+def test_bad_module_path_is_a_reason_not_an_import_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("SCATTERMOE_CSRC_MODULE", str(tmp_path / "missing_C.so"))
+    _extension.load.cache_clear()
+    _extension.probe.cache_clear()
+    try:
+        module, error = _extension.load()
+        assert module is None and error
+        assert "not built" in _extension.unavailable_reason()
+    finally:
+        _extension.load.cache_clear()
+        _extension.probe.cache_clear()
+
+
+def test_cuda_error_code_parses_extension_messages():
+    msg = "cudaGetDevice(&previous_) failed: cudaErrorInsufficientDriver (CUDA error 35): ... [x.cuh:1]"
+    assert _extension.cuda_error_code(msg) == 35
+    assert _extension.cuda_error_code("no code here") is None

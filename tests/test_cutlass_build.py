@@ -1,0 +1,249 @@
+"""The csrc extension builds for sm_90a on a machine with nvcc and no GPU, and behaves there.
+
+What is checked in the machine code (DESIGN.md 3b: a CMake slip once built sm_75 stubs with
+0 HGMMA and still "succeeded"):
+  - every cubin is sm_90a (cuobjdump --list-elf / --dump-elf);
+  - each grouped-GEMM instantiation holds HGMMA of its dtype, TMA loads and stores;
+  - no kernel uses local memory or a stack (--dump-resource-usage), ptxas reports no spills.
+And in Python, with no driver: the module imports, reports its build, raises CudaError
+(cudaErrorInsufficientDriver, 35) from a CUDA call and ValueError for bad arguments,
+never crashing the interpreter.
+
+The build (~65 s, ~3.6 GB per compiler process, 2 processes on 2 cores) runs once per
+source version into build/csrc-cache/ and is reused. Without nvcc, CUTLASS headers or
+pybind11 the tests skip, unless SCATTERMOE_REQUIRE_CSRC_BUILD=1 (CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(REPO, "build", "csrc-cache")
+REQUIRED = os.environ.get("SCATTERMOE_REQUIRE_CSRC_BUILD", "0") not in ("", "0")
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("scattermoe_csrc_build", os.path.join(REPO, "csrc", "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+csrc_build = _load_build_module()
+
+
+def _skip_or_fail(reason: str):
+    if REQUIRED:
+        pytest.fail(f"SCATTERMOE_REQUIRE_CSRC_BUILD=1 but {reason}")
+    pytest.skip(reason)
+
+
+def find_cuobjdump():
+    """cuobjdump from the CUDA toolkit, PATH, or Triton's wheel (triton/backends/nvidia/bin)."""
+    home = csrc_build.cuda_home()
+    candidates = [os.path.join(home, "bin", "cuobjdump")] if home else []
+    candidates.append(shutil.which("cuobjdump"))
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            candidates.append(os.path.join(root, "backends", "nvidia", "bin", "cuobjdump"))
+    for path in candidates:
+        if path and os.path.exists(path):
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def built():
+    missing = csrc_build.missing_tools()
+    if missing:
+        _skip_or_fail("the csrc build lacks: " + "; ".join(missing))
+    info = csrc_build.cached_build(CACHE)
+    print(f"\ncsrc build ({'cached' if info.get('cached') else 'fresh'}): {info['wall_seconds']} s wall, "
+          f"{info['jobs']} jobs, peak compiler RSS {info['peak_rss_gib_any_compiler_process']} GiB, "
+          f"per file {json.dumps(info['compile_seconds'])}")
+    return info
+
+
+@pytest.fixture(scope="session")
+def cuobjdump():
+    path = find_cuobjdump()
+    if path is None:
+        _skip_or_fail("no cuobjdump (CUDA toolkit, or Triton's wheel: triton/backends/nvidia/bin)")
+    return path
+
+
+def _dump(cuobjdump: str, flag: str, path: str) -> str:
+    proc = subprocess.run([cuobjdump, flag, path], capture_output=True, text=True)
+    assert proc.returncode == 0, f"cuobjdump {flag} {path} failed: {proc.stderr}"
+    return proc.stdout
+
+
+GEMM_OBJECTS = {  # source -> the HGMMA operand type its SASS must show
+    "grouped_gemm/grouped_gemm_bf16_wkmajor_sm90.cu": "BF16",
+    "grouped_gemm/grouped_gemm_bf16_wnmajor_sm90.cu": "BF16",
+    "grouped_gemm/grouped_gemm_fp16_wkmajor_sm90.cu": "F16",
+    "grouped_gemm/grouped_gemm_fp16_wnmajor_sm90.cu": "F16",
+}
+
+
+def _object(info, source):
+    matches = [o for o in info["objects"] if o.endswith(source.replace("/", "__") + ".o")]
+    assert len(matches) == 1, (source, info["objects"])
+    return matches[0]
+
+
+def test_every_cubin_is_sm90a(built, cuobjdump):
+    listing = _dump(cuobjdump, "--list-elf", built["module"])
+    cubins = re.findall(r"\S+\.cubin", listing)
+    assert len(cubins) >= len(GEMM_OBJECTS), listing
+    assert all(".sm_90." in name for name in cubins), listing
+    arches = re.findall(r"arch = (sm_\w+)", _dump(cuobjdump, "--dump-elf", built["module"]))
+    assert arches and set(arches) == {"sm_90a"}, f"cubin arches: {sorted(set(arches))}"
+    assert "ptx" not in _dump(cuobjdump, "--list-ptx", built["module"]).lower(), "unexpected PTX in the fatbin"
+
+
+@pytest.mark.parametrize("source", sorted(GEMM_OBJECTS))
+def test_grouped_gemm_sass_holds_hgmma_and_tma(built, cuobjdump, source):
+    sass = _dump(cuobjdump, "--dump-sass", _object(built, source))
+    # fp16 operands are HGMMA's default type: no suffix after .F32 (seen: "HGMMA.64x128x16.F32").
+    hgmma = [(shape, dtype or "F16") for shape, dtype in re.findall(r"HGMMA\.(\d+x\d+x\d+)\.F32(?:\.(\w+))?", sass)]
+    print(f"\n{source}: {len(hgmma)} HGMMA {sorted(set(hgmma))}, "
+          f"{sass.count('UTMALDG')} UTMALDG, {sass.count('UTMASTG')} UTMASTG")
+    assert hgmma, f"{source}: no HGMMA in the SASS (sm90 kernel body compiled to a stub?)"
+    assert {dtype for _, dtype in hgmma} == {GEMM_OBJECTS[source]}, hgmma
+    assert "UTMALDG" in sass, f"{source}: operands are not loaded by TMA"
+    assert "UTMASTG" in sass, f"{source}: the epilogue does not store by TMA"
+
+
+@pytest.mark.parametrize("source", sorted(GEMM_OBJECTS))
+def test_no_local_memory_and_no_spills(built, cuobjdump, source):
+    usage = _dump(cuobjdump, "--dump-resource-usage", _object(built, source))
+    rows = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    print(f"\n{source}: registers per kernel {[int(r) for r, _, _ in rows]}")
+    assert rows, usage
+    assert all(int(stack) == 0 and int(local) == 0 for _, stack, local in rows), usage
+    with open(built["ptxas_logs"][source]) as f:
+        log = f.read()
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert spills, f"no ptxas -v report in {built['ptxas_logs'][source]}"
+    assert all(s == "0" and lo == "0" for s, lo in spills), log
+    assert "Used" in log and "registers" in log
+
+
+def _run_python(module_path: str, code: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter with the built module: a crash shows as a signal, not a dead pytest."""
+    env = dict(os.environ, SCATTERMOE_CSRC_MODULE=module_path)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+
+
+CALL_WITH_FAKE_POINTERS = """
+import json
+from scattermoe.backends.cutlass import _extension
+m, err = _extension.load()
+assert m is not None, err
+out = {"probe": m.cuda_probe(), "build": m.build_info()}
+try:
+    m.grouped_gemm(dtype="bfloat16", w_k_major=True, x=4096, stride_xm=64, w=8192, stride_we=64 * 64,
+                   stride_w_ld=64, bias=0, stride_be=0, y=16384, stride_ym=64, expert_offsets=32768,
+                   offsets_int64=True, num_experts=4, num_rows=10, k_in=64, n_out=64, workspace=65536,
+                   workspace_bytes=1 << 20, device=0, sm_count=132, stream=0)
+    out["raised"] = None
+except Exception as e:
+    out["raised"] = [type(e).__name__, [c.__name__ for c in type(e).__mro__], str(e)]
+print(json.dumps(out))
+"""
+
+
+def test_module_imports_and_cuda_call_raises_cleanly_without_a_driver(built):
+    proc = _run_python(built["module"], CALL_WITH_FAKE_POINTERS)
+    assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["build"]["archs"] == ["sm_90a"]
+    assert out["build"]["cutlass"] == "4.2.0"
+    if out["probe"]["error"] == 0:
+        pytest.skip("a CUDA driver is present: the no-driver path cannot be shown here")
+    assert out["probe"]["error"] == 35 and out["probe"]["error_name"] == "cudaErrorInsufficientDriver", out["probe"]
+    name, mro, message = out["raised"]
+    assert name == "CudaError" and "RuntimeError" in mro, out["raised"]
+    assert "cudaErrorInsufficientDriver" in message and "CUDA error 35" in message, message
+    assert re.match(r"\w+\(.*\) failed", message), f"the message must name the CUDA call: {message}"
+
+
+BAD_ARGUMENTS = """
+import json
+from scattermoe.backends.cutlass import _extension
+m, _ = _extension.load()
+good = dict(dtype="float16", w_k_major=False, x=4096, stride_xm=64, w=8192, stride_we=64 * 64, stride_w_ld=64,
+            bias=0, stride_be=0, y=16384, stride_ym=64, expert_offsets=32768, offsets_int64=False, num_experts=4,
+            num_rows=10, k_in=64, n_out=64, workspace=65536, workspace_bytes=1 << 20, device=0, sm_count=132,
+            stream=0)
+cases = {
+    "dtype": dict(dtype="float32"),
+    "k_in": dict(k_in=60, stride_xm=60),
+    "n_out": dict(n_out=100),
+    "stride_xm": dict(stride_xm=72 + 4),
+    "x": dict(x=4096 + 2),
+    "y": dict(y=0),
+    "w": dict(w=8192 + 8),
+    "num_experts": dict(num_experts=0),
+    "num_rows": dict(num_rows=2**31),
+    "workspace_bytes": dict(workspace_bytes=16),
+    "workspace": dict(workspace=65536 + 16),
+    "expert_offsets": dict(expert_offsets=0),
+}
+out = {}
+for name, change in cases.items():
+    try:
+        m.grouped_gemm(**{**good, **change})
+        out[name] = None
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+print(json.dumps(out))
+"""
+
+
+def test_bad_arguments_raise_value_error_naming_the_argument(built):
+    proc = _run_python(built["module"], BAD_ARGUMENTS)
+    assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, raised in out.items():
+        assert raised is not None, f"{name}: a bad value was accepted"
+        kind, message = raised
+        assert kind == "ValueError", (name, raised)
+        assert message.startswith(name), (name, message)
+
+
+def test_workspace_size_is_host_only_and_grows_with_experts(built):
+    proc = _run_python(built["module"], (
+        "from scattermoe.backends.cutlass import _extension\n"
+        "m, _ = _extension.load()\n"
+        "print([m.grouped_gemm_workspace_bytes(d, k, e, 132) for d in ('bfloat16', 'float16') "
+        "for k in (True, False) for e in (1, 64, 1024)])\n"))
+    assert proc.returncode == 0, proc.stderr
+    sizes = eval(proc.stdout.strip().splitlines()[-1])
+    assert all(s > 0 and s % 256 == 0 for s in sizes), sizes
+    for i in range(0, len(sizes), 3):
+        assert sizes[i] < sizes[i + 1] < sizes[i + 2], sizes
+
+
+def test_backend_reports_why_it_cannot_run_without_a_driver(built):
+    proc = _run_python(built["module"], (
+        "import torch\n"
+        "from scattermoe.backends import cutlass\n"
+        "print(cutlass.unsupported_reason(torch.zeros(4, 8, dtype=torch.bfloat16)))\n"))
+    assert proc.returncode == 0, proc.stderr
+    reason = proc.stdout.strip().splitlines()[-1]
+    if "CUDA error 35" not in reason:
+        pytest.skip(f"this machine has a driver: {reason}")
+    assert "cudaErrorInsufficientDriver" in reason

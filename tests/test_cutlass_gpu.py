@@ -1,0 +1,177 @@
+"""The cutlass grouped GEMM on an H100/H200 against the float64 reference and the Triton backend.
+
+Not run yet: written on a machine with no GPU (see csrc/README.md). Skipped with a reason
+without CUDA, without an sm_90 GPU, or without the extension. The extension comes from the
+install (scattermoe._C), from SCATTERMOE_CSRC_MODULE, or else is built once into
+build/csrc-cache/ by csrc/build.py (needs nvcc, pybind11 and nvidia-cutlass==4.2.0.0).
+
+Strict mode is on in every test: a call that silently fell back to Triton would fail, so
+a pass means the csrc kernel produced the numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import zlib
+
+import pytest
+import torch
+
+import reference
+
+pytestmark = pytest.mark.gpu
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}  # DESIGN.md section 5
+
+
+def _sm90_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture(scope="module")
+def cutlass():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not _sm90_available():
+        major, minor = torch.cuda.get_device_capability()
+        pytest.skip(f"the csrc kernels are sm_90a only; this GPU is sm_{major}{minor}")
+    from scattermoe.backends.cutlass import _extension
+
+    if _extension.load()[0] is None and not os.environ.get("SCATTERMOE_CSRC_MODULE"):
+        spec = importlib.util.spec_from_file_location("scattermoe_csrc_build", os.path.join(REPO, "csrc", "build.py"))
+        build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(build)
+        if build.missing_tools():
+            pytest.skip("scattermoe._C is not installed and cannot be built here: " + "; ".join(build.missing_tools()))
+        info = build.cached_build(os.path.join(REPO, "build", "csrc-cache"))
+        os.environ["SCATTERMOE_CSRC_MODULE"] = info["module"]
+        _extension.load.cache_clear()
+        _extension.probe.cache_clear()
+    from scattermoe.backends import cutlass as backend
+
+    reason = backend.unsupported_reason(torch.empty(1, device="cuda", dtype=torch.bfloat16))
+    if reason is not None:
+        pytest.skip(reason)
+    backend.set_strict(True)
+    yield backend
+    backend.set_strict(False)
+
+
+def routing(counts, device="cuda", offsets_dtype=torch.int64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sorted_expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+    scattered = torch.randperm(int(sum(counts)), generator=g)
+    offsets = torch.tensor(counts, dtype=torch.long).cumsum(0).to(offsets_dtype)
+    return sorted_expert.to(device), scattered.to(device), offsets.to(device)
+
+
+def make_inputs(counts, k_in, n_out, dtype, w_layout, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    num_experts, n = len(counts), int(sum(counts))
+    x = torch.randn(n, k_in, generator=g).to(dtype)
+    if w_layout == "k_major":  # ParallelExperts.weight [E, F, K].permute(0, 2, 1)
+        w = (torch.randn(num_experts, n_out, k_in, generator=g) / k_in**0.5).to(dtype).permute(0, 2, 1)
+    else:  # [E, K, F] contiguous, like the transposed weight of the dX GEMM
+        w = (torch.randn(num_experts, k_in, n_out, generator=g) / k_in**0.5).to(dtype)
+    b = torch.randn(num_experts, n_out, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+def rel_err(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert not torch.isnan(out).any(), "NaN in the output: some rows were never written"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+SHAPES = [
+    # (counts per expert, K, F, what it tests)
+    ([37, 0, 129, 64], 256, 512, "an expert with zero tokens"),
+    ([0, 0, 0, 300, 0, 0, 0, 0], 128, 256, "all tokens on one expert"),
+    ([0, 1, 0, 0], 64, 128, "T=1"),
+    ([131, 7, 255], 72, 200, "K, F and rows not multiples of the 128x128x64 tile"),
+    ([513], 512, 136, "E=1"),
+    ([1, 2, 0, 700, 3, 0, 90, 5] * 8, 64, 64, "E=64, very uneven (Zipf-like)"),
+    ([512] * 8, 2048, 1408, "JetMoE-like, balanced"),
+]
+
+
+@pytest.mark.parametrize("offsets_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("counts,k_in,n_out,name", SHAPES, ids=[s[-1] for s in SHAPES])
+def test_grouped_gemm_matches_reference(cutlass, counts, k_in, n_out, name, dtype, w_layout, bias, offsets_dtype):
+    seed = zlib.crc32(f"{name}-{dtype}-{w_layout}-{bias}".encode())
+    x, w, b = make_inputs(counts, k_in, n_out, dtype, w_layout, bias, seed)
+    sorted_expert, scattered, offsets = routing(counts, "cpu", offsets_dtype, seed)
+    ref = reference.parallel_linear(x.double(), w.double(), 1, sorted_expert, scattered, offsets.long(),
+                                    b.double() if b is not None else None, None, True, True)
+    xd, wd = x.cuda(), w.cuda()  # .cuda() keeps the permuted strides of a k-major w
+    bd = b.cuda() if b is not None else None
+    out = torch.full((x.size(0), n_out), float("nan"), dtype=dtype, device="cuda")  # poison
+    y = cutlass.scatter2scatter(xd, wd, bd, scattered.cuda(), offsets.cuda(), 1, True, True, out=out)
+    torch.cuda.synchronize()
+    err = rel_err(y, ref)
+    print(f"\n{name} {dtype} {w_layout} bias={bias}: rel err {err:.2e}, "
+          f"max abs {(y.double().cpu() - ref).abs().max().item():.3e}")
+    assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
+def test_cutlass_and_triton_agree(cutlass):
+    from scattermoe.backends import triton as triton_backend
+
+    counts = [100, 0, 333, 1, 64, 17, 0, 250]
+    x, w, b = make_inputs(counts, 1024, 768, torch.bfloat16, "k_major", True, 7)
+    _, scattered, offsets = routing(counts)
+    args = (x.cuda(), w.cuda(), b.cuda(), scattered, offsets, 1, True, True)
+    y_cutlass = cutlass.scatter2scatter(*args)
+    y_triton = triton_backend.scatter2scatter(*args)
+    assert rel_err(y_cutlass, y_triton) < 2e-2
+
+
+def test_runs_on_the_current_stream_without_host_sync(cutlass):
+    counts = [50, 0, 70]
+    x, w, _ = make_inputs(counts, 128, 256, torch.float16, "k_major", False, 3)
+    sorted_expert, scattered, offsets = routing(counts)
+    x, w = x.cuda(), w.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising torch call in the wrapper raises
+        try:
+            y = cutlass.scatter2scatter(x, w, None, scattered, offsets, 1, True, True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    side.synchronize()
+    ref = reference.parallel_linear(x.double().cpu(), w.double().cpu(), 1, sorted_expert.cpu(), scattered.cpu(),
+                                    offsets.cpu(), None, None, True, True)
+    assert rel_err(y, ref) < TOLERANCE[torch.float16]
+
+
+def test_offsets_beyond_the_rows_are_clamped_not_read_out_of_bounds(cutlass):
+    # Inconsistent routing (offsets past N) must neither fault nor write past y: the setup kernel clamps.
+    x, w, _ = make_inputs([16, 16], 64, 64, torch.bfloat16, "k_major", False, 1)
+    offsets = torch.tensor([16, 10_000], device="cuda")
+    scattered = torch.arange(32, device="cuda")
+    y = cutlass.scatter2scatter(x.cuda(), w.cuda(), None, scattered, offsets, 1, True, True)
+    torch.cuda.synchronize()
+    assert y.shape == (32, 64) and not torch.isnan(y).any()
+
+
+def test_through_parallel_linear_when_the_backend_is_wired(cutlass):
+    import scattermoe
+    from scattermoe import backends
+
+    if "not built" in (backends.cutlass_unsupported_reason(torch.empty(1, device="cuda")) or ""):
+        pytest.skip("scattermoe.backends does not route 'cutlass' to scattermoe.backends.cutlass yet")
+    counts = [40, 0, 88, 1]
+    x, w, b = make_inputs(counts, 256, 128, torch.bfloat16, "k_major", True, 11)
+    sorted_expert, scattered, offsets = routing(counts)
+    ref = reference.parallel_linear(x.double(), w.double(), 1, sorted_expert.cpu(), scattered.cpu(), offsets.cpu(),
+                                    b.double(), None, True, True)
+    with scattermoe.use_backend("cutlass"):
+        y = scattermoe.parallel_linear(x.cuda(), w.cuda(), 1, sorted_expert, scattered, offsets, b.cuda(),
+                                       grouped_in=True, grouped_out=True)
+    assert rel_err(y, ref) < TOLERANCE[torch.bfloat16]
