@@ -150,6 +150,21 @@ def _add_gate_bias_term(dgates_flat, dy, bias, fan, sorted_expert_idxs, sorted_s
     dgates_flat[sorted_scattered_idxs] += bias_dots[tokens, sorted_expert_idxs]
 
 
+def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """(x, *tensors) cast to the autocast dtype when autocast is on for x's device, else unchanged.
+
+    The kernels take x, weights and biases in one dtype; under ``torch.autocast`` a model keeps
+    float32 master weights, so they are cast here as autocast casts a matmul's operands
+    (differentiably: the float32 weight receives the gradient). Gates keep their dtype (float32
+    gates beside half-precision x are part of the contract).
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (x,) + tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x,) + tensors)
+
+
 class ParallelLinear(torch.autograd.Function):
     """parallel_linear on a kernel backend; see ``parallel_linear`` for the contract.
 
@@ -234,9 +249,11 @@ def parallel_linear(
        from ``flatten_sort_count``.
     expert_biases: [E, F] or None. gates: [T, K] or None.
     Returns [N, F] (expert order if ``grouped_out``, else slot order t*K + j) without gates,
-    or [T, F] = sum_j gates[t, j] * Y[t*K + j] with gates. x's dtype throughout;
+    or [T, F] = sum_j gates[t, j] * Y[t*K + j] with gates. x's dtype throughout (under
+    ``torch.autocast``, x, weights and biases are first cast to the autocast dtype);
     differentiable in x, expert_weights, expert_biases and gates.
     """
+    x, expert_weights, expert_biases = _under_autocast(x, expert_weights, expert_biases)
     check_parallel_linear(x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
                           expert_biases, gates, grouped_in, grouped_out)
     backend = backends.resolve(x)
@@ -288,6 +305,7 @@ def parallel_linear_glu(
     [N, 2F] projection, returns [N, F] = silu(a) * b if ``activate_first`` (JetMoE) else
     a * silu(b) (ScatterMoE's GLUMLP). Other arguments as in ``parallel_linear`` (no gates).
     """
+    x, expert_weights, expert_biases = _under_autocast(x, expert_weights, expert_biases)
     check_parallel_linear(x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
                           expert_biases, None, grouped_in, grouped_out)
     if expert_weights.size(-1) % 2:
@@ -365,9 +383,11 @@ def glu_moe(
 
     x: [T, D]; w_in: [E, D, 2F] and w_out: [E, F, D] (``ParallelExperts.weight.permute(0, 2, 1)``);
     gates: [T, K]; expert_idxs_sorted: ``flatten_sort_count(expert_idxs, E)``; b_in [E, 2F], b_out [E, D].
-    Returns [T, D] in x's dtype. The GLU activates the first half if ``activate_first`` (JetMoE).
+    Returns [T, D] in x's dtype (the autocast dtype under ``torch.autocast``). The GLU activates the
+    first half if ``activate_first`` (JetMoE).
     """
     sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = expert_idxs_sorted
+    x, w_in, w_out, b_in, b_out = _under_autocast(x, w_in, w_out, b_in, b_out)
     check_glu_moe(x, w_in, w_out, gates, b_out)
     k = gates.size(1)
     check_parallel_linear(x, w_in, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,

@@ -216,3 +216,28 @@ def test_moa_reduce_inverts_the_map_order(backend):
                 e = int(idx[b, t, j])
                 want[b, t] += p[b, t, j].double() * (w_o[e] @ (w_q[e] @ x[b, t].double()))
     assert_all_close(["y"], [y], [want], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer_name", list(LAYERS))
+def test_layers_follow_autocast(layer_name, backend):
+    """Under torch.autocast a float32 layer computes in the autocast dtype, exactly as a cast copy of it
+    does, and the float32 master weights receive the gradients (fp16: the dtype the interpreter runs)."""
+    T, D, F_, E, K = 11, 24, 20, 4, 2
+    cls, kwargs = LAYERS[layer_name][:2]
+    layer = cls(D, F_, E, K, **kwargs)
+    x = torch.randn(T, D)
+    gates, idxs = scattermoe.topk_gating(torch.randn(T, E), K)
+    half = cls(D, F_, E, K, **kwargs).half()
+    half.load_state_dict(layer.state_dict())
+    with scattermoe.use_backend(backend):
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = layer(x, gates, idxs)
+        y_half = half(x.half(), gates, idxs)
+    assert y.dtype == torch.float16
+    assert torch.equal(y, y_half), f"max diff {(y.float() - y_half.float()).abs().max():.3e}"
+    y.float().square().sum().backward()
+    y_half.float().square().sum().backward()
+    for (name, p), p_half in zip(layer.named_parameters(), half.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.equal(p.grad, p_half.grad.float()), name
