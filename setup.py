@@ -58,7 +58,8 @@ setup(
     long_description_content_type="text/markdown",
     # `reference` (the pure-PyTorch oracle) is a top-level package: the torch backend imports it.
     # find_packages so that new subpackages (e.g. further backends) are picked up without edits here.
-    packages=find_packages(include=["scattermoe", "scattermoe.*", "reference", "reference.*"]),
+    # jetmoe: the JetMoE-8B model on these kernels (python -m jetmoe).
+    packages=find_packages(include=["scattermoe", "scattermoe.*", "reference", "reference.*", "jetmoe", "jetmoe.*"]),
     ext_modules=csrc_build.cuda_extensions(),
     cmdclass=csrc_build.cuda_cmdclass(),
     python_requires=">=3.10",
@@ -67,6 +68,9 @@ setup(
         "torch>=2.6",
         # Triton has Linux wheels only; elsewhere the torch backend (the reference) runs.
         'triton>=3.6; platform_system == "Linux"',
+        # jetmoe: checkpoints in the Hugging Face layout, progress bars.
+        "safetensors>=0.4",
+        "tqdm",
     ],
     extras_require={
         "test": [

@@ -1,0 +1,318 @@
+"""python -m jetmoe {demo,generate,train}: the command line.
+
+    python -m jetmoe demo                                  # ~2 min on a laptop CPU: train tiny, save, sample
+    python -m jetmoe generate --model jetmoe/jetmoe-8b --prompt "My favourite condiment is"
+    python -m jetmoe train --model tiny --data my_code/ --out runs/tiny --seconds 600
+    torchrun --nproc_per_node 8 -m jetmoe train ...        # DDP (nccl on CUDA, gloo on the CPU)
+
+User errors (missing checkpoint, unknown flag, CUDA asked for but absent) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+EXIT_USAGE = 2
+DEMO_PROMPT = "import os\n\n\ndef "
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + message; one line is enough
+        raise CLIError(message)
+
+
+def default_out_dir(name: str) -> Path:
+    """Outside the working tree, so a demo run leaves nothing behind in a checkout."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "jetmoe" / name
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+        if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device(name)
+    if name != "cpu":
+        raise CLIError(f"--device: expected auto, cpu or cuda[:N], got {name!r}")
+    return torch.device("cpu")
+
+
+def pick_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """'auto' on the CPU means the torch backend: the Triton kernels would run in the (slow) interpreter."""
+    import scattermoe
+    from scattermoe.backends import cutlass_unsupported_reason, triton_unsupported_reason
+
+    if name == "auto":
+        name = "torch" if device.type == "cpu" else "auto"
+    probe = torch.empty(0, device=device, dtype=dtype)
+    check = {"triton": triton_unsupported_reason, "cutlass": cutlass_unsupported_reason}.get(name)
+    reason = check(probe) if check is not None else None
+    if reason is not None:
+        raise CLIError(f"--backend {name}: {reason}")
+    scattermoe.set_backend(name)
+    return name
+
+
+def backend_note(backend: str, device: torch.device) -> str:
+    if backend == "torch" and device.type == "cpu":
+        return "backend: torch (scattermoe's PyTorch path, the fastest correct one on a CPU: Triton runs there " \
+               "only in its interpreter)"
+    return f"backend: {backend} (scattermoe kernels on {device})"
+
+
+def _dtype(name: str) -> Optional[torch.dtype]:
+    return None if name == "auto" else {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                        "float16": torch.float16}[name]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: the process's peak RSS
+
+
+def decode_bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads at batch 1: all but the unused experts, plus the lm_head matrix."""
+    n = model.num_parameters(active=True)
+    if model.config.tie_word_embeddings:
+        n += model.lm_head.weight.numel()  # the tied table is read whole by the lm_head
+    return n * model.lm_head.weight.element_size()
+
+
+class Streamer:
+    """Prints the text of row 0 as tokens arrive. Decodes prompt + new ids and prints what is new, so that
+    SentencePiece's leading spaces survive, and holds back a half-received UTF-8 character."""
+
+    def __init__(self, tokenizer, prompt_ids: List[int], enabled: bool) -> None:
+        self.tokenizer, self.ids, self.enabled = tokenizer, list(prompt_ids), enabled
+        self.shown = tokenizer.decode(self.ids)
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        self.ids.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        if text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+
+def run_generation(model, tokenizer, prompts: List[str], args, device: torch.device, stream: bool) -> None:
+    """Generate for each prompt (a left-padded batch), stream row 0, and report like gpt-fast."""
+    rows = [tokenizer.encode(p) for p in prompts]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):  # left padding: every row's last prompt token in the last column
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    eos = None if args.ignore_eos else tokenizer.eos_token_id
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    kwargs = dict(temperature=args.temperature, top_p=args.top_p, eos_token_id=eos, attention_mask=mask,
+                  generator=gen)
+    warm_s = 0.0
+    for _ in range(args.warmup):  # JIT compilation and allocator warm-up, timed apart
+        t = time.perf_counter()
+        model.generate(input_ids, min(8, args.max_new_tokens), **kwargs)
+        warm_s += time.perf_counter() - t
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    streamer = Streamer(tokenizer, rows[0], stream and len(rows) == 1)
+    stats: dict = {}
+    if streamer.enabled:
+        print(prompts[0], end="", flush=True)
+    out = model.generate(input_ids, args.max_new_tokens, callback=streamer, stats=stats, **kwargs)
+    if streamer.enabled:
+        print()
+    else:
+        for i, row in enumerate(out.tolist()):  # the row's own tokens (no left padding) decoded whole
+            print(f"--- [{i}]\n{tokenizer.decode(row[width - len(rows[i]):])}")
+    steps = max(stats["new_tokens"] - 1, 0)
+    tok_s = steps / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
+    gbs = decode_bytes_per_token(model) * tok_s / 1e9
+    print(f"prefill {width} tokens x {len(rows)}: {stats['prefill_s'] * 1e3:.1f} ms | decode {steps} steps: "
+          f"{tok_s:.1f} tokens/s per sequence, {gbs:.2f} GB/s of weights | warm-up {warm_s:.2f} s apart | "
+          f"peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
+
+
+def cmd_generate(args) -> None:
+    from .checkpoint import load_pretrained, resolve
+    from .tokenizer import load_tokenizer
+
+    device = pick_device(args.device)
+    ckpt = resolve(args.model)
+    dtype = _dtype(args.dtype) or (None if device.type == "cuda" else torch.float32)  # None: as stored
+    model = load_pretrained(ckpt, dtype=dtype, device=device)
+    backend = pick_backend(args.backend, device, model.lm_head.weight.dtype)
+    tokenizer = load_tokenizer(ckpt, model.config.vocab_size)
+    print(f"{ckpt}: {model.num_parameters() / 1e6:.1f}M parameters, {model.lm_head.weight.dtype} on {device}; "
+          f"{backend_note(backend, device)}", file=sys.stderr)
+    if args.warmup is None:
+        args.warmup = 1 if device.type == "cuda" else 0
+    run_generation(model, tokenizer, args.prompt or ["My favourite condiment is"], args, device, not args.no_stream)
+
+
+def _build_for_training(args, device: torch.device):
+    from .checkpoint import load_pretrained, resolve
+    from .model import PRESETS, JetMoEConfig, JetMoEForCausalLM
+    from .tokenizer import ByteTokenizer, load_tokenizer
+
+    if args.resume and (Path(args.out) / "config.json").is_file():  # continue the model that is there
+        model = load_pretrained(args.out, dtype=torch.float32, device=device)
+        return model, load_tokenizer(args.out, model.config.vocab_size)
+    if args.model in PRESETS:
+        torch.manual_seed(args.seed)
+        model = JetMoEForCausalLM(JetMoEConfig.preset(args.model)).to(device)
+        tokenizer = ByteTokenizer() if model.config.vocab_size == ByteTokenizer().vocab_size else None
+        if tokenizer is None:
+            raise CLIError(f"--model {args.model}: a preset has no tokenizer of its own; pass a checkpoint "
+                           "directory that has one")
+        return model, tokenizer
+    ckpt = resolve(args.model)
+    model = load_pretrained(ckpt, dtype=torch.float32, device=device)  # fp32 master weights; autocast on GPU
+    return model, load_tokenizer(ckpt, model.config.vocab_size)
+
+
+def _train(args, demo: bool) -> None:
+    from .train import TrainConfig, init_distributed, load_corpus, tokenize, train
+
+    device = pick_device(args.device)
+    backend = pick_backend(args.backend, device, torch.float32)
+    rank, world = init_distributed(device)  # under torchrun: join the process group before anything else
+    rank0 = rank == 0
+    model, tokenizer = _build_for_training(args, device)
+    t = time.perf_counter()
+    docs = load_corpus(args.data)
+    tokens = tokenize(docs, tokenizer)
+    from .model import PRESETS
+    lr = args.lr if args.lr is not None else (4e-3 if args.model in PRESETS else 2e-5)
+    cfg = TrainConfig(out_dir=str(args.out), steps=args.steps, seconds=args.seconds, batch_size=args.batch_size,
+                      seq_len=args.seq_len, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup,
+                      save_every=args.save_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
+                      progress=not args.no_progress)
+    if cfg.steps is None and cfg.seconds is None:
+        raise CLIError("give --steps or --seconds")
+    if rank0:
+        c = model.config
+        print(f"JetMoE {model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
+              f"d={c.hidden_size}, {c.num_local_experts} experts top-{c.num_experts_per_tok} in attention and MLP) "
+              f"on {device}; "
+              f"{backend_note(backend, device)}")
+        if world > 1:
+            print(f"DistributedDataParallel over {world} processes ({torch.distributed.get_backend()})")
+        what = "the Python standard library's .py files" if not args.data else ", ".join(map(str, args.data))
+        budget = " and ".join(x for x in (f"{cfg.steps} steps" if cfg.steps else "",
+                                          f"{cfg.seconds:g} s" if cfg.seconds else "") if x)
+        print(f"corpus: {len(docs)} documents from {what}, {tokens.numel() / 1e6:.1f}M tokens "
+              f"(read in {time.perf_counter() - t:.1f} s); training for {budget}", flush=True)
+
+    def log(rec: dict) -> None:
+        from tqdm import tqdm
+        tqdm.write(f"step {rec['step']:5d}  loss {rec['loss']:.3f}  aux {rec['aux_loss']:.4f}  "
+                   f"lr {rec['lr']:.2e}  {rec['tokens_per_s']:.0f} tokens/s")
+
+    records = train(model, tokens, cfg, tokenizer, log=log if rank0 else None)
+    if not rank0:
+        return
+    if records:
+        n = max(1, min(10, len(records) // 4))
+        end = sum(r["loss"] for r in records[-n:]) / n
+        print(f"loss {records[0]['loss']:.3f} at step {records[0]['step']} -> {end:.3f} (mean of the last {n} "
+              f"steps) after {len(records)} steps in {records[-1]['elapsed_s']:.0f} s")
+    print(f"saved to {cfg.out_dir} (HF layout: transformers.JetMoeForCausalLM.from_pretrained loads it too)")
+    if demo:
+        model.eval()
+        args.temperature, args.top_p, args.ignore_eos, args.warmup = 0.8, 0.95, False, 0
+        print("sample:\n" + "-" * 60)
+        run_generation(model, tokenizer, [args.prompt], args, device, stream=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m jetmoe", description="JetMoE on scattermoe: generate, train, demo.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sp, backend_help="scattermoe backend (auto: torch on a CPU, the fast kernels on CUDA)"):
+        sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        sp.add_argument("--backend", default="auto", choices=["auto", "triton", "cutlass", "torch"], help=backend_help)
+        sp.add_argument("--seed", type=int, default=0)
+
+    def sampling(sp, max_new: int):
+        sp.add_argument("--max-new-tokens", type=int, default=max_new)
+        sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        sp.add_argument("--top-p", type=float, default=1.0)
+        sp.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+
+    def training(sp, out: Path, seconds: Optional[float], batch: int, seq: int, lr: Optional[float]):
+        sp.add_argument("--data", nargs="*", help="text files or directories (default: the Python stdlib's .py files)")
+        sp.add_argument("--out", type=Path, default=out, help=f"checkpoint directory (default {out})")
+        sp.add_argument("--steps", type=int, default=None)
+        sp.add_argument("--seconds", type=float, default=seconds, help="training time budget")
+        sp.add_argument("--batch-size", type=int, default=batch, help="sequences per process per micro-step")
+        sp.add_argument("--seq-len", type=int, default=seq)
+        sp.add_argument("--grad-accum", type=int, default=1)
+        sp.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: 4e-3 for a preset "
+                        "trained from scratch, 2e-5 to fine-tune a checkpoint)")
+        sp.add_argument("--warmup", type=int, default=20, help="warm-up steps")
+        sp.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+        sp.add_argument("--log-every", type=int, default=25)
+        sp.add_argument("--resume", action="store_true", help="continue from --out (weights, optimizer, step)")
+        sp.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint (directory or Hub id)")
+    g.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
+    g.add_argument("--prompt", action="append", help="repeat for a batch (left-padded)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--warmup", type=int, default=None, help="warm-up runs timed apart (default: 1 on CUDA)")
+    g.add_argument("--no-stream", action="store_true")
+    common(g)
+    sampling(g, 64)
+
+    t = sub.add_parser("train", help="train a preset from scratch or fine-tune a checkpoint")
+    t.add_argument("--model", default="tiny", help="a preset (tiny, jetmoe-8b) or a checkpoint directory")
+    common(t)
+    training(t, default_out_dir("train"), None, 16, 128, None)
+
+    d = sub.add_parser("demo", help="train the built-in tiny model for ~2 minutes, save it, sample from it")
+    common(d)
+    training(d, default_out_dir("tiny"), 100.0, 16, 128, None)
+    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--max-new-tokens", type=int, default=300)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "generate":
+            cmd_generate(args)
+        else:
+            if args.command == "demo":
+                args.model = "tiny"
+            _train(args, demo=args.command == "demo")
+    except (CLIError, FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
+        print(f"jetmoe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Checkpoints in the Hugging Face layout: config.json + model.safetensors, or shards + model.safetensors.index.json.
+
+Parameter names are transformers' JetMoe names (``model.layers.0.self_attention.experts.input_linear.weight``,
+...), so transformers loads what ``save_pretrained`` writes, and the reverse. Loading is lazy: the model is
+built on the meta device, materialised once in the target dtype and device, then filled one tensor at a time
+from ``safe_open`` (an 8B bf16 checkpoint needs its size in memory once, not twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+
+from .model import JetMoEConfig, JetMoEForCausalLM
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# transformers' key -> the original JetMoE spelling (jetmoe/jetmoe-8b's config.json uses the original ones).
+KEY_ALIASES = {
+    "intermediate_size": "ffn_hidden_size",
+    "num_local_experts": "moe_num_experts",
+    "num_experts_per_tok": "moe_top_k",
+    "num_hidden_layers": "num_layers",
+    "max_position_embeddings": "n_positions",
+}
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing files, tensors or keys, wrong shapes. Names what is wrong."""
+
+
+def config_from_dict(d: dict) -> JetMoEConfig:
+    """JetMoEConfig from a config.json dict in either spelling (missing keys take the jetmoe-8b values).
+
+    When both spellings are present they must agree: a transformers-saved copy of an original-spelling
+    config carries the original key *and* transformers' default, and silently picking one could build
+    the wrong shapes.
+    """
+    if d.get("model_type", "jetmoe") != "jetmoe":
+        raise CheckpointError(f"config.json: model_type is {d['model_type']!r}, expected 'jetmoe'")
+    if d.get("glu", True) is not True:
+        raise CheckpointError("config.json: glu=false (plain MLP experts) is not supported; JetMoE uses GLU experts")
+    values = {}
+    for field in dataclasses.fields(JetMoEConfig):
+        name, alias = field.name, KEY_ALIASES.get(field.name)
+        if name in d and alias in d and d[name] != d[alias]:
+            raise CheckpointError(f"config.json: {name}={d[name]} and {alias}={d[alias]} disagree")
+        if name in d:
+            values[name] = d[name]
+        elif alias in d:
+            values[name] = d[alias]
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if "rope_theta" not in d and "rope_theta" in rope:
+        values["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"config.json: rope_type {rope['rope_type']!r} is not supported (only 'default')")
+    try:
+        return JetMoEConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json: {exc}") from None
+
+
+def config_to_dict(cfg: JetMoEConfig, dtype: Optional[torch.dtype] = None) -> dict:
+    """transformers' spelling, plus what it needs to pick the class (model_type, architectures)."""
+    d = dataclasses.asdict(cfg)
+    d.update(model_type="jetmoe", architectures=["JetMoeForCausalLM"], num_attention_heads=cfg.num_attention_heads,
+             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    if dtype is not None:
+        d["dtype"] = str(dtype).replace("torch.", "")
+    return d
+
+
+def resolve(path_or_hub_id: Union[str, os.PathLike]) -> Path:
+    """A local checkpoint directory: the path itself, or a Hugging Face Hub snapshot of that repo id."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_hub_id)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"checkpoint not found: {name!r} is not a directory "
+                              "(nor a Hub id like 'jetmoe/jetmoe-8b')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"checkpoint not found: {name!r} is not a local directory, and huggingface_hub "
+                              "is not installed to download it (pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as exc:  # offline, unknown repo, gated repo: one line, not the hub's traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"could not download {name!r} from the Hugging Face Hub ({first}); "
+                              "pass a local checkpoint directory instead") from None
+
+
+def load_config(path_or_hub_id: Union[str, os.PathLike]) -> JetMoEConfig:
+    path = resolve(path_or_hub_id) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint has no {CONFIG_NAME}: {path}")
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def weight_files(ckpt_dir: Path) -> Dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    from safetensors import safe_open
+
+    index = ckpt_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: ckpt_dir / file for name, file in weight_map.items()}
+    single = ckpt_dir / SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    others = sorted(p.name for p in ckpt_dir.glob("*.bin"))
+    hint = f" (found {', '.join(others)}: convert to safetensors first)" if others else ""
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {ckpt_dir}{hint}")
+
+
+def _stored_dtype(files: Dict[str, Path]) -> torch.dtype:
+    from safetensors import safe_open
+
+    name, file = next(iter(files.items()))
+    with safe_open(str(file), framework="pt") as f:
+        stored = f.get_slice(name).get_dtype()  # "BF16", "F32", ... read from the header, no data
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
+
+
+def load_pretrained(path_or_hub_id: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
+                    device: Union[str, torch.device] = "cpu") -> JetMoEForCausalLM:
+    """Build JetMoEForCausalLM from a HF-layout checkpoint; dtype None keeps the stored dtype (bf16 for 8B)."""
+    ckpt_dir = resolve(path_or_hub_id)
+    cfg = load_config(ckpt_dir)
+    dtype = dtype or _stored_dtype(weight_files(ckpt_dir))
+    with torch.device("meta"):  # no memory until to_empty, and no init work for weights about to be overwritten
+        model = JetMoEForCausalLM(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
+    load_weights(model, ckpt_dir)
+    return model.eval()
+
+
+@torch.no_grad()
+def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike]) -> None:
+    """Fill model's parameters in place from ckpt_dir's safetensors, one tensor at a time (cast to each
+    parameter's dtype and device). A missing tensor or a shape mismatch is a CheckpointError naming it."""
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    files = weight_files(ckpt_dir)
+    params = dict(model.state_dict(keep_vars=True))
+    if model.config.tie_word_embeddings:
+        params.pop("lm_head.weight")  # tied: the checkpoint holds only model.embed_tokens.weight
+    by_file = defaultdict(list)
+    unexpected = []
+    for name, file in files.items():
+        (by_file[file] if name in params else unexpected).append(name)
+    if unexpected and unexpected != ["lm_head.weight"]:
+        warnings.warn(f"{ckpt_dir}: ignoring {len(unexpected)} tensors this model does not have: "
+                      f"{', '.join(sorted(unexpected)[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    missing = sorted(set(params) - {n for names in by_file.values() for n in names})
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in names:  # one tensor in host memory at a time
+                t = f.get_tensor(name)
+                if tuple(t.shape) != tuple(params[name].shape):
+                    raise CheckpointError(f"{file.name}: tensor {name} has shape {tuple(t.shape)}, "
+                                          f"the model expects {tuple(params[name].shape)}")
+                params[name].copy_(t)
+
+
+def save_pretrained(model: JetMoEForCausalLM, out_dir: Union[str, os.PathLike],
+                    max_shard_size: int = 5 * 1024 ** 3) -> None:
+    """Write config.json and the weights (shards of at most max_shard_size bytes + index when bigger).
+
+    Tensors go to the host one shard at a time. Each file is written under a temporary name and renamed;
+    then weight files of an earlier save in the same directory are removed (a stale index would win).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers' layout: tied weights stored once
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for shard, file in zip(shards, names):
+        host = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
+        save_file(host, str(out / (file + ".tmp")), metadata={"format": "pt"})
+        os.replace(out / (file + ".tmp"), out / file)
+        weight_map.update(dict.fromkeys(shard, file))
+        total += sum(v.numel() * v.element_size() for v in host.values())
+        del host
+    if len(shards) > 1:
+        _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:  # after the new files are in place
+        if stale.name not in names and not (stale.name == INDEX_FILE and len(shards) > 1) and stale.exists():
+            stale.unlink()
+    dtype = next(iter(state.values())).dtype
+    _write_json(out / CONFIG_NAME, config_to_dict(model.config, dtype))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

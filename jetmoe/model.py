@@ -1,0 +1,416 @@
+"""JetMoE on scattermoe, in one file: config, blocks, forward, KV-cache generation.
+
+Legend: B batch, S new (query) positions, L key positions (cache fill + S), T = B*S tokens,
+D model dim, H key/value heads (= query heads per attention expert), Dh head dim,
+E experts, K experts per token, F expert hidden dim, V vocabulary.
+Expert weights are stored [E, out, in] (the nn.Linear convention, the JetMoE checkpoint layout);
+module and parameter names are transformers' ``JetMoe`` names, so state_dicts match key for key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import scattermoe
+from scattermoe.routing import flatten_sort_count, load_balancing_loss, router_z_loss, topk_gating
+
+LAYER_NORM_EPS = 1e-6  # the per-layer norms of JetMoE hard-code 1e-6; only model.norm reads rms_norm_eps
+Z_LOSS_WEIGHT = 0.1  # JetMoE's training recipe: switch loss + 0.1 * z-loss, per router
+ACTIVATIONS: Dict[str, Callable] = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+@dataclass
+class JetMoEConfig:
+    """Hyper-parameters; the defaults are jetmoe/jetmoe-8b's (DESIGN.md section 9)."""
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 24
+    num_key_value_heads: int = 16
+    kv_channels: int = 128
+    intermediate_size: int = 5632
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    activation_function: str = "silu"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    aux_loss_coef: float = 0.01
+    initializer_range: float = 0.01
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[Union[int, List[int]]] = 2
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"activation_function: expected one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.activation_function!r}")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(f"num_experts_per_tok: expected 1..{self.num_local_experts}, "
+                             f"got {self.num_experts_per_tok}")
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.num_key_value_heads * self.num_experts_per_tok  # K experts x H heads per token
+
+    @classmethod
+    def preset(cls, name: str) -> "JetMoEConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name])
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "JetMoEConfig":
+        """From a checkpoint's config.json, either key spelling (see jetmoe.checkpoint)."""
+        from .checkpoint import load_config
+        return load_config(path)
+
+
+PRESETS: Dict[str, JetMoEConfig] = {
+    "jetmoe-8b": JetMoEConfig(),
+    # The built-in model of `python -m jetmoe demo`: byte vocabulary (256 bytes + bos/eos/pad, see
+    # jetmoe.tokenizer), sized so that ~100 s on 2 CPU cores show a clearly falling loss (of the sizes tried
+    # for 60 s at 2.3-5M parameters, 3 layers x d=160 reached the lowest loss: deeper or wider ran fewer steps).
+    "tiny": JetMoEConfig(vocab_size=259, hidden_size=160, num_hidden_layers=3, num_key_value_heads=5,
+                         kv_channels=32, intermediate_size=320, num_local_experts=4, num_experts_per_tok=2,
+                         rms_norm_eps=1e-5, max_position_embeddings=1024, initializer_range=0.02,
+                         bos_token_id=256, eos_token_id=257, pad_token_id=258),
+}
+
+
+class RMSNorm(nn.Module):
+    """weight * (x / rms(x)), the normalisation in fp32 and cast back before the weight (as JetMoE)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [B, S] -> cos, sin [B, 1, S, Dh] (NeoX layout: the frequencies repeated twice)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, S, Dh]: rotate_half rotary over all Dh dims (every head, same position)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Router(nn.Module):
+    """JetMoE's router: fp32 logits of a bias-free Linear, top-k, softmax over the k (scattermoe.topk_gating)."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(dim, num_experts, bias=False)
+        self.top_k = top_k
+
+    def forward(self, x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> gates [T, K] (x's dtype), expert_idxs [T, K] int64, logits [T, E] fp32."""
+        logits_TE = self.layer(x_TD).float()
+        gates_TK, idxs_TK = topk_gating(logits_TE, self.top_k)
+        return gates_TK.to(x_TD.dtype), idxs_TK, logits_TE
+
+
+class MoAExperts(scattermoe.MoA):
+    """scattermoe.MoA plus its router: input_linear [E, H*Dh, D], output_linear [E, D, H*Dh], bias [D]."""
+
+    def __init__(self, cfg: JetMoEConfig) -> None:
+        E, K, H, Dh, D = (cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_key_value_heads,
+                          cfg.kv_channels, cfg.hidden_size)
+        super().__init__(D, Dh, H, E, K, bias=True)
+        self.router = Router(D, E, K)
+
+
+class Attention(nn.Module):
+    """Mixture of attention heads: a token's K experts each give it H query heads over one shared K/V."""
+
+    def __init__(self, cfg: JetMoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.experts = MoAExperts(cfg)
+        self.kv_proj = nn.Linear(cfg.hidden_size, 2 * cfg.num_key_value_heads * cfg.kv_channels, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
+                kv_cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int):
+        """x [B, S, D]; mask [B, 1, S, L] bool or None (causal); kv_cache: this layer's ([B, H, Lmax, Dh],) x 2,
+        written at positions start..start+S. Returns (y [B, S, D], router logits [T, E], expert_idxs [T, K])."""
+        B, S, D = x_BSD.shape
+        H, Dh = self.cfg.num_key_value_heads, self.cfg.kv_channels
+        gates, idxs, logits = self.experts.router(x_BSD.reshape(-1, D))
+        # q [B, S, H*K, Dh] in (kv head h, slot j) order: SDPA's enable_gqa reads KV head h for query h*K+j,
+        # which is JetMoE's tiling (query head j*H + h reads KV head h), with no repeated K/V.
+        q, routing = self.experts.map(x_BSD, gates.view(B, S, -1), idxs.view(B, S, -1))
+        k, v = self.kv_proj(x_BSD).view(B, S, 2, H, Dh).transpose(1, 3).unbind(2)  # [B, H, S, Dh] each
+        q = apply_rope(q.transpose(1, 2), *rope)
+        k = apply_rope(k, *rope)
+        if kv_cache is not None:  # static cache: write the new positions, attend over all filled ones
+            kv_cache[0][:, :, start:start + S] = k
+            kv_cache[1][:, :, start:start + S] = v
+            k, v = kv_cache[0][:, :, :start + S], kv_cache[1][:, :, :start + S]
+        causal = mask is None and S > 1 and start == 0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        y = self.experts.reduce(o.transpose(1, 2), routing)  # [B, S, D]
+        return y, logits, idxs
+
+
+class MoE(nn.Module):
+    """GLU experts: y = sum_j gate_j * W2_e (act(a) * b) + bias, [a | b] = W1_e x (the FIRST half activated)."""
+
+    def __init__(self, cfg: JetMoEConfig) -> None:
+        super().__init__()
+        E, D, Fh = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.input_linear = scattermoe.ParallelExperts(E, D, 2 * Fh)  # [E, 2F, D]
+        self.output_linear = scattermoe.ParallelExperts(E, Fh, D)  # [E, D, F]
+        self.bias = nn.Parameter(torch.zeros(D))
+        self.router = Router(D, E, cfg.num_experts_per_tok)
+        self.activation_name = cfg.activation_function
+
+    def forward(self, x_BSD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, D] -> (y [B, S, D], router logits [T, E], expert_idxs [T, K])."""
+        x_TD = x_BSD.reshape(-1, x_BSD.size(-1))
+        gates, idxs, logits = self.router(x_TD)
+        routing = flatten_sort_count(idxs, self.input_linear.num_experts)
+        if self.activation_name == "silu":  # scattermoe's fused GLU MoE (GLU in the first GEMM's epilogue)
+            # Under torch.autocast the scattermoe ops cast x and the weights themselves.
+            y = scattermoe.glu_moe(x_TD, self.input_linear.weight.permute(0, 2, 1),
+                                   self.output_linear.weight.permute(0, 2, 1), gates, routing, activate_first=True)
+        else:
+            a, b = self.input_linear(x_TD, gates.size(1), *routing, grouped_out=True).chunk(2, dim=-1)
+            h = ACTIVATIONS[self.activation_name](a) * b
+            y = self.output_linear(h, 1, *routing, gates=gates, grouped_in=True)
+        return (y + self.bias).view_as(x_BSD), logits, idxs
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: JetMoEConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, LAYER_NORM_EPS)
+        self.self_attention = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, LAYER_NORM_EPS)
+        self.mlp = MoE(cfg)
+
+    def forward(self, x, rope, mask, kv_cache, start):
+        """x [B, S, D] -> (x [B, S, D], [(router logits [T, E], expert_idxs [T, K])] for MoA and MoE)."""
+        h, attn_logits, attn_idxs = self.self_attention(self.input_layernorm(x), rope, mask, kv_cache, start)
+        x = x + h
+        h, mlp_logits, mlp_idxs = self.mlp(self.post_attention_layernorm(x))
+        return x + h, [(attn_logits, attn_idxs), (mlp_logits, mlp_idxs)]
+
+
+class JetMoEModel(nn.Module):
+    def __init__(self, cfg: JetMoEConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, S, V] in the model's (or autocast's) dtype
+    loss: Optional[torch.Tensor] = None  # next-token cross entropy (labels shifted inside, -100 ignored)
+    aux_loss: Optional[torch.Tensor] = None  # aux_loss_coef * sum over routers of (switch + 0.1 z-loss)
+    router_logits: Tuple[torch.Tensor, ...] = ()  # [T, E] fp32 per router: layer 0 MoA, layer 0 MoE, layer 1 MoA...
+
+
+def router_aux_loss(routers: Sequence[Tuple[torch.Tensor, torch.Tensor]], num_experts: int,
+                    valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """JetMoE's recipe summed over routers: E * sum_e P_e f_e + 0.1 * mean(logsumexp^2); valid_T [T] bool
+    drops padding tokens. (transformers 5.23 differs: no z-loss, f sums to K, the MoA router counted twice.)"""
+    total = 0.0
+    for logits_TE, idxs_TK in routers:
+        if valid_T is not None:
+            logits_TE, idxs_TK = logits_TE[valid_T], idxs_TK[valid_T]
+        total = total + load_balancing_loss(logits_TE, idxs_TK, num_experts) + Z_LOSS_WEIGHT * router_z_loss(logits_TE)
+    return total
+
+
+class KVCache:
+    """Static cache, allocated once for the whole generation: k, v [layers, B, H, Lmax, Dh]."""
+
+    def __init__(self, cfg: JetMoEConfig, batch: int, max_len: int, device, dtype: torch.dtype) -> None:
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.kv_channels)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+
+
+def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next tokens [B]: greedy when temperature <= 0, else nucleus (top_p) sampling at that temperature."""
+    if temperature <= 0:
+        return logits_BV.argmax(-1)
+    probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0  # keep the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class JetMoEForCausalLM(nn.Module):
+    """JetMoE on scattermoe's MoA and GLU MoE layers; ``state_dict`` names are transformers' JetMoe names."""
+
+    def __init__(self, cfg: JetMoEConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = JetMoEModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """transformers' init: N(0, initializer_range) matrices, zero biases, unit norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                p.normal_(0.0, self.config.initializer_range)
+        if self.config.pad_token_id is not None:  # as nn.Embedding(padding_idx=...): the padding row is zero
+            self.model.embed_tokens.weight[self.config.pad_token_id].zero_()
+        self.tie_weights()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> CausalLMOutput:
+        """input_ids [B, S] int64; attention_mask [B, L] (1 = token, 0 = padding; L = cache fill + S) or None;
+        labels [B, S] (next-token targets are labels[:, 1:]; -100 ignored); position_ids [B, S] or None
+        (then counted from the mask, so left padding does not shift positions); cache: see ``generate``."""
+        cfg = self.config
+        B, S = input_ids.shape
+        start = cache.length if cache is not None else 0
+        L = start + S
+        if attention_mask is not None and attention_mask.shape != (B, L):
+            raise ValueError(f"attention_mask: expected shape {(B, L)} (batch, cache + new positions), "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(start, L, device=input_ids.device).expand(B, S)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        mask = None
+        if attention_mask is not None or (start > 0 and S > 1):
+            q_pos = torch.arange(start, L, device=input_ids.device)[:, None]
+            k_pos = torch.arange(L, device=input_ids.device)[None, :]
+            mask = (k_pos <= q_pos)[None, None]  # [1, 1, S, L] causal
+            if attention_mask is not None:  # padding keys masked; a padding query still sees itself (no NaN row)
+                mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
+        x = self.model.embed_tokens(input_ids)
+        rope = rope_cos_sin(position_ids, cfg.kv_channels, cfg.rope_theta, x.dtype)
+        routers: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        for i, layer in enumerate(self.model.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, layer_routers = layer(x, rope, mask, kv, start)
+            routers += layer_routers
+        logits = self.lm_head(self.model.norm(x))
+        if cache is not None:
+            cache.length = L
+        out = CausalLMOutput(logits=logits, router_logits=tuple(r[0] for r in routers))
+        if labels is not None:
+            out.loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        if cache is None:  # aux losses are a training signal: skipped in the decode loop
+            valid = attention_mask.reshape(-1).bool() if attention_mask is not None else None
+            out.aux_loss = cfg.aux_loss_coef * router_aux_loss(routers, cfg.num_local_experts, valid)
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+                 attention_mask: Optional[torch.Tensor] = None,
+                 callback: Optional[Callable[[torch.Tensor], None]] = None,
+                 generator: Optional[torch.Generator] = None, stats: Optional[dict] = None) -> torch.Tensor:
+        """input_ids [B, S] (left-padded when rows differ in length, with attention_mask [B, S]) ->
+        [B, S + n], n <= max_new_tokens. One prefill over the prompt, then one position per step against a
+        static KV cache (the prompt is never rerun). ``callback(tokens [B])`` gets each step's tokens (streaming).
+        Rows that produced an eos keep producing it; generation stops once all rows have.
+        ``stats`` (a dict), if given, receives prefill_s (prompt and first token), decode_s, new_tokens."""
+        B, S = input_ids.shape
+        device = input_ids.device
+        cache = KVCache(self.config, B, S + max_new_tokens, device, self.model.embed_tokens.weight.dtype)
+        full_mask = None  # [B, S + max_new_tokens]; None when nothing is padded (then the fast causal path)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            full_mask = torch.ones(B, S + max_new_tokens, dtype=torch.long, device=device)
+            full_mask[:, :S] = attention_mask
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                           device=device, dtype=torch.long)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        was_training = self.training
+        self.eval()
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = self(input_ids, attention_mask=full_mask[:, :S] if full_mask is not None else None,
+                      cache=cache).logits[:, -1]
+        new_tokens: List[torch.Tensor] = []
+        t1 = t0
+        for step in range(max_new_tokens):
+            tokens = sample(logits, temperature, top_p, generator)
+            if eos.numel():
+                tokens = torch.where(finished, eos[0], tokens)
+                finished |= torch.isin(tokens, eos)
+            new_tokens.append(tokens)
+            if callback is not None:
+                callback(tokens)
+            if step == 0:
+                _sync(device)
+                t1 = time.perf_counter()
+            if step == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
+                break
+            L = cache.length + 1
+            logits = self(tokens[:, None], attention_mask=full_mask[:, :L] if full_mask is not None else None,
+                          cache=cache).logits[:, -1]
+        _sync(device)
+        if stats is not None:
+            stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, new_tokens=len(new_tokens))
+        self.train(was_training)
+        return torch.cat([input_ids, torch.stack(new_tokens, 1)], 1) if new_tokens else input_ids
+
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters (tied ones once), or those one token reads (K of E experts, no embedding table)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        experts = sum(p.numel() for n, p in self.named_parameters() if n.endswith("linear.weight"))  # [E, ...]
+        unused = experts // self.config.num_local_experts * (self.config.num_local_experts
+                                                             - self.config.num_experts_per_tok)
+        return total - self.model.embed_tokens.weight.numel() - unused
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device] = "cpu") -> "JetMoEForCausalLM":
+        """Load a HF-layout checkpoint (config.json + safetensors, sharded or not), tensor by tensor."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(path_or_hub_id, dtype=dtype, device=device)
+
+    def save_pretrained(self, out_dir: str, max_shard_size: int = 5 * 1024 ** 3) -> None:
+        """Write config.json + model.safetensors (or shards + index), loadable by transformers."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, out_dir, max_shard_size=max_shard_size)

@@ -1,0 +1,252 @@
+"""Training: corpus -> token stream -> AdamW steps through scattermoe's backward, DDP under torchrun.
+
+Legend: B sequences per process per micro-step, S sequence length, W processes (world size),
+A gradient-accumulation micro-steps. One optimizer step sees B * A * W sequences.
+
+Batches are a pure function of (seed, step): the global batch of a step is cut into A * W micro-batches,
+micro-step a of rank r taking slice a * W + r. So W=2, A=1 and W=1, A=2 see the same sequences in the same
+groups and give the same losses and gradients (DDP averages gradients exactly as accumulation does), and a
+resumed run continues with the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import load_weights
+from .model import JetMoEForCausalLM
+from .tokenizer import Tokenizer
+
+TRAINER_STATE = "trainer_state.pt"
+TRAIN_LOG = "train_log.jsonl"
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    steps: Optional[int] = None  # stop at this optimizer step (counting resumed steps) ...
+    seconds: Optional[float] = None  # ... or after this much training wall time in this run, whichever first
+    batch_size: int = 16  # B: sequences per process per micro-step
+    seq_len: int = 128  # S
+    grad_accum: int = 1  # A
+    lr: float = 4e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at `steps` (constant after warm-up without it)
+    weight_decay: float = 0.1
+    betas: Tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    log_every: int = 10
+    save_every: int = 0  # 0: save at the end only
+    seed: int = 0
+    resume: bool = False
+    amp: Optional[bool] = None  # bf16 autocast; None: on for CUDA
+    progress: bool = True  # tqdm bar on rank 0
+
+
+def default_corpus_files() -> List[Path]:
+    """The Python standard library's own .py sources (no tests, no site-packages): ~12 MB of code."""
+    root = Path(sysconfig.get_paths().get("stdlib") or os.path.dirname(os.__file__))
+    skip = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
+
+
+def load_corpus(paths: Optional[Sequence[Union[str, Path]]] = None) -> List[str]:
+    """Documents from text files and directories (recursively: .py, .txt, .md, .rst); default: the stdlib."""
+    files: List[Path] = []
+    for p in map(Path, paths) if paths else []:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"corpus path not found: {p}")
+    files = files if paths else default_corpus_files()
+    docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    if not any(docs):
+        raise ValueError(f"the corpus is empty ({len(files)} files)")
+    return docs
+
+
+def tokenize(docs: Sequence[str], tokenizer: Tokenizer) -> torch.Tensor:
+    """One stream [N] of every document's ids (BOS first), int16/int32 to keep a big corpus small in memory."""
+    dtype = torch.int16 if tokenizer.vocab_size <= 32767 else torch.int32
+    return torch.cat([torch.tensor(tokenizer.encode(doc), dtype=dtype) for doc in docs])
+
+
+def get_batch(tokens: torch.Tensor, step: int, micro: int, rank: int, world: int, cfg: TrainConfig) -> torch.Tensor:
+    """input_ids [B, S] (int64) of micro-step `micro` on `rank` at `step`; a pure function of the arguments."""
+    if tokens.numel() <= cfg.seq_len:
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    starts = torch.randint(0, tokens.numel() - cfg.seq_len, (per_step,), generator=g)
+    mine = starts[(micro * world + rank) * cfg.batch_size:][:cfg.batch_size]
+    return torch.stack([tokens[s:s + cfg.seq_len] for s in mine.tolist()]).long()
+
+
+def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine to lr * min_lr_ratio at cfg.steps; a run bounded only by cfg.seconds
+    decays over the fraction of its time budget spent instead (the step count it will reach is unknown)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.steps:
+        t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    else:
+        t = time_fraction
+    t = min(max(t, 0.0), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model: JetMoEForCausalLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and biases (the 1-D parameters)."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor],
+               grad_clip: float, amp_dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
+    """One optimizer step over A micro-batches [B, S] (loss + aux loss, averaged over them).
+
+    ``model`` may be DDP-wrapped: the gradient all-reduce then runs only in the last micro-step's backward.
+    Returns (mean cross entropy, mean aux loss) of this process.
+    """
+    ce_sum = aux_sum = 0.0
+    device = next(model.parameters()).device
+    for i, x in enumerate(micro_batches):
+        x = x.to(device, non_blocking=True)
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with sync:
+            with amp:
+                out = model(x, labels=x)
+                loss = (out.loss + out.aux_loss) / len(micro_batches)
+            loss.backward()
+        ce_sum += out.loss.item()
+        aux_sum += out.aux_loss.item()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ce_sum / len(micro_batches), aux_sum / len(micro_batches)
+
+
+def init_distributed(device: torch.device) -> Tuple[int, int]:
+    """(rank, world size); joins the process group torchrun describes (nccl on CUDA, gloo on the CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+                    tokenizer: Optional[Tokenizer] = None) -> None:
+    """HF layout in out_dir (loadable by transformers) plus trainer_state.pt (optimizer, step) beside it."""
+    out = Path(cfg.out_dir)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    tmp = out / (TRAINER_STATE + ".tmp")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "train_config": dataclasses.asdict(cfg)}, tmp)
+    os.replace(tmp, out / TRAINER_STATE)
+
+
+def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, tokenizer: Optional[Tokenizer] = None,
+          log: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """Train in place until cfg.steps or cfg.seconds; save to cfg.out_dir; return the per-step records.
+
+    Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel; every rank must call
+    this with the same tokens and config. ``cfg.resume`` reloads weights, optimizer and step from out_dir.
+    Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s.
+    """
+    if cfg.steps is None and cfg.seconds is None:
+        raise ValueError("train: give steps or seconds (or both)")
+    device = next(model.parameters()).device
+    rank, world = init_distributed(device)
+    amp_dtype = torch.bfloat16 if (cfg.amp if cfg.amp is not None else device.type == "cuda") else None
+    optimizer = make_optimizer(model, cfg)
+    step = 0
+    if rank == 0:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:  # a fresh run starts a fresh log
+            (Path(cfg.out_dir) / TRAIN_LOG).unlink(missing_ok=True)
+    state_path = Path(cfg.out_dir) / TRAINER_STATE
+    if cfg.resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
+        load_weights(model, cfg.out_dir)
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        log_path = Path(cfg.out_dir) / TRAIN_LOG
+        if rank == 0 and log_path.is_file():  # drop records of steps after the checkpoint: they run again
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            log_path.write_text("".join(line + "\n" for line in kept))
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+    records: List[dict] = []
+    start = last = time.perf_counter()
+    elapsed = 0.0  # training time so far, the same on every rank (all-reduced below)
+    while cfg.steps is None or step < cfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg, elapsed / cfg.seconds if cfg.seconds else 0.0)
+        batches = [get_batch(tokens, step, a, rank, world, cfg) for a in range(cfg.grad_accum)]
+        loss, aux = train_step(ddp, optimizer, batches, cfg.grad_clip, amp_dtype)
+        step += 1
+        now = time.perf_counter()
+        elapsed = now - start
+        if world > 1:  # mean losses for the log; one clock (the slowest rank's) for the schedule and the stop
+            losses = torch.tensor([loss / world, aux / world], dtype=torch.float64, device=device)
+            clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
+            dist.all_reduce(losses)
+            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+            (loss, aux), elapsed = losses.tolist(), clock.item()
+        stop = cfg.seconds is not None and elapsed >= cfg.seconds
+        rec = {"step": step, "loss": loss, "aux_loss": aux, "lr": optimizer.param_groups[0]["lr"],
+               "tokens_per_s": tokens_per_step / max(now - last, 1e-9), "elapsed_s": elapsed}
+        last = now
+        records.append(rec)
+        if rank == 0:
+            with open(Path(cfg.out_dir) / TRAIN_LOG, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", aux=f"{aux:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if log is not None and (step % cfg.log_every == 0 or step == 1):
+                log(rec)
+        if cfg.save_every and step % cfg.save_every == 0 and not stop:
+            _save_on_rank0(model, optimizer, step, cfg, tokenizer, rank, world)
+        if stop:
+            break
+    if bar is not None:
+        bar.close()
+    _save_on_rank0(model, optimizer, step, cfg, tokenizer, rank, world)
+    return records
+
+
+def _save_on_rank0(model, optimizer, step, cfg, tokenizer, rank, world) -> None:
+    if rank == 0:
+        save_checkpoint(model, optimizer, step, cfg, tokenizer)
+    if world > 1:
+        dist.barrier()  # no rank runs ahead (or exits) before the checkpoint is complete

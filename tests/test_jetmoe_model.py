@@ -1,0 +1,238 @@
+"""jetmoe on its own: config spellings and presets, KV-cache decoding, padded batches, checkpoint errors.
+
+The static-cache decode must equal a full forward over the whole prefix at every step, never rerun the prompt,
+and a left-padded batch must generate what each row generates alone.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from helpers import assert_close
+
+import scattermoe
+from jetmoe import (CheckpointError, JetMoEConfig, JetMoEForCausalLM, KVCache, config_from_dict, load_pretrained,
+                    router_aux_loss)
+from jetmoe.checkpoint import config_to_dict
+
+TINY = JetMoEConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+                    intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, bos_token_id=1,
+                    eos_token_id=2, pad_token_id=0, initializer_range=0.3)
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def random_model(cfg: JetMoEConfig = TINY) -> JetMoEForCausalLM:
+    """Biases and norms randomised too (init leaves them at 0 and 1)."""
+    model = JetMoEForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.2 * torch.randn_like(p))
+    return model
+
+
+# ---------------------------------------------------------------- config
+
+
+ORIGINAL_8B_CONFIG = {  # jetmoe/jetmoe-8b's config.json: the original key names (DESIGN.md section 9)
+    "activation_function": "silu", "architectures": ["JetMoEForCausalLM"], "aux_loss_coef": 0.01,
+    "bos_token_id": 1, "eos_token_id": 2, "ffn_hidden_size": 5632, "glu": True, "hidden_size": 2048,
+    "initializer_range": 0.01, "kv_channels": 128, "model_type": "jetmoe", "moe_num_experts": 8, "moe_top_k": 2,
+    "n_positions": 4096, "num_attention_heads": 32, "num_hidden_layers": 24, "num_key_value_heads": 16,
+    "num_layers": 24, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": True,
+    "vocab_size": 32000,
+}
+
+
+def test_original_spelling_reads_as_the_8b_preset():
+    cfg = config_from_dict(ORIGINAL_8B_CONFIG)
+    assert cfg == JetMoEConfig.preset("jetmoe-8b")
+    assert cfg.num_attention_heads == 32
+
+
+def test_both_spellings_and_round_trip():
+    hf_spelling = config_to_dict(TINY)
+    assert config_from_dict(hf_spelling) == TINY
+    original = {k: v for k, v in hf_spelling.items() if k not in ("intermediate_size", "num_local_experts",
+                                                                    "num_experts_per_tok", "num_hidden_layers",
+                                                                    "max_position_embeddings", "rope_parameters")}
+    original.update(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2, num_layers=2,
+                    n_positions=TINY.max_position_embeddings, rope_theta=TINY.rope_theta)
+    assert config_from_dict(original) == TINY
+
+
+def test_disagreeing_spellings_are_an_error():
+    with pytest.raises(CheckpointError, match="intermediate_size=5632 and ffn_hidden_size=1024 disagree"):
+        config_from_dict({"intermediate_size": 5632, "ffn_hidden_size": 1024})
+
+
+def test_8b_preset_sizes():
+    """8,522,237,952 parameters, ~2.2B active per token without the embedding table (DESIGN.md section 9)."""
+    with torch.device("meta"):
+        model = JetMoEForCausalLM(JetMoEConfig.preset("jetmoe-8b"))
+    assert model.num_parameters() == 8_522_237_952
+    active = model.num_parameters(active=True)
+    print(f"active parameters per token: {active / 1e9:.3f}B")
+    assert 2.1e9 < active < 2.3e9
+
+
+# ---------------------------------------------------------------- forward
+
+
+def test_rmsnorm_eps_quirk():
+    """Per-layer norms use 1e-6 whatever rms_norm_eps says; the final norm uses rms_norm_eps."""
+    model = JetMoEForCausalLM(dataclasses.replace(TINY, rms_norm_eps=1e-3))
+    assert model.model.norm.eps == 1e-3
+    assert {layer.input_layernorm.eps for layer in model.model.layers} == {1e-6}
+    assert {layer.post_attention_layernorm.eps for layer in model.model.layers} == {1e-6}
+
+
+def test_aux_loss_drops_padding_tokens():
+    model = random_model()
+    x = torch.randint(3, TINY.vocab_size, (2, 7))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with scattermoe.use_backend("torch"):
+        out = model(x, attention_mask=mask)
+    valid = mask.reshape(-1).bool()
+    routers = [(lg[valid], lg[valid].topk(TINY.num_experts_per_tok, dim=-1).indices) for lg in out.router_logits]
+    expected = TINY.aux_loss_coef * router_aux_loss(routers, TINY.num_local_experts)
+    assert_close(out.aux_loss, expected, 1e-6, "aux loss over non-padding tokens")
+
+
+# ---------------------------------------------------------------- KV cache and generation
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_decode_equals_full_forward(backend, padded):
+    model = random_model()
+    B, S, steps = 2, 5, 4 if backend == "triton" else 6
+    x = torch.randint(3, TINY.vocab_size, (B, S))
+    mask = torch.ones(B, S + steps, dtype=torch.long)
+    if padded:
+        mask[0, :2] = 0
+    cache = KVCache(TINY, B, S + steps, "cpu", torch.float32)
+    with torch.no_grad(), scattermoe.use_backend(backend):
+        cached = model(x, attention_mask=mask[:, :S], cache=cache).logits[:, -1]
+        seq = x
+        for step in range(steps):
+            full = model(seq, attention_mask=mask[:, :seq.size(1)]).logits[:, -1]
+            print(f"step {step}: max abs diff {(cached - full).abs().max().item():.2e}")
+            assert_close(cached, full, 1e-5, f"decode step {step}")
+            nxt = cached.argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            cached = model(nxt[:, None], attention_mask=mask[:, :seq.size(1)], cache=cache).logits[:, -1]
+    assert cache.length == S + steps
+
+
+def test_decode_step_does_not_rerun_the_prompt():
+    model = random_model()
+    seen = []
+    model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    with scattermoe.use_backend("torch"):
+        model.generate(torch.randint(3, TINY.vocab_size, (2, 9)), max_new_tokens=5)
+    assert seen == [(2, 9)] + [(2, 1)] * 4  # one prefill, then one position per step (the 5th token needs none)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_left_padded_batch_generates_like_one_by_one(backend):
+    model = random_model()
+    prompts = [torch.randint(3, TINY.vocab_size, (n,)) for n in (6, 2, 4)]
+    steps = 3 if backend == "triton" else 8
+    width = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), width), TINY.pad_token_id)
+    mask = torch.zeros_like(x)
+    for i, p in enumerate(prompts):
+        x[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    with scattermoe.use_backend(backend):
+        batched = model.generate(x, steps, attention_mask=mask)[:, width:]
+        alone = [model.generate(p[None], steps)[0, len(p):] for p in prompts]
+    print("batched:", batched.tolist(), "alone:", [a.tolist() for a in alone])
+    assert torch.equal(batched, torch.stack(alone))
+
+
+def test_eos_stops_rows_and_streams_to_the_callback():
+    model = random_model()
+    x = torch.randint(3, TINY.vocab_size, (2, 4))
+    with scattermoe.use_backend("torch"):
+        free = model.generate(x, 6)[:, 4:]
+        eos = int(free[0, 1])  # row 0 emits it at step 1
+        streamed = []
+        out = model.generate(x, 6, eos_token_id=eos, callback=lambda t: streamed.append(t.tolist()))[:, 4:]
+    assert out[0, 1] == eos and (out[0, 1:] == eos).all(), out  # a finished row keeps emitting eos
+    assert [list(col) for col in zip(*out.tolist())] == streamed
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_head():
+    model = random_model()
+    x = torch.randint(3, TINY.vocab_size, (1, 4))
+    with scattermoe.use_backend("torch"):
+        a = model.generate(x, 6, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+        b = model.generate(x, 6, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+        greedy = model.generate(x, 6)
+        tiny_p = model.generate(x, 6, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert torch.equal(tiny_p, greedy)  # top_p -> 0 leaves only the most likely token
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_errors_name_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied after the meta-device build
+    state = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.mlp.router.layer.weight"
+    save_file({k: v for k, v in state.items() if k != name}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"missing tensor {name}"):
+        load_pretrained(tmp_path)
+    state[name] = torch.zeros(5, 32)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{name} has shape \(5, 32\), the model expects \(4, 32\)"):
+        load_pretrained(tmp_path)
+
+
+def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_pretrained(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(config_to_dict(TINY)))
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        load_pretrained(tmp_path / "empty")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network in CI: the hub path must fail in one line
+    with pytest.raises(CheckpointError, match="could not download 'nobody/no-such-model'") as info:
+        load_pretrained("nobody/no-such-model")
+    assert "\n" not in str(info.value)
+
+
+def test_tokenizers_bytes_and_autotokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jetmoe import ByteTokenizer, HFTokenizer, load_tokenizer
+
+    byte = ByteTokenizer()
+    ids = byte.encode("déf ∑")
+    assert ids[0] == byte.bos_token_id and byte.decode(ids) == "déf ∑"
+    assert isinstance(load_tokenizer(None, vocab_size=259), ByteTokenizer)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "def": 3, "f": 4, "(": 5, ")": 6, ":": 7}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers = pytest.importorskip("transformers")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(tmp_path)
+    hf = load_tokenizer(tmp_path)
+    assert isinstance(hf, HFTokenizer)
+    assert hf.encode("def f ( ) :") == [1, 3, 4, 5, 6, 7]  # BOS first, as JetMoE-8B's tokenizer adds it
+    assert hf.pad_token_id == hf.eos_token_id == 2  # no pad token: padded with eos, as JetMoE-8B's config
+    with pytest.raises(ValueError, match="no tokenizer in"):
+        load_tokenizer(tmp_path / "nothing", vocab_size=32000)

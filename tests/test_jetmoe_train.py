@@ -1,0 +1,171 @@
+"""jetmoe training and CLI: a step through the kernels' backward, resume, DDP (gloo, 2 processes), the commands.
+
+The DDP test runs the real entry point under torchrun (2 CPU processes, gloo) and compares its log and
+weights with one process accumulating the same two micro-batches: DDP's gradient average and gradient
+accumulation are the same sum, so the losses agree to float rounding.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_close
+
+import scattermoe
+from jetmoe import ByteTokenizer, JetMoEConfig, JetMoEForCausalLM
+from jetmoe.__main__ import main
+from jetmoe.train import TRAIN_LOG, TrainConfig, get_batch, make_optimizer, train, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+BYTES = JetMoEConfig(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+                     intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, bos_token_id=256,
+                     eos_token_id=257, pad_token_id=258, initializer_range=0.05)
+TEXT = "def f(x):\n    return x * 2 + 1\n\n" * 40
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path) -> Path:
+    """A small byte-vocabulary checkpoint (HF layout + byte tokenizer) and a corpus file beside it."""
+    ckpt = tmp_path / "ckpt"
+    JetMoEForCausalLM(BYTES).save_pretrained(ckpt)
+    ByteTokenizer().save_pretrained(ckpt)
+    (tmp_path / "corpus.py").write_text(TEXT)
+    return ckpt
+
+
+def tokens() -> torch.Tensor:
+    return torch.tensor(ByteTokenizer().encode(TEXT))
+
+
+def test_batches_are_split_the_same_across_ranks_and_micro_steps():
+    cfg1 = TrainConfig(out_dir="unused", batch_size=2, seq_len=8, grad_accum=2)
+    cfg2 = TrainConfig(out_dir="unused", batch_size=2, seq_len=8, grad_accum=1)
+    t = tokens()
+    for step in range(3):
+        one_process = [get_batch(t, step, a, 0, 1, cfg1) for a in range(2)]
+        two_ranks = [get_batch(t, step, 0, r, 2, cfg2) for r in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(one_process, two_ranks))
+
+
+@pytest.mark.interpreter
+def test_triton_train_step_matches_torch_backend():
+    """One AdamW step through the Triton kernels' backward equals the same step on the torch backend."""
+    x = get_batch(tokens(), 0, 0, 0, 1, TrainConfig(out_dir="unused", batch_size=2, seq_len=12))
+    results = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = JetMoEForCausalLM(BYTES)
+        opt = make_optimizer(model, TrainConfig(out_dir="unused", lr=1e-2))
+        with scattermoe.use_backend(backend):
+            loss, aux = train_step(model, opt, [x], grad_clip=1.0)
+        results[backend] = (loss, aux, {n: p.detach().clone() for n, p in model.named_parameters()})
+    (lt, at, pt), (lk, ak, pk) = results["torch"], results["triton"]
+    print(f"loss torch {lt:.6f} triton {lk:.6f}; aux {at:.6f} {ak:.6f}")
+    assert abs(lt - lk) < 1e-4 * lt and abs(at - ak) < 1e-4 * at
+    for name in pt:
+        assert_close(pk[name], pt[name], 1e-4, f"{name} after one step")
+
+
+def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path):
+    scattermoe.set_backend("torch")
+    cfg = dict(batch_size=4, seq_len=16, warmup_steps=2, lr=1e-2, progress=False)
+    torch.manual_seed(0)
+    straight = JetMoEForCausalLM(BYTES)
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    rec = train(straight, tokens(), TrainConfig(out_dir=str(tmp_path / "a"), steps=12, **cfg))
+    losses = [r["loss"] for r in rec]
+    print("losses:", [round(v, 3) for v in losses])
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.5
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_9(rec):
+        if rec["step"] == 9:
+            raise Crash
+
+    part = JetMoEForCausalLM(BYTES)
+    part.load_state_dict(init)
+    out = str(tmp_path / "b")
+    with pytest.raises(Crash):  # checkpoint at step 8 (save_every), then a crash after step 9
+        train(part, tokens(), TrainConfig(out_dir=out, steps=12, save_every=4, log_every=9, **cfg), log=crash_at_step_9)
+    resumed = JetMoEForCausalLM(BYTES)  # fresh weights: resume must reload them (and the optimizer, and step)
+    rec2 = train(resumed, tokens(), TrainConfig(out_dir=out, steps=12, resume=True, **cfg))
+    assert [r["step"] for r in rec2] == list(range(9, 13))
+    assert_close(torch.tensor([r["loss"] for r in rec2]), torch.tensor(losses[8:]), 1e-6, "resumed losses")
+    for name, p in resumed.state_dict().items():
+        assert_close(p, straight.state_dict()[name], 1e-6, name)
+    log = [json.loads(line) for line in (Path(out) / TRAIN_LOG).read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))  # the crashed run's step 9 is not kept twice
+
+
+def _run(cmd, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, **kw)
+
+
+def test_ddp_two_processes_match_one_process(tiny_ckpt):
+    common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"), "--steps", "4",
+              "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--warmup", "2", "--no-progress",
+              "--device", "cpu"]  # gloo on the CPU, also where CUDA is present (2 ranks cannot share one GPU)
+    one = tiny_ckpt.parent / "one"
+    two = tiny_ckpt.parent / "two"
+    r1 = _run([sys.executable, "-m", "jetmoe", *common, "--grad-accum", "2", "--out", str(one)])
+    assert r1.returncode == 0, r1.stderr
+    r2 = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "jetmoe", *common, "--grad-accum", "1", "--out", str(two)])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "DistributedDataParallel over 2 processes (gloo)" in r2.stdout, r2.stdout
+    log1 = [json.loads(line) for line in (one / TRAIN_LOG).read_text().splitlines()]
+    log2 = [json.loads(line) for line in (two / TRAIN_LOG).read_text().splitlines()]
+    print("1 process:", [round(r["loss"], 6) for r in log1], "\n2 processes:", [round(r["loss"], 6) for r in log2])
+    assert len(log1) == len(log2) == 4
+    for a, b in zip(log1, log2):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (a, b)
+        assert abs(a["aux_loss"] - b["aux_loss"]) <= 1e-5 * a["aux_loss"], (a, b)
+    w1, w2 = JetMoEForCausalLM.from_pretrained(one), JetMoEForCausalLM.from_pretrained(two)
+    for name, p in w1.state_dict().items():
+        assert_close(w2.state_dict()[name], p, 1e-5, name)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/no/such/checkpoint"], "checkpoint not found"),
+    (["generate", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["train", "--device", "cuda", "--steps", "1"], "CUDA is not available"),
+    (["demo", "--device", "tpu"], "expected auto, cpu or cuda"),
+], ids=["missing_checkpoint", "unknown_flag", "cuda_absent", "bad_device"])
+def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("jetmoe: error:") and message in err, err
+
+
+def test_cli_generate_streams_and_reports(tiny_ckpt, capsys):
+    assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "def f", "--max-new-tokens", "6",
+                 "--ignore-eos", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def f")
+    assert "tokens/s" in err and "peak memory" in err and "backend: torch" in err
+    assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "a", "--prompt", "def g(x):",
+                 "--max-new-tokens", "4", "--temperature", "0.7", "--top-p", "0.9", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "--- [0]\na" in out and "--- [1]\ndef g(x):" in out
+
+
+def test_cli_demo_smoke(tmp_path, capsys):
+    """The README's command with a 3-second budget: trains on the stdlib, saves the HF layout, samples."""
+    assert main(["demo", "--seconds", "3", "--out", str(tmp_path / "demo"), "--max-new-tokens", "8",
+                 "--no-progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: torch" in out and "loss " in out and "sample:" in out
+    assert {"config.json", "model.safetensors", "byte_tokenizer.json", "trainer_state.pt", TRAIN_LOG} <= {
+        p.name for p in (tmp_path / "demo").iterdir()}
