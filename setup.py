@@ -68,8 +68,9 @@ setup(
         "torch>=2.6",
         # Triton has Linux wheels only; elsewhere the torch backend (the reference) runs.
         'triton>=3.6; platform_system == "Linux"',
-        # jetmoe: checkpoints in the Hugging Face layout, progress bars.
+        # jetmoe: checkpoints in the Hugging Face layout (safetensors' torch writer needs numpy), progress bars.
         "safetensors>=0.4",
+        "numpy",
         "tqdm",
     ],
     extras_require={

@@ -71,32 +71,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _version_tuple(dist: str) -> Optional[tuple]:
-    """(major, minor) of an installed distribution, read without importing it; None if absent."""
-    try:
-        version = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    try:
-        return tuple(int(v) for v in version.split(".")[:2])
-    except ValueError:
-        return None
-
-
-def _interpreter_problem() -> Optional[str]:
-    """Why Triton's CPU interpreter cannot run here, or None (then scattermoe itself says if Triton is missing)."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    if importlib.util.find_spec("numpy") is None:
-        return "the Triton CPU interpreter needs numpy, which is not installed (pip install \"numpy<2.4\")"
-    triton_version, numpy_version = _version_tuple("triton"), _version_tuple("numpy")
-    # Triton 3.6's interpreter does int() of a 1-element array, an error from numpy 2.4 on (3.7.1 is fixed).
-    if triton_version is not None and numpy_version is not None and triton_version < (3, 7) and numpy_version >= (2, 4):
-        return (f"the Triton {importlib.metadata.version('triton')} CPU interpreter breaks with numpy "
-                f"{importlib.metadata.version('numpy')} (pip install \"numpy<2.4\")")
-    return None
-
-
 def _rel_err(out, ref) -> float:
     out, ref = out.double(), ref.double()
     denom = ref.norm().item()
@@ -157,7 +131,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             _die(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
     interpreter_problem = None
     if device.type == "cpu":
-        interpreter_problem = _interpreter_problem()
+        from scattermoe.backends import interpreter_problem as find_interpreter_problem  # no kernels imported
+
+        interpreter_problem = find_interpreter_problem() if importlib.util.find_spec("triton") else None
         if interpreter_problem is None:
             if "scattermoe.backends.triton" in sys.modules and "TRITON_INTERPRET" not in os.environ:
                 interpreter_problem = "the kernels were imported before TRITON_INTERPRET=1 could be set (set it first)"

@@ -158,11 +158,10 @@ def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[
     (differentiably: the float32 weight receives the gradient). Gates keep their dtype (float32
     gates beside half-precision x are part of the contract).
     """
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return (x,) + tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x,) + tensors)
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return (x,) + tensors  # (a non-tensor x is reported by the argument checks that follow)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x,) + tensors)
 
 
 class ParallelLinear(torch.autograd.Function):

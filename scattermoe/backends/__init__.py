@@ -10,8 +10,11 @@ the reference, or Triton when ``TRITON_INTERPRET=1`` was set before import.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
+import importlib.util
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -49,6 +52,27 @@ def use_backend(name: str) -> Iterator[None]:
         _current = previous
 
 
+def _version_tuple(dist: str) -> Optional[tuple]:
+    """(major, minor) of an installed distribution, read without importing it; None if absent."""
+    try:
+        return tuple(int(v) for v in importlib.metadata.version(dist).split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run here (numpy missing or too new), or None."""
+    if importlib.util.find_spec("numpy") is None:
+        return "the Triton CPU interpreter needs numpy, which is not installed (pip install \"numpy<2.4\")"
+    triton_version, numpy_version = _version_tuple("triton"), _version_tuple("numpy")
+    # Triton 3.6's interpreter does int() of a 1-element array, an error from numpy 2.4 on (3.7.1 is fixed).
+    if triton_version is not None and numpy_version is not None and triton_version < (3, 7) and numpy_version >= (2, 4):
+        return (f"the Triton {importlib.metadata.version('triton')} CPU interpreter breaks with numpy "
+                f"{importlib.metadata.version('numpy')} (pip install \"numpy<2.4\")")
+    return None
+
+
 def _triton_interpreting() -> bool:
     # Read from the kernels' config: Triton fixes interpreter mode when the kernels are defined.
     from .triton.config import INTERPRET
@@ -70,6 +94,9 @@ def triton_unsupported_reason(x: torch.Tensor):
         return f"the triton backend runs on CUDA (or the CPU interpreter), not on {x.device.type}"
     if not _triton_interpreting():
         return "the triton backend on the CPU needs TRITON_INTERPRET=1 set before scattermoe is imported"
+    problem = interpreter_problem()
+    if problem is not None:
+        return problem
     if x.dtype == torch.bfloat16:
         # triton-lang/triton#11584: the interpreter's tl.dot multiplies bf16 bit patterns.
         return "bfloat16 under the Triton interpreter gives wrong results upstream (triton-lang/triton#11584)"
