@@ -10,7 +10,6 @@ the reference, or Triton when ``TRITON_INTERPRET=1`` was set before import.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -60,7 +59,6 @@ def _version_tuple(dist: str) -> Optional[tuple]:
         return None
 
 
-@functools.lru_cache(maxsize=None)
 def interpreter_problem() -> Optional[str]:
     """Why Triton's CPU interpreter cannot run here (numpy missing or too new), or None."""
     if importlib.util.find_spec("numpy") is None:
@@ -71,6 +69,10 @@ def interpreter_problem() -> Optional[str]:
         return (f"the Triton {importlib.metadata.version('triton')} CPU interpreter breaks with numpy "
                 f"{importlib.metadata.version('numpy')} (pip install \"numpy<2.4\")")
     return None
+
+
+# Found once at import (a few ms of metadata reads), so that compiled code only reads a constant.
+_INTERPRETER_PROBLEM = interpreter_problem()
 
 
 def _triton_interpreting() -> bool:
@@ -94,9 +96,8 @@ def triton_unsupported_reason(x: torch.Tensor):
         return f"the triton backend runs on CUDA (or the CPU interpreter), not on {x.device.type}"
     if not _triton_interpreting():
         return "the triton backend on the CPU needs TRITON_INTERPRET=1 set before scattermoe is imported"
-    problem = interpreter_problem()
-    if problem is not None:
-        return problem
+    if _INTERPRETER_PROBLEM is not None:
+        return _INTERPRETER_PROBLEM
     if x.dtype == torch.bfloat16:
         # triton-lang/triton#11584: the interpreter's tl.dot multiplies bf16 bit patterns.
         return "bfloat16 under the Triton interpreter gives wrong results upstream (triton-lang/triton#11584)"
