@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The GPU protocol in one command (DESIGN.md section 6), for an H100/H200 machine that may
+# have no internet access:
+#
+#   bash bench/gpu_check.sh OUTDIR
+#
+# 1. environment: nvidia-smi, Python / torch / triton / CUDA versions;
+# 2. install:     pip install --no-build-isolation --no-deps --no-index -e .  (torch and triton
+#                 are already there; --no-index keeps pip off the network);
+# 3. tests:       python -m pytest tests -q -rs, JUnit XML into OUTDIR/junit.xml;
+# 4. benchmark:   python -m bench --out OUTDIR  (result .json / .md, .png if matplotlib is there).
+#
+# A failing step does not stop the later ones. Everything printed is also kept in
+# OUTDIR/gpu_check.log, and OUTDIR/gpu_check_summary.txt holds each step's exit status.
+#
+# Time: the whole script is meant to finish within ~9 minutes on an H100. GPU_CHECK_BUDGET_S
+# (default 540) is the total; the tests get at most GPU_CHECK_TEST_BUDGET_S (default 240); the
+# benchmark gets what is left, as a soft budget (it skips, and records, what it has no time
+# for) inside a hard timeout. BENCH_ARGS adds arguments to python -m bench (e.g. --quick).
+#
+# Exit status: 0 all passed; 1 the tests failed (or errored / timed out / collected nothing);
+# 2 the tests passed but the benchmark failed (a scattermoe provider failed its correctness
+# check, errored, or the run timed out); 3 only the install failed (the tests and the
+# benchmark ran from the source tree); 64 usage.
+
+set -u -o pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: bash bench/gpu_check.sh OUTDIR" >&2
+    exit 64
+fi
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1" || exit 64
+OUT="$(cd "$1" && pwd)"
+BUDGET="${GPU_CHECK_BUDGET_S:-540}"
+TEST_BUDGET="${GPU_CHECK_TEST_BUDGET_S:-240}"
+PY="${PYTHON:-python}"
+
+step() { printf '\n===== %s (t=%ss) =====\n' "$1" "$SECONDS"; }
+
+main() {
+    cd "$REPO" || return 64
+
+    step "environment"
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    echo "repo: $REPO"
+    git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "git: no commit information in this copy"
+    nvidia-smi || echo "nvidia-smi: not available"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,persistence_mode \
+        --format=csv 2>/dev/null || true
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    "$PY" - <<'EOF'
+import platform, sys
+print("python", platform.python_version(), sys.executable)
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+    print("cuda available:", torch.cuda.is_available(), "devices:", torch.cuda.device_count())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print("device 0:", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+              round(p.total_memory / 2**30, 1), "GiB")
+except Exception as e:
+    print("torch: import failed:", e)
+for name in ("triton", "pytest", "transformers", "matplotlib", "numpy"):
+    try:
+        mod = __import__(name)
+        print(name, getattr(mod, "__version__", "?"))
+    except Exception as e:
+        print(name, "not available:", type(e).__name__)
+EOF
+    env | grep -E '^(SCATTERMOE_|TRITON_|CUDA_VISIBLE_DEVICES|PYTORCH_CUDA_ALLOC_CONF)' || true
+
+    step "install"
+    PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        "$PY" -m pip install --no-build-isolation --no-deps --no-index -e "$REPO"
+    INSTALL_RC=$?
+    if [ "$INSTALL_RC" -ne 0 ]; then
+        echo "install failed (exit $INSTALL_RC); the tests and the benchmark run from the source tree"
+    fi
+
+    step "tests"
+    timeout --signal=INT --kill-after=30 "$TEST_BUDGET" \
+        "$PY" -m pytest tests -q -rs --junitxml="$OUT/junit.xml" -p no:cacheprovider
+    TEST_RC=$?
+    [ "$TEST_RC" -eq 124 ] && echo "tests: stopped after ${TEST_BUDGET}s (GPU_CHECK_TEST_BUDGET_S)"
+    echo "pytest exit status: $TEST_RC"
+
+    step "benchmark"
+    local left=$(( BUDGET - SECONDS ))
+    if [ "$left" -lt 90 ]; then left=90; fi  # the benchmark is the point of the run: give it a minimum
+    # Soft budget a minute under the hard one, so the run ends by itself and writes its files.
+    # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
+    env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$left" \
+        "$PY" -m bench --out "$OUT" --time-budget $(( left > 150 ? left - 60 : left * 2 / 3 )) ${BENCH_ARGS:-}
+    BENCH_RC=$?
+    [ "$BENCH_RC" -eq 124 ] && echo "benchmark: stopped after ${left}s; files hold the cases finished before"
+    echo "benchmark exit status: $BENCH_RC"
+
+    step "transformers models, unpatched vs apply_scattermoe (issue 6)"
+    local hf_left=$(( BUDGET - SECONDS ))
+    HF_RC=skipped
+    if [ "$hf_left" -gt 120 ]; then
+        env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$hf_left" \
+            "$PY" -m bench.bench_hf_patch --quick --out "$OUT/hf_patch.json"
+        HF_RC=$?
+    else
+        echo "skipped: ${hf_left}s left of the budget"
+    fi
+
+    step "summary"
+    {
+        echo "install_rc=$INSTALL_RC"
+        echo "pytest_rc=$TEST_RC"
+        echo "bench_rc=$BENCH_RC"
+        echo "hf_patch_rc=$HF_RC"
+        echo "elapsed_s=$SECONDS"
+    } | tee "$OUT/gpu_check_summary.txt"
+    ls -l "$OUT"
+
+    if [ "$TEST_RC" -ne 0 ]; then return 1; fi
+    if [ "$BENCH_RC" -ne 0 ]; then return 2; fi
+    if [ "$INSTALL_RC" -ne 0 ]; then return 3; fi
+    return 0
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"

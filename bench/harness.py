@@ -1,0 +1,265 @@
+"""What every benchmark here shares: timing, memory, the run's environment, and result files.
+
+Timing (DESIGN.md section 7): CUDA events around each call, a warm-up first, the L2
+flushed before every timed call (a memset of a buffer larger than the L2), inputs
+rotated over several sets, every repeat kept. The number of repeats adapts to the
+time one call takes, within [min_rep, max_rep], so a slow provider does not eat
+the run's time budget.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so stdout holds only the result table."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How long to time one (case, provider): repeats = target_s / (ms per call), clamped."""
+    warmup: int = 3  # calls after the first (which compiles / autotunes and is timed apart)
+    target_s: float = 0.75
+    min_rep: int = 5
+    max_rep: int = 100
+
+
+def quantiles(times_ms: List[float]) -> Dict[str, float]:
+    xs = sorted(times_ms)
+
+    def q(p: float) -> float:  # linear interpolation, as numpy's default
+        pos = p * (len(xs) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return {"min": xs[0], "p10": q(0.1), "p20": q(0.2), "median": q(0.5), "p80": q(0.8), "p90": q(0.9),
+            "max": xs[-1], "mean": sum(xs) / len(xs)}
+
+
+class Timer:
+    """Times ``fn(i)`` (i = index of the input set to use) on one device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._flush = None
+        if self.cuda:
+            props = torch.cuda.get_device_properties(device)
+            l2 = int(getattr(props, "L2_cache_size", 0) or 0)
+            # 256 MB as triton.testing.do_bench uses, or more on a GPU with a larger L2.
+            self._flush = torch.empty(max(256 << 20, 4 * l2), dtype=torch.int8, device=device)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def flush_l2(self) -> None:
+        if self._flush is not None:
+            self._flush.zero_()
+
+    def measure(self, fn: Callable[[int], None], n_sets: int, plan: TimingPlan,
+                prepare: Callable[[], None] = lambda: None) -> Dict:
+        """Raw per-call times in ms plus the first call's time (compile, autotune) and the plan used.
+
+        ``prepare`` runs on the host before each call, outside the timed window
+        (e.g. dropping .grad so backward allocates instead of accumulating).
+        """
+        prepare()
+        self.sync()
+        t0 = time.perf_counter()
+        fn(0)
+        self.sync()
+        first_ms = (time.perf_counter() - t0) * 1e3
+
+        t0 = time.perf_counter()
+        for i in range(plan.warmup):
+            prepare()
+            fn((i + 1) % n_sets)
+        self.sync()
+        est_ms = (time.perf_counter() - t0) * 1e3 / plan.warmup if plan.warmup else first_ms
+        n_rep = int(min(plan.max_rep, max(plan.min_rep, math.ceil(plan.target_s * 1e3 / max(est_ms, 1e-3)))))
+
+        times: List[float] = []
+        if self.cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(n_rep)]
+            for i, (start, end) in enumerate(events):
+                prepare()
+                self.flush_l2()
+                start.record()
+                fn(i % n_sets)
+                end.record()
+            self.sync()
+            times = [start.elapsed_time(end) for start, end in events]
+        else:  # CPU smoke run only: wall clock, meaningless as a benchmark
+            for i in range(n_rep):
+                prepare()
+                t0 = time.perf_counter()
+                fn(i % n_sets)
+                times.append((time.perf_counter() - t0) * 1e3)
+        prepare()
+        return {"times_ms": times, "quantiles_ms": quantiles(times), "first_call_ms": first_ms,
+                "warmup": plan.warmup, "repeats": n_rep, "input_sets": n_sets}
+
+    def peak_memory(self, fn: Callable[[int], None], prepare: Callable[[], None] = lambda: None) -> Dict:
+        """Peak allocated bytes during one call (MiB): absolute, and above what was allocated before it."""
+        if not self.cuda:
+            return {"peak_mib": None, "extra_mib": None}
+        prepare()
+        gc.collect()
+        self.sync()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn(0)
+        self.sync()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        prepare()
+        return {"peak_mib": peak / 2**20, "extra_mib": (peak - base) / 2**20}
+
+
+# ---------------------------------------------------------------- environment
+
+
+def _run(cmd: List[str]) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> Dict:
+    """The checkout's commit, or 'unknown' where the copy has no .git (the GPU image may not)."""
+    full = os.environ.get("BENCH_COMMIT") or _run(["git", "rev-parse", "HEAD"])
+    if not full:
+        return {"commit": "unknown", "short": "unknown", "dirty": None}
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {"commit": full, "short": full[:7], "dirty": bool(status) if status is not None else None}
+
+
+def _nvidia_smi() -> Dict:
+    fields = ["driver_version", "name", "clocks.max.sm", "clocks.max.mem", "power.limit", "persistence_mode"]
+    if not shutil.which("nvidia-smi"):
+        return {}
+    out = _run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"])
+    if not out:
+        return {}
+    first = [v.strip() for v in out.splitlines()[0].split(",")]
+    return dict(zip(fields, first, strict=False))  # a short answer leaves fields out
+
+
+def _nvcc_version() -> Optional[str]:
+    if not shutil.which("nvcc"):
+        return None
+    out = _run(["nvcc", "--version"])
+    return out.splitlines()[-1] if out else None
+
+
+def environment(device: torch.device) -> Dict:
+    """Device, driver and software versions, commit, date and the env vars that change what runs."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import scattermoe
+
+    env = {
+        "date": _dt.date.today().isoformat(),
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "nvcc": _nvcc_version(),
+        "scattermoe": getattr(scattermoe, "__version__", None),
+        "git": git_commit(),
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k.startswith(("SCATTERMOE_", "TRITON_", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF"))},
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        smi = _nvidia_smi()
+        env["device"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_mib": round(int(getattr(props, "L2_cache_size", 0) or 0) / 2**20, 1) or None,
+            "driver": smi.pop("driver_version", None),
+            "nvidia_smi": smi,
+        }
+        env["matmul"] = {
+            "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "allow_bf16_reduced_precision_reduction":
+                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        }
+    else:
+        env["device"] = {"name": "cpu", "processor": platform.processor() or platform.machine(),
+                         "threads": torch.get_num_threads()}
+    return env
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3'."""
+    name = re.sub(r"^nvidia\s+", "", name.strip(), flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+# ---------------------------------------------------------------- result files
+
+
+def result_basename(env: Dict, suffix: str = "") -> str:
+    """<YYYY-MM-DD>_<device-slug>_<short-commit>[suffix], as DESIGN.md section 6 names result files."""
+    return f"{env['date']}_{device_slug(env['device']['name'])}_{env['git']['short']}{suffix}"
+
+
+def unique_basename(out_dir: Path, base: str) -> str:
+    """base, or base-2, base-3, ... so a second run the same day does not overwrite the first."""
+    name, n = base, 2
+    while (out_dir / f"{name}.json").exists():
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a run killed mid-write leaves the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: Dict) -> None:
+    write_text(path, json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
+
+
+def markdown_table(header: List[str], rows: List[List[str]], align: Optional[List[str]] = None) -> str:
+    align = align or ["l"] * len(header)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
