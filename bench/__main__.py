@@ -1,13 +1,17 @@
-"""python -m bench [--out DIR] [--quick] [...]: the GLU MoE benchmark on CUDA.
+"""python -m bench [--suite full|quick|headline] [...]: the kernel suite on CUDA; --e2e: the JetMoE suite.
 
-Writes ``<date>_<device>_<commit>.json`` (raw timings, environment) and ``.md`` (the
-table) into --out (default bench/results/), a ``.png`` if matplotlib is there, and
-prints the table. Exit status: 0; 1 if a scattermoe provider failed its correctness
-check or errored; 2 if it cannot run here (no CUDA, bad arguments).
+Kernel suite (bench/kernels.py): every case of issue 5 / DESIGN.md section 7 (MoE GLU fwd, bwd,
+fwd+bwd; MoA projections; routing alone; fine-grained shapes; T from 1 to 32768, uniform and Zipf)
+for every implementation present, side by side in one run. Writes
+``<date>_<device>_<commit>.json`` (one object: device, commit, torch, triton, cuda, created,
+rows, and the raw timings), ``.md`` (tables, targets) and ``.png`` (TFLOP/s against tokens) into
+--out (default bench/results/), then prints the tables. Exit status: 0; 1 if a scattermoe
+implementation failed its correctness check or errored; 2 if it cannot run here (no CUDA,
+bad arguments).
 
-``--cpu-smoke`` (hidden) runs the same pipeline at tiny shapes on the CPU to exercise
-the code paths and file writing. It is not a benchmark: its timings mean nothing and
-it never writes into bench/results/.
+``--cpu-smoke`` (hidden) runs the same pipeline at tiny shapes on the CPU to exercise the code
+paths and file writing. It is not a benchmark: its timings mean nothing and it never writes
+into bench/results/.
 """
 
 from __future__ import annotations
@@ -21,30 +25,38 @@ from typing import List, Optional
 
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    from .kernels import IMPLS, SHAPES
+
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--e2e", action="store_true",
+                   help="run the JetMoE end-to-end suite instead (python -m bench --e2e -h for its options)")
     p.add_argument("--out", type=Path, default=None, help="folder for the result files (default: bench/results/)")
-    p.add_argument("--quick", action="store_true",
-                   help="T=4096 only (uniform and Zipf), 2 input sets, few repeats: a fast sanity run; "
-                        "files get a _quick suffix")
-    p.add_argument("--providers", default=None,
-                   help="comma-separated subset of: scattermoe[triton],scattermoe[torch],torch._grouped_mm,dense")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated subset of fwd,fwd+bwd")
-    p.add_argument("--tokens", default=None,
-                   help="comma-separated T values for uniform routing (Zipf runs at the largest); "
-                        "default 4096,16384")
+    p.add_argument("--suite", default="full", choices=("full", "quick", "headline"),
+                   help="full: every case (default); quick: T=4096 and T=1 of each shape, a sanity run "
+                        "(files get _quick); headline: JetMoE MoE and routing at T=16384")
+    p.add_argument("--impls", default=None, help=f"comma-separated subset of: {','.join(IMPLS)}")
+    p.add_argument("--shapes", default=None, help=f"comma-separated subset of: {','.join(SHAPES)}")
+    p.add_argument("--tokens", default=None, help="comma-separated T values (replaces the suite's)")
     p.add_argument("--sets", type=int, default=None, help="input sets rotated between calls (default 3, quick 2)")
     p.add_argument("--max-call-ms", type=float, default=1000.0,
-                   help="skip a provider at a larger T when its time per call, scaled from a smaller T, "
+                   help="skip an implementation at a larger T when its time per call, scaled from a smaller T, "
                         "would exceed this (default 1000)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; once spent, the remaining measurements are skipped and recorded as such")
     p.add_argument("--no-plot", action="store_true", help="do not draw the .png")
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p.parse_known_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parse(argv)
+    args, extra = _parse(argv)
+    if args.e2e:
+        from . import e2e
+        return e2e.main(extra + (["--out", str(args.out)] if args.out else [])
+                        + (["--cpu-smoke"] if args.cpu_smoke else []))
+    if extra:
+        print(f"python -m bench: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        return 2
     import torch
 
     if not args.cpu_smoke:
@@ -58,43 +70,49 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "unset it to benchmark.", file=sys.stderr)
             return 2
 
-    from . import bench_glu_moe as op
-    from .harness import (
-        RESULTS_DIR,
-        TimingPlan,
-        environment,
-        log,
-        result_basename,
-        unique_basename,
-        write_json,
-        write_text,
-    )
+    from . import kernels, report
+    from .harness import (RESULTS_DIR, TimingPlan, device_limits, environment, log, result_basename,
+                          unique_basename, write_json, write_text)
     from .plot import plot
+    from .run import RunConfig, run
 
-    all_providers = ["scattermoe[triton]", "scattermoe[torch]", "torch._grouped_mm", op.DENSE]
-    if args.providers:
-        names = {"dense": op.DENSE}
-        providers = [names.get(p.strip(), p.strip()) for p in args.providers.split(",") if p.strip()]
-        unknown = [p for p in providers if p not in all_providers]
+    impls = list(kernels.IMPLS)
+    if args.impls:
+        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+        unknown = [i for i in impls if i not in kernels.IMPLS]
         if unknown:
-            print(f"python -m bench: unknown provider(s) {unknown}; expected {all_providers}", file=sys.stderr)
+            print(f"python -m bench: unknown impl(s) {unknown}; expected a subset of {list(kernels.IMPLS)}",
+                  file=sys.stderr)
             return 2
-    else:
-        providers = all_providers
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    if not modes or any(m not in op.MODES for m in modes):
-        print(f"python -m bench: --modes expects a subset of {','.join(op.MODES)}, got {args.modes!r}", file=sys.stderr)
-        return 2
+    groups = kernels.suite("smoke" if args.cpu_smoke else args.suite)
+    if args.shapes:
+        names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+        unknown = [s for s in names if s not in kernels.SHAPES]
+        if unknown:
+            print(f"python -m bench: unknown shape(s) {unknown}; expected a subset of {list(kernels.SHAPES)}",
+                  file=sys.stderr)
+            return 2
+        groups = [g for g in groups if g.shape.name in names]
+    if args.tokens:
+        try:
+            tokens = sorted({int(t) for t in args.tokens.split(",") if t.strip()})
+        except ValueError:
+            print(f"python -m bench: --tokens expects integers, got {args.tokens!r}", file=sys.stderr)
+            return 2
+        if not tokens or tokens[0] < 1:
+            print(f"python -m bench: --tokens expects positive integers, got {args.tokens!r}", file=sys.stderr)
+            return 2
+        seen = list(dict.fromkeys((g.shape, g.routing) for g in groups))
+        groups = [kernels.Group(shape, t, routing) for shape, routing in seen for t in tokens]
 
     suffix = ""
     if args.cpu_smoke:
         log("WARNING: --cpu-smoke checks code paths at tiny shapes on the CPU. It is NOT a benchmark: "
             "its timings mean nothing. It never writes into bench/results/.")
         device = torch.device("cpu")
-        cases = op.smoke_cases()
-        check_case = op.Case(T=32, D=64, F=96, E=4)
-        plan = TimingPlan(warmup=1, target_s=0.05, min_rep=2, max_rep=3)
-        n_sets = args.sets or 2
+        plan = TimingPlan(warmup=0, target_s=0.0, min_rep=2, max_rep=2)
+        n_sets, check_tokens = args.sets or 2, 24
+        args.max_call_ms = float("inf")  # CPU timings are noise: never skip on them
         out_dir = args.out or Path(tempfile.mkdtemp(prefix="scattermoe-cpu-smoke-"))
         if out_dir.resolve().is_relative_to(RESULTS_DIR.resolve()):
             print("python -m bench: --cpu-smoke never writes into bench/results/", file=sys.stderr)
@@ -102,93 +120,76 @@ def main(argv: Optional[List[str]] = None) -> int:
         suffix = "_cpu-smoke"
     else:
         device = torch.device("cuda", torch.cuda.current_device())
-        if args.tokens:
-            ts = sorted({int(t) for t in args.tokens.split(",") if t.strip()})
-            cases = [op.Case(T=t) for t in ts] + [op.Case(T=ts[-1], routing="zipf")]
-        else:
-            cases = op.jetmoe_cases(args.quick)
-        check_case = op.Case(T=512)
-        plan = TimingPlan(warmup=1, target_s=0.3, min_rep=3, max_rep=20) if args.quick else TimingPlan()
-        n_sets = args.sets or (2 if args.quick else 3)
+        quick = args.suite == "quick"
+        plan = TimingPlan(warmup=1, target_s=0.1, min_rep=3, max_rep=10) if quick else \
+            TimingPlan(warmup=1, target_s=0.15, min_rep=3, max_rep=25)
+        n_sets, check_tokens = args.sets or (2 if quick else 3), 512
         out_dir = args.out or RESULTS_DIR
-        suffix = "_quick" if args.quick else ""
+        suffix = "" if args.suite == "full" else f"_{args.suite}"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
+    limits = device_limits(env["device"]["name"]) if device.type == "cuda" else None
     base = unique_basename(out_dir, result_basename(env, suffix))
     json_path, md_path, png_path = (out_dir / f"{base}{ext}" for ext in (".json", ".md", ".png"))
-    cfg = op.RunConfig(device=device, cases=cases, providers=providers, modes=modes, plan=plan, n_sets=n_sets,
-                       check_case=check_case, max_call_ms=args.max_call_ms, time_budget_s=args.time_budget)
+    cfg = RunConfig(device=device, groups=groups, impls=impls, plan=plan, n_sets=n_sets, check_tokens=check_tokens,
+                    max_call_ms=args.max_call_ms, time_budget_s=args.time_budget, limits=limits)
     log(f"[bench] {env['device']['name']}, torch {env['torch']}, triton {env['triton']}, "
-        f"commit {env['git']['short']}; writing {json_path}")
+        f"commit {env['git']['short']}; {len(groups)} groups x modes x {len(impls)} impls; writing {json_path}")
 
     def payload(results) -> dict:
         return {
-            "benchmark": "glu_moe",
-            "description": op.__doc__.strip().splitlines()[0],
+            "benchmark": "kernels",
+            "device": env["device"]["name"],
+            "commit": env["git"]["commit"],
+            "torch": env["torch"],
+            "triton": env["triton"],
+            "cuda": env["torch_cuda"],
+            "created": env["timestamp_utc"],
+            "suite": "smoke" if args.cpu_smoke else args.suite,
             "smoke_only": bool(args.cpu_smoke),
+            "limits": limits,
             "environment": env,
-            "config": {"cases": [c.__dict__ for c in cases], "check_case": check_case.__dict__,
-                       "providers": providers, "modes": list(modes), "timing": plan.__dict__,
-                       "input_sets": n_sets, "max_call_ms": args.max_call_ms, "time_budget_s": args.time_budget,
-                       "quick": args.quick, "argv": sys.argv[1:] if argv is None else argv},
-            "results": results,
+            "config": {"groups": [kernels.group_record(g) for g in groups], "impls": impls,
+                       "timing": plan.__dict__, "input_sets": n_sets, "check_tokens": check_tokens,
+                       "max_call_ms": args.max_call_ms, "time_budget_s": args.time_budget,
+                       "argv": sys.argv[1:] if argv is None else argv},
+            "elapsed_s": results.get("elapsed_s"),
+            "grouped_mm": results.get("grouped_mm"),
+            "notes": results.get("notes", []),
+            "checks": results.get("checks", {}),
+            "loads": results.get("loads", []),
+            "rows": results.get("rows", []),
         }
-
-    def render(results) -> str:
-        dev = env["device"]
-        if args.cpu_smoke:
-            shapes = (f"> CPU SMOKE RUN: a code-path check at tiny shapes. Timings mean nothing.\n\n"
-                      f"Smoke shapes: {[c.label for c in cases]}, D={cases[0].D}, F={cases[0].F}, "
-                      f"E={cases[0].E}, K={cases[0].K}, bf16.")
-        else:
-            shapes = "Shapes: JetMoE-8B MoE, D=2048, F=5632 (W1 outputs 2F), E=8, K=2, bf16, SiLU GLU (activate_first)."
-        head = [
-            f"# GLU MoE benchmark — {dev['name']}", "",
-            f"{env['date']}, commit `{env['git']['short']}`" + (" (uncommitted changes)" if env["git"]["dirty"] else "")
-            + f"; torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, Python {env['python']}"
-            + (f", driver {dev['driver']}" if dev.get("driver") else "") + ".", "",
-            shapes + " Times are medians over the repeats (L2 flushed, inputs rotated); TFLOP/s counts useful "
-            "FLOPs only; *GB/s is a compulsory-traffic lower bound; 'vs dense' = dense ceiling time / this time; "
-            "'extra MiB' = peak allocated during one call above what was allocated before it. See bench/README.md.",
-            "",
-        ]
-        notes = list(results.get("notes", []))
-        gm = results.get("grouped_mm", {})
-        if gm.get("probe"):
-            notes.append(f"torch._grouped_mm probe: {gm['probe']} "
-                         f"(provider runs as: {gm.get('impl') or 'unavailable'})")
-        tail = ("\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)) if notes else ""
-        return "\n".join(head) + "\n" + op.markdown(results, check_case) + tail + "\n"
 
     def save(results) -> None:
         write_json(json_path, payload(results))
-        write_text(md_path, render(results))
+        write_text(md_path, report.markdown(payload(results)))
 
-    results = op.run(cfg, save)
-    if "scattermoe[torch]" in providers and not args.cpu_smoke:
-        slow = [r for c in results["cases"] for r in c["rows"]
-                if r["provider"] == "scattermoe[torch]" and r.get("status", "").startswith("skipped: too slow")]
-        if slow:
-            results["notes"].append("scattermoe[torch] (the reference loop) was skipped where too slow; see the rows.")
+    results = run(cfg, save)
+    if results["grouped_mm"].get("probe"):
+        results["notes"].append(f"torch._grouped_mm probe: {results['grouped_mm']['probe']} "
+                                f"(runs as: {results['grouped_mm'].get('impl') or 'unavailable'})")
     if not args.no_plot:
         note = plot(payload(results), png_path)
         if note:
             results["notes"].append(note)
             log(f"[bench] {note}")
     save(results)
-    print(render(results))
+    print(report.markdown(payload(results)))
     log(f"[bench] wrote {json_path} and {md_path} in {results['elapsed_s']:.0f} s")
     if args.cpu_smoke:
         log("WARNING: CPU smoke run: the timings above mean nothing.")
 
-    # A scattermoe provider that cannot run on the GPU is a failure; on the CPU smoke run triton cannot.
-    failed = [p for p, c in results["checks"].items() if p.startswith("scattermoe[")
-              and (("unavailable" in c and not args.cpu_smoke) or c.get("fwd+bwd") is False)]
-    errored = [r["provider"] for c in results["cases"] for r in c["rows"]
-               if r["provider"].startswith("scattermoe[") and r.get("status", "").startswith("error")]
-    if failed or errored:
-        log(f"[bench] scattermoe provider(s) failed the correctness check or errored: {sorted(set(failed + errored))}")
+    # A scattermoe implementation that fails its check or errors is a failure; so is Triton being
+    # unusable on a GPU (on the CPU smoke run it may be: no interpreter there).
+    bad = sorted({f"{shape}:{impl}" for shape, per in results["checks"].items() for impl, c in per.items()
+                  if impl.startswith("scattermoe") and (c.get("ok") is False or (
+                      impl == "scattermoe_triton" and "unavailable" in c and not args.cpu_smoke))})
+    bad += sorted({f"{r['case']}:{r['impl']}" for r in results["rows"]
+                   if r["impl"].startswith("scattermoe") and str(r.get("status", "")).startswith("error")})
+    if bad:
+        log(f"[bench] scattermoe implementation(s) failed the correctness check or errored: {bad}")
         return 1
     return 0
 

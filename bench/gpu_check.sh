@@ -8,7 +8,13 @@
 # 2. install:     pip install --no-build-isolation --no-deps --no-index -e .  (torch and triton
 #                 are already there; --no-index keeps pip off the network);
 # 3. tests:       python -m pytest tests -q -rs, JUnit XML into OUTDIR/junit.xml;
-# 4. benchmark:   python -m bench --out OUTDIR  (result .json / .md, .png if matplotlib is there).
+# 4. bench:       python -m bench --out OUTDIR, the kernel suite (result .json / .md, .png if
+#                 matplotlib is there), most important cases first, within the time left;
+# 5. e2e:         python -m bench --e2e --out OUTDIR (JetMoE vs transformers), if time is left;
+# 6. hf:          python -m bench.bench_hf_patch --quick (transformers models patched), if time is left.
+#
+# GPU_CHECK_STEPS picks steps (default "tests bench e2e hf"); with 15 minutes of device time,
+# run it twice: GPU_CHECK_STEPS="tests e2e hf" then GPU_CHECK_STEPS="bench" (bench/README.md).
 #
 # A failing step does not stop the later ones. Everything printed is also kept in
 # OUTDIR/gpu_check.log, and OUTDIR/gpu_check_summary.txt holds each step's exit status.
@@ -19,7 +25,7 @@
 # for) inside a hard timeout. BENCH_ARGS adds arguments to python -m bench (e.g. --quick).
 #
 # Exit status: 0 all passed; 1 the tests failed (or errored / timed out / collected nothing);
-# 2 the tests passed but the benchmark failed (a scattermoe provider failed its correctness
+# 2 the tests passed but the kernel or e2e benchmark failed (a scattermoe provider failed its correctness
 # check, errored, or the run timed out); 3 only the install failed (the tests and the
 # benchmark ran from the source tree); 64 usage.
 
@@ -36,6 +42,8 @@ OUT="$(cd "$1" && pwd)"
 BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 TEST_BUDGET="${GPU_CHECK_TEST_BUDGET_S:-240}"
 PY="${PYTHON:-python}"
+STEPS=" ${GPU_CHECK_STEPS:-tests bench e2e hf} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step() { printf '\n===== %s (t=%ss) =====\n' "$1" "$SECONDS"; }
 
@@ -80,33 +88,58 @@ EOF
         echo "install failed (exit $INSTALL_RC); the tests and the benchmark run from the source tree"
     fi
 
-    step "tests"
-    timeout --signal=INT --kill-after=30 "$TEST_BUDGET" \
-        "$PY" -m pytest tests -q -rs --junitxml="$OUT/junit.xml" -p no:cacheprovider
-    TEST_RC=$?
-    [ "$TEST_RC" -eq 124 ] && echo "tests: stopped after ${TEST_BUDGET}s (GPU_CHECK_TEST_BUDGET_S)"
-    echo "pytest exit status: $TEST_RC"
+    TEST_RC=skipped
+    if want tests; then
+        step "tests"
+        timeout --signal=INT --kill-after=30 "$TEST_BUDGET" \
+            "$PY" -m pytest tests -q -rs --junitxml="$OUT/junit.xml" -p no:cacheprovider
+        TEST_RC=$?
+        [ "$TEST_RC" -eq 124 ] && echo "tests: stopped after ${TEST_BUDGET}s (GPU_CHECK_TEST_BUDGET_S)"
+        echo "pytest exit status: $TEST_RC"
+    fi
 
-    step "benchmark"
-    local left=$(( BUDGET - SECONDS ))
-    if [ "$left" -lt 90 ]; then left=90; fi  # the benchmark is the point of the run: give it a minimum
-    # Soft budget a minute under the hard one, so the run ends by itself and writes its files.
-    # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
-    env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$left" \
-        "$PY" -m bench --out "$OUT" --time-budget $(( left > 150 ? left - 60 : left * 2 / 3 )) ${BENCH_ARGS:-}
-    BENCH_RC=$?
-    [ "$BENCH_RC" -eq 124 ] && echo "benchmark: stopped after ${left}s; files hold the cases finished before"
-    echo "benchmark exit status: $BENCH_RC"
+    # e2e and hf are short and fixed (~2-3 min together); the kernel suite takes what is left.
+    local reserve=0
+    want e2e && reserve=$(( reserve + 120 ))
+    want hf && reserve=$(( reserve + 90 ))
+    BENCH_RC=skipped
+    if want bench; then
+        step "kernel benchmark"
+        local left=$(( BUDGET - SECONDS - reserve ))
+        if [ "$left" -lt 90 ]; then left=90; fi  # the benchmark is the point of the run: give it a minimum
+        # Soft budget under the hard one, so the run ends by itself and writes its files.
+        # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
+        env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$left" \
+            "$PY" -m bench --out "$OUT" --time-budget $(( left > 150 ? left - 45 : left * 2 / 3 )) ${BENCH_ARGS:-}
+        BENCH_RC=$?
+        [ "$BENCH_RC" -eq 124 ] && echo "benchmark: stopped after ${left}s; files hold the cases finished before"
+        echo "benchmark exit status: $BENCH_RC"
+    fi
 
-    step "transformers models, unpatched vs apply_scattermoe (issue 6)"
-    local hf_left=$(( BUDGET - SECONDS ))
+    E2E_RC=skipped
+    if want e2e; then
+        step "JetMoE end to end, jetmoe vs transformers"
+        local e2e_left=$(( BUDGET - SECONDS ))
+        if [ "$e2e_left" -gt 60 ]; then
+            env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$e2e_left" \
+                "$PY" -m bench --e2e --out "$OUT"
+            E2E_RC=$?
+        else
+            echo "skipped: ${e2e_left}s left of the budget"
+        fi
+    fi
+
     HF_RC=skipped
-    if [ "$hf_left" -gt 120 ]; then
-        env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$hf_left" \
-            "$PY" -m bench.bench_hf_patch --quick --out "$OUT/hf_patch.json"
-        HF_RC=$?
-    else
-        echo "skipped: ${hf_left}s left of the budget"
+    if want hf; then
+        step "transformers models, unpatched vs apply_scattermoe (issue 6)"
+        local hf_left=$(( BUDGET - SECONDS ))
+        if [ "$hf_left" -gt 60 ]; then
+            env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$hf_left" \
+                "$PY" -m bench.bench_hf_patch --quick --out "$OUT/hf_patch.json"
+            HF_RC=$?
+        else
+            echo "skipped: ${hf_left}s left of the budget"
+        fi
     fi
 
     step "summary"
@@ -114,13 +147,15 @@ EOF
         echo "install_rc=$INSTALL_RC"
         echo "pytest_rc=$TEST_RC"
         echo "bench_rc=$BENCH_RC"
+        echo "e2e_rc=$E2E_RC"
         echo "hf_patch_rc=$HF_RC"
         echo "elapsed_s=$SECONDS"
     } | tee "$OUT/gpu_check_summary.txt"
     ls -l "$OUT"
 
-    if [ "$TEST_RC" -ne 0 ]; then return 1; fi
-    if [ "$BENCH_RC" -ne 0 ]; then return 2; fi
+    if [ "$TEST_RC" != 0 ] && [ "$TEST_RC" != skipped ]; then return 1; fi
+    if [ "$BENCH_RC" != 0 ] && [ "$BENCH_RC" != skipped ]; then return 2; fi
+    if [ "$E2E_RC" != 0 ] && [ "$E2E_RC" != skipped ]; then return 2; fi
     if [ "$INSTALL_RC" -ne 0 ]; then return 3; fi
     return 0
 }

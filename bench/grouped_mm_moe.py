@@ -86,6 +86,37 @@ def grouped_mm_glu_moe(
     return y_ND[inverse_N].view(T, K, -1).sum(1)
 
 
+def grouped_mm_moa(
+    x_TD: torch.Tensor,
+    gates_TK: torch.Tensor,
+    expert_idxs_TK: torch.Tensor,
+    w_in_EHD: torch.Tensor,
+    w_out_EDH: torch.Tensor,
+    num_heads: int,
+    mm: Optional[GroupedMM] = None,
+) -> torch.Tensor:
+    """JetMoE's MoA projections with attention left out: map, then reduce of map's output.
+
+    map: q = W_in_e x_t per slot, laid out [T, H*K, Dh] (kv head h, slot j) as scattermoe.MoA
+    gives it to SDPA; reduce: y_t = sum_j gates[t, j] W_out_e o_(t, j). Here o = q (the attention
+    between them is not what is measured), so backward runs through both projections.
+    w_in_EHD [E, H*Dh, D], w_out_EDH [E, D, H*Dh].
+    """
+    mm = grouped_mm_torch if mm is None else mm
+    T, K = expert_idxs_TK.shape
+    HD = w_in_EHD.size(1)
+    slot_N, offs_E = sort_by_expert(expert_idxs_TK, w_in_EHD.size(0))
+    inverse_N = torch.empty_like(slot_N)
+    inverse_N[slot_N] = torch.arange(slot_N.numel(), device=slot_N.device)
+    x_ND = x_TD[torch.div(slot_N, K, rounding_mode="floor")]
+    q_NH = mm(x_ND, w_in_EHD.transpose(1, 2), offs_E)[inverse_N]  # slot order [T*K, H*Dh]
+    q = q_NH.view(T, K, num_heads, HD // num_heads).transpose(1, 2).reshape(T, num_heads * K, HD // num_heads)
+    o_NH = q.view(T, num_heads, K, -1).transpose(1, 2).reshape(T * K, HD)[slot_N]  # back to expert order
+    y_ND = mm(o_NH, w_out_EDH.transpose(1, 2), offs_E)
+    y_ND = y_ND * gates_TK.reshape(-1)[slot_N].to(y_ND.dtype).unsqueeze(-1)
+    return y_ND[inverse_N].view(T, K, -1).sum(1)
+
+
 def probe(device: torch.device) -> Optional[str]:
     """None if torch._grouped_mm runs (forward and backward) on ``device`` in bf16 and matches
     a torch.mm loop on uneven groups (one empty); otherwise the reason, for 'unavailable: ...'."""

@@ -80,14 +80,15 @@ class Timer:
         if self._flush is not None:
             self._flush.zero_()
 
-    def measure(self, fn: Callable[[int], None], n_sets: int, plan: TimingPlan,
-                prepare: Callable[[], None] = lambda: None) -> Dict:
+    def measure(self, fn: Callable[[int], object], n_sets: int, plan: TimingPlan,
+                prepare: Callable[[int], None] = lambda i: None) -> Dict:
         """Raw per-call times in ms plus the first call's time (compile, autotune) and the plan used.
 
-        ``prepare`` runs on the host before each call, outside the timed window
-        (e.g. dropping .grad so backward allocates instead of accumulating).
+        ``prepare(i)`` runs on the host before the call on input set i, outside the timed window
+        (e.g. dropping .grad so backward allocates instead of accumulating, or running the
+        forward whose backward is timed).
         """
-        prepare()
+        prepare(0)
         self.sync()
         t0 = time.perf_counter()
         fn(0)
@@ -95,9 +96,10 @@ class Timer:
         first_ms = (time.perf_counter() - t0) * 1e3
 
         t0 = time.perf_counter()
-        for i in range(plan.warmup):
-            prepare()
-            fn((i + 1) % n_sets)
+        for w in range(plan.warmup):
+            i = (w + 1) % n_sets
+            prepare(i)
+            fn(i)
         self.sync()
         est_ms = (time.perf_counter() - t0) * 1e3 / plan.warmup if plan.warmup else first_ms
         n_rep = int(min(plan.max_rep, max(plan.min_rep, math.ceil(plan.target_s * 1e3 / max(est_ms, 1e-3)))))
@@ -106,38 +108,43 @@ class Timer:
         if self.cuda:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(n_rep)]
-            for i, (start, end) in enumerate(events):
-                prepare()
+            for r, (start, end) in enumerate(events):
+                prepare(r % n_sets)
                 self.flush_l2()
                 start.record()
-                fn(i % n_sets)
+                fn(r % n_sets)
                 end.record()
             self.sync()
             times = [start.elapsed_time(end) for start, end in events]
         else:  # CPU smoke run only: wall clock, meaningless as a benchmark
-            for i in range(n_rep):
-                prepare()
+            for r in range(n_rep):
+                prepare(r % n_sets)
                 t0 = time.perf_counter()
-                fn(i % n_sets)
+                fn(r % n_sets)
                 times.append((time.perf_counter() - t0) * 1e3)
-        prepare()
+        prepare(0)
         return {"times_ms": times, "quantiles_ms": quantiles(times), "first_call_ms": first_ms,
                 "warmup": plan.warmup, "repeats": n_rep, "input_sets": n_sets}
 
-    def peak_memory(self, fn: Callable[[int], None], prepare: Callable[[], None] = lambda: None) -> Dict:
-        """Peak allocated bytes during one call (MiB): absolute, and above what was allocated before it."""
+    def peak_memory(self, fn: Callable[[int], object], prepare: Callable[[int], None] = lambda i: None) -> Dict:
+        """One call's memory, in GB (10^9 bytes): ``peak_mem_gb`` the peak allocated during it (weights,
+        inputs and what a forward kept included), ``extra_gb`` that peak above what was allocated
+        before it, ``held_gb`` what stays allocated while its result is alive (for a training
+        forward: the activations kept for backward, plus the output)."""
         if not self.cuda:
-            return {"peak_mib": None, "extra_mib": None}
-        prepare()
+            return {"peak_mem_gb": None, "extra_gb": None, "held_gb": None}
+        prepare(0)
         gc.collect()
         self.sync()
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        fn(0)
+        out = fn(0)
         self.sync()
         peak = torch.cuda.max_memory_allocated(self.device)
-        prepare()
-        return {"peak_mib": peak / 2**20, "extra_mib": (peak - base) / 2**20}
+        held = torch.cuda.memory_allocated(self.device) - base
+        del out
+        prepare(0)
+        return {"peak_mem_gb": peak / 1e9, "extra_gb": (peak - base) / 1e9, "held_gb": held / 1e9}
 
 
 # ---------------------------------------------------------------- environment
@@ -222,6 +229,24 @@ def environment(device: torch.device) -> Dict:
         env["device"] = {"name": "cpu", "processor": platform.processor() or platform.machine(),
                          "threads": torch.get_num_threads()}
     return env
+
+
+# Datasheet peaks per device: dense bf16 tensor-core FLOP/s (no sparsity) and HBM bytes/s.
+DEVICE_LIMITS = (
+    ("h200", {"label": "H200 (datasheet)", "bf16_flops": 989e12, "hbm_bytes_s": 4.8e12}),
+    ("h100 nvl", {"label": "H100 NVL (datasheet)", "bf16_flops": 835e12, "hbm_bytes_s": 3.9e12}),
+    ("h100 pcie", {"label": "H100 PCIe (datasheet)", "bf16_flops": 756e12, "hbm_bytes_s": 2.0e12}),
+    ("h100", {"label": "H100 SXM (datasheet)", "bf16_flops": 989e12, "hbm_bytes_s": 3.35e12}),
+)
+
+
+def device_limits(name: str) -> Optional[Dict]:
+    """The datasheet limits of a device named like torch.cuda.get_device_name, or None if unknown."""
+    low = name.lower()
+    for key, limits in DEVICE_LIMITS:
+        if all(part in low for part in key.split()):
+            return dict(limits)
+    return None
 
 
 def device_slug(name: str) -> str:

@@ -1,14 +1,16 @@
-"""Draw a results JSON as a bar chart (TFLOP/s per case, mode and provider).
+"""Draw a kernel-suite result file: TFLOP/s against tokens, one panel per case, one line per implementation.
 
     python -m bench.plot bench/results/<name>.json   # writes <name>.png beside it
 
-matplotlib is optional (the GPU image need not have it): without it nothing is drawn
-and ``plot`` returns the reason, which the run records as a note.
+Uniform routing solid, Zipf dashed; routing (no FLOPs) is drawn as ms. matplotlib is optional
+(the GPU image need not have it): without it nothing is drawn and ``plot`` returns the reason,
+which the run records as a note.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -22,35 +24,40 @@ def plot(payload: Dict, path: Path) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot drawn (python -m bench.plot <json> draws it later)"
-
-    groups, providers = [], []
-    values: Dict = {}
-    for entry in payload["results"]["cases"]:
-        for row in entry["rows"]:
-            group = f"{entry['label']}\n{row['mode']}"
-            if group not in groups:
-                groups.append(group)
-            if row["provider"] not in providers:
-                providers.append(row["provider"])
-            values[(group, row["provider"])] = row.get("tflops") or 0.0
-    if not groups:
+    rows = [r for r in payload["rows"] if r.get("ms")]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    if not cases:
         return "no results to plot"
-
-    width = 0.8 / len(providers)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.5))
-    for i, provider in enumerate(providers):
-        xs = [g + (i - (len(providers) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [values.get((g, provider), 0.0) for g in groups], width, label=provider)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, fontsize=8)
-    ax.set_ylabel("useful TFLOP/s")
-    env = payload["environment"]
+    cols = min(3, len(cases))
+    nrows = math.ceil(len(cases) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
+    colors: Dict[str, str] = {}
+    for ax, case in zip(axes.flat, cases):
+        mine = [r for r in rows if r["case"] == case]
+        metric = "tflops" if any(r.get("tflops") for r in mine) else "ms"
+        for impl in dict.fromkeys(r["impl"] for r in mine):
+            for routing, style in (("uniform", "-"), ("zipf", "--")):
+                pts = sorted((r["tokens"], r[metric]) for r in mine if r["impl"] == impl and r["routing"] == routing)
+                if not pts:
+                    continue
+                line, = ax.plot(*zip(*pts), style, marker="o", markersize=3, color=colors.get(impl),
+                                label=impl if routing == "uniform" or impl not in colors else None)
+                colors.setdefault(impl, line.get_color())
+        ax.set_xscale("log", base=2)
+        if metric == "ms":
+            ax.set_yscale("log")
+        ax.set_title(case, fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("useful TFLOP/s" if metric == "tflops" else "ms (median)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(cases):]:
+        ax.axis("off")
     smoke = " (CPU SMOKE RUN: timings mean nothing)" if payload.get("smoke_only") else ""
-    ax.set_title(f"{payload['benchmark']} — {env['device']['name']}, commit {env['git']['short']}{smoke}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"scattermoe kernels — {payload['device']}, commit {payload['commit'][:7]}{smoke}; "
+                 f"solid uniform, dashed Zipf routing", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
 

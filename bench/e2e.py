@@ -1,0 +1,255 @@
+"""python -m bench --e2e: JetMoE end to end, jetmoe/ on scattermoe against transformers' JetMoeForCausalLM.
+
+One model at JetMoE-8B's width (D=2048, 16 KV heads x 128, F=5632, E=8, k=2, vocab 32000) with
+--layers of its 24 blocks (default 4: the whole model's time is about 24/L x these, the embedding
+and head aside), random bf16 weights built by transformers, saved, and loaded by jetmoe, so both
+hold the same weights. Before timing, jetmoe's logits are checked against transformers' (bf16 bound).
+
+Cases (``case``): ``e2e_prefill`` (forward over B x S tokens, no grad), ``e2e_train_step`` (forward
+with labels, then backward of loss + aux loss; the optimizer step is not timed: it is the same
+for every implementation), ``e2e_decode`` (greedy generation of --new-tokens after a --prompt
+token prompt with each side's KV cache; ``ms`` per new token, the prefill excluded).
+Implementations (``impl``): ``jetmoe_scattermoe_triton`` (jetmoe/, Triton backend),
+``transformers`` (as it comes, SDPA attention), ``transformers_apply_scattermoe`` (the same
+transformers model after ``scattermoe.integrations.apply_scattermoe``). FLOPs are 2 (prefill) or 6
+(train) x active non-embedding parameters x tokens, attention scores not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+IMPLS = ("jetmoe_scattermoe_triton", "transformers", "transformers_apply_scattermoe")
+WIDTH = dict(vocab_size=32000, hidden_size=2048, num_key_value_heads=16, kv_channels=128, intermediate_size=5632,
+             num_local_experts=8, num_experts_per_tok=2)
+SMOKE_WIDTH = dict(vocab_size=64, hidden_size=32, num_key_value_heads=2, kv_channels=8, intermediate_size=48,
+                   num_local_experts=4, num_experts_per_tok=2)
+CHECK_TOL = 2e-2
+
+
+def _median(xs: List[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _time(fn: Callable[[int], None], sets: int, repeats: int, prepare: Callable[[], None] = lambda: None
+          ) -> List[float]:
+    """ms per call with CUDA events (wall clock on the CPU smoke run), one warm-up per input set first."""
+    cuda = torch.cuda.is_available()
+    for i in range(sets):
+        prepare()
+        fn(i)
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for r in range(repeats):
+        prepare()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(r % sets)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(r % sets)
+            times.append((time.perf_counter() - t0) * 1e3)
+    prepare()
+    return times
+
+
+def _peak_gb() -> Optional[float]:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        _reset_peak()
+
+
+def build(layers: int, dtype: torch.dtype, device: torch.device, workdir: Path, width: Dict):
+    """(transformers model, jetmoe model) with the same random weights, both on device."""
+    import transformers
+
+    from jetmoe import JetMoEForCausalLM
+
+    cfg = transformers.JetMoeConfig(**width, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = transformers.JetMoeForCausalLM(cfg).to(dtype)
+    hf.save_pretrained(workdir)
+    ours = JetMoEForCausalLM.from_pretrained(str(workdir), dtype=dtype, device=device)
+    return hf, ours
+
+
+def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats: int, impls: List[str],
+        log: Callable[[str], None], smoke: bool = False) -> Dict:
+    """The rows and the logits check. ``smoke``: tiny float32 model on the CPU (code paths only)."""
+    import scattermoe
+    from scattermoe.integrations import apply_scattermoe
+
+    if smoke:
+        device, dtype, width = torch.device("cpu"), torch.float32, SMOKE_WIDTH
+    else:
+        device, dtype, width = torch.device("cuda"), torch.bfloat16, WIDTH
+    with tempfile.TemporaryDirectory(prefix="scattermoe-e2e-") as tmp:
+        log(f"[e2e] building a {layers}-layer JetMoE model (transformers), saving, loading into jetmoe ...")
+        hf, ours = build(layers, dtype, device, Path(tmp), width)
+    active = ours.num_parameters(active=True)
+    vocab = width["vocab_size"]
+    dtype_name = str(dtype).removeprefix("torch.")
+    gen = torch.Generator(device=device).manual_seed(1)
+    batches = [torch.randint(3, vocab, (batch, seq), device=device, generator=gen) for _ in range(2)]
+    prompts = [torch.randint(3, vocab, (1, prompt), device=device, generator=gen) for _ in range(2)]
+
+    probe = batches[0][:1, :256]
+    with torch.no_grad():
+        ref = hf(input_ids=probe).logits.float()
+        with scattermoe.use_backend("triton"):
+            mine = ours(probe).logits.float()
+    err = ((mine - ref).norm() / ref.norm()).item()
+    checks = {"jetmoe_vs_transformers_logits_rel_err": err, "ok": err < CHECK_TOL}
+    log(f"[e2e] jetmoe vs transformers logits: rel err {err:.2e} ({'ok' if err < CHECK_TOL else 'FAIL'})")
+
+    rows: List[Dict] = []
+
+    def add(case: str, impl: str, tokens: int, times: List[float], flops: Optional[int], per: int = 1) -> None:
+        ms = _median(times) / per
+        row = {"case": case, "tokens": tokens, "routing": "model", "dtype": dtype_name, "impl": impl, "ms": ms,
+               "tflops": flops / ms / 1e9 if flops else None, "peak_mem_gb": _peak_gb(), "status": "ok",
+               "tokens_per_s": tokens / ms * 1e3 if case != "e2e_decode" else 1e3 / ms,
+               "raw_ms": times, "layers": layers}
+        rows.append(row)
+        log(f"[e2e] {case:<16} {impl:<30} {ms:9.3f} ms" + (f"  {row['tflops']:6.1f} TFLOP/s" if flops else "")
+            + (f"  {row['peak_mem_gb']:6.1f} GB" if row["peak_mem_gb"] is not None else ""))
+
+    def measure(impl: str, model, forward: Callable, generate: Callable) -> None:
+        tokens = batch * seq
+        try:
+            model.eval()
+            _reset_peak()
+            with torch.no_grad():
+                add("e2e_prefill", impl, tokens, _time(lambda i: forward(batches[i]), 2, repeats), 2 * active * tokens)
+            model.train()
+
+            def step(i: int) -> None:
+                loss, aux = forward(batches[i], labels=True)
+                (loss + aux).backward()
+            _reset_peak()
+            add("e2e_train_step", impl, tokens, _time(step, 2, repeats, lambda: model.zero_grad(set_to_none=True)),
+                6 * active * tokens)
+            model.eval()
+            _reset_peak()
+            with torch.no_grad():
+                # ms per new token: (prompt + n tokens) - (prompt + 1 token), so the prefill cancels.
+                long = _time(lambda i: generate(prompts[i], new_tokens), 2, max(3, repeats // 2))
+                short = _time(lambda i: generate(prompts[i], 1), 2, max(3, repeats // 2))
+            add("e2e_decode", impl, 1, [t - _median(short) for t in long], None, per=new_tokens - 1)
+        except Exception as exc:  # one implementation failing must not lose the others' rows
+            rows.append({"case": "e2e", "tokens": tokens, "routing": "model", "dtype": dtype_name, "impl": impl,
+                         "ms": None, "tflops": None, "peak_mem_gb": None,
+                         "status": f"error: {type(exc).__name__}: {str(exc).strip()[:300]}"})
+            log(f"[e2e] {impl}: error: {type(exc).__name__}: {exc}")
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    if "jetmoe_scattermoe_triton" in impls:
+        def ours_forward(ids, labels=False):
+            with scattermoe.use_backend("triton"):
+                out = ours(ids, labels=ids if labels else None)
+            return (out.loss, out.aux_loss) if labels else out.logits
+
+        def ours_generate(ids, n):
+            with scattermoe.use_backend("triton"):
+                return ours.generate(ids, max_new_tokens=n)
+        measure("jetmoe_scattermoe_triton", ours, ours_forward, ours_generate)
+    ours = None  # free its weights before transformers is timed
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    def hf_forward(ids, labels=False):
+        out = hf(input_ids=ids, labels=ids if labels else None, output_router_logits=labels)
+        return (out.loss, out.aux_loss if out.aux_loss is not None else out.loss * 0) if labels else out.logits
+
+    def hf_generate(ids, n):
+        return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    if "transformers" in impls:
+        measure("transformers", hf, hf_forward, hf_generate)
+    if "transformers_apply_scattermoe" in impls:
+        apply_scattermoe(hf)
+        measure("transformers_apply_scattermoe", hf, hf_forward, hf_generate)
+    return {"rows": rows, "checks": checks, "active_params": active}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench --e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=None, help="folder for the result files (default: bench/results/)")
+    p.add_argument("--layers", type=int, default=4, help="blocks of JetMoE-8B's 24 (default 4)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--prompt", type=int, default=128, help="decode: prompt length (default 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated (default 64)")
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    if any(i not in IMPLS for i in impls) or min(args.layers, args.batch, args.seq, args.prompt) < 1 \
+            or args.new_tokens < 2:
+        print(f"python -m bench --e2e: bad arguments (impls from {IMPLS}; sizes >= 1, --new-tokens >= 2)",
+              file=sys.stderr)
+        return 2
+    from .harness import (RESULTS_DIR, environment, log, markdown_table, result_basename, unique_basename,
+                          write_json, write_text)
+
+    if args.cpu_smoke:
+        log("WARNING: --cpu-smoke: a tiny float32 model on the CPU, a code-path check. Its timings mean nothing.")
+        out_dir = args.out or Path(tempfile.mkdtemp(prefix="scattermoe-e2e-smoke-"))
+        if out_dir.resolve().is_relative_to(RESULTS_DIR.resolve()):
+            print("python -m bench --e2e: --cpu-smoke never writes into bench/results/", file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available():
+        print("python -m bench --e2e: CUDA is not available; this benchmark times GPU runs.", file=sys.stderr)
+        return 2
+    else:
+        out_dir = args.out or RESULTS_DIR
+    env = environment(torch.device("cpu") if args.cpu_smoke else torch.device("cuda"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = unique_basename(out_dir, result_basename(env, "_e2e-cpu-smoke" if args.cpu_smoke else "_e2e"))
+    t0 = time.perf_counter()
+    res = run(args.layers, args.batch, args.seq, args.prompt, args.new_tokens, args.repeats, impls, log,
+              smoke=args.cpu_smoke)
+    width = SMOKE_WIDTH if args.cpu_smoke else WIDTH
+    payload = {"benchmark": "e2e", "smoke_only": args.cpu_smoke, "device": env["device"]["name"],
+               "commit": env["git"]["commit"], "torch": env["torch"], "triton": env["triton"],
+               "cuda": env["torch_cuda"], "created": env["timestamp_utc"], "environment": env,
+               "config": vars(args) | {"out": str(out_dir)}, "model": dict(width, num_hidden_layers=args.layers),
+               "active_params": res["active_params"], "checks": res["checks"],
+               "elapsed_s": time.perf_counter() - t0, "rows": res["rows"]}
+    dtype = payload["rows"][0]["dtype"] if payload["rows"] else ""
+    write_json(out_dir / f"{base}.json", payload)
+    table = markdown_table(
+        ["case", "impl", "tokens/call", "ms", "tokens/s", "TFLOP/s", "peak GB"],
+        [[r["case"], r["impl"], str(r["tokens"]), f"{r['ms']:.3f}" if r["ms"] else r["status"],
+          f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "", f"{r['tflops']:.0f}" if r.get("tflops") else "",
+          f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else ""] for r in res["rows"]])
+    smoke = "> CPU SMOKE RUN: a tiny float32 model; timings mean nothing.\n\n" if args.cpu_smoke else ""
+    md = (f"# JetMoE end to end — {payload['device']}\n\n{smoke}{payload['created'][:10]}, commit "
+          f"`{payload['commit'][:7]}`; torch {payload['torch']}, triton {payload['triton']}. {args.layers} of "
+          f"JetMoE-8B's 24 blocks{'' if args.cpu_smoke else ' at full width'}, random {dtype} "
+          f"weights; prefill and train step at {args.batch} x {args.seq} tokens; decode: ms per new token "
+          f"(batch 1, {args.prompt}-token prompt, {args.new_tokens} new). jetmoe vs transformers logits: rel err "
+          f"{res['checks']['jetmoe_vs_transformers_logits_rel_err']:.2e}.\n\n{table}\n")
+    write_text(out_dir / f"{base}.md", md)
+    print(md)
+    failed = not res["checks"]["ok"] or any(r["status"] != "ok" for r in res["rows"])
+    return 1 if failed else 0

@@ -1,0 +1,440 @@
+"""The kernel suite: cases, inputs and every implementation timed side by side (DESIGN.md section 7).
+
+Legend: T tokens, K experts per token, N = T*K routed rows, E experts, D model dim, F expert
+hidden dim (a GLU's first projection outputs 2F; for MoA, F = heads x head_dim).
+
+Shapes (case names are ``<shape>_<mode>``, and ``routing``):
+  jetmoe_moe        JetMoE-8B's MoE: SiLU GLU, D=2048, F=5632, E=8, K=2          fwd, bwd, fwd_bwd
+  jetmoe_moa        JetMoE-8B's MoA projections: 16 heads x 128, D=2048, E=8, K=2  fwd, fwd_bwd
+                    (map then reduce, attention between them left out: o = q)
+  finegrained_e64   GLU, D=2048, F=1408, E=64, K=8 (DeepSeek-style)               fwd, fwd_bwd
+  finegrained_e128  GLU, D=2048, F=768, E=128, K=8 (Qwen3-MoE-style)              fwd, fwd_bwd
+  routing           flatten_sort_count alone (sort, counts, offsets), E=8, K=2: impls ``scattermoe``
+                    (the library's, the same on every backend) and ``reference``
+Each at T in {1, 16, 128, 1024, 4096, 16384, 32768}, uniform and Zipf-skewed routing, bf16.
+
+Implementations (``impl``):
+  scattermoe_triton, scattermoe_cutlass   the library's layer on that backend
+  reference            the same layer on the ``torch`` backend (reference/: a loop over experts)
+  torch_grouped_mm     the layer written with torch._grouped_mm (bench/grouped_mm_moe.py)
+  dense_same_flops     plain cuBLAS matmuls with the same useful FLOPs and no routing: the ceiling
+  scattermoe_original  the original ScatterMoE's GLUMLP, from third_party/ (bench/thirdparty.py)
+  sonicmoe             SonicMoE's MoE layer, from third_party/ (its own router: see its row note)
+Modes: ``fwd`` is the training forward (what backward needs is kept); ``bwd`` is
+``y.backward(dy)`` alone, the forward run untimed before each call; ``fwd_bwd`` both.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import scattermoe
+from reference import ops as reference_ops
+
+from . import grouped_mm_moe, thirdparty
+
+IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "reference", "torch_grouped_mm", "dense_same_flops",
+         "scattermoe_original", "sonicmoe")
+BACKEND_OF = {"scattermoe_triton": "triton", "scattermoe_cutlass": "cutlass", "reference": "torch"}
+TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)
+ROUTINGS = ("uniform", "zipf")
+ZIPF_S = 1.2
+CHECK_TOL = 2e-2  # bf16 bound of DESIGN.md section 5
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    kind: str  # "glu" | "moa" | "routing"
+    D: int = 2048
+    F: int = 5632
+    E: int = 8
+    K: int = 2
+    heads: int = 0
+    modes: Tuple[str, ...] = ("fwd", "fwd_bwd")
+
+    @property
+    def head_dim(self) -> int:
+        return self.F // self.heads
+
+
+SHAPES: Dict[str, Shape] = {s.name: s for s in (
+    Shape("jetmoe_moe", "glu", modes=("fwd", "bwd", "fwd_bwd")),
+    Shape("jetmoe_moa", "moa", F=16 * 128, heads=16),
+    Shape("finegrained_e64", "glu", F=1408, E=64, K=8),
+    Shape("finegrained_e128", "glu", F=768, E=128, K=8),
+    Shape("routing", "routing", modes=("fwd",)),
+)}
+
+
+@dataclass(frozen=True)
+class Group:
+    """One (shape, T, routing): inputs made once; every mode x impl is timed on them."""
+    shape: Shape
+    T: int
+    routing: str = "uniform"
+    dtype: str = "bfloat16"
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape.name} T={self.T} {self.routing}"
+
+    def case(self, mode: str) -> str:
+        return self.shape.name if self.shape.kind == "routing" else f"{self.shape.name}_{mode}"
+
+
+def impls_for(shape: Shape, impls: List[str]) -> List[str]:
+    """The implementations a shape runs: routing has the library's one (no backend) and the reference."""
+    if shape.kind != "routing":
+        return list(impls)
+    mine = ["scattermoe"] if any(i.startswith("scattermoe_") for i in impls) else []
+    return mine + (["reference"] if "reference" in impls else [])
+
+
+def suite(name: str) -> List[Group]:
+    """The groups of a suite, most important first, so a run cut short by its budget keeps those."""
+    moe, moa, routing = SHAPES["jetmoe_moe"], SHAPES["jetmoe_moa"], SHAPES["routing"]
+    if name == "headline":
+        return [Group(moe, 16384), Group(routing, 16384)]
+    if name == "quick":
+        return [Group(moe, 4096), Group(moe, 4096, "zipf"), Group(moe, 1), Group(routing, 4096),
+                Group(moa, 4096), Group(SHAPES["finegrained_e64"], 4096)]
+    if name == "smoke":  # CPU code-path check: tiny shapes, every kind
+        tiny = {"glu": dict(D=64, F=96, E=4, K=2), "moa": dict(D=64, F=64, E=4, K=2, heads=4),
+                "routing": dict(D=64, E=4, K=2)}
+        shapes = [Shape(s.name, s.kind, modes=s.modes, **tiny[s.kind]) for s in (moe, moa, routing)]
+        # float16: the Triton interpreter multiplies bf16 dots wrongly (triton-lang/triton#11584).
+        return [Group(s, t, r, "float16") for s in shapes for t, r in ((1, "uniform"), (40, "zipf"))]
+    if name != "full":
+        raise ValueError(f"suite: expected full, quick, headline or smoke, got {name!r}")
+    head = [Group(moe, 16384)]
+    rest = [Group(s, t, r) for s in (moe, routing, moa, SHAPES["finegrained_e64"], SHAPES["finegrained_e128"])
+            for r in ROUTINGS for t in TOKENS]
+    return head + [g for g in rest if g not in head]
+
+
+# ---------------------------------------------------------------- counting
+
+
+def flops(group: Group, mode: str) -> Optional[int]:
+    """Useful FLOPs: the expert GEMMs over N rows (backward = 2x forward: dX and dW). None for routing."""
+    s, n = group.shape, group.T * group.shape.K
+    if s.kind == "routing":
+        return None
+    out1 = 2 * s.F if s.kind == "glu" else s.F
+    fwd = 2 * n * s.D * out1 + 2 * n * s.F * s.D
+    return {"fwd": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode]
+
+
+def weight_bytes(shape: Shape, experts: int, itemsize: int = 2) -> int:
+    """Bytes of ``experts`` experts' weights (what a decode step must read at least)."""
+    out1 = 2 * shape.F if shape.kind == "glu" else shape.F
+    return experts * (out1 * shape.D + shape.F * shape.D) * itemsize
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor       # [T, D], requires grad
+    gates: torch.Tensor   # [T, K], requires grad
+    idx: torch.Tensor     # [T, K] int64
+    dy: torch.Tensor      # [T, D]
+    dense: Dict[str, torch.Tensor] = field(default_factory=dict)  # operands of dense_same_flops
+
+
+def router(group: Group, gen: torch.Generator, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(gates [T, K] fp32, expert_idxs [T, K]) from JetMoE's router on Gumbel-perturbed log-probs.
+
+    Top-k of log p_e + Gumbel noise draws K distinct experts with probabilities p (the Gumbel-top-k
+    trick): "uniform" is uniform routing, "zipf" sends expert e a share ~ (e+1)^-1.2.
+    """
+    E = group.shape.E
+    logp = torch.zeros(E)
+    if group.routing == "zipf":
+        logp = -ZIPF_S * torch.log(torch.arange(1, E + 1, dtype=torch.float32))
+    elif group.routing != "uniform":
+        raise ValueError(f"routing: expected 'uniform' or 'zipf', got {group.routing!r}")
+    u = torch.rand(group.T, E, generator=gen).clamp_(1e-9, 1 - 1e-9)
+    return scattermoe.topk_gating((logp - torch.log(-torch.log(u))).to(device), group.shape.K)
+
+
+def make_inputs(group: Group, n_sets: int, device: torch.device, seed: int, dense: bool) -> List[Inputs]:
+    s, dtype = group.shape, getattr(torch, group.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    sets = []
+    for _ in range(n_sets):
+        gates, idx = router(group, gen, device)
+        x = torch.randn(group.T, s.D, generator=gen).to(device, dtype).requires_grad_()
+        dy = torch.randn(group.T, s.D, generator=gen).to(device, dtype)
+        inp = Inputs(x, gates.to(dtype).requires_grad_(), idx, dy)
+        if dense and s.kind != "routing":
+            n, out1 = group.T * s.K, (2 * s.F if s.kind == "glu" else s.F)
+            g = torch.Generator(device=device).manual_seed(seed + len(sets))
+            inp.dense = {name: torch.randn(*shape, generator=g, device=device, dtype=dtype) for name, shape in
+                         (("a", (n, s.D)), ("h", (n, s.F)), ("dh", (n, out1)), ("dy", (n, s.D)))}
+        sets.append(inp)
+    return sets
+
+
+def expert_load(idx: torch.Tensor, num_experts: int) -> Dict:
+    counts = torch.bincount(idx.reshape(-1).cpu(), minlength=num_experts).tolist()
+    return {"rows_per_expert": counts, "experts_used": sum(c > 0 for c in counts),
+            "max_over_mean": max(counts) / (sum(counts) / num_experts)}
+
+
+# ---------------------------------------------------------------- implementations
+
+
+Call = Callable[[int], object]
+Prepare = Callable[[int], None]
+
+
+class Workload:
+    """The weights of one shape and a callable per (impl, mode). Every MoE implementation shares
+    one set of weights (copied into the peers' layouts) and the same inputs."""
+
+    def __init__(self, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int,
+                 mm: Optional[grouped_mm_moe.GroupedMM], mm_unavailable: Optional[str]) -> None:
+        self.shape, self.device, self.dtype = shape, device, dtype
+        self.mm, self.mm_unavailable = mm, mm_unavailable
+        self.layer: Optional[torch.nn.Module] = None
+        self._peers: Dict[str, Tuple[Optional[torch.nn.Module], Optional[str]]] = {}
+        torch.manual_seed(seed)
+        if shape.kind == "glu":
+            self.layer = scattermoe.GLUMLP(shape.D, shape.F, shape.E, shape.K, activation=torch.nn.SiLU(),
+                                           activate_first=True).to(device, dtype)
+        elif shape.kind == "moa":
+            self.layer = scattermoe.MoA(shape.D, shape.head_dim, shape.heads, shape.E, shape.K).to(device, dtype)
+        if self.layer is not None:
+            gen = torch.Generator(device=device).manual_seed(seed + 1)
+            out1 = 2 * shape.F if shape.kind == "glu" else shape.F
+            self.w1 = torch.randn(shape.D, out1, generator=gen, device=device, dtype=dtype) * 0.02
+            self.w2 = torch.randn(shape.F, shape.D, generator=gen, device=device, dtype=dtype) * 0.02
+
+    # -- which implementations run here
+
+    def unavailable(self, impl: str, x: torch.Tensor) -> Optional[str]:
+        kind = self.shape.kind
+        if kind == "routing":
+            return None if impl in ("scattermoe", "reference") else "not a routing implementation"
+        if impl == "scattermoe_triton":
+            return scattermoe.backends.triton_unsupported_reason(x)
+        if impl == "scattermoe_cutlass":
+            from scattermoe.backends import cutlass
+            return cutlass.unsupported_reason(x)
+        if impl == "torch_grouped_mm":
+            return self.mm_unavailable
+        if impl in ("scattermoe_original", "sonicmoe"):
+            return f"{impl} has no MoA layer" if kind == "moa" else self._peer(impl)[1]
+        return None
+
+    def _peer(self, impl: str) -> Tuple[Optional[torch.nn.Module], Optional[str]]:
+        """The peer's GLU layer with our weights (original ScatterMoE), or its own (SonicMoE)."""
+        if impl in self._peers:
+            return self._peers[impl]
+        s, module = self.shape, None
+        if impl == "scattermoe_original":
+            mod, why = thirdparty.load_scattermoe_original()
+            if mod is not None:
+                module = mod.mlp.GLUMLP(s.D, s.F, s.E, s.K, activation=torch.nn.SiLU()).to(self.device, self.dtype)
+                # It activates the second half of the first projection, JetMoE the first: swap halves.
+                w = self.layer.experts.weight.detach()
+                module.experts.weight.data.copy_(torch.cat([w[:, s.F:], w[:, :s.F]], 1))
+                module.output_experts.weight.data.copy_(self.layer.output_experts.weight.detach())
+        else:
+            mod, why = thirdparty.load_sonicmoe()
+            if mod is not None:
+                try:
+                    from sonicmoe.enums import ActivationType
+                    module = mod.MoE(num_experts=s.E, num_experts_per_tok=s.K, hidden_size=s.D,
+                                     intermediate_size=s.F, activation_function=ActivationType.SWIGLU,
+                                     add_bias=False, std=0.02).to(self.device, self.dtype)
+                except Exception as exc:
+                    why = f"construction failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
+        self._peers[impl] = (module, why if module is None else None)
+        return self._peers[impl]
+
+    def params(self, impl: str) -> List[torch.Tensor]:
+        if impl in ("scattermoe_original", "sonicmoe"):
+            module = self._peer(impl)[0]
+            return list(module.parameters()) if module is not None else []
+        return list(self.layer.parameters()) if self.layer is not None else []
+
+    # -- forward per implementation
+
+    def forward(self, impl: str) -> Callable[[Inputs], torch.Tensor]:
+        s, layer = self.shape, self.layer
+        if s.kind == "routing":
+            fsc = reference_ops.flatten_sort_count if impl == "reference" else scattermoe.flatten_sort_count
+            return lambda inp: fsc(inp.idx, s.E)
+        if impl in BACKEND_OF:
+            backend = BACKEND_OF[impl]
+            if s.kind == "glu":
+                def run(inp: Inputs) -> torch.Tensor:
+                    with scattermoe.use_backend(backend):
+                        return layer(inp.x, inp.gates, inp.idx)
+            else:
+                def run(inp: Inputs) -> torch.Tensor:
+                    with scattermoe.use_backend(backend):
+                        q, routing = layer.map(inp.x, inp.gates, inp.idx)
+                        return layer.reduce(q, routing)
+            return run
+        if impl == "torch_grouped_mm":
+            if s.kind == "glu":
+                return lambda inp: grouped_mm_moe.grouped_mm_glu_moe(
+                    inp.x, inp.gates, inp.idx, layer.experts.weight, layer.output_experts.weight,
+                    activate_first=True, mm=self.mm)
+            return lambda inp: grouped_mm_moe.grouped_mm_moa(
+                inp.x, inp.gates, inp.idx, layer.input_linear.weight, layer.output_linear.weight, s.heads, mm=self.mm)
+        if impl == "scattermoe_original":
+            peer = self._peer(impl)[0]
+            return lambda inp: peer(inp.x, inp.gates, inp.idx)
+        if impl == "sonicmoe":
+            from sonicmoe import KernelBackendMoE
+            peer = self._peer(impl)[0]
+            return lambda inp: peer(inp.x, kernel_backend_moe=KernelBackendMoE.sonicmoe)[0]
+        raise KeyError(impl)
+
+    # -- one timed call per (impl, mode)
+
+    def call(self, impl: str, sets: List[Inputs], mode: str) -> Tuple[Call, Prepare]:
+        """(fn(i), prepare(i)): fn is the timed call on input set i; prepare runs untimed before it
+        (drops .grad so backward allocates rather than accumulates; for ``bwd``, runs the forward)."""
+        if impl == "dense_same_flops":
+            return self._dense_call(sets, mode), lambda i: None
+        forward = self.forward(impl)
+        grads = self.params(impl) + [t for s in sets for t in (s.x, s.gates)]
+        pending: Dict[int, torch.Tensor] = {}
+
+        def clear() -> None:
+            for t in grads:
+                t.grad = None
+
+        if mode == "fwd":
+            return (lambda i: forward(sets[i])), lambda i: clear()
+        if mode == "fwd_bwd":
+            return (lambda i: forward(sets[i]).backward(sets[i].dy)), lambda i: clear()
+
+        def prepare_bwd(i: int) -> None:
+            clear()
+            pending.clear()
+            pending[i] = forward(sets[i])
+
+        def bwd(i: int) -> None:
+            pending.pop(i).backward(sets[i].dy)
+        return bwd, prepare_bwd
+
+    def _dense_call(self, sets: List[Inputs], mode: str) -> Call:
+        w1, w2 = self.w1, self.w2
+
+        def fwd(d: Dict[str, torch.Tensor]) -> None:
+            torch.mm(d["a"], w1)   # [N, out1]
+            torch.mm(d["h"], w2)   # [N, D]
+
+        def bwd(d: Dict[str, torch.Tensor]) -> None:
+            torch.mm(d["dy"], w2.t())      # dH  [N, F]
+            torch.mm(d["h"].t(), d["dy"])  # dW2 [F, D]
+            torch.mm(d["dh"], w1.t())      # dA  [N, D]
+            torch.mm(d["a"].t(), d["dh"])  # dW1 [D, out1]
+
+        steps = {"fwd": (fwd,), "bwd": (bwd,), "fwd_bwd": (fwd, bwd)}[mode]
+
+        def run(i: int) -> None:
+            for step in steps:
+                step(sets[i].dense)
+        return run
+
+    # -- correctness
+
+    def outputs(self, impl: str, inp: Inputs) -> Dict[str, Optional[torch.Tensor]]:
+        """Output and every gradient of one forward+backward (routing: its three tensors)."""
+        if self.shape.kind == "routing":
+            return dict(zip(("sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets"),
+                            self.forward(impl)(inp), strict=True))
+        for t in self.params(impl) + [inp.x, inp.gates]:
+            t.grad = None
+        y = self.forward(impl)(inp)
+        y.backward(inp.dy)
+        out = {"y": y, "dx": inp.x.grad, "dgates": inp.gates.grad}
+        if impl == "scattermoe_original":
+            peer, F = self._peer(impl)[0], self.shape.F
+            g = peer.experts.weight.grad
+            out["dw_in"] = None if g is None else torch.cat([g[:, F:], g[:, :F]], 1)  # back to our halves
+            out["dw_out"] = peer.output_experts.weight.grad
+        elif self.shape.kind == "glu":
+            out["dw_in"], out["dw_out"] = self.layer.experts.weight.grad, self.layer.output_experts.weight.grad
+        else:
+            out["dw_in"], out["dw_out"] = self.layer.input_linear.weight.grad, self.layer.output_linear.weight.grad
+        for t in self.params(impl) + [inp.x, inp.gates]:
+            t.grad = None
+        return out
+
+    def oracle(self, inp: Inputs) -> Dict[str, torch.Tensor]:
+        """The torch backend in float32 on the same (bf16) inputs, TF32 off."""
+        if self.shape.kind == "routing":
+            return self.outputs("reference", inp)
+        saved, self.layer = self.layer, copy.deepcopy(self.layer).float()
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            inp32 = Inputs(inp.x.detach().float().requires_grad_(), inp.gates.detach().float().requires_grad_(),
+                           inp.idx, inp.dy.float())
+            return self.outputs("reference", inp32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            self.layer = saved
+
+
+def _rel_err(out: Optional[torch.Tensor], ref: torch.Tensor) -> float:
+    if out is None:
+        return float("inf")
+    out, ref = out.detach().double(), ref.detach().double()
+    err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else float("inf")
+
+
+def check(work: Workload, impls: List[str], group: Group, seed: int) -> Dict[str, Dict]:
+    """Per impl: {"unavailable": why} or {"rel_err": {tensor: err}, "ok": bool} against the oracle.
+    Routing must match exactly; SonicMoE routes with its own router, so it is not compared."""
+    inp = make_inputs(group, 1, work.device, seed, dense=False)[0]
+    refs = work.oracle(inp)
+    results: Dict[str, Dict] = {}
+    for impl in impls:
+        if impl == "dense_same_flops":
+            continue
+        why = work.unavailable(impl, inp.x)
+        if why is not None:
+            results[impl] = {"unavailable": why}
+            continue
+        if impl == "sonicmoe":
+            results[impl] = {"not_compared": "SonicMoE routes with its own router"}
+            continue
+        try:
+            outs = work.outputs(impl, inp)
+        except Exception as exc:  # a crash is a finding for the table, not the end of the run
+            results[impl] = {"unavailable": f"{type(exc).__name__}: {first_line(exc)}"}
+            continue
+        if work.shape.kind == "routing":
+            ok = all(torch.equal(outs[k].long().cpu(), refs[k].long().cpu()) for k in refs)
+            results[impl] = {"exact": ok, "ok": ok}
+        else:
+            errors = {k: _rel_err(outs[k], refs[k]) for k in refs}
+            results[impl] = {"T": group.T, "tol": CHECK_TOL, "rel_err": errors,
+                             "ok": all(e < CHECK_TOL for e in errors.values())}
+    return results
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def group_record(group: Group) -> Dict:
+    return {"shape": asdict(group.shape), "T": group.T, "routing": group.routing, "dtype": group.dtype}

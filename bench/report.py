@@ -1,0 +1,263 @@
+"""Tables from a result file: the run's markdown, the targets of issue 5, and the README's section.
+
+    python -m bench.report                    # rewrite README.md's section from the newest result file
+    python -m bench.report --check            # exit 1 if README.md's section is not what it would write
+    python -m bench.report RESULT.json        # print that file's markdown report
+
+The README's performance section sits between ``<!-- bench:start -->`` and ``<!-- bench:end -->``
+and is only ever written by this module, from the newest kernel-suite file in bench/results/
+(CPU smoke runs never count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .harness import REPO_ROOT, RESULTS_DIR, markdown_table
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+HEADLINE_T = 16384
+
+
+def _find(rows: List[Dict], case: str, impl: str, tokens: int, routing: str = "uniform") -> Optional[Dict]:
+    for r in rows:
+        if (r["case"], r["impl"], r["tokens"], r["routing"]) == (case, impl, tokens, routing) and r.get("ms"):
+            return r
+    return None
+
+
+def _ratio_target(rows, name, impl, other, case, want, what) -> Dict:
+    mine, theirs = _find(rows, case, impl, HEADLINE_T), _find(rows, case, other, HEADLINE_T)
+    if mine is None or theirs is None:
+        missing = impl if mine is None else other
+        return {"target": name, "want": want, "measured": f"not measured ({missing} has no {case} row "
+                f"at T={HEADLINE_T})", "met": None}
+    ratio = theirs["ms"] / mine["ms"]
+    return {"target": name, "want": want, "measured": f"{ratio:.2f}x ({what}: {mine['ms']:.3f} ms vs "
+            f"{theirs['ms']:.3f} ms)", "met": ratio >= float(want.split("x")[0].lstrip(">= "))}
+
+
+def targets(payload: Dict, impl: str = "scattermoe_triton") -> List[Dict]:
+    """Issue 5's targets, each {target, want, measured, met (True/False/None = not measured)}."""
+    rows = payload["rows"]
+    out = [
+        _ratio_target(rows, "GLUMLP fwd+bwd vs torch._grouped_mm", impl, "torch_grouped_mm",
+                      "jetmoe_moe_fwd_bwd", ">= 1.3x", "time"),
+        _ratio_target(rows, "GLUMLP fwd+bwd vs dense matmul of the same FLOPs", impl, "dense_same_flops",
+                      "jetmoe_moe_fwd_bwd", ">= 0.8x", "time"),
+        _ratio_target(rows, "GLUMLP fwd+bwd vs the original ScatterMoE", impl, "scattermoe_original",
+                      "jetmoe_moe_fwd_bwd", ">= 1.5x", "time"),
+    ]
+    mine, ref = _find(rows, "jetmoe_moe_fwd", impl, HEADLINE_T), _find(rows, "jetmoe_moe_fwd", "reference", HEADLINE_T)
+    if mine and ref and mine.get("held_gb") is not None and ref.get("held_gb") is not None:
+        out.append({"target": "memory kept by the forward for backward", "want": "<= reference",
+                    "measured": f"{mine['held_gb']:.2f} GB vs reference {ref['held_gb']:.2f} GB",
+                    "met": mine["held_gb"] <= ref["held_gb"] + 1e-3})
+    else:
+        out.append({"target": "memory kept by the forward for backward", "want": "<= reference",
+                    "measured": "not measured", "met": None})
+    shares = []
+    for r in rows:
+        if r["case"] == "routing" and r["impl"] == "scattermoe" and r.get("ms") and r["tokens"] >= 4096:
+            layer = _find(rows, "jetmoe_moe_fwd", impl, r["tokens"], r["routing"])
+            if layer:
+                shares.append((r["ms"] / layer["ms"], r["tokens"], r["routing"]))
+    if shares:
+        worst = max(shares)
+        out.append({"target": "routing share of the layer's forward, T >= 4096", "want": "< 5%",
+                    "measured": f"at most {100 * worst[0]:.1f}% (T={worst[1]} {worst[2]}; {len(shares)} sizes)",
+                    "met": worst[0] < 0.05})
+    else:
+        out.append({"target": "routing share of the layer's forward, T >= 4096", "want": "< 5%",
+                    "measured": "not measured", "met": None})
+    decode = _find(rows, "jetmoe_moe_fwd", impl, 1)
+    if decode and decode.get("hbm_floor_ms"):
+        x = decode["ms"] / decode["hbm_floor_ms"]
+        out.append({"target": "decode (T=1) forward vs reading the active experts' weights once",
+                    "want": "<= 2x", "measured": f"{x:.2f}x ({decode['ms'] * 1e3:.0f} us vs "
+                    f"{decode['hbm_floor_ms'] * 1e3:.0f} us at datasheet HBM bandwidth)", "met": x <= 2.0})
+    else:
+        out.append({"target": "decode (T=1) forward vs reading the active experts' weights once",
+                    "want": "<= 2x", "measured": "not measured", "met": None})
+    return out
+
+
+def _verdict(met: Optional[bool]) -> str:
+    return "not measured" if met is None else ("met" if met else "NOT met")
+
+
+def targets_table(payload: Dict) -> str:
+    rows = [[t["target"], t["want"], t["measured"], _verdict(t["met"])] for t in targets(payload)]
+    return markdown_table(["target (JetMoE-8B MoE, bf16, uniform, T=16384 unless said)", "want", "measured",
+                           "verdict"], rows)
+
+
+def _cell(r: Dict) -> str:
+    if r.get("ms") is None:
+        status = r.get("status", "not run")
+        return "—" if status.startswith("unavailable") else status.split(":")[0]
+    text = f"{r['ms']:.3f}" if r["ms"] >= 0.1 else f"{r['ms'] * 1e3:.1f} us"
+    if r.get("tflops"):
+        text += f" ({r['tflops']:.0f})" if r["tflops"] >= 10 else f" ({r['tflops']:.2g})"
+    if r.get("check") == "FAIL":
+        text += " FAIL"
+    return text
+
+
+def case_table(rows: List[Dict], case: str, routings: Tuple[str, ...] = ("uniform", "zipf")) -> str:
+    """Tokens down, implementations across; cells 'ms (TFLOP/s)'."""
+    mine = [r for r in rows if r["case"] == case and r["routing"] in routings]
+    impls = [i for i in dict.fromkeys(r["impl"] for r in mine)
+             if any(r["impl"] == i and r.get("status") != "unavailable" and not
+                    str(r.get("status", "")).startswith("unavailable") for r in mine)]
+    keys = list(dict.fromkeys((r["tokens"], r["routing"]) for r in mine))
+    keys.sort(key=lambda k: (routings.index(k[1]), k[0]))
+    floor = any(r.get("hbm_floor_ms") for r in mine)
+    body = []
+    for t, routing in keys:
+        cells = {r["impl"]: r for r in mine if (r["tokens"], r["routing"]) == (t, routing)}
+        line = [str(t), routing] + [_cell(cells[i]) if i in cells else "" for i in impls]
+        if floor:
+            f = next((r.get("hbm_floor_ms") for r in cells.values() if r.get("hbm_floor_ms")), None)
+            line.append(f"{f * 1e3:.0f} us" if f else "")
+        body.append(line)
+    header = ["T", "routing"] + impls + (["HBM floor"] if floor else [])
+    return markdown_table(header, body, ["r", "l"] + ["r"] * (len(header) - 2))
+
+
+def memory_table(rows: List[Dict], tokens: int = HEADLINE_T) -> str:
+    body = []
+    for r in rows:
+        if r["tokens"] == tokens and r["routing"] == "uniform" and r.get("peak_mem_gb") is not None:
+            body.append([r["case"], r["impl"], f"{r['peak_mem_gb']:.2f}", f"{r.get('extra_gb') or 0:.2f}",
+                         f"{r.get('held_gb') or 0:.2f}"])
+    return markdown_table(["case", "impl", "peak GB", "extra GB", "held GB"], body, ["l", "l", "r", "r", "r"])
+
+
+def checks_table(payload: Dict) -> str:
+    body = []
+    for shape, per_impl in payload["checks"].items():
+        for impl, c in per_impl.items():
+            if "unavailable" in c:
+                verdict, detail = "unavailable", c["unavailable"]
+            elif "not_compared" in c:
+                verdict, detail = "n/a", c["not_compared"]
+            elif "rel_err" in c:
+                verdict = "ok" if c["ok"] else "FAIL"
+                detail = ", ".join(f"{k} {v:.1e}" for k, v in c["rel_err"].items())
+            else:
+                verdict, detail = ("ok" if c["ok"] else "FAIL"), "exact match" if c.get("exact") else "differs"
+            body.append([shape, impl, verdict, detail])
+    return markdown_table(["shape", "impl", "check", "||out - ref|| / ||ref|| per tensor"], body)
+
+
+def header(payload: Dict) -> str:
+    env = payload.get("environment", {})
+    lim = payload.get("limits") or {}
+    dirty = " (uncommitted changes)" if env.get("git", {}).get("dirty") else ""
+    text = (f"{payload['device']}, {payload['created'][:10]}, commit `{payload['commit'][:7]}`{dirty}; "
+            f"torch {payload['torch']} (CUDA {payload['cuda']}), triton {payload['triton']}.")
+    if lim:
+        text += (f" Limits used: {lim['label']}, {lim['bf16_flops'] / 1e12:.0f} TFLOP/s dense bf16, "
+                 f"{lim['hbm_bytes_s'] / 1e12:.2f} TB/s HBM.")
+    return text
+
+
+def markdown(payload: Dict) -> str:
+    """The whole report of one kernel-suite result file."""
+    rows = payload["rows"]
+    smoke = "> CPU SMOKE RUN: a code-path check at tiny shapes. Its timings mean nothing.\n\n" \
+        if payload.get("smoke_only") else ""
+    parts = [f"# scattermoe kernel benchmark — {payload['device']}", smoke + header(payload),
+             "Cells: median ms (useful TFLOP/s) over the repeats, L2 flushed before each call, input sets "
+             "rotated; 'HBM floor' is the forward's active expert weights read once at datasheet bandwidth. "
+             "— : not available here (reason in the JSON row). Protocol: bench/README.md.",
+             "## Targets (issue 5)", targets_table(payload)]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        parts += [f"## {case}", case_table(rows, case)]
+    loads = [ld for ld in payload.get("loads", []) if ld["routing"] == "zipf" and ld["tokens"] >= 1024]
+    if loads:
+        parts.append("Zipf routing, rows per expert: " + "; ".join(
+            f"{ld['shape']} T={ld['tokens']}: max/mean {ld['max_over_mean']:.2f}" for ld in loads) + ".")
+    parts += [f"## Memory at T={HEADLINE_T}, uniform", memory_table(rows),
+              "peak: allocated at the call's peak (weights and inputs included); extra: above what was "
+              "allocated before the call; held: still allocated while the result lives (a forward's "
+              "activations kept for backward, and its output).",
+              "## Correctness checks", checks_table(payload)]
+    if payload.get("notes"):
+        parts.append("Notes:\n" + "\n".join(f"- {n}" for n in payload["notes"]))
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- README
+
+
+def newest_result(results_dir: Path = RESULTS_DIR) -> Optional[Path]:
+    """The newest kernel-suite result file (not a smoke run), by its 'created' time."""
+    found = []
+    for path in results_dir.glob("*.json"):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if payload.get("benchmark") == "kernels" and not payload.get("smoke_only") and payload.get("rows"):
+            found.append((payload.get("created", ""), path.name, path))
+    return max(found)[2] if found else None
+
+
+def readme_section(result: Optional[Path]) -> str:
+    if result is None:
+        return ("No GPU result file is committed yet, so this section states no speed. It is written by "
+                "`python -m bench.report` from the newest file in `bench/results/` after a GPU run "
+                "(`bash bench/gpu_check.sh OUT`, see `bench/README.md`).")
+    payload = json.loads(result.read_text())
+    md = result.with_suffix(".md").name
+    return "\n\n".join([
+        f"From [`bench/results/{result.name}`](bench/results/{result.name}) (full tables: "
+        f"[`{md}`](bench/results/{md})): " + header(payload),
+        targets_table(payload),
+        "JetMoE-8B MoE layer (GLU, D=2048, F=5632, E=8, k=2), forward+backward, bf16; median ms "
+        "(useful TFLOP/s):",
+        case_table(payload["rows"], "jetmoe_moe_fwd_bwd"),
+    ])
+
+
+def update_readme(readme: Path, result: Optional[Path]) -> Tuple[str, str]:
+    """(old text, new text) of the README with its section regenerated."""
+    text = readme.read_text()
+    if START not in text or END not in text or text.index(START) > text.index(END):
+        raise ValueError(f"{readme}: expected the markers {START} ... {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return text, f"{head}{START}\n{readme_section(result)}\n{END}{tail}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("result", nargs="?", type=Path, help="print this result file's markdown report")
+    p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--check", action="store_true", help="exit 1 if the README's section is stale")
+    args = p.parse_args(argv)
+    if args.result is not None:
+        print(markdown(json.loads(args.result.read_text())))
+        return 0
+    old, new = update_readme(args.readme, newest_result(args.results_dir))
+    if args.check:
+        if old != new:
+            print(f"{args.readme}: the performance section is stale; run python -m bench.report", file=sys.stderr)
+            return 1
+        return 0
+    if old != new:
+        args.readme.write_text(new)
+    print(f"{args.readme}: performance section {'updated' if old != new else 'already up to date'}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

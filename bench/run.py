@@ -1,0 +1,137 @@
+"""Run the kernel suite: check every implementation, then time every (group, mode, impl) into flat rows.
+
+A row (the result file's schema, issue 5): ``case`` (e.g. jetmoe_moe_fwd_bwd, routing),
+``tokens``, ``routing`` (uniform/zipf), ``dtype``, ``impl``, ``ms`` (median), ``tflops``,
+``peak_mem_gb``; and beside them ``status`` (ok / unavailable: why / skipped: why / error: what),
+``check``, ``flops``, ``held_gb`` and ``extra_gb`` (see harness.Timer.peak_memory), ``vs_dense``
+(dense_same_flops time / this time), ``hbm_floor_ms`` (fwd rows: the active experts' weights read
+once at the device's datasheet bandwidth), ``first_call_ms`` and ``timing`` (every repeat).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import grouped_mm_moe
+from .harness import Timer, TimingPlan, log
+from .kernels import (Group, Shape, Workload, check, expert_load, first_line, flops, impls_for, make_inputs,
+                      weight_bytes)
+
+
+@dataclass
+class RunConfig:
+    device: torch.device
+    groups: List[Group]
+    impls: List[str]
+    plan: TimingPlan
+    n_sets: int
+    check_tokens: int
+    max_call_ms: float
+    time_budget_s: Optional[float]
+    limits: Optional[Dict] = None
+    seed: int = 0
+
+
+def setup_grouped_mm(device: torch.device, allow_loop: bool) -> Tuple[Optional[grouped_mm_moe.GroupedMM], Dict]:
+    """torch._grouped_mm if it runs here; only the CPU smoke run (allow_loop) swaps in a torch.mm loop."""
+    reason = grouped_mm_moe.probe(device)
+    if reason is None:
+        return grouped_mm_moe.grouped_mm_torch, {"impl": "torch._grouped_mm"}
+    if allow_loop:
+        return grouped_mm_moe.grouped_mm_loop, {"impl": "per-expert torch.mm loop (CPU stand-in)", "probe": reason}
+    return None, {"impl": None, "probe": reason, "unavailable": reason}
+
+
+def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
+    """Checks, then rows. ``on_update(results)`` after each group so a run cut short leaves files."""
+    start = time.perf_counter()
+    timer = Timer(cfg.device)
+    mm, mm_note = setup_grouped_mm(cfg.device, allow_loop=cfg.device.type == "cpu")
+    results: Dict = {"checks": {}, "loads": [], "rows": [], "notes": [], "grouped_mm": mm_note}
+    workloads: Dict[Tuple[Shape, str], Workload] = {}
+    last_ms: Dict[Tuple, Tuple[int, float]] = {}  # (case, routing, impl) -> (T, ms) of the last size timed
+
+    def workload(shape: Shape, dtype: str) -> Workload:
+        if (shape, dtype) not in workloads:
+            workloads.clear()  # one shape's weights resident at a time
+            workloads[shape, dtype] = Workload(shape, cfg.device, getattr(torch, dtype), cfg.seed, mm,
+                                               mm_note.get("unavailable"))
+        return workloads[shape, dtype]
+
+    for group in cfg.groups:
+        shape = group.shape
+        work = workload(shape, group.dtype)
+        if shape.name not in results["checks"]:
+            check_group = Group(shape, min(cfg.check_tokens, max(g.T for g in cfg.groups if g.shape == shape)),
+                                dtype=group.dtype)
+            log(f"[bench] {shape.name}: checking every implementation against the torch backend (fp32) "
+                f"at T={check_group.T} ...")
+            checks = check(work, impls_for(shape, cfg.impls), check_group, cfg.seed + 1000)
+            results["checks"][shape.name] = checks
+            for impl, c in checks.items():
+                verdict = c.get("unavailable") or c.get("not_compared") or ("ok" if c["ok"] else "FAIL")
+                log(f"[bench]   {impl}: {verdict}")
+        checks = results["checks"][shape.name]
+        sets = make_inputs(group, cfg.n_sets, cfg.device, cfg.seed + group.T,
+                           dense="dense_same_flops" in cfg.impls)
+        load = expert_load(sets[0].idx, shape.E)
+        results["loads"].append({"shape": shape.name, "tokens": group.T, "routing": group.routing, **load})
+        for mode in shape.modes:
+            case, n_flops = group.case(mode), flops(group, mode)
+            dense_ms = None
+            floor_ms = None
+            if mode == "fwd" and cfg.limits and shape.kind != "routing":
+                floor_ms = weight_bytes(shape, load["experts_used"]) / cfg.limits["hbm_bytes_s"] * 1e3
+            for impl in impls_for(shape, cfg.impls):
+                row = {"case": case, "tokens": group.T, "routing": group.routing, "dtype": group.dtype,
+                       "impl": impl, "ms": None, "tflops": None, "peak_mem_gb": None, "flops": n_flops}
+                if floor_ms is not None:
+                    row["hbm_floor_ms"] = floor_ms
+                results["rows"].append(row)
+                c = checks.get(impl, {})
+                why = c.get("unavailable")
+                if impl == "dense_same_flops":  # not in the checks: nothing to compare
+                    why = work.unavailable(impl, sets[0].x)
+                if why:
+                    row["status"] = f"unavailable: {why}"
+                    continue
+                row["check"] = "n/a" if (not c or "not_compared" in c) else ("ok" if c["ok"] else "FAIL")
+                prev = last_ms.get((case, group.routing, impl))
+                if prev is not None and prev[1] * group.T / prev[0] > cfg.max_call_ms:
+                    row["status"] = (f"skipped: too slow (~{prev[1] * group.T / prev[0]:.0f} ms/call predicted "
+                                     f"from T={prev[0]}; --max-call-ms {cfg.max_call_ms:g})")
+                    continue
+                if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
+                    row["status"] = f"skipped: time budget ({cfg.time_budget_s:.0f} s) spent"
+                    continue
+                log(f"[bench] {group.label:<34} {mode:<8} {impl} ...")
+                fn, prepare = work.call(impl, sets, mode)
+                try:
+                    timing = timer.measure(fn, cfg.n_sets, cfg.plan, prepare)
+                    memory = timer.peak_memory(fn, prepare)
+                except Exception as exc:
+                    prepare(0)
+                    row["status"] = f"error: {type(exc).__name__}: {first_line(exc)}"
+                    log(f"[bench]   {row['status']}")
+                    continue
+                ms = timing["quantiles_ms"]["median"]
+                row.update(status="ok", ms=ms, first_call_ms=timing["first_call_ms"], **memory, timing=timing)
+                if n_flops:
+                    row["tflops"] = n_flops / ms / 1e9
+                last_ms[(case, group.routing, impl)] = (group.T, ms)
+                if impl == "dense_same_flops":
+                    dense_ms = ms
+                log(f"[bench]   {ms:9.4f} ms" + (f"  {row['tflops']:7.1f} TFLOP/s" if row["tflops"] else "")
+                    + f"  first call {timing['first_call_ms']:.0f} ms  x{timing['repeats']}")
+            for row in results["rows"]:
+                if row["case"] == case and row["tokens"] == group.T and row["routing"] == group.routing \
+                        and row.get("ms") and dense_ms:
+                    row["vs_dense"] = dense_ms / row["ms"]
+        del sets
+        on_update(results)
+    results["elapsed_s"] = time.perf_counter() - start
+    return results

@@ -1,0 +1,178 @@
+"""The benchmark harness on the CPU: code paths, the result-file schema, the README generator.
+
+Timings here mean nothing (the Triton kernels run in the interpreter); what is checked is that
+every case and implementation is wired, that the files hold what issue 5's schema says, that the
+numbers in a row agree with each other, and that the README's section comes from a result file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import __main__ as bench_main
+from bench import e2e, report, thirdparty
+
+REPO = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"case": str, "tokens": int, "routing": str, "dtype": str, "impl": str}
+SMOKE_IMPLS = "scattermoe_triton,reference,torch_grouped_mm,dense_same_flops"
+
+
+def _only_json(folder: Path) -> dict:
+    files = list(folder.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke_payload(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-smoke")
+    rc = bench_main.main(["--cpu-smoke", "--no-plot", "--out", str(out), "--impls", SMOKE_IMPLS])
+    assert rc == 0
+    assert len(list(out.glob("*.md"))) == 1
+    return _only_json(out)
+
+
+@pytest.mark.interpreter
+def test_result_file_has_the_issue_schema(smoke_payload):
+    p = smoke_payload
+    for key in ("device", "commit", "torch", "triton", "cuda", "created", "rows"):
+        assert key in p, key
+    assert p["device"] == "cpu" and p["smoke_only"] is True and p["torch"] == torch.__version__
+    for row in p["rows"]:
+        for key, typ in ROW_KEYS.items():
+            assert isinstance(row[key], typ), (key, row)
+        for key in ("ms", "tflops", "peak_mem_gb"):
+            assert key in row, (key, row)
+        assert row["routing"] in ("uniform", "zipf")
+    cases = {r["case"] for r in p["rows"]}
+    assert cases == {"jetmoe_moe_fwd", "jetmoe_moe_bwd", "jetmoe_moe_fwd_bwd", "jetmoe_moa_fwd",
+                     "jetmoe_moa_fwd_bwd", "routing"}
+    assert {r["impl"] for r in p["rows"] if r["case"] == "routing"} == {"scattermoe", "reference"}
+    assert {r["impl"] for r in p["rows"] if r["case"] == "jetmoe_moe_bwd"} == set(SMOKE_IMPLS.split(","))
+
+
+@pytest.mark.interpreter
+def test_every_wired_implementation_ran_and_passed_its_check(smoke_payload):
+    rows = smoke_payload["rows"]
+    bad = [(r["case"], r["tokens"], r["impl"], r.get("status")) for r in rows if r.get("status") != "ok"]
+    assert not bad, bad
+    for shape in ("jetmoe_moe", "jetmoe_moa"):
+        for impl in ("scattermoe_triton", "reference", "torch_grouped_mm"):
+            c = smoke_payload["checks"][shape][impl]
+            assert c["ok"], (shape, impl, c)
+            assert max(c["rel_err"].values()) < 2e-2
+    assert all(c["ok"] and c["exact"] for c in smoke_payload["checks"]["routing"].values())
+
+
+@pytest.mark.interpreter
+def test_row_numbers_agree(smoke_payload):
+    """tflops = useful FLOPs / ms, with the FLOPs counted here from the shapes (not by the harness)."""
+    cfg = {g["shape"]["name"]: g["shape"] for g in smoke_payload["config"]["groups"]}
+    for row in smoke_payload["rows"]:
+        times = row["timing"]["times_ms"]
+        assert min(times) <= row["ms"] <= max(times)
+        if row["case"] == "routing":
+            assert row["tflops"] is None
+            continue
+        mode = "fwd_bwd" if row["case"].endswith("_fwd_bwd") else row["case"].rsplit("_", 1)[1]
+        shape = cfg[row["case"][:-len(mode) - 1]]
+        n, d, f = row["tokens"] * shape["K"], shape["D"], shape["F"]
+        first = 2 * f if shape["kind"] == "glu" else f  # a GLU's first projection outputs 2F
+        fwd = 2 * n * d * first + 2 * n * f * d
+        mult = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode]
+        assert row["tflops"] == pytest.approx(mult * fwd / (row["ms"] * 1e-3) / 1e12, rel=1e-9)
+
+
+@pytest.mark.interpreter
+def test_markdown_report_has_every_case_and_the_targets(smoke_payload):
+    md = report.markdown(smoke_payload)
+    assert "CPU SMOKE RUN" in md
+    for case in ("jetmoe_moe_fwd_bwd", "jetmoe_moa_fwd", "routing", "Targets (issue 5)"):
+        assert f"## {case}" in md
+    # No GPU: the targets cannot be judged, and the report must not say they were met.
+    assert all(t["met"] is None for t in report.targets(smoke_payload))
+
+
+def _synthetic(tmp_path: Path, name: str, created: str, ms: dict, smoke: bool = False) -> Path:
+    rows = [{"case": "jetmoe_moe_fwd_bwd", "tokens": 16384, "routing": "uniform", "dtype": "bfloat16", "impl": impl,
+             "ms": v, "tflops": 6.8e12 / v / 1e9, "peak_mem_gb": 10.0} for impl, v in ms.items()]
+    payload = {"benchmark": "kernels", "smoke_only": smoke, "device": "NVIDIA H100 80GB HBM3", "commit": "a" * 40,
+               "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "created": created, "rows": rows,
+               "checks": {}, "limits": None}
+    path = tmp_path / name
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_readme_section_comes_from_the_newest_result(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n\n<!-- bench:start -->\nhand-typed 9000 TFLOP/s\n<!-- bench:end -->\n\noutro\n")
+    assert report.main(["--readme", str(readme), "--results-dir", str(results), "--check"]) == 1
+    assert report.main(["--readme", str(readme), "--results-dir", str(results)]) == 0
+    text = readme.read_text()
+    assert "9000" not in text and "No GPU result file" in text
+    assert text.startswith("intro\n\n<!-- bench:start -->") and text.endswith("<!-- bench:end -->\n\noutro\n")
+
+    _synthetic(tmp_path / "results", "old.json", "2026-01-01T00:00:00+00:00",
+               {"scattermoe_triton": 20.0, "torch_grouped_mm": 21.0})
+    _synthetic(tmp_path / "results", "smoke.json", "2027-01-01T00:00:00+00:00",
+               {"scattermoe_triton": 1.0, "torch_grouped_mm": 99.0}, smoke=True)  # never used
+    _synthetic(tmp_path / "results", "new.json", "2026-06-01T00:00:00+00:00",
+               {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0, "dense_same_flops": 7.0})
+    assert report.main(["--readme", str(readme), "--results-dir", str(results)]) == 0
+    text = readme.read_text()
+    assert "bench/results/new.json" in text and "old.json" not in text and "99.000" not in text
+    # 15 / 10 = 1.50x >= 1.3x: met; 7 / 10 = 0.70x < 0.8x: not met; no original ScatterMoE row: not measured.
+    assert "| GLUMLP fwd+bwd vs torch._grouped_mm | >= 1.3x | 1.50x" in text
+    assert "0.70x" in text and "NOT met" in text and "not measured" in text
+    assert report.main(["--readme", str(readme), "--results-dir", str(results), "--check"]) == 0
+
+
+def test_repository_readme_section_is_generated():
+    """README.md's performance section is exactly what bench.report writes from bench/results/."""
+    assert report.main(["--check"]) == 0
+
+
+def test_smoke_never_writes_into_results():
+    assert bench_main.main(["--cpu-smoke", "--out", str(REPO / "bench" / "results")]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_cuda():
+    for args in ([], ["--e2e"]):
+        proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "CUDA is not available" in proc.stderr
+
+
+def test_bad_arguments_exit_2():
+    assert bench_main.main(["--impls", "nope"]) == 2
+    assert bench_main.main(["--shapes", "nope", "--cpu-smoke"]) == 2
+    assert bench_main.main(["--tokens", "0", "--cpu-smoke"]) == 2
+
+
+def test_missing_peers_are_reported_not_raised(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCATTERMOE_THIRD_PARTY", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "scattermoe_original", raising=False)
+    module, why = thirdparty.load_scattermoe_original()
+    assert module is None and "not found" in why and str(tmp_path) in why
+
+
+@pytest.mark.interpreter
+def test_e2e_smoke(tmp_path):
+    rc = e2e.main(["--cpu-smoke", "--out", str(tmp_path), "--layers", "1", "--batch", "1", "--seq", "8",
+                   "--prompt", "4", "--new-tokens", "2", "--repeats", "1"])
+    assert rc == 0
+    p = _only_json(tmp_path)
+    assert p["checks"]["ok"] and p["checks"]["jetmoe_vs_transformers_logits_rel_err"] < 1e-4  # float32
+    got = {(r["case"], r["impl"]) for r in p["rows"] if r["status"] == "ok" and r["ms"] is not None}
+    assert got == {(c, i) for c in ("e2e_prefill", "e2e_train_step", "e2e_decode") for i in e2e.IMPLS}
