@@ -14,6 +14,7 @@
 
 #include "scattermoe/check.h"
 #include "scattermoe/grouped_gemm.h"
+#include "scattermoe/scatter_gemm.h"
 
 namespace py = pybind11;
 
@@ -25,6 +26,7 @@ void build_versions(int* nvcc_major, int* nvcc_minor, int* cutlass_major, int* c
 namespace {
 
 using scattermoe::GroupedGemmParams;
+using scattermoe::ScatterGemmParams;
 
 // Runtime flags to template parameters (flash-attention's switch helpers).
 template <class F>
@@ -91,6 +93,8 @@ py::dict build_info() {
   out["cudart"] = cudart;
   out["grouped_gemm_tile"] = py::make_tuple(scattermoe::kGroupedGemmTileM, scattermoe::kGroupedGemmTileN,
                                             scattermoe::kGroupedGemmTileK);
+  out["scatter_gemm_tile"] = py::make_tuple(scattermoe::kScatterGemmTileM, scattermoe::kScatterGemmTileN,
+                                            scattermoe::kScatterGemmTileK);
   out["dtypes"] = py::make_tuple("bfloat16", "float16");
   return out;
 }
@@ -143,6 +147,47 @@ void grouped_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
   });
 }
 
+void scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t stride_xm, int64_t x_rows,
+                  uintptr_t w, int64_t stride_we, int64_t stride_w_ld, uintptr_t bias, int64_t stride_be, uintptr_t y,
+                  int64_t stride_ym, int64_t y_rows, uintptr_t gates, uintptr_t sorted_scattered_idxs,
+                  uintptr_t expert_offsets, bool offsets_int64, bool x_grouped, bool y_grouped, int64_t fan_out,
+                  int64_t num_experts, int64_t num_rows, int64_t k_in, int64_t n_out, int64_t device,
+                  uintptr_t stream) {
+  ScatterGemmParams p;
+  p.x = as_ptr<const void>(x);
+  p.stride_xm = stride_xm;
+  p.x_rows = x_rows;
+  p.w = as_ptr<const void>(w);
+  p.stride_we = stride_we;
+  p.stride_w_ld = stride_w_ld;
+  p.bias = as_ptr<const void>(bias);
+  p.stride_be = stride_be;
+  p.y = as_ptr<void>(y);
+  p.stride_ym = stride_ym;
+  p.y_rows = y_rows;
+  p.gates = as_ptr<const void>(gates);
+  p.sorted_scattered_idxs = as_ptr<const int64_t>(sorted_scattered_idxs);
+  p.expert_offsets = as_ptr<const void>(expert_offsets);
+  p.offsets_int64 = offsets_int64;
+  p.x_grouped = x_grouped;
+  p.y_grouped = y_grouped;
+  p.fan_out = checked_int(fan_out, "fan_out");
+  p.num_experts = checked_int(num_experts, "num_experts");
+  p.num_rows = num_rows;
+  p.k_in = checked_int(k_in, "k_in");
+  p.n_out = checked_int(n_out, "n_out");
+  p.device = checked_int(device, "device");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  py::gil_scoped_release release;
+  dtype_switch(dtype, [&](auto tag) {
+    bool_switch(w_k_major, [&](auto k_major) {
+      scattermoe::scatter_gemm_sm90<decltype(tag), decltype(k_major)::value>(p, s);
+      return 0;
+    });
+    return 0;
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -167,4 +212,13 @@ PYBIND11_MODULE(_C, m) {
         "Y[rows of e] = X[rows of e] @ W[e] (+ bias[e]) for every expert e, rows grouped by expert, "
         "sizes from expert_offsets on the device (csrc/include/scattermoe/grouped_gemm.h has the layouts). "
         "Enqueued on `stream`; no host sync.");
+  m.def("scatter_gemm", &scatter_gemm, py::arg("dtype"), py::arg("w_k_major"), py::arg("x"), py::arg("stride_xm"),
+        py::arg("x_rows"), py::arg("w"), py::arg("stride_we"), py::arg("stride_w_ld"), py::arg("bias"),
+        py::arg("stride_be"), py::arg("y"), py::arg("stride_ym"), py::arg("y_rows"), py::arg("gates"),
+        py::arg("sorted_scattered_idxs"), py::arg("expert_offsets"), py::arg("offsets_int64"), py::arg("x_grouped"),
+        py::arg("y_grouped"), py::arg("fan_out"), py::arg("num_experts"), py::arg("num_rows"), py::arg("k_in"),
+        py::arg("n_out"), py::arg("device"), py::arg("stream"),
+        "scatter2scatter on sm_90a: rows gathered on load (x_grouped=False: token slot // fan_out), scattered on "
+        "store (y_grouped=False: slot), per-expert bias, float32 gates by slot (csrc/include/scattermoe/"
+        "scatter_gemm.h has the layouts). Enqueued on `stream`; no host sync, no workspace.");
 }

@@ -59,6 +59,10 @@ CUDA_SOURCES = [
     "grouped_gemm/grouped_gemm_bf16_wnmajor_sm90.cu",
     "grouped_gemm/grouped_gemm_fp16_wkmajor_sm90.cu",
     "grouped_gemm/grouped_gemm_fp16_wnmajor_sm90.cu",
+    "scatter_gemm/scatter_gemm_bf16_wkmajor_sm90.cu",
+    "scatter_gemm/scatter_gemm_bf16_wnmajor_sm90.cu",
+    "scatter_gemm/scatter_gemm_fp16_wkmajor_sm90.cu",
+    "scatter_gemm/scatter_gemm_fp16_wnmajor_sm90.cu",
 ]
 CXX_SOURCES = ["bindings.cpp"]
 

@@ -1,7 +1,7 @@
 """The Python side of the cutlass backend, without a GPU or the extension.
 
-Checked here: which calls the csrc grouped GEMM takes and which fall back to Triton (each
-fallback named), the plan's reading of strides (k-major / f-major W, expert stride,
+Checked here: which calls the csrc grouped GEMM and the csrc scatter GEMM take and which
+fall back to Triton (each fallback named), the plan's reading of strides (k-major / f-major W, expert stride,
 alignment), strict mode, the reasons the backend gives when it cannot run, and that
 importing it never fails. The launch itself is replaced by an emulator that applies the
 kernel's contract to the plan's integers, so a wrong stride in the plan shows up as a wrong
@@ -17,6 +17,7 @@ import reference
 from scattermoe.backends import cutlass
 from scattermoe.backends.cutlass import _extension, dispatch
 from scattermoe.backends.cutlass import grouped_gemm as gg
+from scattermoe.backends.cutlass import scatter_gemm as sg
 
 # Legend: N routed rows, E experts, K input features, F output features.
 
@@ -59,15 +60,43 @@ def emulate_kernel(p: gg.GroupedGemmPlan, x, w, bias, expert_offsets, y):
     return y
 
 
+def emulate_scatter_kernel(p: sg.ScatterGemmPlan, x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out,
+                           grouped_in, grouped_out, row_scale, y):
+    """The csrc scatter kernel's contract (include/scattermoe/scatter_gemm.h) on the plan's integers."""
+    ld = p.stride_w_ld
+    w_strides = (1, ld) if p.w_k_major else (ld, 1)
+    start = 0
+    for e in range(p.num_experts):
+        end = min(max(int(expert_offsets[e]), 0), p.num_rows)
+        start = min(start, end)
+        w_e = torch.as_strided(w, (p.k_in, p.n_out), w_strides, w.storage_offset() + e * p.stride_we).double()
+        for r in range(start, end):
+            slot = int(sorted_scattered_idxs[r])
+            v = x[r if grouped_in else slot // fan_out].double() @ w_e
+            if bias is not None:
+                v += bias[e].double()
+            if row_scale is not None:
+                v *= float(row_scale.reshape(-1)[slot])
+            y[r if grouped_out else slot] = v.to(y.dtype)
+        start = end
+    return y
+
+
 @pytest.fixture
 def fake_launch(monkeypatch):
+    """Both csrc launches replaced by emulators; records the plan of every launch."""
     calls = []
 
     def launch(p, x, w, bias, expert_offsets, y):
         calls.append(p)
         return emulate_kernel(p, x, w, bias, expert_offsets, y)
 
+    def launch_scatter(p, *args):
+        calls.append(p)
+        return emulate_scatter_kernel(p, *args)
+
     monkeypatch.setattr(gg, "launch", launch)
+    monkeypatch.setattr(sg, "launch", launch_scatter)
     return calls
 
 
@@ -150,15 +179,40 @@ def test_out_is_written_in_place(fake_launch, fake_triton):
     assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
 
 
+@pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
+@pytest.mark.parametrize("grouped_in,grouped_out,gated", [(False, True, False), (True, False, False),
+                                                          (False, False, True), (True, True, True)])
+def test_gathered_scattered_and_gated_calls_take_the_scatter_kernel(fake_launch, fake_triton, grouped_in,
+                                                                    grouped_out, gated, w_layout):
+    """Token rows gathered (x has T rows, slot // k), rows scattered to slots, gates by slot: the scatter
+    GEMM's plan and contract, row by row, k=2, an empty expert, dims off the tile."""
+    k, counts, k_in, n_out = 2, [9, 0, 21, 4], 40, 24
+    x, w, b, route = make_case(counts, k_in, n_out, w_layout=w_layout, bias=True)
+    sorted_expert, scattered, offsets = route
+    n = sum(counts)
+    g = torch.Generator().manual_seed(5)
+    x_in = x if grouped_in else torch.randn(n // k, k_in, generator=g).to(x.dtype)
+    gates = torch.rand(n // k, k, generator=g) if gated else None
+    y = cutlass.scatter2scatter(x_in, w, b, scattered, offsets, k, grouped_in, grouped_out, row_scale=gates)
+    assert len(fake_launch) == 1 and isinstance(fake_launch[0], sg.ScatterGemmPlan) and not fake_triton
+    assert fake_launch[0].w_k_major == (w_layout == "k_major")
+    assert y.shape == (n, n_out)
+    # Row by row from the contract: y[r or slot] = (x[r or slot // k] @ w[e] + b[e]) * gates[slot].
+    for r, slot in enumerate(scattered.tolist()):
+        e = int(sorted_expert[r])
+        want = x_in[r if grouped_in else slot // k].double() @ w[e].double() + b[e].double()
+        if gated:
+            want = want * gates.reshape(-1)[slot].double()
+        got = y[r if grouped_out else slot].double()
+        assert torch.allclose(got, want, rtol=2e-2, atol=2e-2), (r, slot, (got - want).abs().max())
+
+
 FALLBACK_CASES = {
     # name: (kwargs of s2s, make_case kwargs, expected reason)
-    "gather on load": (dict(grouped_in=False), {}, dispatch.GATHER_ON_LOAD),
-    "scatter store": (dict(grouped_out=False), {}, dispatch.SCATTER_STORE),
     "GLU epilogue": (dict(glu=1), {}, dispatch.GLU_EPILOGUE),
-    "gates": (dict(row_scale=torch.ones(24)), {}, dispatch.GATE_EPILOGUE),
     "float32": ({}, dict(dtype=torch.float32), "dtype float32"),
-    "K not a multiple of 8": ({}, dict(k_in=12), "TMA needs feature dims"),
-    "F not a multiple of 8": ({}, dict(n_out=20), "TMA needs feature dims"),
+    "K not a multiple of 8": ({}, dict(k_in=12), "K=12"),
+    "F not a multiple of 8, F-major w": ({}, dict(n_out=20, w_layout="f_major"), "F=20"),
 }
 
 
@@ -187,9 +241,12 @@ def test_layouts_tma_cannot_take_fall_back(fake_launch, fake_triton):
     no_unit = torch.randn(2, 32, 128).to(torch.bfloat16)[:, :, ::2]  # strides (4096, 128, 2)
     assert "no unit stride" in dispatch.scatter2scatter_fallback_reason(x, no_unit, None, offsets, 16, True, True,
                                                                         None, None, 0, None)
+    # Rows the TMA store cannot take go to the scatter GEMM, which stores element by element.
     out_odd = torch.empty(16, 72).to(torch.bfloat16)[:, 4:68]
-    assert "out (strides" in dispatch.scatter2scatter_fallback_reason(x, w, None, offsets, 16, True, True, None,
-                                                                      out_odd, 0, None)
+    assert isinstance(gg.plan(x, w, None, offsets, 16, out_odd), str)
+    assert dispatch.scatter2scatter_fallback_reason(x, w, None, offsets, 16, True, True, None, out_odd, 0, None) is None
+    assert "out must have" in dispatch.scatter2scatter_fallback_reason(x, w, None, offsets, 16, True, True, None,
+                                                                       out_odd.t(), 0, None)
 
 
 def test_misaligned_bias_is_copied_not_refused():
@@ -211,12 +268,13 @@ def test_strict_mode_refuses_to_fall_back(fake_launch, fake_triton):
     x, w, _, route = make_case([4, 4], 32, 64)
     dispatch.set_strict(True)
     try:
-        with pytest.raises(NotImplementedError, match="gather-on-load"):
-            s2s(x, w, None, route, grouped_in=False)
+        with pytest.raises(NotImplementedError, match="GLU epilogue"):
+            s2s(x, w, None, route, glu=1)
         s2s(x, w, None, route)  # covered: still runs
+        s2s(x, w, None, route, grouped_out=False)  # covered by the scatter GEMM
     finally:
         dispatch.set_strict(False)
-    assert len(fake_launch) == 1 and not fake_triton
+    assert len(fake_launch) == 2 and not fake_triton
 
 
 def test_fallback_without_triton_names_both_reasons(monkeypatch, fake_launch):
@@ -224,8 +282,8 @@ def test_fallback_without_triton_names_both_reasons(monkeypatch, fake_launch):
 
     monkeypatch.setattr(backends, "triton_unsupported_reason", lambda x: "triton is not installed")
     x, w, _, route = make_case([4, 4], 32, 64)
-    with pytest.raises(RuntimeError, match="gather-on-load.*triton is not installed"):
-        s2s(x, w, None, route, grouped_in=False)
+    with pytest.raises(RuntimeError, match="GLU epilogue.*triton is not installed"):
+        s2s(x, w, None, route, glu=1)
 
 
 def test_grouped_gemm_custom_op_has_a_fake_impl():

@@ -96,6 +96,14 @@ GEMM_OBJECTS = {  # source -> the HGMMA operand type its SASS must show
 }
 
 
+SCATTER_OBJECTS = {  # the cp.async scatter GEMM: HGMMA of its dtype, 16-byte cp.async (LDGSTS), no TMA
+    "scatter_gemm/scatter_gemm_bf16_wkmajor_sm90.cu": "BF16",
+    "scatter_gemm/scatter_gemm_bf16_wnmajor_sm90.cu": "BF16",
+    "scatter_gemm/scatter_gemm_fp16_wkmajor_sm90.cu": "F16",
+    "scatter_gemm/scatter_gemm_fp16_wnmajor_sm90.cu": "F16",
+}
+
+
 def _object(info, source):
     matches = [o for o in info["objects"] if o.endswith(source.replace("/", "__") + ".o")]
     assert len(matches) == 1, (source, info["objects"])
@@ -105,7 +113,7 @@ def _object(info, source):
 def test_every_cubin_is_sm90a(built, cuobjdump):
     listing = _dump(cuobjdump, "--list-elf", built["module"])
     cubins = re.findall(r"\S+\.cubin", listing)
-    assert len(cubins) >= len(GEMM_OBJECTS), listing
+    assert len(cubins) >= len(GEMM_OBJECTS) + len(SCATTER_OBJECTS), listing
     assert all(".sm_90." in name for name in cubins), listing
     arches = re.findall(r"arch = (sm_\w+)", _dump(cuobjdump, "--dump-elf", built["module"]))
     assert arches and set(arches) == {"sm_90a"}, f"cubin arches: {sorted(set(arches))}"
@@ -125,7 +133,19 @@ def test_grouped_gemm_sass_holds_hgmma_and_tma(built, cuobjdump, source):
     assert "UTMASTG" in sass, f"{source}: the epilogue does not store by TMA"
 
 
-@pytest.mark.parametrize("source", sorted(GEMM_OBJECTS))
+@pytest.mark.parametrize("source", sorted(SCATTER_OBJECTS))
+def test_scatter_gemm_sass_holds_hgmma_and_cp_async(built, cuobjdump, source):
+    sass = _dump(cuobjdump, "--dump-sass", _object(built, source))
+    hgmma = [(shape, dtype or "F16") for shape, dtype in re.findall(r"HGMMA\.(\d+x\d+x\d+)\.F32(?:\.(\w+))?", sass)]
+    print(f"\n{source}: {len(hgmma)} HGMMA {sorted(set(hgmma))}, {sass.count('LDGSTS.E.BYPASS.128')} LDGSTS.128")
+    assert hgmma, f"{source}: no HGMMA in the SASS (sm90 kernel body compiled to a stub?)"
+    assert {dtype for _, dtype in hgmma} == {SCATTER_OBJECTS[source]}, hgmma
+    # 8 copies of A and 8 of W per thread per stage, 16 bytes each, bypassing L1 (cp.async.cg).
+    assert sass.count("LDGSTS.E.BYPASS.128") >= 16, f"{source}: the operands are not loaded by 16-byte cp.async"
+    assert "LDGSTSBAR" in sass, f"{source}: cp.async completion is not tied to the pipeline's mbarrier"
+
+
+@pytest.mark.parametrize("source", sorted(GEMM_OBJECTS) + sorted(SCATTER_OBJECTS))
 def test_no_local_memory_and_no_spills(built, cuobjdump, source):
     usage = _dump(cuobjdump, "--dump-resource-usage", _object(built, source))
     rows = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
@@ -213,8 +233,43 @@ print(json.dumps(out))
 """
 
 
-def test_bad_arguments_raise_value_error_naming_the_argument(built):
-    proc = _run_python(built["module"], BAD_ARGUMENTS)
+SCATTER_BAD_ARGUMENTS = """
+import json
+from scattermoe.backends.cutlass import _extension
+m, _ = _extension.load()
+good = dict(dtype="bfloat16", w_k_major=True, x=4096, stride_xm=64, x_rows=5, w=8192, stride_we=64 * 64,
+            stride_w_ld=64, bias=0, stride_be=0, y=16384, stride_ym=64, y_rows=10, gates=0,
+            sorted_scattered_idxs=24576, expert_offsets=32768, offsets_int64=True, x_grouped=False, y_grouped=False,
+            fan_out=2, num_experts=4, num_rows=10, k_in=64, n_out=64, device=0, stream=0)
+cases = {
+    "dtype": dict(dtype="float32"),
+    "k_in": dict(k_in=60, stride_xm=60),
+    "n_out": dict(n_out=0),
+    "stride_xm": dict(stride_xm=64 + 4),
+    "stride_w_ld": dict(stride_w_ld=60),
+    "fan_out": dict(fan_out=0),
+    "x_rows": dict(x_rows=4),
+    "y_rows": dict(y_rows=9),
+    "x": dict(x=4096 + 2),
+    "y": dict(y=0),
+    "sorted_scattered_idxs": dict(sorted_scattered_idxs=0),
+    "expert_offsets": dict(expert_offsets=0),
+    "num_experts": dict(num_experts=0),
+}
+out = {}
+for name, change in cases.items():
+    try:
+        m.scatter_gemm(**{**good, **change})
+        out[name] = None
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("script", [BAD_ARGUMENTS, SCATTER_BAD_ARGUMENTS], ids=["grouped_gemm", "scatter_gemm"])
+def test_bad_arguments_raise_value_error_naming_the_argument(built, script):
+    proc = _run_python(built["module"], script)
     assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, raised in out.items():

@@ -119,6 +119,52 @@ def test_grouped_gemm_matches_reference(cutlass, counts, k_in, n_out, name, dtyp
     assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
 
 
+SCATTER_SHAPES = [
+    # (counts per expert, K, F, what it tests); rows are T*k slots, k=2
+    ([38, 0, 130, 64], 256, 512, "an expert with zero tokens"),
+    ([0, 0, 300, 0], 128, 256, "all tokens on one expert"),
+    ([0, 2, 0, 0], 64, 128, "T=1 (two slots of one token on one expert)"),
+    ([131, 7, 256], 72, 200, "K, F and rows not multiples of the 128x128x64 tile"),
+    ([2, 4, 0, 700, 2, 0, 90, 6] * 8, 64, 64, "E=64, very uneven"),
+    ([1024] * 8, 2048, 1408, "JetMoE-like, balanced"),
+]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("grouped_in,grouped_out", [(False, True), (True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("counts,k_in,n_out,name", SCATTER_SHAPES, ids=[s[-1] for s in SCATTER_SHAPES])
+def test_scatter_gemm_matches_reference(cutlass, counts, k_in, n_out, name, dtype, w_layout, grouped_in,
+                                        grouped_out, gated):
+    """The csrc scatter GEMM (gather on load, scatter on store, gates), k=2, against the float64 contract:
+    y[r or slot] = (x[r or slot // 2] @ w[e] + b[e]) * gates[slot]. The output is poisoned first."""
+    if grouped_in and grouped_out and not gated:
+        pytest.skip("grouped in and out without gates is the TMA grouped GEMM (test_grouped_gemm_matches_reference)")
+    k = 2
+    seed = zlib.crc32(f"scatter-{name}-{dtype}-{w_layout}-{grouped_in}-{grouped_out}-{gated}".encode())
+    x, w, b = make_inputs(counts, k_in, n_out, dtype, w_layout, True, seed)
+    sorted_expert, scattered, offsets = routing(counts, "cpu", torch.int64, seed)
+    n = int(sum(counts))
+    g = torch.Generator().manual_seed(seed)
+    x_in = x if grouped_in else torch.randn(n // k, k_in, generator=g).to(dtype)
+    gates = torch.rand(n // k, k, generator=g) if gated else None
+    token_or_row = torch.arange(n) if grouped_in else scattered // k
+    per_row = (x_in.double()[token_or_row].unsqueeze(1) @ w.double()[sorted_expert]).squeeze(1) \
+        + b.double()[sorted_expert]
+    if gated:
+        per_row *= gates.double().reshape(-1)[scattered].unsqueeze(1)
+    ref = torch.empty(n, n_out, dtype=torch.float64)
+    ref[torch.arange(n) if grouped_out else scattered] = per_row
+    out = torch.full((n, n_out), float("nan"), dtype=dtype, device="cuda")  # poison: every row must be written
+    y = cutlass.scatter2scatter(x_in.cuda(), w.cuda(), b.cuda(), scattered.cuda(), offsets.cuda(), k, grouped_in,
+                                grouped_out, row_scale=gates.cuda() if gated else None, out=out)
+    torch.cuda.synchronize()
+    err = rel_err(y, ref)
+    print(f"\n{name} {dtype} {w_layout} in={grouped_in} out={grouped_out} gated={gated}: rel err {err:.2e}")
+    assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
 def test_cutlass_and_triton_agree(cutlass):
     from scattermoe.backends import triton as triton_backend
 

@@ -203,22 +203,6 @@ size_t workspace_bytes(int num_experts, int sm_count) {
   return cutlass_workspace_bytes<G>(num_experts, sm_count) + device_args_bytes<G>(num_experts, nullptr, nullptr);
 }
 
-// Restores the caller's current device: this module's static cudart keeps its own notion of it.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    SMOE_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) SMOE_CUDA_CHECK(cudaSetDevice(device));
-  }
-  // Unchecked on purpose: a destructor must not throw, and the device was valid on entry.
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 inline const char* status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
 
 // A failed CUTLASS step: report the CUTLASS status and whatever CUDA error caused it.

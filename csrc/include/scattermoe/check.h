@@ -58,3 +58,23 @@ template <class... Parts>
     if (smoe_err_ != cudaSuccess)                                                     \
       ::scattermoe::throw_cuda_error(smoe_err_, "launch of " kernel_name, __FILE__, __LINE__); \
   } while (0)
+
+namespace scattermoe {
+
+// Restores the caller's current device: this module's static cudart keeps its own notion of it.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    SMOE_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) SMOE_CUDA_CHECK(cudaSetDevice(device));
+  }
+  // Unchecked on purpose: a destructor must not throw, and the device was valid on entry.
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace scattermoe

@@ -6,8 +6,9 @@ to the Triton launcher and counted in ``FALLBACKS`` under the name of the missin
 ``SCATTERMOE_CUTLASS_STRICT=1`` (or ``set_strict(True)``) raises instead, so a GPU test can
 prove it exercised the csrc path.
 
-Covered by csrc now: scatter2scatter with grouped_in=True, grouped_out=True, no gates
-(row_scale), no GLU, bf16/fp16, TMA-compatible layouts (see grouped_gemm.plan).
+Covered by csrc now: scatter2scatter without GLU, bf16/fp16: grouped in and out without gates
+goes to the TMA grouped GEMM (grouped_gemm.plan); every other combination (gathered rows,
+scattered rows, gates) to the cp.async scatter GEMM (scatter_gemm.plan).
 """
 
 from __future__ import annotations
@@ -18,13 +19,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import grouped_gemm
+from . import grouped_gemm, scatter_gemm
 
 # The pieces not written yet, by the names csrc/README.md uses for them.
-GATHER_ON_LOAD = "gather-on-load mainloop (grouped_in=False) not written yet"
-SCATTER_STORE = "scatter store (grouped_out=False) not written yet"
 GLU_EPILOGUE = "GLU epilogue not written yet"
-GATE_EPILOGUE = "gate (row_scale) epilogue not written yet"
 GROUP_BWD_W = "dW/db kernel (per-expert X^T dY) not written yet"
 GLU_BACKWARD = "GLU backward kernel not written yet"
 
@@ -46,14 +44,17 @@ def scatter2scatter_fallback_reason(
     """Why scatter2scatter must go to Triton for this call, or None when the csrc kernel takes it."""
     if glu or pre_activation is not None:
         return GLU_EPILOGUE
-    if row_scale is not None:
-        return GATE_EPILOGUE
-    if not grouped_in:
-        return GATHER_ON_LOAD
-    if not grouped_out:
-        return SCATTER_STORE
-    p = grouped_gemm.plan(x, w, bias, expert_offsets, num_rows, out)
+    p = _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, out)
     return p if isinstance(p, str) else None
+
+
+def _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, out):
+    """The TMA grouped GEMM when rows are grouped both ways and ungated, else the scatter GEMM."""
+    if grouped_in and grouped_out and row_scale is None:
+        p = grouped_gemm.plan(x, w, bias, expert_offsets, num_rows, out)
+        if not isinstance(p, str):
+            return p
+    return scatter_gemm.plan(x, w, bias, expert_offsets, num_rows, out)
 
 
 def _triton():
@@ -103,9 +104,12 @@ def scatter2scatter(
     y = out if out is not None else x.new_empty(num_rows, w.size(-1))
     if num_rows == 0:
         return y
-    # Grouped in and out: the slot permutation is not needed, expert_offsets alone place the rows.
-    p = grouped_gemm.plan(x, w, bias, expert_offsets, num_rows, y)
-    return grouped_gemm.launch(p, x, w, bias, expert_offsets, y)
+    p = _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, y)
+    if isinstance(p, grouped_gemm.GroupedGemmPlan):
+        # Grouped in and out: the slot permutation is not needed, expert_offsets alone place the rows.
+        return grouped_gemm.launch(p, x, w, bias, expert_offsets, y)
+    return scatter_gemm.launch(p, x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in,
+                               grouped_out, row_scale, y)
 
 
 def group_bwd_w(

@@ -1,0 +1,59 @@
+// Scatter GEMM over experts: scatter2scatter with gather-on-load and scatter-on-store, gates and bias,
+// for every grouped_in / grouped_out combination (no GLU yet):
+//
+//   for each row r in expert order, of expert e, slot s = sorted_scattered_idxs[r]:
+//     Y[y(r), :] = (X[x(r), :] @ W[e] (+ bias[e])) (* gates[s])
+//   x(r) = r if x_grouped else s / fan_out        (gather on load: token rows, never copied)
+//   y(r) = r if y_grouped else s                  (scatter on store: slot rows)
+//
+// Expert e's rows [s_e, t_e) come from expert_offsets ON THE DEVICE (clamped to [0, num_rows]
+// like the Triton kernel). Legend and layouts as grouped_gemm.h: X [*, K] (row stride stride_xm),
+// W [E, K, F] K-major or F-major (stride_we, stride_w_ld), bias [E, F] (stride_be), Y [*, F]
+// (row stride stride_ym), gates [N] float32 indexed by slot (nullptr: none), sorted_scattered_idxs [N] int64.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "scattermoe/grouped_gemm.h"  // Bf16 / Fp16 tags
+
+namespace scattermoe {
+
+struct ScatterGemmParams {
+  const void* x = nullptr;
+  int64_t stride_xm = 0;
+  const void* w = nullptr;
+  int64_t stride_we = 0;
+  int64_t stride_w_ld = 0;
+  const void* bias = nullptr;
+  int64_t stride_be = 0;
+  void* y = nullptr;
+  int64_t stride_ym = 0;
+  const void* gates = nullptr;            // [N] float32 per-slot row scale (the gates); nullptr for none
+  const int64_t* sorted_scattered_idxs = nullptr;
+  const void* expert_offsets = nullptr;   // [E] cumulative row counts, int32 or int64
+  bool offsets_int64 = true;
+  bool x_grouped = false;
+  bool y_grouped = false;
+  int fan_out = 1;                        // k when X holds tokens (x_grouped=false), else 1
+  int num_experts = 0;
+  int64_t num_rows = 0;                   // N = T * k routed rows
+  int64_t x_rows = 0;                     // rows of X (bounds the gathered token index)
+  int64_t y_rows = 0;                     // rows of Y (bounds the scattered slot index)
+  int k_in = 0;
+  int n_out = 0;
+  int device = 0;
+};
+
+// Enqueue the kernel on `stream`: a grid of (row tiles bound cdiv(N, 128) + E, cdiv(F, 128)) CTAs,
+// each finding its expert and rows from expert_offsets. No host synchronisation, no workspace.
+template <class ElementTag, bool WKMajor>
+void scatter_gemm_sm90(const ScatterGemmParams& params, cudaStream_t stream);
+
+constexpr int kScatterGemmTileM = 128;
+constexpr int kScatterGemmTileN = 128;
+constexpr int kScatterGemmTileK = 64;
+
+}  // namespace scattermoe

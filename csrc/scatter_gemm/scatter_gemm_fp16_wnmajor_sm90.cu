@@ -1,0 +1,6 @@
+// Scatter GEMM instantiation: fp16, W n-major (see scatter_gemm_sm90.cuh). One per file so builds parallelise.
+#include "scatter_gemm_sm90.cuh"
+
+namespace scattermoe {
+SCATTERMOE_INSTANTIATE_SCATTER_GEMM_SM90(Fp16, false)
+}  // namespace scattermoe

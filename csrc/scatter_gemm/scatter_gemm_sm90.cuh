@@ -1,0 +1,315 @@
+// Hopper (sm_90a) scatter GEMM over experts: token rows gathered on load with cp.async, wgmma,
+// rows scattered on store, per-row gates and per-expert bias in the epilogue. The contract is in
+// include/scattermoe/scatter_gemm.h.
+//
+// Why not TMA for A: Hopper's TMA loads boxes, not lists of rows, so a gathered operand needs
+// per-thread addresses. Warp-specialised: one producer warpgroup fills the shared-memory stages
+// with 16-byte cp.async copies (its own loop below: each thread resolves its 8 rows' token index
+// once per tile, then streams them over K), two consumer warpgroups run CUTLASS's cp.async + GMMA
+// collective (MainloopSm90CpAsyncGmmaWarpSpecialized::mma: its smem layouts, pipeline and wgmma).
+// W goes through the same cp.async path, unindexed.
+//
+// Scheduling: one CTA per (row tile, column tile); the row tiles of expert e are the
+// cdiv(rows_e, 128) tiles after those of experts < e, found from expert_offsets on the device,
+// so the grid needs only the bound cdiv(N, 128) + E (as the Triton kernel). CTAs past the last
+// tile exit at once.
+//
+// Epilogue: registers to global memory directly, one element at a time, each row at its own
+// address (scatter), after bias and gate. A TMA store cannot scatter either; a shared-memory
+// staged, vectorised store is the obvious next step once a GPU has measured this one.
+// Included by one .cu file per (dtype, W layout), so the instantiations compile in parallel.
+#pragma once
+
+#include <cutlass/cutlass.h>
+#include <cute/tensor.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include <climits>
+#include <type_traits>
+
+#include "scattermoe/check.h"
+#include "scattermoe/scatter_gemm.h"
+
+namespace scattermoe {
+namespace sm90_scatter {
+
+using namespace cute;
+
+template <class Tag> struct CutlassElement;
+template <> struct CutlassElement<Bf16> { using type = cutlass::bfloat16_t; };
+template <> struct CutlassElement<Fp16> { using type = cutlass::half_t; };
+
+// One 16-byte cp.async global -> shared; with valid=false it reads nothing and writes zeros.
+CUTE_DEVICE void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+
+using TileShape = Shape<Int<kScatterGemmTileM>, Int<kScatterGemmTileN>, Int<kScatterGemmTileK>>;
+
+template <class ElementTag, bool WKMajor>
+struct ScatterGemm {
+  using Element = typename CutlassElement<ElementTag>::type;
+  static constexpr bool kWKMajor = WKMajor;
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte cp.async
+  // CUTLASS names B's layout as a K x N matrix: ColumnMajor = unit stride along K.
+  using LayoutB = std::conditional_t<WKMajor, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      Element, cutlass::layout::RowMajor, kAlignment, Element, LayoutB, kAlignment, float,
+      TileShape, Shape<_1, _1, _1>,
+      cutlass::gemm::collective::StageCountAutoCarveout<256>,  // room for TileInfo below
+      cutlass::gemm::KernelCpAsyncWarpSpecializedCooperative>::CollectiveOp;
+  using TiledMma = typename Mainloop::TiledMma;
+  using Pipeline = typename Mainloop::MainloopPipeline;
+  using PipelineState = typename Mainloop::PipelineState;
+
+  static constexpr int kLoadWarpGroups = 1;
+  static constexpr int kMmaThreads = size(TiledMma{});  // two consumer warpgroups
+  static constexpr int kThreads = kMmaThreads + kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
+
+  struct TileInfo {
+    int64_t row_start;
+    int64_t row_end;
+    int expert;
+  };
+
+  struct SharedStorage {
+    typename Mainloop::TensorStorage tensors;
+    alignas(16) typename Mainloop::PipelineStorage pipeline;
+    TileInfo tile;
+  };
+  static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
+};
+
+// Thread 0 of each CTA: which expert and rows does row tile blockIdx.x hold? (expert -1: none.)
+template <class Offset>
+CUTE_DEVICE void locate_row_tile(const Offset* offsets, int num_experts, int64_t num_rows, int64_t tile,
+                                 int64_t& row_start, int64_t& row_end, int& expert) {
+  expert = -1;
+  row_start = row_end = 0;
+  int64_t tiles_before = 0;
+  int64_t prev = 0;
+  for (int e = 0; e < num_experts; ++e) {
+    int64_t end = static_cast<int64_t>(offsets[e]);
+    end = end < 0 ? 0 : (end > num_rows ? num_rows : end);
+    int64_t start = e > 0 ? prev : 0;
+    start = start < 0 ? 0 : (start > end ? end : start);
+    prev = static_cast<int64_t>(offsets[e]);
+    prev = prev < 0 ? 0 : (prev > num_rows ? num_rows : prev);
+    const int64_t tiles = (end - start + kScatterGemmTileM - 1) / kScatterGemmTileM;
+    if (tile < tiles_before + tiles) {
+      expert = e;
+      row_start = start + (tile - tiles_before) * kScatterGemmTileM;
+      row_end = end;
+      return;
+    }
+    tiles_before += tiles;
+  }
+}
+
+template <class G, class Offset>
+__global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __grid_constant__ ScatterGemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename G::Element;
+  extern __shared__ __align__(128) char smem_buf[];
+  auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
+
+  if (threadIdx.x == 0) {
+    int64_t row_start, row_end;
+    int expert;
+    locate_row_tile(static_cast<const Offset*>(p.expert_offsets), p.num_experts, p.num_rows,
+                    static_cast<int64_t>(blockIdx.x), row_start, row_end, expert);
+    shared.tile = {row_start, row_end, expert};
+  }
+  __syncthreads();
+  const auto tile = shared.tile;
+  if (tile.expert < 0) return;  // past the last row tile: the whole CTA leaves together
+
+  const int warp_group = cutlass::canonical_warp_group_idx();
+  const bool producer = warp_group < G::kLoadWarpGroups;
+  typename G::Pipeline::Params pipeline_params;
+  pipeline_params.role = producer ? G::Pipeline::ThreadCategory::Producer : G::Pipeline::ThreadCategory::Consumer;
+  pipeline_params.producer_arv_count = G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
+  pipeline_params.consumer_arv_count = G::kMmaThreads;
+  typename G::Pipeline pipeline(shared.pipeline, pipeline_params);
+  __syncthreads();  // barriers initialised before anyone waits on them
+
+  const int64_t rows_here = cute::min(tile.row_end - tile.row_start, int64_t(kScatterGemmTileM));
+  const int n_tile = static_cast<int>(blockIdx.y);
+  const int k_tiles = (p.k_in + kScatterGemmTileK - 1) / kScatterGemmTileK;
+  auto blk = TileShape{};
+
+  if (producer) {
+    // The producer warpgroup's 128 threads fill one stage of A (128 x 64) and of B (128 x 64) with
+    // 16-byte cp.async copies, 8 per thread per operand. Each thread keeps the same rows for the
+    // whole K loop, so the routing index is read once per row here, not once per k tile.
+    using Mainloop = typename G::Mainloop;
+    constexpr int kVec = 16 / sizeof(Element);                 // elements per 16-byte copy
+    constexpr int kBM = kScatterGemmTileM, kBN = kScatterGemmTileN, kBK = kScatterGemmTileK;
+    constexpr int kThreadsLoad = cutlass::NumThreadsPerWarpGroup;
+    constexpr int kChunksK = kBK / kVec;                        // 8 copies span one row's BLK_K
+    constexpr int kRowsPerPass = kThreadsLoad / kChunksK;       // 16
+    constexpr int kPassesA = kBM / kRowsPerPass;                 // 8
+    constexpr int kPassesBK = kBN / kRowsPerPass;                // K-major W: rows are n
+    constexpr int kChunksN = kBN / kVec;                        // F-major W: copies span BLK_N
+    constexpr int kKRowsPerPass = kThreadsLoad / kChunksN;      // 8
+    constexpr int kPassesBN = kBK / kKRowsPerPass;              // 8
+    static_assert(kPassesBK == 8 && kPassesBN == 8, "one B stage is 8 copies per thread");
+
+    Tensor sA = make_tensor(make_smem_ptr(shared.tensors.smem_A.data()), typename Mainloop::SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(shared.tensors.smem_B.data()), typename Mainloop::SmemLayoutB{});
+    const int t = static_cast<int>(threadIdx.x);
+    const auto* x = static_cast<const Element*>(p.x);
+    const auto* w = static_cast<const Element*>(p.w) + static_cast<int64_t>(tile.expert) * p.stride_we;
+    const int n0 = n_tile * kBN;
+
+    const int ck = t % kChunksK;
+    const Element* a_src[kPassesA];
+    bool a_ok[kPassesA];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kPassesA; ++i) {
+      const int m = t / kChunksK + i * kRowsPerPass;
+      a_ok[i] = m < rows_here;
+      const int64_t row = tile.row_start + (a_ok[i] ? m : 0);   // a valid row either way
+      const int64_t x_row = p.x_grouped ? row : p.sorted_scattered_idxs[row] / p.fan_out;
+      a_src[i] = x + x_row * p.stride_xm + ck * kVec;
+    }
+    const Element* b_src[8];
+    bool b_ok[8];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      if constexpr (G::kWKMajor) {  // W[e] as (n, k), unit stride along k: row n, chunk ck
+        const int n = n0 + t / kChunksK + i * kRowsPerPass;
+        b_ok[i] = n < p.n_out;
+        b_src[i] = w + static_cast<int64_t>(b_ok[i] ? n : 0) * p.stride_w_ld + ck * kVec;
+      } else {  // unit stride along n: k row t / kChunksN + 8 i, chunk t % kChunksN (k0 added per tile)
+        const int n = n0 + (t % kChunksN) * kVec;
+        b_ok[i] = n < p.n_out;
+        b_src[i] = w + static_cast<int64_t>(t / kChunksN + i * kKRowsPerPass) * p.stride_w_ld + (b_ok[i] ? n : 0);
+      }
+    }
+
+    typename G::PipelineState write_state = cutlass::make_producer_start_state<typename G::Pipeline>();
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      pipeline.producer_acquire(write_state);
+      const int stage = write_state.index();
+      const int k0 = kt * kBK;
+      const bool k_ok = k0 + ck * kVec < p.k_in;  // k_in is a multiple of kVec: whole copies only
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kPassesA; ++i) {
+        const int m = t / kChunksK + i * kRowsPerPass;
+        const bool ok = a_ok[i] && k_ok;
+        cp_async_16(raw_pointer_cast(&sA(m, ck * kVec, stage)), ok ? a_src[i] + k0 : x, ok);
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < 8; ++i) {
+        if constexpr (G::kWKMajor) {
+          const int n = t / kChunksK + i * kRowsPerPass;
+          const bool ok = b_ok[i] && k_ok;
+          cp_async_16(raw_pointer_cast(&sB(n, ck * kVec, stage)), ok ? b_src[i] + k0 : w, ok);
+        } else {
+          const int kk = t / kChunksN + i * kKRowsPerPass;
+          const bool ok = b_ok[i] && k0 + kk < p.k_in;
+          cp_async_16(raw_pointer_cast(&sB((t % kChunksN) * kVec, kk, stage)),
+                      ok ? b_src[i] + static_cast<int64_t>(k0) * p.stride_w_ld : w, ok);
+        }
+      }
+      pipeline.producer_commit(write_state, cutlass::arch::cpasync_barrier_arrive);
+      ++write_state;
+    }
+    pipeline.producer_tail(write_state);  // wait until the consumers released every stage
+    return;
+  }
+
+  // Consumers: the two warpgroups share the 128 x 128 tile (64 rows each).
+  const int mma_thread = static_cast<int>(threadIdx.x) - G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
+  typename G::TiledMma tiled_mma;
+  Tensor acc = partition_fragment_C(tiled_mma, take<0, 2>(blk));                         // (MMA, MMA_M, MMA_N)
+  typename G::Mainloop mainloop;
+  typename G::Mainloop::Params mainloop_params{};
+  typename G::PipelineState read_state;
+  mainloop.mma(pipeline, read_state, acc, k_tiles, mma_thread, shared.tensors, mainloop_params);
+  mainloop.mma_tail(pipeline, read_state, k_tiles);
+
+  // Epilogue: bias, gate, and each row to its own address.
+  auto thr_mma = tiled_mma.get_thread_slice(mma_thread);
+  Tensor coords = thr_mma.partition_C(make_identity_tensor(take<0, 2>(blk)));             // (m, n) per element
+  const auto* bias = static_cast<const Element*>(p.bias);
+  const auto* gates = static_cast<const float*>(p.gates);
+  auto* y = static_cast<Element*>(p.y);
+  const int n0 = n_tile * kScatterGemmTileN;
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(acc); ++i) {
+    const int m = get<0>(coords(i));
+    const int n = n0 + get<1>(coords(i));
+    if (m < rows_here && n < p.n_out) {
+      const int64_t row = tile.row_start + m;
+      const int64_t slot = p.sorted_scattered_idxs[row];
+      float v = acc(i);
+      if (bias != nullptr) v += static_cast<float>(bias[static_cast<int64_t>(tile.expert) * p.stride_be + n]);
+      if (gates != nullptr) v *= gates[slot];
+      const int64_t y_row = p.y_grouped ? row : slot;
+      y[y_row * p.stride_ym + n] = static_cast<Element>(v);
+    }
+  }
+#endif
+}
+
+template <class ElementTag, bool WKMajor>
+void run(const ScatterGemmParams& p, cudaStream_t stream) {
+  using G = ScatterGemm<ElementTag, WKMajor>;
+  constexpr int align = G::kAlignment;
+  SMOE_CHECK(p.num_experts >= 1, "num_experts: expected >= 1, got ", p.num_experts);
+  SMOE_CHECK(p.num_rows >= 0 && p.num_rows <= INT_MAX, "num_rows: expected in [0, 2^31), got ", p.num_rows);
+  SMOE_CHECK(p.k_in >= 1 && p.k_in % align == 0, "k_in: cp.async needs a positive multiple of ", align,
+             " elements, got ", p.k_in);
+  SMOE_CHECK(p.n_out >= 1, "n_out: expected >= 1, got ", p.n_out);
+  const int64_t w_ld_min = WKMajor ? p.k_in : p.n_out;
+  if (!WKMajor) {
+    SMOE_CHECK(p.n_out % align == 0, "n_out: an F-major W needs a multiple of ", align, " elements, got ", p.n_out);
+  }
+  SMOE_CHECK(p.stride_xm >= p.k_in && p.stride_xm % align == 0,
+             "stride_xm: expected a multiple of ", align, " and >= k_in=", p.k_in, ", got ", p.stride_xm);
+  SMOE_CHECK(p.stride_ym >= p.n_out, "stride_ym: expected >= n_out=", p.n_out, ", got ", p.stride_ym);
+  SMOE_CHECK(p.stride_w_ld >= w_ld_min && p.stride_w_ld % align == 0,
+             "stride_w_ld: expected a multiple of ", align, " and >= ", w_ld_min, ", got ", p.stride_w_ld);
+  SMOE_CHECK(p.stride_we >= 0 && p.stride_we % align == 0,
+             "stride_we: expected a non-negative multiple of ", align, ", got ", p.stride_we);
+  SMOE_CHECK(p.bias == nullptr || p.stride_be >= 0, "stride_be: expected >= 0, got ", p.stride_be);
+  SMOE_CHECK(p.fan_out >= 1, "fan_out: expected >= 1, got ", p.fan_out);
+  SMOE_CHECK(p.x_grouped ? p.x_rows >= p.num_rows : p.x_rows * p.fan_out >= p.num_rows,
+             "x_rows: X has ", p.x_rows, " rows, too few for ", p.num_rows, " routed rows with fan_out ", p.fan_out);
+  SMOE_CHECK(p.y_rows >= p.num_rows, "y_rows: Y has ", p.y_rows, " rows, fewer than the ", p.num_rows, " routed rows");
+  for (auto [name, ptr] : {std::pair<const char*, const void*>{"x", p.x}, {"w", p.w}}) {
+    SMOE_CHECK(ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0,
+               name, ": expected a non-null 16-byte aligned device pointer, got ", ptr);
+  }
+  SMOE_CHECK(p.y != nullptr, "y: expected a device pointer, got nullptr");
+  SMOE_CHECK(p.sorted_scattered_idxs != nullptr, "sorted_scattered_idxs: expected a device pointer, got nullptr");
+  SMOE_CHECK(p.expert_offsets != nullptr, "expert_offsets: expected a device pointer, got nullptr");
+
+  DeviceGuard guard(p.device);
+  if (p.num_rows == 0) return;
+
+  const dim3 grid(static_cast<unsigned>((p.num_rows + kScatterGemmTileM - 1) / kScatterGemmTileM + p.num_experts),
+                  static_cast<unsigned>((p.n_out + kScatterGemmTileN - 1) / kScatterGemmTileN));
+  auto kernel = p.offsets_int64 ? scatter_gemm_kernel<G, int64_t> : scatter_gemm_kernel<G, int32_t>;
+  SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));
+  kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p);
+  SMOE_CHECK_LAUNCH("scatter_gemm_kernel");
+}
+
+}  // namespace sm90_scatter
+
+#define SCATTERMOE_INSTANTIATE_SCATTER_GEMM_SM90(Tag, KMajor)                                       \
+  template <>                                                                                      \
+  void scatter_gemm_sm90<Tag, KMajor>(const ScatterGemmParams& params, cudaStream_t stream) {     \
+    sm90_scatter::run<Tag, KMajor>(params, stream);                                                \
+  }
+
+}  // namespace scattermoe

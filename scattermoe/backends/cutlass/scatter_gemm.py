@@ -1,0 +1,102 @@
+"""The CUTLASS/CuTe sm_90a scatter GEMM (csrc/scatter_gemm/) wrapped for torch tensors.
+
+Legend: N routed rows (T*k), E experts, K input features, F output features.
+
+    for row r in expert order (expert e, slot s = sorted_scattered_idxs[r]):
+        y[r if grouped_out else s] = (x[r if grouped_in else s // fan_out] @ w[e] (+ bias[e])) (* gates[s])
+
+scatter2scatter without GLU, for every grouped_in / grouped_out combination: token rows gathered
+on load (cp.async), result rows scattered on store, gates and bias in the epilogue. Expert
+boundaries come from ``expert_offsets`` on the device (no host sync, no workspace). ``plan``
+decides from host metadata alone whether the kernel takes a call; the caller falls back to
+Triton when it cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+
+from . import _extension
+from .grouped_gemm import ALIGN_BYTES, ALIGN_ELEMENTS, DTYPES, INT32_MAX
+
+
+@dataclasses.dataclass(frozen=True)
+class ScatterGemmPlan:
+    """Host-side arguments of ``scattermoe._C.scatter_gemm`` except pointers and stream."""
+
+    dtype: str
+    w_k_major: bool
+    stride_we: int
+    stride_w_ld: int
+    num_experts: int
+    num_rows: int
+    k_in: int
+    n_out: int
+
+
+def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_offsets: torch.Tensor,
+         num_rows: int, out: Optional[torch.Tensor] = None) -> Union[ScatterGemmPlan, str]:
+    """A plan, or a string naming why the scatter GEMM cannot take these tensors.
+
+    x [T or N, K] row-major with 16-byte aligned rows (cp.async), K a multiple of 8; w [E, K, F]
+    with a unit stride along K or F (F a multiple of 8 when along F); out [N or T*k, F] with a unit
+    column stride (rows are stored one element at a time: any row stride).
+    """
+    if x.dtype not in DTYPES:
+        return f"dtype {str(x.dtype).replace('torch.', '')}: the csrc scatter GEMM is built for bfloat16 and float16"
+    if w.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return "mixed dtypes: x, w and bias must share one dtype"
+    if out is not None and (out.dtype != x.dtype or out.stride(-1) != 1):
+        return "out must have x's dtype and a unit column stride"
+    num_experts, k_in, n_out = w.shape
+    if num_rows > INT32_MAX:
+        return f"{num_rows} rows: more than the kernel's 32-bit row count"
+    if k_in % ALIGN_ELEMENTS:
+        return f"K={k_in}: cp.async copies 16 bytes, so K must be a multiple of {ALIGN_ELEMENTS}"
+    if x.stride(1) != 1 or x.stride(0) % ALIGN_ELEMENTS or x.data_ptr() % ALIGN_BYTES:
+        return f"x (strides {x.stride()}) is not row-major with 16-byte aligned rows"
+    if w.stride(1) == 1:
+        w_k_major, ld = True, w.stride(2)
+    elif w.stride(2) == 1:
+        w_k_major, ld = False, w.stride(1)
+        if n_out % ALIGN_ELEMENTS:
+            return f"F={n_out}: an F-major w is copied 16 bytes at a time along F, so F must be a multiple of 8"
+    else:
+        return f"w (strides {w.stride()}) has no unit stride along K or F"
+    stride_we = w.stride(0) if num_experts > 1 else 0
+    if ld % ALIGN_ELEMENTS or stride_we % ALIGN_ELEMENTS or w.data_ptr() % ALIGN_BYTES:
+        return f"w (strides {w.stride()}) is not 16-byte aligned per row and per expert"
+    if bias is not None and bias.stride(-1) != 1:
+        return "bias must have a unit column stride"
+    if expert_offsets.dtype not in (torch.int32, torch.int64):
+        return f"expert_offsets dtype {expert_offsets.dtype}: expected int32 or int64"
+    return ScatterGemmPlan(DTYPES[x.dtype], w_k_major, stride_we, ld, num_experts, num_rows, k_in, n_out)
+
+
+def launch(p: ScatterGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+           sorted_scattered_idxs: torch.Tensor, expert_offsets: torch.Tensor, fan_out: int,
+           grouped_in: bool, grouped_out: bool, row_scale: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Enqueue the scatter GEMM on the current stream of x's device, writing y. No host sync."""
+    module, error = _extension.load()
+    if module is None:
+        raise RuntimeError(f"scattermoe cutlass backend: {error}")
+    idx = sorted_scattered_idxs.to(torch.int64).contiguous()
+    offsets = expert_offsets.contiguous()
+    gates = row_scale.reshape(-1).to(torch.float32).contiguous() if row_scale is not None else None
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    module.scatter_gemm(
+        dtype=p.dtype, w_k_major=p.w_k_major,
+        x=x.data_ptr(), stride_xm=x.stride(0), x_rows=x.size(0),
+        w=w.data_ptr(), stride_we=p.stride_we, stride_w_ld=p.stride_w_ld,
+        bias=bias.data_ptr() if bias is not None else 0, stride_be=bias.stride(0) if bias is not None else 0,
+        y=y.data_ptr(), stride_ym=y.stride(0), y_rows=y.size(0),
+        gates=gates.data_ptr() if gates is not None else 0,
+        sorted_scattered_idxs=idx.data_ptr(), expert_offsets=offsets.data_ptr(),
+        offsets_int64=offsets.dtype == torch.int64, x_grouped=grouped_in, y_grouped=grouped_out,
+        fan_out=fan_out if not grouped_in else 1, num_experts=p.num_experts, num_rows=p.num_rows,
+        k_in=p.k_in, n_out=p.n_out, device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    return y
