@@ -48,6 +48,16 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     return p.parse_known_args(argv)
 
 
+def _names(arg: str, known, what: str) -> Optional[List[str]]:
+    """The comma-separated names in ``arg``, or None (after saying why) if one is not in ``known``."""
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"python -m bench: unknown {what}(s) {unknown}; expected a subset of {list(known)}", file=sys.stderr)
+        return None
+    return names
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args, extra = _parse(argv)
     if args.e2e:
@@ -76,21 +86,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .plot import plot
     from .run import RunConfig, run
 
-    impls = list(kernels.IMPLS)
-    if args.impls:
-        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-        unknown = [i for i in impls if i not in kernels.IMPLS]
-        if unknown:
-            print(f"python -m bench: unknown impl(s) {unknown}; expected a subset of {list(kernels.IMPLS)}",
-                  file=sys.stderr)
-            return 2
+    impls = _names(args.impls, kernels.IMPLS, "impl") if args.impls else list(kernels.IMPLS)
+    if impls is None:
+        return 2
     groups = kernels.suite("smoke" if args.cpu_smoke else args.suite)
     if args.shapes:
-        names = [s.strip() for s in args.shapes.split(",") if s.strip()]
-        unknown = [s for s in names if s not in kernels.SHAPES]
-        if unknown:
-            print(f"python -m bench: unknown shape(s) {unknown}; expected a subset of {list(kernels.SHAPES)}",
-                  file=sys.stderr)
+        names = _names(args.shapes, kernels.SHAPES, "shape")
+        if names is None:
             return 2
         groups = [g for g in groups if g.shape.name in names]
     if args.tokens:

@@ -82,7 +82,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
         results["loads"].append({"shape": shape.name, "tokens": group.T, "routing": group.routing, **load})
         for mode in shape.modes:
             case, n_flops = group.case(mode), flops(group, mode)
-            dense_ms = None
+            mode_rows = []
             floor_ms = None
             if mode == "fwd" and cfg.limits and shape.kind != "routing":
                 floor_ms = weight_bytes(shape, load["experts_used"]) / cfg.limits["hbm_bytes_s"] * 1e3
@@ -92,6 +92,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                 if floor_ms is not None:
                     row["hbm_floor_ms"] = floor_ms
                 results["rows"].append(row)
+                mode_rows.append(row)
                 c = checks.get(impl, {})
                 why = c.get("unavailable")
                 if impl == "dense_same_flops":  # not in the checks: nothing to compare
@@ -123,13 +124,11 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                 if n_flops:
                     row["tflops"] = n_flops / ms / 1e9
                 last_ms[(case, group.routing, impl)] = (group.T, ms)
-                if impl == "dense_same_flops":
-                    dense_ms = ms
                 log(f"[bench]   {ms:9.4f} ms" + (f"  {row['tflops']:7.1f} TFLOP/s" if row["tflops"] else "")
                     + f"  first call {timing['first_call_ms']:.0f} ms  x{timing['repeats']}")
-            for row in results["rows"]:
-                if row["case"] == case and row["tokens"] == group.T and row["routing"] == group.routing \
-                        and row.get("ms") and dense_ms:
+            dense_ms = next((r["ms"] for r in mode_rows if r["impl"] == "dense_same_flops" and r["ms"]), None)
+            for row in mode_rows:
+                if row["ms"] and dense_ms:
                     row["vs_dense"] = dense_ms / row["ms"]
         del sets
         on_update(results)

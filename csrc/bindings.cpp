@@ -41,6 +41,14 @@ auto bool_switch(bool flag, F&& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// f(dtype tag, std::bool_constant<w_k_major>): the template instance for a runtime (dtype, W layout).
+template <class F>
+auto kernel_switch(const std::string& dtype, bool w_k_major, F&& f) {
+  return dtype_switch(dtype, [&](auto tag) {
+    return bool_switch(w_k_major, [&](auto k_major) { return f(tag, k_major); });
+  });
+}
+
 template <class T>
 T* as_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
@@ -104,10 +112,8 @@ size_t grouped_gemm_workspace_bytes(const std::string& dtype, bool w_k_major, in
   SMOE_CHECK(sm_count >= 1, "sm_count: expected >= 1, got ", sm_count);
   const int e = checked_int(num_experts, "num_experts");
   const int sms = checked_int(sm_count, "sm_count");
-  return dtype_switch(dtype, [&](auto tag) {
-    return bool_switch(w_k_major, [&](auto k_major) {
-      return scattermoe::grouped_gemm_workspace_bytes_sm90<decltype(tag), decltype(k_major)::value>(e, sms);
-    });
+  return kernel_switch(dtype, w_k_major, [&](auto tag, auto k_major) {
+    return scattermoe::grouped_gemm_workspace_bytes_sm90<decltype(tag), decltype(k_major)::value>(e, sms);
   });
 }
 
@@ -138,11 +144,8 @@ void grouped_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
   p.sm_count = checked_int(sm_count, "sm_count");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   py::gil_scoped_release release;  // the launch is asynchronous, but CUTLASS's host setup is not free
-  dtype_switch(dtype, [&](auto tag) {
-    bool_switch(w_k_major, [&](auto k_major) {
-      scattermoe::grouped_gemm_sm90<decltype(tag), decltype(k_major)::value>(p, s);
-      return 0;
-    });
+  kernel_switch(dtype, w_k_major, [&](auto tag, auto k_major) {
+    scattermoe::grouped_gemm_sm90<decltype(tag), decltype(k_major)::value>(p, s);
     return 0;
   });
 }
@@ -179,11 +182,8 @@ void scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
   p.device = checked_int(device, "device");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   py::gil_scoped_release release;
-  dtype_switch(dtype, [&](auto tag) {
-    bool_switch(w_k_major, [&](auto k_major) {
-      scattermoe::scatter_gemm_sm90<decltype(tag), decltype(k_major)::value>(p, s);
-      return 0;
-    });
+  kernel_switch(dtype, w_k_major, [&](auto tag, auto k_major) {
+    scattermoe::scatter_gemm_sm90<decltype(tag), decltype(k_major)::value>(p, s);
     return 0;
   });
 }

@@ -43,33 +43,34 @@ def make_case(counts, k_in, n_out, dtype=torch.bfloat16, w_layout="k_major", bia
     return x, w, b, routing(counts, seed)
 
 
-def emulate_kernel(p: gg.GroupedGemmPlan, x, w, bias, expert_offsets, y):
-    """The csrc kernel's contract applied to the plan's integers (what _C.grouped_gemm receives)."""
+def experts_as_planned(p, w, expert_offsets):
+    """(e, start, end, W[e] as float64) per expert, read through the plan's integers as both kernels do:
+    offsets clamped to [0, num_rows], W[e] at w + e * stride_we with the plan's layout and stride."""
     ld = p.stride_w_ld
     w_strides = (1, ld) if p.w_k_major else (ld, 1)
     start = 0
     for e in range(p.num_experts):
         end = min(max(int(expert_offsets[e]), 0), p.num_rows)
         start = min(start, end)
-        w_e = torch.as_strided(w, (p.k_in, p.n_out), w_strides, w.storage_offset() + e * p.stride_we)
-        out = x[start:end].double() @ w_e.double()
+        yield e, start, end, torch.as_strided(w, (p.k_in, p.n_out), w_strides,
+                                              w.storage_offset() + e * p.stride_we).double()
+        start = end
+
+
+def emulate_kernel(p: gg.GroupedGemmPlan, x, w, bias, expert_offsets, y):
+    """The csrc kernel's contract applied to the plan's integers (what _C.grouped_gemm receives)."""
+    for e, start, end, w_e in experts_as_planned(p, w, expert_offsets):
+        out = x[start:end].double() @ w_e
         if bias is not None:
             out += bias[e].double()
         y[start:end] = out.to(y.dtype)
-        start = end
     return y
 
 
 def emulate_scatter_kernel(p: sg.ScatterGemmPlan, x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out,
                            grouped_in, grouped_out, row_scale, y):
     """The csrc scatter kernel's contract (include/scattermoe/scatter_gemm.h) on the plan's integers."""
-    ld = p.stride_w_ld
-    w_strides = (1, ld) if p.w_k_major else (ld, 1)
-    start = 0
-    for e in range(p.num_experts):
-        end = min(max(int(expert_offsets[e]), 0), p.num_rows)
-        start = min(start, end)
-        w_e = torch.as_strided(w, (p.k_in, p.n_out), w_strides, w.storage_offset() + e * p.stride_we).double()
+    for e, start, end, w_e in experts_as_planned(p, w, expert_offsets):
         for r in range(start, end):
             slot = int(sorted_scattered_idxs[r])
             v = x[r if grouped_in else slot // fan_out].double() @ w_e
@@ -78,7 +79,6 @@ def emulate_scatter_kernel(p: sg.ScatterGemmPlan, x, w, bias, sorted_scattered_i
             if row_scale is not None:
                 v *= float(row_scale.reshape(-1)[slot])
             y[r if grouped_out else slot] = v.to(y.dtype)
-        start = end
     return y
 
 

@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "scattermoe/check.h"
+#include "scattermoe/cutlass_element.h"
 #include "scattermoe/grouped_gemm.h"
 
 #if !defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
@@ -36,10 +37,6 @@ namespace scattermoe {
 namespace sm90 {
 
 using namespace cute;
-
-template <class Tag> struct CutlassElement;
-template <> struct CutlassElement<Bf16> { using type = cutlass::bfloat16_t; };
-template <> struct CutlassElement<Fp16> { using type = cutlass::half_t; };
 
 // One tile configuration for now (not tuned on a GPU yet; see csrc/README.md): 128x128x64,
 // two consumer warpgroups of 64x128 fp32 accumulators each (64 registers), no cluster, so

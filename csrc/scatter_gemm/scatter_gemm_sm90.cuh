@@ -30,16 +30,13 @@
 #include <type_traits>
 
 #include "scattermoe/check.h"
+#include "scattermoe/cutlass_element.h"
 #include "scattermoe/scatter_gemm.h"
 
 namespace scattermoe {
 namespace sm90_scatter {
 
 using namespace cute;
-
-template <class Tag> struct CutlassElement;
-template <> struct CutlassElement<Bf16> { using type = cutlass::bfloat16_t; };
-template <> struct CutlassElement<Fp16> { using type = cutlass::half_t; };
 
 // One 16-byte cp.async global -> shared; with valid=false it reads nothing and writes zeros.
 CUTE_DEVICE void cp_async_16(void* smem, const void* gmem, bool valid) {
@@ -93,14 +90,12 @@ CUTE_DEVICE void locate_row_tile(const Offset* offsets, int num_experts, int64_t
   expert = -1;
   row_start = row_end = 0;
   int64_t tiles_before = 0;
-  int64_t prev = 0;
+  int64_t prev_end = 0;  // expert e-1's end, clamped: expert e starts there (or at its own end if smaller)
   for (int e = 0; e < num_experts; ++e) {
     int64_t end = static_cast<int64_t>(offsets[e]);
     end = end < 0 ? 0 : (end > num_rows ? num_rows : end);
-    int64_t start = e > 0 ? prev : 0;
-    start = start < 0 ? 0 : (start > end ? end : start);
-    prev = static_cast<int64_t>(offsets[e]);
-    prev = prev < 0 ? 0 : (prev > num_rows ? num_rows : prev);
+    const int64_t start = prev_end < end ? prev_end : end;
+    prev_end = end;
     const int64_t tiles = (end - start + kScatterGemmTileM - 1) / kScatterGemmTileM;
     if (tile < tiles_before + tiles) {
       expert = e;
