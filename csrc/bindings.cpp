@@ -154,8 +154,8 @@ void scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
                   uintptr_t w, int64_t stride_we, int64_t stride_w_ld, uintptr_t bias, int64_t stride_be, uintptr_t y,
                   int64_t stride_ym, int64_t y_rows, uintptr_t gates, uintptr_t sorted_scattered_idxs,
                   uintptr_t expert_offsets, bool offsets_int64, bool x_grouped, bool y_grouped, int64_t fan_out,
-                  int64_t num_experts, int64_t num_rows, int64_t k_in, int64_t n_out, int64_t device,
-                  uintptr_t stream) {
+                  int64_t num_experts, int64_t num_rows, int64_t k_in, int64_t n_out, int64_t glu, uintptr_t pre,
+                  int64_t stride_pm, int64_t device, uintptr_t stream) {
   ScatterGemmParams p;
   p.x = as_ptr<const void>(x);
   p.stride_xm = stride_xm;
@@ -179,6 +179,9 @@ void scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
   p.num_rows = num_rows;
   p.k_in = checked_int(k_in, "k_in");
   p.n_out = checked_int(n_out, "n_out");
+  p.glu = checked_int(glu, "glu");
+  p.pre = as_ptr<void>(pre);
+  p.stride_pm = stride_pm;
   p.device = checked_int(device, "device");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   py::gil_scoped_release release;
@@ -217,8 +220,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stride_be"), py::arg("y"), py::arg("stride_ym"), py::arg("y_rows"), py::arg("gates"),
         py::arg("sorted_scattered_idxs"), py::arg("expert_offsets"), py::arg("offsets_int64"), py::arg("x_grouped"),
         py::arg("y_grouped"), py::arg("fan_out"), py::arg("num_experts"), py::arg("num_rows"), py::arg("k_in"),
-        py::arg("n_out"), py::arg("device"), py::arg("stream"),
+        py::arg("n_out"), py::arg("glu") = 0, py::arg("pre") = 0, py::arg("stride_pm") = 0, py::arg("device"),
+        py::arg("stream"),
         "scatter2scatter on sm_90a: rows gathered on load (x_grouped=False: token slot // fan_out), scattered on "
-        "store (y_grouped=False: slot), per-expert bias, float32 gates by slot (csrc/include/scattermoe/"
-        "scatter_gemm.h has the layouts). Enqueued on `stream`; no host sync, no workspace.");
+        "store (y_grouped=False: slot), per-expert bias, the GLU epilogue (glu=1: silu(a) * b, 2: a * silu(b), "
+        "W and bias 2 * n_out wide; pre, if not 0, receives both halves before it), float32 gates by slot "
+        "(csrc/include/scattermoe/scatter_gemm.h has the layouts). Enqueued on `stream`; no host sync.");
 }

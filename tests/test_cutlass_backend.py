@@ -45,14 +45,16 @@ def make_case(counts, k_in, n_out, dtype=torch.bfloat16, w_layout="k_major", bia
 
 def experts_as_planned(p, w, expert_offsets):
     """(e, start, end, W[e] as float64) per expert, read through the plan's integers as both kernels do:
-    offsets clamped to [0, num_rows], W[e] at w + e * stride_we with the plan's layout and stride."""
+    offsets clamped to [0, num_rows], W[e] at w + e * stride_we with the plan's layout and stride
+    (2 * n_out columns with the scatter GEMM's GLU)."""
     ld = p.stride_w_ld
     w_strides = (1, ld) if p.w_k_major else (ld, 1)
+    w_cols = p.n_out * (2 if getattr(p, "glu", 0) else 1)
     start = 0
     for e in range(p.num_experts):
         end = min(max(int(expert_offsets[e]), 0), p.num_rows)
         start = min(start, end)
-        yield e, start, end, torch.as_strided(w, (p.k_in, p.n_out), w_strides,
+        yield e, start, end, torch.as_strided(w, (p.k_in, w_cols), w_strides,
                                               w.storage_offset() + e * p.stride_we).double()
         start = end
 
@@ -68,17 +70,24 @@ def emulate_kernel(p: gg.GroupedGemmPlan, x, w, bias, expert_offsets, y):
 
 
 def emulate_scatter_kernel(p: sg.ScatterGemmPlan, x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out,
-                           grouped_in, grouped_out, row_scale, y):
+                           grouped_in, grouped_out, row_scale, y, pre_activation=None):
     """The csrc scatter kernel's contract (include/scattermoe/scatter_gemm.h) on the plan's integers."""
+    silu = torch.nn.functional.silu
     for e, start, end, w_e in experts_as_planned(p, w, expert_offsets):
         for r in range(start, end):
             slot = int(sorted_scattered_idxs[r])
             v = x[r if grouped_in else slot // fan_out].double() @ w_e
             if bias is not None:
                 v += bias[e].double()
+            out_row = r if grouped_out else slot
+            if p.glu:
+                if pre_activation is not None:
+                    pre_activation[out_row] = v.to(pre_activation.dtype)
+                a, b = v[:p.n_out], v[p.n_out:]
+                v = silu(a) * b if p.glu == 1 else a * silu(b)
             if row_scale is not None:
                 v *= float(row_scale.reshape(-1)[slot])
-            y[r if grouped_out else slot] = v.to(y.dtype)
+            y[out_row] = v.to(y.dtype)
     return y
 
 
@@ -207,9 +216,44 @@ def test_gathered_scattered_and_gated_calls_take_the_scatter_kernel(fake_launch,
         assert torch.allclose(got, want, rtol=2e-2, atol=2e-2), (r, slot, (got - want).abs().max())
 
 
+@pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
+@pytest.mark.parametrize("glu", [1, 2])
+@pytest.mark.parametrize("grouped_in,grouped_out,gated,keep_pre", [
+    (False, True, False, True), (True, True, False, False), (True, False, True, True), (False, False, True, False)])
+def test_glu_calls_take_the_scatter_kernel(fake_launch, fake_triton, grouped_in, grouped_out, gated, keep_pre, glu,
+                                           w_layout):
+    """The GLU epilogue: w [E, K, 2F] and bias [E, 2F] give y [N, F] = GLU(h) (* gates) and, when asked, the
+    pre-activation h [N, 2F], rows placed like y. Checked row by row against the contract, k=2."""
+    k, counts, k_in, half = 2, [12, 0, 6, 30], 48, 40
+    x, w, b, route = make_case(counts, k_in, 2 * half, w_layout=w_layout, bias=True, seed=glu)
+    sorted_expert, scattered, offsets = route
+    n = sum(counts)
+    g = torch.Generator().manual_seed(7)
+    x_in = x if grouped_in else torch.randn(n // k, k_in, generator=g).to(x.dtype)
+    gates = torch.rand(n // k, k, generator=g) if gated else None
+    pre = torch.full((n, 2 * half), float("nan")).to(x.dtype) if keep_pre else None
+    y = cutlass.scatter2scatter(x_in, w, b, scattered, offsets, k, grouped_in, grouped_out, row_scale=gates,
+                                glu=glu, pre_activation=pre)
+    assert len(fake_launch) == 1 and isinstance(fake_launch[0], sg.ScatterGemmPlan) and not fake_triton
+    assert (fake_launch[0].glu, fake_launch[0].n_out) == (glu, half)
+    assert y.shape == (n, half)
+    silu = torch.nn.functional.silu
+    for r, slot in enumerate(scattered.tolist()):
+        e = int(sorted_expert[r])
+        h = x_in[r if grouped_in else slot // k].double() @ w[e].double() + b[e].double()
+        a, bb = h[:half], h[half:]
+        want = silu(a) * bb if glu == 1 else a * silu(bb)
+        if gated:
+            want = want * gates.reshape(-1)[slot].double()
+        row = r if grouped_out else slot
+        assert torch.allclose(y[row].double(), want, rtol=2e-2, atol=2e-2), (r, slot)
+        if keep_pre:
+            assert torch.allclose(pre[row].double(), h, rtol=2e-2, atol=2e-2), (r, slot)
+
+
 FALLBACK_CASES = {
     # name: (kwargs of s2s, make_case kwargs, expected reason)
-    "GLU epilogue": (dict(glu=1), {}, dispatch.GLU_EPILOGUE),
+    "GLU with an odd weight width": (dict(glu=1), dict(n_out=63), "glu=1 with 63 weight columns"),
     "float32": ({}, dict(dtype=torch.float32), "dtype float32"),
     "K not a multiple of 8": ({}, dict(k_in=12), "K=12"),
     "F not a multiple of 8, F-major w": ({}, dict(n_out=20, w_layout="f_major"), "F=20"),
@@ -268,13 +312,14 @@ def test_strict_mode_refuses_to_fall_back(fake_launch, fake_triton):
     x, w, _, route = make_case([4, 4], 32, 64)
     dispatch.set_strict(True)
     try:
-        with pytest.raises(NotImplementedError, match="GLU epilogue"):
-            s2s(x, w, None, route, glu=1)
+        with pytest.raises(NotImplementedError, match="dtype float32"):
+            s2s(x.float(), w.float(), None, route)
         s2s(x, w, None, route)  # covered: still runs
         s2s(x, w, None, route, grouped_out=False)  # covered by the scatter GEMM
+        s2s(x, w, None, route, glu=1)  # and so is the GLU epilogue
     finally:
         dispatch.set_strict(False)
-    assert len(fake_launch) == 2 and not fake_triton
+    assert len(fake_launch) == 3 and not fake_triton
 
 
 def test_fallback_without_triton_names_both_reasons(monkeypatch, fake_launch):
@@ -282,8 +327,8 @@ def test_fallback_without_triton_names_both_reasons(monkeypatch, fake_launch):
 
     monkeypatch.setattr(backends, "triton_unsupported_reason", lambda x: "triton is not installed")
     x, w, _, route = make_case([4, 4], 32, 64)
-    with pytest.raises(RuntimeError, match="GLU epilogue.*triton is not installed"):
-        s2s(x, w, None, route, glu=1)
+    with pytest.raises(RuntimeError, match="dtype float32.*triton is not installed"):
+        s2s(x.float(), w.float(), None, route)
 
 
 def test_grouped_gemm_custom_op_has_a_fake_impl():

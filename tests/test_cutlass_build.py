@@ -143,6 +143,11 @@ def test_scatter_gemm_sass_holds_hgmma_and_cp_async(built, cuobjdump, source):
     # 8 copies of A and 8 of W per thread per stage, 16 bytes each, bypassing L1 (cp.async.cg).
     assert sass.count("LDGSTS.E.BYPASS.128") >= 16, f"{source}: the operands are not loaded by 16-byte cp.async"
     assert "LDGSTSBAR" in sass, f"{source}: cp.async completion is not tied to the pipeline's mbarrier"
+    # The staged epilogue stores rows 16 bytes at a time (y, and both halves of the GLU pre-activation), and
+    # nothing in the kernel is a call (a 64-bit division or an IEEE fp32 divide would be one, and a call
+    # between wgmma's serialises them: ptxas warning C7510).
+    assert sass.count("STG.E.128") >= 3, f"{source}: the epilogue has no 16-byte row stores"
+    assert "CALL" not in sass, f"{source}: the kernel calls a subroutine"
 
 
 @pytest.mark.parametrize("source", sorted(GEMM_OBJECTS) + sorted(SCATTER_OBJECTS))
@@ -255,6 +260,9 @@ cases = {
     "sorted_scattered_idxs": dict(sorted_scattered_idxs=0),
     "expert_offsets": dict(expert_offsets=0),
     "num_experts": dict(num_experts=0),
+    "glu": dict(glu=3),
+    "pre": dict(pre=40960, stride_pm=128),
+    "stride_pm": dict(glu=1, pre=40960, stride_pm=64),
 }
 out = {}
 for name, change in cases.items():

@@ -14,9 +14,13 @@
 // so the grid needs only the bound cdiv(N, 128) + E (as the Triton kernel). CTAs past the last
 // tile exit at once.
 //
-// Epilogue: registers to global memory directly, one element at a time, each row at its own
-// address (scatter), after bias and gate. A TMA store cannot scatter either; a shared-memory
-// staged, vectorised store is the obvious next step once a GPU has measured this one.
+// GLU: the CTA's 128 W columns are 64 of each half (j..j+63 and F+j..F+j+63), so a(m, j) and its
+// partner b(m, j) end up in the same tile and the activation is applied in the epilogue.
+//
+// Epilogue: the fp32 accumulator tile is staged through shared memory (the pipeline's stages are
+// free once the mainloop is done), then each consumer thread takes 8 consecutive columns of one
+// row: bias, GLU, gate, and one 16-byte store at that row's own address (scatter). A TMA store
+// cannot scatter rows; 16-byte per-thread stores keep each row's 256 bytes in one coalesced burst.
 // Included by one .cu file per (dtype, W layout), so the instantiations compile in parallel.
 #pragma once
 
@@ -75,13 +79,57 @@ struct ScatterGemm {
     int expert;
   };
 
+  // The accumulator tile in fp32, padded so that 16 threads reading 16-byte chunks of two rows
+  // spread over the banks.
+  static constexpr int kStageLd = kScatterGemmTileN + 4;
+  struct EpilogueStorage {
+    alignas(16) float acc[kScatterGemmTileM * kStageLd];
+  };
+
   struct SharedStorage {
-    typename Mainloop::TensorStorage tensors;
+    union {  // the mainloop's stages, then (after every consumer finished reading them) the epilogue tile
+      typename Mainloop::TensorStorage tensors;
+      EpilogueStorage epilogue;
+    };
     alignas(16) typename Mainloop::PipelineStorage pipeline;
     TileInfo tile;
   };
+  static_assert(sizeof(EpilogueStorage) <= sizeof(typename Mainloop::TensorStorage),
+                "the epilogue tile must fit in the pipeline stages it reuses");
   static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
 };
+
+// Tile column c (0..127) -> W column, and whether it exists. Plain: n0 + c. GLU: the tile holds
+// output columns j0..j0+63 of both halves, c < 64 from the first (W column j0 + c) and c >= 64 from
+// the second (n_out + j0 + c - 64); it exists when its output column j0 + c % 64 < n_out.
+CUTE_DEVICE int w_column(int c, int n_tile, int n_out, bool glu, bool& ok) {
+  if (!glu) {
+    const int n = n_tile * kScatterGemmTileN + c;
+    ok = n < n_out;
+    return n;
+  }
+  constexpr int kHalf = kScatterGemmTileN / 2;
+  const int j = n_tile * kHalf + c % kHalf;
+  ok = j < n_out;
+  return c < kHalf ? j : n_out + j;
+}
+
+// 8 fp32 values to 8 consecutive elements: one 16-byte store when all 8 exist and dst is 16-byte
+// aligned, else element by element (the last, partial chunk of a row, or odd row strides).
+template <class Element>
+CUTE_DEVICE void store_8(Element* dst, const float (&v)[8], int count) {
+  if (count == 8 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    cutlass::AlignedArray<Element, 8> packed;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 8; ++j) packed[j] = static_cast<Element>(v[j]);
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed.data());
+  } else {
+    for (int j = 0; j < count; ++j) dst[j] = static_cast<Element>(v[j]);
+  }
+}
+
+// Fast-math silu, as Triton's sigmoid: exp(-v) = inf for v < -88 gives v / inf = -0, the limit.
+CUTE_DEVICE float silu(float v) { return __fdividef(v, 1.0f + __expf(-v)); }
 
 // Thread 0 of each CTA: which expert and rows does row tile blockIdx.x hold? (expert -1: none.)
 template <class Offset>
@@ -161,7 +209,6 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
     const int t = static_cast<int>(threadIdx.x);
     const auto* x = static_cast<const Element*>(p.x);
     const auto* w = static_cast<const Element*>(p.w) + static_cast<int64_t>(tile.expert) * p.stride_we;
-    const int n0 = n_tile * kBN;
 
     const int ck = t % kChunksK;
     const Element* a_src[kPassesA];
@@ -171,20 +218,21 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
       const int m = t / kChunksK + i * kRowsPerPass;
       a_ok[i] = m < rows_here;
       const int64_t row = tile.row_start + (a_ok[i] ? m : 0);   // a valid row either way
-      const int64_t x_row = p.x_grouped ? row : p.sorted_scattered_idxs[row] / p.fan_out;
+      // 32-bit division (num_rows < 2^31 is checked): the 64-bit one is a subroutine call
+      const int64_t x_row = p.x_grouped ? row : static_cast<int>(p.sorted_scattered_idxs[row]) / p.fan_out;
       a_src[i] = x + x_row * p.stride_xm + ck * kVec;
     }
+    const bool glu = p.glu != 0;
     const Element* b_src[8];
     bool b_ok[8];
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < 8; ++i) {
       if constexpr (G::kWKMajor) {  // W[e] as (n, k), unit stride along k: row n, chunk ck
-        const int n = n0 + t / kChunksK + i * kRowsPerPass;
-        b_ok[i] = n < p.n_out;
+        const int n = w_column(t / kChunksK + i * kRowsPerPass, n_tile, p.n_out, glu, b_ok[i]);
         b_src[i] = w + static_cast<int64_t>(b_ok[i] ? n : 0) * p.stride_w_ld + ck * kVec;
-      } else {  // unit stride along n: k row t / kChunksN + 8 i, chunk t % kChunksN (k0 added per tile)
-        const int n = n0 + (t % kChunksN) * kVec;
-        b_ok[i] = n < p.n_out;
+      } else {  // unit stride along n: k row t / kChunksN + 8 i, chunk t % kChunksN (k0 added per tile);
+                // a chunk never straddles the GLU halves (64 and n_out are multiples of kVec)
+        const int n = w_column((t % kChunksN) * kVec, n_tile, p.n_out, glu, b_ok[i]);
         b_src[i] = w + static_cast<int64_t>(t / kChunksN + i * kKRowsPerPass) * p.stride_w_ld + (b_ok[i] ? n : 0);
       }
     }
@@ -231,26 +279,66 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
   mainloop.mma(pipeline, read_state, acc, k_tiles, mma_thread, shared.tensors, mainloop_params);
   mainloop.mma_tail(pipeline, read_state, k_tiles);
 
-  // Epilogue: bias, gate, and each row to its own address.
+  // Epilogue. Stage the accumulators: wait until both consumer warpgroups are done reading the
+  // stages (mma_tail waited for this thread's wgmma only), then overwrite them with the fp32 tile.
+  using EpilogueBarrier = cutlass::arch::NamedBarrier;
+  constexpr uint32_t kEpilogueBarrierId = 0;  // the first user barrier id (NamedBarrier skips CUTLASS's)
+  EpilogueBarrier::sync(G::kMmaThreads, kEpilogueBarrierId);
+  float* staged = shared.epilogue.acc;
   auto thr_mma = tiled_mma.get_thread_slice(mma_thread);
   Tensor coords = thr_mma.partition_C(make_identity_tensor(take<0, 2>(blk)));             // (m, n) per element
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(acc); ++i) {
+    staged[get<0>(coords(i)) * G::kStageLd + get<1>(coords(i))] = acc(i);
+  }
+  EpilogueBarrier::sync(G::kMmaThreads, kEpilogueBarrierId);
+
+  // Each thread: 8 consecutive output columns of one row; 8 or 16 threads cover a row's tile.
+  const bool glu = p.glu != 0;
+  constexpr int kHalf = kScatterGemmTileN / 2;
+  const int out_cols = glu ? kHalf : kScatterGemmTileN;
+  const int col_start = n_tile * out_cols;
+  const int chunks_per_row = out_cols / 8;
   const auto* bias = static_cast<const Element*>(p.bias);
   const auto* gates = static_cast<const float*>(p.gates);
   auto* y = static_cast<Element*>(p.y);
-  const int n0 = n_tile * kScatterGemmTileN;
-  CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < size(acc); ++i) {
-    const int m = get<0>(coords(i));
-    const int n = n0 + get<1>(coords(i));
-    if (m < rows_here && n < p.n_out) {
-      const int64_t row = tile.row_start + m;
-      const int64_t slot = p.sorted_scattered_idxs[row];
-      float v = acc(i);
-      if (bias != nullptr) v += static_cast<float>(bias[static_cast<int64_t>(tile.expert) * p.stride_be + n]);
-      if (gates != nullptr) v *= gates[slot];
-      const int64_t y_row = p.y_grouped ? row : slot;
-      y[y_row * p.stride_ym + n] = static_cast<Element>(v);
+  auto* pre = static_cast<Element*>(p.pre);
+  const Element* bias_e = bias != nullptr ? bias + static_cast<int64_t>(tile.expert) * p.stride_be : nullptr;
+  for (int chunk = mma_thread; chunk < kScatterGemmTileM * chunks_per_row; chunk += G::kMmaThreads) {
+    const int m = chunk / chunks_per_row;
+    if (m >= rows_here) break;  // chunks go row by row: every later one is past the tile's rows too
+    const int c = (chunk % chunks_per_row) * 8;  // tile column (of the first half with glu)
+    const int col = col_start + c;               // output column
+    if (col >= p.n_out) continue;
+    const int count = cute::min(8, p.n_out - col);
+    const int64_t row = tile.row_start + m;
+    const int64_t slot = p.sorted_scattered_idxs[row];
+    const int64_t y_row = p.y_grouped ? row : slot;
+    float a[8], b[8];
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 8; ++j) {
+      a[j] = staged[m * G::kStageLd + c + j];
+      b[j] = glu ? staged[m * G::kStageLd + kHalf + c + j] : 0.0f;
     }
+    if (bias_e != nullptr) {
+      for (int j = 0; j < count; ++j) {
+        a[j] += static_cast<float>(bias_e[col + j]);
+        if (glu) b[j] += static_cast<float>(bias_e[p.n_out + col + j]);
+      }
+    }
+    if (glu && pre != nullptr) {
+      Element* pre_row = pre + y_row * p.stride_pm;
+      store_8(pre_row + col, a, count);
+      store_8(pre_row + p.n_out + col, b, count);
+    }
+    const float gate = gates != nullptr ? gates[slot] : 1.0f;
+    float v[8];
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 8; ++j) {
+      const float g = !glu ? a[j] : (p.glu == 1 ? silu(a[j]) * b[j] : a[j] * silu(b[j]));
+      v[j] = g * gate;
+    }
+    store_8(y + y_row * p.stride_ym + col, v, count);
   }
 #endif
 }
@@ -264,7 +352,12 @@ void run(const ScatterGemmParams& p, cudaStream_t stream) {
   SMOE_CHECK(p.k_in >= 1 && p.k_in % align == 0, "k_in: cp.async needs a positive multiple of ", align,
              " elements, got ", p.k_in);
   SMOE_CHECK(p.n_out >= 1, "n_out: expected >= 1, got ", p.n_out);
-  const int64_t w_ld_min = WKMajor ? p.k_in : p.n_out;
+  SMOE_CHECK(p.glu >= 0 && p.glu <= 2, "glu: expected 0 (none), 1 or 2, got ", p.glu);
+  SMOE_CHECK(p.pre == nullptr || p.glu != 0, "pre: the pre-activation is a GLU output; glu is 0");
+  SMOE_CHECK(p.pre == nullptr || p.stride_pm >= 2 * static_cast<int64_t>(p.n_out),
+             "stride_pm: expected >= 2 * n_out=", 2 * static_cast<int64_t>(p.n_out), ", got ", p.stride_pm);
+  const int64_t w_cols = p.glu ? 2 * static_cast<int64_t>(p.n_out) : p.n_out;
+  const int64_t w_ld_min = WKMajor ? p.k_in : w_cols;
   if (!WKMajor) {
     SMOE_CHECK(p.n_out % align == 0, "n_out: an F-major W needs a multiple of ", align, " elements, got ", p.n_out);
   }
@@ -292,7 +385,7 @@ void run(const ScatterGemmParams& p, cudaStream_t stream) {
   if (p.num_rows == 0) return;
 
   const dim3 grid(static_cast<unsigned>((p.num_rows + kScatterGemmTileM - 1) / kScatterGemmTileM + p.num_experts),
-                  static_cast<unsigned>((p.n_out + kScatterGemmTileN - 1) / kScatterGemmTileN));
+                  static_cast<unsigned>(cute::ceil_div(p.n_out, p.glu ? kScatterGemmTileN / 2 : kScatterGemmTileN)));
   auto kernel = p.offsets_int64 ? scatter_gemm_kernel<G, int64_t> : scatter_gemm_kernel<G, int32_t>;
   SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));
   kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p);

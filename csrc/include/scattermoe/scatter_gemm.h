@@ -1,10 +1,17 @@
-// Scatter GEMM over experts: scatter2scatter with gather-on-load and scatter-on-store, gates and bias,
-// for every grouped_in / grouped_out combination (no GLU yet):
+// Scatter GEMM over experts: scatter2scatter with gather-on-load and scatter-on-store, gates, bias
+// and the GLU epilogue, for every grouped_in / grouped_out combination:
 //
 //   for each row r in expert order, of expert e, slot s = sorted_scattered_idxs[r]:
-//     Y[y(r), :] = (X[x(r), :] @ W[e] (+ bias[e])) (* gates[s])
+//     H = X[x(r), :] @ W[e] (+ bias[e])
+//     Y[y(r), :] = act(H) (* gates[s])            act = identity, or with glu the GLU of H = [a | b]:
+//                                                 1: silu(a) * b, 2: a * silu(b) (fp32, before rounding)
+//     PRE[y(r), :] = H                            glu only, when pre != nullptr (for the backward)
 //   x(r) = r if x_grouped else s / fan_out        (gather on load: token rows, never copied)
 //   y(r) = r if y_grouped else s                  (scatter on store: slot rows)
+//
+// With glu, W is [E, K, 2F] and bias [E, 2F] while Y is [*, F] (n_out = F): each CTA computes F
+// columns j..j+63 of both halves (W columns j.. and F + j..) in one 128-wide tile, so the
+// activation happens in the epilogue and Y is written once at its final width.
 //
 // Expert e's rows [s_e, t_e) come from expert_offsets ON THE DEVICE (clamped to [0, num_rows]
 // like the Triton kernel). Legend and layouts as grouped_gemm.h: X [*, K] (row stride stride_xm),
@@ -43,11 +50,14 @@ struct ScatterGemmParams {
   int64_t x_rows = 0;                     // rows of X (bounds the gathered token index)
   int64_t y_rows = 0;                     // rows of Y (bounds the scattered slot index)
   int k_in = 0;
-  int n_out = 0;
+  int n_out = 0;                          // columns of Y (F); W and bias have 2F columns with glu
+  int glu = 0;                            // 0: none; 1: silu(first half) * second; 2: first * silu(second)
+  void* pre = nullptr;                    // glu only: [*, 2F] pre-activation H, rows like Y; nullptr: not kept
+  int64_t stride_pm = 0;
   int device = 0;
 };
 
-// Enqueue the kernel on `stream`: a grid of (row tiles bound cdiv(N, 128) + E, cdiv(F, 128)) CTAs,
+// Enqueue the kernel on `stream`: a grid of (row tiles bound cdiv(N, 128) + E, cdiv(F, 128 or 64 with glu)) CTAs,
 // each finding its expert and rows from expert_offsets. No host synchronisation, no workspace.
 template <class ElementTag, bool WKMajor>
 void scatter_gemm_sm90(const ScatterGemmParams& params, cudaStream_t stream);

@@ -6,9 +6,9 @@ to the Triton launcher and counted in ``FALLBACKS`` under the name of the missin
 ``SCATTERMOE_CUTLASS_STRICT=1`` (or ``set_strict(True)``) raises instead, so a GPU test can
 prove it exercised the csrc path.
 
-Covered by csrc now: scatter2scatter without GLU, bf16/fp16: grouped in and out without gates
-goes to the TMA grouped GEMM (grouped_gemm.plan); every other combination (gathered rows,
-scattered rows, gates) to the cp.async scatter GEMM (scatter_gemm.plan).
+Covered by csrc now: scatter2scatter, bf16/fp16: grouped in and out without gates or GLU goes
+to the TMA grouped GEMM (grouped_gemm.plan); every other combination (gathered rows, scattered
+rows, gates, the GLU epilogue) to the cp.async scatter GEMM (scatter_gemm.plan).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from . import grouped_gemm, scatter_gemm
 
 # The pieces not written yet, by the names csrc/README.md uses for them.
-GLU_EPILOGUE = "GLU epilogue not written yet"
 GROUP_BWD_W = "dW/db kernel (per-expert X^T dY) not written yet"
 GLU_BACKWARD = "GLU backward kernel not written yet"
 
@@ -41,20 +40,20 @@ def scatter2scatter_fallback_reason(
     num_rows: int, grouped_in: bool, grouped_out: bool, row_scale: Optional[torch.Tensor],
     out: Optional[torch.Tensor], glu: int, pre_activation: Optional[torch.Tensor],
 ) -> Optional[str]:
-    """Why scatter2scatter must go to Triton for this call, or None when the csrc kernel takes it."""
-    if glu or pre_activation is not None:
-        return GLU_EPILOGUE
-    p = _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, out)
+    """Why scatter2scatter must go to Triton for this call, or None when a csrc kernel takes it."""
+    p = _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, out, glu, pre_activation)
     return p if isinstance(p, str) else None
 
 
-def _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, out):
-    """The TMA grouped GEMM when rows are grouped both ways and ungated, else the scatter GEMM."""
-    if grouped_in and grouped_out and row_scale is None:
+def _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, out, glu, pre_activation):
+    """The TMA grouped GEMM when rows are grouped both ways, ungated and without GLU, else the scatter GEMM."""
+    if pre_activation is not None and not glu:
+        return "pre_activation without glu"
+    if grouped_in and grouped_out and row_scale is None and not glu:
         p = grouped_gemm.plan(x, w, bias, expert_offsets, num_rows, out)
         if not isinstance(p, str):
             return p
-    return scatter_gemm.plan(x, w, bias, expert_offsets, num_rows, out)
+    return scatter_gemm.plan(x, w, bias, expert_offsets, num_rows, out, glu, pre_activation)
 
 
 def _triton():
@@ -101,15 +100,15 @@ def scatter2scatter(
         return _to_triton(x, reason).scatter2scatter(
             x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, grouped_out,
             row_scale=row_scale, out=out, glu=glu, pre_activation=pre_activation)
-    y = out if out is not None else x.new_empty(num_rows, w.size(-1))
+    y = out if out is not None else x.new_empty(num_rows, w.size(-1) // 2 if glu else w.size(-1))
     if num_rows == 0:
         return y
-    p = _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, y)
+    p = _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, y, glu, pre_activation)
     if isinstance(p, grouped_gemm.GroupedGemmPlan):
         # Grouped in and out: the slot permutation is not needed, expert_offsets alone place the rows.
         return grouped_gemm.launch(p, x, w, bias, expert_offsets, y)
     return scatter_gemm.launch(p, x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in,
-                               grouped_out, row_scale, y)
+                               grouped_out, row_scale, y, pre_activation)
 
 
 def group_bwd_w(

@@ -3,10 +3,12 @@
 Legend: N routed rows (T*k), E experts, K input features, F output features.
 
     for row r in expert order (expert e, slot s = sorted_scattered_idxs[r]):
-        y[r if grouped_out else s] = (x[r if grouped_in else s // fan_out] @ w[e] (+ bias[e])) (* gates[s])
+        h = x[r if grouped_in else s // fan_out] @ w[e] (+ bias[e])
+        y[r if grouped_out else s] = act(h) (* gates[s])      act: identity, or the SiLU GLU of h = [a | b]
+        pre[r if grouped_out else s] = h                        (GLU only, when pre is given)
 
-scatter2scatter without GLU, for every grouped_in / grouped_out combination: token rows gathered
-on load (cp.async), result rows scattered on store, gates and bias in the epilogue. Expert
+scatter2scatter for every grouped_in / grouped_out combination: token rows gathered on load
+(cp.async), result rows scattered on store, bias, the GLU and gates in the epilogue. Expert
 boundaries come from ``expert_offsets`` on the device (no host sync, no workspace). ``plan``
 decides from host metadata alone whether the kernel takes a call; the caller falls back to
 Triton when it cannot.
@@ -34,16 +36,19 @@ class ScatterGemmPlan:
     num_experts: int
     num_rows: int
     k_in: int
-    n_out: int
+    n_out: int  # columns of y: w's columns, or half of them with glu
+    glu: int = 0
 
 
 def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_offsets: torch.Tensor,
-         num_rows: int, out: Optional[torch.Tensor] = None) -> Union[ScatterGemmPlan, str]:
+         num_rows: int, out: Optional[torch.Tensor] = None, glu: int = 0,
+         pre_activation: Optional[torch.Tensor] = None) -> Union[ScatterGemmPlan, str]:
     """A plan, or a string naming why the scatter GEMM cannot take these tensors.
 
     x [T or N, K] row-major with 16-byte aligned rows (cp.async), K a multiple of 8; w [E, K, F]
-    with a unit stride along K or F (F a multiple of 8 when along F); out [N or T*k, F] with a unit
-    column stride (rows are stored one element at a time: any row stride).
+    (with ``glu``, [E, K, 2F]) with a unit stride along K or F (F a multiple of 8 when along F);
+    out [N or T*k, F] and pre_activation [N or T*k, 2F] with a unit column stride (any row stride:
+    rows are stored with 16-byte stores where aligned, element by element where not).
     """
     if x.dtype not in DTYPES:
         return f"dtype {str(x.dtype).replace('torch.', '')}: the csrc scatter GEMM is built for bfloat16 and float16"
@@ -51,7 +56,12 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
         return "mixed dtypes: x, w and bias must share one dtype"
     if out is not None and (out.dtype != x.dtype or out.stride(-1) != 1):
         return "out must have x's dtype and a unit column stride"
-    num_experts, k_in, n_out = w.shape
+    if pre_activation is not None and (pre_activation.dtype != x.dtype or pre_activation.stride(-1) != 1):
+        return "pre_activation must have x's dtype and a unit column stride"
+    num_experts, k_in, w_cols = w.shape
+    if glu not in (0, 1, 2) or (glu and w_cols % 2):
+        return f"glu={glu} with {w_cols} weight columns: expected glu 0, 1 or 2 and an even width"
+    n_out = w_cols // 2 if glu else w_cols
     if num_rows > INT32_MAX:
         return f"{num_rows} rows: more than the kernel's 32-bit row count"
     if k_in % ALIGN_ELEMENTS:
@@ -73,13 +83,14 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
         return "bias must have a unit column stride"
     if expert_offsets.dtype not in (torch.int32, torch.int64):
         return f"expert_offsets dtype {expert_offsets.dtype}: expected int32 or int64"
-    return ScatterGemmPlan(DTYPES[x.dtype], w_k_major, stride_we, ld, num_experts, num_rows, k_in, n_out)
+    return ScatterGemmPlan(DTYPES[x.dtype], w_k_major, stride_we, ld, num_experts, num_rows, k_in, n_out, glu)
 
 
 def launch(p: ScatterGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
            sorted_scattered_idxs: torch.Tensor, expert_offsets: torch.Tensor, fan_out: int,
-           grouped_in: bool, grouped_out: bool, row_scale: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """Enqueue the scatter GEMM on the current stream of x's device, writing y. No host sync."""
+           grouped_in: bool, grouped_out: bool, row_scale: Optional[torch.Tensor], y: torch.Tensor,
+           pre_activation: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Enqueue the scatter GEMM on the current stream of x's device, writing y (and pre_activation). No host sync."""
     module, error = _extension.load()
     if module is None:
         raise RuntimeError(f"scattermoe cutlass backend: {error}")
@@ -97,6 +108,9 @@ def launch(p: ScatterGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[
         sorted_scattered_idxs=idx.data_ptr(), expert_offsets=offsets.data_ptr(),
         offsets_int64=offsets.dtype == torch.int64, x_grouped=grouped_in, y_grouped=grouped_out,
         fan_out=fan_out if not grouped_in else 1, num_experts=p.num_experts, num_rows=p.num_rows,
-        k_in=p.k_in, n_out=p.n_out, device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
+        k_in=p.k_in, n_out=p.n_out, glu=p.glu,
+        pre=pre_activation.data_ptr() if pre_activation is not None else 0,
+        stride_pm=pre_activation.stride(0) if pre_activation is not None else 0,
+        device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
     )
     return y
