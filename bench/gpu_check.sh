@@ -6,15 +6,22 @@
 #
 # 1. environment: nvidia-smi, Python / torch / triton / CUDA versions;
 # 2. install:     pip install --no-build-isolation --no-deps --no-index -e .  (torch and triton
-#                 are already there; --no-index keeps pip off the network);
+#                 are already there; --no-index keeps pip off the network; SCATTERMOE_BUILD_CUDA=0:
+#                 the csrc step builds the extension);
+# 2b. csrc:       build scattermoe._C for sm_90a into build/csrc-cache (CUTLASS headers from an
+#                 installed nvidia-cutlass, or from third_party/wheels/nvidia_cutlass-*.whl, carried
+#                 along: the GPU image has no internet), export SCATTERMOE_CSRC_MODULE for the
+#                 later steps, then compute-sanitizer memcheck over every csrc kernel
+#                 (python -m bench.csrc_memcheck);
 # 3. tests:       python -m pytest tests -q -rs, JUnit XML into OUTDIR/junit.xml;
 # 4. bench:       python -m bench --out OUTDIR, the kernel suite (result .json / .md, .png if
 #                 matplotlib is there), most important cases first, within the time left;
 # 5. e2e:         python -m bench --e2e --out OUTDIR (JetMoE vs transformers), if time is left;
 # 6. hf:          python -m bench.bench_hf_patch --quick (transformers models patched), if time is left.
 #
-# GPU_CHECK_STEPS picks steps (default "tests bench e2e hf"); with 15 minutes of device time,
-# run it twice: GPU_CHECK_STEPS="tests e2e hf" then GPU_CHECK_STEPS="bench" (bench/README.md).
+# GPU_CHECK_STEPS picks steps (default "csrc tests bench e2e hf"); with 15 minutes of device time,
+# run it twice: GPU_CHECK_STEPS="csrc tests e2e hf" then GPU_CHECK_STEPS="csrc bench" (bench/README.md;
+# the second csrc step finds its build cached).
 #
 # A failing step does not stop the later ones. Everything printed is also kept in
 # OUTDIR/gpu_check.log, and OUTDIR/gpu_check_summary.txt holds each step's exit status.
@@ -42,10 +49,53 @@ OUT="$(cd "$1" && pwd)"
 BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 TEST_BUDGET="${GPU_CHECK_TEST_BUDGET_S:-240}"
 PY="${PYTHON:-python}"
-STEPS=" ${GPU_CHECK_STEPS:-tests bench e2e hf} "
+STEPS=" ${GPU_CHECK_STEPS:-csrc tests bench e2e hf} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step() { printf '\n===== %s (t=%ss) =====\n' "$1" "$SECONDS"; }
+
+# Build the extension (CUTLASS headers from a carried wheel if need be), export its path, memcheck it.
+csrc_step() {
+    if [ -z "${SCATTERMOE_CUTLASS_INCLUDE:-}" ] \
+        && ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)"; then
+        local wheel
+        wheel="$(ls "$REPO"/third_party/wheels/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)"
+        if [ -n "$wheel" ]; then
+            local site=/tmp/scattermoe-cutlass-site
+            "$PY" -m pip install -q --no-index --no-deps --target "$site" "$wheel" \
+                && export SCATTERMOE_CUTLASS_INCLUDE="$site/cutlass_library/source/include"
+        else
+            echo "no CUTLASS headers: carry third_party/wheels/nvidia_cutlass-4.2.0.0-py3-none-any.whl"
+        fi
+    fi
+    local module
+    module="$("$PY" -m bench.csrc_memcheck --build-only)"
+    CSRC_RC=$?
+    if [ "$CSRC_RC" -ne 0 ] || [ -z "$module" ]; then
+        echo "csrc: build failed (exit $CSRC_RC); the cutlass tests will skip and its bench rows read unavailable"
+        return
+    fi
+    export SCATTERMOE_CSRC_MODULE="$module"
+    echo "csrc: built $module"
+    local sanitizer
+    sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+    if [ -x "$sanitizer" ]; then
+        env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 180 \
+            "$sanitizer" --tool memcheck --error-exitcode 99 "$PY" -m bench.csrc_memcheck
+        MEMCHECK_RC=$?
+        echo "memcheck exit status: $MEMCHECK_RC (99: memcheck found errors)"
+        if [ "$MEMCHECK_RC" -ne 0 ] && [ "$MEMCHECK_RC" -ne 1 ]; then
+            # A memory error, crash or hang: keep csrc out of the later steps (its tests still run,
+            # in their own process, and skip with this reason; bench rows read unavailable).
+            export SCATTERMOE_CSRC_MODULE="$OUT/csrc-disabled-after-memcheck-exit-$MEMCHECK_RC"
+            echo "csrc: disabled for the later steps (SCATTERMOE_CSRC_MODULE=$SCATTERMOE_CSRC_MODULE)"
+        fi
+    else
+        echo "compute-sanitizer not found; running the workload without it"
+        env -u TRITON_INTERPRET "$PY" -m bench.csrc_memcheck
+        MEMCHECK_RC=$?
+    fi
+}
 
 main() {
     cd "$REPO" || return 64
@@ -81,21 +131,40 @@ EOF
     env | grep -E '^(SCATTERMOE_|TRITON_|CUDA_VISIBLE_DEVICES|PYTORCH_CUDA_ALLOC_CONF)' || true
 
     step "install"
-    PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 SCATTERMOE_BUILD_CUDA=0 \
         "$PY" -m pip install --no-build-isolation --no-deps --no-index -e "$REPO"
     INSTALL_RC=$?
     if [ "$INSTALL_RC" -ne 0 ]; then
         echo "install failed (exit $INSTALL_RC); the tests and the benchmark run from the source tree"
     fi
 
+    CSRC_RC=skipped
+    MEMCHECK_RC=skipped
+    if want csrc; then
+        step "csrc: build scattermoe._C (sm_90a), then compute-sanitizer memcheck"
+        csrc_step
+    fi
+
     TEST_RC=skipped
+    CSRC_TEST_RC=skipped
     if want tests; then
         step "tests"
+        # The never-run csrc kernels get their own process, after the rest: a fault there (an illegal
+        # address poisons the CUDA context) must not take the Triton and JetMoE results with it.
+        local test_start=$SECONDS
         timeout --signal=INT --kill-after=30 "$TEST_BUDGET" \
-            "$PY" -m pytest tests -q -rs --junitxml="$OUT/junit.xml" -p no:cacheprovider
+            "$PY" -m pytest tests -q -rs --junitxml="$OUT/junit.xml" -p no:cacheprovider \
+            --ignore=tests/test_cutlass_gpu.py
         TEST_RC=$?
         [ "$TEST_RC" -eq 124 ] && echo "tests: stopped after ${TEST_BUDGET}s (GPU_CHECK_TEST_BUDGET_S)"
         echo "pytest exit status: $TEST_RC"
+        local csrc_left=$(( TEST_BUDGET - (SECONDS - test_start) ))
+        if [ "$csrc_left" -lt 60 ]; then csrc_left=60; fi
+        step "tests of the csrc kernels (tests/test_cutlass_gpu.py)"
+        timeout --signal=INT --kill-after=30 "$csrc_left" \
+            "$PY" -m pytest tests/test_cutlass_gpu.py -q -rs --junitxml="$OUT/junit_cutlass.xml" -p no:cacheprovider
+        CSRC_TEST_RC=$?
+        echo "pytest (csrc) exit status: $CSRC_TEST_RC"
     fi
 
     # e2e and hf are short and fixed (~2-3 min together); the kernel suite takes what is left.
@@ -145,7 +214,10 @@ EOF
     step "summary"
     {
         echo "install_rc=$INSTALL_RC"
+        echo "csrc_build_rc=$CSRC_RC"
+        echo "csrc_memcheck_rc=$MEMCHECK_RC"
         echo "pytest_rc=$TEST_RC"
+        echo "pytest_csrc_rc=$CSRC_TEST_RC"
         echo "bench_rc=$BENCH_RC"
         echo "e2e_rc=$E2E_RC"
         echo "hf_patch_rc=$HF_RC"
@@ -154,6 +226,8 @@ EOF
     ls -l "$OUT"
 
     if [ "$TEST_RC" != 0 ] && [ "$TEST_RC" != skipped ]; then return 1; fi
+    if [ "$CSRC_TEST_RC" != 0 ] && [ "$CSRC_TEST_RC" != skipped ]; then return 1; fi
+    if [ "$MEMCHECK_RC" != 0 ] && [ "$MEMCHECK_RC" != skipped ]; then return 1; fi
     if [ "$BENCH_RC" != 0 ] && [ "$BENCH_RC" != skipped ]; then return 2; fi
     if [ "$E2E_RC" != 0 ] && [ "$E2E_RC" != skipped ]; then return 2; fi
     if [ "$INSTALL_RC" -ne 0 ]; then return 3; fi

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "scattermoe/check.h"
+#include "scattermoe/group_bwd_w.h"
 #include "scattermoe/grouped_gemm.h"
 #include "scattermoe/scatter_gemm.h"
 
@@ -25,6 +26,7 @@ void build_versions(int* nvcc_major, int* nvcc_minor, int* cutlass_major, int* c
 
 namespace {
 
+using scattermoe::GroupBwdWParams;
 using scattermoe::GroupedGemmParams;
 using scattermoe::ScatterGemmParams;
 
@@ -191,6 +193,42 @@ void scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
   });
 }
 
+void group_bwd_w(const std::string& dtype, uintptr_t x, int64_t stride_xm, int64_t x_rows, uintptr_t dy,
+                 int64_t stride_dym, int64_t dy_rows, uintptr_t dw, int64_t stride_dwe, int64_t stride_dwk,
+                 int64_t stride_dwn, uintptr_t sorted_scattered_idxs, uintptr_t expert_offsets, bool offsets_int64,
+                 bool x_grouped, bool dy_grouped, int64_t x_fan_out, int64_t dy_fan_out, int64_t num_experts,
+                 int64_t num_rows, int64_t k_in, int64_t n_out, int64_t device, uintptr_t stream) {
+  GroupBwdWParams p;
+  p.x = as_ptr<const void>(x);
+  p.stride_xm = stride_xm;
+  p.x_rows = x_rows;
+  p.dy = as_ptr<const void>(dy);
+  p.stride_dym = stride_dym;
+  p.dy_rows = dy_rows;
+  p.dw = as_ptr<void>(dw);
+  p.stride_dwe = stride_dwe;
+  p.stride_dwk = stride_dwk;
+  p.stride_dwn = stride_dwn;
+  p.sorted_scattered_idxs = as_ptr<const int64_t>(sorted_scattered_idxs);
+  p.expert_offsets = as_ptr<const void>(expert_offsets);
+  p.offsets_int64 = offsets_int64;
+  p.x_grouped = x_grouped;
+  p.dy_grouped = dy_grouped;
+  p.x_fan_out = checked_int(x_fan_out, "x_fan_out");
+  p.dy_fan_out = checked_int(dy_fan_out, "dy_fan_out");
+  p.num_experts = checked_int(num_experts, "num_experts");
+  p.num_rows = num_rows;
+  p.k_in = checked_int(k_in, "k_in");
+  p.n_out = checked_int(n_out, "n_out");
+  p.device = checked_int(device, "device");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  py::gil_scoped_release release;
+  dtype_switch(dtype, [&](auto tag) {
+    scattermoe::group_bwd_w_sm90<decltype(tag)>(p, s);
+    return 0;
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -226,4 +264,12 @@ PYBIND11_MODULE(_C, m) {
         "store (y_grouped=False: slot), per-expert bias, the GLU epilogue (glu=1: silu(a) * b, 2: a * silu(b), "
         "W and bias 2 * n_out wide; pre, if not 0, receives both halves before it), float32 gates by slot "
         "(csrc/include/scattermoe/scatter_gemm.h has the layouts). Enqueued on `stream`; no host sync.");
+  m.def("group_bwd_w", &group_bwd_w, py::arg("dtype"), py::arg("x"), py::arg("stride_xm"), py::arg("x_rows"),
+        py::arg("dy"), py::arg("stride_dym"), py::arg("dy_rows"), py::arg("dw"), py::arg("stride_dwe"),
+        py::arg("stride_dwk"), py::arg("stride_dwn"), py::arg("sorted_scattered_idxs"), py::arg("expert_offsets"),
+        py::arg("offsets_int64"), py::arg("x_grouped"), py::arg("dy_grouped"), py::arg("x_fan_out"),
+        py::arg("dy_fan_out"), py::arg("num_experts"), py::arg("num_rows"), py::arg("k_in"), py::arg("n_out"),
+        py::arg("device"), py::arg("stream"),
+        "dW[e] = X_e^T dY_e for every expert (rows gathered on load: slot // fan_out unless grouped; an empty "
+        "expert gets zeros); csrc/include/scattermoe/group_bwd_w.h has the layouts. Enqueued on `stream`.");
 }

@@ -63,6 +63,8 @@ CUDA_SOURCES = [
     "scatter_gemm/scatter_gemm_bf16_wnmajor_sm90.cu",
     "scatter_gemm/scatter_gemm_fp16_wkmajor_sm90.cu",
     "scatter_gemm/scatter_gemm_fp16_wnmajor_sm90.cu",
+    "group_bwd_w/group_bwd_w_bf16_sm90.cu",
+    "group_bwd_w/group_bwd_w_fp16_sm90.cu",
 ]
 CXX_SOURCES = ["bindings.cpp"]
 

@@ -113,7 +113,7 @@ def glu_backward_op(
     store_dot: bool,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dH [N, 2F], G [N, F] or [0], <dg, G> [N] fp32 or [0]) in one pass; see backends.triton.glu_backward."""
+    """(dH [N, 2F], s*G [N, F] or [0], <dg, G> [N] fp32 or [0]) in one pass; see backends.triton.glu_backward."""
     dh, g, dot = backends.kernels(backend).glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)
     empty_dot = pre.new_empty(0, dtype=torch.float32)
     return dh, g if g is not None else pre.new_empty(0), dot if dot is not None else empty_dot
@@ -148,6 +148,14 @@ def _add_gate_bias_term(dgates_flat, dy, bias, fan, sorted_expert_idxs, sorted_s
     bias_dots = dy.float() @ bias.float().t()  # [T, E]
     tokens = torch.div(sorted_scattered_idxs, fan, rounding_mode="floor")
     dgates_flat[sorted_scattered_idxs] += bias_dots[tokens, sorted_expert_idxs]
+
+
+def _gated_bias_grad(dy, gates_flat, bias, fan, sorted_expert_idxs, sorted_scattered_idxs):
+    """db_e = sum over expert e's slots t*K + j of gates[t, j] * dy[t], in float32 (bias [E, F])."""
+    tokens = torch.div(sorted_scattered_idxs, fan, rounding_mode="floor")
+    rows = dy.float()[tokens] * gates_flat.float()[sorted_scattered_idxs].unsqueeze(-1)
+    db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device).index_add_(0, sorted_expert_idxs, rows)
+    return db.to(bias.dtype)
 
 
 def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
@@ -353,18 +361,21 @@ class GLUMoE(torch.autograd.Function):
         gates_flat = gates.reshape(-1).contiguous()
         dg_raw = scatter2scatter_op(dy, w_out.transpose(1, 2), None, sorted_scattered_idxs, expert_offsets, None,
                                     k, False, True, backend)  # dY W2_e^T, grouped, before the gates
-        dpre, g, dot = glu_backward_op(pre, dg_raw, gates_flat[sorted_scattered_idxs], ctx.activate_first,
-                                       True, True, backend)
+        # s*G comes back gate-scaled, so the dW2 GEMM needs no row scale: dW2_e = (s G_e)^T dY.
+        dpre, g_scaled, dot = glu_backward_op(pre, dg_raw, gates_flat[sorted_scattered_idxs], ctx.activate_first,
+                                              True, True, backend)
         dgates_flat = torch.empty_like(dot)
         dgates_flat[sorted_scattered_idxs] = dot
+        db_out = None
         if b_out is not None:
             _add_gate_bias_term(dgates_flat, dy, b_out, k, sorted_expert_idxs, sorted_scattered_idxs)
-        dw_out, db_out = group_bwd_w_op(g, dy, sorted_scattered_idxs, expert_offsets, w_out, gates_flat,
-                                        1, k, True, False, b_out is not None, backend)
+            db_out = _gated_bias_grad(dy, gates_flat, b_out, k, sorted_expert_idxs, sorted_scattered_idxs)
+        dw_out, _ = group_bwd_w_op(g_scaled, dy, sorted_scattered_idxs, expert_offsets, w_out, None,
+                                   1, k, True, False, False, backend)
         dx, dw_in, db_in = _ungated_backward(dpre, x, w_in, b_in is not None, k, sorted_scattered_idxs,
                                              expert_offsets, False, True, backend)
         dgates = dgates_flat.view_as(gates).to(gates.dtype)
-        return (dx, dw_in, db_in, dw_out, db_out if b_out is not None else None, dgates,
+        return (dx, dw_in, db_in, dw_out, db_out, dgates,
                 None, None, None, None, None, None, None)
 
 

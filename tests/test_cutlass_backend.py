@@ -16,6 +16,7 @@ import torch
 import reference
 from scattermoe.backends import cutlass
 from scattermoe.backends.cutlass import _extension, dispatch
+from scattermoe.backends.cutlass import weight_grad as wg
 from scattermoe.backends.cutlass import grouped_gemm as gg
 from scattermoe.backends.cutlass import scatter_gemm as sg
 
@@ -91,9 +92,28 @@ def emulate_scatter_kernel(p: sg.ScatterGemmPlan, x, w, bias, sorted_scattered_i
     return y
 
 
+def emulate_wgrad_kernel(p: wg.GroupBwdWPlan, x, dy, sorted_scattered_idxs, expert_offsets, x_fan_out, dy_fan_out,
+                         x_grouped, dy_grouped, dw):
+    """The csrc dW kernel's contract (include/scattermoe/group_bwd_w.h) on the plan's integers: every dW[e]
+    written (zeros for an empty expert), offsets clamped to [0, num_rows]."""
+    start = 0
+    for e in range(p.num_experts):
+        end = min(max(int(expert_offsets[e]), 0), p.num_rows)
+        start = min(start, end)
+        acc = torch.zeros(p.k_in, p.n_out, dtype=torch.float64)
+        for r in range(start, end):
+            slot = int(sorted_scattered_idxs[r])
+            xr = x[r if x_grouped else slot // x_fan_out].double()
+            dyr = dy[r if dy_grouped else slot // dy_fan_out].double()
+            acc += torch.outer(xr, dyr)
+        dw[e] = acc.to(dw.dtype)
+        start = end
+    return dw
+
+
 @pytest.fixture
 def fake_launch(monkeypatch):
-    """Both csrc launches replaced by emulators; records the plan of every launch."""
+    """Every csrc launch replaced by an emulator; records the plan of every launch."""
     calls = []
 
     def launch(p, x, w, bias, expert_offsets, y):
@@ -104,8 +124,13 @@ def fake_launch(monkeypatch):
         calls.append(p)
         return emulate_scatter_kernel(p, *args)
 
+    def launch_wgrad(p, *args):
+        calls.append(p)
+        return emulate_wgrad_kernel(p, *args)
+
     monkeypatch.setattr(gg, "launch", launch)
     monkeypatch.setattr(sg, "launch", launch_scatter)
+    monkeypatch.setattr(wg, "launch", launch_wgrad)
     return calls
 
 
@@ -301,11 +326,40 @@ def test_misaligned_bias_is_copied_not_refused():
     assert gg._bias_for_kernel(aligned) is aligned
 
 
-def test_backward_kernels_go_to_triton_for_now(fake_triton):
-    x = torch.randn(4, 8)
-    assert cutlass.group_bwd_w(x, x, None, None, None, 1, 1, True, True) == ("triton-dw", None)
+@pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
+def test_dw_without_scale_or_bias_takes_the_csrc_kernel(fake_launch, fake_triton, x_grouped, dy_grouped, w_layout):
+    """dW[e] = sum over expert e's rows of x[row]^T dy[row], rows gathered by slot // k where not grouped, k=2,
+    an empty expert (zeros), dW strided like the weight; checked expert by expert from the routing."""
+    k, counts, k_in, n_out = 2, [10, 0, 16, 6], 24, 40
+    _, w, _, route = make_case(counts, k_in, n_out, w_layout=w_layout)
+    sorted_expert, scattered, offsets = route
+    n = sum(counts)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n if x_grouped else n // k, k_in, generator=g).to(w.dtype)
+    dy = torch.randn(n if dy_grouped else n // k, n_out, generator=g).to(w.dtype)
+    dw, db = cutlass.group_bwd_w(x, dy, scattered, offsets, w, k, k, x_grouped, dy_grouped)
+    assert db is None and not fake_triton
+    assert len(fake_launch) == 1 and isinstance(fake_launch[0], wg.GroupBwdWPlan)
+    assert dw.shape == w.shape and dw.stride() == w.stride()
+    for e in range(len(counts)):
+        rows = (sorted_expert == e).nonzero().view(-1)
+        xs = x[rows if x_grouped else scattered[rows] // k].double()
+        dys = dy[rows if dy_grouped else scattered[rows] // k].double()
+        assert torch.allclose(dw[e].double(), xs.t() @ dys, rtol=2e-2, atol=5e-2), e
+    assert (dw[1] == 0).all()
+
+
+def test_backward_pieces_not_in_csrc_go_to_triton(fake_launch, fake_triton):
+    _, w, _, route = make_case([4, 4], 16, 24)
+    _, scattered, offsets = route
+    x, dy = torch.randn(8, 16).to(w.dtype), torch.randn(8, 24).to(w.dtype)
+    gates = torch.rand(8)
+    assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, gates) == ("triton-dw", None)
+    assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, None, True) == ("triton-dw", None)
     assert cutlass.glu_backward(x, x, True)[0] == "triton-dh"
-    assert dispatch.FALLBACKS[dispatch.GROUP_BWD_W] == 1 and dispatch.FALLBACKS[dispatch.GLU_BACKWARD] == 1
+    assert dispatch.FALLBACKS[wg.ROW_SCALE] == 1 and dispatch.FALLBACKS[wg.BIAS_GRAD] == 1
+    assert dispatch.FALLBACKS[dispatch.GLU_BACKWARD] == 1 and not fake_launch
 
 
 def test_strict_mode_refuses_to_fall_back(fake_launch, fake_triton):

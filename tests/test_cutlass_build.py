@@ -96,11 +96,13 @@ GEMM_OBJECTS = {  # source -> the HGMMA operand type its SASS must show
 }
 
 
-SCATTER_OBJECTS = {  # the cp.async scatter GEMM: HGMMA of its dtype, 16-byte cp.async (LDGSTS), no TMA
+SCATTER_OBJECTS = {  # the cp.async kernels: HGMMA of their dtype, 16-byte cp.async (LDGSTS), no TMA
     "scatter_gemm/scatter_gemm_bf16_wkmajor_sm90.cu": "BF16",
     "scatter_gemm/scatter_gemm_bf16_wnmajor_sm90.cu": "BF16",
     "scatter_gemm/scatter_gemm_fp16_wkmajor_sm90.cu": "F16",
     "scatter_gemm/scatter_gemm_fp16_wnmajor_sm90.cu": "F16",
+    "group_bwd_w/group_bwd_w_bf16_sm90.cu": "BF16",
+    "group_bwd_w/group_bwd_w_fp16_sm90.cu": "F16",
 }
 
 
@@ -143,11 +145,15 @@ def test_scatter_gemm_sass_holds_hgmma_and_cp_async(built, cuobjdump, source):
     # 8 copies of A and 8 of W per thread per stage, 16 bytes each, bypassing L1 (cp.async.cg).
     assert sass.count("LDGSTS.E.BYPASS.128") >= 16, f"{source}: the operands are not loaded by 16-byte cp.async"
     assert "LDGSTSBAR" in sass, f"{source}: cp.async completion is not tied to the pipeline's mbarrier"
-    # The staged epilogue stores rows 16 bytes at a time (y, and both halves of the GLU pre-activation), and
-    # nothing in the kernel is a call (a 64-bit division or an IEEE fp32 divide would be one, and a call
-    # between wgmma's serialises them: ptxas warning C7510).
-    assert sass.count("STG.E.128") >= 3, f"{source}: the epilogue has no 16-byte row stores"
+    # The staged epilogues store 16 bytes at a time (the scatter GEMM: y and both halves of the GLU
+    # pre-activation; dW: one store, along whichever dimension is unit-stride), in each of the two kernels
+    # (int32 and int64 offsets), and nothing in them is a call (a 64-bit division or an IEEE fp32 divide
+    # would be one, and a call between wgmma's serialises them: ptxas warning C7510).
+    wgrad = source.startswith("group_bwd_w/")
+    assert sass.count("STG.E.128") >= (2 if wgrad else 6), f"{source}: the epilogue lacks 16-byte stores"
     assert "CALL" not in sass, f"{source}: the kernel calls a subroutine"
+    if wgrad:  # dW = X^T dY: both operands arrive MN-major, so wgmma must read them transposed from smem
+        assert "tnspA" in sass and "tnspB" in sass, f"{source}: HGMMA does not read MN-major operands"
 
 
 @pytest.mark.parametrize("source", sorted(GEMM_OBJECTS) + sorted(SCATTER_OBJECTS))
@@ -275,7 +281,45 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("script", [BAD_ARGUMENTS, SCATTER_BAD_ARGUMENTS], ids=["grouped_gemm", "scatter_gemm"])
+WGRAD_BAD_ARGUMENTS = """
+import json
+from scattermoe.backends.cutlass import _extension
+m, _ = _extension.load()
+good = dict(dtype="float16", x=4096, stride_xm=64, x_rows=5, dy=8192, stride_dym=32, dy_rows=10, dw=16384,
+            stride_dwe=64 * 32, stride_dwk=1, stride_dwn=64, sorted_scattered_idxs=24576, expert_offsets=32768,
+            offsets_int64=True, x_grouped=False, dy_grouped=True, x_fan_out=2, dy_fan_out=1, num_experts=4,
+            num_rows=10, k_in=64, n_out=32, device=0, stream=0)
+cases = {
+    "dtype": dict(dtype="float32"),
+    "k_in": dict(k_in=60, stride_xm=60),
+    "n_out": dict(n_out=36, stride_dym=40),
+    "stride_xm": dict(stride_xm=64 + 4),
+    "stride_dym": dict(stride_dym=16),
+    "stride_dwk": dict(stride_dwk=2),
+    "x_fan_out": dict(x_fan_out=0),
+    "x_rows": dict(x_rows=4),
+    "dy_rows": dict(dy_rows=9),
+    "x": dict(x=4096 + 2),
+    "dy": dict(dy=0),
+    "dw": dict(dw=0),
+    "sorted_scattered_idxs": dict(sorted_scattered_idxs=0),
+    "expert_offsets": dict(expert_offsets=0),
+    "num_experts": dict(num_experts=0),
+    "num_rows": dict(num_rows=2**31),
+}
+out = {}
+for name, change in cases.items():
+    try:
+        m.group_bwd_w(**{**good, **change})
+        out[name] = None
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("script", [BAD_ARGUMENTS, SCATTER_BAD_ARGUMENTS, WGRAD_BAD_ARGUMENTS],
+                         ids=["grouped_gemm", "scatter_gemm", "group_bwd_w"])
 def test_bad_arguments_raise_value_error_naming_the_argument(built, script):
     proc = _run_python(built["module"], script)
     assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"

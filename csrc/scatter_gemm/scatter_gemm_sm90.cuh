@@ -36,18 +36,14 @@
 #include "scattermoe/check.h"
 #include "scattermoe/cutlass_element.h"
 #include "scattermoe/scatter_gemm.h"
+#include "scattermoe/sm90_device.h"
 
 namespace scattermoe {
 namespace sm90_scatter {
 
 using namespace cute;
-
-// One 16-byte cp.async global -> shared; with valid=false it reads nothing and writes zeros.
-CUTE_DEVICE void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-}
+using sm90::cp_async_16;
+using sm90::store_8;
 
 using TileShape = Shape<Int<kScatterGemmTileM>, Int<kScatterGemmTileN>, Int<kScatterGemmTileK>>;
 
@@ -112,20 +108,6 @@ CUTE_DEVICE int w_column(int c, int n_tile, int n_out, bool glu, bool& ok) {
   const int j = n_tile * kHalf + c % kHalf;
   ok = j < n_out;
   return c < kHalf ? j : n_out + j;
-}
-
-// 8 fp32 values to 8 consecutive elements: one 16-byte store when all 8 exist and dst is 16-byte
-// aligned, else element by element (the last, partial chunk of a row, or odd row strides).
-template <class Element>
-CUTE_DEVICE void store_8(Element* dst, const float (&v)[8], int count) {
-  if (count == 8 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
-    cutlass::AlignedArray<Element, 8> packed;
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < 8; ++j) packed[j] = static_cast<Element>(v[j]);
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed.data());
-  } else {
-    for (int j = 0; j < count; ++j) dst[j] = static_cast<Element>(v[j]);
-  }
 }
 
 // Fast-math silu, as Triton's sigmoid: exp(-v) = inf for v < -88 gives v / inf = -0, the limit.

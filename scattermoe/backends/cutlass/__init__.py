@@ -4,11 +4,11 @@ torch-free as ``scattermoe._C``; Triton runs what they do not cover yet.
 Importing this package never fails: without the extension, a GPU or a driver,
 ``unsupported_reason`` says why and the backend is not selectable.
 
-What runs on csrc now: scatter2scatter with grouped_in=True and grouped_out=True
-(no gates, no GLU), bf16/fp16, via a ptr-array grouped GEMM whose per-expert problem
-sizes come from expert_offsets on the device. Everything else falls back to Triton,
-counted in ``FALLBACKS`` by the name of the missing piece (see dispatch.py and
-csrc/README.md for the plan).
+What runs on csrc now, bf16/fp16: every scatter2scatter call (a ptr-array TMA grouped GEMM
+for grouped, ungated rows; a cp.async scatter GEMM with gather, scatter, gates and the GLU
+epilogue for the rest) and group_bwd_w without a row scale or bias gradient. The rest (gated
+dW, db, the GLU backward) falls back to Triton, counted in ``FALLBACKS`` by the name of the
+missing piece (see dispatch.py and csrc/README.md).
 """
 
 from __future__ import annotations

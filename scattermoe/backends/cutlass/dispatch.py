@@ -9,6 +9,7 @@ prove it exercised the csrc path.
 Covered by csrc now: scatter2scatter, bf16/fp16: grouped in and out without gates or GLU goes
 to the TMA grouped GEMM (grouped_gemm.plan); every other combination (gathered rows, scattered
 rows, gates, the GLU epilogue) to the cp.async scatter GEMM (scatter_gemm.plan).
+group_bwd_w without a row scale or bias gradient goes to the csrc dW kernel (group_bwd_w.plan).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import weight_grad as wgrad
 from . import grouped_gemm, scatter_gemm
 
-# The pieces not written yet, by the names csrc/README.md uses for them.
-GROUP_BWD_W = "dW/db kernel (per-expert X^T dY) not written yet"
+# The pieces not written yet, by the names csrc/README.md uses for them (wgrad.ROW_SCALE and
+# wgrad.BIAS_GRAD name the dW calls that still go to Triton).
 GLU_BACKWARD = "GLU backward kernel not written yet"
 
 FALLBACKS: "collections.Counter[str]" = collections.Counter()
@@ -124,10 +126,16 @@ def group_bwd_w(
     row_scale: Optional[torch.Tensor] = None,
     with_bias: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """See scattermoe.backends.triton.group_bwd_w. Triton for now (GROUP_BWD_W)."""
-    return _to_triton(x, GROUP_BWD_W).group_bwd_w(
-        x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out, x_grouped, dy_grouped,
-        row_scale, with_bias)
+    """See scattermoe.backends.triton.group_bwd_w: same contract, same result."""
+    num_rows = sorted_scattered_idxs.numel()
+    p = wgrad.plan(x, dy, expert_offsets, like_weight, num_rows, row_scale, with_bias)
+    if isinstance(p, str):
+        return _to_triton(x, p).group_bwd_w(
+            x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out, x_grouped, dy_grouped,
+            row_scale, with_bias)
+    dw = torch.empty_like(like_weight)
+    return wgrad.launch(p, x, dy, sorted_scattered_idxs, expert_offsets, x_fan_out, dy_fan_out, x_grouped,
+                        dy_grouped, dw), None
 
 
 def glu_backward(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_scale: Optional[torch.Tensor] = None,

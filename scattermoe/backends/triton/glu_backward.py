@@ -5,8 +5,9 @@ Legend: N routed rows (expert order), F expert hidden width; H = [a | b] the
 Given dG_raw = dY W2^T (not yet gate-scaled) and the per-row gate s, each
 program reads a block of rows once and writes:
   dH   = GLU'(H) * (s * dG_raw)          [N, 2F]
-  G    = GLU(H), recomputed              [N, F]   (optional: the dW2 GEMM needs it)
-  dot  = sum_f dG_raw * G                [N] fp32 (optional: d(gate) of the row)
+  s*G  = s * GLU(H), recomputed          [N, F]   (optional: the dW2 GEMM's operand, gate applied
+                                                   here so that GEMM needs no row scale)
+  dot  = sum_f dG_raw * G                [N] fp32 (optional: d(gate) of the row, unscaled G)
 so the forward never has to keep G, and no [N, 2F] fp32 temporaries are made.
 """
 
@@ -27,7 +28,7 @@ def _glu_backward_kernel(
     DG_ptr, stride_dgm,          # [N, F] upstream gradient of G (before the row scale)
     scale_ptr,                   # [N] per-row gate (only with HAS_SCALE)
     DH_ptr, stride_dhm,          # [N, 2F] out
-    G_ptr, stride_gm,            # [N, F] out (only with STORE_G)
+    G_ptr, stride_gm,            # [N, F] out (only with STORE_G): s * G with HAS_SCALE, else G
     DOT_ptr,                     # [N] fp32 out (only with STORE_DOT)
     num_rows, F,
     ACTIVATE_FIRST: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_G: tl.constexpr, STORE_DOT: tl.constexpr,
@@ -55,8 +56,10 @@ def _glu_backward_kernel(
         if STORE_DOT:
             dot += tl.sum(dg * silu * lin, 1)
         if STORE_G:
-            tl.store(G_ptr + rows[:, None] * stride_gm + cols[None, :], (silu * lin).to(G_ptr.dtype.element_ty),
-                     mask=mask)
+            g = silu * lin
+            if HAS_SCALE:
+                g = g * scale[:, None]
+            tl.store(G_ptr + rows[:, None] * stride_gm + cols[None, :], g.to(G_ptr.dtype.element_ty), mask=mask)
         if HAS_SCALE:
             dg = dg * scale[:, None]
         d_act = dg * lin * sig * (1.0 + act_in * (1.0 - sig))  # silu'(x) = sig(x) * (1 + x * (1 - sig(x)))
@@ -83,6 +86,7 @@ def glu_backward(
     """(dH [N, 2F] in pre's dtype, G [N, F] or None, rowwise <dg, G> [N] fp32 or None).
 
     pre and dg need a unit column stride (checked by the caller); row_scale is [N] or None.
+    With a row_scale, the stored G is scaled by it (row by row) and dot is not.
     """
     num_rows, width = pre.shape
     f = width // 2

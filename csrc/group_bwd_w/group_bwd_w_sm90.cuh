@@ -1,0 +1,253 @@
+// Hopper (sm_90a) per-expert weight gradient dW[e] = X_e^T dY_e, the routed rows gathered on load.
+// The contract is in include/scattermoe/group_bwd_w.h.
+//
+// The GEMM's M is K_in (X's columns), N is N_out (dY's columns) and its K runs over the expert's
+// rows, so both operands arrive MN-major: a row of X is 128 contiguous M elements of the A tile,
+// a row of dY 128 contiguous N elements of the B tile. As in the scatter GEMM, one producer
+// warpgroup gathers those rows with 16-byte cp.async copies (each thread reads the routing index of
+// its 8 rows once per stage and uses it for both operands), and two consumer warpgroups run
+// CUTLASS's cp.async GMMA collective (wgmma reads MN-major 16-bit operands from shared memory).
+//
+// Scheduling: one CTA per (dW tile, expert); every tile of every expert is in the grid, so an
+// empty expert's CTAs write zeros. A very large expert makes its CTAs long (no split over rows yet).
+//
+// Epilogue: the fp32 tile is staged through the freed pipeline stages, transposed when dW's unit
+// stride is along K_in (ParallelExperts' layout), so that each thread stores 8 consecutive elements
+// with one 16-byte store either way.
+#pragma once
+
+#include <cutlass/cutlass.h>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include <climits>
+
+#include "scattermoe/check.h"
+#include "scattermoe/cutlass_element.h"
+#include "scattermoe/group_bwd_w.h"
+#include "scattermoe/sm90_device.h"
+
+namespace scattermoe {
+namespace sm90_wgrad {
+
+using namespace cute;
+using sm90::cp_async_16;
+using sm90::store_8;
+
+using TileShape = Shape<Int<kGroupBwdWTileM>, Int<kGroupBwdWTileN>, Int<kGroupBwdWTileK>>;
+
+template <class ElementTag>
+struct GroupBwdW {
+  using Element = typename CutlassElement<ElementTag>::type;
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte cp.async
+  // CUTLASS's names: A is M x K, ColumnMajor = unit stride along M; B is K x N, RowMajor = along N.
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      Element, cutlass::layout::ColumnMajor, kAlignment, Element, cutlass::layout::RowMajor, kAlignment, float,
+      TileShape, Shape<_1, _1, _1>,
+      cutlass::gemm::collective::StageCountAutoCarveout<0>,
+      cutlass::gemm::KernelCpAsyncWarpSpecializedCooperative>::CollectiveOp;
+  using TiledMma = typename Mainloop::TiledMma;
+  using Pipeline = typename Mainloop::MainloopPipeline;
+  using PipelineState = typename Mainloop::PipelineState;
+
+  static constexpr int kLoadWarpGroups = 1;
+  static constexpr int kMmaThreads = size(TiledMma{});  // two consumer warpgroups
+  static constexpr int kThreads = kMmaThreads + kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
+
+  static constexpr int kStageLd = kGroupBwdWTileN + 4;  // padded fp32 rows of the staged tile
+  static_assert(kGroupBwdWTileM == kGroupBwdWTileN, "the staged tile is stored either way round");
+  struct EpilogueStorage {
+    alignas(16) float acc[kGroupBwdWTileM * kStageLd];
+  };
+  struct SharedStorage {
+    union {  // the mainloop's stages, then the epilogue tile
+      typename Mainloop::TensorStorage tensors;
+      EpilogueStorage epilogue;
+    };
+    alignas(16) typename Mainloop::PipelineStorage pipeline;
+  };
+  static_assert(sizeof(EpilogueStorage) <= sizeof(typename Mainloop::TensorStorage),
+                "the epilogue tile must fit in the pipeline stages it reuses");
+  static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
+};
+
+template <class G, class Offset>
+__global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __grid_constant__ GroupBwdWParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename G::Element;
+  constexpr int kBM = kGroupBwdWTileM, kBN = kGroupBwdWTileN, kBK = kGroupBwdWTileK;
+  extern __shared__ __align__(128) char smem_buf[];
+  auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
+
+  // This CTA's expert and rows, clamped to [0, num_rows] as the Triton kernel does.
+  const int expert = static_cast<int>(blockIdx.y);
+  const auto* offsets = static_cast<const Offset*>(p.expert_offsets);
+  int64_t row_end = static_cast<int64_t>(offsets[expert]);
+  row_end = row_end < 0 ? 0 : (row_end > p.num_rows ? p.num_rows : row_end);
+  int64_t row_start = expert > 0 ? static_cast<int64_t>(offsets[expert - 1]) : 0;
+  row_start = row_start < 0 ? 0 : (row_start > row_end ? row_end : row_start);
+  const int k_tiles = static_cast<int>((row_end - row_start + kBK - 1) / kBK);
+  const int tiles_m = (p.k_in + kBM - 1) / kBM;
+  const int m0 = static_cast<int>(blockIdx.x % tiles_m) * kBM;
+  const int n0 = static_cast<int>(blockIdx.x / tiles_m) * kBN;
+
+  const int warp_group = cutlass::canonical_warp_group_idx();
+  const bool producer = warp_group < G::kLoadWarpGroups;
+  typename G::Pipeline::Params pipeline_params;
+  pipeline_params.role = producer ? G::Pipeline::ThreadCategory::Producer : G::Pipeline::ThreadCategory::Consumer;
+  pipeline_params.producer_arv_count = G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
+  pipeline_params.consumer_arv_count = G::kMmaThreads;
+  typename G::Pipeline pipeline(shared.pipeline, pipeline_params);
+  __syncthreads();  // barriers initialised before anyone waits on them
+
+  if (producer) {
+    // One stage: 64 rows x 128 columns of X (A) and of dY (B), 16 copies of 16 bytes per row.
+    // Thread t takes chunk t % 16 of rows t / 16 + 8 i, i < 8, in both operands.
+    using Mainloop = typename G::Mainloop;
+    constexpr int kVec = 16 / sizeof(Element);
+    constexpr int kChunks = kBM / kVec;                                 // 16 per row
+    constexpr int kRowsPerPass = cutlass::NumThreadsPerWarpGroup / kChunks;  // 8
+    constexpr int kPasses = kBK / kRowsPerPass;                          // 8
+    static_assert(kBM == kBN, "one chunk index serves both operands");
+    Tensor sA = make_tensor(make_smem_ptr(shared.tensors.smem_A.data()), typename Mainloop::SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(shared.tensors.smem_B.data()), typename Mainloop::SmemLayoutB{});
+    const int t = static_cast<int>(threadIdx.x);
+    const int c = (t % kChunks) * kVec;
+    const bool a_col_ok = m0 + c < p.k_in;  // k_in and n_out are multiples of kVec: whole chunks only
+    const bool b_col_ok = n0 + c < p.n_out;
+    const auto* x = static_cast<const Element*>(p.x) + (a_col_ok ? m0 + c : 0);
+    const auto* dy = static_cast<const Element*>(p.dy) + (b_col_ok ? n0 + c : 0);
+
+    typename G::PipelineState write_state = cutlass::make_producer_start_state<typename G::Pipeline>();
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      // The routing indices first, so their loads overlap the wait for a free stage.
+      int64_t x_row[kPasses], dy_row[kPasses];
+      bool ok[kPasses];
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kPasses; ++i) {
+        const int64_t row = row_start + static_cast<int64_t>(kt) * kBK + t / kChunks + i * kRowsPerPass;
+        ok[i] = row < row_end;
+        const int slot = ok[i] && !(p.x_grouped && p.dy_grouped) ? static_cast<int>(p.sorted_scattered_idxs[row]) : 0;
+        // 32-bit division (num_rows < 2^31 is checked): the 64-bit one is a subroutine call
+        x_row[i] = !ok[i] ? 0 : (p.x_grouped ? row : slot / p.x_fan_out);
+        dy_row[i] = !ok[i] ? 0 : (p.dy_grouped ? row : slot / p.dy_fan_out);
+      }
+      pipeline.producer_acquire(write_state);
+      const int stage = write_state.index();
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kPasses; ++i) {
+        const int k = t / kChunks + i * kRowsPerPass;
+        const bool a_ok = ok[i] && a_col_ok, b_ok = ok[i] && b_col_ok;
+        cp_async_16(raw_pointer_cast(&sA(c, k, stage)), x + x_row[i] * p.stride_xm, a_ok);
+        cp_async_16(raw_pointer_cast(&sB(c, k, stage)), dy + dy_row[i] * p.stride_dym, b_ok);
+      }
+      pipeline.producer_commit(write_state, cutlass::arch::cpasync_barrier_arrive);
+      ++write_state;
+    }
+    pipeline.producer_tail(write_state);  // wait until the consumers released every stage
+    return;
+  }
+
+  const int mma_thread = static_cast<int>(threadIdx.x) - G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
+  typename G::TiledMma tiled_mma;
+  auto blk = TileShape{};
+  Tensor acc = partition_fragment_C(tiled_mma, take<0, 2>(blk));
+  if (k_tiles > 0) {  // the collective needs at least one k tile; an empty expert's dW is zero
+    typename G::Mainloop mainloop;
+    typename G::Mainloop::Params mainloop_params{};
+    typename G::PipelineState read_state;
+    mainloop.mma(pipeline, read_state, acc, k_tiles, mma_thread, shared.tensors, mainloop_params);
+    mainloop.mma_tail(pipeline, read_state, k_tiles);
+  } else {
+    clear(acc);
+  }
+
+  // Stage the tile (transposed when dW is unit-stride along K_in), then 16-byte stores along the unit stride.
+  const bool along_m = p.stride_dwk == 1;
+  using EpilogueBarrier = cutlass::arch::NamedBarrier;
+  constexpr uint32_t kEpilogueBarrierId = 0;  // the first user barrier id (NamedBarrier skips CUTLASS's)
+  EpilogueBarrier::sync(G::kMmaThreads, kEpilogueBarrierId);  // both warpgroups done reading the stages
+  float* staged = shared.epilogue.acc;
+  auto thr_mma = tiled_mma.get_thread_slice(mma_thread);
+  Tensor coords = thr_mma.partition_C(make_identity_tensor(take<0, 2>(blk)));
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(acc); ++i) {
+    const int m = get<0>(coords(i)), n = get<1>(coords(i));
+    staged[along_m ? n * G::kStageLd + m : m * G::kStageLd + n] = acc(i);
+  }
+  EpilogueBarrier::sync(G::kMmaThreads, kEpilogueBarrierId);
+
+  auto* dw = static_cast<Element*>(p.dw) + static_cast<int64_t>(expert) * p.stride_dwe;
+  constexpr int kChunksPerLine = kBN / 8;  // 16 (kBM == kBN)
+  for (int chunk = mma_thread; chunk < kBM * kChunksPerLine; chunk += G::kMmaThreads) {
+    const int line = chunk / kChunksPerLine;   // n (along_m) or m
+    const int c = (chunk % kChunksPerLine) * 8;
+    const int m = along_m ? m0 + c : m0 + line;
+    const int n = along_m ? n0 + line : n0 + c;
+    if (m >= p.k_in || n >= p.n_out) continue;
+    const int count = cute::min(8, along_m ? p.k_in - m : p.n_out - n);
+    float v[8];
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 8; ++j) v[j] = staged[line * G::kStageLd + c + j];
+    store_8(dw + static_cast<int64_t>(m) * p.stride_dwk + static_cast<int64_t>(n) * p.stride_dwn, v, count);
+  }
+#endif
+}
+
+template <class ElementTag>
+void run(const GroupBwdWParams& p, cudaStream_t stream) {
+  using G = GroupBwdW<ElementTag>;
+  constexpr int align = G::kAlignment;
+  SMOE_CHECK(p.num_experts >= 1 && p.num_experts <= 65535, "num_experts: expected 1..65535, got ", p.num_experts);
+  SMOE_CHECK(p.num_rows >= 0 && p.num_rows <= INT_MAX, "num_rows: expected in [0, 2^31), got ", p.num_rows);
+  SMOE_CHECK(p.k_in >= 1 && p.k_in % align == 0, "k_in: cp.async needs a positive multiple of ", align,
+             " elements, got ", p.k_in);
+  SMOE_CHECK(p.n_out >= 1 && p.n_out % align == 0, "n_out: cp.async needs a positive multiple of ", align,
+             " elements, got ", p.n_out);
+  SMOE_CHECK(p.stride_xm >= p.k_in && p.stride_xm % align == 0,
+             "stride_xm: expected a multiple of ", align, " and >= k_in=", p.k_in, ", got ", p.stride_xm);
+  SMOE_CHECK(p.stride_dym >= p.n_out && p.stride_dym % align == 0,
+             "stride_dym: expected a multiple of ", align, " and >= n_out=", p.n_out, ", got ", p.stride_dym);
+  SMOE_CHECK(p.stride_dwk == 1 || p.stride_dwn == 1,
+             "stride_dwk: dW needs a unit stride along k_in or n_out, got strides (", p.stride_dwk, ", ",
+             p.stride_dwn, ")");
+  SMOE_CHECK(p.x_fan_out >= 1 && p.dy_fan_out >= 1, "x_fan_out: expected fan-outs >= 1, got ", p.x_fan_out,
+             " and ", p.dy_fan_out);
+  SMOE_CHECK(p.x_grouped ? p.x_rows >= p.num_rows : p.x_rows * p.x_fan_out >= p.num_rows,
+             "x_rows: X has ", p.x_rows, " rows, too few for ", p.num_rows, " routed rows");
+  SMOE_CHECK(p.dy_grouped ? p.dy_rows >= p.num_rows : p.dy_rows * p.dy_fan_out >= p.num_rows,
+             "dy_rows: dY has ", p.dy_rows, " rows, too few for ", p.num_rows, " routed rows");
+  for (auto [name, ptr] : {std::pair<const char*, const void*>{"x", p.x}, {"dy", p.dy}}) {
+    // With no rows nothing is read (every dW[e] is zero), and an empty tensor's address may be null.
+    SMOE_CHECK((p.num_rows == 0 || ptr != nullptr) && reinterpret_cast<uintptr_t>(ptr) % 16 == 0,
+               name, ": expected a non-null 16-byte aligned device pointer, got ", ptr);
+  }
+  SMOE_CHECK(p.dw != nullptr, "dw: expected a device pointer, got nullptr");
+  SMOE_CHECK(p.expert_offsets != nullptr, "expert_offsets: expected a device pointer, got nullptr");
+  SMOE_CHECK(p.num_rows == 0 || p.sorted_scattered_idxs != nullptr || (p.x_grouped && p.dy_grouped),
+             "sorted_scattered_idxs: expected a device pointer for gathered rows, got nullptr");
+
+  DeviceGuard guard(p.device);
+  const int64_t tiles = static_cast<int64_t>((p.k_in + kGroupBwdWTileM - 1) / kGroupBwdWTileM) *
+                        ((p.n_out + kGroupBwdWTileN - 1) / kGroupBwdWTileN);
+  SMOE_CHECK(tiles <= INT_MAX, "k_in: too many dW tiles (", tiles, ")");
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.num_experts));
+  auto kernel = p.offsets_int64 ? group_bwd_w_kernel<G, int64_t> : group_bwd_w_kernel<G, int32_t>;
+  SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));
+  kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p);
+  SMOE_CHECK_LAUNCH("group_bwd_w_kernel");
+}
+
+}  // namespace sm90_wgrad
+
+#define SCATTERMOE_INSTANTIATE_GROUP_BWD_W_SM90(Tag)                                                \
+  template <>                                                                                      \
+  void group_bwd_w_sm90<Tag>(const GroupBwdWParams& params, cudaStream_t stream) {                 \
+    sm90_wgrad::run<Tag>(params, stream);                                                          \
+  }
+
+}  // namespace scattermoe

@@ -1,0 +1,96 @@
+"""The CUTLASS/CuTe sm_90a weight gradient (csrc/group_bwd_w/) wrapped for torch tensors.
+
+Legend: N routed rows (T*k), E experts, K input features, F output features.
+
+    for expert e with rows r in [offsets[e-1], offsets[e]) (slot s = sorted_scattered_idxs[r]):
+        dw[e] = sum_r x[r if x_grouped else s // x_fan_out]^T dy[r if dy_grouped else s // dy_fan_out]
+
+group_bwd_w without a row scale or a bias gradient: the dW of every ungated GEMM, and of the
+gated second MoE GEMM (``ops.GLUMoE`` hands it the gate-scaled G, so it needs no row scale).
+Both operands are gathered on load; an empty expert gets zeros. ``plan`` decides from host
+metadata alone whether the kernel takes a call; the caller falls back to Triton when it cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+
+from . import _extension
+from .grouped_gemm import ALIGN_BYTES, ALIGN_ELEMENTS, DTYPES, INT32_MAX
+
+ROW_SCALE = "dW with a row scale (gates): not in the csrc kernel"
+BIAS_GRAD = "db (the bias gradient): not in the csrc kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupBwdWPlan:
+    """Host-side arguments of ``scattermoe._C.group_bwd_w`` except pointers, rows and stream."""
+
+    dtype: str
+    num_experts: int
+    num_rows: int
+    k_in: int
+    n_out: int
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and t.stride(0) % ALIGN_ELEMENTS == 0 and t.data_ptr() % ALIGN_BYTES == 0
+
+
+def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_weight: torch.Tensor,
+         num_rows: int, row_scale: Optional[torch.Tensor], with_bias: bool) -> Union[GroupBwdWPlan, str]:
+    """A plan, or a string naming why the csrc dW kernel cannot take these tensors.
+
+    x [*, K] and dy [*, F] row-major with 16-byte aligned rows (cp.async), K and F multiples of 8;
+    like_weight [E, K, F] (dW is allocated like it, so with a unit stride along K or F).
+    """
+    if row_scale is not None:
+        return ROW_SCALE
+    if with_bias:
+        return BIAS_GRAD
+    if x.dtype not in DTYPES:
+        return f"dtype {str(x.dtype).replace('torch.', '')}: the csrc dW kernel is built for bfloat16 and float16"
+    if dy.dtype != x.dtype or like_weight.dtype != x.dtype:
+        return "mixed dtypes: x, dy and the weight must share one dtype"
+    num_experts, k_in, n_out = like_weight.shape
+    if num_rows > INT32_MAX:
+        return f"{num_rows} rows: more than the kernel's 32-bit row count"
+    if num_experts > 65535:
+        return f"{num_experts} experts: more than the kernel's grid allows (65535)"
+    if k_in % ALIGN_ELEMENTS or n_out % ALIGN_ELEMENTS:
+        return f"K={k_in}, F={n_out}: cp.async copies 16 bytes, so both must be multiples of {ALIGN_ELEMENTS}"
+    if x.size(-1) != k_in or dy.size(-1) != n_out:
+        return f"x [*, {x.size(-1)}] and dy [*, {dy.size(-1)}] do not match the weight [E, {k_in}, {n_out}]"
+    if not _rows_ok(x) or not _rows_ok(dy):
+        return f"x (strides {x.stride()}) or dy (strides {dy.stride()}) is not row-major with 16-byte aligned rows"
+    if expert_offsets.dtype not in (torch.int32, torch.int64):
+        return f"expert_offsets dtype {expert_offsets.dtype}: expected int32 or int64"
+    return GroupBwdWPlan(DTYPES[x.dtype], num_experts, num_rows, k_in, n_out)
+
+
+def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered_idxs: torch.Tensor,
+           expert_offsets: torch.Tensor, x_fan_out: int, dy_fan_out: int, x_grouped: bool, dy_grouped: bool,
+           dw: torch.Tensor) -> torch.Tensor:
+    """Enqueue the kernel on the current stream of x's device, writing every element of dw. No host sync."""
+    module, error = _extension.load()
+    if module is None:
+        raise RuntimeError(f"scattermoe cutlass backend: {error}")
+    if dw.stride(1) != 1 and dw.stride(2) != 1:
+        raise ValueError(f"dw: expected a unit stride along K or F, got strides {dw.stride()}")
+    idx = sorted_scattered_idxs.to(torch.int64).contiguous()
+    offsets = expert_offsets.contiguous()
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    module.group_bwd_w(
+        dtype=p.dtype, x=x.data_ptr(), stride_xm=x.stride(0), x_rows=x.size(0),
+        dy=dy.data_ptr(), stride_dym=dy.stride(0), dy_rows=dy.size(0),
+        dw=dw.data_ptr(), stride_dwe=dw.stride(0), stride_dwk=dw.stride(1), stride_dwn=dw.stride(2),
+        sorted_scattered_idxs=idx.data_ptr(), expert_offsets=offsets.data_ptr(),
+        offsets_int64=offsets.dtype == torch.int64, x_grouped=x_grouped, dy_grouped=dy_grouped,
+        x_fan_out=1 if x_grouped else x_fan_out, dy_fan_out=1 if dy_grouped else dy_fan_out,
+        num_experts=p.num_experts, num_rows=p.num_rows, k_in=p.k_in, n_out=p.n_out,
+        device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    return dw
