@@ -167,6 +167,18 @@ def header(payload: Dict) -> str:
     return text
 
 
+def fallback_summary(rows: List[Dict]) -> str:
+    """Which pieces of the scattermoe_cutlass rows ran on Triton (the rows' triton_fallbacks), per case."""
+    per_case: Dict[str, set] = {}
+    for r in rows:
+        if r["impl"] == "scattermoe_cutlass" and r.get("triton_fallbacks"):
+            per_case.setdefault(r["case"], set()).update(r["triton_fallbacks"])
+    if not per_case:
+        return ""
+    return "scattermoe_cutlass rows that ran some pieces on Triton:\n" + "\n".join(
+        f"- {case}: {'; '.join(sorted(pieces))}" for case, pieces in per_case.items())
+
+
 def markdown(payload: Dict) -> str:
     """The whole report of one kernel-suite result file."""
     rows = payload["rows"]
@@ -188,6 +200,9 @@ def markdown(payload: Dict) -> str:
               "allocated before the call; held: still allocated while the result lives (a forward's "
               "activations kept for backward, and its output).",
               "## Correctness checks", checks_table(payload)]
+    fallbacks = fallback_summary(rows)
+    if fallbacks:
+        parts.append(fallbacks)
     if payload.get("notes"):
         parts.append("Notes:\n" + "\n".join(f"- {n}" for n in payload["notes"]))
     return "\n\n".join(parts) + "\n"

@@ -3,7 +3,8 @@
 A row (the result file's schema, issue 5): ``case`` (e.g. jetmoe_moe_fwd_bwd, routing),
 ``tokens``, ``routing`` (uniform/zipf), ``dtype``, ``impl``, ``ms`` (median), ``tflops``,
 ``peak_mem_gb``; and beside them ``status`` (ok / unavailable: why / skipped: why / error: what),
-``check``, ``flops``, ``held_gb`` and ``extra_gb`` (see harness.Timer.peak_memory), ``vs_dense``
+``check``, ``flops``, ``held_gb`` and ``extra_gb`` (see harness.Timer.peak_memory), ``triton_fallbacks``
+(scattermoe_cutlass rows: the pieces the cutlass backend ran on Triton), ``vs_dense``
 (dense_same_flops time / this time), ``hbm_floor_ms`` (fwd rows: the active experts' weights read
 once at the device's datasheet bandwidth), ``first_call_ms`` and ``timing`` (every repeat).
 """
@@ -44,6 +45,15 @@ def setup_grouped_mm(device: torch.device, allow_loop: bool) -> Tuple[Optional[g
     if allow_loop:
         return grouped_mm_moe.grouped_mm_loop, {"impl": "per-expert torch.mm loop (CPU stand-in)", "probe": reason}
     return None, {"impl": None, "probe": reason, "unavailable": reason}
+
+
+def _cutlass_fallbacks() -> Dict[str, int]:
+    """The cutlass backend's per-piece count of calls routed to Triton so far (empty without it)."""
+    try:
+        from scattermoe.backends.cutlass import FALLBACKS
+    except Exception:
+        return {}
+    return dict(FALLBACKS)
 
 
 def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
@@ -111,6 +121,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     continue
                 log(f"[bench] {group.label:<34} {mode:<8} {impl} ...")
                 fn, prepare = work.call(impl, sets, mode)
+                fallbacks_before = _cutlass_fallbacks() if impl == "scattermoe_cutlass" else None
                 try:
                     timing = timer.measure(fn, cfg.n_sets, cfg.plan, prepare)
                     memory = timer.peak_memory(fn, prepare)
@@ -121,6 +132,10 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     continue
                 ms = timing["quantiles_ms"]["median"]
                 row.update(status="ok", ms=ms, first_call_ms=timing["first_call_ms"], **memory, timing=timing)
+                if fallbacks_before is not None:
+                    # What of this row ran on Triton, not csrc: the row is only as "cutlass" as this says.
+                    after = _cutlass_fallbacks()
+                    row["triton_fallbacks"] = sorted(k for k in after if after[k] > fallbacks_before.get(k, 0))
                 if n_flops:
                     row["tflops"] = n_flops / ms / 1e9
                 last_ms[(case, group.routing, impl)] = (group.T, ms)

@@ -176,3 +176,18 @@ def test_e2e_smoke(tmp_path):
     assert p["checks"]["ok"] and p["checks"]["jetmoe_vs_transformers_logits_rel_err"] < 1e-4  # float32
     got = {(r["case"], r["impl"]) for r in p["rows"] if r["status"] == "ok" and r["ms"] is not None}
     assert got == {(c, i) for c in ("e2e_prefill", "e2e_train_step", "e2e_decode") for i in e2e.IMPLS}
+
+
+def test_report_names_the_pieces_cutlass_rows_ran_on_triton():
+    from bench import report
+
+    rows = [
+        {"case": "jetmoe_moe_fwd_bwd", "impl": "scattermoe_cutlass", "triton_fallbacks": ["GLU backward"]},
+        {"case": "jetmoe_moe_fwd_bwd", "impl": "scattermoe_cutlass", "triton_fallbacks": ["dW with a row scale"]},
+        {"case": "jetmoe_moe_fwd", "impl": "scattermoe_cutlass", "triton_fallbacks": []},
+        {"case": "jetmoe_moa_fwd", "impl": "scattermoe_triton", "triton_fallbacks": ["not a cutlass row"]},
+    ]
+    text = report.fallback_summary(rows)
+    assert "jetmoe_moe_fwd_bwd: GLU backward; dW with a row scale" in text
+    assert "jetmoe_moe_fwd:" not in text and "not a cutlass row" not in text
+    assert report.fallback_summary(rows[2:]) == ""

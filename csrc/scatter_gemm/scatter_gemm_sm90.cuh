@@ -363,11 +363,15 @@ void run(const ScatterGemmParams& p, cudaStream_t stream) {
   SMOE_CHECK(p.sorted_scattered_idxs != nullptr, "sorted_scattered_idxs: expected a device pointer, got nullptr");
   SMOE_CHECK(p.expert_offsets != nullptr, "expert_offsets: expected a device pointer, got nullptr");
 
+  const int64_t column_tiles = (p.n_out + (p.glu ? kScatterGemmTileN / 2 : kScatterGemmTileN) - 1) /
+                               (p.glu ? kScatterGemmTileN / 2 : kScatterGemmTileN);
+  SMOE_CHECK(column_tiles <= 65535, "n_out: ", p.n_out, " columns need ", column_tiles,
+             " column tiles, more than the grid's 65535");
   DeviceGuard guard(p.device);
   if (p.num_rows == 0) return;
 
   const dim3 grid(static_cast<unsigned>((p.num_rows + kScatterGemmTileM - 1) / kScatterGemmTileM + p.num_experts),
-                  static_cast<unsigned>(cute::ceil_div(p.n_out, p.glu ? kScatterGemmTileN / 2 : kScatterGemmTileN)));
+                  static_cast<unsigned>(column_tiles));
   auto kernel = p.offsets_int64 ? scatter_gemm_kernel<G, int64_t> : scatter_gemm_kernel<G, int32_t>;
   SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));
   kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p);
