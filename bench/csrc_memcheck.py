@@ -100,7 +100,7 @@ def main() -> int:
     # dW: x gathered from tokens, dy grouped; dW strided like the weight (k-major).
     dy = torch.randn(n, 200, generator=g).to(dev, dt)
     dw, _ = cutlass.group_bwd_w(x_tok, dy, scattered, offsets, w, k, 1, False, True)
-    ref = torch.zeros(len(counts), 72, 200, dtype=torch.float64)
+    ref = torch.zeros(len(counts), 72, 200, dtype=torch.float64)  # small: the [N, K, F] outer products fit
     ref.index_add_(0, sorted_expert.cpu(), x_tok.double().cpu()[rows].unsqueeze(2) * dy.double().cpu().unsqueeze(1))
     results["group_bwd_w"] = _rel(dw, ref)
 
