@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI helper for the csrc extension (issue 3): install its build tools, then build scattermoe._C once
 # into build/csrc-cache/ (keyed by a hash of csrc/ and the toolchain), which tests/test_cutlass_build.py
-# reuses. Measured on the 2-core CI-like machine: ~65 s wall, ~3.6 GB peak per compiler process
+# reuses. Measured on the 2-core CI-like machine: ~165 s wall (13 sources), ~3.6 GB peak per compiler process
 # (2 in parallel). Needs nvcc (CUDA >= 12.3); no GPU. Run from .ci/run before pytest, with
 # SCATTERMOE_REQUIRE_CSRC_BUILD=1 exported so the build tests fail instead of skipping.
 set -euo pipefail

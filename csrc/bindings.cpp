@@ -13,6 +13,7 @@
 #include <string>
 
 #include "scattermoe/check.h"
+#include "scattermoe/glu_backward.h"
 #include "scattermoe/group_bwd_w.h"
 #include "scattermoe/grouped_gemm.h"
 #include "scattermoe/scatter_gemm.h"
@@ -26,6 +27,7 @@ void build_versions(int* nvcc_major, int* nvcc_minor, int* cutlass_major, int* c
 
 namespace {
 
+using scattermoe::GluBackwardParams;
 using scattermoe::GroupBwdWParams;
 using scattermoe::GroupedGemmParams;
 using scattermoe::ScatterGemmParams;
@@ -229,6 +231,32 @@ void group_bwd_w(const std::string& dtype, uintptr_t x, int64_t stride_xm, int64
   });
 }
 
+void glu_backward(const std::string& dtype, uintptr_t pre, int64_t stride_pm, uintptr_t dg, int64_t stride_dgm,
+                  uintptr_t scale, uintptr_t dh, int64_t stride_dhm, uintptr_t g, int64_t stride_gm, uintptr_t dot,
+                  int64_t num_rows, int64_t f, bool activate_first, int64_t device, uintptr_t stream) {
+  GluBackwardParams p;
+  p.pre = as_ptr<const void>(pre);
+  p.stride_pm = stride_pm;
+  p.dg = as_ptr<const void>(dg);
+  p.stride_dgm = stride_dgm;
+  p.scale = as_ptr<const float>(scale);
+  p.dh = as_ptr<void>(dh);
+  p.stride_dhm = stride_dhm;
+  p.g = as_ptr<void>(g);
+  p.stride_gm = stride_gm;
+  p.dot = as_ptr<float>(dot);
+  p.num_rows = num_rows;
+  p.f = checked_int(f, "f");
+  p.activate_first = activate_first;
+  p.device = checked_int(device, "device");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  py::gil_scoped_release release;
+  dtype_switch(dtype, [&](auto tag) {
+    scattermoe::glu_backward_sm90<decltype(tag)>(p, s);
+    return 0;
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -272,4 +300,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("device"), py::arg("stream"),
         "dW[e] = X_e^T dY_e for every expert (rows gathered on load: slot // fan_out unless grouped; an empty "
         "expert gets zeros); csrc/include/scattermoe/group_bwd_w.h has the layouts. Enqueued on `stream`.");
+  m.def("glu_backward", &glu_backward, py::arg("dtype"), py::arg("pre"), py::arg("stride_pm"), py::arg("dg"),
+        py::arg("stride_dgm"), py::arg("scale"), py::arg("dh"), py::arg("stride_dhm"), py::arg("g"),
+        py::arg("stride_gm"), py::arg("dot"), py::arg("num_rows"), py::arg("f"), py::arg("activate_first"),
+        py::arg("device"), py::arg("stream"),
+        "dH = GLU'(H) * (s dG), optionally s * GLU(H) and <dG, GLU(H)> per row, in one pass "
+        "(csrc/include/scattermoe/glu_backward.h). Enqueued on `stream`.");
 }

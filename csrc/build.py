@@ -65,6 +65,7 @@ CUDA_SOURCES = [
     "scatter_gemm/scatter_gemm_fp16_wnmajor_sm90.cu",
     "group_bwd_w/group_bwd_w_bf16_sm90.cu",
     "group_bwd_w/group_bwd_w_fp16_sm90.cu",
+    "glu_backward/glu_backward_sm90.cu",
 ]
 CXX_SOURCES = ["bindings.cpp"]
 

@@ -15,7 +15,7 @@ import torch
 
 import reference
 from scattermoe.backends import cutlass
-from scattermoe.backends.cutlass import _extension, dispatch
+from scattermoe.backends.cutlass import _extension, dispatch, glu_grad
 from scattermoe.backends.cutlass import weight_grad as wg
 from scattermoe.backends.cutlass import grouped_gemm as gg
 from scattermoe.backends.cutlass import scatter_gemm as sg
@@ -111,6 +111,17 @@ def emulate_wgrad_kernel(p: wg.GroupBwdWPlan, x, dy, sorted_scattered_idxs, expe
     return dw
 
 
+def emulate_glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot):
+    """The csrc GLU backward's contract (include/scattermoe/glu_backward.h), through autograd in float64."""
+    h = pre.double().requires_grad_()
+    s = row_scale.double().view(-1, 1) if row_scale is not None else torch.ones(pre.size(0), 1, dtype=torch.float64)
+    g = reference.glu(h, torch.nn.functional.silu, activate_first)
+    (dh,) = torch.autograd.grad(g, h, dg.double() * s)
+    g = g.detach()
+    return (dh.to(pre.dtype), (g * s).to(pre.dtype) if store_g else None,
+            (dg.double() * g).sum(-1).float() if store_dot else None)
+
+
 @pytest.fixture
 def fake_launch(monkeypatch):
     """Every csrc launch replaced by an emulator; records the plan of every launch."""
@@ -130,7 +141,12 @@ def fake_launch(monkeypatch):
 
     monkeypatch.setattr(gg, "launch", launch)
     monkeypatch.setattr(sg, "launch", launch_scatter)
+    def launch_glu(pre, dg, activate_first, row_scale, store_g, store_dot):
+        calls.append("glu_backward")
+        return emulate_glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)
+
     monkeypatch.setattr(wg, "launch", launch_wgrad)
+    monkeypatch.setattr(glu_grad, "launch", launch_glu)
     return calls
 
 
@@ -357,9 +373,31 @@ def test_backward_pieces_not_in_csrc_go_to_triton(fake_launch, fake_triton):
     gates = torch.rand(8)
     assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, gates) == ("triton-dw", None)
     assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, None, True) == ("triton-dw", None)
-    assert cutlass.glu_backward(x, x, True)[0] == "triton-dh"
+    assert cutlass.glu_backward(x.float(), x.float()[:, :8], True)[0] == "triton-dh"
     assert dispatch.FALLBACKS[wg.ROW_SCALE] == 1 and dispatch.FALLBACKS[wg.BIAS_GRAD] == 1
-    assert dispatch.FALLBACKS[dispatch.GLU_BACKWARD] == 1 and not fake_launch
+    assert [k for k in dispatch.FALLBACKS if k.startswith("dtype float32")] and not fake_launch
+
+
+@pytest.mark.parametrize("activate_first", [True, False])
+def test_glu_backward_takes_the_csrc_kernel(fake_launch, fake_triton, activate_first):
+    """bf16 pre-activation and gradient: the csrc pass, checked against autograd through the GLU (s applied to dG,
+    s * G stored, the dot with the unscaled G)."""
+    g = torch.Generator().manual_seed(4)
+    pre = torch.randn(12, 2 * 20, generator=g).to(torch.bfloat16)
+    dg = torch.randn(12, 20, generator=g).to(torch.bfloat16)
+    scale = torch.rand(12, generator=g)
+    dh, g_scaled, dot = cutlass.glu_backward(pre, dg, activate_first, scale, True, True)
+    assert fake_launch == ["glu_backward"] and not fake_triton
+    a, b = pre.double().chunk(2, -1)
+    act_in, lin = (a, b) if activate_first else (b, a)
+    sig = torch.sigmoid(act_in)
+    dgs = dg.double() * scale.double()[:, None]
+    d_act, d_lin = dgs * lin * sig * (1 + act_in * (1 - sig)), dgs * act_in * sig
+    want_dh = torch.cat([d_act, d_lin] if activate_first else [d_lin, d_act], -1)
+    assert torch.allclose(dh.double(), want_dh, rtol=2e-2, atol=2e-2)
+    glu = act_in * sig * lin
+    assert torch.allclose(g_scaled.double(), glu * scale.double()[:, None], rtol=2e-2, atol=2e-2)
+    assert torch.allclose(dot.double(), (dg.double() * glu).sum(-1), rtol=2e-2, atol=5e-2)
 
 
 def test_strict_mode_refuses_to_fall_back(fake_launch, fake_triton):

@@ -156,7 +156,18 @@ def test_scatter_gemm_sass_holds_hgmma_and_cp_async(built, cuobjdump, source):
         assert "tnspA" in sass and "tnspB" in sass, f"{source}: HGMMA does not read MN-major operands"
 
 
-@pytest.mark.parametrize("source", sorted(GEMM_OBJECTS) + sorted(SCATTER_OBJECTS))
+ELEMENTWISE_OBJECTS = ["glu_backward/glu_backward_sm90.cu"]
+
+
+@pytest.mark.parametrize("source", ELEMENTWISE_OBJECTS)
+def test_elementwise_kernels_move_16_bytes_per_access_and_call_nothing(built, cuobjdump, source):
+    sass = _dump(cuobjdump, "--dump-sass", _object(built, source))
+    # bf16 and fp16 kernels: each reads H's two halves and dG, writes dH's halves and s * G, 16 bytes at a time.
+    assert sass.count("LDG.E.128") >= 6 and sass.count("STG.E.128") >= 6, f"{source}: not vectorised"
+    assert "CALL" not in sass, f"{source}: the kernel calls a subroutine (an IEEE divide?)"
+
+
+@pytest.mark.parametrize("source", sorted(GEMM_OBJECTS) + sorted(SCATTER_OBJECTS) + ELEMENTWISE_OBJECTS)
 def test_no_local_memory_and_no_spills(built, cuobjdump, source):
     usage = _dump(cuobjdump, "--dump-resource-usage", _object(built, source))
     rows = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
@@ -318,8 +329,35 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("script", [BAD_ARGUMENTS, SCATTER_BAD_ARGUMENTS, WGRAD_BAD_ARGUMENTS],
-                         ids=["grouped_gemm", "scatter_gemm", "group_bwd_w"])
+GLU_BAD_ARGUMENTS = """
+import json
+from scattermoe.backends.cutlass import _extension
+m, _ = _extension.load()
+good = dict(dtype="bfloat16", pre=4096, stride_pm=128, dg=8192, stride_dgm=64, scale=0, dh=16384, stride_dhm=128,
+            g=0, stride_gm=0, dot=0, num_rows=10, f=64, activate_first=True, device=0, stream=0)
+cases = {
+    "dtype": dict(dtype="float32"),
+    "f": dict(f=0),
+    "stride_pm": dict(stride_pm=100),
+    "stride_dgm": dict(stride_dgm=32),
+    "stride_dhm": dict(stride_dhm=64),
+    "stride_gm": dict(g=24576, stride_gm=8),
+    "num_rows": dict(num_rows=2**31),
+    "pre": dict(pre=0),
+}
+out = {}
+for name, change in cases.items():
+    try:
+        m.glu_backward(**{**good, **change})
+        out[name] = None
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("script", [BAD_ARGUMENTS, SCATTER_BAD_ARGUMENTS, WGRAD_BAD_ARGUMENTS, GLU_BAD_ARGUMENTS],
+                         ids=["grouped_gemm", "scatter_gemm", "group_bwd_w", "glu_backward"])
 def test_bad_arguments_raise_value_error_naming_the_argument(built, script):
     proc = _run_python(built["module"], script)
     assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"

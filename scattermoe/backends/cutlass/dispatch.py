@@ -9,7 +9,8 @@ prove it exercised the csrc path.
 Covered by csrc now: scatter2scatter, bf16/fp16: grouped in and out without gates or GLU goes
 to the TMA grouped GEMM (grouped_gemm.plan); every other combination (gathered rows, scattered
 rows, gates, the GLU epilogue) to the cp.async scatter GEMM (scatter_gemm.plan).
-group_bwd_w without a row scale or bias gradient goes to the csrc dW kernel (group_bwd_w.plan).
+group_bwd_w without a row scale or bias gradient goes to the csrc dW kernel (weight_grad.plan),
+glu_backward to the csrc GLU backward pass (glu_grad.plan).
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import glu_grad, grouped_gemm, scatter_gemm
 from . import weight_grad as wgrad
-from . import grouped_gemm, scatter_gemm
 
-# The pieces not written yet, by the names csrc/README.md uses for them (wgrad.ROW_SCALE and
-# wgrad.BIAS_GRAD name the dW calls that still go to Triton).
-GLU_BACKWARD = "GLU backward kernel not written yet"
+# Every fallback is counted under its reason: the plans' strings (e.g. wgrad.ROW_SCALE and
+# wgrad.BIAS_GRAD name the dW calls that csrc does not take).
 
 FALLBACKS: "collections.Counter[str]" = collections.Counter()
 _strict = os.environ.get("SCATTERMOE_CUTLASS_STRICT", "0") not in ("", "0", "false", "False")
@@ -140,5 +140,8 @@ def group_bwd_w(
 
 def glu_backward(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_scale: Optional[torch.Tensor] = None,
                  store_g: bool = False, store_dot: bool = False):
-    """See scattermoe.backends.triton.glu_backward. Triton for now (GLU_BACKWARD)."""
-    return _to_triton(pre, GLU_BACKWARD).glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)
+    """See scattermoe.backends.triton.glu_backward: same contract, same result."""
+    reason = glu_grad.plan(pre, dg)
+    if reason is not None:
+        return _to_triton(pre, reason).glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)
+    return glu_grad.launch(pre, dg, activate_first, row_scale, store_g, store_dot)
