@@ -231,6 +231,21 @@ void group_bwd_w(const std::string& dtype, uintptr_t x, int64_t stride_xm, int64
   });
 }
 
+// The scatter GEMM's launch order, computed by the same inline functions the kernel uses (host-only).
+py::list scatter_gemm_tile_order(int64_t num_rows, int64_t num_experts, int64_t n_out, int64_t glu) {
+  SMOE_CHECK(num_rows >= 0 && num_rows < (int64_t(1) << 24), "num_rows: expected in [0, 2^24), got ", num_rows);
+  const int row_tiles = scattermoe::scatter_gemm_row_tiles(num_rows, checked_int(num_experts, "num_experts"));
+  const int col_tiles = scattermoe::scatter_gemm_col_tiles(checked_int(n_out, "n_out"), checked_int(glu, "glu"));
+  SMOE_CHECK(static_cast<int64_t>(row_tiles) * col_tiles <= (int64_t(1) << 24), "n_out: too many tiles to list");
+  py::list order;
+  for (int pid = 0; pid < row_tiles * col_tiles; ++pid) {
+    int row_tile, col_tile;
+    scattermoe::scatter_gemm_tile_of(pid, row_tiles, col_tiles, row_tile, col_tile);
+    order.append(py::make_tuple(row_tile, col_tile));
+  }
+  return order;
+}
+
 void glu_backward(const std::string& dtype, uintptr_t pre, int64_t stride_pm, uintptr_t dg, int64_t stride_dgm,
                   uintptr_t scale, uintptr_t dh, int64_t stride_dhm, uintptr_t g, int64_t stride_gm, uintptr_t dot,
                   int64_t num_rows, int64_t f, bool activate_first, int64_t device, uintptr_t stream) {
@@ -300,6 +315,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("device"), py::arg("stream"),
         "dW[e] = X_e^T dY_e for every expert (rows gathered on load: slot // fan_out unless grouped; an empty "
         "expert gets zeros); csrc/include/scattermoe/group_bwd_w.h has the layouts. Enqueued on `stream`.");
+  m.def("scatter_gemm_tile_order", &scatter_gemm_tile_order, py::arg("num_rows"), py::arg("num_experts"),
+        py::arg("n_out"), py::arg("glu") = 0,
+        "[(row_tile, col_tile)] of the scatter GEMM's CTAs in launch order (grouped raster). Host-only.");
   m.def("glu_backward", &glu_backward, py::arg("dtype"), py::arg("pre"), py::arg("stride_pm"), py::arg("dg"),
         py::arg("stride_dgm"), py::arg("scale"), py::arg("dh"), py::arg("stride_dhm"), py::arg("g"),
         py::arg("stride_gm"), py::arg("dot"), py::arg("num_rows"), py::arg("f"), py::arg("activate_first"),

@@ -369,6 +369,32 @@ def test_bad_arguments_raise_value_error_naming_the_argument(built, script):
         assert message.startswith(name), (name, message)
 
 
+TILE_ORDER = """
+import json
+from scattermoe.backends.cutlass import _extension
+m, _ = _extension.load()
+cases = {}
+for num_rows, num_experts, n_out, glu in [(32768, 8, 11264, 1), (32768, 8, 2048, 0), (300, 3, 200, 0), (1, 1, 8, 1)]:
+    cases[f"{num_rows}-{num_experts}-{n_out}-{glu}"] = m.scatter_gemm_tile_order(num_rows, num_experts, n_out, glu)
+print(json.dumps(cases))
+"""
+
+
+def test_scatter_gemm_launch_order_is_a_grouped_raster(built):
+    """Every (row tile, column tile) exactly once, and the CTAs resident together (132 on an H100, one per SM)
+    share a few row tiles of X: each row tile's X rows are read from HBM about once, not once per column tile."""
+    proc = _run_python(built["module"], TILE_ORDER)
+    assert proc.returncode == 0, proc.stderr
+    for name, order in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        num_rows, num_experts, n_out, glu = (int(v) for v in name.split("-"))
+        row_tiles = -(-num_rows // 128) + num_experts
+        col_tiles = -(-n_out // (64 if glu else 128))
+        assert sorted(map(tuple, order)) == [(r, c) for r in range(row_tiles) for c in range(col_tiles)], name
+        for start in range(0, len(order), 132):
+            window = {r for r, _ in order[start:start + 132]}
+            assert len(window) <= 2 * 8, (name, start, sorted(window))
+
+
 def test_workspace_size_is_host_only_and_grows_with_experts(built):
     proc = _run_python(built["module"], (
         "from scattermoe.backends.cutlass import _extension\n"

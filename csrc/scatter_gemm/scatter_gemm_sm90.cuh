@@ -12,7 +12,8 @@
 // Scheduling: one CTA per (row tile, column tile); the row tiles of expert e are the
 // cdiv(rows_e, 128) tiles after those of experts < e, found from expert_offsets on the device,
 // so the grid needs only the bound cdiv(N, 128) + E (as the Triton kernel). CTAs past the last
-// tile exit at once.
+// tile exit at once. The 1-D grid is ordered as a grouped raster (scatter_gemm_tile_of in the
+// header): 8 row tiles through all column tiles, so X rows are read from HBM about once.
 //
 // GLU: the CTA's 128 W columns are 64 of each half (j..j+63 and F+j..F+j+63), so a(m, j) and its
 // partner b(m, j) end up in the same tile and the activation is applied in the epilogue.
@@ -113,7 +114,7 @@ CUTE_DEVICE int w_column(int c, int n_tile, int n_out, bool glu, bool& ok) {
 // Fast-math silu, as Triton's sigmoid: exp(-v) = inf for v < -88 gives v / inf = -0, the limit.
 CUTE_DEVICE float silu(float v) { return __fdividef(v, 1.0f + __expf(-v)); }
 
-// Thread 0 of each CTA: which expert and rows does row tile blockIdx.x hold? (expert -1: none.)
+// Thread 0 of each CTA: which expert and rows does row tile `tile` hold? (expert -1: none.)
 template <class Offset>
 CUTE_DEVICE void locate_row_tile(const Offset* offsets, int num_experts, int64_t num_rows, int64_t tile,
                                  int64_t& row_start, int64_t& row_end, int& expert) {
@@ -144,11 +145,14 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
   extern __shared__ __align__(128) char smem_buf[];
   auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
 
+  int row_tile, n_tile;
+  scatter_gemm_tile_of(static_cast<int>(blockIdx.x), scatter_gemm_row_tiles(p.num_rows, p.num_experts),
+                       scatter_gemm_col_tiles(p.n_out, p.glu), row_tile, n_tile);
   if (threadIdx.x == 0) {
     int64_t row_start, row_end;
     int expert;
     locate_row_tile(static_cast<const Offset*>(p.expert_offsets), p.num_experts, p.num_rows,
-                    static_cast<int64_t>(blockIdx.x), row_start, row_end, expert);
+                    static_cast<int64_t>(row_tile), row_start, row_end, expert);
     shared.tile = {row_start, row_end, expert};
   }
   __syncthreads();
@@ -165,7 +169,6 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
   __syncthreads();  // barriers initialised before anyone waits on them
 
   const int64_t rows_here = cute::min(tile.row_end - tile.row_start, int64_t(kScatterGemmTileM));
-  const int n_tile = static_cast<int>(blockIdx.y);
   const int k_tiles = (p.k_in + kScatterGemmTileK - 1) / kScatterGemmTileK;
   auto blk = TileShape{};
 
@@ -363,15 +366,14 @@ void run(const ScatterGemmParams& p, cudaStream_t stream) {
   SMOE_CHECK(p.sorted_scattered_idxs != nullptr, "sorted_scattered_idxs: expected a device pointer, got nullptr");
   SMOE_CHECK(p.expert_offsets != nullptr, "expert_offsets: expected a device pointer, got nullptr");
 
-  const int64_t column_tiles = (p.n_out + (p.glu ? kScatterGemmTileN / 2 : kScatterGemmTileN) - 1) /
-                               (p.glu ? kScatterGemmTileN / 2 : kScatterGemmTileN);
-  SMOE_CHECK(column_tiles <= 65535, "n_out: ", p.n_out, " columns need ", column_tiles,
-             " column tiles, more than the grid's 65535");
+  const int64_t tiles = static_cast<int64_t>(scatter_gemm_row_tiles(p.num_rows, p.num_experts)) *
+                        scatter_gemm_col_tiles(p.n_out, p.glu);
+  SMOE_CHECK(tiles < INT_MAX, "num_rows: ", p.num_rows, " rows x ", p.n_out, " columns make ", tiles,
+             " tiles, more than the kernel's 32-bit tile index");
   DeviceGuard guard(p.device);
   if (p.num_rows == 0) return;
 
-  const dim3 grid(static_cast<unsigned>((p.num_rows + kScatterGemmTileM - 1) / kScatterGemmTileM + p.num_experts),
-                  static_cast<unsigned>(column_tiles));
+  const dim3 grid(static_cast<unsigned>(tiles));
   auto kernel = p.offsets_int64 ? scatter_gemm_kernel<G, int64_t> : scatter_gemm_kernel<G, int32_t>;
   SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));
   kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p);

@@ -57,7 +57,8 @@ struct ScatterGemmParams {
   int device = 0;
 };
 
-// Enqueue the kernel on `stream`: a grid of (row tiles bound cdiv(N, 128) + E, cdiv(F, 128 or 64 with glu)) CTAs,
+// Enqueue the kernel on `stream`: a 1-D grid of (row tiles bound cdiv(N, 128) + E) x cdiv(F, 128 or 64 with glu) CTAs
+// in the order of scatter_gemm_tile_of,
 // each finding its expert and rows from expert_offsets. No host synchronisation, no workspace.
 template <class ElementTag, bool WKMajor>
 void scatter_gemm_sm90(const ScatterGemmParams& params, cudaStream_t stream);
@@ -65,5 +66,38 @@ void scatter_gemm_sm90(const ScatterGemmParams& params, cudaStream_t stream);
 constexpr int kScatterGemmTileM = 128;
 constexpr int kScatterGemmTileN = 128;
 constexpr int kScatterGemmTileK = 64;
+constexpr int kScatterGemmGroupRows = 8;  // row tiles per raster group (see scatter_gemm_tile_of)
+
+#if defined(__CUDACC__)
+#define SMOE_HOST_DEVICE __host__ __device__
+#else
+#define SMOE_HOST_DEVICE
+#endif
+
+// The launch order of the tiles: CTA pid (a 1-D grid of row_tiles * col_tiles) computes
+// (row_tile, col_tile). Grouped raster, as in Triton's matmul tutorial: kScatterGemmGroupRows row
+// tiles go through every column tile together, so the CTAs resident at once share a few row tiles
+// of X and a few column tiles of W in L2. Row tiles fastest would re-read all of X from HBM once
+// per column tile (88 times for JetMoE's first GEMM: ~12 GB at T=16384). 32-bit math: the host
+// keeps row_tiles * col_tiles < 2^31 (a 64-bit division would be a subroutine call on the GPU).
+SMOE_HOST_DEVICE inline void scatter_gemm_tile_of(int pid, int row_tiles, int col_tiles, int& row_tile,
+                                                  int& col_tile) {
+  const int per_group = kScatterGemmGroupRows * col_tiles;
+  const int first = (pid / per_group) * kScatterGemmGroupRows;
+  const int rows = row_tiles - first < kScatterGemmGroupRows ? row_tiles - first : kScatterGemmGroupRows;
+  const int in_group = pid % per_group;
+  row_tile = first + in_group % rows;
+  col_tile = in_group / rows;
+}
+
+// Row tiles: a bound, cdiv(N, 128) + E (each expert's last tile may be partial); column tiles
+// cover n_out, 64 columns of each half per tile with glu.
+SMOE_HOST_DEVICE inline int scatter_gemm_row_tiles(int64_t num_rows, int num_experts) {
+  return static_cast<int>((num_rows + kScatterGemmTileM - 1) / kScatterGemmTileM) + num_experts;
+}
+SMOE_HOST_DEVICE inline int scatter_gemm_col_tiles(int n_out, int glu) {
+  const int cols = glu ? kScatterGemmTileN / 2 : kScatterGemmTileN;
+  return (n_out + cols - 1) / cols;
+}
 
 }  // namespace scattermoe
