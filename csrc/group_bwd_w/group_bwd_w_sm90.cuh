@@ -10,6 +10,7 @@
 //
 // Scheduling: one CTA per (dW tile, expert); every tile of every expert is in the grid, so an
 // empty expert's CTAs write zeros. A very large expert makes its CTAs long (no split over rows yet).
+// Within an expert the shorter tile dimension varies fastest (L2 reuse of the other operand).
 //
 // Epilogue: the fp32 tile is staged through the freed pipeline stages, transposed when dW's unit
 // stride is along K_in (ParallelExperts' layout), so that each thread stores 8 consecutive elements
@@ -91,9 +92,14 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
   int64_t row_start = expert > 0 ? static_cast<int64_t>(offsets[expert - 1]) : 0;
   row_start = row_start < 0 ? 0 : (row_start > row_end ? row_end : row_start);
   const int k_tiles = static_cast<int>((row_end - row_start + kBK - 1) / kBK);
+  // The shorter of the two tile dimensions varies fastest, so the CTAs resident at once cover it
+  // whole and share the operand slice of the other: one read of the larger operand from HBM.
   const int tiles_m = (p.k_in + kBM - 1) / kBM;
-  const int m0 = static_cast<int>(blockIdx.x % tiles_m) * kBM;
-  const int n0 = static_cast<int>(blockIdx.x / tiles_m) * kBN;
+  const int tiles_n = (p.n_out + kBN - 1) / kBN;
+  const int tile = static_cast<int>(blockIdx.x);
+  const bool m_fastest = tiles_m <= tiles_n;
+  const int m0 = (m_fastest ? tile % tiles_m : tile / tiles_n) * kBM;
+  const int n0 = (m_fastest ? tile / tiles_m : tile % tiles_n) * kBN;
 
   const int warp_group = cutlass::canonical_warp_group_idx();
   const bool producer = warp_group < G::kLoadWarpGroups;
