@@ -71,7 +71,7 @@ def _peak_gb() -> Optional[float]:
 
 def _reset_peak() -> None:
     if torch.cuda.is_available():
-        _reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def build(layers: int, dtype: torch.dtype, device: torch.device, workdir: Path, width: Dict):
