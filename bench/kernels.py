@@ -317,6 +317,10 @@ class Workload:
             for t in grads:
                 t.grad = None
 
+        # After an error: drop grads and a pending forward without running anything (the forward
+        # itself may be what failed), so the next row starts from the same memory.
+        self._release = lambda: (clear(), pending.clear())
+
         if mode == "fwd":
             return (lambda i: forward(sets[i])), lambda i: clear()
         if mode == "fwd_bwd":
@@ -330,6 +334,14 @@ class Workload:
         def bwd(i: int) -> None:
             pending.pop(i).backward(sets[i].dy)
         return bwd, prepare_bwd
+
+    def release(self) -> None:
+        """Free what the last ``call`` left behind (grads, a pending forward); never raises."""
+        release, self._release = getattr(self, "_release", None), None
+        if release is not None:
+            release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _dense_call(self, sets: List[Inputs], mode: str) -> Call:
         w1, w2 = self.w1, self.w2
@@ -401,7 +413,8 @@ def _rel_err(out: Optional[torch.Tensor], ref: torch.Tensor) -> float:
 
 
 def check(work: Workload, impls: List[str], group: Group, seed: int) -> Dict[str, Dict]:
-    """Per impl: {"unavailable": why} or {"rel_err": {tensor: err}, "ok": bool} against the oracle.
+    """Per impl: {"unavailable": why}, {"error": what, "ok": False} (it raised), or {"rel_err": {tensor: err},
+    "ok": bool} against the oracle.
     Routing must match exactly; SonicMoE routes with its own router, so it is not compared."""
     inp = make_inputs(group, 1, work.device, seed, dense=False)[0]
     refs = work.oracle(inp)
@@ -419,7 +432,7 @@ def check(work: Workload, impls: List[str], group: Group, seed: int) -> Dict[str
         try:
             outs = work.outputs(impl, inp)
         except Exception as exc:  # a crash is a finding for the table, not the end of the run
-            results[impl] = {"unavailable": f"{type(exc).__name__}: {first_line(exc)}"}
+            results[impl] = {"error": f"{type(exc).__name__}: {first_line(exc)}", "ok": False}
             continue
         if work.shape.kind == "routing":
             ok = all(torch.equal(outs[k].long().cpu(), refs[k].long().cpu()) for k in refs)

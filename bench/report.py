@@ -144,6 +144,8 @@ def checks_table(payload: Dict) -> str:
         for impl, c in per_impl.items():
             if "unavailable" in c:
                 verdict, detail = "unavailable", c["unavailable"]
+            elif "error" in c:
+                verdict, detail = "ERROR", c["error"]
             elif "not_compared" in c:
                 verdict, detail = "n/a", c["not_compared"]
             elif "rel_err" in c:

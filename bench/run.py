@@ -83,7 +83,8 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
             checks = check(work, impls_for(shape, cfg.impls), check_group, cfg.seed + 1000)
             results["checks"][shape.name] = checks
             for impl, c in checks.items():
-                verdict = c.get("unavailable") or c.get("not_compared") or ("ok" if c["ok"] else "FAIL")
+                verdict = (c.get("unavailable") or c.get("not_compared") or
+                           (f"ERROR: {c['error']}" if "error" in c else "ok" if c["ok"] else "FAIL"))
                 log(f"[bench]   {impl}: {verdict}")
         checks = results["checks"][shape.name]
         sets = make_inputs(group, cfg.n_sets, cfg.device, cfg.seed + group.T,
@@ -110,6 +111,9 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                 if why:
                     row["status"] = f"unavailable: {why}"
                     continue
+                if "error" in c:  # it raised in the check: not timed (a GPU fault there could poison the rest)
+                    row.update(status=f"error: in the check: {c['error']}", check="FAIL")
+                    continue
                 row["check"] = "n/a" if (not c or "not_compared" in c) else ("ok" if c["ok"] else "FAIL")
                 prev = last_ms.get((case, group.routing, impl))
                 if prev is not None and prev[1] * group.T / prev[0] > cfg.max_call_ms:
@@ -120,15 +124,15 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     row["status"] = f"skipped: time budget ({cfg.time_budget_s:.0f} s) spent"
                     continue
                 log(f"[bench] {group.label:<34} {mode:<8} {impl} ...")
-                fn, prepare = work.call(impl, sets, mode)
                 fallbacks_before = _cutlass_fallbacks() if impl == "scattermoe_cutlass" else None
                 try:
+                    fn, prepare = work.call(impl, sets, mode)
                     timing = timer.measure(fn, cfg.n_sets, cfg.plan, prepare)
                     memory = timer.peak_memory(fn, prepare)
-                except Exception as exc:
-                    prepare(0)
+                except Exception as exc:  # recorded in the row; the run goes on with the next one
                     row["status"] = f"error: {type(exc).__name__}: {first_line(exc)}"
                     log(f"[bench]   {row['status']}")
+                    work.release()
                     continue
                 ms = timing["quantiles_ms"]["median"]
                 row.update(status="ok", ms=ms, first_call_ms=timing["first_call_ms"], **memory, timing=timing)

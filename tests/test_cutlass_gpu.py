@@ -262,7 +262,7 @@ WGRAD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("counts,k_in,n_out,name", WGRAD_SHAPES, ids=[s[-1] for s in WGRAD_SHAPES])
@@ -365,10 +365,12 @@ def test_glu_backward_matches_reference(cutlass, rows, f, row_pad, dtype, activa
     """dH, s * G and <dG, G> of the csrc pass against autograd through reference.glu in float64; outputs are
     fresh allocations (every element must be written: NaN checks), inputs with padded rows where asked."""
     g = torch.Generator().manual_seed(rows + f)
-    pre = torch.randn(rows, 2 * f + row_pad, generator=g).to(dtype)[:, :2 * f]
-    dg = torch.randn(rows, f + row_pad, generator=g).to(dtype)[:, :f]
+    # Sliced on the GPU: .cuda() of a column slice would make it contiguous again.
+    pre = torch.randn(rows, 2 * f + row_pad, generator=g).to(dtype).cuda()[:, :2 * f]
+    dg = torch.randn(rows, f + row_pad, generator=g).to(dtype).cuda()[:, :f]
+    assert pre.stride(0) == 2 * f + row_pad and dg.stride(0) == f + row_pad
     scale = torch.rand(rows, generator=g)
-    dh, gs, dot = cutlass.glu_backward(pre.cuda(), dg.cuda(), activate_first, scale.cuda(), True, True)
+    dh, gs, dot = cutlass.glu_backward(pre, dg, activate_first, scale.cuda(), True, True)
     torch.cuda.synchronize()
     h = pre.double().requires_grad_()
     glu = reference.glu(h, torch.nn.functional.silu, activate_first)

@@ -195,6 +195,7 @@ def test_apply_twice_is_harmless():
     assert _scattermoe_classes(model) == classes == {"ScatterMoEMixtralExperts"}
 
 
+@pytest.mark.interpreter  # Triton on CPU tensors: with CUDA present the interpreter is off, and this skips
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_experts_implementation_scattermoe(family, tmp_path, monkeypatch):
     """register_experts_implementation(): transformers' own switch, experts_implementation="scattermoe"."""
