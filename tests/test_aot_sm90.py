@@ -9,6 +9,7 @@ would still run, only slowly; this catches it before a GPU is at hand.
 import pytest
 
 from scattermoe.backends.triton import aot
+from scattermoe.backends.triton.config import is_decode_config
 
 FLAG_SETS = {
     "scatter2scatter": [
@@ -47,7 +48,8 @@ def reports():
 def test_compiles_to_pipelined_wgmma_without_spills(reports, case):
     report = reports[case]
     assert (report.kernel, report.config) == CASES[case][:2]
-    assert report.wgmma, f"dot did not lower to wgmma: {report}"
+    if not is_decode_config(report.config):  # 16-row decode tiles use mma.sync: wgmma needs 64 rows
+        assert report.wgmma, f"dot did not lower to wgmma: {report}"
     assert report.pipelined, f"loads are not pipelined with cp.async: {report}"
     assert report.shared_bytes <= aot.H100_SHARED_BYTES, f"shared memory over the H100 limit: {report}"
     assert report.stack_bytes == 0 and report.local_bytes == 0, f"registers spill: {report}"

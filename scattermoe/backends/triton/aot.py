@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .config import _SPACES
+from .config import gpu_space
 from .group_bwd_w import _group_bwd_w_kernel
 from .scatter2scatter import _scatter2scatter_glu_kernel, _scatter2scatter_kernel
 
@@ -96,7 +96,7 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
 
 def autotune_space(kernel: str) -> list:
     """The GPU autotune space of a kernel (what runs on the H100), whatever this process's mode."""
-    return list(_SPACES[kernel])
+    return gpu_space(kernel)
 
 
 def compile_in_subprocess(cases: list) -> list:

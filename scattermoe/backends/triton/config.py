@@ -46,20 +46,61 @@ _SPACES = {
         (128, 128, 128, 8, 3),
     ],
 }
+# Decode (few routed rows) is bound by reading the weights, so what counts is enough programs to
+# keep every SM streaming them: 16-row tiles (mma.sync: wgmma needs 64 rows per warpgroup) and
+# narrow columns. JetMoE at T=1, k=2: the second GEMM gets 2 x cdiv(2048, 32) = 128 programs
+# instead of 2 x 16 with 128-column tiles, the GLU first GEMM 2 x 176 instead of 2 x 88.
+# They join the autotune space only for row counts up to DECODE_MAX_ROWS (prune_by_rows).
+_DECODE_SPACES = {
+    "scatter2scatter": [
+        (16, 32, 128, 4, 4),
+        (16, 64, 128, 4, 4),
+    ],
+    "scatter2scatter_glu": [
+        (16, 32, 128, 4, 4),
+    ],
+    "group_bwd_w": [],
+}
+DECODE_MAX_ROWS = 256
 _INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
+
+
+def gpu_space(kernel: str) -> list:
+    """Every (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the GPU autotuner may pick for a kernel."""
+    return list(_SPACES[kernel]) + list(_DECODE_SPACES[kernel])
+
+
+def is_decode_config(config: tuple) -> bool:
+    return any(config in space for space in _DECODE_SPACES.values())
+
+
+def _as_tuple(config: "triton.Config") -> tuple:
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)
+
+
+def prune_by_rows(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune pruning: the decode configs only for up to DECODE_MAX_ROWS routed rows (M_BUCKET)."""
+    rows = named_args.get("M_BUCKET", kwargs.get("M_BUCKET"))
+    if rows is None or rows <= DECODE_MAX_ROWS:
+        return configs
+    kept = [c for c in configs if not is_decode_config(_as_tuple(c))]
+    return kept or configs
 
 
 def autotune_configs(kernel: str) -> list:
     if INTERPRET:
         space = [_INTERPRETER_CONFIG]
     elif AUTOTUNE:
-        space = _SPACES[kernel]
+        space = gpu_space(kernel)
     else:
         space = _SPACES[kernel][:1]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in space
-    ]
+    return [make_config(c) for c in space]
+
+
+def make_config(config: tuple) -> "triton.Config":
+    m, n, k, w, s = config
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
 
 
 def input_precision(dtype: torch.dtype) -> str:

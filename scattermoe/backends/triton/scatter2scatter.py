@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import autotune_configs, input_precision, num_row_tiles_bound, pow2_bucket
+from .config import autotune_configs, input_precision, num_row_tiles_bound, pow2_bucket, prune_by_rows
 
 
 @triton.jit
@@ -137,9 +137,11 @@ def _scatter2scatter(
 
 # One jit function, two autotuned launchers: a GLU program holds two accumulators, so it gets narrower tiles.
 _scatter2scatter_kernel = triton.autotune(
-    configs=autotune_configs("scatter2scatter"), key=["K_IN", "N_OUT", "M_BUCKET"])(_scatter2scatter)
+    configs=autotune_configs("scatter2scatter"), key=["K_IN", "N_OUT", "M_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
 _scatter2scatter_glu_kernel = triton.autotune(
-    configs=autotune_configs("scatter2scatter_glu"), key=["K_IN", "N_OUT", "M_BUCKET"])(_scatter2scatter)
+    configs=autotune_configs("scatter2scatter_glu"), key=["K_IN", "N_OUT", "M_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
 
 
 def scatter2scatter(

@@ -1,0 +1,107 @@
+"""Every config of the GPU autotune space computes the right result, not only the default one.
+
+The GPU tests pin each kernel's default config (conftest: SCATTERMOE_AUTOTUNE=0), and the CPU tests
+run the interpreter's one small config, so without this file the other configs the autotuner may
+pick on an H100 (the decode tiles among them) would meet a correctness check only in the
+benchmark. Each config is forced onto its kernel in turn and the launcher is checked against the
+float64 reference at shapes that are not multiples of any block (so every mask matters), with an
+empty expert and k=2. Interpreter (float32) on the CPU; compiled, in float16, on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from helpers import TOL, assert_close, make_expert_idxs
+
+import reference
+import scattermoe
+from scattermoe.backends import triton as triton_backend
+from scattermoe.backends.triton import config as config_mod
+
+# The modules, not the launchers of the same names that the package exports.
+s2s_module = importlib.import_module("scattermoe.backends.triton.scatter2scatter")
+gbw_module = importlib.import_module("scattermoe.backends.triton.group_bwd_w")
+
+KERNELS = {
+    "scatter2scatter": lambda: s2s_module._scatter2scatter_kernel,
+    "scatter2scatter_glu": lambda: s2s_module._scatter2scatter_glu_kernel,
+    "group_bwd_w": lambda: gbw_module._group_bwd_w_kernel,
+}
+CASES = [(kernel, cfg) for kernel in KERNELS for cfg in config_mod.gpu_space(kernel)]
+T, E, K, D, F = 37, 5, 2, 40, 72  # N = 74 routed rows; expert 4 gets none
+
+
+@pytest.fixture
+def device_dtype():
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    if not config_mod.INTERPRET:
+        pytest.skip("needs a GPU or the Triton interpreter (TRITON_INTERPRET=1)")
+    return "cpu", torch.float32
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """force(kernel, cfg): that autotuned kernel runs exactly cfg (no tuning, no cached choice)."""
+    def force(kernel: str, cfg: tuple) -> None:
+        monkeypatch.setattr(KERNELS[kernel](), "configs", [config_mod.make_config(cfg)])
+    return force
+
+
+def _routing(device):
+    idx = make_expert_idxs(T, E, K, "random", device=device)
+    return scattermoe.flatten_sort_count(idx, num_experts=E)
+
+
+@pytest.mark.parametrize("kernel,cfg", CASES, ids=[f"{k}-{'x'.join(map(str, c))}" for k, c in CASES])
+def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device_dtype):
+    device, dtype = device_dtype
+    torch.manual_seed(hash(cfg) % 2**31)
+    forced(kernel, cfg)
+    sorted_expert, scattered, offsets = _routing(device)
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    tol = TOL[dtype]
+    if kernel == "scatter2scatter":  # tokens gathered, gate-scaled and scattered to slots, with bias
+        w = (torch.randn(E, D, F, device=device) / D**0.5).to(dtype)
+        b = torch.randn(E, F, device=device, dtype=dtype)
+        gates = torch.rand(T * K, device=device)
+        out = torch.full((T * K, F), float("nan"), device=device, dtype=dtype)
+        y = triton_backend.scatter2scatter(x, w, b, scattered, offsets, K, False, False, row_scale=gates, out=out)
+        ref = reference.parallel_linear(x.double().cpu(), w.double().cpu(), K, sorted_expert.cpu(), scattered.cpu(),
+                                        offsets.cpu(), b.double().cpu(), None, False, False)
+        assert_close(y, ref * gates.double().cpu()[:, None], tol, "y")
+    elif kernel == "scatter2scatter_glu":  # the fused first MoE GEMM, pre-activation kept
+        w = (torch.randn(E, D, 2 * F, device=device) / D**0.5).to(dtype)
+        pre = torch.full((T * K, 2 * F), float("nan"), device=device, dtype=dtype)
+        g = triton_backend.scatter2scatter(x, w, None, scattered, offsets, K, False, True, glu=1, pre_activation=pre)
+        h = reference.parallel_linear(x.double().cpu(), w.double().cpu(), K, sorted_expert.cpu(), scattered.cpu(),
+                                      offsets.cpu(), None, None, False, True)
+        assert_close(pre, h, tol, "pre-activation")
+        assert_close(g, reference.glu(h, torch.nn.functional.silu, True), tol, "glu")
+    else:  # dW of the first GEMM: tokens gathered, dY grouped, with db
+        dy = torch.randn(T * K, F, device=device, dtype=dtype)
+        like = torch.empty(E, D, F, device=device, dtype=dtype)
+        dw, db = triton_backend.group_bwd_w(x, dy, scattered, offsets, like, K, 1, False, True, None, True)
+        xs = x.double().cpu()[scattered.cpu() // K]
+        want_dw = torch.zeros(E, D, F, dtype=torch.float64)
+        want_db = torch.zeros(E, F, dtype=torch.float64)
+        for e in range(E):
+            rows = (sorted_expert.cpu() == e).nonzero().view(-1)
+            want_dw[e] = xs[rows].t() @ dy.double().cpu()[rows]
+            want_db[e] = dy.double().cpu()[rows].sum(0)
+        assert_close(dw, want_dw, tol, "dW")
+        assert_close(db, want_db, tol, "db")
+
+
+def test_decode_configs_are_pruned_above_the_decode_row_count():
+    configs = [config_mod.make_config(c) for c in config_mod.gpu_space("scatter2scatter")]
+    decode = [c for c in configs if config_mod.is_decode_config(config_mod._as_tuple(c))]
+    assert decode, "the scatter2scatter space has decode configs"
+    small = config_mod.prune_by_rows(configs, {"M_BUCKET": 2})
+    large = config_mod.prune_by_rows(configs, {"M_BUCKET": 32768})
+    assert small == configs
+    assert large and not any(c in large for c in decode) and len(large) == len(configs) - len(decode)
+    assert config_mod.prune_by_rows(decode, {"M_BUCKET": 32768}) == decode  # never an empty space
