@@ -142,9 +142,12 @@ class Timer:
         self.sync()
         peak = torch.cuda.max_memory_allocated(self.device)
         held = torch.cuda.memory_allocated(self.device) - base
+        # A call that returns nothing (a timed backward) keeps no result: what it frees (the forward's
+        # saved activations) would read as a negative "held", so there is no held figure for it.
+        held_gb = held / 1e9 if out is not None else None
         del out
         prepare(0)
-        return {"peak_mem_gb": peak / 1e9, "extra_gb": (peak - base) / 1e9, "held_gb": held / 1e9}
+        return {"peak_mem_gb": peak / 1e9, "extra_gb": (peak - base) / 1e9, "held_gb": held_gb}
 
 
 # ---------------------------------------------------------------- environment

@@ -134,7 +134,7 @@ def memory_table(rows: List[Dict], tokens: int = HEADLINE_T) -> str:
     for r in rows:
         if r["tokens"] == tokens and r["routing"] == "uniform" and r.get("peak_mem_gb") is not None:
             body.append([r["case"], r["impl"], f"{r['peak_mem_gb']:.2f}", f"{r.get('extra_gb') or 0:.2f}",
-                         f"{r.get('held_gb') or 0:.2f}"])
+                         f"{r['held_gb']:.2f}" if r.get("held_gb") is not None else "—"])
     return markdown_table(["case", "impl", "peak GB", "extra GB", "held GB"], body, ["l", "l", "r", "r", "r"])
 
 
