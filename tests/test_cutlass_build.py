@@ -418,3 +418,23 @@ def test_backend_reports_why_it_cannot_run_without_a_driver(built):
     if "CUDA error 35" not in reason:
         pytest.skip(f"this machine has a driver: {reason}")
     assert "cudaErrorInsufficientDriver" in reason
+
+
+def test_gpu_protocol_build_step_prints_the_module_it_built(built):
+    """gpu_check.sh's csrc step: ``python -m bench.csrc_memcheck --build-only`` prints the (cached) module's
+    absolute path and nothing else on stdout; the workload itself refuses, by name, without CUDA."""
+    proc = subprocess.run([sys.executable, "-m", "bench.csrc_memcheck", "--build-only"], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    path = proc.stdout.strip()
+    assert os.path.isabs(path) and os.path.exists(path) and path.endswith(".so"), proc.stdout
+    if not torch_cuda_available():
+        run = subprocess.run([sys.executable, "-m", "bench.csrc_memcheck"], capture_output=True, text=True, cwd=REPO,
+                             timeout=300, env=dict(os.environ, SCATTERMOE_CSRC_MODULE=path))
+        assert run.returncode == 2 and "needs a CUDA device" in run.stdout, (run.returncode, run.stdout, run.stderr)
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
