@@ -17,18 +17,12 @@
 // with one 16-byte store either way.
 #pragma once
 
-#include <cutlass/cutlass.h>
-#include <cute/tensor.hpp>
-#include <cutlass/arch/barrier.h>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/dispatch_policy.hpp>
-#include <cutlass/pipeline/pipeline.hpp>
-
 #include <climits>
 
 #include "scattermoe/check.h"
 #include "scattermoe/cutlass_element.h"
 #include "scattermoe/group_bwd_w.h"
+#include "scattermoe/sm90_cp_async_gemm.h"
 #include "scattermoe/sm90_device.h"
 
 namespace scattermoe {
@@ -40,40 +34,12 @@ using sm90::store_8;
 
 using TileShape = Shape<Int<kGroupBwdWTileM>, Int<kGroupBwdWTileN>, Int<kGroupBwdWTileK>>;
 
+// CUTLASS's names: A is M x K, ColumnMajor = unit stride along M; B is K x N, RowMajor = along N.
 template <class ElementTag>
-struct GroupBwdW {
+struct GroupBwdW : sm90::CpAsyncGemm<typename CutlassElement<ElementTag>::type, cutlass::layout::ColumnMajor,
+                                     cutlass::layout::RowMajor, TileShape> {
   using Element = typename CutlassElement<ElementTag>::type;
-  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte cp.async
-  // CUTLASS's names: A is M x K, ColumnMajor = unit stride along M; B is K x N, RowMajor = along N.
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      Element, cutlass::layout::ColumnMajor, kAlignment, Element, cutlass::layout::RowMajor, kAlignment, float,
-      TileShape, Shape<_1, _1, _1>,
-      cutlass::gemm::collective::StageCountAutoCarveout<0>,
-      cutlass::gemm::KernelCpAsyncWarpSpecializedCooperative>::CollectiveOp;
-  using TiledMma = typename Mainloop::TiledMma;
-  using Pipeline = typename Mainloop::MainloopPipeline;
-  using PipelineState = typename Mainloop::PipelineState;
-
-  static constexpr int kLoadWarpGroups = 1;
-  static constexpr int kMmaThreads = size(TiledMma{});  // two consumer warpgroups
-  static constexpr int kThreads = kMmaThreads + kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
-
-  static constexpr int kStageLd = kGroupBwdWTileN + 4;  // padded fp32 rows of the staged tile
   static_assert(kGroupBwdWTileM == kGroupBwdWTileN, "the staged tile is stored either way round");
-  struct EpilogueStorage {
-    alignas(16) float acc[kGroupBwdWTileM * kStageLd];
-  };
-  struct SharedStorage {
-    union {  // the mainloop's stages, then the epilogue tile
-      typename Mainloop::TensorStorage tensors;
-      EpilogueStorage epilogue;
-    };
-    alignas(16) typename Mainloop::PipelineStorage pipeline;
-  };
-  static_assert(sizeof(EpilogueStorage) <= sizeof(typename Mainloop::TensorStorage),
-                "the epilogue tile must fit in the pipeline stages it reuses");
-  static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
 };
 
 template <class G, class Offset>
@@ -101,13 +67,8 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
   const int m0 = (m_fastest ? tile % tiles_m : tile / tiles_n) * kBM;
   const int n0 = (m_fastest ? tile / tiles_m : tile % tiles_n) * kBN;
 
-  const int warp_group = cutlass::canonical_warp_group_idx();
-  const bool producer = warp_group < G::kLoadWarpGroups;
-  typename G::Pipeline::Params pipeline_params;
-  pipeline_params.role = producer ? G::Pipeline::ThreadCategory::Producer : G::Pipeline::ThreadCategory::Consumer;
-  pipeline_params.producer_arv_count = G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
-  pipeline_params.consumer_arv_count = G::kMmaThreads;
-  typename G::Pipeline pipeline(shared.pipeline, pipeline_params);
+  const bool producer = cutlass::canonical_warp_group_idx() < G::kLoadWarpGroups;
+  auto pipeline = G::make_pipeline(shared, producer);
   __syncthreads();  // barriers initialised before anyone waits on them
 
   if (producer) {
@@ -158,34 +119,13 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
     return;
   }
 
+  // Consumers (an empty expert's acc is zero), then the tile staged, transposed when dW is
+  // unit-stride along K_in, so that the stores below run along the unit stride either way.
   const int mma_thread = static_cast<int>(threadIdx.x) - G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
-  typename G::TiledMma tiled_mma;
-  auto blk = TileShape{};
-  Tensor acc = partition_fragment_C(tiled_mma, take<0, 2>(blk));
-  if (k_tiles > 0) {  // the collective needs at least one k tile; an empty expert's dW is zero
-    typename G::Mainloop mainloop;
-    typename G::Mainloop::Params mainloop_params{};
-    typename G::PipelineState read_state;
-    mainloop.mma(pipeline, read_state, acc, k_tiles, mma_thread, shared.tensors, mainloop_params);
-    mainloop.mma_tail(pipeline, read_state, k_tiles);
-  } else {
-    clear(acc);
-  }
-
-  // Stage the tile (transposed when dW is unit-stride along K_in), then 16-byte stores along the unit stride.
+  Tensor acc = partition_fragment_C(typename G::TiledMma{}, take<0, 2>(TileShape{}));
+  G::mma(pipeline, acc, k_tiles, mma_thread, shared);
   const bool along_m = p.stride_dwk == 1;
-  using EpilogueBarrier = cutlass::arch::NamedBarrier;
-  constexpr uint32_t kEpilogueBarrierId = 0;  // the first user barrier id (NamedBarrier skips CUTLASS's)
-  EpilogueBarrier::sync(G::kMmaThreads, kEpilogueBarrierId);  // both warpgroups done reading the stages
-  float* staged = shared.epilogue.acc;
-  auto thr_mma = tiled_mma.get_thread_slice(mma_thread);
-  Tensor coords = thr_mma.partition_C(make_identity_tensor(take<0, 2>(blk)));
-  CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < size(acc); ++i) {
-    const int m = get<0>(coords(i)), n = get<1>(coords(i));
-    staged[along_m ? n * G::kStageLd + m : m * G::kStageLd + n] = acc(i);
-  }
-  EpilogueBarrier::sync(G::kMmaThreads, kEpilogueBarrierId);
+  const float* staged = G::stage(shared, acc, mma_thread, /*transposed=*/along_m);
 
   auto* dw = static_cast<Element*>(p.dw) + static_cast<int64_t>(expert) * p.stride_dwe;
   constexpr int kChunksPerLine = kBN / 8;  // 16 (kBM == kBN)

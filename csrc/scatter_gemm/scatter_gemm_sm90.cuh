@@ -25,18 +25,13 @@
 // Included by one .cu file per (dtype, W layout), so the instantiations compile in parallel.
 #pragma once
 
-#include <cutlass/cutlass.h>
-#include <cute/tensor.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/dispatch_policy.hpp>
-#include <cutlass/pipeline/pipeline.hpp>
-
 #include <climits>
 #include <type_traits>
 
 #include "scattermoe/check.h"
 #include "scattermoe/cutlass_element.h"
 #include "scattermoe/scatter_gemm.h"
+#include "scattermoe/sm90_cp_async_gemm.h"
 #include "scattermoe/sm90_device.h"
 
 namespace scattermoe {
@@ -48,52 +43,21 @@ using sm90::store_8;
 
 using TileShape = Shape<Int<kScatterGemmTileM>, Int<kScatterGemmTileN>, Int<kScatterGemmTileK>>;
 
+// Which expert and rows a CTA's row tile holds, found once by thread 0 and kept in shared memory.
+struct TileInfo {
+  int64_t row_start;
+  int64_t row_end;
+  int expert;
+};
+
+// CUTLASS names B's layout as a K x N matrix: ColumnMajor = unit stride along K.
 template <class ElementTag, bool WKMajor>
-struct ScatterGemm {
+struct ScatterGemm
+    : sm90::CpAsyncGemm<typename CutlassElement<ElementTag>::type, cutlass::layout::RowMajor,
+                        std::conditional_t<WKMajor, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>,
+                        TileShape, 256 /* room for TileInfo */, TileInfo> {
   using Element = typename CutlassElement<ElementTag>::type;
   static constexpr bool kWKMajor = WKMajor;
-  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte cp.async
-  // CUTLASS names B's layout as a K x N matrix: ColumnMajor = unit stride along K.
-  using LayoutB = std::conditional_t<WKMajor, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
-
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      Element, cutlass::layout::RowMajor, kAlignment, Element, LayoutB, kAlignment, float,
-      TileShape, Shape<_1, _1, _1>,
-      cutlass::gemm::collective::StageCountAutoCarveout<256>,  // room for TileInfo below
-      cutlass::gemm::KernelCpAsyncWarpSpecializedCooperative>::CollectiveOp;
-  using TiledMma = typename Mainloop::TiledMma;
-  using Pipeline = typename Mainloop::MainloopPipeline;
-  using PipelineState = typename Mainloop::PipelineState;
-
-  static constexpr int kLoadWarpGroups = 1;
-  static constexpr int kMmaThreads = size(TiledMma{});  // two consumer warpgroups
-  static constexpr int kThreads = kMmaThreads + kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
-
-  struct TileInfo {
-    int64_t row_start;
-    int64_t row_end;
-    int expert;
-  };
-
-  // The accumulator tile in fp32, padded so that 16 threads reading 16-byte chunks of two rows
-  // spread over the banks.
-  static constexpr int kStageLd = kScatterGemmTileN + 4;
-  struct EpilogueStorage {
-    alignas(16) float acc[kScatterGemmTileM * kStageLd];
-  };
-
-  struct SharedStorage {
-    union {  // the mainloop's stages, then (after every consumer finished reading them) the epilogue tile
-      typename Mainloop::TensorStorage tensors;
-      EpilogueStorage epilogue;
-    };
-    alignas(16) typename Mainloop::PipelineStorage pipeline;
-    TileInfo tile;
-  };
-  static_assert(sizeof(EpilogueStorage) <= sizeof(typename Mainloop::TensorStorage),
-                "the epilogue tile must fit in the pipeline stages it reuses");
-  static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
 };
 
 // Tile column c (0..127) -> W column, and whether it exists. Plain: n0 + c. GLU: the tile holds
@@ -153,19 +117,14 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
     int expert;
     locate_row_tile(static_cast<const Offset*>(p.expert_offsets), p.num_experts, p.num_rows,
                     static_cast<int64_t>(row_tile), row_start, row_end, expert);
-    shared.tile = {row_start, row_end, expert};
+    shared.extra = {row_start, row_end, expert};
   }
   __syncthreads();
-  const auto tile = shared.tile;
+  const auto tile = shared.extra;
   if (tile.expert < 0) return;  // past the last row tile: the whole CTA leaves together
 
-  const int warp_group = cutlass::canonical_warp_group_idx();
-  const bool producer = warp_group < G::kLoadWarpGroups;
-  typename G::Pipeline::Params pipeline_params;
-  pipeline_params.role = producer ? G::Pipeline::ThreadCategory::Producer : G::Pipeline::ThreadCategory::Consumer;
-  pipeline_params.producer_arv_count = G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
-  pipeline_params.consumer_arv_count = G::kMmaThreads;
-  typename G::Pipeline pipeline(shared.pipeline, pipeline_params);
+  const bool producer = cutlass::canonical_warp_group_idx() < G::kLoadWarpGroups;
+  auto pipeline = G::make_pipeline(shared, producer);
   __syncthreads();  // barriers initialised before anyone waits on them
 
   const int64_t rows_here = cute::min(tile.row_end - tile.row_start, int64_t(kScatterGemmTileM));
@@ -254,29 +213,11 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
     return;
   }
 
-  // Consumers: the two warpgroups share the 128 x 128 tile (64 rows each).
+  // Consumers: the two warpgroups share the 128 x 128 tile (64 rows each); then the tile is staged.
   const int mma_thread = static_cast<int>(threadIdx.x) - G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
-  typename G::TiledMma tiled_mma;
-  Tensor acc = partition_fragment_C(tiled_mma, take<0, 2>(blk));                         // (MMA, MMA_M, MMA_N)
-  typename G::Mainloop mainloop;
-  typename G::Mainloop::Params mainloop_params{};
-  typename G::PipelineState read_state;
-  mainloop.mma(pipeline, read_state, acc, k_tiles, mma_thread, shared.tensors, mainloop_params);
-  mainloop.mma_tail(pipeline, read_state, k_tiles);
-
-  // Epilogue. Stage the accumulators: wait until both consumer warpgroups are done reading the
-  // stages (mma_tail waited for this thread's wgmma only), then overwrite them with the fp32 tile.
-  using EpilogueBarrier = cutlass::arch::NamedBarrier;
-  constexpr uint32_t kEpilogueBarrierId = 0;  // the first user barrier id (NamedBarrier skips CUTLASS's)
-  EpilogueBarrier::sync(G::kMmaThreads, kEpilogueBarrierId);
-  float* staged = shared.epilogue.acc;
-  auto thr_mma = tiled_mma.get_thread_slice(mma_thread);
-  Tensor coords = thr_mma.partition_C(make_identity_tensor(take<0, 2>(blk)));             // (m, n) per element
-  CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < size(acc); ++i) {
-    staged[get<0>(coords(i)) * G::kStageLd + get<1>(coords(i))] = acc(i);
-  }
-  EpilogueBarrier::sync(G::kMmaThreads, kEpilogueBarrierId);
+  Tensor acc = partition_fragment_C(typename G::TiledMma{}, take<0, 2>(blk));           // (MMA, MMA_M, MMA_N)
+  G::mma(pipeline, acc, k_tiles, mma_thread, shared);
+  const float* staged = G::stage(shared, acc, mma_thread, /*transposed=*/false);
 
   // Each thread: 8 consecutive output columns of one row; 8 or 16 threads cover a row's tile.
   const bool glu = p.glu != 0;
