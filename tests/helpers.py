@@ -31,6 +31,17 @@ def _diff_summary(out64: torch.Tensor, ref64: torch.Tensor) -> str:
     return f"max abs diff {diff.max().item():.3e}, mean abs diff {diff.mean().item():.3e}"
 
 
+def per_expert_wgrad(xs: torch.Tensor, dys: torch.Tensor, sorted_expert: torch.Tensor, num_experts: int
+                     ) -> torch.Tensor:
+    """[E, K, F] float64: sum over expert e's rows of xs[r]^T dys[r] (rows in expert order; zeros for an
+    expert with none), expert by expert (no [N, K, F] outer products)."""
+    out = torch.zeros(num_experts, xs.size(1), dys.size(1), dtype=torch.float64)
+    for e in sorted_expert.unique().tolist():
+        idx = (sorted_expert == e).nonzero().view(-1)
+        out[e] = xs.double()[idx].t() @ dys.double()[idx]
+    return out
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor, name: str = "output") -> float:
     """||out - ref|| / ||ref|| in float64 (the absolute norm when ref is exactly zero).
 

@@ -222,32 +222,102 @@ def test_module_imports_and_cuda_call_raises_cleanly_without_a_driver(built):
     assert re.match(r"\w+\(.*\) failed", message), f"the message must name the CUDA call: {message}"
 
 
-BAD_ARGUMENTS = """
+# Per entry point: arguments that pass every check (fake addresses: nothing is launched), and for each argument
+# name, a change that breaks it. Every change must raise ValueError with a message that starts with that name.
+BAD_ARGUMENT_CALLS = {
+    "grouped_gemm": (
+        dict(dtype="float16", w_k_major=False, x=4096, stride_xm=64, w=8192, stride_we=64 * 64, stride_w_ld=64,
+             bias=0, stride_be=0, y=16384, stride_ym=64, expert_offsets=32768, offsets_int64=False, num_experts=4,
+             num_rows=10, k_in=64, n_out=64, workspace=65536, workspace_bytes=1 << 20, device=0, sm_count=132,
+             stream=0),
+        {
+            "dtype": dict(dtype="float32"),
+            "k_in": dict(k_in=60, stride_xm=60),
+            "n_out": dict(n_out=100),
+            "stride_xm": dict(stride_xm=72 + 4),
+            "x": dict(x=4096 + 2),
+            "y": dict(y=0),
+            "w": dict(w=8192 + 8),
+            "num_experts": dict(num_experts=0),
+            "num_rows": dict(num_rows=2**31),
+            "workspace_bytes": dict(workspace_bytes=16),
+            "workspace": dict(workspace=65536 + 16),
+            "expert_offsets": dict(expert_offsets=0),
+        },
+    ),
+    "scatter_gemm": (
+        dict(dtype="bfloat16", w_k_major=True, x=4096, stride_xm=64, x_rows=5, w=8192, stride_we=64 * 64,
+             stride_w_ld=64, bias=0, stride_be=0, y=16384, stride_ym=64, y_rows=10, gates=0,
+             sorted_scattered_idxs=24576, expert_offsets=32768, offsets_int64=True, x_grouped=False, y_grouped=False,
+             fan_out=2, num_experts=4, num_rows=10, k_in=64, n_out=64, device=0, stream=0),
+        {
+            "dtype": dict(dtype="float32"),
+            "k_in": dict(k_in=60, stride_xm=60),
+            "n_out": dict(n_out=0),
+            "stride_xm": dict(stride_xm=64 + 4),
+            "stride_w_ld": dict(stride_w_ld=60),
+            "fan_out": dict(fan_out=0),
+            "x_rows": dict(x_rows=4),
+            "y_rows": dict(y_rows=9),
+            "x": dict(x=4096 + 2),
+            "y": dict(y=0),
+            "sorted_scattered_idxs": dict(sorted_scattered_idxs=0),
+            "expert_offsets": dict(expert_offsets=0),
+            "num_experts": dict(num_experts=0),
+            "glu": dict(glu=3),
+            "pre": dict(pre=40960, stride_pm=128),
+            "stride_pm": dict(glu=1, pre=40960, stride_pm=64),
+        },
+    ),
+    "group_bwd_w": (
+        dict(dtype="float16", x=4096, stride_xm=64, x_rows=5, dy=8192, stride_dym=32, dy_rows=10, dw=16384,
+             stride_dwe=64 * 32, stride_dwk=1, stride_dwn=64, sorted_scattered_idxs=24576, expert_offsets=32768,
+             offsets_int64=True, x_grouped=False, dy_grouped=True, x_fan_out=2, dy_fan_out=1, num_experts=4,
+             num_rows=10, k_in=64, n_out=32, device=0, stream=0),
+        {
+            "dtype": dict(dtype="float32"),
+            "k_in": dict(k_in=60, stride_xm=60),
+            "n_out": dict(n_out=36, stride_dym=40),
+            "stride_xm": dict(stride_xm=64 + 4),
+            "stride_dym": dict(stride_dym=16),
+            "stride_dwk": dict(stride_dwk=2),
+            "x_fan_out": dict(x_fan_out=0),
+            "x_rows": dict(x_rows=4),
+            "dy_rows": dict(dy_rows=9),
+            "x": dict(x=4096 + 2),
+            "dy": dict(dy=0),
+            "dw": dict(dw=0),
+            "sorted_scattered_idxs": dict(sorted_scattered_idxs=0),
+            "expert_offsets": dict(expert_offsets=0),
+            "num_experts": dict(num_experts=0),
+            "num_rows": dict(num_rows=2**31),
+        },
+    ),
+    "glu_backward": (
+        dict(dtype="bfloat16", pre=4096, stride_pm=128, dg=8192, stride_dgm=64, scale=0, dh=16384, stride_dhm=128,
+             g=0, stride_gm=0, dot=0, num_rows=10, f=64, activate_first=True, device=0, stream=0),
+        {
+            "dtype": dict(dtype="float32"),
+            "f": dict(f=0),
+            "stride_pm": dict(stride_pm=100),
+            "stride_dgm": dict(stride_dgm=32),
+            "stride_dhm": dict(stride_dhm=64),
+            "stride_gm": dict(g=24576, stride_gm=8),
+            "num_rows": dict(num_rows=2**31),
+            "pre": dict(pre=0),
+        },
+    ),
+}
+
+BAD_ARGUMENTS_SCRIPT = """
 import json
 from scattermoe.backends.cutlass import _extension
 m, _ = _extension.load()
-good = dict(dtype="float16", w_k_major=False, x=4096, stride_xm=64, w=8192, stride_we=64 * 64, stride_w_ld=64,
-            bias=0, stride_be=0, y=16384, stride_ym=64, expert_offsets=32768, offsets_int64=False, num_experts=4,
-            num_rows=10, k_in=64, n_out=64, workspace=65536, workspace_bytes=1 << 20, device=0, sm_count=132,
-            stream=0)
-cases = {
-    "dtype": dict(dtype="float32"),
-    "k_in": dict(k_in=60, stride_xm=60),
-    "n_out": dict(n_out=100),
-    "stride_xm": dict(stride_xm=72 + 4),
-    "x": dict(x=4096 + 2),
-    "y": dict(y=0),
-    "w": dict(w=8192 + 8),
-    "num_experts": dict(num_experts=0),
-    "num_rows": dict(num_rows=2**31),
-    "workspace_bytes": dict(workspace_bytes=16),
-    "workspace": dict(workspace=65536 + 16),
-    "expert_offsets": dict(expert_offsets=0),
-}
+function, good, cases = json.loads(SPEC)
 out = {}
 for name, change in cases.items():
     try:
-        m.grouped_gemm(**{**good, **change})
+        getattr(m, function)(**{**good, **change})
         out[name] = None
     except Exception as e:
         out[name] = [type(e).__name__, str(e)]
@@ -255,111 +325,11 @@ print(json.dumps(out))
 """
 
 
-SCATTER_BAD_ARGUMENTS = """
-import json
-from scattermoe.backends.cutlass import _extension
-m, _ = _extension.load()
-good = dict(dtype="bfloat16", w_k_major=True, x=4096, stride_xm=64, x_rows=5, w=8192, stride_we=64 * 64,
-            stride_w_ld=64, bias=0, stride_be=0, y=16384, stride_ym=64, y_rows=10, gates=0,
-            sorted_scattered_idxs=24576, expert_offsets=32768, offsets_int64=True, x_grouped=False, y_grouped=False,
-            fan_out=2, num_experts=4, num_rows=10, k_in=64, n_out=64, device=0, stream=0)
-cases = {
-    "dtype": dict(dtype="float32"),
-    "k_in": dict(k_in=60, stride_xm=60),
-    "n_out": dict(n_out=0),
-    "stride_xm": dict(stride_xm=64 + 4),
-    "stride_w_ld": dict(stride_w_ld=60),
-    "fan_out": dict(fan_out=0),
-    "x_rows": dict(x_rows=4),
-    "y_rows": dict(y_rows=9),
-    "x": dict(x=4096 + 2),
-    "y": dict(y=0),
-    "sorted_scattered_idxs": dict(sorted_scattered_idxs=0),
-    "expert_offsets": dict(expert_offsets=0),
-    "num_experts": dict(num_experts=0),
-    "glu": dict(glu=3),
-    "pre": dict(pre=40960, stride_pm=128),
-    "stride_pm": dict(glu=1, pre=40960, stride_pm=64),
-}
-out = {}
-for name, change in cases.items():
-    try:
-        m.scatter_gemm(**{**good, **change})
-        out[name] = None
-    except Exception as e:
-        out[name] = [type(e).__name__, str(e)]
-print(json.dumps(out))
-"""
-
-
-WGRAD_BAD_ARGUMENTS = """
-import json
-from scattermoe.backends.cutlass import _extension
-m, _ = _extension.load()
-good = dict(dtype="float16", x=4096, stride_xm=64, x_rows=5, dy=8192, stride_dym=32, dy_rows=10, dw=16384,
-            stride_dwe=64 * 32, stride_dwk=1, stride_dwn=64, sorted_scattered_idxs=24576, expert_offsets=32768,
-            offsets_int64=True, x_grouped=False, dy_grouped=True, x_fan_out=2, dy_fan_out=1, num_experts=4,
-            num_rows=10, k_in=64, n_out=32, device=0, stream=0)
-cases = {
-    "dtype": dict(dtype="float32"),
-    "k_in": dict(k_in=60, stride_xm=60),
-    "n_out": dict(n_out=36, stride_dym=40),
-    "stride_xm": dict(stride_xm=64 + 4),
-    "stride_dym": dict(stride_dym=16),
-    "stride_dwk": dict(stride_dwk=2),
-    "x_fan_out": dict(x_fan_out=0),
-    "x_rows": dict(x_rows=4),
-    "dy_rows": dict(dy_rows=9),
-    "x": dict(x=4096 + 2),
-    "dy": dict(dy=0),
-    "dw": dict(dw=0),
-    "sorted_scattered_idxs": dict(sorted_scattered_idxs=0),
-    "expert_offsets": dict(expert_offsets=0),
-    "num_experts": dict(num_experts=0),
-    "num_rows": dict(num_rows=2**31),
-}
-out = {}
-for name, change in cases.items():
-    try:
-        m.group_bwd_w(**{**good, **change})
-        out[name] = None
-    except Exception as e:
-        out[name] = [type(e).__name__, str(e)]
-print(json.dumps(out))
-"""
-
-
-GLU_BAD_ARGUMENTS = """
-import json
-from scattermoe.backends.cutlass import _extension
-m, _ = _extension.load()
-good = dict(dtype="bfloat16", pre=4096, stride_pm=128, dg=8192, stride_dgm=64, scale=0, dh=16384, stride_dhm=128,
-            g=0, stride_gm=0, dot=0, num_rows=10, f=64, activate_first=True, device=0, stream=0)
-cases = {
-    "dtype": dict(dtype="float32"),
-    "f": dict(f=0),
-    "stride_pm": dict(stride_pm=100),
-    "stride_dgm": dict(stride_dgm=32),
-    "stride_dhm": dict(stride_dhm=64),
-    "stride_gm": dict(g=24576, stride_gm=8),
-    "num_rows": dict(num_rows=2**31),
-    "pre": dict(pre=0),
-}
-out = {}
-for name, change in cases.items():
-    try:
-        m.glu_backward(**{**good, **change})
-        out[name] = None
-    except Exception as e:
-        out[name] = [type(e).__name__, str(e)]
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.parametrize("script", [BAD_ARGUMENTS, SCATTER_BAD_ARGUMENTS, WGRAD_BAD_ARGUMENTS, GLU_BAD_ARGUMENTS],
-                         ids=["grouped_gemm", "scatter_gemm", "group_bwd_w", "glu_backward"])
-def test_bad_arguments_raise_value_error_naming_the_argument(built, script):
-    proc = _run_python(built["module"], script)
+@pytest.mark.parametrize("function", sorted(BAD_ARGUMENT_CALLS))
+def test_bad_arguments_raise_value_error_naming_the_argument(built, function):
+    good, cases = BAD_ARGUMENT_CALLS[function]
+    spec = json.dumps([function, good, cases])
+    proc = _run_python(built["module"], f"SPEC = {spec!r}\n" + BAD_ARGUMENTS_SCRIPT)
     assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, raised in out.items():

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import types
 import zlib
 
 import pytest
 import torch
+from helpers import per_expert_wgrad
 
 import reference
 
@@ -79,24 +81,27 @@ def make_inputs(counts, k_in, n_out, dtype, w_layout, bias, seed):
     return x, w, b
 
 
-def rows_times_experts(rows, w, sorted_expert):
-    """[N, F] float64: row r of ``rows`` [N, K] times w[sorted_expert[r]], expert by expert (never an [N, K, F]
-    gather of the weights: at JetMoE sizes that would be hundreds of GB)."""
-    w = w.double()
-    out = torch.empty(rows.size(0), w.size(-1), dtype=torch.float64)
-    for e in sorted_expert.unique().tolist():
-        idx = (sorted_expert == e).nonzero().view(-1)
-        out[idx] = rows.double()[idx] @ w[e]
-    return out
+def reference_rows(x, w, b, k, sorted_expert, scattered, offsets, grouped_in, grouped_out):
+    """float64 [N, F]: x's rows (grouped, or token slot // k) times w[e] (+ b[e]), placed like the kernel's
+    output (grouped or by slot), by the oracle (expert by expert: no [N, K, F] gather of the weights)."""
+    return reference.parallel_linear(x.double(), w.double(), 1 if grouped_in else k, sorted_expert, scattered,
+                                     offsets, b.double() if b is not None else None, None, grouped_in, grouped_out)
 
 
-def per_expert_wgrad(xs, dys, sorted_expert, num_experts):
-    """[E, K, F] float64: sum over expert e's rows of xs[r]^T dys[r] (rows in expert order)."""
-    out = torch.zeros(num_experts, xs.size(1), dys.size(1), dtype=torch.float64)
-    for e in sorted_expert.unique().tolist():
-        idx = (sorted_expert == e).nonzero().view(-1)
-        out[e] = xs.double()[idx].t() @ dys.double()[idx]
-    return out
+def scatter_case(counts, k_in, w_cols, dtype, w_layout, grouped_in, grouped_out, gated, seed, k=2):
+    """One scatter-GEMM call, k=2 with bias: its CPU inputs, h = the float64 rows placed like the output,
+    and row_gates, the gate of each output row ([N, 1]; None ungated)."""
+    x, w, b = make_inputs(counts, k_in, w_cols, dtype, w_layout, True, seed)
+    sorted_expert, scattered, offsets = routing(counts, "cpu", torch.int64, seed)
+    n = int(sum(counts))
+    g = torch.Generator().manual_seed(seed)
+    x_in = x if grouped_in else torch.randn(n // k, k_in, generator=g).to(dtype)
+    gates = torch.rand(n // k, k, generator=g) if gated else None
+    h = reference_rows(x_in, w, b, k, sorted_expert, scattered, offsets, grouped_in, grouped_out)
+    slots = scattered if grouped_out else torch.arange(n)
+    row_gates = gates.double().reshape(-1)[slots].unsqueeze(1) if gated else None
+    return types.SimpleNamespace(x=x_in, w=w, b=b, scattered=scattered, offsets=offsets, gates=gates, h=h,
+                                 row_gates=row_gates, n=n, k=k)
 
 
 def rel_err(out, ref):
@@ -160,23 +165,12 @@ def test_scatter_gemm_matches_reference(cutlass, counts, k_in, n_out, name, dtyp
     y[r or slot] = (x[r or slot // 2] @ w[e] + b[e]) * gates[slot]. The output is poisoned first."""
     if grouped_in and grouped_out and not gated:
         pytest.skip("grouped in and out without gates is the TMA grouped GEMM (test_grouped_gemm_matches_reference)")
-    k = 2
     seed = zlib.crc32(f"scatter-{name}-{dtype}-{w_layout}-{grouped_in}-{grouped_out}-{gated}".encode())
-    x, w, b = make_inputs(counts, k_in, n_out, dtype, w_layout, True, seed)
-    sorted_expert, scattered, offsets = routing(counts, "cpu", torch.int64, seed)
-    n = int(sum(counts))
-    g = torch.Generator().manual_seed(seed)
-    x_in = x if grouped_in else torch.randn(n // k, k_in, generator=g).to(dtype)
-    gates = torch.rand(n // k, k, generator=g) if gated else None
-    token_or_row = torch.arange(n) if grouped_in else scattered // k
-    per_row = rows_times_experts(x_in.double()[token_or_row], w, sorted_expert) + b.double()[sorted_expert]
-    if gated:
-        per_row *= gates.double().reshape(-1)[scattered].unsqueeze(1)
-    ref = torch.empty(n, n_out, dtype=torch.float64)
-    ref[torch.arange(n) if grouped_out else scattered] = per_row
-    out = torch.full((n, n_out), float("nan"), dtype=dtype, device="cuda")  # poison: every row must be written
-    y = cutlass.scatter2scatter(x_in.cuda(), w.cuda(), b.cuda(), scattered.cuda(), offsets.cuda(), k, grouped_in,
-                                grouped_out, row_scale=gates.cuda() if gated else None, out=out)
+    c = scatter_case(counts, k_in, n_out, dtype, w_layout, grouped_in, grouped_out, gated, seed)
+    ref = c.h * c.row_gates if gated else c.h
+    out = torch.full((c.n, n_out), float("nan"), dtype=dtype, device="cuda")  # poison: every row must be written
+    y = cutlass.scatter2scatter(c.x.cuda(), c.w.cuda(), c.b.cuda(), c.scattered.cuda(), c.offsets.cuda(), c.k,
+                                grouped_in, grouped_out, row_scale=c.gates.cuda() if gated else None, out=out)
     torch.cuda.synchronize()
     err = rel_err(y, ref)
     print(f"\n{name} {dtype} {w_layout} in={grouped_in} out={grouped_out} gated={gated}: rel err {err:.2e}")
@@ -205,35 +199,22 @@ def test_scatter_gemm_glu_matches_reference(cutlass, counts, k_in, half, name, d
     kept pre-activation h, rows placed like y. Outputs poisoned first."""
     if w_layout == "f_major" and half % 8:
         pytest.skip("an F-major W needs F % 8 == 0 (the plan sends it to Triton; test_cutlass_backend checks that)")
-    k = 2
     seed = zlib.crc32(f"glu-{name}-{dtype}-{w_layout}-{grouped_in}-{grouped_out}-{gated}-{glu}".encode())
-    x, w, b = make_inputs(counts, k_in, 2 * half, dtype, w_layout, True, seed)
-    sorted_expert, scattered, offsets = routing(counts, "cpu", torch.int64, seed)
-    n = int(sum(counts))
-    g = torch.Generator().manual_seed(seed)
-    x_in = x if grouped_in else torch.randn(n // k, k_in, generator=g).to(dtype)
-    gates = torch.rand(n // k, k, generator=g) if gated else None
-    token_or_row = torch.arange(n) if grouped_in else scattered // k
-    h = rows_times_experts(x_in.double()[token_or_row], w, sorted_expert) + b.double()[sorted_expert]
-    act = reference.glu(h, torch.nn.functional.silu, glu == 1)
+    c = scatter_case(counts, k_in, 2 * half, dtype, w_layout, grouped_in, grouped_out, gated, seed)
+    ref_y = reference.glu(c.h, torch.nn.functional.silu, glu == 1)
     if gated:
-        act *= gates.double().reshape(-1)[scattered].unsqueeze(1)
-    where = torch.arange(n) if grouped_out else scattered
-    ref_y = torch.empty(n, half, dtype=torch.float64)
-    ref_y[where] = act
-    ref_h = torch.empty(n, 2 * half, dtype=torch.float64)
-    ref_h[where] = h
-    out = torch.full((n, half), float("nan"), dtype=dtype, device="cuda")  # poison: every element must be written
-    pre = torch.full((n, 2 * half), float("nan"), dtype=dtype, device="cuda") if keep_pre else None
-    y = cutlass.scatter2scatter(x_in.cuda(), w.cuda(), b.cuda(), scattered.cuda(), offsets.cuda(), k, grouped_in,
-                                grouped_out, row_scale=gates.cuda() if gated else None, out=out, glu=glu,
-                                pre_activation=pre)
+        ref_y *= c.row_gates
+    out = torch.full((c.n, half), float("nan"), dtype=dtype, device="cuda")  # poison: every element must be written
+    pre = torch.full((c.n, 2 * half), float("nan"), dtype=dtype, device="cuda") if keep_pre else None
+    y = cutlass.scatter2scatter(c.x.cuda(), c.w.cuda(), c.b.cuda(), c.scattered.cuda(), c.offsets.cuda(), c.k,
+                                grouped_in, grouped_out, row_scale=c.gates.cuda() if gated else None, out=out,
+                                glu=glu, pre_activation=pre)
     torch.cuda.synchronize()
     err = rel_err(y, ref_y)
     print(f"\n{name} {dtype} {w_layout} glu={glu} in={grouped_in} out={grouped_out} gated={gated}: rel err {err:.2e}")
     assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
     if keep_pre:
-        assert rel_err(pre, ref_h) < TOLERANCE[dtype]
+        assert rel_err(pre, c.h) < TOLERANCE[dtype]
 
 
 def test_glu_rows_with_odd_strides_take_the_element_store_path(cutlass):
@@ -242,7 +223,7 @@ def test_glu_rows_with_odd_strides_take_the_element_store_path(cutlass):
     counts = [70, 0, 58]
     x, w, b = make_inputs(counts, 128, 2 * 96, torch.bfloat16, "k_major", True, 21)
     sorted_expert, scattered, offsets = routing(counts, "cpu", torch.int64, 21)
-    h = rows_times_experts(x, w, sorted_expert) + b.double()[sorted_expert]
+    h = reference_rows(x, w, b, 1, sorted_expert, scattered, offsets, True, True)
     ref = reference.glu(h, torch.nn.functional.silu, True)
     wide = torch.full((128, 103), float("nan"), dtype=torch.bfloat16, device="cuda")
     out = wide[:, 3:99]  # row stride 103, base 6 bytes past the allocation
@@ -328,20 +309,19 @@ def test_jetmoe_sized_gemms_match_reference(cutlass):
     xd, w1d, w2d, sd, od = x.cuda(), w1.cuda(), w2.cuda(), scattered.cuda(), offsets.cuda()
 
     # 1. GLU first GEMM: gathered tokens -> grouped rows, h kept.
-    h_ref = rows_times_experts(x.double()[scattered // k], w1, sorted_expert)
+    h_ref = reference_rows(x, w1, None, k, sorted_expert, scattered, offsets, False, True)
     g_ref = reference.glu(h_ref, torch.nn.functional.silu, True)
     g_out = torch.full((n, F_), float("nan"), dtype=dt, **cuda)
     pre = torch.full((n, 2 * F_), float("nan"), dtype=dt, **cuda)
     cutlass.scatter2scatter(xd, w1d, None, sd, od, k, False, True, out=g_out, glu=1, pre_activation=pre)
     # 2. Gated second GEMM: grouped rows -> slots, times the gates (the k-way sum is ops.py's).
-    y_rows = rows_times_experts(g_out.double().cpu(), w2, sorted_expert) * gates.double().view(-1)[scattered, None]
-    y_ref = torch.empty(n, D, dtype=torch.float64)
-    y_ref[scattered] = y_rows
+    y_ref = reference_rows(g_out.cpu(), w2, None, k, sorted_expert, scattered, offsets, True, False) \
+        * gates.double().view(-1, 1)  # slot order: row s times gates[s]
     y = torch.full((n, D), float("nan"), dtype=dt, **cuda)
     cutlass.scatter2scatter(g_out, w2d, None, sd, od, 1, True, False, row_scale=gates.cuda(), out=y)
     # 3. dX GEMM of the second projection: dY [T, D] gathered by slot // k, times W2^T (F-major view).
     dy = torch.randn(T, D, generator=g).to(dt)
-    dg_ref = rows_times_experts(dy.double()[scattered // k], w2.transpose(1, 2), sorted_expert)
+    dg_ref = reference_rows(dy, w2.transpose(1, 2), None, k, sorted_expert, scattered, offsets, False, True)
     dg = torch.full((n, F_), float("nan"), dtype=dt, **cuda)
     cutlass.scatter2scatter(dy.cuda(), w2d.transpose(1, 2), None, sd, od, k, False, True, out=dg)
     # 4. dW of the first projection: x gathered, dH grouped (here: the kept pre-activation as a stand-in).
