@@ -55,6 +55,25 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step() { printf '\n===== %s (t=%ss) =====\n' "$1" "$SECONDS"; }
 
+# "$@" on the GPU (the compiled kernels: never the Triton interpreter), stopped after $1 seconds.
+gpu_run() {
+    local seconds="$1"
+    shift
+    env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$seconds" "$@"
+}
+
+# "$@" within what is left of the budget if that is over a minute; LAST_RC: its status, or "skipped".
+run_if_time() {
+    local left=$(( BUDGET - SECONDS ))
+    LAST_RC=skipped
+    if [ "$left" -gt 60 ]; then
+        gpu_run "$left" "$@"
+        LAST_RC=$?
+    else
+        echo "skipped: ${left}s left of the budget"
+    fi
+}
+
 # Build the extension (CUTLASS headers from a carried wheel if need be), export its path, memcheck it.
 csrc_step() {
     if [ -z "${SCATTERMOE_CUTLASS_INCLUDE:-}" ] \
@@ -82,22 +101,19 @@ csrc_step() {
     export SCATTERMOE_CSRC_MODULE="$module"
     echo "csrc: built $module"
     # The caching allocator off: an overrun into a cached block would not be seen by memcheck.
-    local sanitizer log="$OUT/csrc_memcheck.log"
+    local sanitizer log="$OUT/csrc_memcheck.log" checked=0
     sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
     if [ -x "$sanitizer" ]; then
-        env -u TRITON_INTERPRET PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --signal=INT --kill-after=20 180 \
+        gpu_run 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             "$sanitizer" --tool memcheck --error-exitcode 99 "$PY" -m bench.csrc_memcheck 2>&1 | tee "$log"
         MEMCHECK_RC=${PIPESTATUS[0]}
         echo "memcheck exit status: $MEMCHECK_RC (99: memcheck found errors)"
-        if grep -q "Device not supported" "$log"; then
-            # gVisor machines: compute-sanitizer refuses the device (seen 2026-11-04). Not a kernel fault.
-            echo "compute-sanitizer cannot run on this machine; running the workload without it"
-            env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 120 "$PY" -m bench.csrc_memcheck
-            MEMCHECK_RC=$?
-        fi
-    else
-        echo "compute-sanitizer not found; running the workload without it"
-        env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 120 "$PY" -m bench.csrc_memcheck
+        # gVisor machines: compute-sanitizer refuses the device (seen 2026-11-04). Not a kernel fault.
+        grep -q "Device not supported" "$log" || checked=1
+    fi
+    if [ "$checked" -eq 0 ]; then
+        echo "compute-sanitizer cannot run here; running the workload without it"
+        gpu_run 120 "$PY" -m bench.csrc_memcheck
         MEMCHECK_RC=$?
     fi
     if [ "$MEMCHECK_RC" -ne 0 ] && [ "$MEMCHECK_RC" -ne 1 ]; then
@@ -190,8 +206,8 @@ EOF
         if [ "$left" -lt 90 ]; then left=90; fi  # the benchmark is the point of the run: give it a minimum
         # Soft budget under the hard one, so the run ends by itself and writes its files.
         # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
-        env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$left" \
-            "$PY" -m bench --out "$OUT" --time-budget $(( left > 150 ? left - 45 : left * 2 / 3 )) ${BENCH_ARGS:-}
+        gpu_run "$left" "$PY" -m bench --out "$OUT" \
+            --time-budget $(( left > 150 ? left - 45 : left * 2 / 3 )) ${BENCH_ARGS:-}
         BENCH_RC=$?
         [ "$BENCH_RC" -eq 124 ] && echo "benchmark: stopped after ${left}s; files hold the cases finished before"
         echo "benchmark exit status: $BENCH_RC"
@@ -200,27 +216,15 @@ EOF
     E2E_RC=skipped
     if want e2e; then
         step "JetMoE end to end, jetmoe vs transformers"
-        local e2e_left=$(( BUDGET - SECONDS ))
-        if [ "$e2e_left" -gt 60 ]; then
-            env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$e2e_left" \
-                "$PY" -m bench --e2e --out "$OUT"
-            E2E_RC=$?
-        else
-            echo "skipped: ${e2e_left}s left of the budget"
-        fi
+        run_if_time "$PY" -m bench --e2e --out "$OUT"
+        E2E_RC=$LAST_RC
     fi
 
     HF_RC=skipped
     if want hf; then
         step "transformers models, unpatched vs apply_scattermoe (issue 6)"
-        local hf_left=$(( BUDGET - SECONDS ))
-        if [ "$hf_left" -gt 60 ]; then
-            env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "$hf_left" \
-                "$PY" -m bench.bench_hf_patch --quick --out "$OUT/hf_patch.json"
-            HF_RC=$?
-        else
-            echo "skipped: ${hf_left}s left of the budget"
-        fi
+        run_if_time "$PY" -m bench.bench_hf_patch --quick --out "$OUT/hf_patch.json"
+        HF_RC=$LAST_RC
     fi
 
     step "summary"
