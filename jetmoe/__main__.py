@@ -311,6 +311,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    finally:
+        # Under torchrun: leave the process group before the interpreter exits. Gloo's worker threads that are
+        # still alive at interpreter teardown abort the process ("terminate called without an active exception").
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
