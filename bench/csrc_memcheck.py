@@ -5,8 +5,10 @@ run that is clean under memcheck but wrong still fails.
     compute-sanitizer --tool memcheck --error-exitcode 99 python -m bench.csrc_memcheck
 
 Exit status 0: every kernel ran and matched float64 within the bf16 tolerance.
-``--build-only`` builds the extension into build/csrc-cache (cached by source hash) and prints the
-module's path, for gpu_check.sh to export as SCATTERMOE_CSRC_MODULE.
+``--build-only`` prints the path of the extension module, for gpu_check.sh to export as
+SCATTERMOE_CSRC_MODULE: the one in third_party/csrc-prebuilt/ when it was built for these sources
+and this Python (bench/prepare_gpu_carry.sh, run off the GPU machine), else a build into
+build/csrc-cache (cached by source hash).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def _rel(out, ref):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where bench/prepare_gpu_carry.sh leaves modules compiled off the GPU machine.
+PREBUILT = os.environ.get("SCATTERMOE_CSRC_PREBUILT", os.path.join(REPO, "third_party", "csrc-prebuilt"))
 
 
 def build() -> int:
@@ -44,6 +48,11 @@ def build() -> int:
     if missing:
         print("csrc: cannot build: " + "; ".join(missing), file=sys.stderr)
         return 1
+    prebuilt = module.prebuilt_module(PREBUILT)
+    if prebuilt:  # built off the GPU machine for these very sources (bench/prepare_gpu_carry.sh)
+        print(f"csrc: using the prebuilt {prebuilt}", file=sys.stderr)
+        print(prebuilt)
+        return 0
     info = module.cached_build(os.path.join(REPO, "build", "csrc-cache"), verbose=False)
     print(os.path.join(REPO, info["module"]))  # a cache written by a build run from the repo root is relative
     return 0

@@ -8,10 +8,12 @@
 # 2. install:     pip install --no-build-isolation --no-deps --no-index -e .  (torch and triton
 #                 are already there; --no-index keeps pip off the network; SCATTERMOE_BUILD_CUDA=0:
 #                 the csrc step builds the extension);
-# 2b. csrc:       build scattermoe._C for sm_90a into build/csrc-cache (CUTLASS headers from an
-#                 installed nvidia-cutlass, or from third_party/wheels/nvidia_cutlass-*.whl, carried
-#                 along: the GPU image has no internet), export SCATTERMOE_CSRC_MODULE for the
-#                 later steps, then compute-sanitizer memcheck over every csrc kernel
+# 2b. csrc:       scattermoe._C for sm_90a: the one bench/prepare_gpu_carry.sh built off this machine
+#                 into third_party/csrc-prebuilt/ when its key (sources, Python, CUTLASS) matches,
+#                 else a build into build/csrc-cache (CUTLASS headers from an installed
+#                 nvidia-cutlass, or from third_party/wheels/nvidia_cutlass-*.whl, carried along:
+#                 the GPU image has no internet); export SCATTERMOE_CSRC_MODULE for the later
+#                 steps, then compute-sanitizer memcheck over every csrc kernel
 #                 (python -m bench.csrc_memcheck);
 # 3. tests:       python -m pytest tests -q -rs, JUnit XML into OUTDIR/junit.xml;
 # 4. bench:       python -m bench --out OUTDIR, the kernel suite (result .json / .md, .png if

@@ -42,8 +42,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 CSRC = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "scattermoe._C"
@@ -191,6 +192,47 @@ def source_hash(extra: str = "") -> str:
                 with open(path, "rb") as f:
                     h.update(f.read())
     return h.hexdigest()[:16]
+
+
+def cutlass_version() -> Optional[str]:
+    """"major.minor.patch" from the CUTLASS headers' version.h, or None without headers."""
+    include = cutlass_include()
+    if include is None:
+        return None
+    names = ("CUTLASS_MAJOR", "CUTLASS_MINOR", "CUTLASS_PATCH")
+    fields = {}
+    with open(os.path.join(include, "cutlass", "version.h")) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "#define" and parts[1] in names:
+                fields[parts[1]] = parts[2]
+    return ".".join(fields.get(name, "?") for name in names)
+
+
+def prebuilt_key(python: Tuple[int, int] = sys.version_info[:2]) -> str:
+    """Key of a build another machine can reuse: the sources, the Python it is for, the target and
+    the CUTLASS version, but no paths (cached_build's key has the paths of this machine's toolchain)."""
+    return f"{source_hash(extra=f'{GENCODE}|{cutlass_version()}')}-py{python[0]}{python[1]}"
+
+
+def prebuilt_module(root: str) -> Optional[str]:
+    """The module ``prebuild(root)`` wrote for these sources and this Python, if it is there."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    path = os.path.join(root, prebuilt_key(), "scattermoe", "_C" + suffix)
+    return path if os.path.isfile(path) else None
+
+
+def prebuild(root: str) -> Dict:
+    """Build into ``root/<prebuilt_key()>/`` for the Python running this, keeping only the module and
+    build_info.json: for a GPU machine that has the same Python minor version but no time to compile."""
+    out_dir = os.path.join(root, prebuilt_key())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as objects:
+        info = build(out_dir, temp_dir=objects)
+    for name in os.listdir(root):  # a key per source version and Python: drop older sources' builds
+        if name != os.path.basename(out_dir) and name.endswith(out_dir[out_dir.rindex("-"):]):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return info
 
 
 def _run(cmd: List[str], log_path: Optional[str]) -> float:
@@ -358,12 +400,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--cache", default=None,
                         help="build into CACHE/<source hash>/ unless that build exists (what the tests use)")
+    parser.add_argument("--prebuild", metavar="ROOT", default=None,
+                        help="build into ROOT/<sources, Python, CUTLASS key>/ for another machine with this "
+                             "Python minor version (bench/prepare_gpu_carry.sh)")
     parser.add_argument("--check", action="store_true", help="print what is missing and exit 1 if anything is")
     args = parser.parse_args(argv)
     if args.check:
         missing = missing_tools()
         print("csrc build: ready" if not missing else "csrc build: missing " + "; ".join(missing))
         return 1 if missing else 0
+    if args.prebuild:
+        info = prebuild(args.prebuild)
+        print(f"csrc build: {info['module']} (built in {info['wall_seconds']} s)")
+        return 0
     if args.cache:
         info = cached_build(args.cache)
         print(f"csrc build: {info['module']} ({'cached' if info.get('cached') else 'built'} "

@@ -404,6 +404,33 @@ def test_gpu_protocol_build_step_prints_the_module_it_built(built):
         assert run.returncode == 2 and "needs a CUDA device" in run.stdout, (run.returncode, run.stdout, run.stderr)
 
 
+def test_gpu_protocol_build_step_prefers_a_module_prebuilt_for_these_sources(built, tmp_path):
+    """bench/prepare_gpu_carry.sh compiles the module off the GPU machine under a key of the sources, the
+    Python and the CUTLASS version; the csrc step takes it only when the key is this machine's."""
+    build = csrc_build
+    key = build.prebuilt_key()
+    module = os.path.join(REPO, built["module"])
+    assert key.endswith("-py%d%d" % sys.version_info[:2])
+    assert build.prebuilt_key((3, 12)) != build.prebuilt_key((3, 11))
+    name = os.path.basename(module)
+    other = tmp_path / build.prebuilt_key((2, 7)) / "scattermoe" / name  # another Python's: not taken
+    other.parent.mkdir(parents=True)
+    shutil.copy(module, other)
+
+    def build_only():
+        env = dict(os.environ, SCATTERMOE_CSRC_PREBUILT=str(tmp_path))
+        proc = subprocess.run([sys.executable, "-m", "bench.csrc_memcheck", "--build-only"], capture_output=True,
+                              text=True, cwd=REPO, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert build_only() != str(other)
+    mine = tmp_path / key / "scattermoe" / name
+    mine.parent.mkdir(parents=True)
+    shutil.copy(module, mine)
+    assert build_only() == str(mine)
+
+
 def torch_cuda_available() -> bool:
     import torch
 
