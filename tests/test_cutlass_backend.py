@@ -335,6 +335,24 @@ def test_layouts_tma_cannot_take_fall_back(fake_launch, fake_triton):
                                                                        out_odd.t(), 0, None)
 
 
+def test_overlapping_rows_and_unlaid_weights_fall_back_instead_of_failing_in_the_kernel(fake_launch, fake_triton):
+    """What the kernels' own argument checks would refuse with an error must be a fallback reason here: an
+    expanded x (row stride 0) for every GEMM, and for dW a weight with no unit stride along K or F."""
+    x, w, _, route = make_case([8, 8], 32, 64)
+    _, scattered, offsets = route
+    expanded = x[:1].expand(16, 32)
+    assert "x (strides (0, 1))" in dispatch.scatter2scatter_fallback_reason(expanded, w, None, offsets, 16, True, True,
+                                                                           None, None, 0, None)
+    assert isinstance(gg.plan(expanded, w, None, offsets, 16), str)
+    dy = torch.randn(16, 64).to(w.dtype)
+    assert isinstance(wg.plan(x, dy, offsets, w, 16, None, False), wg.GroupBwdWPlan)
+    assert "x (strides" in wg.plan(expanded, dy, offsets, w, 16, None, False)
+    no_unit = torch.randn(2, 32, 128).to(w.dtype)[:, :, ::2]  # strides (4096, 128, 2)
+    assert "no unit stride" in wg.plan(x, dy, offsets, no_unit, 16, None, False)
+    dw, _ = cutlass.group_bwd_w(x, dy, scattered, offsets, no_unit, 1, 1, True, True)
+    assert dw == "triton-dw" and not fake_launch
+
+
 def test_misaligned_bias_is_copied_not_refused():
     bias = torch.randn(3 * 64 + 1).to(torch.bfloat16)[1:].view(3, 64)
     fixed = gg._bias_for_kernel(bias)

@@ -45,6 +45,12 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % ALIGN_BYTES == 0
 
 
+def rows_ok(t: torch.Tensor) -> bool:
+    """[rows, cols] row-major, rows 16-byte aligned and not overlapping (an expanded x has row stride 0):
+    what cp.async and TMA take, and what the kernels' own argument checks require."""
+    return t.stride(-1) == 1 and t.stride(0) % ALIGN_ELEMENTS == 0 and t.stride(0) >= t.size(-1) and _aligned(t)
+
+
 def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_offsets: torch.Tensor,
          num_rows: int, out: Optional[torch.Tensor] = None) -> Union[GroupedGemmPlan, str]:
     """A plan, or a string naming why the grouped GEMM cannot take these tensors.
@@ -64,9 +70,9 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
         return f"{num_rows} rows: CUTLASS problem sizes are 32-bit"
     if k_in % ALIGN_ELEMENTS or n_out % ALIGN_ELEMENTS:
         return f"K={k_in}, F={n_out}: TMA needs feature dims that are multiples of {ALIGN_ELEMENTS}"
-    if x.stride(1) != 1 or x.stride(0) % ALIGN_ELEMENTS or not _aligned(x):
-        return f"x (strides {x.stride()}) is not row-major with 16-byte aligned rows"
-    if out is not None and (out.stride(1) != 1 or out.stride(0) % ALIGN_ELEMENTS or not _aligned(out)):
+    if not rows_ok(x):
+        return f"x (strides {x.stride()}) is not row-major with 16-byte aligned, non-overlapping rows"
+    if out is not None and not rows_ok(out):
         return f"out (strides {out.stride()}) is not row-major with 16-byte aligned rows"
     if w.stride(1) == 1:
         w_k_major, ld = True, w.stride(2)

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 
 from . import _extension
-from .grouped_gemm import ALIGN_BYTES, ALIGN_ELEMENTS, DTYPES, INT32_MAX
+from .grouped_gemm import ALIGN_BYTES, ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +66,8 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
         return f"{num_rows} rows: more than the kernel's 32-bit row count"
     if k_in % ALIGN_ELEMENTS:
         return f"K={k_in}: cp.async copies 16 bytes, so K must be a multiple of {ALIGN_ELEMENTS}"
-    if x.stride(1) != 1 or x.stride(0) % ALIGN_ELEMENTS or x.data_ptr() % ALIGN_BYTES:
-        return f"x (strides {x.stride()}) is not row-major with 16-byte aligned rows"
+    if not rows_ok(x):
+        return f"x (strides {x.stride()}) is not row-major with 16-byte aligned, non-overlapping rows"
     if w.stride(1) == 1:
         w_k_major, ld = True, w.stride(2)
     elif w.stride(2) == 1:

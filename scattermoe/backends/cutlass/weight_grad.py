@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 
 from . import _extension
-from .grouped_gemm import ALIGN_BYTES, ALIGN_ELEMENTS, DTYPES, INT32_MAX
+from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok
 
 ROW_SCALE = "dW with a row scale (gates): not in the csrc kernel"
 BIAS_GRAD = "db (the bias gradient): not in the csrc kernel"
@@ -34,10 +34,6 @@ class GroupBwdWPlan:
     num_rows: int
     k_in: int
     n_out: int
-
-
-def _rows_ok(t: torch.Tensor) -> bool:
-    return t.stride(-1) == 1 and t.stride(0) % ALIGN_ELEMENTS == 0 and t.data_ptr() % ALIGN_BYTES == 0
 
 
 def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_weight: torch.Tensor,
@@ -64,8 +60,10 @@ def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_w
         return f"K={k_in}, F={n_out}: cp.async copies 16 bytes, so both must be multiples of {ALIGN_ELEMENTS}"
     if x.size(-1) != k_in or dy.size(-1) != n_out:
         return f"x [*, {x.size(-1)}] and dy [*, {dy.size(-1)}] do not match the weight [E, {k_in}, {n_out}]"
-    if not _rows_ok(x) or not _rows_ok(dy):
+    if not rows_ok(x) or not rows_ok(dy):
         return f"x (strides {x.stride()}) or dy (strides {dy.stride()}) is not row-major with 16-byte aligned rows"
+    if like_weight.stride(1) != 1 and like_weight.stride(2) != 1:
+        return f"weight strides {like_weight.stride()}: no unit stride along K or F (dW is laid out like the weight)"
     if expert_offsets.dtype not in (torch.int32, torch.int64):
         return f"expert_offsets dtype {expert_offsets.dtype}: expected int32 or int64"
     return GroupBwdWPlan(DTYPES[x.dtype], num_experts, num_rows, k_in, n_out)
