@@ -344,6 +344,9 @@ def test_overlapping_rows_and_unlaid_weights_fall_back_instead_of_failing_in_the
     assert "x (strides (0, 1))" in dispatch.scatter2scatter_fallback_reason(expanded, w, None, offsets, 16, True, True,
                                                                            None, None, 0, None)
     assert isinstance(gg.plan(expanded, w, None, offsets, 16), str)
+    one_column = w[:, :, :1].expand(2, 32, 64)  # row stride 1 along F in a K-major weight: columns overlap
+    assert "overlapping" in dispatch.scatter2scatter_fallback_reason(x, one_column, None, offsets, 16, True, True,
+                                                                     None, None, 0, None)
     dy = torch.randn(16, 64).to(w.dtype)
     assert isinstance(wg.plan(x, dy, offsets, w, 16, None, False), wg.GroupBwdWPlan)
     assert "x (strides" in wg.plan(expanded, dy, offsets, w, 16, None, False)

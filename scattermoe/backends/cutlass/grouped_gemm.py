@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -51,6 +51,23 @@ def rows_ok(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.stride(0) % ALIGN_ELEMENTS == 0 and t.stride(0) >= t.size(-1) and _aligned(t)
 
 
+def weight_layout(w: torch.Tensor) -> Union[Tuple[bool, int, int], str]:
+    """(K-major?, the non-unit stride, the stride between experts or 0) of W [E, K, cols] as the kernels
+    read it (16-byte aligned rows and experts, rows that do not overlap), or why they cannot."""
+    if w.stride(1) == 1:
+        k_major, ld = True, w.stride(2)
+    elif w.stride(2) == 1:
+        k_major, ld = False, w.stride(1)
+    else:
+        return f"w (strides {w.stride()}) has no unit stride along K or F"
+    stride_we = w.stride(0) if w.size(0) > 1 else 0
+    if ld % ALIGN_ELEMENTS or stride_we % ALIGN_ELEMENTS or not _aligned(w):
+        return f"w (strides {w.stride()}) is not 16-byte aligned per row and per expert"
+    if ld < (w.size(1) if k_major else w.size(2)):
+        return f"w (strides {w.stride()}) has overlapping rows (an expanded tensor)"
+    return k_major, ld, stride_we
+
+
 def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_offsets: torch.Tensor,
          num_rows: int, out: Optional[torch.Tensor] = None) -> Union[GroupedGemmPlan, str]:
     """A plan, or a string naming why the grouped GEMM cannot take these tensors.
@@ -74,15 +91,10 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
         return f"x (strides {x.stride()}) is not row-major with 16-byte aligned, non-overlapping rows"
     if out is not None and not rows_ok(out):
         return f"out (strides {out.stride()}) is not row-major with 16-byte aligned rows"
-    if w.stride(1) == 1:
-        w_k_major, ld = True, w.stride(2)
-    elif w.stride(2) == 1:
-        w_k_major, ld = False, w.stride(1)
-    else:
-        return f"w (strides {w.stride()}) has no unit stride along K or F"
-    stride_we = w.stride(0) if num_experts > 1 else 0
-    if ld % ALIGN_ELEMENTS or stride_we % ALIGN_ELEMENTS or not _aligned(w):
-        return f"w (strides {w.stride()}) is not 16-byte aligned per row and per expert"
+    layout = weight_layout(w)
+    if isinstance(layout, str):
+        return layout
+    w_k_major, ld, stride_we = layout
     if expert_offsets.dtype not in (torch.int32, torch.int64):
         return f"expert_offsets dtype {expert_offsets.dtype}: expected int32 or int64"
     return GroupedGemmPlan(DTYPES[x.dtype], w_k_major, stride_we, ld, num_experts, num_rows, k_in, n_out)

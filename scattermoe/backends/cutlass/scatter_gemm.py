@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 
 from . import _extension
-from .grouped_gemm import ALIGN_BYTES, ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok
+from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok, weight_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +68,14 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
         return f"K={k_in}: cp.async copies 16 bytes, so K must be a multiple of {ALIGN_ELEMENTS}"
     if not rows_ok(x):
         return f"x (strides {x.stride()}) is not row-major with 16-byte aligned, non-overlapping rows"
-    if w.stride(1) == 1:
-        w_k_major, ld = True, w.stride(2)
-    elif w.stride(2) == 1:
-        w_k_major, ld = False, w.stride(1)
-        if n_out % ALIGN_ELEMENTS:
-            return f"F={n_out}: an F-major w is copied 16 bytes at a time along F, so F must be a multiple of 8"
-    else:
-        return f"w (strides {w.stride()}) has no unit stride along K or F"
-    stride_we = w.stride(0) if num_experts > 1 else 0
-    if ld % ALIGN_ELEMENTS or stride_we % ALIGN_ELEMENTS or w.data_ptr() % ALIGN_BYTES:
-        return f"w (strides {w.stride()}) is not 16-byte aligned per row and per expert"
+    if w.stride(1) != 1 and w.stride(2) == 1 and n_out % ALIGN_ELEMENTS:
+        return f"F={n_out}: an F-major w is copied 16 bytes at a time along F, so F must be a multiple of 8"
+    layout = weight_layout(w)
+    if isinstance(layout, str):
+        return layout
+    w_k_major, ld, stride_we = layout
+    if out is not None and out.stride(0) < n_out:
+        return f"out (strides {out.stride()}) has overlapping rows (an expanded tensor)"
     if bias is not None and bias.stride(-1) != 1:
         return "bias must have a unit column stride"
     if expert_offsets.dtype not in (torch.int32, torch.int64):
