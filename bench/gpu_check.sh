@@ -21,9 +21,9 @@
 # 5. e2e:         python -m bench --e2e --out OUTDIR (JetMoE vs transformers), if time is left;
 # 6. hf:          python -m bench.bench_hf_patch --quick (transformers models patched), if time is left.
 #
-# GPU_CHECK_STEPS picks steps (default "csrc tests bench e2e hf"); with 15 minutes of device time,
-# run it twice: GPU_CHECK_STEPS="csrc tests e2e hf" then GPU_CHECK_STEPS="csrc bench" (bench/README.md;
-# the second csrc step finds its build cached).
+# GPU_CHECK_STEPS picks steps (default "csrc tests bench e2e hf"). With 15 minutes of device time
+# (the machine's start included): "csrc tests bench" in one call, then "e2e hf" in a short second one,
+# each through bench/device_call.sh (the device tool returns at most 8 files; bench/README.md).
 #
 # A failing step does not stop the later ones. Everything printed is also kept in
 # OUTDIR/gpu_check.log, and OUTDIR/gpu_check_summary.txt holds each step's exit status.
