@@ -15,7 +15,9 @@
 #                 the GPU image has no internet); export SCATTERMOE_CSRC_MODULE for the later
 #                 steps, then compute-sanitizer memcheck over every csrc kernel
 #                 (python -m bench.csrc_memcheck);
-# 3. tests:       python -m pytest tests -q -rs, JUnit XML into OUTDIR/junit.xml;
+# 3. tests:       python -m pytest in four parts, most telling first: -m gpu; tests/test_cutlass_gpu.py;
+#                 tests/test_autotune_configs.py; -m 'not gpu' (the CPU tests, with the time left);
+#                 JUnit XML into OUTDIR/junit_<part>.xml;
 # 4. bench:       python -m bench --out OUTDIR, the kernel suite (result .json / .md, .png if
 #                 matplotlib is there), most important cases first, within the time left;
 # 5. e2e:         python -m bench --e2e --out OUTDIR (JetMoE vs transformers), if time is left;
@@ -33,7 +35,8 @@
 # benchmark gets what is left, as a soft budget (it skips, and records, what it has no time
 # for) inside a hard timeout. BENCH_ARGS adds arguments to python -m bench (e.g. --quick).
 #
-# Exit status: 0 all passed; 1 the tests failed (or errored / timed out / collected nothing);
+# Exit status: 0 all passed; 1 the tests failed (or errored, or a part other than the CPU tests
+# timed out);
 # 2 the tests passed but the kernel or e2e benchmark failed (a scattermoe provider failed its correctness
 # check, errored, or the run timed out); 3 only the install failed (the tests and the
 # benchmark ran from the source tree); 64 usage.
@@ -74,6 +77,26 @@ run_if_time() {
     else
         echo "skipped: ${left}s left of the budget"
     fi
+}
+
+# pytest NAME FLOOR ARGS...: one part of the tests, within what is left of the test budget but given at
+# least FLOOR seconds (0: skipped when under a minute is left); JUnit XML into OUT/junit_NAME.xml.
+# PART_RC: pytest's status, 124 when stopped by the timeout, or "skipped".
+test_part() {
+    local name="$1" floor="$2"
+    shift 2
+    local left=$(( TEST_BUDGET - (SECONDS - TEST_START) ))
+    [ "$left" -lt "$floor" ] && left=$floor
+    if [ "$left" -lt 60 ]; then
+        echo "tests ($name): skipped, ${left}s left of GPU_CHECK_TEST_BUDGET_S"
+        PART_RC=skipped
+        return
+    fi
+    step "tests: $name (at most ${left}s)"
+    gpu_run "$left" "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/junit_$name.xml" "$@"
+    PART_RC=$?
+    [ "$PART_RC" -eq 124 ] && echo "tests ($name): stopped after ${left}s"
+    echo "pytest ($name) exit status: $PART_RC"
 }
 
 # Build the extension (CUTLASS headers from a carried wheel if need be), export its path, memcheck it.
@@ -177,24 +200,23 @@ EOF
 
     TEST_RC=skipped
     CSRC_TEST_RC=skipped
+    AUTOTUNE_TEST_RC=skipped
+    CPU_TEST_RC=skipped
     if want tests; then
-        step "tests"
-        # The never-run csrc kernels get their own process, after the rest: a fault there (an illegal
-        # address poisons the CUDA context) must not take the Triton and JetMoE results with it.
-        local test_start=$SECONDS
-        timeout --signal=INT --kill-after=30 "$TEST_BUDGET" \
-            "$PY" -m pytest tests -q -rs --junitxml="$OUT/junit.xml" -p no:cacheprovider \
-            --ignore=tests/test_cutlass_gpu.py
-        TEST_RC=$?
-        [ "$TEST_RC" -eq 124 ] && echo "tests: stopped after ${TEST_BUDGET}s (GPU_CHECK_TEST_BUDGET_S)"
-        echo "pytest exit status: $TEST_RC"
-        local csrc_left=$(( TEST_BUDGET - (SECONDS - test_start) ))
-        if [ "$csrc_left" -lt 60 ]; then csrc_left=60; fi
-        step "tests of the csrc kernels (tests/test_cutlass_gpu.py)"
-        timeout --signal=INT --kill-after=30 "$csrc_left" \
-            "$PY" -m pytest tests/test_cutlass_gpu.py -q -rs --junitxml="$OUT/junit_cutlass.xml" -p no:cacheprovider
-        CSRC_TEST_RC=$?
-        echo "pytest (csrc) exit status: $CSRC_TEST_RC"
+        # What only this machine can check comes first, within GPU_CHECK_TEST_BUDGET_S: the GPU tests,
+        # then those of the never-run csrc kernels in their own process (a fault there, an illegal
+        # address, poisons the CUDA context and must not take the other results with it), then every
+        # autotune config compiled and checked, then the CPU tests (CI runs those on every commit) with
+        # what is left.
+        TEST_START=$SECONDS
+        test_part gpu 60 tests -m gpu --ignore=tests/test_cutlass_gpu.py
+        TEST_RC=$PART_RC
+        test_part csrc 60 tests/test_cutlass_gpu.py
+        CSRC_TEST_RC=$PART_RC
+        test_part autotune 0 tests/test_autotune_configs.py
+        AUTOTUNE_TEST_RC=$PART_RC
+        test_part cpu 0 tests -m "not gpu" --ignore=tests/test_cutlass_gpu.py --ignore=tests/test_autotune_configs.py
+        CPU_TEST_RC=$PART_RC
     fi
 
     # e2e and hf are short and fixed (~2-3 min together); the kernel suite takes what is left.
@@ -234,8 +256,10 @@ EOF
         echo "install_rc=$INSTALL_RC"
         echo "csrc_build_rc=$CSRC_RC"
         echo "csrc_memcheck_rc=$MEMCHECK_RC"
-        echo "pytest_rc=$TEST_RC"
+        echo "pytest_gpu_rc=$TEST_RC"
         echo "pytest_csrc_rc=$CSRC_TEST_RC"
+        echo "pytest_autotune_rc=$AUTOTUNE_TEST_RC"
+        echo "pytest_cpu_rc=$CPU_TEST_RC"
         echo "bench_rc=$BENCH_RC"
         echo "e2e_rc=$E2E_RC"
         echo "hf_patch_rc=$HF_RC"
@@ -245,6 +269,9 @@ EOF
 
     if [ "$TEST_RC" != 0 ] && [ "$TEST_RC" != skipped ]; then return 1; fi
     if [ "$CSRC_TEST_RC" != 0 ] && [ "$CSRC_TEST_RC" != skipped ]; then return 1; fi
+    if [ "$AUTOTUNE_TEST_RC" != 0 ] && [ "$AUTOTUNE_TEST_RC" != skipped ]; then return 1; fi
+    # The CPU tests run with what time is left (CI runs them all): stopped by the clock is not a failure.
+    if [ "$CPU_TEST_RC" != 0 ] && [ "$CPU_TEST_RC" != skipped ] && [ "$CPU_TEST_RC" != 124 ]; then return 1; fi
     if [ "$MEMCHECK_RC" != 0 ] && [ "$MEMCHECK_RC" != skipped ]; then return 1; fi
     if [ "$BENCH_RC" != 0 ] && [ "$BENCH_RC" != skipped ]; then return 2; fi
     if [ "$E2E_RC" != 0 ] && [ "$E2E_RC" != skipped ]; then return 2; fi
