@@ -291,3 +291,12 @@ def markdown_table(header: List[str], rows: List[List[str]], align: Optional[Lis
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def cutlass_fallbacks() -> Dict[str, int]:
+    """The cutlass backend's per-piece count of calls routed to Triton so far (empty without it)."""
+    try:
+        from scattermoe.backends.cutlass import FALLBACKS
+    except Exception:
+        return {}
+    return dict(FALLBACKS)

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import grouped_mm_moe
-from .harness import Timer, TimingPlan, log
+from .harness import Timer, TimingPlan, cutlass_fallbacks, log
 from .kernels import (Group, Shape, Workload, check, expert_load, first_line, flops, impls_for, make_inputs,
                       weight_bytes)
 
@@ -45,15 +45,6 @@ def setup_grouped_mm(device: torch.device, allow_loop: bool) -> Tuple[Optional[g
     if allow_loop:
         return grouped_mm_moe.grouped_mm_loop, {"impl": "per-expert torch.mm loop (CPU stand-in)", "probe": reason}
     return None, {"impl": None, "probe": reason, "unavailable": reason}
-
-
-def _cutlass_fallbacks() -> Dict[str, int]:
-    """The cutlass backend's per-piece count of calls routed to Triton so far (empty without it)."""
-    try:
-        from scattermoe.backends.cutlass import FALLBACKS
-    except Exception:
-        return {}
-    return dict(FALLBACKS)
 
 
 def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
@@ -124,7 +115,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     row["status"] = f"skipped: time budget ({cfg.time_budget_s:.0f} s) spent"
                     continue
                 log(f"[bench] {group.label:<34} {mode:<8} {impl} ...")
-                fallbacks_before = _cutlass_fallbacks() if impl == "scattermoe_cutlass" else None
+                fallbacks_before = cutlass_fallbacks() if impl == "scattermoe_cutlass" else None
                 try:
                     fn, prepare = work.call(impl, sets, mode)
                     timing = timer.measure(fn, cfg.n_sets, cfg.plan, prepare)
@@ -138,7 +129,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                 row.update(status="ok", ms=ms, first_call_ms=timing["first_call_ms"], **memory, timing=timing)
                 if fallbacks_before is not None:
                     # What of this row ran on Triton, not csrc: the row is only as "cutlass" as this says.
-                    after = _cutlass_fallbacks()
+                    after = cutlass_fallbacks()
                     row["triton_fallbacks"] = sorted(k for k in after if after[k] > fallbacks_before.get(k, 0))
                 if n_flops:
                     row["tflops"] = n_flops / ms / 1e9

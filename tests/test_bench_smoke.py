@@ -175,7 +175,11 @@ def test_e2e_smoke(tmp_path):
     p = _only_json(tmp_path)
     assert p["checks"]["ok"] and p["checks"]["jetmoe_vs_transformers_logits_rel_err"] < 1e-4  # float32
     got = {(r["case"], r["impl"]) for r in p["rows"] if r["status"] == "ok" and r["ms"] is not None}
-    assert got == {(c, i) for c in ("e2e_prefill", "e2e_train_step", "e2e_decode") for i in e2e.IMPLS}
+    timed = [i for i in e2e.IMPLS if i != "jetmoe_scattermoe_cutlass"]  # the csrc kernels need an sm_90 GPU
+    assert got == {(c, i) for c in ("e2e_prefill", "e2e_train_step", "e2e_decode") for i in timed}
+    (cutlass,) = [r for r in p["rows"] if r["impl"] == "jetmoe_scattermoe_cutlass"]
+    assert cutlass["status"].startswith("unavailable: ") and cutlass["ms"] is None, cutlass
+    assert "jetmoe_vs_transformers_logits_rel_err_cutlass" not in p["checks"]  # not checked where it cannot run
 
 
 def test_report_names_the_pieces_cutlass_rows_ran_on_triton():
