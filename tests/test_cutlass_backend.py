@@ -94,9 +94,10 @@ def emulate_scatter_kernel(p: sg.ScatterGemmPlan, x, w, bias, sorted_scattered_i
 
 
 def emulate_wgrad_kernel(p: wg.GroupBwdWPlan, x, dy, sorted_scattered_idxs, expert_offsets, x_fan_out, dy_fan_out,
-                         x_grouped, dy_grouped, dw):
+                         x_grouped, dy_grouped, dw, row_scale=None):
     """The csrc dW kernel's contract (include/scattermoe/group_bwd_w.h) on the plan's integers: every dW[e]
-    written (zeros for an empty expert), offsets clamped to [0, num_rows]."""
+    written (zeros for an empty expert), offsets clamped to [0, num_rows], dY rows scaled by row_scale[slot]
+    and rounded to dY's dtype."""
     start = 0
     for e in range(p.num_experts):
         end = min(max(int(expert_offsets[e]), 0), p.num_rows)
@@ -105,8 +106,10 @@ def emulate_wgrad_kernel(p: wg.GroupBwdWPlan, x, dy, sorted_scattered_idxs, expe
         for r in range(start, end):
             slot = int(sorted_scattered_idxs[r])
             xr = x[r if x_grouped else slot // x_fan_out].double()
-            dyr = dy[r if dy_grouped else slot // dy_fan_out].double()
-            acc += torch.outer(xr, dyr)
+            dyr = dy[r if dy_grouped else slot // dy_fan_out]
+            if row_scale is not None:
+                dyr = (dyr.float() * row_scale[slot].float()).to(dy.dtype)
+            acc += torch.outer(xr, dyr.double())
         dw[e] = acc.to(dw.dtype)
         start = end
     return dw
@@ -364,11 +367,12 @@ def test_misaligned_bias_is_copied_not_refused():
     assert gg._bias_for_kernel(aligned) is aligned
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "row_scale"])
 @pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
-def test_dw_without_scale_or_bias_takes_the_csrc_kernel(fake_launch, fake_triton, x_grouped, dy_grouped, w_layout):
-    """dW[e] = sum over expert e's rows of x[row]^T dy[row], rows gathered by slot // k where not grouped, k=2,
-    an empty expert (zeros), dW strided like the weight; checked expert by expert from the routing."""
+def test_dw_without_bias_takes_the_csrc_kernel(fake_launch, fake_triton, x_grouped, dy_grouped, w_layout, scaled):
+    """dW[e] = sum over expert e's rows of x[row]^T (s_slot dy[row]), rows gathered by slot // k where not grouped,
+    k=2, an empty expert (zeros), dW strided like the weight; checked expert by expert from the routing."""
     k, counts, k_in, n_out = 2, [10, 0, 16, 6], 24, 40
     _, w, _, route = make_case(counts, k_in, n_out, w_layout=w_layout)
     sorted_expert, scattered, offsets = route
@@ -376,12 +380,15 @@ def test_dw_without_scale_or_bias_takes_the_csrc_kernel(fake_launch, fake_triton
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n if x_grouped else n // k, k_in, generator=g).to(w.dtype)
     dy = torch.randn(n if dy_grouped else n // k, n_out, generator=g).to(w.dtype)
-    dw, db = cutlass.group_bwd_w(x, dy, scattered, offsets, w, k, k, x_grouped, dy_grouped)
+    gates = torch.rand(n, generator=g) if scaled else None
+    dw, db = cutlass.group_bwd_w(x, dy, scattered, offsets, w, k, k, x_grouped, dy_grouped, gates)
     assert db is None and not fake_triton
     assert len(fake_launch) == 1 and isinstance(fake_launch[0], wg.GroupBwdWPlan)
     assert dw.shape == w.shape and dw.stride() == w.stride()
     rows = torch.arange(n)
-    xs, dys = x[rows if x_grouped else scattered // k], dy[rows if dy_grouped else scattered // k]
+    xs, dys = x[rows if x_grouped else scattered // k], dy[rows if dy_grouped else scattered // k].double()
+    if scaled:
+        dys = dys * gates.double()[scattered].unsqueeze(1)
     want = per_expert_wgrad(xs, dys, sorted_expert, len(counts))
     assert torch.allclose(dw.double(), want, rtol=2e-2, atol=5e-2), (dw.double() - want).abs().amax((1, 2))
     assert (dw[1] == 0).all()
@@ -391,11 +398,12 @@ def test_backward_pieces_not_in_csrc_go_to_triton(fake_launch, fake_triton):
     _, w, _, route = make_case([4, 4], 16, 24)
     _, scattered, offsets = route
     x, dy = torch.randn(8, 16).to(w.dtype), torch.randn(8, 24).to(w.dtype)
-    gates = torch.rand(8)
-    assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, gates) == ("triton-dw", None)
+    short_gates = torch.rand(7)  # one scale per slot is needed: a shorter one is a reason, not a kernel read
+    assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, short_gates) == ("triton-dw", None)
     assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, None, True) == ("triton-dw", None)
     assert cutlass.glu_backward(x.float(), x.float()[:, :8], True)[0] == "triton-dh"
-    assert dispatch.FALLBACKS[wg.ROW_SCALE] == 1 and dispatch.FALLBACKS[wg.BIAS_GRAD] == 1
+    assert [k for k in dispatch.FALLBACKS if k.startswith("row_scale of shape (7,)")]
+    assert dispatch.FALLBACKS[wg.BIAS_GRAD] == 1
     assert [k for k in dispatch.FALLBACKS if k.startswith("dtype float32")] and not fake_launch
 
 

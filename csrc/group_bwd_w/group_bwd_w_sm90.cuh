@@ -1,5 +1,5 @@
-// Hopper (sm_90a) per-expert weight gradient dW[e] = X_e^T dY_e, the routed rows gathered on load.
-// The contract is in include/scattermoe/group_bwd_w.h.
+// Hopper (sm_90a) per-expert weight gradient dW[e] = X_e^T dY_e, the routed rows gathered on load, dY's
+// rows optionally scaled by the gates (the gated backward). The contract is in include/scattermoe/group_bwd_w.h.
 //
 // The GEMM's M is K_in (X's columns), N is N_out (dY's columns) and its K runs over the expert's
 // rows, so both operands arrive MN-major: a row of X is 128 contiguous M elements of the A tile,
@@ -25,11 +25,16 @@
 #include "scattermoe/sm90_cp_async_gemm.h"
 #include "scattermoe/sm90_device.h"
 
+#include <cute/arch/copy_sm80.hpp>
+#include <cutlass/numeric_conversion.h>
+
 namespace scattermoe {
 namespace sm90_wgrad {
 
 using namespace cute;
 using sm90::cp_async_16;
+using sm90::load_shared_16;
+using sm90::store_shared_16;
 using sm90::store_8;
 
 using TileShape = Shape<Int<kGroupBwdWTileM>, Int<kGroupBwdWTileN>, Int<kGroupBwdWTileK>>;
@@ -90,18 +95,47 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
     const auto* dy = static_cast<const Element*>(p.dy) + (b_col_ok ? n0 + c : 0);
 
     typename G::PipelineState write_state = cutlass::make_producer_start_state<typename G::Pipeline>();
+    // Gated dW (row_scale): cp.async cannot scale what it copies. Each thread instead commits its copies
+    // of a stage as a cp.async group, and kDefer stages later (kDefer + 1 stages of its copies stay in
+    // flight) waits for that group, scales the dY chunks it copied in place, fences those generic-proxy
+    // writes for wgmma (which reads through the async proxy) and only then arrives on the stage's full
+    // barrier. The scales and states of the stages in between shift through registers (static indices).
+    const bool scaled = p.row_scale != nullptr;
+    constexpr int kDefer = 3;
+    static_assert(kDefer < static_cast<int>(G::Pipeline::Stages), "the deferred stages must leave one to fill");
+    float pending_scale[kDefer][kPasses];
+    typename G::PipelineState pending_state[kDefer];
+    auto scale_and_commit = [&](const typename G::PipelineState& state, const float (&scale)[kPasses]) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kPasses; ++i) {
+        const int k = t / kChunks + i * kRowsPerPass;
+        auto* chunk = raw_pointer_cast(&sB(c, k, state.index()));  // the 16 bytes this thread copied
+        cutlass::AlignedArray<Element, kVec> packed;
+        *reinterpret_cast<uint4*>(packed.data()) = load_shared_16(chunk);
+        cutlass::Array<float, kVec> v = cutlass::NumericArrayConverter<float, Element, kVec>{}(packed);
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kVec; ++j) v[j] *= scale[i];
+        static_cast<cutlass::Array<Element, kVec>&>(packed) = cutlass::NumericArrayConverter<Element, float, kVec>{}(v);
+        store_shared_16(chunk, *reinterpret_cast<const uint4*>(packed.data()));
+      }
+      cutlass::arch::fence_view_async_shared();
+      pipeline.producer_commit(state);
+    };
     for (int kt = 0; kt < k_tiles; ++kt) {
       // The routing indices first, so their loads overlap the wait for a free stage.
       int64_t x_row[kPasses], dy_row[kPasses];
       bool ok[kPasses];
+      float scale[kPasses];
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kPasses; ++i) {
         const int64_t row = row_start + static_cast<int64_t>(kt) * kBK + t / kChunks + i * kRowsPerPass;
         ok[i] = row < row_end;
-        const int slot = ok[i] && !(p.x_grouped && p.dy_grouped) ? static_cast<int>(p.sorted_scattered_idxs[row]) : 0;
+        const bool need_slot = ok[i] && (scaled || !(p.x_grouped && p.dy_grouped));
+        const int slot = need_slot ? static_cast<int>(p.sorted_scattered_idxs[row]) : 0;
         // 32-bit division (num_rows < 2^31 is checked): the 64-bit one is a subroutine call
         x_row[i] = !ok[i] ? 0 : (p.x_grouped ? row : slot / p.x_fan_out);
         dy_row[i] = !ok[i] ? 0 : (p.dy_grouped ? row : slot / p.dy_fan_out);
+        scale[i] = scaled && ok[i] ? p.row_scale[slot] : 0.f;
       }
       pipeline.producer_acquire(write_state);
       const int stage = write_state.index();
@@ -112,8 +146,32 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
         cp_async_16(raw_pointer_cast(&sA(c, k, stage)), x + x_row[i] * p.stride_xm, a_ok);
         cp_async_16(raw_pointer_cast(&sB(c, k, stage)), dy + dy_row[i] * p.stride_dym, b_ok);
       }
-      pipeline.producer_commit(write_state, cutlass::arch::cpasync_barrier_arrive);
+      if (!scaled) {
+        pipeline.producer_commit(write_state, cutlass::arch::cpasync_barrier_arrive);
+      } else {
+        cute::cp_async_fence();  // this stage's copies are one group
+        if (kt >= kDefer) {      // the stage copied kDefer iterations ago: its group has landed
+          cute::cp_async_wait<kDefer>();
+          scale_and_commit(pending_state[0], pending_scale[0]);
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int d = 0; d + 1 < kDefer; ++d) {
+          pending_state[d] = pending_state[d + 1];
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < kPasses; ++i) pending_scale[d][i] = pending_scale[d + 1][i];
+        }
+        pending_state[kDefer - 1] = write_state;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kPasses; ++i) pending_scale[kDefer - 1][i] = scale[i];
+      }
       ++write_state;
+    }
+    if (scaled) {  // the last min(k_tiles, kDefer) stages, oldest first: pending[d] is stage k_tiles - kDefer + d
+      cute::cp_async_wait<0>();
+      CUTLASS_PRAGMA_UNROLL
+      for (int d = 0; d < kDefer; ++d) {
+        if (k_tiles - kDefer + d >= 0) scale_and_commit(pending_state[d], pending_scale[d]);
+      }
     }
     pipeline.producer_tail(write_state);  // wait until the consumers released every stage
     return;
@@ -174,8 +232,8 @@ void run(const GroupBwdWParams& p, cudaStream_t stream) {
   }
   SMOE_CHECK(p.dw != nullptr, "dw: expected a device pointer, got nullptr");
   SMOE_CHECK(p.expert_offsets != nullptr, "expert_offsets: expected a device pointer, got nullptr");
-  SMOE_CHECK(p.num_rows == 0 || p.sorted_scattered_idxs != nullptr || (p.x_grouped && p.dy_grouped),
-             "sorted_scattered_idxs: expected a device pointer for gathered rows, got nullptr");
+  SMOE_CHECK(p.num_rows == 0 || p.sorted_scattered_idxs != nullptr || (p.x_grouped && p.dy_grouped && !p.row_scale),
+             "sorted_scattered_idxs: expected a device pointer for gathered rows or a row scale, got nullptr");
 
   DeviceGuard guard(p.device);
   const int64_t tiles = static_cast<int64_t>((p.k_in + kGroupBwdWTileM - 1) / kGroupBwdWTileM) *

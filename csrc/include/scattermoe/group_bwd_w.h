@@ -1,9 +1,11 @@
-// Per-expert weight gradient of the scatter GEMM (group_bwd_w without a row scale or bias):
+// Per-expert weight gradient of the scatter GEMM (group_bwd_w without a bias gradient):
 //
 //   for every expert e with rows [s_e, t_e) in expert order (slot s = sorted_scattered_idxs[r]):
-//     dW[e] = sum_{r in [s_e, t_e)} X[x(r), :]^T dY[dy(r), :]          [K_in, N_out], fp32 accumulation
+//     dW[e] = sum_{r in [s_e, t_e)} X[x(r), :]^T (c(r) dY[dy(r), :])   [K_in, N_out], fp32 accumulation
 //   x(r)  = r if x_grouped  else s / x_fan_out                         (gathered on load, never copied)
 //   dy(r) = r if dy_grouped else s / dy_fan_out
+//   c(r)  = row_scale[s] (the gates), the scaled row rounded to the element type as the Triton
+//           kernel does; 1 without a row_scale
 //
 // An expert with no rows gets dW[e] = 0 (written, not skipped). Expert boundaries come from
 // expert_offsets ON THE DEVICE, clamped to [0, num_rows] like the Triton kernel.
@@ -33,6 +35,7 @@ struct GroupBwdWParams {
   int64_t stride_dwk = 0;
   int64_t stride_dwn = 0;
   const int64_t* sorted_scattered_idxs = nullptr;
+  const float* row_scale = nullptr;       // [N] by slot, or null
   const void* expert_offsets = nullptr;   // [E] cumulative row counts, int32 or int64
   bool offsets_int64 = true;
   bool x_grouped = false;

@@ -9,7 +9,8 @@ prove it exercised the csrc path.
 Covered by csrc now: scatter2scatter, bf16/fp16: grouped in and out without gates or GLU goes
 to the TMA grouped GEMM (grouped_gemm.plan); every other combination (gathered rows, scattered
 rows, gates, the GLU epilogue) to the cp.async scatter GEMM (scatter_gemm.plan).
-group_bwd_w without a row scale or bias gradient goes to the csrc dW kernel (weight_grad.plan),
+group_bwd_w without a bias gradient (with or without a row scale) goes to the csrc dW kernel
+(weight_grad.plan),
 glu_backward to the csrc GLU backward pass (glu_grad.plan).
 """
 
@@ -135,7 +136,7 @@ def group_bwd_w(
             row_scale, with_bias)
     dw = torch.empty_like(like_weight)
     return wgrad.launch(p, x, dy, sorted_scattered_idxs, expert_offsets, x_fan_out, dy_fan_out, x_grouped,
-                        dy_grouped, dw), None
+                        dy_grouped, dw, row_scale), None
 
 
 def glu_backward(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_scale: Optional[torch.Tensor] = None,

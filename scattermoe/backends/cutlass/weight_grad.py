@@ -3,12 +3,13 @@
 Legend: N routed rows (T*k), E experts, K input features, F output features.
 
     for expert e with rows r in [offsets[e-1], offsets[e]) (slot s = sorted_scattered_idxs[r]):
-        dw[e] = sum_r x[r if x_grouped else s // x_fan_out]^T dy[r if dy_grouped else s // dy_fan_out]
+        dw[e] = sum_r x[r if x_grouped else s // x_fan_out]^T (c_s dy[r if dy_grouped else s // dy_fan_out])
+    c_s = row_scale[s] (the gates; the scaled row rounded to dy's dtype, as in Triton), or 1
 
-group_bwd_w without a row scale or a bias gradient: the dW of every ungated GEMM, and of the
-gated second MoE GEMM (``ops.GLUMoE`` hands it the gate-scaled G, so it needs no row scale).
-Both operands are gathered on load; an empty expert gets zeros. ``plan`` decides from host
-metadata alone whether the kernel takes a call; the caller falls back to Triton when it cannot.
+group_bwd_w without a bias gradient: the dW of every GEMM, gated (MoA's and MLP's output
+projections) or not. Both operands are gathered on load; an empty expert gets zeros. ``plan``
+decides from host metadata alone whether the kernel takes a call; the caller falls back to
+Triton when it cannot (the bias gradient, other dtypes, layouts cp.async cannot read).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from . import _extension
 from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok
 
-ROW_SCALE = "dW with a row scale (gates): not in the csrc kernel"
 BIAS_GRAD = "db (the bias gradient): not in the csrc kernel"
 
 
@@ -43,8 +43,8 @@ def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_w
     x [*, K] and dy [*, F] row-major with 16-byte aligned rows (cp.async), K and F multiples of 8;
     like_weight [E, K, F] (dW is allocated like it, so with a unit stride along K or F).
     """
-    if row_scale is not None:
-        return ROW_SCALE
+    if row_scale is not None and (row_scale.dim() != 1 or row_scale.numel() < num_rows):
+        return f"row_scale of shape {tuple(row_scale.shape)}: expected [{num_rows}], one scale per slot"
     if with_bias:
         return BIAS_GRAD
     if x.dtype not in DTYPES:
@@ -71,7 +71,7 @@ def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_w
 
 def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered_idxs: torch.Tensor,
            expert_offsets: torch.Tensor, x_fan_out: int, dy_fan_out: int, x_grouped: bool, dy_grouped: bool,
-           dw: torch.Tensor) -> torch.Tensor:
+           dw: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Enqueue the kernel on the current stream of x's device, writing every element of dw. No host sync."""
     module, error = _extension.load()
     if module is None:
@@ -80,6 +80,7 @@ def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered
         raise ValueError(f"dw: expected a unit stride along K or F, got strides {dw.stride()}")
     idx = sorted_scattered_idxs.to(torch.int64).contiguous()
     offsets = expert_offsets.contiguous()
+    scale = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     module.group_bwd_w(
         dtype=p.dtype, x=x.data_ptr(), stride_xm=x.stride(0), x_rows=x.size(0),
@@ -90,5 +91,6 @@ def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered
         x_fan_out=1 if x_grouped else x_fan_out, dy_fan_out=1 if dy_grouped else dy_fan_out,
         num_experts=p.num_experts, num_rows=p.num_rows, k_in=p.k_in, n_out=p.n_out,
         device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
+        row_scale=scale.data_ptr() if scale is not None else 0,
     )
     return dw
