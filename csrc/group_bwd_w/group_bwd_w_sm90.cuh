@@ -102,7 +102,10 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
     // barrier. The scales and states of the stages in between shift through registers (static indices).
     const bool scaled = p.row_scale != nullptr;
     constexpr int kDefer = 3;
-    static_assert(kDefer < static_cast<int>(G::Pipeline::Stages), "the deferred stages must leave one to fill");
+    // Deadlock freedom: the consumers release stage j once they have waited for stage j + 1 (one wgmma
+    // batch in flight), so the producer's acquire of stage kt needs stage kt - Stages + 1 committed, which
+    // it was at iteration kt - Stages + 1 + kDefer < kt.
+    static_assert(kDefer + 2 <= static_cast<int>(G::Pipeline::Stages), "too few stages for kDefer");
     float pending_scale[kDefer][kPasses];
     typename G::PipelineState pending_state[kDefer];
     auto scale_and_commit = [&](const typename G::PipelineState& state, const float (&scale)[kPasses]) {
