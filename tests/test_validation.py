@@ -227,6 +227,26 @@ def test_use_backend_restores_the_previous_backend_even_when_the_block_raises():
 
 
 @pytest.mark.interpreter
+def test_auto_prefers_cutlass_only_on_gpus_measured_faster(monkeypatch):
+    """'auto' runs bf16/fp16 CUDA calls on the csrc kernels only on a GPU named in CUTLASS_PREFERRED_DEVICES (from
+    committed benchmark results) where the cutlass backend can run; Triton everywhere else."""
+    from types import SimpleNamespace
+
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)  # resolve reads these only
+    monkeypatch.setattr(backends, "_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(backends, "cutlass_unsupported_reason", lambda x: None)
+    with scattermoe.use_backend("auto"):
+        assert backends.resolve(on_gpu) == "triton"  # nothing measured: no device is preferred
+        monkeypatch.setattr(backends, "CUTLASS_PREFERRED_DEVICES", frozenset({"NVIDIA H100 80GB HBM3"}))
+        assert backends.resolve(on_gpu) == "cutlass"
+        assert backends.resolve(SimpleNamespace(device=on_gpu.device, dtype=torch.float32)) == "triton"
+        monkeypatch.setattr(backends, "cutlass_unsupported_reason", lambda x: "the extension is not built")
+        assert backends.resolve(on_gpu) == "triton"
+        monkeypatch.setattr(backends, "cutlass_unsupported_reason", lambda x: None)
+        monkeypatch.setattr(backends, "_device_name", lambda index: "NVIDIA A100-SXM4-80GB")
+        assert backends.resolve(on_gpu) == "triton"
+
+
 def test_auto_resolves_per_dtype_on_the_cpu():
     """DESIGN.md: on the CPU 'auto' is the reference unless TRITON_INTERPRET=1 (set by conftest); the
     interpreter's broken bf16 and float64 (no Triton kernel) go to the reference."""

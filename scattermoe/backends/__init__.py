@@ -3,13 +3,15 @@
 Names: ``auto`` (default), ``triton``, ``cutlass``, ``torch`` (the pure-PyTorch
 reference). Set with ``set_backend(name)``, ``with use_backend(name):`` or the
 ``SCATTERMOE_BACKEND`` environment variable. ``auto`` picks, per call, the
-fastest backend that supports the device and dtype: Triton on CUDA; on the CPU
-the reference, or Triton when ``TRITON_INTERPRET=1`` was set before import.
+fastest backend that supports the device and dtype: Triton on CUDA (the csrc
+kernels instead, for bf16/fp16, on the GPUs in ``CUTLASS_PREFERRED_DEVICES``); on the
+CPU the reference, or Triton when ``TRITON_INTERPRET=1`` was set before import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -111,11 +113,31 @@ def cutlass_unsupported_reason(x: torch.Tensor):
     return unsupported_reason(x)
 
 
+# The GPUs (torch.cuda.get_device_name) on which ``auto`` runs bf16/fp16 on the csrc kernels: those where a
+# committed benchmark result (bench/results/) has scattermoe_cutlass faster than scattermoe_triton on the
+# headline case (GLUMLP forward + backward at the JetMoE-8B shape, T=16384, bf16). None is measured yet.
+CUTLASS_PREFERRED_DEVICES: frozenset = frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _auto_prefers_cutlass(x: torch.Tensor) -> bool:
+    if not CUTLASS_PREFERRED_DEVICES or x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _device_name(index) in CUTLASS_PREFERRED_DEVICES and cutlass_unsupported_reason(x) is None
+
+
 def resolve(x: torch.Tensor) -> str:
     """The concrete backend ('triton', 'cutlass' or 'torch') that runs an op on x now."""
     name = _current
     if name == "auto":
-        return "triton" if triton_unsupported_reason(x) is None else "torch"
+        if triton_unsupported_reason(x) is not None:
+            return "torch"
+        return "cutlass" if _auto_prefers_cutlass(x) else "triton"
     reason = {"triton": triton_unsupported_reason, "cutlass": cutlass_unsupported_reason}.get(name, lambda _: None)(x)
     if reason is not None:
         raise RuntimeError(f"scattermoe backend {name!r} cannot run here: {reason}")
