@@ -113,14 +113,17 @@ def main() -> int:
     ref.index_add_(0, sorted_expert.cpu(), x_tok.double().cpu()[rows].unsqueeze(2) * dy.double().cpu().unsqueeze(1))
     results["group_bwd_w"] = _rel(dw, ref)
 
-    # Gated dW (the row scale applied to dY rows once they land), x gathered, dy gathered from tokens.
+    # Gated dW and db (the row scale applied to dY rows once they land, their column sums), x gathered, dy
+    # gathered from tokens.
     dy_tok = torch.randn(n // k, 200, generator=g).to(dev, dt)
     gates_flat = gates.reshape(-1)
-    dw, _ = cutlass.group_bwd_w(x_tok, dy_tok, scattered, offsets, w, k, k, False, False, gates_flat)
+    dw, db = cutlass.group_bwd_w(x_tok, dy_tok, scattered, offsets, w, k, k, False, False, gates_flat, True)
     scaled = dy_tok.double().cpu()[rows] * gates_flat.double().cpu()[scattered.cpu()].unsqueeze(1)
     ref = torch.zeros(len(counts), 72, 200, dtype=torch.float64)
     ref.index_add_(0, sorted_expert.cpu(), x_tok.double().cpu()[rows].unsqueeze(2) * scaled.unsqueeze(1))
     results["group_bwd_w (row scale)"] = _rel(dw, ref)
+    results["group_bwd_w (db)"] = _rel(db, torch.zeros(len(counts), 200, dtype=torch.float64).index_add_(
+        0, sorted_expert.cpu(), scaled))
 
     # The GLU backward pass: rows of 2F = 80 (F not a multiple of 8 would take the element path; 40 is).
     dg = torch.randn(n, 40, generator=g).to(dev, dt)

@@ -94,15 +94,16 @@ def emulate_scatter_kernel(p: sg.ScatterGemmPlan, x, w, bias, sorted_scattered_i
 
 
 def emulate_wgrad_kernel(p: wg.GroupBwdWPlan, x, dy, sorted_scattered_idxs, expert_offsets, x_fan_out, dy_fan_out,
-                         x_grouped, dy_grouped, dw, row_scale=None):
+                         x_grouped, dy_grouped, dw, row_scale=None, db=None):
     """The csrc dW kernel's contract (include/scattermoe/group_bwd_w.h) on the plan's integers: every dW[e]
-    written (zeros for an empty expert), offsets clamped to [0, num_rows], dY rows scaled by row_scale[slot]
-    and rounded to dY's dtype."""
+    (and db[e]) written (zeros for an empty expert), offsets clamped to [0, num_rows], dY rows scaled by
+    row_scale[slot] and rounded to dY's dtype."""
     start = 0
     for e in range(p.num_experts):
         end = min(max(int(expert_offsets[e]), 0), p.num_rows)
         start = min(start, end)
         acc = torch.zeros(p.k_in, p.n_out, dtype=torch.float64)
+        bias_acc = torch.zeros(p.n_out, dtype=torch.float64)
         for r in range(start, end):
             slot = int(sorted_scattered_idxs[r])
             xr = x[r if x_grouped else slot // x_fan_out].double()
@@ -110,7 +111,10 @@ def emulate_wgrad_kernel(p: wg.GroupBwdWPlan, x, dy, sorted_scattered_idxs, expe
             if row_scale is not None:
                 dyr = (dyr.float() * row_scale[slot].float()).to(dy.dtype)
             acc += torch.outer(xr, dyr.double())
+            bias_acc += dyr.double()
         dw[e] = acc.to(dw.dtype)
+        if db is not None:
+            db[e] = bias_acc.to(db.dtype)
         start = end
     return dw
 
@@ -367,12 +371,14 @@ def test_misaligned_bias_is_copied_not_refused():
     assert gg._bias_for_kernel(aligned) is aligned
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["dw", "dw_db"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "row_scale"])
 @pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
-def test_dw_without_bias_takes_the_csrc_kernel(fake_launch, fake_triton, x_grouped, dy_grouped, w_layout, scaled):
-    """dW[e] = sum over expert e's rows of x[row]^T (s_slot dy[row]), rows gathered by slot // k where not grouped,
-    k=2, an empty expert (zeros), dW strided like the weight; checked expert by expert from the routing."""
+def test_dw_and_db_take_the_csrc_kernel(fake_launch, fake_triton, x_grouped, dy_grouped, w_layout, scaled, with_bias):
+    """dW[e] = sum over expert e's rows of x[row]^T (s_slot dy[row]) and db[e] = sum of s_slot dy[row], rows gathered
+    by slot // k where not grouped, k=2, an empty expert (zeros), dW strided like the weight; checked expert by
+    expert from the routing."""
     k, counts, k_in, n_out = 2, [10, 0, 16, 6], 24, 40
     _, w, _, route = make_case(counts, k_in, n_out, w_layout=w_layout)
     sorted_expert, scattered, offsets = route
@@ -381,8 +387,8 @@ def test_dw_without_bias_takes_the_csrc_kernel(fake_launch, fake_triton, x_group
     x = torch.randn(n if x_grouped else n // k, k_in, generator=g).to(w.dtype)
     dy = torch.randn(n if dy_grouped else n // k, n_out, generator=g).to(w.dtype)
     gates = torch.rand(n, generator=g) if scaled else None
-    dw, db = cutlass.group_bwd_w(x, dy, scattered, offsets, w, k, k, x_grouped, dy_grouped, gates)
-    assert db is None and not fake_triton
+    dw, db = cutlass.group_bwd_w(x, dy, scattered, offsets, w, k, k, x_grouped, dy_grouped, gates, with_bias)
+    assert (db is not None) == with_bias and not fake_triton
     assert len(fake_launch) == 1 and isinstance(fake_launch[0], wg.GroupBwdWPlan)
     assert dw.shape == w.shape and dw.stride() == w.stride()
     rows = torch.arange(n)
@@ -392,18 +398,21 @@ def test_dw_without_bias_takes_the_csrc_kernel(fake_launch, fake_triton, x_group
     want = per_expert_wgrad(xs, dys, sorted_expert, len(counts))
     assert torch.allclose(dw.double(), want, rtol=2e-2, atol=5e-2), (dw.double() - want).abs().amax((1, 2))
     assert (dw[1] == 0).all()
+    if with_bias:
+        want_db = torch.zeros(len(counts), n_out, dtype=torch.float64).index_add_(0, sorted_expert, dys)
+        assert db.shape == (len(counts), n_out) and db.dtype == w.dtype
+        assert torch.allclose(db.double(), want_db, rtol=2e-2, atol=5e-2), (db.double() - want_db).abs().amax(1)
+        assert (db[1] == 0).all()
 
 
-def test_backward_pieces_not_in_csrc_go_to_triton(fake_launch, fake_triton):
+def test_backward_calls_csrc_cannot_take_go_to_triton(fake_launch, fake_triton):
     _, w, _, route = make_case([4, 4], 16, 24)
     _, scattered, offsets = route
     x, dy = torch.randn(8, 16).to(w.dtype), torch.randn(8, 24).to(w.dtype)
     short_gates = torch.rand(7)  # one scale per slot is needed: a shorter one is a reason, not a kernel read
     assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, short_gates) == ("triton-dw", None)
-    assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, None, True) == ("triton-dw", None)
     assert cutlass.glu_backward(x.float(), x.float()[:, :8], True)[0] == "triton-dh"
     assert [k for k in dispatch.FALLBACKS if k.startswith("row_scale of shape (7,)")]
-    assert dispatch.FALLBACKS[wg.BIAS_GRAD] == 1
     assert [k for k in dispatch.FALLBACKS if k.startswith("dtype float32")] and not fake_launch
 
 

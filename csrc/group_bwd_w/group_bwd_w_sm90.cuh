@@ -1,5 +1,6 @@
 // Hopper (sm_90a) per-expert weight gradient dW[e] = X_e^T dY_e, the routed rows gathered on load, dY's
-// rows optionally scaled by the gates (the gated backward). The contract is in include/scattermoe/group_bwd_w.h.
+// rows optionally scaled by the gates (the gated backward), and optionally the bias gradient db[e] (the
+// column sums of the scaled dY_e). The contract is in include/scattermoe/group_bwd_w.h.
 //
 // The GEMM's M is K_in (X's columns), N is N_out (dY's columns) and its K runs over the expert's
 // rows, so both operands arrive MN-major: a row of X is 128 contiguous M elements of the A tile,
@@ -40,9 +41,15 @@ using sm90::store_8;
 using TileShape = Shape<Int<kGroupBwdWTileM>, Int<kGroupBwdWTileN>, Int<kGroupBwdWTileK>>;
 
 // CUTLASS's names: A is M x K, ColumnMajor = unit stride along M; B is K x N, RowMajor = along N.
+// The bias gradient's per-warp partial column sums, from the producer warpgroup's 4 warps.
+struct BiasGradStorage {
+  float partial[cutlass::NumThreadsPerWarpGroup / 32][kGroupBwdWTileN];
+};
+
 template <class ElementTag>
 struct GroupBwdW : sm90::CpAsyncGemm<typename CutlassElement<ElementTag>::type, cutlass::layout::ColumnMajor,
-                                     cutlass::layout::RowMajor, TileShape> {
+                                     cutlass::layout::RowMajor, TileShape, sizeof(BiasGradStorage),
+                                     BiasGradStorage> {
   using Element = typename CutlassElement<ElementTag>::type;
   static_assert(kGroupBwdWTileM == kGroupBwdWTileN, "the staged tile is stored either way round");
 };
@@ -95,12 +102,16 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
     const auto* dy = static_cast<const Element*>(p.dy) + (b_col_ok ? n0 + c : 0);
 
     typename G::PipelineState write_state = cutlass::make_producer_start_state<typename G::Pipeline>();
-    // Gated dW (row_scale): cp.async cannot scale what it copies. Each thread instead commits its copies
-    // of a stage as a cp.async group, and kDefer stages later (kDefer + 1 stages of its copies stay in
-    // flight) waits for that group, scales the dY chunks it copied in place, fences those generic-proxy
-    // writes for wgmma (which reads through the async proxy) and only then arrives on the stage's full
-    // barrier. The scales and states of the stages in between shift through registers (static indices).
+    // Gated dW (row_scale) and the bias gradient (db, in the CTAs of the first K_in tile): cp.async
+    // cannot scale or sum what it copies. Each thread instead commits its copies of a stage as a
+    // cp.async group, and kDefer stages later (kDefer + 1 stages of its copies stay in flight) waits for
+    // that group, scales the dY chunks it copied in place and adds them to its column sums, fences those
+    // generic-proxy writes for wgmma (which reads through the async proxy) and only then arrives on the
+    // stage's full barrier. The scales and states of the stages in between shift through registers.
     const bool scaled = p.row_scale != nullptr;
+    const bool with_db = p.db != nullptr && m0 == 0;
+    const bool deferred = scaled || with_db;
+    float db_sum[kVec] = {};  // this thread's chunk of columns, summed over its rows
     constexpr int kDefer = 3;
     // Deadlock freedom: the consumers release stage j once they have waited for stage j + 1 (one wgmma
     // batch in flight), so the producer's acquire of stage kt needs stage kt - Stages + 1 committed, which
@@ -115,13 +126,21 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
         auto* chunk = raw_pointer_cast(&sB(c, k, state.index()));  // the 16 bytes this thread copied
         cutlass::AlignedArray<Element, kVec> packed;
         *reinterpret_cast<uint4*>(packed.data()) = load_shared_16(chunk);
-        cutlass::Array<float, kVec> v = cutlass::NumericArrayConverter<float, Element, kVec>{}(packed);
-        CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < kVec; ++j) v[j] *= scale[i];
-        static_cast<cutlass::Array<Element, kVec>&>(packed) = cutlass::NumericArrayConverter<Element, float, kVec>{}(v);
-        store_shared_16(chunk, *reinterpret_cast<const uint4*>(packed.data()));
+        if (scaled) {  // the scaled row rounded to Element, as the Triton kernel does (and db sums that)
+          cutlass::Array<float, kVec> v = cutlass::NumericArrayConverter<float, Element, kVec>{}(packed);
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kVec; ++j) v[j] *= scale[i];
+          static_cast<cutlass::Array<Element, kVec>&>(packed) =
+              cutlass::NumericArrayConverter<Element, float, kVec>{}(v);
+          store_shared_16(chunk, *reinterpret_cast<const uint4*>(packed.data()));
+        }
+        if (with_db) {
+          const cutlass::Array<float, kVec> v = cutlass::NumericArrayConverter<float, Element, kVec>{}(packed);
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kVec; ++j) db_sum[j] += v[j];
+        }
       }
-      cutlass::arch::fence_view_async_shared();
+      if (scaled) cutlass::arch::fence_view_async_shared();
       pipeline.producer_commit(state);
     };
     for (int kt = 0; kt < k_tiles; ++kt) {
@@ -133,12 +152,12 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
       for (int i = 0; i < kPasses; ++i) {
         const int64_t row = row_start + static_cast<int64_t>(kt) * kBK + t / kChunks + i * kRowsPerPass;
         ok[i] = row < row_end;
-        const bool need_slot = ok[i] && (scaled || !(p.x_grouped && p.dy_grouped));
+        const bool need_slot = ok[i] && (scaled || !(p.x_grouped && p.dy_grouped));  // db needs none
         const int slot = need_slot ? static_cast<int>(p.sorted_scattered_idxs[row]) : 0;
         // 32-bit division (num_rows < 2^31 is checked): the 64-bit one is a subroutine call
         x_row[i] = !ok[i] ? 0 : (p.x_grouped ? row : slot / p.x_fan_out);
         dy_row[i] = !ok[i] ? 0 : (p.dy_grouped ? row : slot / p.dy_fan_out);
-        scale[i] = scaled && ok[i] ? p.row_scale[slot] : 0.f;
+        scale[i] = !ok[i] ? 0.f : (scaled ? p.row_scale[slot] : 1.f);
       }
       pipeline.producer_acquire(write_state);
       const int stage = write_state.index();
@@ -149,7 +168,7 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
         cp_async_16(raw_pointer_cast(&sA(c, k, stage)), x + x_row[i] * p.stride_xm, a_ok);
         cp_async_16(raw_pointer_cast(&sB(c, k, stage)), dy + dy_row[i] * p.stride_dym, b_ok);
       }
-      if (!scaled) {
+      if (!deferred) {
         pipeline.producer_commit(write_state, cutlass::arch::cpasync_barrier_arrive);
       } else {
         cute::cp_async_fence();  // this stage's copies are one group
@@ -169,11 +188,35 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
       }
       ++write_state;
     }
-    if (scaled) {  // the last min(k_tiles, kDefer) stages, oldest first: pending[d] is stage k_tiles - kDefer + d
+    if (deferred) {  // the last min(k_tiles, kDefer) stages, oldest first: pending[d] is stage k_tiles - kDefer + d
       cute::cp_async_wait<0>();
       CUTLASS_PRAGMA_UNROLL
       for (int d = 0; d < kDefer; ++d) {
         if (k_tiles - kDefer + d >= 0) scale_and_commit(pending_state[d], pending_scale[d]);
+      }
+    }
+    if (with_db) {
+      // db[e, n0 + c + j]: lanes l and l ^ 16 hold the same columns (rows t / 16 differ), then one
+      // partial per warp in shared memory, summed by the first 16 threads (an empty expert writes zeros).
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kVec; ++j) db_sum[j] += __shfl_xor_sync(0xffffffffu, db_sum[j], 16);
+      auto& partial = shared.extra.partial;
+      if (t % 32 < 16) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kVec; ++j) partial[t / 32][c + j] = db_sum[j];
+      }
+      constexpr uint32_t kProducerBarrierId = 1;  // 0 is the consumers' (sm90_cp_async_gemm.h)
+      cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, kProducerBarrierId);
+      if (t < kChunks && n0 + c < p.n_out) {
+        float v[kVec];
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kVec; ++j) {
+          v[j] = 0.f;
+          CUTLASS_PRAGMA_UNROLL
+          for (int w = 0; w < cutlass::NumThreadsPerWarpGroup / 32; ++w) v[j] += partial[w][c + j];
+        }
+        auto* db = static_cast<Element*>(p.db) + static_cast<int64_t>(expert) * p.stride_dbe + n0 + c;
+        store_8(db, v, cute::min(kVec, p.n_out - (n0 + c)));
       }
     }
     pipeline.producer_tail(write_state);  // wait until the consumers released every stage
@@ -208,6 +251,7 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
 template <class ElementTag>
 void run(const GroupBwdWParams& p, cudaStream_t stream) {
   using G = GroupBwdW<ElementTag>;
+  static_assert(G::kSmemBytes <= 232448, "more shared memory than an sm_90 CTA can have");
   constexpr int align = G::kAlignment;
   SMOE_CHECK(p.num_experts >= 1 && p.num_experts <= 65535, "num_experts: expected 1..65535, got ", p.num_experts);
   SMOE_CHECK(p.num_rows >= 0 && p.num_rows <= INT_MAX, "num_rows: expected in [0, 2^31), got ", p.num_rows);
@@ -234,6 +278,8 @@ void run(const GroupBwdWParams& p, cudaStream_t stream) {
                name, ": expected a non-null 16-byte aligned device pointer, got ", ptr);
   }
   SMOE_CHECK(p.dw != nullptr, "dw: expected a device pointer, got nullptr");
+  SMOE_CHECK(p.db == nullptr || p.stride_dbe >= p.n_out, "stride_dbe: expected >= n_out=", p.n_out, ", got ",
+             p.stride_dbe);
   SMOE_CHECK(p.expert_offsets != nullptr, "expert_offsets: expected a device pointer, got nullptr");
   SMOE_CHECK(p.num_rows == 0 || p.sorted_scattered_idxs != nullptr || (p.x_grouped && p.dy_grouped && !p.row_scale),
              "sorted_scattered_idxs: expected a device pointer for gathered rows or a row scale, got nullptr");

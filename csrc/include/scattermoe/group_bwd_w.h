@@ -1,4 +1,4 @@
-// Per-expert weight gradient of the scatter GEMM (group_bwd_w without a bias gradient):
+// Per-expert weight and bias gradients of the scatter GEMM (group_bwd_w):
 //
 //   for every expert e with rows [s_e, t_e) in expert order (slot s = sorted_scattered_idxs[r]):
 //     dW[e] = sum_{r in [s_e, t_e)} X[x(r), :]^T (c(r) dY[dy(r), :])   [K_in, N_out], fp32 accumulation
@@ -6,6 +6,7 @@
 //   dy(r) = r if dy_grouped else s / dy_fan_out
 //   c(r)  = row_scale[s] (the gates), the scaled row rounded to the element type as the Triton
 //           kernel does; 1 without a row_scale
+//   db[e] = sum_{r in [s_e, t_e)} c(r) dY[dy(r), :]                     [N_out], if db is given
 //
 // An expert with no rows gets dW[e] = 0 (written, not skipped). Expert boundaries come from
 // expert_offsets ON THE DEVICE, clamped to [0, num_rows] like the Triton kernel.
@@ -32,6 +33,8 @@ struct GroupBwdWParams {
   int64_t dy_rows = 0;
   void* dw = nullptr;
   int64_t stride_dwe = 0;
+  void* db = nullptr;                     // [E, N_out], unit column stride, or null (no bias gradient)
+  int64_t stride_dbe = 0;
   int64_t stride_dwk = 0;
   int64_t stride_dwn = 0;
   const int64_t* sorted_scattered_idxs = nullptr;

@@ -6,10 +6,10 @@ Importing this package never fails: without the extension, a GPU or a driver,
 
 What runs on csrc now, bf16/fp16: every scatter2scatter call (a ptr-array TMA grouped GEMM
 for grouped, ungated rows; a cp.async scatter GEMM with gather, scatter, gates and the GLU
-epilogue for the rest), group_bwd_w without a bias gradient (gated or not), and the GLU backward
-pass: GLUMLP and MoA run forward and backward on csrc alone. The rest (db, other dtypes, layouts
-cp.async cannot read) falls back to Triton, counted in ``FALLBACKS`` by the reason (see
-dispatch.py and csrc/README.md).
+epilogue for the rest), group_bwd_w (dW and db, gated or not), and the GLU backward pass:
+MLP, GLUMLP, MoA and parallel_linear run forward and backward on csrc alone. What the kernels
+cannot take (other dtypes, layouts cp.async or TMA cannot read) falls back to Triton, counted
+in ``FALLBACKS`` by the reason (see dispatch.py and csrc/README.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ prove it exercised the csrc path.
 Covered by csrc now: scatter2scatter, bf16/fp16: grouped in and out without gates or GLU goes
 to the TMA grouped GEMM (grouped_gemm.plan); every other combination (gathered rows, scattered
 rows, gates, the GLU epilogue) to the cp.async scatter GEMM (scatter_gemm.plan).
-group_bwd_w without a bias gradient (with or without a row scale) goes to the csrc dW kernel
+group_bwd_w (with or without a row scale and a bias gradient) goes to the csrc dW kernel
 (weight_grad.plan),
 glu_backward to the csrc GLU backward pass (glu_grad.plan).
 """
@@ -25,8 +25,7 @@ import torch
 from . import glu_grad, grouped_gemm, scatter_gemm
 from . import weight_grad as wgrad
 
-# Every fallback is counted under its reason: the plans' strings (e.g. wgrad.ROW_SCALE and
-# wgrad.BIAS_GRAD name the dW calls that csrc does not take).
+# Every fallback is counted under its reason: the plans' strings (e.g. "dtype float32: ...").
 
 FALLBACKS: "collections.Counter[str]" = collections.Counter()
 _strict = os.environ.get("SCATTERMOE_CUTLASS_STRICT", "0") not in ("", "0", "false", "False")
@@ -135,8 +134,10 @@ def group_bwd_w(
             x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out, x_grouped, dy_grouped,
             row_scale, with_bias)
     dw = torch.empty_like(like_weight)
-    return wgrad.launch(p, x, dy, sorted_scattered_idxs, expert_offsets, x_fan_out, dy_fan_out, x_grouped,
-                        dy_grouped, dw, row_scale), None
+    db = like_weight.new_empty(like_weight.size(0), like_weight.size(2)) if with_bias else None
+    wgrad.launch(p, x, dy, sorted_scattered_idxs, expert_offsets, x_fan_out, dy_fan_out, x_grouped, dy_grouped, dw,
+                 row_scale, db)
+    return dw, db
 
 
 def glu_backward(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_scale: Optional[torch.Tensor] = None,

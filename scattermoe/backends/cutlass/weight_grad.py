@@ -4,12 +4,13 @@ Legend: N routed rows (T*k), E experts, K input features, F output features.
 
     for expert e with rows r in [offsets[e-1], offsets[e]) (slot s = sorted_scattered_idxs[r]):
         dw[e] = sum_r x[r if x_grouped else s // x_fan_out]^T (c_s dy[r if dy_grouped else s // dy_fan_out])
+        db[e] = sum_r c_s dy[r if dy_grouped else s // dy_fan_out]             (with_bias)
     c_s = row_scale[s] (the gates; the scaled row rounded to dy's dtype, as in Triton), or 1
 
-group_bwd_w without a bias gradient: the dW of every GEMM, gated (MoA's and MLP's output
-projections) or not. Both operands are gathered on load; an empty expert gets zeros. ``plan``
-decides from host metadata alone whether the kernel takes a call; the caller falls back to
-Triton when it cannot (the bias gradient, other dtypes, layouts cp.async cannot read).
+group_bwd_w whole: the dW (and db) of every GEMM, gated (MoA's and MLP's output projections) or
+not. Both operands are gathered on load; an empty expert gets zeros. ``plan`` decides from host
+metadata alone whether the kernel takes a call; the caller falls back to Triton when it cannot
+(other dtypes, layouts cp.async cannot read).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch
 from . import _extension
 from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok
 
-BIAS_GRAD = "db (the bias gradient): not in the csrc kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,6 @@ def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_w
     """
     if row_scale is not None and (row_scale.dim() != 1 or row_scale.numel() < num_rows):
         return f"row_scale of shape {tuple(row_scale.shape)}: expected [{num_rows}], one scale per slot"
-    if with_bias:
-        return BIAS_GRAD
     if x.dtype not in DTYPES:
         return f"dtype {str(x.dtype).replace('torch.', '')}: the csrc dW kernel is built for bfloat16 and float16"
     if dy.dtype != x.dtype or like_weight.dtype != x.dtype:
@@ -71,13 +69,18 @@ def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_w
 
 def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered_idxs: torch.Tensor,
            expert_offsets: torch.Tensor, x_fan_out: int, dy_fan_out: int, x_grouped: bool, dy_grouped: bool,
-           dw: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Enqueue the kernel on the current stream of x's device, writing every element of dw. No host sync."""
+           dw: torch.Tensor, row_scale: Optional[torch.Tensor] = None, db: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
+    """Enqueue the kernel on the current stream of x's device, writing every element of dw (and of db
+    [E, F], unit column stride, when given). No host sync."""
     module, error = _extension.load()
     if module is None:
         raise RuntimeError(f"scattermoe cutlass backend: {error}")
     if dw.stride(1) != 1 and dw.stride(2) != 1:
         raise ValueError(f"dw: expected a unit stride along K or F, got strides {dw.stride()}")
+    if db is not None and (db.shape != (p.num_experts, p.n_out) or db.stride(1) != 1):
+        raise ValueError(f"db: expected [{p.num_experts}, {p.n_out}] with unit column stride, got "
+                         f"{tuple(db.shape)} strides {db.stride()}")
     idx = sorted_scattered_idxs.to(torch.int64).contiguous()
     offsets = expert_offsets.contiguous()
     scale = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
@@ -92,5 +95,6 @@ def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered
         num_experts=p.num_experts, num_rows=p.num_rows, k_in=p.k_in, n_out=p.n_out,
         device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
         row_scale=scale.data_ptr() if scale is not None else 0,
+        db=db.data_ptr() if db is not None else 0, stride_dbe=db.stride(0) if db is not None else 0,
     )
     return dw
