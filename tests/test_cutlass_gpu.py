@@ -243,9 +243,16 @@ WGRAD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("scaled,with_bias", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["plain", "row_scale", "db", "row_scale_db"])
-@pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, False), (True, True), (False, False)])
+# Every gather combination plain; the row scale and db (the producer's deferred path) on the two the gated
+# backward uses: MLP's second GEMM (x grouped, dY gathered from tokens) and MoA's output (both gathered).
+WGRAD_MODES = [(xg, dg, False, False) for xg, dg in [(False, True), (True, False), (True, True), (False, False)]] + [
+    (xg, dg, scaled, with_bias) for xg, dg in [(True, False), (False, False)]
+    for scaled, with_bias in [(True, False), (False, True), (True, True)]]
+
+
+@pytest.mark.parametrize("x_grouped,dy_grouped,scaled,with_bias", WGRAD_MODES,
+                         ids=[f"x_{'grouped' if m[0] else 'gathered'}-dy_{'grouped' if m[1] else 'gathered'}"
+                              + "-row_scale" * m[2] + "-db" * m[3] for m in WGRAD_MODES])
 @pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("counts,k_in,n_out,name", WGRAD_SHAPES, ids=[s[-1] for s in WGRAD_SHAPES])
