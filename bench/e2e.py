@@ -104,8 +104,10 @@ def build(layers: int, dtype: torch.dtype, device: torch.device, workdir: Path, 
 
 
 def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats: int, impls: List[str],
-        log: Callable[[str], None], smoke: bool = False) -> Dict:
-    """The rows and the logits check. ``smoke``: tiny float32 model on the CPU (code paths only)."""
+        log: Callable[[str], None], smoke: bool = False, on_update: Callable[[Dict], None] = lambda res: None
+        ) -> Dict:
+    """The rows and the logits check. ``smoke``: tiny float32 model on the CPU (code paths only).
+    ``on_update(results so far)`` after each implementation, so a run stopped by the clock keeps its files."""
     import scattermoe
     from scattermoe.integrations import apply_scattermoe
 
@@ -188,6 +190,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
             after = cutlass_fallbacks()
             for row in rows[first:]:
                 row["triton_fallbacks"] = sorted(k for k in after if after[k] > fallbacks_before.get(k, 0))
+        on_update({"rows": rows, "checks": checks, "active_params": active})
 
     for backend in JETMOE_BACKENDS:
         impl = f"jetmoe_scattermoe_{backend}"
@@ -264,33 +267,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     base = unique_basename(out_dir, result_basename(env, "_e2e-cpu-smoke" if args.cpu_smoke else "_e2e"))
     t0 = time.perf_counter()
-    res = run(args.layers, args.batch, args.seq, args.prompt, args.new_tokens, args.repeats, impls, log,
-              smoke=args.cpu_smoke)
     width = SMOKE_WIDTH if args.cpu_smoke else WIDTH
-    payload = {"benchmark": "e2e", "smoke_only": args.cpu_smoke, "device": env["device"]["name"],
-               "commit": env["git"]["commit"], "torch": env["torch"], "triton": env["triton"],
-               "cuda": env["torch_cuda"], "created": env["timestamp_utc"], "environment": env,
-               "config": vars(args) | {"out": str(out_dir)}, "model": dict(width, num_hidden_layers=args.layers),
-               "active_params": res["active_params"], "checks": res["checks"],
-               "elapsed_s": time.perf_counter() - t0, "rows": res["rows"]}
-    dtype = payload["rows"][0]["dtype"] if payload["rows"] else ""
-    write_json(out_dir / f"{base}.json", payload)
-    table = markdown_table(
-        ["case", "impl", "tokens/call", "ms", "tokens/s", "TFLOP/s", "peak GB"],
-        [[r["case"], r["impl"], str(r["tokens"]), f"{r['ms']:.3f}" if r["ms"] else r["status"],
-          f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "", f"{r['tflops']:.0f}" if r.get("tflops") else "",
-          f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else ""] for r in res["rows"]])
-    logits_errs = ", ".join(f"{k.removeprefix('jetmoe_vs_transformers_logits_rel_err').lstrip('_') or 'triton'} "
-                            f"{v:.2e}" for k, v in res["checks"].items() if k.startswith("jetmoe_vs"))
-    smoke = "> CPU SMOKE RUN: a tiny float32 model; timings mean nothing.\n\n" if args.cpu_smoke else ""
-    md = (f"# JetMoE end to end — {payload['device']}\n\n{smoke}{payload['created'][:10]}, commit "
-          f"`{payload['commit'][:7]}`; torch {payload['torch']}, triton {payload['triton']}. {args.layers} of "
-          f"JetMoE-8B's 24 blocks{'' if args.cpu_smoke else ' at full width'}, random {dtype} "
-          f"weights; prefill and train step at {args.batch} x {args.seq} tokens; decode: ms per new token "
-          f"(batch 1, {args.prompt}-token prompt, {args.new_tokens} new). jetmoe vs transformers logits, "
-          f"relative error: {logits_errs}.\n\n{table}\n")
-    write_text(out_dir / f"{base}.md", md)
-    print(md)
+
+    def write(res: Dict, final: bool) -> None:
+        """The .json and .md of the results so far (again after each implementation, then at the end)."""
+        payload = {"benchmark": "e2e", "smoke_only": args.cpu_smoke, "device": env["device"]["name"],
+                   "commit": env["git"]["commit"], "torch": env["torch"], "triton": env["triton"],
+                   "cuda": env["torch_cuda"], "created": env["timestamp_utc"], "environment": env,
+                   "config": vars(args) | {"out": str(out_dir)}, "model": dict(width, num_hidden_layers=args.layers),
+                   "active_params": res["active_params"], "checks": res["checks"], "complete": final,
+                   "elapsed_s": time.perf_counter() - t0, "rows": res["rows"]}
+        dtype = payload["rows"][0]["dtype"] if payload["rows"] else ""
+        write_json(out_dir / f"{base}.json", payload)
+        table = markdown_table(
+            ["case", "impl", "tokens/call", "ms", "tokens/s", "TFLOP/s", "peak GB"],
+            [[r["case"], r["impl"], str(r["tokens"]), f"{r['ms']:.3f}" if r["ms"] else r["status"],
+              f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "",
+              f"{r['tflops']:.0f}" if r.get("tflops") else "",
+              f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else ""] for r in res["rows"]])
+        logits_errs = ", ".join(f"{k.removeprefix('jetmoe_vs_transformers_logits_rel_err').lstrip('_') or 'triton'} "
+                                f"{v:.2e}" for k, v in res["checks"].items() if k.startswith("jetmoe_vs"))
+        smoke = "> CPU SMOKE RUN: a tiny float32 model; timings mean nothing.\n\n" if args.cpu_smoke else ""
+        partial = "" if final else "> PARTIAL: the run stopped before every implementation was timed.\n\n"
+        md = (f"# JetMoE end to end — {payload['device']}\n\n{smoke}{partial}{payload['created'][:10]}, commit "
+              f"`{payload['commit'][:7]}`; torch {payload['torch']}, triton {payload['triton']}. {args.layers} of "
+              f"JetMoE-8B's 24 blocks{'' if args.cpu_smoke else ' at full width'}, random {dtype} "
+              f"weights; prefill and train step at {args.batch} x {args.seq} tokens; decode: ms per new token "
+              f"(batch 1, {args.prompt}-token prompt, {args.new_tokens} new). jetmoe vs transformers logits, "
+              f"relative error: {logits_errs}.\n\n{table}\n")
+        write_text(out_dir / f"{base}.md", md)
+        if final:
+            print(md)
+
+    res = run(args.layers, args.batch, args.seq, args.prompt, args.new_tokens, args.repeats, impls, log,
+              smoke=args.cpu_smoke, on_update=lambda partial_res: write(partial_res, final=False))
+    write(res, final=True)
     failed = not res["checks"]["ok"] or any(r["status"] != "ok" and not r["status"].startswith("unavailable")
                                             for r in res["rows"])
     return 1 if failed else 0

@@ -168,11 +168,20 @@ def test_missing_peers_are_reported_not_raised(tmp_path, monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_e2e_smoke(tmp_path):
+def test_e2e_smoke(tmp_path, monkeypatch):
+    from bench import harness
+
+    written = []  # the result file is rewritten after each implementation, so a run cut short keeps rows
+    real_write_json = harness.write_json
+    monkeypatch.setattr(harness, "write_json", lambda path, payload: (written.append(
+        (payload["complete"], len(payload["rows"]))), real_write_json(path, payload))[-1])
     rc = e2e.main(["--cpu-smoke", "--out", str(tmp_path), "--layers", "1", "--batch", "1", "--seq", "8",
                    "--prompt", "4", "--new-tokens", "2", "--repeats", "1"])
     assert rc == 0
+    assert [c for c, _ in written] == [False] * 3 + [True], written  # 3 timed implementations, then the end
+    assert [n for _, n in written] == sorted(n for _, n in written) and written[0][1] == 3, written
     p = _only_json(tmp_path)
+    assert p["complete"]
     assert p["checks"]["ok"] and p["checks"]["jetmoe_vs_transformers_logits_rel_err"] < 1e-4  # float32
     got = {(r["case"], r["impl"]) for r in p["rows"] if r["status"] == "ok" and r["ms"] is not None}
     timed = [i for i in e2e.IMPLS if i != "jetmoe_scattermoe_cutlass"]  # the csrc kernels need an sm_90 GPU
