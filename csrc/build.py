@@ -225,12 +225,14 @@ def prebuilt_module(root: str) -> Optional[str]:
 def prebuild(root: str) -> Dict:
     """Build into ``root/<prebuilt_key()>/`` for the Python running this, keeping only the module and
     build_info.json: for a GPU machine that has the same Python minor version but no time to compile."""
-    out_dir = os.path.join(root, prebuilt_key())
+    key = prebuilt_key()
+    out_dir = os.path.join(root, key)
     shutil.rmtree(out_dir, ignore_errors=True)
     with tempfile.TemporaryDirectory() as objects:
         info = build(out_dir, temp_dir=objects)
-    for name in os.listdir(root):  # a key per source version and Python: drop older sources' builds
-        if name != os.path.basename(out_dir) and name.endswith(out_dir[out_dir.rindex("-"):]):
+    python_suffix = key[key.rindex("-"):]  # "-py312": this Python's builds of older sources are stale
+    for name in os.listdir(root):
+        if name != key and name.endswith(python_suffix):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     return info
 

@@ -355,10 +355,10 @@ def test_overlapping_rows_and_unlaid_weights_fall_back_instead_of_failing_in_the
     assert "overlapping" in dispatch.scatter2scatter_fallback_reason(x, one_column, None, offsets, 16, True, True,
                                                                      None, None, 0, None)
     dy = torch.randn(16, 64).to(w.dtype)
-    assert isinstance(wg.plan(x, dy, offsets, w, 16, None, False), wg.GroupBwdWPlan)
-    assert "x (strides" in wg.plan(expanded, dy, offsets, w, 16, None, False)
+    assert isinstance(wg.plan(x, dy, offsets, w, 16, None), wg.GroupBwdWPlan)
+    assert "x (strides" in wg.plan(expanded, dy, offsets, w, 16, None)
     no_unit = torch.randn(2, 32, 128).to(w.dtype)[:, :, ::2]  # strides (4096, 128, 2)
-    assert "no unit stride" in wg.plan(x, dy, offsets, no_unit, 16, None, False)
+    assert "no unit stride" in wg.plan(x, dy, offsets, no_unit, 16, None)
     dw, _ = cutlass.group_bwd_w(x, dy, scattered, offsets, no_unit, 1, 1, True, True)
     assert dw == "triton-dw" and not fake_launch
 

@@ -280,7 +280,7 @@ def test_group_bwd_w_matches_reference(cutlass, counts, k_in, n_out, name, dtype
     gates_gpu = gates.cuda() if scaled else None
     from scattermoe.backends.cutlass import weight_grad
 
-    p = weight_grad.plan(x.cuda(), dy.cuda(), offsets.cuda(), w_gpu, n, gates_gpu, False)
+    p = weight_grad.plan(x.cuda(), dy.cuda(), offsets.cuda(), w_gpu, n, gates_gpu)
     assert not isinstance(p, str), p
     dw = torch.empty_like(w_gpu).fill_(float("nan"))  # poison, strided like the weight
     db = torch.full((len(counts), n_out), float("nan"), device="cuda", dtype=dtype) if with_bias else None
@@ -350,7 +350,7 @@ def test_jetmoe_sized_gemms_match_reference(cutlass):
     cutlass.scatter2scatter(dy.cuda(), w2d.transpose(1, 2), None, sd, od, k, False, True, out=dg)
     # 4. dW of the first projection: x gathered, dH grouped (here: the kept pre-activation as a stand-in).
     dw_ref = per_expert_wgrad(x.double()[scattered // k], pre.double().cpu(), sorted_expert, E)
-    p = weight_grad.plan(xd, pre, od, w1d, n, None, False)
+    p = weight_grad.plan(xd, pre, od, w1d, n, None)
     assert not isinstance(p, str), p
     dw = torch.empty_like(w1d).fill_(float("nan"))
     weight_grad.launch(p, xd, pre, sd, od, k, 1, False, True, dw)

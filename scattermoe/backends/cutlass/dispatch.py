@@ -128,7 +128,7 @@ def group_bwd_w(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """See scattermoe.backends.triton.group_bwd_w: same contract, same result."""
     num_rows = sorted_scattered_idxs.numel()
-    p = wgrad.plan(x, dy, expert_offsets, like_weight, num_rows, row_scale, with_bias)
+    p = wgrad.plan(x, dy, expert_offsets, like_weight, num_rows, row_scale)
     if isinstance(p, str):
         return _to_triton(x, p).group_bwd_w(
             x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out, x_grouped, dy_grouped,

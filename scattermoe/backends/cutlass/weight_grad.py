@@ -24,7 +24,6 @@ from . import _extension
 from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok
 
 
-
 @dataclasses.dataclass(frozen=True)
 class GroupBwdWPlan:
     """Host-side arguments of ``scattermoe._C.group_bwd_w`` except pointers, rows and stream."""
@@ -37,7 +36,7 @@ class GroupBwdWPlan:
 
 
 def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_weight: torch.Tensor,
-         num_rows: int, row_scale: Optional[torch.Tensor], with_bias: bool) -> Union[GroupBwdWPlan, str]:
+         num_rows: int, row_scale: Optional[torch.Tensor]) -> Union[GroupBwdWPlan, str]:
     """A plan, or a string naming why the csrc dW kernel cannot take these tensors.
 
     x [*, K] and dy [*, F] row-major with 16-byte aligned rows (cp.async), K and F multiples of 8;
