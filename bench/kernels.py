@@ -10,7 +10,8 @@ Shapes (case names are ``<shape>_<mode>``, and ``routing``):
   finegrained_e64   GLU, D=2048, F=1408, E=64, K=8 (DeepSeek-style)               fwd, fwd_bwd
   finegrained_e128  GLU, D=2048, F=768, E=128, K=8 (Qwen3-MoE-style)              fwd, fwd_bwd
   routing           flatten_sort_count alone (sort, counts, offsets), E=8, K=2: impls ``scattermoe``
-                    (the library's, the same on every backend) and ``reference``
+                    (the library's: one Triton launch up to N * E = 16384 on CUDA, torch.sort above),
+                    ``torch_sort`` (its torch.sort path at every T) and ``reference``
 Each at T in {1, 16, 128, 1024, 4096, 16384, 32768}, uniform and Zipf-skewed routing, bf16.
 
 Implementations (``impl``):
@@ -89,10 +90,11 @@ class Group:
 
 
 def impls_for(shape: Shape, impls: List[str]) -> List[str]:
-    """The implementations a shape runs: routing has the library's one (no backend) and the reference."""
+    """The implementations a shape runs: routing has the library's own (one launch for few rows on CUDA), the
+    library's torch.sort path (``torch_sort``, what it uses for more rows) and the reference."""
     if shape.kind != "routing":
         return list(impls)
-    mine = ["scattermoe"] if any(i.startswith("scattermoe_") for i in impls) else []
+    mine = ["scattermoe", "torch_sort"] if any(i.startswith("scattermoe_") for i in impls) else []
     return mine + (["reference"] if "reference" in impls else [])
 
 
@@ -223,7 +225,7 @@ class Workload:
     def unavailable(self, impl: str, x: torch.Tensor) -> Optional[str]:
         kind = self.shape.kind
         if kind == "routing":
-            return None if impl in ("scattermoe", "reference") else "not a routing implementation"
+            return None if impl in ("scattermoe", "torch_sort", "reference") else "not a routing implementation"
         if impl == "scattermoe_triton":
             return scattermoe.backends.triton_unsupported_reason(x)
         if impl == "scattermoe_cutlass":
@@ -272,6 +274,11 @@ class Workload:
     def forward(self, impl: str) -> Callable[[Inputs], torch.Tensor]:
         s, layer = self.shape, self.layer
         if s.kind == "routing":
+            if impl == "torch_sort":
+                def sort_on_torch(inp: Inputs):
+                    with scattermoe.use_backend("torch"):  # the torch backend never launches the Triton sort
+                        return scattermoe.flatten_sort_count(inp.idx, s.E)
+                return sort_on_torch
             fsc = reference_ops.flatten_sort_count if impl == "reference" else scattermoe.flatten_sort_count
             return lambda inp: fsc(inp.idx, s.E)
         if impl in BACKEND_OF:

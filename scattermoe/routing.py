@@ -9,6 +9,7 @@ from typing import Tuple
 
 import torch
 
+from . import backends
 from ._validate import check_expert_idxs
 
 
@@ -26,11 +27,27 @@ def flatten_sort_count(expert_idxs: torch.Tensor, num_experts: int) -> Tuple[tor
     """
     check_expert_idxs(expert_idxs, num_experts)
     flat = expert_idxs.reshape(-1)
+    if _use_fused_routing(flat, num_experts):
+        from .backends.triton.routing import sort_by_expert
+
+        return sort_by_expert(flat.contiguous(), num_experts)
     sorted_expert_idxs, sorted_scattered_idxs = torch.sort(flat, stable=True)
     # searchsorted instead of bincount: bincount syncs on CUDA to size its output.
     bounds = torch.arange(num_experts, device=flat.device, dtype=sorted_expert_idxs.dtype)
     expert_offsets = torch.searchsorted(sorted_expert_idxs, bounds, right=True)
     return sorted_expert_idxs.long(), sorted_scattered_idxs, expert_offsets
+
+
+def _use_fused_routing(flat: torch.Tensor, num_experts: int) -> bool:
+    """One Triton launch instead of torch's four, for few rows on CUDA (decode), unless the torch
+    backend is selected or torch.compile is tracing (it lowers the torch path itself)."""
+    if not flat.is_cuda or torch.compiler.is_compiling() or backends.get_backend() == "torch":
+        return False
+    if not backends.triton_importable():
+        return False
+    from .backends.triton.routing import fused_routing_fits
+
+    return fused_routing_fits(flat.numel(), num_experts)
 
 
 def topk_gating(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:

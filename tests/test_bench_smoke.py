@@ -53,7 +53,7 @@ def test_result_file_has_the_issue_schema(smoke_payload):
     cases = {r["case"] for r in p["rows"]}
     assert cases == {"jetmoe_moe_fwd", "jetmoe_moe_bwd", "jetmoe_moe_fwd_bwd", "jetmoe_moa_fwd",
                      "jetmoe_moa_fwd_bwd", "routing"}
-    assert {r["impl"] for r in p["rows"] if r["case"] == "routing"} == {"scattermoe", "reference"}
+    assert {r["impl"] for r in p["rows"] if r["case"] == "routing"} == {"scattermoe", "torch_sort", "reference"}
     assert {r["impl"] for r in p["rows"] if r["case"] == "jetmoe_moe_bwd"} == set(SMOKE_IMPLS.split(","))
 
 

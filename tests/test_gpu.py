@@ -111,3 +111,22 @@ def test_auto_picks_triton_on_cuda(device):
     with scattermoe.use_backend("auto"):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             assert scattermoe.backends.resolve(torch.empty(1, device=device, dtype=dtype)) == "triton"
+
+
+@pytest.mark.parametrize("T, E, K", [(1, 8, 2), (100, 8, 2), (1024, 8, 2), (31, 64, 8), (1025, 8, 2), (4096, 128, 8)])
+def test_flatten_sort_count_cuda(T, E, K, device, monkeypatch):
+    # Few rows take the one-launch Triton counting sort, more take torch.sort; both give the reference's tensors.
+    from scattermoe.backends.triton import routing as triton_routing
+
+    launches = []
+    real = triton_routing.sort_by_expert
+    monkeypatch.setattr(triton_routing, "sort_by_expert", lambda *a: launches.append(1) or real(*a))
+    idx = make_expert_idxs(T, E, K, "random")
+    got = scattermoe.flatten_sort_count(idx.to(device), E)
+    assert len(launches) == int(triton_routing.fused_routing_fits(T * K, E))
+    for name, g, w in zip(("sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets"), got,
+                          reference.flatten_sort_count(idx, E)):
+        assert torch.equal(g.cpu(), w), f"{name} differs from the reference"
+    with scattermoe.use_backend("torch"):
+        scattermoe.flatten_sort_count(idx.to(device), E)
+    assert len(launches) == int(triton_routing.fused_routing_fits(T * K, E)), "the torch backend must not launch Triton"

@@ -193,3 +193,61 @@ def test_router_z_loss_of_zero_logits_is_log_E_squared():
     loss = scattermoe.router_z_loss(torch.zeros(5, E))
     expected = torch.log(torch.tensor(float(E), dtype=torch.float64)) ** 2
     assert abs(loss.item() - expected.item()) < 1e-5
+
+
+# ---- the one-launch counting sort flatten_sort_count uses on CUDA for few rows (Triton, interpreted here) ----
+
+@pytest.mark.parametrize("T, E, K, case", [s for s in ROUTING_SHAPES if s[0] > 0] + [
+    (1024, 8, 2, "random"),   # the largest JetMoE N that fits (N * E = 16384), BLOCK = N
+    (23, 64, 8, "random"),    # fine-grained: most experts hold a row or two, N not a power of two
+])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_fused_sort_by_expert_matches_reference(T, E, K, case, index_dtype, monkeypatch):
+    from scattermoe.backends.triton import routing as triton_routing
+
+    assert triton_routing.fused_routing_fits(T * K, E)
+    # Poison the outputs: an element the kernel does not write fails the comparison.
+    monkeypatch.setattr(triton_routing, "_new_index", lambda n, device: torch.full((n,), -7, dtype=torch.int64))
+    idx_TK = make_expert_idxs(T, E, K, case).to(index_dtype)
+    got = triton_routing.sort_by_expert(idx_TK.reshape(-1).contiguous(), E)
+    want = reference.flatten_sort_count(idx_TK.long(), E)
+    for name, g, w in zip(("sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets"), got, want):
+        assert g.dtype == torch.int64 and torch.equal(g, w), f"{name}: {g.tolist()} != reference {w.tolist()}"
+
+
+def test_fused_sort_by_expert_places_out_of_range_ids_after_every_expert(monkeypatch):
+    # On CUDA ids are range-checked only in debug mode; a bad id must still leave every output written and
+    # no expert's range holding it (the GEMMs then never read its row).
+    from scattermoe.backends.triton import routing as triton_routing
+
+    monkeypatch.setattr(triton_routing, "_new_index", lambda n, device: torch.full((n,), -7, dtype=torch.int64))
+    ids = torch.tensor([3, -1, 0, 9, 0, 2, 4], dtype=torch.int32)
+    sorted_expert, sorted_slot, offsets = triton_routing.sort_by_expert(ids, 4)
+    assert sorted_expert.tolist() == [0, 0, 2, 3, -1, 9, 4]
+    assert sorted_slot.tolist() == [2, 4, 5, 0, 1, 3, 6]
+    assert offsets.tolist() == [2, 2, 3, 4]
+
+
+def test_fused_routing_limits():
+    from scattermoe.backends.triton.routing import FUSED_ROUTING_MAX_ROWS, FUSED_ROUTING_MAX_WORK, fused_routing_fits
+
+    assert not fused_routing_fits(0, 8)  # no rows: the torch path returns the empty tensors
+    assert fused_routing_fits(1, 8) and fused_routing_fits(FUSED_ROUTING_MAX_WORK // 8, 8)
+    assert not fused_routing_fits(FUSED_ROUTING_MAX_WORK // 8 + 1, 8)
+    assert not fused_routing_fits(FUSED_ROUTING_MAX_ROWS + 1, 1)
+    with pytest.raises(ValueError, match="one-program range"):
+        from scattermoe.backends.triton.routing import sort_by_expert
+
+        sort_by_expert(torch.zeros(FUSED_ROUTING_MAX_ROWS + 1, dtype=torch.int64), 1)
+
+
+def test_flatten_sort_count_takes_the_fused_path_only_on_cuda(monkeypatch):
+    # The choice is made on the tensor: CPU ids (here) never launch the Triton sort, even under the interpreter.
+    from scattermoe.backends.triton import routing as triton_routing
+
+    def fail(*args):
+        raise AssertionError("sort_by_expert was called for CPU ids")
+
+    monkeypatch.setattr(triton_routing, "sort_by_expert", fail)
+    with scattermoe.use_backend("triton"):
+        scattermoe.flatten_sort_count(torch.tensor([[1, 0]]), 2)

@@ -84,11 +84,14 @@ def _triton_interpreting() -> bool:
     return INTERPRET
 
 
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_unsupported_reason(x: torch.Tensor):
     """Why the Triton kernels cannot run on x, or None if they can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_importable():
         return "triton is not installed (pip install triton)"
     if x.dtype not in _TRITON_DTYPES:
         return f"the triton backend supports float16, bfloat16 and float32, not {x.dtype}"
