@@ -9,6 +9,7 @@ in debug mode (``scattermoe.set_debug(True)`` or ``SCATTERMOE_DEBUG=1``).
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Optional
 
@@ -33,6 +34,8 @@ def debug_enabled() -> bool:
 def _values_checkable(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False  # data-dependent checks would break the graph
+    if t.device.type == "meta":
+        return False  # no values to read
     return _DEBUG or t.device.type == "cpu"
 
 
@@ -52,10 +55,37 @@ def check_tensor(name: str, t, *, dim: Optional[int] = None, dtypes=None, device
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
 
 
+def positive_int(name: str, value, *, minimum: int = 1) -> int:
+    """value as an int (numpy ints too), or a ValueError naming the argument; bools and floats are refused."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {number}")
+    return number
+
+
+def check_features(name: str, x) -> None:
+    """x is a tensor [..., D] with at least one dimension (the layers' inputs)."""
+    check_tensor(name, x, dtypes=_FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{name}: expected a tensor [..., features], got a 0-d tensor")
+
+
+def check_not_meta(name: str, t: torch.Tensor) -> None:
+    # Routing is data-dependent: there is no shape-only (meta) version of these ops.
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with data (cpu or cuda), got one on the meta device; "
+                         "routing depends on the values, so these ops cannot run on meta tensors")
+
+
 def check_expert_idxs(expert_idxs: torch.Tensor, num_experts: int) -> None:
     check_tensor("expert_idxs", expert_idxs, dtypes=_INDEX_DTYPES)
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    check_not_meta("expert_idxs", expert_idxs)
+    positive_int("num_experts", num_experts)
     if expert_idxs.numel() and _values_checkable(expert_idxs):
         lo, hi = int(expert_idxs.min()), int(expert_idxs.max())
         if lo < 0 or hi >= num_experts:
@@ -68,6 +98,7 @@ def check_parallel_linear(
 ) -> None:
     """Validate parallel_linear's arguments (see ops.parallel_linear for the contract)."""
     check_tensor("x", x, dim=2, dtypes=_FLOAT_DTYPES)
+    check_not_meta("x", x)
     device = x.device
     check_tensor("expert_weights", expert_weights, dim=3, dtypes=(x.dtype,), device=device)
     num_experts, d_in, d_out = expert_weights.shape
@@ -137,16 +168,51 @@ def check_parallel_linear(
             raise ValueError("expert_offsets: expected all zeros for N=0 routed rows")
 
 
+def check_expert_offsets_values(expert_offsets: torch.Tensor, num_rows: int) -> None:
+    """expert_offsets [E]: non-decreasing ends of each expert's rows, the last one N (checked where affordable)."""
+    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES)
+    if expert_offsets.numel() and _values_checkable(expert_offsets):
+        ends = expert_offsets.tolist()
+        if ends[0] < 0 or any(b < a for a, b in zip(ends, ends[1:])) or ends[-1] != num_rows:
+            raise ValueError(f"expert_offsets: expected the cumulative row counts of each expert (non-decreasing, "
+                             f"from >= 0 up to N={num_rows}), got {ends}")
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """No two elements of t share memory: each dimension, by increasing stride, steps past all the smaller ones."""
+    reach = 0  # the furthest element offset the dimensions seen so far cover
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
+
+
+def check_out(out, shape_: tuple, like: torch.Tensor) -> None:
+    """A caller's output buffer: right shape, dtype and device, and no two elements sharing memory."""
+    check_tensor("out", out, dtypes=(like.dtype,), device=like.device)
+    if shape(out) != tuple(shape_):
+        raise ValueError(f"out: expected shape {tuple(shape_)}, got {shape(out)}")
+    if not _non_overlapping(out):
+        raise ValueError(f"out: expected a tensor whose elements do not share memory (e.g. not expanded), "
+                         f"got strides {out.stride()}")
+
+
 def check_glu_moe(x, w_in, w_out, gates, b_out) -> None:
     """The second projection and the gates of ops.glu_moe (the first is checked like parallel_linear)."""
     check_tensor("x", x, dim=2, dtypes=_FLOAT_DTYPES)
+    check_not_meta("x", x)
     check_tensor("w_in", w_in, dim=3, dtypes=(x.dtype,), device=x.device)
     check_tensor("w_out", w_out, dim=3, dtypes=(x.dtype,), device=x.device)
-    num_experts, _, width = w_in.shape
+    num_experts, d_in, width = w_in.shape
+    if x.size(1) != d_in:
+        raise ValueError(f"x: expected {d_in} features (w_in is {shape(w_in)}), got shape {shape(x)}")
+    if width % 2:
+        raise ValueError(f"w_in: expected an even output width (the GLU's two halves), got shape {shape(w_in)}")
     expected = (num_experts, width // 2, x.size(1))
-    if width % 2 or shape(w_out) != expected:
-        raise ValueError(f"w_out: expected shape {expected} to follow w_in {shape(w_in)} (even width, GLU halves), "
-                         f"got {shape(w_out)}")
+    if shape(w_out) != expected:
+        raise ValueError(f"w_out: expected shape {expected} to follow w_in {shape(w_in)} (half its width back to "
+                         f"the input's), got {shape(w_out)}")
     if b_out is not None:
         check_tensor("b_out", b_out, dim=2, dtypes=(x.dtype,), device=x.device)
         if shape(b_out) != (num_experts, x.size(1)):

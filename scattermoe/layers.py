@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._validate import check_features, positive_int
 from .kernels._compat import accepts_padded_block_idxs
 from .ops import glu_moe, parallel_linear
 from .routing import flatten_sort_count
@@ -23,6 +24,8 @@ class ParallelExperts(nn.Module):
 
     def __init__(self, num_experts: int, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
+        num_experts = positive_int("num_experts", num_experts)
+        input_size, output_size = positive_int("input_size", input_size), positive_int("output_size", output_size)
         self.weight = nn.Parameter(torch.empty(num_experts, output_size, input_size))
         self.bias = nn.Parameter(torch.empty(num_experts, output_size)) if bias else None
         self.num_experts = num_experts
@@ -51,6 +54,7 @@ class ParallelExperts(nn.Module):
 
 
 def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int) -> None:
+    check_features("x", x)
     lead = tuple(x.shape[:-1])
     for name, t in (("expert_p", expert_p), ("expert_idxs", expert_idxs)):
         if not isinstance(t, torch.Tensor):
@@ -66,6 +70,9 @@ class MLP(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
                  bias: bool = False, activation: Optional[Callable] = None) -> None:
         super().__init__()
+        num_experts = positive_int("num_experts", num_experts)
+        input_size, hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
+        top_k = positive_int("top_k", top_k)
         self.num_experts = num_experts
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -151,6 +158,9 @@ class MoA(nn.Module):
     def __init__(self, input_size: int, head_dim: int, num_heads: int, num_experts: int, top_k: int,
                  bias: bool = False) -> None:
         super().__init__()
+        num_experts, top_k = positive_int("num_experts", num_experts), positive_int("top_k", top_k)
+        input_size, head_dim = positive_int("input_size", input_size), positive_int("head_dim", head_dim)
+        num_heads = positive_int("num_heads", num_heads)
         self.num_experts = num_experts
         self.input_size = input_size
         self.head_dim = head_dim
@@ -176,6 +186,10 @@ class MoA(nn.Module):
 
     def reduce(self, attn_out: torch.Tensor, routing: MoARouting) -> torch.Tensor:
         """attn_out [..., H*K, Dh] (the order map produced) -> [..., D]: gated sum of per-expert projections."""
+        if not isinstance(routing, MoARouting):
+            raise TypeError(f"routing: expected the MoARouting that map returned for these tokens, "
+                            f"got {type(routing).__name__}")
+        check_features("attn_out", attn_out)
         lead = attn_out.shape[:-2]
         expected = (self.num_heads * self.top_k, self.head_dim)
         if tuple(attn_out.shape[-2:]) != expected:

@@ -158,6 +158,13 @@ def _gated_bias_grad(dy, gates_flat, bias, fan, sorted_expert_idxs, sorted_scatt
     return db.to(bias.dtype)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): nothing to cast
+        return False
+
+
 def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
     """(x, *tensors) cast to the autocast dtype when autocast is on for x's device, else unchanged.
 
@@ -166,7 +173,7 @@ def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[
     (differentiably: the float32 weight receives the gradient). Gates keep their dtype (float32
     gates beside half-precision x are part of the contract).
     """
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    if not isinstance(x, torch.Tensor) or not _autocast_enabled(x.device.type):
         return (x,) + tensors  # (a non-tensor x is reported by the argument checks that follow)
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x,) + tensors)
@@ -396,6 +403,11 @@ def glu_moe(
     Returns [T, D] in x's dtype (the autocast dtype under ``torch.autocast``). The GLU activates the
     first half if ``activate_first`` (JetMoE).
     """
+    if not (isinstance(expert_idxs_sorted, (tuple, list)) and len(expert_idxs_sorted) == 3):
+        raise TypeError("expert_idxs_sorted: expected the 3 tensors of flatten_sort_count(expert_idxs, E), "
+                        f"got {type(expert_idxs_sorted).__name__}"
+                        + (f" of length {len(expert_idxs_sorted)}" if isinstance(expert_idxs_sorted, (tuple, list))
+                           else ""))
     sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = expert_idxs_sorted
     x, w_in, w_out, b_in, b_out = _under_autocast(x, w_in, w_out, b_in, b_out)
     check_glu_moe(x, w_in, w_out, gates, b_out)

@@ -10,7 +10,7 @@ from typing import Tuple
 import torch
 
 from . import backends
-from ._validate import check_expert_idxs
+from ._validate import _FLOAT_DTYPES, check_expert_idxs, check_tensor, positive_int
 
 
 @torch.no_grad()
@@ -50,15 +50,21 @@ def _use_fused_routing(flat: torch.Tensor, num_experts: int) -> bool:
     return fused_routing_fits(flat.numel(), num_experts)
 
 
+def _check_logits(router_logits) -> None:
+    check_tensor("router_logits", router_logits, dim=2, dtypes=_FLOAT_DTYPES)
+    if router_logits.size(1) == 0:
+        raise ValueError(f"router_logits: expected [T, E] with E >= 1, got shape {tuple(router_logits.shape)}")
+
+
 def topk_gating(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """JetMoE's router: top-k of the raw logits, then softmax over those k only (in float32).
 
     router_logits: [T, E]. Returns (gates [T, K] float32, expert_idxs [T, K] int64).
     Cast the gates to the model dtype at the call site if needed.
     """
-    if router_logits.dim() != 2:
-        raise ValueError(f"router_logits: expected [T, E], got shape {tuple(router_logits.shape)}")
-    if not 1 <= top_k <= router_logits.size(-1):
+    _check_logits(router_logits)
+    top_k = positive_int("top_k", top_k)
+    if top_k > router_logits.size(-1):
         raise ValueError(f"top_k: expected 1 <= top_k <= E={router_logits.size(-1)}, got {top_k}")
     top_logits, expert_idxs = torch.topk(router_logits.float(), top_k, dim=-1)
     return torch.softmax(top_logits, dim=-1), expert_idxs
@@ -72,6 +78,16 @@ def load_balancing_loss(router_logits: torch.Tensor, expert_idxs: torch.Tensor, 
     as in JetMoE's training code. Equals 1 for a perfectly uniform router.
     router_logits: [T, E]; expert_idxs: [T, K].
     """
+    _check_logits(router_logits)
+    num_experts = positive_int("num_experts", num_experts)
+    if router_logits.size(1) != num_experts:
+        raise ValueError(f"router_logits: expected [T, E={num_experts}], got shape {tuple(router_logits.shape)}")
+    check_expert_idxs(expert_idxs, num_experts)
+    if expert_idxs.dim() != 2 or expert_idxs.size(0) != router_logits.size(0):
+        raise ValueError(f"expert_idxs: expected [T={router_logits.size(0)}, K] like router_logits' tokens, "
+                         f"got shape {tuple(expert_idxs.shape)}")
+    if router_logits.size(0) == 0:
+        return router_logits.float().sum()  # no tokens, no imbalance: 0, still attached to the graph
     probs = torch.softmax(router_logits.float(), dim=-1)
     counts = torch.zeros(num_experts, device=router_logits.device, dtype=torch.float32)
     counts.scatter_add_(0, expert_idxs.reshape(-1), torch.ones_like(expert_idxs.reshape(-1), dtype=torch.float32))
@@ -80,5 +96,8 @@ def load_balancing_loss(router_logits: torch.Tensor, expert_idxs: torch.Tensor, 
 
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss, mean_t logsumexp(logits_t)^2 (Zoph et al. 2022, eq. 5)."""
+    """ST-MoE router z-loss, mean_t logsumexp(logits_t)^2 (Zoph et al. 2022, eq. 5); 0 for no tokens."""
+    _check_logits(router_logits)
+    if router_logits.size(0) == 0:
+        return router_logits.float().sum()
     return torch.logsumexp(router_logits.float(), dim=-1).square().mean()

@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before scattermoe imports Trit
 import pytest
 import torch
 
+import reference
 import scattermoe
 import scattermoe.kernels.ops as kops
 from scattermoe.backends.triton import config as triton_config
@@ -173,3 +174,62 @@ def test_accepts_padded_block_idxs_rejects_extra_positionals():
     assert torch.equal(out[1], i) and out[2] is None
     with pytest.raises(TypeError, match="too many"):
         f(0, i, i, 1, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parallel_linear_function_takes_the_originals_argument_order(backend):
+    """scattermoe.parallel_experts.ParallelLinear.apply as the original's users call it (0.3.0 and 2024)."""
+    from scattermoe.parallel_experts import ParallelLinear
+
+    T, E, K, D, F = 9, 4, 2, 12, 20
+    idx = _routing(T, E, K, seed=3)
+    routing = scattermoe.flatten_sort_count(idx, E)
+    padded_block_idxs, _ = kops.padded_block_indices(routing[0], E)
+    x = torch.randn(T, D, requires_grad=True)
+    w, b, gates = torch.randn(E, D, F), torch.randn(E, F), torch.rand(T, K)
+    with scattermoe.use_backend(backend):
+        y = ParallelLinear.apply(x, w, K, *routing, b, gates, False, False)
+        y_2024 = ParallelLinear.apply(x, w, K, routing[0], routing[1], padded_block_idxs, routing[2], gates)
+    x64 = x.detach().double().requires_grad_()
+    ref = reference.parallel_linear(x64, w.double(), K, *routing, b.double(), gates.double(), False, False)
+    ref_2024 = reference.parallel_linear(x64, w.double(), K, *routing, None, gates.double(), False, False)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_2024.double(), ref_2024, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, dy)  # differentiable, like the original's Function
+    (gx_ref,) = torch.autograd.grad(ref, x64, dy.double())
+    torch.testing.assert_close(gx.double(), gx_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_ops_reject_bad_input_by_name(backend):
+    T, E, K, D, F = 6, 3, 2, 8, 5
+    idx = _routing(T, E, K, seed=4)
+    sorted_expert_idxs, sorted_scattered_idxs = kops.flatten_and_sort(idx)
+    _, offsets = kops.padded_block_indices(sorted_expert_idxs, E)
+    X, W, DY, xg = torch.randn(T, D), torch.randn(E, D, F), torch.randn(T * K, F), torch.randn(T * K, D)
+    s2s = lambda **kw: kops.scatter2scatter(X, W, sorted_expert_idxs, sorted_scattered_idxs, K, **kw)  # noqa: E731
+    cases = [
+        (lambda: s2s(out=torch.zeros(1, F).expand(T * K, F)), ValueError, r"^out: .*share memory"),
+        (lambda: s2s(out=torch.zeros(T * K, F, dtype=torch.int64)), TypeError, r"^out: .*dtype"),
+        (lambda: s2s(out=torch.zeros(T * K, F + 1)), ValueError, r"^out: expected shape"),
+        (lambda: kops.group_bwd_W(DY, xg, offsets.diff(prepend=offsets.new_zeros(1)), E), ValueError,
+         r"^expert_offsets: "),  # counts, not cumulative counts
+        (lambda: kops.group_bwd_W(DY, xg, offsets.flip(0), E), ValueError, r"^expert_offsets: "),
+        (lambda: kops.group_bwd_W(DY, xg, offsets.float(), E), TypeError, r"^expert_offsets: "),
+        (lambda: kops.group_bwd_W(DY.half(), xg, offsets, E), TypeError, r"^DY: .*dtype"),
+        (lambda: kops.group_bwd_W(DY, xg, offsets, 0), ValueError, r"^E: "),
+        (lambda: kops.group(X, sorted_scattered_idxs + T * K, fan_out=K), ValueError, r"^sorted_expert_idxs: "),
+        (lambda: kops.group(X, sorted_scattered_idxs, coeff=torch.rand(3), fan_out=K), ValueError, r"^coeff: "),
+        (lambda: kops.padded_block_indices(torch.tensor([0, 7]), 4), ValueError, r"^expert_idxs: "),
+        (lambda: kops.padded_block_indices(sorted_expert_idxs, E, 0), ValueError, r"^N_BLOCK_SIZE: "),
+    ]
+    with scattermoe.use_backend(backend):
+        for call, error, message in cases:
+            with pytest.raises(error, match=message):
+                call()
+        # A strided (non-overlapping) out is fine: written in place, as the original does.
+        wide = torch.full((T * K, 2 * F), float("nan"))
+        y = s2s(out=wide[:, :F])
+        assert torch.isfinite(wide[:, :F]).all() and wide[:, F:].isnan().all()
+        torch.testing.assert_close(y, s2s())

@@ -189,6 +189,114 @@ def test_moa_reduce_rejects_attention_output_of_wrong_shape():
         moa.reduce(torch.randn(B, L, 2, 4), routing)  # H heads, not H*K
 
 
+def test_moa_reduce_rejects_routing_that_map_did_not_return():
+    moa = scattermoe.MoA(D, 4, 2, E, K)
+    q, routing = moa.map(torch.randn(B, L, D), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
+    with pytest.raises(TypeError, match=r"^routing: "):
+        moa.reduce(q, tuple(routing)[:2])
+
+
+def test_glu_moe_names_the_argument_at_fault():
+    x, gates = torch.randn(T, D), torch.rand(T, K)
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    with pytest.raises(ValueError, match=rf"^x: expected {D} features"):  # not blamed on w_out
+        scattermoe.glu_moe(torch.randn(T, D + 1), torch.randn(E, D, 2 * F), torch.randn(E, F, D), gates, routing)
+    with pytest.raises(ValueError, match=r"^w_in: .*even"):
+        scattermoe.glu_moe(x, torch.randn(E, D, 2 * F + 1), torch.randn(E, F, D), gates, routing)
+    for bad in (routing[:2], routing[0]):
+        with pytest.raises(TypeError, match=r"^expert_idxs_sorted: "):
+            scattermoe.glu_moe(x, torch.randn(E, D, 2 * F), torch.randn(E, F, D), gates, bad)
+
+
+LAYER_BAD_CONSTRUCTION = {
+    # id -> (constructor, argument named)
+    "experts_negative": (lambda: scattermoe.ParallelExperts(-1, D, F), "num_experts"),
+    "experts_float": (lambda: scattermoe.ParallelExperts(2.5, D, F), "num_experts"),
+    "output_size_zero": (lambda: scattermoe.ParallelExperts(E, D, 0), "output_size"),
+    "mlp_top_k_zero": (lambda: scattermoe.MLP(D, F, E, 0), "top_k"),
+    "glu_hidden_zero": (lambda: scattermoe.GLUMLP(D, 0, E, K), "hidden_size"),
+    "glu_experts_zero": (lambda: scattermoe.GLUMLP(D, F, 0, K), "num_experts"),
+    "glu_top_k_bool": (lambda: scattermoe.GLUMLP(D, F, E, True), "top_k"),
+    "moa_heads_zero": (lambda: scattermoe.MoA(D, 4, 0, E, K), "num_heads"),
+    "moa_input_negative": (lambda: scattermoe.MoA(-D, 4, 2, E, K), "input_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYER_BAD_CONSTRUCTION))
+def test_layers_reject_bad_sizes_at_construction(case):
+    make, name = LAYER_BAD_CONSTRUCTION[case]
+    with pytest.raises(ValueError, match=rf"^{name}: expected an int >= 1"):
+        make()
+
+
+def test_layers_take_numpy_ints_and_clamp_top_k_to_the_experts_like_the_original():
+    import numpy as np
+
+    layer = scattermoe.GLUMLP(np.int64(D), np.int64(F), np.int64(E), np.int64(E + 2))
+    assert layer.top_k == E and type(layer.top_k) is int
+
+
+@pytest.mark.parametrize("layer", list(LAYER_FACTORIES))
+def test_layers_reject_0d_and_meta_inputs(layer):
+    forward = LAYER_FACTORIES[layer]()
+    with pytest.raises(ValueError, match=r"^x: .*0-d"):
+        forward(torch.tensor(1.0), torch.rand(K), torch.zeros(K, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"^x: .*Tensor"):
+        forward([[0.0] * D], torch.rand(1, K), torch.zeros(1, K, dtype=torch.long))
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match=r"meta device"):
+        forward(torch.randn(B, L, D, device=meta), torch.rand(B, L, K, device=meta),
+                torch.zeros(B, L, K, dtype=torch.long, device=meta))
+
+
+def test_parallel_linear_refuses_meta_tensors_by_name():
+    args = {name: (v.to("meta") if isinstance(v, torch.Tensor) else v) for name, v in _valid_args().items()}
+    with pytest.raises(ValueError, match=r"^x: .*meta device"):
+        scattermoe.parallel_linear(**args)
+
+
+# ---- routing functions ----
+
+def test_topk_gating_rejects_bad_arguments():
+    logits = torch.randn(T, E)
+    for top_k in (0, E + 1, 1.5, None, True):
+        with pytest.raises(ValueError, match=r"^top_k: "):
+            scattermoe.topk_gating(logits, top_k)
+    with pytest.raises(TypeError, match=r"^router_logits: .*Tensor"):
+        scattermoe.topk_gating(logits.tolist(), K)
+    with pytest.raises(TypeError, match=r"^router_logits: .*dtype"):
+        scattermoe.topk_gating(logits > 0, K)
+    with pytest.raises(ValueError, match=r"^router_logits: .*2-d"):
+        scattermoe.topk_gating(logits[0], K)
+
+
+def test_aux_losses_check_their_inputs_and_are_zero_without_tokens():
+    logits = torch.randn(T, E)
+    idx = scattermoe.topk_gating(logits, K)[1]
+    bad = {
+        "3-d logits": ((logits.view(2, T // 2, E), idx.view(2, T // 2, K), E), ValueError, r"^router_logits: "),
+        "fewer tokens in idx": ((logits, idx[:3], E), ValueError, r"^expert_idxs: "),
+        "E mismatch": ((torch.randn(T, 1), torch.zeros(T, 1, dtype=torch.long), E), ValueError, r"^router_logits: "),
+        "id out of range": ((logits, idx.clamp(max=E - 1).index_fill(0, torch.tensor([0]), E), E), ValueError,
+                            r"^expert_idxs: "),
+        "float ids": ((logits, idx.float(), E), TypeError, r"^expert_idxs: "),
+        "float num_experts": ((logits, idx, float(E)), ValueError, r"^num_experts: "),
+    }
+    for what, (args, error, message) in bad.items():
+        with pytest.raises(error, match=message):
+            scattermoe.load_balancing_loss(*args)
+    empty = torch.randn(0, E, requires_grad=True)
+    for loss in (scattermoe.load_balancing_loss(empty, torch.zeros(0, K, dtype=torch.long), E),
+                 scattermoe.router_z_loss(empty)):
+        assert loss.item() == 0.0 and loss.requires_grad
+    assert scattermoe.router_z_loss(logits).item() > 0
+
+
+def test_flatten_sort_count_rejects_a_bool_expert_count():
+    with pytest.raises(ValueError, match=r"^num_experts: "):
+        scattermoe.flatten_sort_count(torch.zeros(2, 1, dtype=torch.long), True)
+
+
 # ---- backend selection ----
 
 def test_set_backend_rejects_unknown_names():

@@ -30,7 +30,8 @@ def accepts_padded_block_idxs(offsets_position: int, legacy_tail: Sequence[str] 
         def wrapper(*args, **kwargs):
             kwargs.pop("padded_block_idxs", None)
             p = offsets_position
-            if len(args) > p + 1 and _is_index_tensor(args[p]) and _is_index_tensor(args[p + 1]):
+            if (len(args) > p + 1 and _is_index_tensor(args[p]) and _is_index_tensor(args[p + 1])
+                    and args[p].dim() == 1 and args[p + 1].dim() == 1):  # both 1-d: not, say, integer gates
                 tail = args[p + 2:]
                 if len(tail) > len(legacy_tail):
                     raise TypeError(f"{fn.__name__}: too many positional arguments for the padded_block_idxs form")

@@ -37,7 +37,8 @@ import reference
 
 from .. import backends
 from .. import ops as _ops  # may be partly initialised here (scattermoe.ops can import this module); used at call time
-from .._validate import check_parallel_linear
+from .._validate import (_FLOAT_DTYPES, _INDEX_DTYPES, _values_checkable, check_expert_idxs,
+                         check_expert_offsets_values, check_out, check_parallel_linear, check_tensor, positive_int)
 from ._compat import _is_index_tensor, accepts_padded_block_idxs
 
 __all__ = [  # noqa: F822 (ALLOW_TF32 is a property of the module class below)
@@ -75,6 +76,9 @@ def padded_block_indices(sorted_experts_idxs: torch.Tensor, k: int,
     block of each expert's rows; expert_offsets [E]: end of each expert's rows. This library's
     kernels read only ``expert_offsets``; the block list is computed for code that inspects it.
     """
+    k = positive_int("k (the number of experts)", k)
+    N_BLOCK_SIZE = positive_int("N_BLOCK_SIZE", N_BLOCK_SIZE)
+    check_expert_idxs(sorted_experts_idxs, k)
     counts = torch.bincount(sorted_experts_idxs.flatten(), minlength=k)
     expert_offsets = counts.cumsum(-1)
     blocks = (counts + N_BLOCK_SIZE - 1) // N_BLOCK_SIZE
@@ -114,8 +118,8 @@ def scatter2scatter(
     expert_offsets = _offsets_from_sorted(sorted_expert_idxs, W.size(0))
     check_parallel_linear(X, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets, b, None,
                           x_grouped, y_grouped)
-    if out is not None and tuple(out.shape) != (sorted_scattered_idxs.numel(), W.size(-1)):
-        raise ValueError(f"out: expected shape {(sorted_scattered_idxs.numel(), W.size(-1))}, got {tuple(out.shape)}")
+    if out is not None:
+        check_out(out, (sorted_scattered_idxs.numel(), W.size(-1)), X)
     backend = backends.resolve(X)
     with torch.no_grad():
         if backend == "torch":
@@ -135,8 +139,22 @@ def group(A: torch.Tensor, sorted_expert_idxs: torch.Tensor, coeff: Optional[tor
     This library never materialises grouped copies, so it has no kernel for this: one torch gather.
     """
     idxs = sorted_expert_idxs
+    check_tensor("A", A, dim=2)
+    check_tensor("sorted_expert_idxs", idxs, dim=1, dtypes=_INDEX_DTYPES, device=A.device)
+    fan_out = positive_int("fan_out", fan_out)
     if A.size(0) * fan_out != idxs.numel():
-        raise ValueError(f"A: expected {idxs.numel() // max(fan_out, 1)} rows (N / fan_out), got {A.size(0)}")
+        raise ValueError(f"A: expected {idxs.numel() // fan_out} rows (N / fan_out), got {A.size(0)}")
+    if idxs.numel() and _values_checkable(idxs):
+        lo, hi = int(idxs.min()), int(idxs.max())
+        if lo < 0 or hi >= idxs.numel():
+            raise ValueError(f"sorted_expert_idxs: slot ids must lie in [0, {idxs.numel()}), "
+                             f"got values in [{lo}, {hi}]")
+    if coeff is not None:
+        check_tensor("coeff", coeff, dtypes=_FLOAT_DTYPES, device=A.device)
+        if coeff.numel() != idxs.numel():
+            raise ValueError(f"coeff: expected one value per slot (N={idxs.numel()}), got shape {tuple(coeff.shape)}")
+    if out is not None:
+        check_out(out, (idxs.numel(), A.size(1)), A)
     with torch.no_grad():
         y = A.index_select(0, torch.div(idxs, fan_out, rounding_mode="floor"))
         if coeff is not None:
@@ -154,11 +172,16 @@ def group_bwd_W(DY: torch.Tensor, X: torch.Tensor, expert_offsets: torch.Tensor,
     db [E, F] = per-expert row sums of DY, or None when ``has_bias`` is False (0.3.0).
     """
     with_bias = bool(has_bias) if has_bias is not _UNSET else False
-    if DY.dim() != 2 or X.dim() != 2 or DY.size(0) != X.size(0):
+    check_tensor("X", X, dim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("DY", DY, dim=2, dtypes=(X.dtype,), device=X.device)
+    if DY.size(0) != X.size(0):
         raise ValueError(f"DY, X: expected [N, F] and [N, D] with the same N, "
                          f"got {tuple(DY.shape)} and {tuple(X.shape)}")
+    E = positive_int("E", E)
+    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=X.device)
     if expert_offsets.numel() != E:
         raise ValueError(f"expert_offsets: expected [E={E}], got shape {tuple(expert_offsets.shape)}")
+    check_expert_offsets_values(expert_offsets, X.size(0))
     like_weight = DY.new_empty(E, DY.size(-1), X.size(-1)).permute(0, 2, 1)
     backend = backends.resolve(X)
     with torch.no_grad():
