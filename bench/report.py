@@ -1,4 +1,4 @@
-"""Tables from a result file: the run's markdown, the targets of issue 5, and the README's section.
+"""Tables from a result file: the run's markdown, its performance targets (met or not), and the README's section.
 
     python -m bench.report                    # rewrite README.md's section from the newest result file
     python -m bench.report --check            # exit 1 if README.md's section is not what it would write
@@ -219,7 +219,10 @@ def newest_result(results_dir: Path = RESULTS_DIR) -> Optional[Path]:
     for path in results_dir.glob("*.json"):
         try:
             payload = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            print(f"python -m bench.report: skipping {path}: not a readable JSON file ({exc})", file=sys.stderr)
+            continue
+        if not isinstance(payload, dict):
             continue
         if payload.get("benchmark") == "kernels" and not payload.get("smoke_only") and payload.get("rows"):
             found.append((payload.get("created", ""), path.name, path))
@@ -254,16 +257,37 @@ def update_readme(readme: Path, result: Optional[Path]) -> Tuple[str, str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("result", nargs="?", type=Path, help="print this result file's markdown report")
-    p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--check", action="store_true", help="exit 1 if the README's section is stale")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.report", description=__doc__.split("\n\n")[0],
+        epilog="Without a result file: rewrites the performance section of --readme (between its bench:start "
+               "and bench:end markers) from the newest kernel-suite file in --results-dir.")
+    p.add_argument("result", nargs="?", type=Path, help="print this result file's markdown report and exit")
+    p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md", help="the README to rewrite "
+                   "(default: the repository's)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where result files are (default: "
+                   "bench/results/)")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if the README's section is stale")
     args = p.parse_args(argv)
-    if args.result is not None:
-        print(markdown(json.loads(args.result.read_text())))
-        return 0
-    old, new = update_readme(args.readme, newest_result(args.results_dir))
+    try:
+        if args.result is not None:
+            try:
+                payload = json.loads(args.result.read_text())
+            except ValueError as exc:
+                raise ValueError(f"{args.result}: not valid JSON ({exc})") from None
+            if not isinstance(payload, dict) or "rows" not in payload:
+                raise ValueError(f"{args.result}: not a result file of python -m bench (no 'rows')")
+            print(markdown(payload))
+            return 0
+        if not args.results_dir.is_dir():
+            raise ValueError(f"--results-dir {args.results_dir}: not a directory")
+        result = newest_result(args.results_dir)
+        if result is None:
+            print(f"python -m bench.report: no kernel-suite result file in {args.results_dir}; the section says "
+                  "that no GPU result is committed", file=sys.stderr)
+        old, new = update_readme(args.readme, result)
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        print(f"python -m bench.report: error: {exc}", file=sys.stderr)
+        return 2
     if args.check:
         if old != new:
             print(f"{args.readme}: the performance section is stale; run python -m bench.report", file=sys.stderr)

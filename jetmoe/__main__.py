@@ -11,6 +11,7 @@ User errors (missing checkpoint, unknown flag, CUDA asked for but absent) print 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import sys
@@ -31,6 +32,40 @@ class CLIError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints usage + message; one line is enough
         raise CLIError(message)
+
+
+def _number(kind, name: str, low=None, high=None, low_open=False):
+    """An argparse type: kind(text) within [low, high] ((low, high] with low_open), finite, or a usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        bad = not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+            or (high is not None and value > high)
+        if bad:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"expected a value {' and '.join(x for x in (lo, hi) if x)}, got {text}")
+        return value
+    parse.__name__ = name  # argparse names the type in its message
+    return parse
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """--out must be (or become) a directory; an existing checkpoint there is continued or replaced, never by
+    accident."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"--out {out}: {parent} is a file, so the directory cannot be made")
+    if not resume and not overwrite and (out / "trainer_state.pt").is_file():
+        raise CLIError(f"--out {out}: holds a training run already; pass --resume to continue it or --overwrite "
+                       "to start over in its place")
 
 
 def default_out_dir(name: str) -> Path:
@@ -178,13 +213,15 @@ def _build_for_training(args, device: torch.device):
         model = load_pretrained(args.out, dtype=torch.float32, device=device)
         return model, load_tokenizer(args.out, model.config.vocab_size)
     if args.model in PRESETS:
+        config = JetMoEConfig.preset(args.model)
+        if config.vocab_size != ByteTokenizer().vocab_size:  # before building it: jetmoe-8b is 34 GB in fp32
+            raise CLIError(f"--model {args.model}: this preset needs a {config.vocab_size}-token tokenizer, which "
+                           "only a checkpoint has; pass a checkpoint directory (e.g. a download of "
+                           "jetmoe/jetmoe-8b) to fine-tune it, or --model tiny to train from scratch")
         torch.manual_seed(args.seed)
-        model = JetMoEForCausalLM(JetMoEConfig.preset(args.model)).to(device)
-        tokenizer = ByteTokenizer() if model.config.vocab_size == ByteTokenizer().vocab_size else None
-        if tokenizer is None:
-            raise CLIError(f"--model {args.model}: a preset has no tokenizer of its own; pass a checkpoint "
-                           "directory that has one")
-        return model, tokenizer
+        return JetMoEForCausalLM(config).to(device), ByteTokenizer()
+    if not Path(args.model).expanduser().is_dir() and "/" not in args.model:
+        raise CLIError(f"--model {args.model}: not a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
     ckpt = resolve(args.model)
     model = load_pretrained(ckpt, dtype=torch.float32, device=device)  # fp32 master weights; autocast on GPU
     return model, load_tokenizer(ckpt, model.config.vocab_size)
@@ -195,6 +232,7 @@ def _train(args, demo: bool) -> None:
 
     device = pick_device(args.device)
     backend = pick_backend(args.backend, device, torch.float32)
+    check_out_dir(Path(args.out), args.resume, demo or args.overwrite)  # the demo's folder is its cache
     rank, world = init_distributed(device)  # under torchrun: join the process group before anything else
     rank0 = rank == 0
     model, tokenizer = _build_for_training(args, device)
@@ -254,24 +292,33 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
 
     def sampling(sp, max_new: int):
-        sp.add_argument("--max-new-tokens", type=int, default=max_new)
-        sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        sp.add_argument("--top-p", type=float, default=1.0)
+        sp.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens", 1), default=max_new)
+        sp.add_argument("--temperature", type=_number(float, "temperature", 0), default=0.0, help="0 = greedy")
+        sp.add_argument("--top-p", type=_number(float, "top-p", 0, 1, low_open=True), default=1.0,
+                        help="nucleus sampling: keep the smallest set of tokens with this much probability (0, 1]")
         sp.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
 
-    def training(sp, out: Path, seconds: Optional[float], batch: int, seq: int, lr: Optional[float]):
-        sp.add_argument("--data", nargs="*", help="text files or directories (default: the Python stdlib's .py files)")
+    def training(sp, out: Path, seconds: Optional[float], batch: int, seq: int, lr: Optional[float],
+                 log_every: int = 25):
+        sp.add_argument("--data", nargs="+", help="text files or directories (directories: their .py, .txt, .md and "
+                        ".rst files; default: the Python stdlib's .py files)")
         sp.add_argument("--out", type=Path, default=out, help=f"checkpoint directory (default {out})")
-        sp.add_argument("--steps", type=int, default=None)
-        sp.add_argument("--seconds", type=float, default=seconds, help="training time budget")
-        sp.add_argument("--batch-size", type=int, default=batch, help="sequences per process per micro-step")
-        sp.add_argument("--seq-len", type=int, default=seq)
-        sp.add_argument("--grad-accum", type=int, default=1)
-        sp.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: 4e-3 for a preset "
-                        "trained from scratch, 2e-5 to fine-tune a checkpoint)")
-        sp.add_argument("--warmup", type=int, default=20, help="warm-up steps")
-        sp.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
-        sp.add_argument("--log-every", type=int, default=25)
+        sp.add_argument("--steps", type=_number(int, "steps", 1), default=None,
+                        help="stop at this optimizer step (counting the steps of a resumed run)")
+        sp.add_argument("--seconds", type=_number(float, "seconds", 0, low_open=True), default=seconds,
+                        help="training time budget of this run")
+        sp.add_argument("--batch-size", type=_number(int, "batch-size", 1), default=batch,
+                        help="sequences per process per micro-step")
+        sp.add_argument("--seq-len", type=_number(int, "seq-len", 1), default=seq)
+        sp.add_argument("--grad-accum", type=_number(int, "grad-accum", 1), default=1)
+        sp.add_argument("--lr", type=_number(float, "lr", 0, low_open=True), default=lr,
+                        help="peak learning rate (default: 4e-3 for a preset trained from scratch, 2e-5 to "
+                        "fine-tune a checkpoint)")
+        sp.add_argument("--warmup", type=_number(int, "warmup", 0), default=20, help="warm-up steps")
+        sp.add_argument("--save-every", type=_number(int, "save-every", 0), default=0,
+                        help="steps between checkpoints (0: at the end)")
+        sp.add_argument("--log-every", type=_number(int, "log-every", 1), default=log_every,
+                        help="steps between loss lines")
         sp.add_argument("--resume", action="store_true", help="continue from --out (weights, optimizer, step)")
         sp.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
@@ -279,21 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
     g.add_argument("--prompt", action="append", help="repeat for a batch (left-padded)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--warmup", type=int, default=None, help="warm-up runs timed apart (default: 1 on CUDA)")
+    g.add_argument("--warmup", type=_number(int, "warmup", 0), default=None,
+                   help="warm-up runs timed apart (default: 1 on CUDA)")
     g.add_argument("--no-stream", action="store_true")
     common(g)
     sampling(g, 64)
 
     t = sub.add_parser("train", help="train a preset from scratch or fine-tune a checkpoint")
-    t.add_argument("--model", default="tiny", help="a preset (tiny, jetmoe-8b) or a checkpoint directory")
+    t.add_argument("--model", default="tiny", help="tiny (a preset, trained from scratch with a byte tokenizer) "
+                   "or a checkpoint directory to fine-tune")
+    t.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run already")
     common(t)
     training(t, default_out_dir("train"), None, 16, 128, None)
 
     d = sub.add_parser("demo", help="train the built-in tiny model for ~2 minutes, save it, sample from it")
     common(d)
-    training(d, default_out_dir("tiny"), 100.0, 16, 128, None)
+    training(d, default_out_dir("tiny"), 100.0, 16, 128, None, log_every=5)  # a few seconds a step on a CPU
     d.add_argument("--prompt", default=DEMO_PROMPT)
-    d.add_argument("--max-new-tokens", type=int, default=300)
+    d.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens", 1), default=300)
     return p
 
 
@@ -306,7 +356,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.command == "demo":
                 args.model = "tiny"
             _train(args, demo=args.command == "demo")
-    except (CLIError, FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
+    except (CLIError, OSError, ValueError) as exc:  # CheckpointError is a ValueError; OSError: files, folders
         print(f"jetmoe: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

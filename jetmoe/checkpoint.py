@@ -104,7 +104,11 @@ def load_config(path_or_hub_id: Union[str, os.PathLike]) -> JetMoEConfig:
     path = resolve(path_or_hub_id) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"checkpoint has no {CONFIG_NAME}: {path}")
-    return config_from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return config_from_dict(data)
 
 
 def weight_files(ckpt_dir: Path) -> Dict[str, Path]:

@@ -258,7 +258,9 @@ def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0
     """Next tokens [B]: greedy when temperature <= 0, else nucleus (top_p) sampling at that temperature."""
     if temperature <= 0:
         return logits_BV.argmax(-1)
-    probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    logits = logits_BV.float()
+    # Shifted so the largest is 0 first: a tiny temperature then gives -inf for the rest, not inf - inf = nan.
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0  # keep the smallest set whose mass reaches top_p
@@ -353,6 +355,10 @@ class JetMoEForCausalLM(nn.Module):
         static KV cache (the prompt is never rerun). ``callback(tokens [B])`` gets each step's tokens (streaming).
         Rows that produced an eos keep producing it; generation stops once all rows have.
         ``stats`` (a dict), if given, receives prefill_s (prompt and first token), decode_s, new_tokens."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
         B, S = input_ids.shape
         device = input_ids.device
         cache = KVCache(self.config, B, S + max_new_tokens, device, self.model.embed_tokens.weight.dtype)

@@ -77,7 +77,8 @@ def load_corpus(paths: Optional[Sequence[Union[str, Path]]] = None) -> List[str]
     files = files if paths else default_corpus_files()
     docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     if not any(docs):
-        raise ValueError(f"the corpus is empty ({len(files)} files)")
+        raise ValueError(f"the corpus is empty ({len(files)} files; in directories only "
+                         f"{', '.join(TEXT_SUFFIXES)} files are read)")
     return docs
 
 
@@ -90,7 +91,8 @@ def tokenize(docs: Sequence[str], tokenizer: Tokenizer) -> torch.Tensor:
 def get_batch(tokens: torch.Tensor, step: int, micro: int, rank: int, world: int, cfg: TrainConfig) -> torch.Tensor:
     """input_ids [B, S] (int64) of micro-step `micro` on `rank` at `step`; a pure function of the arguments."""
     if tokens.numel() <= cfg.seq_len:
-        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}: "
+                         "give more text (--data) or a shorter --seq-len")
     per_step = cfg.batch_size * cfg.grad_accum * world
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - cfg.seq_len, (per_step,), generator=g)
@@ -176,6 +178,9 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     """
     if cfg.steps is None and cfg.seconds is None:
         raise ValueError("train: give steps or seconds (or both)")
+    if tokens.numel() <= cfg.seq_len:  # before any output: get_batch would refuse at the first step
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}: "
+                         "give more text (--data) or a shorter --seq-len")
     device = next(model.parameters()).device
     rank, world = init_distributed(device)
     amp_dtype = torch.bfloat16 if (cfg.amp if cfg.amp is not None else device.type == "cuda") else None
@@ -193,6 +198,10 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         state = torch.load(state_path, map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+        if rank == 0:
+            done = cfg.steps is not None and step >= cfg.steps
+            print(f"resuming {cfg.out_dir} at step {step}" + (f": already at --steps {cfg.steps}, nothing to train"
+                                                              if done else ""), flush=True)
         log_path = Path(cfg.out_dir) / TRAIN_LOG
         if rank == 0 and log_path.is_file():  # drop records of steps after the checkpoint: they run again
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]

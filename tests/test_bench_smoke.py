@@ -204,3 +204,26 @@ def test_report_names_the_pieces_cutlass_rows_ran_on_triton():
     assert "jetmoe_moe_fwd_bwd: GLU backward; dW with a row scale" in text
     assert "jetmoe_moe_fwd:" not in text and "not a cutlass row" not in text
     assert report.fallback_summary(rows[2:]) == ""
+
+
+def test_report_refuses_a_missing_results_folder_and_a_broken_file(tmp_path, capsys):
+    from bench import report
+
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    assert report.main(["--readme", str(readme), "--results-dir", str(tmp_path / "typo")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert "old" in readme.read_text(), "the README was rewritten from a folder that does not exist"
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    assert report.main([str(broken)]) == 2
+    assert "broken.json: not valid JSON" in capsys.readouterr().err
+    assert report.main(["--readme", str(tmp_path / "nope.md"), "--results-dir", str(tmp_path)]) == 2
+
+
+def test_e2e_help_lists_the_end_to_end_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main.main(["--e2e", "-h"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--layers" in out and "--suite" not in out, out

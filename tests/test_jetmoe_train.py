@@ -149,6 +149,39 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert err.count("\n") == 1 and err.startswith("jetmoe: error:") and message in err, err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--steps", "-3"], "argument --steps: expected a value >= 1, got -3"),
+    (["train", "--seconds", "0"], "argument --seconds: expected a value > 0"),
+    (["train", "--batch-size", "0", "--steps", "1"], "argument --batch-size: expected a value >= 1"),
+    (["train", "--steps", "two"], "argument --steps: expected an integer"),
+    (["train", "--data", "--steps", "1"], "argument --data: expected at least one argument"),
+    (["generate", "--top-p", "1.5"], "argument --top-p: expected a value > 0 and <= 1"),
+    (["generate", "--temperature", "nan"], "argument --temperature: expected a value >= 0"),
+    (["generate", "--max-new-tokens", "0"], "argument --max-new-tokens: expected a value >= 1"),
+    # Refused before the 8.5B-parameter model is built (34 GB in float32): it has no tokenizer without a checkpoint.
+    (["train", "--model", "jetmoe-8b", "--steps", "1", "--device", "cpu"], "needs a 32000-token tokenizer"),
+    (["train", "--model", "no_such_preset", "--steps", "1", "--device", "cpu"], "not a preset (jetmoe-8b, tiny)"),
+])
+def test_cli_rejects_bad_values_before_any_work(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("jetmoe: error:") and message in err, err
+
+
+def test_cli_train_guards_its_output_folder(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trainer_state.pt").write_bytes(b"")  # what a finished run leaves
+    for out, message in ((a_file, "exists and is not a directory"), (a_file / "sub", "is a file"),
+                         (run, "holds a training run already; pass --resume")):
+        assert main(["train", "--out", str(out), "--steps", "1", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jetmoe: error:") and message in err, err
+    assert (run / "trainer_state.pt").read_bytes() == b"", "the existing run was touched"
+
+
 def test_cli_generate_streams_and_reports(tiny_ckpt, capsys):
     assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "def f", "--max-new-tokens", "6",
                  "--ignore-eos", "--device", "cpu"]) == 0
