@@ -188,6 +188,22 @@ def test_unknown_architecture_lists_supported():
         integrations.apply_scattermoe(model, families=["llama"])
 
 
+def test_apply_checks_its_arguments_and_a_family_patcher_leaves_transformers_alone_on_a_wrong_model():
+    with pytest.raises(TypeError, match="^model: "):
+        integrations.apply_scattermoe(None)
+    model = integrations.apply_scattermoe(_build("mixtral"), families="mixtral")  # one name, not its letters
+    assert _scattermoe_classes(model) == {"ScatterMoEMixtralExperts"}
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    llama = transformers.AutoModelForCausalLM.from_config(config)
+    import transformers.models.mixtral.modeling_mixtral as mixtral_module
+
+    before = dict(vars(mixtral_module))
+    with pytest.raises(ValueError, match="no supported MoE block"):
+        integrations.apply_scattermoe_to_mixtral(llama)
+    assert dict(vars(mixtral_module)) == before, "transformers' mixtral module was patched before the error"
+
+
 def test_apply_twice_is_harmless():
     model = integrations.apply_scattermoe(_build("mixtral"))
     classes = _scattermoe_classes(model)

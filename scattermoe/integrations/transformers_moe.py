@@ -194,6 +194,10 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
     Returns the model. Raises ValueError, listing the supported architectures, when the model
     holds no block of a supported family.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a loaded transformers model), got {type(model).__name__}")
+    if isinstance(families, str):  # one family by name, not its letters
+        families = [families]
     families = list(families) if families is not None else list(SUPPORTED_FAMILIES)
     for family in families:
         if family not in _FAMILIES:
@@ -230,11 +234,11 @@ def register_experts_implementation(name: str = "scattermoe") -> None:
 
 
 def _apply_to_family(family: str, model: Optional[nn.Module]) -> None:
+    if model is not None:  # first: a model of another family raises before transformers is patched
+        apply_scattermoe(model, families=[family])
     for module, name, original, methods in _family_classes(family):
         _module_patches.setdefault((module.__name__, name), original)
         setattr(module, name, _scattermoe_class(original, methods))
-    if model is not None:
-        apply_scattermoe(model, families=[family])
 
 
 def revert_scattermoe_patches() -> None:
