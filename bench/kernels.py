@@ -9,9 +9,10 @@ Shapes (case names are ``<shape>_<mode>``, and ``routing``):
                     (map then reduce, attention between them left out: o = q)
   finegrained_e64   GLU, D=2048, F=1408, E=64, K=8 (DeepSeek-style)               fwd, fwd_bwd
   finegrained_e128  GLU, D=2048, F=768, E=128, K=8 (Qwen3-MoE-style)              fwd, fwd_bwd
-  routing           flatten_sort_count alone (sort, counts, offsets), E=8, K=2: impls ``scattermoe``
-                    (the library's: one Triton launch up to N * E = 16384 on CUDA, torch.sort above),
-                    ``torch_sort`` (its torch.sort path at every T) and ``reference``
+  routing           the router after its linear layer: topk_gating then flatten_sort_count (top-k,
+                    softmax, sort, counts, offsets), E=8, K=2, no gradient: impls ``scattermoe`` (the
+                    library's: on CUDA one Triton launch each, the sort up to N * E = 16384),
+                    ``torch_sort`` (the same functions on the torch path) and ``reference``
 Each at T in {1, 16, 128, 1024, 4096, 16384, 32768}, uniform and Zipf-skewed routing, bf16.
 
 Implementations (``impl``):
@@ -46,6 +47,7 @@ TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)
 ROUTINGS = ("uniform", "zipf")
 ZIPF_S = 1.2
 CHECK_TOL = 2e-2  # bf16 bound of DESIGN.md section 5
+ROUTING_OUTPUTS = ("gates", "expert_idxs", "sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets")
 
 
 @dataclass(frozen=True)
@@ -149,10 +151,12 @@ class Inputs:
     idx: torch.Tensor     # [T, K] int64
     dy: torch.Tensor      # [T, D]
     dense: Dict[str, torch.Tensor] = field(default_factory=dict)  # operands of dense_same_flops
+    logits: Optional[torch.Tensor] = None  # [T, E] float32 router logits that gave gates and idx (routing case)
 
 
-def router(group: Group, gen: torch.Generator, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(gates [T, K] fp32, expert_idxs [T, K]) from JetMoE's router on Gumbel-perturbed log-probs.
+def router(group: Group, gen: torch.Generator, device: torch.device
+           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gates [T, K] fp32, expert_idxs [T, K], logits [T, E]): JetMoE's router on Gumbel-perturbed log-probs.
 
     Top-k of log p_e + Gumbel noise draws K distinct experts with probabilities p (the Gumbel-top-k
     trick): "uniform" is uniform routing, "zipf" sends expert e a share ~ (e+1)^-1.2.
@@ -164,7 +168,9 @@ def router(group: Group, gen: torch.Generator, device: torch.device) -> Tuple[to
     elif group.routing != "uniform":
         raise ValueError(f"routing: expected 'uniform' or 'zipf', got {group.routing!r}")
     u = torch.rand(group.T, E, generator=gen).clamp_(1e-9, 1 - 1e-9)
-    return scattermoe.topk_gating((logp - torch.log(-torch.log(u))).to(device), group.shape.K)
+    logits = (logp - torch.log(-torch.log(u))).to(device)
+    with scattermoe.use_backend("torch"):  # the inputs, not under test
+        return (*scattermoe.topk_gating(logits, group.shape.K), logits)
 
 
 def make_inputs(group: Group, n_sets: int, device: torch.device, seed: int, dense: bool) -> List[Inputs]:
@@ -172,10 +178,10 @@ def make_inputs(group: Group, n_sets: int, device: torch.device, seed: int, dens
     gen = torch.Generator().manual_seed(seed)
     sets = []
     for _ in range(n_sets):
-        gates, idx = router(group, gen, device)
+        gates, idx, logits = router(group, gen, device)
         x = torch.randn(group.T, s.D, generator=gen).to(device, dtype).requires_grad_()
         dy = torch.randn(group.T, s.D, generator=gen).to(device, dtype)
-        inp = Inputs(x, gates.to(dtype).requires_grad_(), idx, dy)
+        inp = Inputs(x, gates.to(dtype).requires_grad_(), idx, dy, logits=logits)
         if dense and s.kind != "routing":
             n, out1 = group.T * s.K, (2 * s.F if s.kind == "glu" else s.F)
             g = torch.Generator(device=device).manual_seed(seed + len(sets))
@@ -274,13 +280,19 @@ class Workload:
     def forward(self, impl: str) -> Callable[[Inputs], torch.Tensor]:
         s, layer = self.shape, self.layer
         if s.kind == "routing":
-            if impl == "torch_sort":
-                def sort_on_torch(inp: Inputs):
-                    with scattermoe.use_backend("torch"):  # the torch backend never launches the Triton sort
-                        return scattermoe.flatten_sort_count(inp.idx, s.E)
-                return sort_on_torch
-            fsc = reference_ops.flatten_sort_count if impl == "reference" else scattermoe.flatten_sort_count
-            return lambda inp: fsc(inp.idx, s.E)
+            # The router after its linear layer: top-k of the logits, softmax, then the sort by expert.
+            if impl == "reference":
+                def route_reference(inp: Inputs):
+                    values, idx = torch.topk(inp.logits, s.K, dim=-1)
+                    return (torch.softmax(values, -1), idx, *reference_ops.flatten_sort_count(idx, s.E))
+                return route_reference
+
+            def route(inp: Inputs):
+                # torch_sort: the torch backend, which never launches the one-launch Triton kernels.
+                with torch.no_grad(), scattermoe.use_backend("torch" if impl == "torch_sort" else "auto"):
+                    gates, idx = scattermoe.topk_gating(inp.logits, s.K)
+                    return (gates, idx, *scattermoe.flatten_sort_count(idx, s.E))
+            return route
         if impl in BACKEND_OF:
             backend = BACKEND_OF[impl]
             if s.kind == "glu":
@@ -375,8 +387,7 @@ class Workload:
     def outputs(self, impl: str, inp: Inputs) -> Dict[str, Optional[torch.Tensor]]:
         """Output and every gradient of one forward+backward (routing: its three tensors)."""
         if self.shape.kind == "routing":
-            return dict(zip(("sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets"),
-                            self.forward(impl)(inp), strict=True))
+            return dict(zip(ROUTING_OUTPUTS, self.forward(impl)(inp), strict=True))
         for t in self.params(impl) + [inp.x, inp.gates]:
             t.grad = None
         y = self.forward(impl)(inp)
@@ -441,8 +452,9 @@ def check(work: Workload, impls: List[str], group: Group, seed: int) -> Dict[str
         except Exception as exc:  # a crash is a finding for the table, not the end of the run
             results[impl] = {"error": f"{type(exc).__name__}: {first_line(exc)}", "ok": False}
             continue
-        if work.shape.kind == "routing":
-            ok = all(torch.equal(outs[k].long().cpu(), refs[k].long().cpu()) for k in refs)
+        if work.shape.kind == "routing":  # the indices exactly, the gates to float32 rounding
+            ok = all(torch.equal(outs[k].cpu(), refs[k].cpu()) for k in ROUTING_OUTPUTS[1:]) and bool(
+                torch.allclose(outs["gates"].cpu(), refs["gates"].cpu(), rtol=1e-6, atol=1e-6))
             results[impl] = {"exact": ok, "ok": ok}
         else:
             errors = {k: _rel_err(outs[k], refs[k]) for k in refs}

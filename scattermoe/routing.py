@@ -50,6 +50,20 @@ def _use_fused_routing(flat: torch.Tensor, num_experts: int) -> bool:
     return fused_routing_fits(flat.numel(), num_experts)
 
 
+def _use_fused_topk(router_logits: torch.Tensor) -> bool:
+    """One Triton launch instead of torch's three (cast, topk, softmax) on CUDA when no gradient is needed
+    (inference, decode), unless the torch backend is selected or torch.compile is tracing."""
+    if not router_logits.is_cuda or torch.compiler.is_compiling() or backends.get_backend() == "torch":
+        return False
+    if torch.is_grad_enabled() and router_logits.requires_grad:
+        return False  # the kernel has no backward: training keeps the differentiable torch path
+    if not backends.triton_importable():
+        return False
+    from .backends.triton.routing import fused_topk_fits
+
+    return fused_topk_fits(router_logits.size(1))
+
+
 def _check_logits(router_logits) -> None:
     check_tensor("router_logits", router_logits, dim=2, dtypes=_FLOAT_DTYPES)
     if router_logits.size(1) == 0:
@@ -60,12 +74,17 @@ def topk_gating(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, 
     """JetMoE's router: top-k of the raw logits, then softmax over those k only (in float32).
 
     router_logits: [T, E]. Returns (gates [T, K] float32, expert_idxs [T, K] int64).
-    Cast the gates to the model dtype at the call site if needed.
+    Cast the gates to the model dtype at the call site if needed. On CUDA, when no gradient is needed
+    (inference), this is one Triton launch (backends/triton/routing.py) instead of three.
     """
     _check_logits(router_logits)
     top_k = positive_int("top_k", top_k)
     if top_k > router_logits.size(-1):
         raise ValueError(f"top_k: expected 1 <= top_k <= E={router_logits.size(-1)}, got {top_k}")
+    if _use_fused_topk(router_logits):
+        from .backends.triton.routing import topk_softmax
+
+        return topk_softmax(router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous(), top_k)
     top_logits, expert_idxs = torch.topk(router_logits.float(), top_k, dim=-1)
     return torch.softmax(top_logits, dim=-1), expert_idxs
 

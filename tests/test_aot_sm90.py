@@ -53,3 +53,12 @@ def test_compiles_to_pipelined_wgmma_without_spills(reports, case):
     assert report.pipelined, f"loads are not pipelined with cp.async: {report}"
     assert report.shared_bytes <= aot.H100_SHARED_BYTES, f"shared memory over the H100 limit: {report}"
     assert report.stack_bytes == 0 and report.local_bytes == 0, f"registers spill: {report}"
+
+
+def test_routing_kernels_compile_without_spills():
+    # The one-launch counting sort and top-k gating (backends/triton/routing.py), at their launch sizes.
+    reports = aot.compile_in_subprocess("routing")
+    assert len(reports) == 14
+    for name, shared, registers, stack, local in reports:
+        assert shared <= aot.H100_SHARED_BYTES, name
+        assert stack == 0 and local == 0, f"{name}: registers spill ({registers} registers, stack {stack})"

@@ -130,3 +130,23 @@ def test_flatten_sort_count_cuda(T, E, K, device, monkeypatch):
     with scattermoe.use_backend("torch"):
         scattermoe.flatten_sort_count(idx.to(device), E)
     assert len(launches) == int(triton_routing.fused_routing_fits(T * K, E)), "the torch backend must not launch Triton"
+
+
+@pytest.mark.parametrize("T, E, K", [(1, 8, 2), (4096, 8, 2), (77, 128, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_topk_gating_cuda(T, E, K, dtype, device, monkeypatch):
+    # Without a gradient, one Triton launch; with one, the differentiable torch path. Both as torch computes it.
+    from scattermoe.backends.triton import routing as triton_routing
+
+    launches = []
+    real = triton_routing.topk_softmax
+    monkeypatch.setattr(triton_routing, "topk_softmax", lambda *a: launches.append(1) or real(*a))
+    logits = torch.randn(T, E, device=device).to(dtype)
+    values = torch.topk(logits.float(), K, dim=-1).values
+    with torch.no_grad():
+        gates, idx = scattermoe.topk_gating(logits, K)
+    assert launches == [1]
+    assert torch.equal(logits.float().gather(1, idx), values)  # ties may be ordered differently
+    torch.testing.assert_close(gates, torch.softmax(values, -1), rtol=1e-6, atol=1e-6)
+    gates, idx = scattermoe.topk_gating(logits.requires_grad_(), K)
+    assert launches == [1] and gates.requires_grad, "a gradient must take the torch path"

@@ -251,3 +251,35 @@ def test_flatten_sort_count_takes_the_fused_path_only_on_cuda(monkeypatch):
     monkeypatch.setattr(triton_routing, "sort_by_expert", fail)
     with scattermoe.use_backend("triton"):
         scattermoe.flatten_sort_count(torch.tensor([[1, 0]]), 2)
+
+
+# ---- top-k gating in one launch (Triton, interpreted here; used on CUDA when no gradient is needed) ----
+
+@pytest.mark.parametrize("T, E, K", [(1, 8, 2), (7, 3, 3), (300, 8, 2), (5, 1, 1), (33, 64, 8), (9, 128, 8),
+                                     (3, 100, 4), (0, 8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_topk_softmax_matches_torch(T, E, K, dtype):
+    from scattermoe.backends.triton.routing import topk_softmax
+
+    logits = torch.randn(T, 2 * E, dtype=torch.float64)[:, ::2].to(dtype)  # a row stride that is not E
+    gates, idx = topk_softmax(logits.contiguous(), K)
+    values, _ = torch.topk(logits.float(), K, dim=-1)
+    assert gates.dtype == torch.float32 and idx.dtype == torch.int64 and idx.shape == gates.shape == (T, K)
+    # Ties (frequent in bf16) may be ordered differently from torch: compare the chosen logits, largest first.
+    assert torch.equal(logits.float().gather(1, idx), values)
+    assert bool((idx.sort(1).values.diff(dim=1) > 0).all()), "an expert chosen twice"
+    torch.testing.assert_close(gates, torch.softmax(values, -1), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_topk_softmax_picks_distinct_valid_experts_whatever_the_logits():
+    from scattermoe.backends.triton.routing import topk_softmax
+
+    logits = torch.full((3, 6), float("-inf"))
+    logits[0, 4] = 1.0                 # one finite logit, the rest -inf
+    logits[1, 2] = float("nan")        # NaN beside -inf
+    logits[2] = torch.tensor([0.5, 2.0, 2.0, -1.0, 2.0, 0.0])  # a three-way tie
+    gates, idx = topk_softmax(logits, 3)
+    assert bool(((idx >= 0) & (idx < 6)).all()) and all(len(set(row)) == 3 for row in idx.tolist())
+    assert idx[0, 0] == 4 and torch.equal(gates[0], torch.tensor([1.0, 0.0, 0.0]))
+    assert idx[2].tolist() == [1, 2, 4]  # the lowest index first among equals
+    torch.testing.assert_close(gates[2], torch.full((3,), 1 / 3))

@@ -94,6 +94,37 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
                          usage.get("REG", 0), usage.get("STACK", 0), usage.get("LOCAL", 0))
 
 
+def compile_routing_sm90() -> list:
+    """The routing kernels (routing.py) for sm_90 at the sizes they are launched with, as
+    [(name, shared_bytes, registers, stack_bytes, local_bytes)]: the counting sort at 2, 256 and 4096 rows
+    (the block sizes of its 1- and 4-warp launches), top-k gating at JetMoE's and the fine-grained shapes'."""
+    from .routing import _sort_by_expert_kernel, _topk_softmax_kernel
+
+    cases = []
+    for ids in ("*i64", "*i32"):
+        for block, warps in ((2, 1), (256, 1), (4096, 4)):
+            signature = {"ids_ptr": ids, "sorted_expert_ptr": "*i64", "sorted_slot_ptr": "*i64",
+                         "offsets_ptr": "*i64", "N": "i32", "E": "i32", "BLOCK": "constexpr"}
+            cases.append((f"sort_by_expert-{ids[1:]}-{block}", _sort_by_expert_kernel, signature,
+                          {"BLOCK": block}, warps))
+    for logits in ("*bf16", "*fp32"):
+        for experts, k, block_t in ((8, 2, 64), (64, 8, 64), (128, 8, 32), (1024, 8, 4)):
+            signature = {"logits_ptr": logits, "stride_lt": "i32", "gates_ptr": "*fp32", "idx_ptr": "*i64",
+                         "T": "i32", "E": "i32", "K": "constexpr", "K_POW2": "constexpr", "BLOCK_T": "constexpr",
+                         "BLOCK_E": "constexpr"}
+            constants = {"K": k, "K_POW2": triton.next_power_of_2(k), "BLOCK_T": block_t, "BLOCK_E": experts}
+            cases.append((f"topk_softmax-{logits[1:]}-E{experts}-k{k}", _topk_softmax_kernel, signature, constants,
+                          4))
+    reports = []
+    for name, fn, signature, constants, warps in cases:
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        usage = _resource_usage(compiled.asm["cubin"])
+        reports.append((name, compiled.metadata.shared, usage.get("REG", 0), usage.get("STACK", 0),
+                        usage.get("LOCAL", 0)))
+    return reports
+
+
 def autotune_space(kernel: str) -> list:
     """The GPU autotune space of a kernel (what runs on the H100), whatever this process's mode."""
     return gpu_space(kernel)
@@ -114,6 +145,8 @@ def compile_in_subprocess(cases: list) -> list:
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"AOT compilation failed:\n{result.stderr[-4000:]}")
+    if cases == "routing":
+        return [tuple(report) for report in json.loads(result.stdout)]
     return [CompileReport(**{**report, "config": tuple(report["config"])}) for report in json.loads(result.stdout)]
 
 
@@ -122,5 +155,8 @@ if __name__ == "__main__":
     import sys
 
     cases = json.load(sys.stdin)
+    if cases == "routing":
+        json.dump(compile_routing_sm90(), sys.stdout)
+        sys.exit(0)
     reports = [compile_sm90(kernel, tuple(config), dtype, **flags) for kernel, config, dtype, flags in cases]
     json.dump([dataclasses.asdict(report) for report in reports], sys.stdout)

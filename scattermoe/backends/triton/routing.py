@@ -1,4 +1,7 @@
-"""sort_by_expert: flatten_sort_count in one launch, for few routed rows (decode).
+"""Routing kernels for few tokens (decode), where torch's launches cost more than the work.
+
+sort_by_expert: flatten_sort_count in one launch, for few routed rows.
+topk_softmax: topk_gating in one launch (no backward: used when no gradient is needed).
 
 Legend: N = T*K routed slots, E experts. At small N, flatten_sort_count on torch is
 four launches (a stable sort, arange, searchsorted, a cast), each costing more
@@ -83,3 +86,68 @@ def sort_by_expert(flat_ids: torch.Tensor, num_experts: int) -> Tuple[torch.Tens
     _sort_by_expert_kernel[(1,)](flat_ids, sorted_expert, sorted_slot, offsets, n, num_experts,
                                  BLOCK=block, num_warps=1 if block <= 256 else 4)
     return sorted_expert, sorted_slot, offsets
+
+
+# ---------------------------------------------------------------- top-k gating
+
+# Up to this many experts one program row holds all of a token's logits.
+FUSED_TOPK_MAX_EXPERTS = 1024
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, stride_lt,  # [T, E] router logits, unit stride along E
+    gates_ptr,              # [T, K] float32 out: softmax over the K chosen logits
+    idx_ptr,                # [T, K] int64 out: the chosen experts, largest logit first
+    T, E,
+    K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, BLOCK_E)
+    token_ok = tokens < T
+    logits = tl.load(logits_ptr + tokens.to(tl.int64)[:, None] * stride_lt + experts[None, :],
+                     mask=token_ok[:, None] & (experts < E)[None, :], other=float("-inf")).to(tl.float32)
+    slots = tl.arange(0, K_POW2)
+    chosen = tl.full((BLOCK_T, K_POW2), float("-inf"), tl.float32)
+    taken = (experts[None, :] >= E) | (tokens[:, None] < 0)  # [BLOCK_T, BLOCK_E]: padding, then the chosen
+    for j in tl.static_range(K):  # k rounds of max, each chosen expert taken out of the next
+        candidates = tl.where(taken, float("-inf"), logits)
+        top = tl.max(candidates, axis=1)
+        # The lowest index holding the max; if none matches (a NaN logit), the lowest index not yet taken, so the
+        # K experts are always distinct and in [0, E), whatever the logits (-inf and NaN included).
+        best = tl.min(tl.where(~taken & (candidates == top[:, None]), experts[None, :], BLOCK_E), axis=1)
+        free = tl.min(tl.where(taken, BLOCK_E, experts[None, :]), axis=1)
+        best = tl.where(best < BLOCK_E, best, free)
+        tl.store(idx_ptr + tokens.to(tl.int64) * K + j, best.to(tl.int64), mask=token_ok)
+        value = tl.max(tl.where(experts[None, :] == best[:, None], logits, float("-inf")), axis=1)
+        chosen = tl.where(slots[None, :] == j, value[:, None], chosen)
+        taken = taken | (experts[None, :] == best[:, None])
+    # Softmax over the K chosen (the first is the largest: subtract it; 0 for padding rows, never stored).
+    first = tl.where(token_ok, tl.max(chosen, axis=1), 0.0)
+    weights = tl.exp(chosen - first[:, None])
+    weights = tl.where(slots[None, :] < K, weights, 0.0)
+    gates = weights / tl.sum(weights, axis=1)[:, None]
+    tl.store(gates_ptr + tokens.to(tl.int64)[:, None] * K + slots[None, :], gates,
+             mask=token_ok[:, None] & (slots < K)[None, :])
+
+
+def fused_topk_fits(num_experts: int) -> bool:
+    return num_experts <= FUSED_TOPK_MAX_EXPERTS
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """topk_gating in one launch: (gates [T, K] float32, expert_idxs [T, K] int64) from logits [T, E].
+
+    The caller checks the arguments; logits need a unit stride along E.
+    """
+    T, E = router_logits.shape
+    gates = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
+    idx = torch.empty(T, top_k, dtype=torch.int64, device=router_logits.device)
+    if T == 0:
+        return gates, idx
+    block_e = triton.next_power_of_2(E)
+    block_t = max(1, min(64, 4096 // block_e, triton.next_power_of_2(T)))  # ~4096 logits per program
+    _topk_softmax_kernel[(triton.cdiv(T, block_t),)](
+        router_logits, router_logits.stride(0), gates, idx, T, E,
+        K=top_k, K_POW2=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+    return gates, idx
