@@ -14,6 +14,11 @@ STEPS="${1:-csrc tests bench e2e hf}"
 BUDGET="${2:-540}"
 DEST="${OUT:?device_call.sh runs on the device machine, where OUT names the folder that comes back}"
 scratch="$(mktemp -d /tmp/gpu_check.XXXXXX)"
+# The copy has no .git: take the commit prepare_gpu_carry.sh recorded (re-run it after committing).
+carried="$(dirname "${BASH_SOURCE[0]}")/../third_party/carried_commit"
+if [ -z "${BENCH_COMMIT:-}" ] && [ -f "$carried" ]; then
+    export BENCH_COMMIT="$(head -n 1 "$carried")" BENCH_DIRTY="$(tail -n 1 "$carried")"
+fi
 GPU_CHECK_STEPS="$STEPS" GPU_CHECK_BUDGET_S="$BUDGET" PYTHONUNBUFFERED=1 \
     bash "$(dirname "${BASH_SOURCE[0]}")/gpu_check.sh" "$scratch"
 rc=$?

@@ -146,10 +146,15 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
             log(f"[e2e] jetmoe ({backend}) vs transformers logits: rel err {err:.2e} "
                 f"({'ok' if err < CHECK_TOL else 'FAIL'})")
 
+    hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    other_bytes = 0  # the other model's weights, resident while one is timed: not this one's memory
+
     def add(case: str, impl: str, tokens: int, times: List[float], flops: Optional[int], per: int = 1) -> None:
         ms = _median(times) / per
+        peak = _peak_gb()
         row = {"case": case, "tokens": tokens, "routing": "model", "dtype": dtype_name, "impl": impl, "ms": ms,
-               "tflops": flops / ms / 1e9 if flops else None, "peak_mem_gb": _peak_gb(), "status": "ok",
+               "tflops": flops / ms / 1e9 if flops else None,
+               "peak_mem_gb": None if peak is None else peak - other_bytes / 1e9, "status": "ok",
                "tokens_per_s": tokens / ms * 1e3 if case != "e2e_decode" else 1e3 / ms,
                "raw_ms": times, "layers": layers}
         rows.append(row)
@@ -193,6 +198,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
                 row["triton_fallbacks"] = sorted(k for k in after if after[k] > fallbacks_before.get(k, 0))
         on_update({"rows": rows, "checks": checks, "active_params": active})
 
+    other_bytes = hf_bytes  # transformers' model stays resident while jetmoe's backends are timed
     for backend in JETMOE_BACKENDS:
         impl = f"jetmoe_scattermoe_{backend}"
         if impl not in impls:
@@ -214,6 +220,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
                 return ours.generate(ids, max_new_tokens=n)
         measure(impl, ours, ours_forward, ours_generate)
     ours = None  # free its weights before transformers is timed
+    other_bytes = 0
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -228,6 +235,13 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         measure("transformers", hf, hf_forward, hf_generate)
     if "transformers_apply_scattermoe" in impls:
         apply_scattermoe(hf)
+        with torch.no_grad():  # the patched model against transformers' own logits, as jetmoe's were checked
+            patched = hf(input_ids=probe).logits.float()
+        err = ((patched - ref).norm() / ref.norm()).item()
+        checks["transformers_apply_scattermoe_vs_transformers_logits_rel_err"] = err
+        checks["ok"] = checks["ok"] and err < CHECK_TOL
+        log(f"[e2e] transformers + apply_scattermoe vs transformers logits: rel err {err:.2e} "
+            f"({'ok' if err < CHECK_TOL else 'FAIL'})")
         measure("transformers_apply_scattermoe", hf, hf_forward, hf_generate)
     return {"rows": rows, "checks": checks, "active_params": active}
 

@@ -74,16 +74,16 @@ def grouped_mm_glu_moe(
     T, K = expert_idxs_TK.shape
     slot_N, offs_E = sort_by_expert(expert_idxs_TK, w_in_EHD.size(0))
     token_N = torch.div(slot_N, K, rounding_mode="floor")
-    x_ND = x_TD[token_N]  # the routed copy scattermoe avoids
+    # index_select / index_add rather than advanced indexing: their backwards are index_add / index_select, not
+    # the sort-based index_put(accumulate=True) that x[idx]'s backward is on CUDA (the fair baseline).
+    x_ND = x_TD.index_select(0, token_N)  # the routed copy scattermoe avoids
     h_NH = mm(x_ND, w_in_EHD.transpose(1, 2), offs_E)  # [N, 2F]; weight read as a [D, 2F] view
     a, b = h_NH.chunk(2, dim=-1)
     g_NF = F.silu(a) * b if activate_first else a * F.silu(b)
     y_ND = mm(g_NF, w_out_EDF.transpose(1, 2), offs_E)  # [N, D]
-    y_ND = y_ND * gates_TK.reshape(-1)[slot_N].to(y_ND.dtype).unsqueeze(-1)
-    # Back to slot order t*K + j by a gather with the inverse permutation (its backward is a scatter).
-    inverse_N = torch.empty_like(slot_N)
-    inverse_N[slot_N] = torch.arange(slot_N.numel(), device=slot_N.device)
-    return y_ND[inverse_N].view(T, K, -1).sum(1)
+    y_ND = y_ND * gates_TK.reshape(-1).index_select(0, slot_N).to(y_ND.dtype).unsqueeze(-1)
+    # Back to token order and the sum over each token's K rows in one scatter-add (backward: a gather).
+    return y_ND.new_zeros(T, y_ND.size(1)).index_add(0, token_N, y_ND)
 
 
 def grouped_mm_moa(
@@ -108,13 +108,14 @@ def grouped_mm_moa(
     slot_N, offs_E = sort_by_expert(expert_idxs_TK, w_in_EHD.size(0))
     inverse_N = torch.empty_like(slot_N)
     inverse_N[slot_N] = torch.arange(slot_N.numel(), device=slot_N.device)
-    x_ND = x_TD[torch.div(slot_N, K, rounding_mode="floor")]
-    q_NH = mm(x_ND, w_in_EHD.transpose(1, 2), offs_E)[inverse_N]  # slot order [T*K, H*Dh]
+    token_N = torch.div(slot_N, K, rounding_mode="floor")
+    x_ND = x_TD.index_select(0, token_N)  # (index_select / index_add: see grouped_mm_moe)
+    q_NH = mm(x_ND, w_in_EHD.transpose(1, 2), offs_E).index_select(0, inverse_N)  # slot order [T*K, H*Dh]
     q = q_NH.view(T, K, num_heads, HD // num_heads).transpose(1, 2).reshape(T, num_heads * K, HD // num_heads)
-    o_NH = q.view(T, num_heads, K, -1).transpose(1, 2).reshape(T * K, HD)[slot_N]  # back to expert order
+    o_NH = q.view(T, num_heads, K, -1).transpose(1, 2).reshape(T * K, HD).index_select(0, slot_N)  # expert order
     y_ND = mm(o_NH, w_out_EDH.transpose(1, 2), offs_E)
-    y_ND = y_ND * gates_TK.reshape(-1)[slot_N].to(y_ND.dtype).unsqueeze(-1)
-    return y_ND[inverse_N].view(T, K, -1).sum(1)
+    y_ND = y_ND * gates_TK.reshape(-1).index_select(0, slot_N).to(y_ND.dtype).unsqueeze(-1)
+    return y_ND.new_zeros(T, y_ND.size(1)).index_add(0, token_N, y_ND)
 
 
 def probe(device: torch.device) -> Optional[str]:

@@ -70,15 +70,17 @@ class Timer:
             props = torch.cuda.get_device_properties(device)
             l2 = int(getattr(props, "L2_cache_size", 0) or 0)
             # 256 MB as triton.testing.do_bench uses, or more on a GPU with a larger L2.
-            self._flush = torch.empty(max(256 << 20, 4 * l2), dtype=torch.int8, device=device)
+            self._flush = torch.zeros(max(256 << 20, 4 * l2), dtype=torch.int8, device=device)
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
     def flush_l2(self) -> None:
+        # Read, not write (triton's do_bench zeroes its buffer): a write leaves up to an L2 of dirty lines that
+        # the timed call would then write back to HBM, ~10 us at T=1, where the decode target's floor is ~40 us.
         if self._flush is not None:
-            self._flush.zero_()
+            torch.amax(self._flush, dim=0)  # a full read of the buffer; the 1-element result is dropped
 
     def measure(self, fn: Callable[[int], object], n_sets: int, plan: TimingPlan,
                 prepare: Callable[[int], None] = lambda i: None) -> Dict:
@@ -166,6 +168,8 @@ def git_commit() -> Dict:
     full = os.environ.get("BENCH_COMMIT") or _run(["git", "rev-parse", "HEAD"])
     if not full:
         return {"commit": "unknown", "short": "unknown", "dirty": None}
+    if os.environ.get("BENCH_DIRTY") in ("dirty", "clean"):  # recorded with BENCH_COMMIT where there is no .git
+        return {"commit": full, "short": full[:7], "dirty": os.environ["BENCH_DIRTY"] == "dirty"}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     return {"commit": full, "short": full[:7], "dirty": bool(status) if status is not None else None}
 

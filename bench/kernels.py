@@ -116,7 +116,9 @@ def suite(name: str) -> List[Group]:
         return [Group(s, t, r, "float16") for s in shapes for t, r in ((1, "uniform"), (40, "zipf"))]
     if name != "full":
         raise ValueError(f"suite: expected full, quick, headline or smoke, got {name!r}")
-    head = [Group(moe, 16384)]
+    # First what the targets are judged on: the headline, the routing share (routing and the layer's forward at
+    # T >= 4096), decode (T=1); then the sweeps.
+    head = [Group(moe, 16384), Group(routing, 16384), Group(moe, 1), Group(routing, 4096), Group(moe, 4096)]
     rest = [Group(s, t, r) for s in (moe, routing, moa, SHAPES["finegrained_e64"], SHAPES["finegrained_e128"])
             for r in ROUTINGS for t in TOKENS]
     return head + [g for g in rest if g not in head]
@@ -268,6 +270,17 @@ class Workload:
                     why = f"construction failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
         self._peers[impl] = (module, why if module is None else None)
         return self._peers[impl]
+
+    def own_bytes(self, impl: str, inp: Inputs) -> int:
+        """What one call of impl needs resident: its weights and the inputs it reads (the harness also holds
+        other implementations' weights and operands, which are not this implementation's memory)."""
+        if impl == "dense_same_flops":
+            tensors = list(inp.dense.values())
+        elif self.shape.kind == "routing":
+            tensors = [inp.logits]
+        else:
+            tensors = self.params(impl) + [inp.x, inp.gates, inp.idx, inp.dy]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def params(self, impl: str) -> List[torch.Tensor]:
         if impl in ("scattermoe_original", "sonicmoe"):

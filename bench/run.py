@@ -47,6 +47,21 @@ def setup_grouped_mm(device: torch.device, allow_loop: bool) -> Tuple[Optional[g
     return None, {"impl": None, "probe": reason, "unavailable": reason}
 
 
+def merge_checks(by_group: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict]:
+    """One verdict per impl over several check groups: the first error or unavailability, else ok only if every
+    group was; the per-group results kept under "groups"."""
+    merged: Dict[str, Dict] = {}
+    for label, checks in by_group.items():
+        for impl, c in checks.items():
+            m = merged.setdefault(impl, {"ok": True, "groups": {}})
+            m["groups"][label] = c
+            for key in ("unavailable", "not_compared", "error"):
+                if key in c and key not in m:
+                    m[key] = c[key]
+            m["ok"] = m["ok"] and bool(c.get("ok", "not_compared" in c or "unavailable" in c))
+    return merged
+
+
 def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
     """Checks, then rows. ``on_update(results)`` after each group so a run cut short leaves files."""
     start = time.perf_counter()
@@ -65,13 +80,25 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
 
     for group in cfg.groups:
         shape = group.shape
+        if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
+            # Spent: record the group's rows as skipped without building weights, checks or inputs.
+            for mode in shape.modes:
+                for impl in impls_for(shape, cfg.impls):
+                    results["rows"].append({
+                        "case": group.case(mode), "tokens": group.T, "routing": group.routing, "dtype": group.dtype,
+                        "impl": impl, "ms": None, "tflops": None, "peak_mem_gb": None, "flops": flops(group, mode),
+                        "status": f"skipped: time budget ({cfg.time_budget_s:.0f} s) spent"})
+            continue
         work = workload(shape, group.dtype)
         if shape.name not in results["checks"]:
-            check_group = Group(shape, min(cfg.check_tokens, max(g.T for g in cfg.groups if g.shape == shape)),
-                                dtype=group.dtype)
-            log(f"[bench] {shape.name}: checking every implementation against the torch backend (fp32) "
-                f"at T={check_group.T} ...")
-            checks = check(work, impls_for(shape, cfg.impls), check_group, cfg.seed + 1000)
+            check_t = min(cfg.check_tokens, max(g.T for g in cfg.groups if g.shape == shape))
+            # Decode (T=1: the small-row kernel configs), a mid size, and skewed routing at that size.
+            check_groups = [Group(shape, t, r, dtype=group.dtype)
+                            for t, r in dict.fromkeys(((1, "uniform"), (check_t, "uniform"), (check_t, "zipf")))]
+            log(f"[bench] {shape.name}: checking every implementation against the torch backend (fp32) at "
+                + ", ".join(f"T={g.T} {g.routing}" for g in check_groups) + " ...")
+            checks = merge_checks({g.label: check(work, impls_for(shape, cfg.impls), g, cfg.seed + 1000 + i)
+                                   for i, g in enumerate(check_groups)})
             results["checks"][shape.name] = checks
             for impl, c in checks.items():
                 verdict = (c.get("unavailable") or c.get("not_compared") or
@@ -125,6 +152,11 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     log(f"[bench]   {row['status']}")
                     work.release()
                     continue
+                if memory["extra_gb"] is not None:
+                    # The harness holds every implementation's weights and operands at once; a row's peak is its
+                    # own: its weights and inputs plus what the call allocated on top (device_peak_gb: the raw one).
+                    memory["device_peak_gb"] = memory["peak_mem_gb"]
+                    memory["peak_mem_gb"] = work.own_bytes(impl, sets[0]) / 1e9 + memory["extra_gb"]
                 ms = timing["quantiles_ms"]["median"]
                 row.update(status="ok", ms=ms, first_call_ms=timing["first_call_ms"], **memory, timing=timing)
                 if fallbacks_before is not None:
