@@ -2,7 +2,7 @@
 
     from jetmoe import JetMoEForCausalLM
     model = JetMoEForCausalLM.from_pretrained("jetmoe/jetmoe-8b", dtype=torch.bfloat16, device="cuda")
-    out = model.generate(input_ids, max_new_tokens=64)
+    out = model.generate(input_ids, max_new_tokens=64, eos_token_id=model.config.eos_token_id)
 
     python -m jetmoe demo        # trains the built-in tiny model for ~2 minutes on a CPU, then samples from it
 """

@@ -44,6 +44,8 @@ def config_from_dict(d: dict) -> JetMoEConfig:
     config carries the original key *and* transformers' default, and silently picking one could build
     the wrong shapes.
     """
+    if not isinstance(d, dict):
+        raise CheckpointError(f"config.json: expected a JSON object, got {type(d).__name__}")
     if d.get("model_type", "jetmoe") != "jetmoe":
         raise CheckpointError(f"config.json: model_type is {d['model_type']!r}, expected 'jetmoe'")
     if d.get("glu", True) is not True:
@@ -58,10 +60,24 @@ def config_from_dict(d: dict) -> JetMoEConfig:
         elif alias in d:
             values[name] = d[alias]
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if "rope_theta" not in d and "rope_theta" in rope:
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"config.json: rope_parameters/rope_scaling: expected an object, got {rope!r}")
+    if "rope_theta" in rope:
+        if "rope_theta" in d and d["rope_theta"] != rope["rope_theta"]:
+            raise CheckpointError(f"config.json: rope_theta={d['rope_theta']} and "
+                                  f"rope_parameters.rope_theta={rope['rope_theta']} disagree")
         values["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"config.json: rope_type {rope['rope_type']!r} is not supported (only 'default')")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the older transformers spelling
+    if rope_type != "default":
+        raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported (only 'default')")
+    for name, value in values.items():  # numbers where numbers are due: "32" would fail deep inside torch
+        default = getattr(JetMoEConfig, name, None)
+        if name.endswith("_token_id"):
+            continue  # ids may be None or, for eos, a list; checked by JetMoEConfig
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(default, int) and not isinstance(value, int))):
+            raise CheckpointError(f"config.json: {name}={value!r}, expected {type(default).__name__}")
     try:
         return JetMoEConfig(**values)
     except (TypeError, ValueError) as exc:
@@ -117,7 +133,14 @@ def weight_files(ckpt_dir: Path) -> Dict[str, Path]:
 
     index = ckpt_dir / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc!r})") from None
+        missing = sorted({file for file in weight_map.values() if not (ckpt_dir / file).is_file()})
+        if missing:
+            raise CheckpointError(f"{index}: names shard {missing[0]}, which is not in {ckpt_dir}"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         return {name: ckpt_dir / file for name, file in weight_map.items()}
     single = ckpt_dir / SINGLE_FILE
     if single.is_file():
@@ -173,14 +196,27 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike]) ->
     if missing:
         raise CheckpointError(f"{ckpt_dir}: missing tensor {missing[0]}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    # Every file opened and every tensor's shape read from the headers before any parameter is written, so a
+    # bad checkpoint leaves the model as it was.
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                stored = set(f.keys())
+                for name in names:
+                    if name not in stored:
+                        raise CheckpointError(f"{file.name}: the index lists tensor {name}, which this file lacks")
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(params[name].shape):
+                        raise CheckpointError(f"{file.name}: tensor {name} has shape {shape}, "
+                                              f"the model expects {tuple(params[name].shape)}")
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors' own errors (a truncated file, a bad header) name no file
+            raise CheckpointError(f"{file}: cannot read it as safetensors ({exc})") from None
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:  # one tensor in host memory at a time
-                t = f.get_tensor(name)
-                if tuple(t.shape) != tuple(params[name].shape):
-                    raise CheckpointError(f"{file.name}: tensor {name} has shape {tuple(t.shape)}, "
-                                          f"the model expects {tuple(params[name].shape)}")
-                params[name].copy_(t)
+                params[name].copy_(f.get_tensor(name))
 
 
 def save_pretrained(model: JetMoEForCausalLM, out_dir: Union[str, os.PathLike],

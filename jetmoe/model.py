@@ -10,6 +10,7 @@ module and parameter names are transformers' ``JetMoe`` names, so state_dicts ma
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -49,6 +50,14 @@ class JetMoEConfig:
     pad_token_id: Optional[int] = None
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
+                     "intermediate_size", "num_local_experts", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id: expected an id in [0, vocab_size={self.vocab_size}), "
+                             f"got {self.pad_token_id}")
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(f"activation_function: expected one of {sorted(ACTIVATIONS)}, "
                              f"got {self.activation_function!r}")
@@ -308,9 +317,18 @@ class JetMoEForCausalLM(nn.Module):
         labels [B, S] (next-token targets are labels[:, 1:]; -100 ignored); position_ids [B, S] or None
         (then counted from the mask, so left padding does not shift positions); cache: see ``generate``."""
         cfg = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids: expected integer token ids [B, S], got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
         B, S = input_ids.shape
+        if S == 0:
+            raise ValueError("input_ids: expected at least one token per row, got shape "
+                             f"{tuple(input_ids.shape)}")
         start = cache.length if cache is not None else 0
         L = start + S
+        if cache is not None and (cache.k.size(1) != B or L > cache.k.size(3)):
+            raise ValueError(f"cache: holds {cache.k.size(3)} positions of a batch of {cache.k.size(1)}, "
+                             f"{start} filled; got {S} more of a batch of {B}")
         if attention_mask is not None and attention_mask.shape != (B, L):
             raise ValueError(f"attention_mask: expected shape {(B, L)} (batch, cache + new positions), "
                              f"got {tuple(attention_mask.shape)}")
@@ -338,7 +356,8 @@ class JetMoEForCausalLM(nn.Module):
             cache.length = L
         out = CausalLMOutput(logits=logits, router_logits=tuple(r[0] for r in routers))
         if labels is not None:
-            out.loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            out.loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),
+                                       ignore_index=-100)
         if cache is None:  # aux losses are a training signal: skipped in the decode loop
             valid = attention_mask.reshape(-1).bool() if attention_mask is not None else None
             out.aux_loss = cfg.aux_loss_coef * router_aux_loss(routers, cfg.num_local_experts, valid)
@@ -353,12 +372,20 @@ class JetMoEForCausalLM(nn.Module):
         """input_ids [B, S] (left-padded when rows differ in length, with attention_mask [B, S]) ->
         [B, S + n], n <= max_new_tokens. One prefill over the prompt, then one position per step against a
         static KV cache (the prompt is never rerun). ``callback(tokens [B])`` gets each step's tokens (streaming).
-        Rows that produced an eos keep producing it; generation stops once all rows have.
+        ``eos_token_id`` (an id or several): a row stops at it, and then produces the config's pad_token_id (or,
+        without one, the eos it produced) as transformers does; generation ends once all rows have. None (the
+        default) never stops early: pass ``model.config.eos_token_id`` to stop where transformers would.
         ``stats`` (a dict), if given, receives prefill_s (prompt and first token), decode_s, new_tokens."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature: expected a finite value >= 0 (0: greedy), got {temperature}")
+        if attention_mask is not None and attention_mask.shape == input_ids.shape and bool(
+                (attention_mask.bool().any(-1) & ~attention_mask[:, -1].bool()).any()):
+            raise ValueError("attention_mask: a row ends in padding; pad prompts on the left, so that every "
+                             "row's last prompt token is in the last column")
         B, S = input_ids.shape
         device = input_ids.device
         cache = KVCache(self.config, B, S + max_new_tokens, device, self.model.embed_tokens.weight.dtype)
@@ -366,9 +393,13 @@ class JetMoEForCausalLM(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             full_mask = torch.ones(B, S + max_new_tokens, dtype=torch.long, device=device)
             full_mask[:, :S] = attention_mask
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                           device=device, dtype=torch.long)
+        try:  # an int, a list, a tensor or a numpy value of ids
+            eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"eos_token_id: expected an id or a sequence of ids, got {eos_token_id!r}") from None
+        eos = eos.to(device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        after_eos = torch.full((B,), -1, dtype=torch.long, device=device)  # what a finished row produces
         was_training = self.training
         self.eval()
         _sync(device)
@@ -380,8 +411,11 @@ class JetMoEForCausalLM(nn.Module):
         for step in range(max_new_tokens):
             tokens = sample(logits, temperature, top_p, generator)
             if eos.numel():
-                tokens = torch.where(finished, eos[0], tokens)
-                finished |= torch.isin(tokens, eos)
+                tokens = torch.where(finished, after_eos, tokens)
+                newly = ~finished & torch.isin(tokens, eos)
+                pad = self.config.pad_token_id
+                after_eos = torch.where(newly, tokens if pad is None else torch.full_like(tokens, pad), after_eos)
+                finished |= newly
             new_tokens.append(tokens)
             if callback is not None:
                 callback(tokens)

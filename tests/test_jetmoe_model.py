@@ -161,8 +161,42 @@ def test_eos_stops_rows_and_streams_to_the_callback():
         eos = int(free[0, 1])  # row 0 emits it at step 1
         streamed = []
         out = model.generate(x, 6, eos_token_id=eos, callback=lambda t: streamed.append(t.tolist()))[:, 4:]
-    assert out[0, 1] == eos and (out[0, 1:] == eos).all(), out  # a finished row keeps emitting eos
+    first = free[0].tolist().index(eos)  # row 0's first eos (step 0 or 1)
+    # A finished row produces the pad id afterwards, as transformers' generate does.
+    assert torch.equal(out[0, :first + 1], free[0, :first + 1]) and out[0, first] == eos, (out, free)
+    assert (out[0, first + 1:] == TINY.pad_token_id).all(), out
     assert [list(col) for col in zip(*out.tolist())] == streamed
+    # Without a pad id, the eos it produced; eos given as a tensor works too.
+    model.config = dataclasses.replace(TINY, pad_token_id=None)
+    with scattermoe.use_backend("torch"):
+        out = model.generate(x, 6, eos_token_id=torch.tensor([eos, 47]))[:, 4:]
+    model.config = TINY
+    assert (out[0, first:] == eos).all(), out
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: m.generate(x[:, :0], 3), "at least one token"),
+    (lambda m, x: m.generate(x, 3, temperature=float("nan")), "temperature"),
+    (lambda m, x: m.generate(x, 3, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])),
+     "pad prompts on the left"),
+    (lambda m, x: m.generate(x, 3, eos_token_id="</s>"), "eos_token_id"),
+    (lambda m, x: m(x, cache=KVCache(TINY, 2, 3, "cpu", torch.float32)), "cache: holds 3 positions"),
+    (lambda m, x: m(x, cache=KVCache(TINY, 1, 8, "cpu", torch.float32)), "of a batch of 1"),
+    (lambda m, x: m(x.float()), "input_ids: expected integer token ids"),
+], ids=["empty_prompt", "nan_temperature", "right_padding", "eos_a_string", "cache_too_short", "cache_batch",
+        "float_ids"])
+def test_generate_and_forward_refuse_bad_arguments_by_name(call, message):
+    model = random_model()
+    x = torch.randint(3, TINY.vocab_size, (2, 4))
+    with scattermoe.use_backend("torch"), pytest.raises((ValueError, TypeError), match=message):
+        call(model, x)
+
+
+def test_int32_labels_give_the_int64_loss():
+    model = random_model()
+    x = torch.randint(3, TINY.vocab_size, (2, 6))
+    with scattermoe.use_backend("torch"):
+        assert model(x, labels=x.int()).loss.item() == model(x, labels=x).loss.item()
 
 
 def test_sampling_is_seeded_and_top_p_keeps_the_head():
@@ -197,6 +231,59 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=rf"{name} has shape \(5, 32\), the model expects \(4, 32\)"):
         load_pretrained(tmp_path)
+
+
+def test_broken_shards_are_refused_before_any_weight_is_written(tmp_path):
+    from jetmoe.checkpoint import load_weights
+
+    model = random_model()
+    model.save_pretrained(tmp_path, max_shard_size=4096)  # several shards and an index
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    target = random_model(dataclasses.replace(TINY, initializer_range=0.01))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+
+    def refused(message):
+        with pytest.raises(CheckpointError, match=message):
+            load_weights(target, tmp_path)
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items()), "partly loaded"
+
+    (tmp_path / shards[-1]).rename(tmp_path / "moved")
+    refused(f"names shard {shards[-1]}, which is not in")
+    (tmp_path / "moved").rename(tmp_path / shards[-1])
+    name = next(n for n, f in index["weight_map"].items() if f == shards[-1])
+    index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], name: shards[0]}}))
+    refused(f"{shards[0]}: the index lists tensor {name}, which this file lacks")
+    index_path.write_text(json.dumps(index))
+    data = (tmp_path / shards[0]).read_bytes()
+    (tmp_path / shards[0]).write_bytes(data[:20])  # truncated
+    refused(f"{shards[0]}: cannot read it as safetensors")
+    (tmp_path / shards[0]).write_bytes(data)
+    index_path.write_text("{")
+    refused("not a safetensors index with a weight_map")
+    index_path.write_text(json.dumps(index))
+    load_weights(target, tmp_path)  # intact again: loads
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "rope type 'linear' is not supported"),
+    ({"rope_theta": 500.0, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+     "rope_theta=500.0 and rope_parameters.rope_theta=10000.0 disagree"),
+    ({"hidden_size": "32"}, "hidden_size='32', expected int"),
+    ({"rms_norm_eps": None}, "rms_norm_eps=None"),
+    ({"pad_token_id": 48}, r"pad_token_id: expected an id in \[0, vocab_size=48\)"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers: expected a positive int"),
+], ids=["legacy_rope_scaling", "rope_theta_disagrees", "string_size", "none_eps", "pad_out_of_range", "no_layers"])
+def test_bad_config_values_are_named(change, message):
+    d = {**config_to_dict(TINY), **change}
+    if "rope_scaling" in change:
+        del d["rope_parameters"]  # (which would be read first)
+    with pytest.raises(CheckpointError, match=message):
+        config_from_dict(d)
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        config_from_dict([d])
 
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
