@@ -132,13 +132,20 @@ class Timer:
         """One call's memory, in GB (10^9 bytes): ``peak_mem_gb`` the peak allocated during it (weights,
         inputs and what a forward kept included), ``extra_gb`` that peak above what was allocated
         before it, ``held_gb`` what stays allocated while its result is alive (for a training
-        forward: the activations kept for backward, plus the output)."""
+        forward: the activations kept for backward, plus the output), ``prepared_gb`` what
+        ``prepare`` allocated for it (a timed backward's forward activations)."""
         if not self.cuda:
-            return {"peak_mem_gb": None, "extra_gb": None, "held_gb": None}
+            return {"peak_mem_gb": None, "extra_gb": None, "held_gb": None, "prepared_gb": None}
+        gc.collect()
+        self.sync()
+        before_prepare = torch.cuda.memory_allocated(self.device)
         prepare(0)
         gc.collect()
         self.sync()
         base = torch.cuda.memory_allocated(self.device)
+        # What prepare left allocated for the call: a timed backward's forward activations (for other modes ~0,
+        # or below 0 where it dropped the last call's gradients).
+        prepared = max(base - before_prepare, 0)
         torch.cuda.reset_peak_memory_stats(self.device)
         out = fn(0)
         self.sync()
@@ -149,7 +156,8 @@ class Timer:
         held_gb = held / 1e9 if out is not None else None
         del out
         prepare(0)
-        return {"peak_mem_gb": peak / 1e9, "extra_gb": (peak - base) / 1e9, "held_gb": held_gb}
+        return {"peak_mem_gb": peak / 1e9, "extra_gb": (peak - base) / 1e9, "held_gb": held_gb,
+                "prepared_gb": prepared / 1e9}
 
 
 # ---------------------------------------------------------------- environment

@@ -154,9 +154,11 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     continue
                 if memory["extra_gb"] is not None:
                     # The harness holds every implementation's weights and operands at once; a row's peak is its
-                    # own: its weights and inputs plus what the call allocated on top (device_peak_gb: the raw one).
+                    # own: its weights and inputs, what prepare left for it (a timed backward's activations) and what
+                    # the call allocated on top (device_peak_gb: the raw one).
                     memory["device_peak_gb"] = memory["peak_mem_gb"]
-                    memory["peak_mem_gb"] = work.own_bytes(impl, sets[0]) / 1e9 + memory["extra_gb"]
+                    memory["peak_mem_gb"] = (work.own_bytes(impl, sets[0], mode) / 1e9 + memory["prepared_gb"]
+                                             + memory["extra_gb"])
                 ms = timing["quantiles_ms"]["median"]
                 row.update(status="ok", ms=ms, first_call_ms=timing["first_call_ms"], **memory, timing=timing)
                 if fallbacks_before is not None:

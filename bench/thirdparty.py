@@ -76,11 +76,6 @@ def load_scattermoe_original() -> Tuple[Optional[ModuleType], Optional[str]]:
         return None, f"not found: {pkg} (see bench/README.md, 'Peers')"
     if not any(isinstance(f, _OriginalFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _OriginalFinder(pkg))
-    # Its flatten_sort_count is @torch.compile: should inductor fail on the GPU machine, run it eagerly (the
-    # routing is not what the peer's rows measure) rather than lose the peer. Nothing else in bench compiles.
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
     try:
         return importlib.import_module("scattermoe_original"), None
     except Exception as exc:  # a peer that does not import is a finding for the row, not a crash

@@ -76,15 +76,15 @@ def check_features(name: str, x) -> None:
 
 
 def check_not_meta(name: str, t: torch.Tensor) -> None:
-    # Routing is data-dependent: there is no shape-only (meta) version of these ops.
+    # The kernels' work per expert depends on the routing values: there is no shape-only (meta) version.
     if t.device.type == "meta":
         raise ValueError(f"{name}: expected a tensor with data (cpu or cuda), got one on the meta device; "
-                         "routing depends on the values, so these ops cannot run on meta tensors")
+                         "how many rows each expert gets depends on the routing values, so these ops cannot "
+                         "run on meta tensors")
 
 
 def check_expert_idxs(expert_idxs: torch.Tensor, num_experts: int) -> None:
     check_tensor("expert_idxs", expert_idxs, dtypes=_INDEX_DTYPES)
-    check_not_meta("expert_idxs", expert_idxs)
     positive_int("num_experts", num_experts)
     if expert_idxs.numel() and _values_checkable(expert_idxs):
         lo, hi = int(expert_idxs.min()), int(expert_idxs.max())
@@ -179,7 +179,11 @@ def check_expert_offsets_values(expert_offsets: torch.Tensor, num_rows: int) -> 
 
 
 def _non_overlapping(t: torch.Tensor) -> bool:
-    """No two elements of t share memory: each dimension, by increasing stride, steps past all the smaller ones."""
+    """No two elements of t share memory: each dimension, by increasing stride, steps past all the smaller ones.
+    (Sufficient, not necessary: an exotic interleaved as_strided view can be refused; every slice, transpose
+    and contiguous buffer passes.)"""
+    if t.numel() == 0:
+        return True
     reach = 0  # the furthest element offset the dimensions seen so far cover
     for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
         if stride <= reach:

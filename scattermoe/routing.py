@@ -75,7 +75,9 @@ def topk_gating(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, 
 
     router_logits: [T, E]. Returns (gates [T, K] float32, expert_idxs [T, K] int64).
     Cast the gates to the model dtype at the call site if needed. On CUDA, when no gradient is needed
-    (inference), this is one Triton launch (backends/triton/routing.py) instead of three.
+    (inference), this is one Triton launch (backends/triton/routing.py) instead of three; it breaks ties
+    between equal logits towards the lower expert id (torch.topk promises no order, so the two paths may
+    pick different experts among exactly equal logits).
     """
     _check_logits(router_logits)
     top_k = positive_int("top_k", top_k)

@@ -229,12 +229,14 @@ def test_fused_sort_by_expert_places_out_of_range_ids_after_every_expert(monkeyp
 
 
 def test_fused_routing_limits():
-    from scattermoe.backends.triton.routing import FUSED_ROUTING_MAX_ROWS, FUSED_ROUTING_MAX_WORK, fused_routing_fits
+    from scattermoe.backends.triton.routing import (FUSED_ROUTING_MAX_EXPERTS, FUSED_ROUTING_MAX_ROWS,
+                                                    FUSED_ROUTING_MAX_WORK, fused_routing_fits)
 
     assert not fused_routing_fits(0, 8)  # no rows: the torch path returns the empty tensors
     assert fused_routing_fits(1, 8) and fused_routing_fits(FUSED_ROUTING_MAX_WORK // 8, 8)
     assert not fused_routing_fits(FUSED_ROUTING_MAX_WORK // 8 + 1, 8)
     assert not fused_routing_fits(FUSED_ROUTING_MAX_ROWS + 1, 1)
+    assert not fused_routing_fits(1, FUSED_ROUTING_MAX_EXPERTS + 1)  # a serial loop over experts
     with pytest.raises(ValueError, match="one-program range"):
         from scattermoe.backends.triton.routing import sort_by_expert
 
@@ -266,8 +268,8 @@ ignore_padding_lane_warnings = pytest.mark.filterwarnings("ignore:invalid value 
 def test_fused_topk_softmax_matches_torch(T, E, K, dtype):
     from scattermoe.backends.triton.routing import topk_softmax
 
-    logits = torch.randn(T, 2 * E, dtype=torch.float64)[:, ::2].to(dtype)  # a row stride that is not E
-    gates, idx = topk_softmax(logits.contiguous(), K)
+    logits = torch.randn(T, 2 * E, dtype=torch.float64).to(dtype)[:, :E]  # a row stride of 2E, not E
+    gates, idx = topk_softmax(logits, K)
     values, _ = torch.topk(logits.float(), K, dim=-1)
     assert gates.dtype == torch.float32 and idx.dtype == torch.int64 and idx.shape == gates.shape == (T, K)
     # Ties (frequent in bf16) may be ordered differently from torch: compare the chosen logits, largest first.
@@ -287,5 +289,6 @@ def test_fused_topk_softmax_picks_distinct_valid_experts_whatever_the_logits():
     gates, idx = topk_softmax(logits, 3)
     assert bool(((idx >= 0) & (idx < 6)).all()) and all(len(set(row)) == 3 for row in idx.tolist())
     assert idx[0, 0] == 4 and torch.equal(gates[0], torch.tensor([1.0, 0.0, 0.0]))
+    assert gates[1].isnan().all()  # a NaN logit gives NaN gates, as on the torch path
     assert idx[2].tolist() == [1, 2, 4]  # the lowest index first among equals
     torch.testing.assert_close(gates[2], torch.full((3,), 1 / 3))

@@ -86,7 +86,11 @@ def _triton_interpreting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:  # an import, not find_spec: a broken install must fall back to torch, not fail at the first launch
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def triton_unsupported_reason(x: torch.Tensor):

@@ -98,7 +98,7 @@ def compile_routing_sm90() -> list:
     """The routing kernels (routing.py) for sm_90 at the sizes they are launched with, as
     [(name, shared_bytes, registers, stack_bytes, local_bytes)]: the counting sort at 2, 256 and 4096 rows
     (the block sizes of its 1- and 4-warp launches), top-k gating at JetMoE's and the fine-grained shapes'."""
-    from .routing import _sort_by_expert_kernel, _topk_softmax_kernel
+    from .routing import TOPK_LOGITS_PER_PROGRAM, _sort_by_expert_kernel, _topk_softmax_kernel
 
     cases = []
     for ids in ("*i64", "*i32"):
@@ -108,7 +108,8 @@ def compile_routing_sm90() -> list:
             cases.append((f"sort_by_expert-{ids[1:]}-{block}", _sort_by_expert_kernel, signature,
                           {"BLOCK": block}, warps))
     for logits in ("*bf16", "*fp32"):
-        for experts, k, block_t in ((8, 2, 64), (64, 8, 64), (128, 8, 32), (1024, 8, 4)):
+        for experts, k in ((8, 2), (64, 8), (128, 8), (1024, 8)):
+            block_t = min(64, TOPK_LOGITS_PER_PROGRAM // experts)  # as topk_softmax launches it
             signature = {"logits_ptr": logits, "stride_lt": "i32", "gates_ptr": "*fp32", "idx_ptr": "*i64",
                          "T": "i32", "E": "i32", "K": "constexpr", "K_POW2": "constexpr", "BLOCK_T": "constexpr",
                          "BLOCK_E": "constexpr"}

@@ -10,6 +10,7 @@ multiply the time.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -101,6 +102,19 @@ def autotune_configs(kernel: str) -> list:
 def make_config(config: tuple) -> "triton.Config":
     m, n, k, w, s = config
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+
+
+def on_tensor_device(launcher):
+    """Run a launcher with its first tensor argument's GPU current. Triton launches on the current device and
+    stream, not the tensors' (a model split over GPUs, e.g. device_map="auto", has layers on other devices)."""
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is not None and t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+    return wrapper
 
 
 def input_precision(dtype: torch.dtype) -> str:

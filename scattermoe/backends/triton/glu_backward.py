@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import INTERPRET
+from .config import INTERPRET, on_tensor_device
 
 
 @triton.jit
@@ -75,6 +75,7 @@ def _glu_backward_kernel(
         tl.store(DOT_ptr + rows, dot, mask=row_mask)
 
 
+@on_tensor_device
 def glu_backward(
     pre: torch.Tensor,
     dg: torch.Tensor,

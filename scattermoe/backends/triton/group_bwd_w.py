@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import autotune_configs, input_precision, pow2_bucket
+from .config import autotune_configs, input_precision, pow2_bucket, on_tensor_device
 
 
 @triton.autotune(configs=autotune_configs("group_bwd_w"), key=["K_IN", "N_OUT", "M_BUCKET"])
@@ -93,6 +93,7 @@ def _group_bwd_w_kernel(
                      db_acc.to(DB_ptr.dtype.element_ty), mask=n_mask)
 
 
+@on_tensor_device
 def group_bwd_w(
     x: torch.Tensor,
     dy: torch.Tensor,

@@ -28,11 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import on_tensor_device
+
 # Up to this N * E the one-program counting sort is used on CUDA (JetMoE, E=8: N <= 2048, T <= 1024;
 # E=64, K=8: T <= 32). A prediction from the work count, to be checked by the bench's routing case.
 FUSED_ROUTING_MAX_WORK = 16384
 # One program holds every id in registers.
 FUSED_ROUTING_MAX_ROWS = 4096
+# Its loop over experts is serial: past this many, torch's launches are cheaper even for one row.
+FUSED_ROUTING_MAX_EXPERTS = 64
 
 
 @triton.jit
@@ -68,9 +72,11 @@ def _new_index(n: int, device: torch.device) -> torch.Tensor:
 
 def fused_routing_fits(num_rows: int, num_experts: int) -> bool:
     """Whether sort_by_expert takes this many rows and experts (and is expected to beat torch.sort)."""
-    return 0 < num_rows <= FUSED_ROUTING_MAX_ROWS and num_rows * num_experts <= FUSED_ROUTING_MAX_WORK
+    return (0 < num_rows <= FUSED_ROUTING_MAX_ROWS and num_experts <= FUSED_ROUTING_MAX_EXPERTS
+            and num_rows * num_experts <= FUSED_ROUTING_MAX_WORK)
 
 
+@on_tensor_device
 def sort_by_expert(flat_ids: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """flatten_sort_count's three outputs (int64) from flat contiguous ids [N], in one launch.
 
@@ -79,7 +85,8 @@ def sort_by_expert(flat_ids: torch.Tensor, num_experts: int) -> Tuple[torch.Tens
     n = flat_ids.numel()
     if not fused_routing_fits(n, num_experts):
         raise ValueError(f"sort_by_expert: N={n}, E={num_experts} is outside the one-program range "
-                         f"(N <= {FUSED_ROUTING_MAX_ROWS}, N * E <= {FUSED_ROUTING_MAX_WORK})")
+                         f"(N <= {FUSED_ROUTING_MAX_ROWS}, E <= {FUSED_ROUTING_MAX_EXPERTS}, "
+                         f"N * E <= {FUSED_ROUTING_MAX_WORK})")
     sorted_expert, sorted_slot = _new_index(n, flat_ids.device), _new_index(n, flat_ids.device)
     offsets = _new_index(num_experts, flat_ids.device)
     block = triton.next_power_of_2(n)
@@ -92,6 +99,8 @@ def sort_by_expert(flat_ids: torch.Tensor, num_experts: int) -> Tuple[torch.Tens
 
 # Up to this many experts one program row holds all of a token's logits.
 FUSED_TOPK_MAX_EXPERTS = 1024
+# Logits per program (4 warps): 4096 spills at E=64, k=8 (255 registers, checked by tests/test_aot_sm90.py).
+TOPK_LOGITS_PER_PROGRAM = 2048
 
 
 @triton.jit
@@ -127,6 +136,10 @@ def _topk_softmax_kernel(
     weights = tl.exp(chosen - first[:, None])
     weights = tl.where(slots[None, :] < K, weights, 0.0)
     gates = weights / tl.sum(weights, axis=1)[:, None]
+    # tl.max skips NaN: a row with a NaN logit gets NaN gates, as torch.topk + softmax give it (a broken router
+    # must not look healthy at inference and broken in training).
+    has_nan = tl.max(tl.where((logits != logits) & (experts < E)[None, :], 1, 0), axis=1) > 0
+    gates = tl.where(has_nan[:, None], float("nan"), gates)
     tl.store(gates_ptr + tokens.to(tl.int64)[:, None] * K + slots[None, :], gates,
              mask=token_ok[:, None] & (slots < K)[None, :])
 
@@ -135,6 +148,7 @@ def fused_topk_fits(num_experts: int) -> bool:
     return num_experts <= FUSED_TOPK_MAX_EXPERTS
 
 
+@on_tensor_device
 def topk_softmax(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """topk_gating in one launch: (gates [T, K] float32, expert_idxs [T, K] int64) from logits [T, E].
 
@@ -146,7 +160,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor,
     if T == 0:
         return gates, idx
     block_e = triton.next_power_of_2(E)
-    block_t = max(1, min(64, 4096 // block_e, triton.next_power_of_2(T)))  # ~4096 logits per program
+    block_t = max(1, min(64, TOPK_LOGITS_PER_PROGRAM // block_e, triton.next_power_of_2(T)))
     _topk_softmax_kernel[(triton.cdiv(T, block_t),)](
         router_logits, router_logits.stride(0), gates, idx, T, E,
         K=top_k, K_POW2=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import autotune_configs, input_precision, num_row_tiles_bound, pow2_bucket, prune_by_rows
+from .config import autotune_configs, input_precision, num_row_tiles_bound, pow2_bucket, prune_by_rows, on_tensor_device
 
 
 @triton.jit
@@ -144,6 +144,7 @@ _scatter2scatter_glu_kernel = triton.autotune(
     prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
 
 
+@on_tensor_device
 def scatter2scatter(
     x: torch.Tensor,
     w: torch.Tensor,
