@@ -213,7 +213,11 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+        if cfg.steps is not None:
+            bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+        else:  # a time budget only: the bar counts seconds, so it shows how much is left
+            bar = tqdm(total=round(cfg.seconds), unit="s", dynamic_ncols=True,
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
     records: List[dict] = []
     start = last = time.perf_counter()
     elapsed = 0.0  # training time so far, the same on every rank (all-reduced below)
@@ -240,8 +244,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             with open(Path(cfg.out_dir) / TRAIN_LOG, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", aux=f"{aux:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update(1 if cfg.steps is not None else min(elapsed, cfg.seconds) - bar.n)
+                bar.set_postfix(step=step, loss=f"{loss:.3f}", aux=f"{aux:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if log is not None and (step % cfg.log_every == 0 or step == 1):
                 log(rec)
         if cfg.save_every and step % cfg.save_every == 0 and not stop:
