@@ -71,6 +71,9 @@ def load_corpus(paths: Optional[Sequence[Union[str, Path]]] = None) -> List[str]
         if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
         elif p.is_file():
+            with open(p, "rb") as f:
+                if b"\0" in f.read(8192):  # a text corpus has no NUL bytes; an executable or archive does
+                    raise ValueError(f"corpus file {p} looks binary (NUL bytes), not text")
             files.append(p)
         else:
             raise FileNotFoundError(f"corpus path not found: {p}")
@@ -186,14 +189,14 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     amp_dtype = torch.bfloat16 if (cfg.amp if cfg.amp is not None else device.type == "cuda") else None
     optimizer = make_optimizer(model, cfg)
     step = 0
+    state_path = Path(cfg.out_dir) / TRAINER_STATE
+    if cfg.resume and not state_path.is_file():  # before anything is made on disk
+        raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         if not cfg.resume:  # a fresh run starts a fresh log
             (Path(cfg.out_dir) / TRAIN_LOG).unlink(missing_ok=True)
-    state_path = Path(cfg.out_dir) / TRAINER_STATE
     if cfg.resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
         load_weights(model, cfg.out_dir)
         state = torch.load(state_path, map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])

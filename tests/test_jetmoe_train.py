@@ -180,6 +180,12 @@ def test_cli_train_guards_its_output_folder(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("jetmoe: error:") and message in err, err
     assert (run / "trainer_state.pt").read_bytes() == b"", "the existing run was touched"
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--steps", "1", "--device", "cpu"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x7fELF\0\0\1")
+    assert main(["train", "--data", str(binary), "--out", str(tmp_path / "b"), "--steps", "1", "--device", "cpu"]) == 2
+    assert "looks binary" in capsys.readouterr().err
 
 
 def test_cli_generate_streams_and_reports(tiny_ckpt, capsys):
