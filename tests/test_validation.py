@@ -374,3 +374,32 @@ def test_backend_from_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "torch"
+
+
+def test_triton_launchers_run_on_their_tensors_gpu(monkeypatch):
+    # Triton launches on the *current* device; a layer on cuda:1 while cuda:0 is current (a model split over
+    # GPUs) must switch first. Checked with a stand-in CUDA tensor: no GPU is needed to see the switch.
+    from unittest import mock
+
+    from scattermoe.backends.triton.config import on_tensor_device
+
+    entered = []
+
+    class FakeDeviceContext:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
+    launcher = on_tensor_device(lambda *args: "launched")
+    on_gpu1 = mock.Mock(spec=torch.Tensor, is_cuda=True, device=torch.device("cuda", 1))
+    on_gpu0 = mock.Mock(spec=torch.Tensor, is_cuda=True, device=torch.device("cuda", 0))
+    assert launcher(3, on_gpu1) == "launched" and entered == [torch.device("cuda", 1)]
+    assert launcher(on_gpu0) == "launched" and len(entered) == 1  # already current: no switch
+    assert launcher(torch.zeros(1)) == "launched" and len(entered) == 1  # CPU (interpreter): nothing to switch
