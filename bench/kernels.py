@@ -23,7 +23,8 @@ Implementations (``impl``):
   scattermoe_original  the original ScatterMoE's GLUMLP, from third_party/ (bench/thirdparty.py)
   sonicmoe             SonicMoE's MoE layer, from third_party/ (its own router: see its row note)
 Modes: ``fwd`` is the training forward (what backward needs is kept); ``bwd`` is
-``y.backward(dy)`` alone, the forward run untimed before each call; ``fwd_bwd`` both.
+``y.backward(dy)`` alone, the forward run untimed before each call; ``fwd_bwd`` both; ``infer``
+(JetMoE MoE, T <= INFER_MAX_TOKENS) the forward under ``torch.no_grad()``, as serving and decode run it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)
 ROUTINGS = ("uniform", "zipf")
 ZIPF_S = 1.2
 CHECK_TOL = 2e-2  # bf16 bound of DESIGN.md section 5
+INFER_MAX_TOKENS = 128  # the inference-forward rows are decode and small-batch serving sizes
 ROUTING_OUTPUTS = ("gates", "expert_idxs", "sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets")
 
 
@@ -68,7 +70,7 @@ class Shape:
 
 
 SHAPES: Dict[str, Shape] = {s.name: s for s in (
-    Shape("jetmoe_moe", "glu", modes=("fwd", "bwd", "fwd_bwd")),
+    Shape("jetmoe_moe", "glu", modes=("fwd", "bwd", "fwd_bwd", "infer")),
     Shape("jetmoe_moa", "moa", F=16 * 128, heads=16),
     Shape("finegrained_e64", "glu", F=1408, E=64, K=8),
     Shape("finegrained_e128", "glu", F=768, E=128, K=8),
@@ -135,7 +137,7 @@ def flops(group: Group, mode: str) -> Optional[int]:
         return None
     out1 = 2 * s.F if s.kind == "glu" else s.F
     fwd = 2 * n * s.D * out1 + 2 * n * s.F * s.D
-    return {"fwd": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode]
+    return {"fwd": fwd, "infer": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode]
 
 
 def weight_bytes(shape: Shape, experts: int, itemsize: int = 2) -> int:
@@ -280,7 +282,7 @@ class Workload:
         elif self.shape.kind == "routing":
             tensors = [inp.logits]
         else:
-            tensors = self.params(impl) + [inp.x, inp.gates, inp.idx] + ([inp.dy] if mode != "fwd" else [])
+            tensors = self.params(impl) + [inp.x, inp.gates, inp.idx] + ([inp.dy] if "bwd" in mode else [])
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def params(self, impl: str) -> List[torch.Tensor]:
@@ -362,6 +364,11 @@ class Workload:
 
         if mode == "fwd":
             return (lambda i: forward(sets[i])), lambda i: clear()
+        if mode == "infer":
+            def infer(i: int) -> torch.Tensor:
+                with torch.no_grad():  # serving: nothing kept for a backward
+                    return forward(sets[i])
+            return infer, lambda i: clear()
         if mode == "fwd_bwd":
             return (lambda i: forward(sets[i]).backward(sets[i].dy)), lambda i: clear()
 
@@ -395,7 +402,7 @@ class Workload:
             torch.mm(d["dh"], w1.t())      # dA  [N, D]
             torch.mm(d["a"].t(), d["dh"])  # dW1 [D, out1]
 
-        steps = {"fwd": (fwd,), "bwd": (bwd,), "fwd_bwd": (fwd, bwd)}[mode]
+        steps = {"fwd": (fwd,), "infer": (fwd,), "bwd": (bwd,), "fwd_bwd": (fwd, bwd)}[mode]
 
         def run(i: int) -> None:
             for step in steps:

@@ -19,8 +19,8 @@ import torch
 
 from . import grouped_mm_moe
 from .harness import Timer, TimingPlan, cutlass_fallbacks, log
-from .kernels import (Group, Shape, Workload, check, expert_load, first_line, flops, impls_for, make_inputs,
-                      weight_bytes)
+from .kernels import (INFER_MAX_TOKENS, Group, Shape, Workload, check, expert_load, first_line, flops, impls_for,
+                      make_inputs, weight_bytes)
 
 
 @dataclass
@@ -45,6 +45,11 @@ def setup_grouped_mm(device: torch.device, allow_loop: bool) -> Tuple[Optional[g
     if allow_loop:
         return grouped_mm_moe.grouped_mm_loop, {"impl": "per-expert torch.mm loop (CPU stand-in)", "probe": reason}
     return None, {"impl": None, "probe": reason, "unavailable": reason}
+
+
+def modes_for(group: Group) -> List[str]:
+    """The shape's modes at this T: the inference forward only at decode and small-batch sizes."""
+    return [m for m in group.shape.modes if m != "infer" or group.T <= INFER_MAX_TOKENS]
 
 
 def merge_checks(by_group: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict]:
@@ -82,7 +87,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
         shape = group.shape
         if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
             # Spent: record the group's rows as skipped without building weights, checks or inputs.
-            for mode in shape.modes:
+            for mode in modes_for(group):
                 for impl in impls_for(shape, cfg.impls):
                     results["rows"].append({
                         "case": group.case(mode), "tokens": group.T, "routing": group.routing, "dtype": group.dtype,
@@ -109,11 +114,11 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                            dense="dense_same_flops" in cfg.impls)
         load = expert_load(sets[0].idx, shape.E)
         results["loads"].append({"shape": shape.name, "tokens": group.T, "routing": group.routing, **load})
-        for mode in shape.modes:
+        for mode in modes_for(group):
             case, n_flops = group.case(mode), flops(group, mode)
             mode_rows = []
             floor_ms = None
-            if mode == "fwd" and cfg.limits and shape.kind != "routing":
+            if mode in ("fwd", "infer") and cfg.limits and shape.kind != "routing":
                 floor_ms = weight_bytes(shape, load["experts_used"]) / cfg.limits["hbm_bytes_s"] * 1e3
             for impl in impls_for(shape, cfg.impls):
                 row = {"case": case, "tokens": group.T, "routing": group.routing, "dtype": group.dtype,

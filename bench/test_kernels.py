@@ -16,7 +16,7 @@ pytest.importorskip("pytest_benchmark")
 
 CASES = [(shape, mode, T) for T in (4096, 16384) for shape in ("jetmoe_moe", "jetmoe_moa", "finegrained_e64",
                                                                 "finegrained_e128", "routing")
-         for mode in kernels.SHAPES[shape].modes]
+         for mode in run.modes_for(kernels.Group(kernels.SHAPES[shape], T))]
 _resident: dict = {}
 
 
