@@ -4,7 +4,7 @@ Legend: T tokens, K experts per token, N = T*K routed rows, E experts, D model d
 hidden dim (a GLU's first projection outputs 2F; for MoA, F = heads x head_dim).
 
 Shapes (case names are ``<shape>_<mode>``, and ``routing``):
-  jetmoe_moe        JetMoE-8B's MoE: SiLU GLU, D=2048, F=5632, E=8, K=2          fwd, bwd, fwd_bwd
+  jetmoe_moe        JetMoE-8B's MoE: SiLU GLU, D=2048, F=5632, E=8, K=2          fwd, bwd, fwd_bwd, infer
   jetmoe_moa        JetMoE-8B's MoA projections: 16 heads x 128, D=2048, E=8, K=2  fwd, fwd_bwd
                     (map then reduce, attention between them left out: o = q)
   finegrained_e64   GLU, D=2048, F=1408, E=64, K=8 (DeepSeek-style)               fwd, fwd_bwd
