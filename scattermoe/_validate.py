@@ -83,13 +83,18 @@ def check_not_meta(name: str, t: torch.Tensor) -> None:
                          "run on meta tensors")
 
 
+def check_index_range(name: str, t: torch.Tensor, bound: int, what: str) -> None:
+    """Every value of t in [0, bound), checked where that costs no device sync (or in debug mode)."""
+    if t.numel() and _values_checkable(t):
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= bound:
+            raise ValueError(f"{name}: {what} must lie in [0, {bound}), got values in [{lo}, {hi}]")
+
+
 def check_expert_idxs(expert_idxs: torch.Tensor, num_experts: int) -> None:
     check_tensor("expert_idxs", expert_idxs, dtypes=_INDEX_DTYPES)
     positive_int("num_experts", num_experts)
-    if expert_idxs.numel() and _values_checkable(expert_idxs):
-        lo, hi = int(expert_idxs.min()), int(expert_idxs.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"expert_idxs: expert ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+    check_index_range("expert_idxs", expert_idxs, num_experts, "expert ids")
 
 
 def check_parallel_linear(
@@ -146,13 +151,8 @@ def check_parallel_linear(
             raise ValueError(f"gates: expected [T, k={k}] (or k=1 with x holding the N slot rows), "
                              f"got shape {shape(gates)}")
     if num_rows and _values_checkable(sorted_expert_idxs):
-        lo, hi = int(sorted_expert_idxs.min()), int(sorted_expert_idxs.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"sorted_expert_idxs: expert ids must lie in [0, {num_experts}), "
-                             f"got values in [{lo}, {hi}]")
-        lo, hi = int(sorted_scattered_idxs.min()), int(sorted_scattered_idxs.max())
-        if lo < 0 or hi >= num_rows:
-            raise ValueError(f"sorted_scattered_idxs: slot ids must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
+        check_index_range("sorted_expert_idxs", sorted_expert_idxs, num_experts, "expert ids")
+        check_index_range("sorted_scattered_idxs", sorted_scattered_idxs, num_rows, "slot ids")
         if bool((sorted_expert_idxs.diff() < 0).any()):
             raise ValueError("sorted_expert_idxs: expected expert ids in non-decreasing order (use flatten_sort_count)")
         # Each slot must appear once, and the offsets must be the cumulative counts of the sorted ids:
@@ -169,8 +169,8 @@ def check_parallel_linear(
 
 
 def check_expert_offsets_values(expert_offsets: torch.Tensor, num_rows: int) -> None:
-    """expert_offsets [E]: non-decreasing ends of each expert's rows, the last one N (checked where affordable)."""
-    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES)
+    """expert_offsets [E] (shape and dtype checked by the caller): non-decreasing ends of each expert's rows, the
+    last one N (checked where affordable)."""
     if expert_offsets.numel() and _values_checkable(expert_offsets):
         ends = expert_offsets.tolist()
         if ends[0] < 0 or any(b < a for a, b in zip(ends, ends[1:])) or ends[-1] != num_rows:

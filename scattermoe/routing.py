@@ -38,12 +38,16 @@ def flatten_sort_count(expert_idxs: torch.Tensor, num_experts: int) -> Tuple[tor
     return sorted_expert_idxs.long(), sorted_scattered_idxs, expert_offsets
 
 
+def _triton_routing_allowed(t: torch.Tensor) -> bool:
+    """The one-launch routing kernels may run on t: CUDA, triton importable, the torch backend not selected,
+    torch.compile not tracing (it lowers the torch path itself)."""
+    return (t.is_cuda and not torch.compiler.is_compiling() and backends.get_backend() != "torch"
+            and backends.triton_importable())
+
+
 def _use_fused_routing(flat: torch.Tensor, num_experts: int) -> bool:
-    """One Triton launch instead of torch's four, for few rows on CUDA (decode), unless the torch
-    backend is selected or torch.compile is tracing (it lowers the torch path itself)."""
-    if not flat.is_cuda or torch.compiler.is_compiling() or backends.get_backend() == "torch":
-        return False
-    if not backends.triton_importable():
+    """One Triton launch instead of torch's four, for few rows on CUDA (decode)."""
+    if not _triton_routing_allowed(flat):
         return False
     from .backends.triton.routing import fused_routing_fits
 
@@ -52,12 +56,10 @@ def _use_fused_routing(flat: torch.Tensor, num_experts: int) -> bool:
 
 def _use_fused_topk(router_logits: torch.Tensor) -> bool:
     """One Triton launch instead of torch's three (cast, topk, softmax) on CUDA when no gradient is needed
-    (inference, decode), unless the torch backend is selected or torch.compile is tracing."""
-    if not router_logits.is_cuda or torch.compiler.is_compiling() or backends.get_backend() == "torch":
-        return False
+    (inference, decode)."""
     if torch.is_grad_enabled() and router_logits.requires_grad:
         return False  # the kernel has no backward: training keeps the differentiable torch path
-    if not backends.triton_importable():
+    if not _triton_routing_allowed(router_logits):
         return False
     from .backends.triton.routing import fused_topk_fits
 

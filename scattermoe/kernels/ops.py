@@ -37,8 +37,8 @@ import reference
 
 from .. import backends
 from .. import ops as _ops  # may be partly initialised here (scattermoe.ops can import this module); used at call time
-from .._validate import (_FLOAT_DTYPES, _INDEX_DTYPES, _values_checkable, check_expert_idxs,
-                         check_expert_offsets_values, check_out, check_parallel_linear, check_tensor, positive_int)
+from .._validate import (_FLOAT_DTYPES, _INDEX_DTYPES, check_expert_idxs, check_expert_offsets_values,
+                         check_index_range, check_out, check_parallel_linear, check_tensor, positive_int)
 from ._compat import _is_index_tensor, accepts_padded_block_idxs
 
 __all__ = [  # noqa: F822 (ALLOW_TF32 is a property of the module class below)
@@ -144,11 +144,7 @@ def group(A: torch.Tensor, sorted_expert_idxs: torch.Tensor, coeff: Optional[tor
     fan_out = positive_int("fan_out", fan_out)
     if A.size(0) * fan_out != idxs.numel():
         raise ValueError(f"A: expected {idxs.numel() // fan_out} rows (N / fan_out), got {A.size(0)}")
-    if idxs.numel() and _values_checkable(idxs):
-        lo, hi = int(idxs.min()), int(idxs.max())
-        if lo < 0 or hi >= idxs.numel():
-            raise ValueError(f"sorted_expert_idxs: slot ids must lie in [0, {idxs.numel()}), "
-                             f"got values in [{lo}, {hi}]")
+    check_index_range("sorted_expert_idxs", idxs, idxs.numel(), "slot ids")
     if coeff is not None:
         check_tensor("coeff", coeff, dtypes=_FLOAT_DTYPES, device=A.device)
         if coeff.numel() != idxs.numel():
