@@ -63,9 +63,11 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise CLIError(f"--out {out}: {parent} is a file, so the directory cannot be made")
-    if resume and not (out / "trainer_state.pt").is_file():
-        raise CLIError(f"--resume: nothing to resume in {out} (no trainer_state.pt)")
-    if not resume and not overwrite and (out / "trainer_state.pt").is_file():
+    from .train import TRAINER_STATE
+
+    if resume and not (out / TRAINER_STATE).is_file():
+        raise CLIError(f"--resume: nothing to resume in {out} (no {TRAINER_STATE})")
+    if not resume and not overwrite and (out / TRAINER_STATE).is_file():
         raise CLIError(f"--out {out}: holds a training run already; pass --resume to continue it or --overwrite "
                        "to start over in its place")
 

@@ -50,10 +50,17 @@ class JetMoEConfig:
     pad_token_id: Optional[int] = None
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # numbers where numbers are due: "32" would fail deep inside torch
+            default, value = field.default, getattr(self, field.name)
+            if field.name.endswith("_token_id") or isinstance(default, bool) or not isinstance(default, (int, float)):
+                continue  # ids may be None or, for eos, a list (checked below); flags and names
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    isinstance(default, int) and not isinstance(value, int)):
+                raise ValueError(f"{field.name}={value!r}, expected {type(default).__name__}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
                      "intermediate_size", "num_local_experts", "max_position_embeddings"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id: expected an id in [0, vocab_size={self.vocab_size}), "

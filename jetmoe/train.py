@@ -91,11 +91,15 @@ def tokenize(docs: Sequence[str], tokenizer: Tokenizer) -> torch.Tensor:
     return torch.cat([torch.tensor(tokenizer.encode(doc), dtype=dtype) for doc in docs])
 
 
+def _check_corpus_length(tokens: torch.Tensor, seq_len: int) -> None:
+    if tokens.numel() <= seq_len:
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
+                         "give more text (--data) or a shorter --seq-len")
+
+
 def get_batch(tokens: torch.Tensor, step: int, micro: int, rank: int, world: int, cfg: TrainConfig) -> torch.Tensor:
     """input_ids [B, S] (int64) of micro-step `micro` on `rank` at `step`; a pure function of the arguments."""
-    if tokens.numel() <= cfg.seq_len:
-        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}: "
-                         "give more text (--data) or a shorter --seq-len")
+    _check_corpus_length(tokens, cfg.seq_len)
     per_step = cfg.batch_size * cfg.grad_accum * world
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - cfg.seq_len, (per_step,), generator=g)
@@ -181,9 +185,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     """
     if cfg.steps is None and cfg.seconds is None:
         raise ValueError("train: give steps or seconds (or both)")
-    if tokens.numel() <= cfg.seq_len:  # before any output: get_batch would refuse at the first step
-        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}: "
-                         "give more text (--data) or a shorter --seq-len")
+    _check_corpus_length(tokens, cfg.seq_len)  # before any output, not at the first step
     device = next(model.parameters()).device
     rank, world = init_distributed(device)
     amp_dtype = torch.bfloat16 if (cfg.amp if cfg.amp is not None else device.type == "cuda") else None
