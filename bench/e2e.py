@@ -111,7 +111,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
     import scattermoe
     from scattermoe.integrations import apply_scattermoe
 
-    from .harness import cutlass_fallbacks
+    from .harness import cutlass_fallbacks, fallbacks_since
 
     if smoke:
         device, dtype, width = torch.device("cpu"), torch.float32, SMOKE_WIDTH
@@ -133,18 +133,22 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
     checks: Dict = {"ok": True}
     with torch.no_grad():
         ref = hf(input_ids=probe).logits.float()
-        for backend in JETMOE_BACKENDS:  # triton's check always runs: it is the model's against transformers
-            wanted = backend == "triton" or f"jetmoe_scattermoe_{backend}" in impls
-            if not wanted or unavailable[backend]:
-                continue
-            with scattermoe.use_backend(backend):
-                mine = ours(probe).logits.float()
-            err = ((mine - ref).norm() / ref.norm()).item()
-            key = "jetmoe_vs_transformers_logits_rel_err" + ("" if backend == "triton" else f"_{backend}")
-            checks[key] = err
-            checks["ok"] = checks["ok"] and err < CHECK_TOL
-            log(f"[e2e] jetmoe ({backend}) vs transformers logits: rel err {err:.2e} "
-                f"({'ok' if err < CHECK_TOL else 'FAIL'})")
+
+    def check_logits(key: str, what: str, model: Callable) -> None:
+        """model(probe)'s logits against transformers' own, recorded under ``key``."""
+        with torch.no_grad():
+            err = ((model(probe).logits.float() - ref).norm() / ref.norm()).item()
+        checks[key] = err
+        checks["ok"] = checks["ok"] and err < CHECK_TOL
+        log(f"[e2e] {what} vs transformers logits: rel err {err:.2e} ({'ok' if err < CHECK_TOL else 'FAIL'})")
+
+    for backend in JETMOE_BACKENDS:  # triton's check always runs: it is the model's against transformers
+        wanted = backend == "triton" or f"jetmoe_scattermoe_{backend}" in impls
+        if not wanted or unavailable[backend]:
+            continue
+        with scattermoe.use_backend(backend):
+            check_logits("jetmoe_vs_transformers_logits_rel_err" + ("" if backend == "triton" else f"_{backend}"),
+                         f"jetmoe ({backend})", ours)
 
     hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     other_bytes = 0  # the other model's weights, resident while one is timed: not this one's memory
@@ -193,9 +197,8 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         finally:
             model.zero_grad(set_to_none=True)
         if impl == "jetmoe_scattermoe_cutlass":
-            after = cutlass_fallbacks()
             for row in rows[first:]:
-                row["triton_fallbacks"] = sorted(k for k in after if after[k] > fallbacks_before.get(k, 0))
+                row["triton_fallbacks"] = fallbacks_since(fallbacks_before)
         on_update({"rows": rows, "checks": checks, "active_params": active})
 
     other_bytes = hf_bytes  # transformers' model stays resident while jetmoe's backends are timed
@@ -235,13 +238,8 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         measure("transformers", hf, hf_forward, hf_generate)
     if "transformers_apply_scattermoe" in impls:
         apply_scattermoe(hf)
-        with torch.no_grad():  # the patched model against transformers' own logits, as jetmoe's were checked
-            patched = hf(input_ids=probe).logits.float()
-        err = ((patched - ref).norm() / ref.norm()).item()
-        checks["transformers_apply_scattermoe_vs_transformers_logits_rel_err"] = err
-        checks["ok"] = checks["ok"] and err < CHECK_TOL
-        log(f"[e2e] transformers + apply_scattermoe vs transformers logits: rel err {err:.2e} "
-            f"({'ok' if err < CHECK_TOL else 'FAIL'})")
+        check_logits("transformers_apply_scattermoe_vs_transformers_logits_rel_err", "transformers + apply_scattermoe",
+                     lambda ids: hf(input_ids=ids))
         measure("transformers_apply_scattermoe", hf, hf_forward, hf_generate)
     return {"rows": rows, "checks": checks, "active_params": active}
 

@@ -312,3 +312,9 @@ def cutlass_fallbacks() -> Dict[str, int]:
     except Exception:
         return {}
     return dict(FALLBACKS)
+
+
+def fallbacks_since(before: Dict[str, int]) -> List[str]:
+    """The pieces routed to Triton since ``before = cutlass_fallbacks()`` (what a cutlass row did not run on csrc)."""
+    after = cutlass_fallbacks()
+    return sorted(k for k in after if after[k] > before.get(k, 0))

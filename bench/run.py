@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import grouped_mm_moe
-from .harness import Timer, TimingPlan, cutlass_fallbacks, log
+from .harness import Timer, TimingPlan, cutlass_fallbacks, fallbacks_since, log
 from .kernels import (INFER_MAX_TOKENS, Group, Shape, Workload, check, expert_load, first_line, flops, impls_for,
                       make_inputs, weight_bytes)
 
@@ -50,6 +50,12 @@ def setup_grouped_mm(device: torch.device, allow_loop: bool) -> Tuple[Optional[g
 def modes_for(group: Group) -> List[str]:
     """The shape's modes at this T: the inference forward only at decode and small-batch sizes."""
     return [m for m in group.shape.modes if m != "infer" or group.T <= INFER_MAX_TOKENS]
+
+
+def empty_row(group: Group, mode: str, impl: str) -> Dict:
+    """A result row before it is timed: the case and its FLOPs, no measurement yet."""
+    return {"case": group.case(mode), "tokens": group.T, "routing": group.routing, "dtype": group.dtype,
+            "impl": impl, "ms": None, "tflops": None, "peak_mem_gb": None, "flops": flops(group, mode)}
 
 
 def merge_checks(by_group: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict]:
@@ -89,10 +95,8 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
             # Spent: record the group's rows as skipped without building weights, checks or inputs.
             for mode in modes_for(group):
                 for impl in impls_for(shape, cfg.impls):
-                    results["rows"].append({
-                        "case": group.case(mode), "tokens": group.T, "routing": group.routing, "dtype": group.dtype,
-                        "impl": impl, "ms": None, "tflops": None, "peak_mem_gb": None, "flops": flops(group, mode),
-                        "status": f"skipped: time budget ({cfg.time_budget_s:.0f} s) spent"})
+                    results["rows"].append(dict(empty_row(group, mode, impl),
+                                                status=f"skipped: time budget ({cfg.time_budget_s:.0f} s) spent"))
             continue
         work = workload(shape, group.dtype)
         if shape.name not in results["checks"]:
@@ -121,8 +125,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
             if mode in ("fwd", "infer") and cfg.limits and shape.kind != "routing":
                 floor_ms = weight_bytes(shape, load["experts_used"]) / cfg.limits["hbm_bytes_s"] * 1e3
             for impl in impls_for(shape, cfg.impls):
-                row = {"case": case, "tokens": group.T, "routing": group.routing, "dtype": group.dtype,
-                       "impl": impl, "ms": None, "tflops": None, "peak_mem_gb": None, "flops": n_flops}
+                row = empty_row(group, mode, impl)
                 if floor_ms is not None:
                     row["hbm_floor_ms"] = floor_ms
                 results["rows"].append(row)
@@ -168,8 +171,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                 row.update(status="ok", ms=ms, first_call_ms=timing["first_call_ms"], **memory, timing=timing)
                 if fallbacks_before is not None:
                     # What of this row ran on Triton, not csrc: the row is only as "cutlass" as this says.
-                    after = cutlass_fallbacks()
-                    row["triton_fallbacks"] = sorted(k for k in after if after[k] > fallbacks_before.get(k, 0))
+                    row["triton_fallbacks"] = fallbacks_since(fallbacks_before)
                 if n_flops:
                     row["tflops"] = n_flops / ms / 1e9
                 last_ms[(case, group.routing, impl)] = (group.T, ms)
