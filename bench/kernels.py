@@ -17,6 +17,8 @@ Each at T in {1, 16, 128, 1024, 4096, 16384, 32768}, uniform and Zipf-skewed rou
 
 Implementations (``impl``):
   scattermoe_triton, scattermoe_cutlass   the library's layer on that backend
+  scattermoe_cutlass_persistent   the cutlass backend with its scatter GEMM on the persistent
+                       kernel (one CTA per SM; csrc/README.md), forward and backward
   reference            the same layer on the ``torch`` backend (reference/: a loop over experts)
   torch_grouped_mm     the layer written with torch._grouped_mm (bench/grouped_mm_moe.py)
   dense_same_flops     plain cuBLAS matmuls with the same useful FLOPs and no routing: the ceiling
@@ -29,6 +31,7 @@ Modes: ``fwd`` is the training forward (what backward needs is kept); ``bwd`` is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
@@ -42,9 +45,10 @@ from reference import ops as reference_ops
 
 from . import grouped_mm_moe, thirdparty
 
-IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "reference", "torch_grouped_mm", "dense_same_flops",
-         "scattermoe_original", "sonicmoe")
-BACKEND_OF = {"scattermoe_triton": "triton", "scattermoe_cutlass": "cutlass", "reference": "torch"}
+IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "scattermoe_cutlass_persistent", "reference", "torch_grouped_mm",
+         "dense_same_flops", "scattermoe_original", "sonicmoe")
+BACKEND_OF = {"scattermoe_triton": "triton", "scattermoe_cutlass": "cutlass",
+              "scattermoe_cutlass_persistent": "cutlass", "reference": "torch"}
 TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)
 ROUTINGS = ("uniform", "zipf")
 ZIPF_S = 1.2
@@ -92,6 +96,25 @@ class Group:
 
     def case(self, mode: str) -> str:
         return self.shape.name if self.shape.kind == "routing" else f"{self.shape.name}_{mode}"
+
+
+def _kernel_variant(impl: str):
+    """A context for everything an implementation runs, backward included: scattermoe_cutlass_persistent is
+    the cutlass backend with its scatter GEMM on the persistent kernel (one CTA per SM)."""
+    if impl != "scattermoe_cutlass_persistent":
+        return contextlib.nullcontext()
+    from scattermoe.backends import cutlass
+    return cutlass.persistent(True)
+
+
+def _in_variant(impl: str, fn: Callable[[int], object]) -> Callable[[int], object]:
+    if impl != "scattermoe_cutlass_persistent":
+        return fn
+
+    def run(i: int) -> object:
+        with _kernel_variant(impl):
+            return fn(i)
+    return run
 
 
 def impls_for(shape: Shape, impls: List[str]) -> List[str]:
@@ -239,7 +262,7 @@ class Workload:
             return None if impl in ("scattermoe", "torch_sort", "reference") else "not a routing implementation"
         if impl == "scattermoe_triton":
             return scattermoe.backends.triton_unsupported_reason(x)
-        if impl == "scattermoe_cutlass":
+        if impl.startswith("scattermoe_cutlass"):
             from scattermoe.backends import cutlass
             return cutlass.unsupported_reason(x)
         if impl == "torch_grouped_mm":
@@ -348,6 +371,10 @@ class Workload:
     def call(self, impl: str, sets: List[Inputs], mode: str) -> Tuple[Call, Prepare]:
         """(fn(i), prepare(i)): fn is the timed call on input set i; prepare runs untimed before it
         (drops .grad so backward allocates rather than accumulates; for ``bwd``, runs the forward)."""
+        fn, prepare = self._call(impl, sets, mode)
+        return _in_variant(impl, fn), _in_variant(impl, prepare)
+
+    def _call(self, impl: str, sets: List[Inputs], mode: str) -> Tuple[Call, Prepare]:
         if impl == "dense_same_flops":
             return self._dense_call(sets, mode), lambda i: None
         forward = self.forward(impl)
@@ -417,8 +444,9 @@ class Workload:
             return dict(zip(ROUTING_OUTPUTS, self.forward(impl)(inp), strict=True))
         for t in self.params(impl) + [inp.x, inp.gates]:
             t.grad = None
-        y = self.forward(impl)(inp)
-        y.backward(inp.dy)
+        with _kernel_variant(impl):
+            y = self.forward(impl)(inp)
+            y.backward(inp.dy)
         out = {"y": y, "dx": inp.x.grad, "dgates": inp.gates.grad}
         if impl == "scattermoe_original":
             peer, F = self._peer(impl)[0], self.shape.F

@@ -194,7 +194,7 @@ def fallback_summary(rows: List[Dict]) -> str:
     """Which pieces of the scattermoe_cutlass rows ran on Triton (the rows' triton_fallbacks), per case."""
     per_case: Dict[str, set] = {}
     for r in rows:
-        if r["impl"] == "scattermoe_cutlass" and r.get("triton_fallbacks"):
+        if r["impl"].startswith("scattermoe_cutlass") and r.get("triton_fallbacks"):
             per_case.setdefault(r["case"], set()).update(r["triton_fallbacks"])
     if not per_case:
         return ""

@@ -150,7 +150,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     row["status"] = f"skipped: time budget ({cfg.time_budget_s:.0f} s) spent"
                     continue
                 log(f"[bench] {group.label:<34} {mode:<8} {impl} ...")
-                fallbacks_before = cutlass_fallbacks() if impl == "scattermoe_cutlass" else None
+                fallbacks_before = cutlass_fallbacks() if impl.startswith("scattermoe_cutlass") else None
                 try:
                     fn, prepare = work.call(impl, sets, mode)
                     timing = timer.measure(fn, cfg.n_sets, cfg.plan, prepare)

@@ -10,6 +10,10 @@ result here, before any GPU sees it.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import per_expert_wgrad
@@ -517,3 +521,30 @@ def test_cuda_error_code_parses_extension_messages():
     msg = "cudaGetDevice(&previous_) failed: cudaErrorInsufficientDriver (CUDA error 35): ... [x.cuh:1]"
     assert _extension.cuda_error_code(msg) == 35
     assert _extension.cuda_error_code("no code here") is None
+
+
+def test_persistent_scatter_gemm_switch_sets_the_kernels_cta_count(monkeypatch):
+    """num_ctas is the scatter GEMM's kernel choice: 0 (one CTA per tile, the default), the SM count
+    (set_persistent()), or a given count (tests: a few CTAs, each looping over many tiles)."""
+    monkeypatch.setattr(sg, "_sm_count", lambda device: 132 + device)
+    monkeypatch.setattr(sg, "_persistent", False)
+    assert sg.num_ctas(0) == 0
+    with cutlass.persistent():
+        assert sg.num_ctas(0) == 132 and sg.num_ctas(1) == 133
+        with cutlass.persistent(3):
+            assert sg.num_ctas(0) == 3
+        assert sg.num_ctas(0) == 132
+    assert sg.num_ctas(0) == 0
+    for bad in (0, -2, 1.5, "yes", None):
+        with pytest.raises(ValueError, match="set_persistent: expected True, False or a positive CTA count"):
+            cutlass.set_persistent(bad)
+    assert sg.num_ctas(0) == 0  # a refused value changes nothing
+
+
+def test_persistent_scatter_gemm_env_switch():
+    code = ("from scattermoe.backends.cutlass import scatter_gemm as sg; "
+            "sg._sm_count = lambda device: 132; print(sg.num_ctas(0))")
+    for value, expected in (("1", "132"), ("0", "0"), ("", "0")):
+        env = dict(os.environ, SCATTERMOE_CUTLASS_PERSISTENT=value)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)

@@ -150,7 +150,14 @@ def test_scatter_gemm_sass_holds_hgmma_and_cp_async(built, cuobjdump, source):
     # (int32 and int64 offsets), and nothing in them is a call (a 64-bit division or an IEEE fp32 divide
     # would be one, and a call between wgmma's serialises them: ptxas warning C7510).
     wgrad = source.startswith("group_bwd_w/")
-    assert sass.count("STG.E.128") >= (2 if wgrad else 6), f"{source}: the epilogue lacks 16-byte stores"
+    kernels = 2 if wgrad else 4  # int32 / int64 offsets; the scatter GEMM per tile and persistent
+    assert sass.count("STG.E.128") >= (1 if wgrad else 3) * kernels, f"{source}: the epilogue lacks 16-byte stores"
+    assert len(hgmma) == 8 * kernels, f"{source}: {len(hgmma)} HGMMA: not one 8-wgmma mainloop per kernel"
+    if not wgrad:
+        # The persistent kernel's warps find their tiles' experts with a warp scan (shuffles and a ballot).
+        persistent = sass[sass.index("scatter_gemm_persistent_kernel"):]
+        assert "scatter_gemm_kernel" in sass and "VOTE" in persistent and "SHFL.UP" in persistent, \
+            f"{source}: the persistent scatter GEMM is missing or finds its tiles without the warp scan"
     assert "CALL" not in sass, f"{source}: the kernel calls a subroutine"
     if wgrad:  # dW = X^T dY: both operands arrive MN-major, so wgmma must read them transposed from smem
         assert "tnspA" in sass and "tnspB" in sass, f"{source}: HGMMA does not read MN-major operands"
@@ -267,6 +274,7 @@ BAD_ARGUMENT_CALLS = {
             "glu": dict(glu=3),
             "pre": dict(pre=40960, stride_pm=128),
             "stride_pm": dict(glu=1, pre=40960, stride_pm=64),
+            "num_ctas": dict(num_ctas=-1),
         },
     ),
     "group_bwd_w": (

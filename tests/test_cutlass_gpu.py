@@ -217,6 +217,55 @@ def test_scatter_gemm_glu_matches_reference(cutlass, counts, k_in, half, name, d
         assert rel_err(pre, c.h) < TOLERANCE[dtype]
 
 
+PERSISTENT_SHAPES = SCATTER_SHAPES + [
+    ([1500, 900, 0, 2100, 600], 256, 1024, "more tiles than SMs, uneven, an empty expert"),
+]
+PERSISTENT_MODES = {  # (grouped_in, grouped_out, gated, glu, keep_pre)
+    "gather_from_tokens": (False, True, False, 0, False),      # MLP's first GEMM
+    "scatter_gated": (True, False, True, 0, False),            # the second GEMM
+    "gather_and_scatter_gated": (False, False, True, 0, False),
+    "glu_gather_keep_pre": (False, True, False, 1, True),      # JetMoE's fused first GEMM in training
+    "glu_scatter_gated": (True, False, True, 2, False),
+}
+
+
+@pytest.mark.parametrize("ctas", [1, 3, "sm_count"])
+@pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
+@pytest.mark.parametrize("mode", sorted(PERSISTENT_MODES))
+@pytest.mark.parametrize("counts,k_in,n_out,name", PERSISTENT_SHAPES, ids=[s[-1] for s in PERSISTENT_SHAPES])
+def test_persistent_scatter_gemm_matches_one_cta_per_tile(cutlass, counts, k_in, n_out, name, mode, w_layout, ctas):
+    """The persistent scatter GEMM runs the per-tile kernel's mainloop and epilogue code on the same tiles, so
+    its outputs must equal the per-tile kernel's bit for bit (both poisoned with NaN first), on 1 or 3 CTAs
+    (each loops over many tiles, skipping those past the last row tile; E=64 takes two passes of the warp scan
+    that finds a tile's expert) and on one CTA per SM; and both match the float64 contract."""
+    grouped_in, grouped_out, gated, glu, keep_pre = PERSISTENT_MODES[mode]
+    seed = zlib.crc32(f"persistent-{name}-{mode}-{w_layout}".encode())
+    c = scatter_case(counts, k_in, 2 * n_out if glu else n_out, torch.bfloat16, w_layout, grouped_in, grouped_out,
+                     gated, seed)
+    ref = reference.glu(c.h, torch.nn.functional.silu, glu == 1) if glu else c.h
+    if gated:
+        ref = ref * c.row_gates
+    args = (c.x.cuda(), c.w.cuda(), c.b.cuda(), c.scattered.cuda(), c.offsets.cuda(), c.k, grouped_in, grouped_out)
+
+    def run(persistent):
+        out = torch.full((c.n, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+        pre = torch.full((c.n, 2 * n_out), float("nan"), dtype=torch.bfloat16, device="cuda") if keep_pre else None
+        with cutlass.persistent(persistent):
+            y = cutlass.scatter2scatter(*args, row_scale=c.gates.cuda() if gated else None, out=out, glu=glu,
+                                        pre_activation=pre)
+        torch.cuda.synchronize()
+        return y, pre
+
+    per_tile, per_tile_pre = run(False)
+    y, pre = run(True if ctas == "sm_count" else ctas)
+    err = rel_err(y, ref)
+    print(f"\n{name} {mode} {w_layout} ctas={ctas}: rel err {err:.2e}")
+    assert err < TOLERANCE[torch.bfloat16], f"{name}: relative error {err:.2e}"
+    assert torch.equal(y, per_tile), f"{name}: the persistent kernel differs from the per-tile one"
+    if keep_pre:
+        assert torch.equal(pre, per_tile_pre), f"{name}: the kept pre-activations differ"
+
+
 def test_glu_rows_with_odd_strides_take_the_element_store_path(cutlass):
     """Output rows whose starts are not 16-byte aligned (row stride 100 + 3 elements): the epilogue must fall
     back to element stores there, not write a misaligned 16-byte vector (which faults)."""
@@ -475,6 +524,19 @@ def test_mlp_layers_on_cutlass(cutlass_with_fallbacks, layer_name, bias, dtype):
 
     check_mlp_layer(layer_name, 4, 250, 256, 384, 8, 2, bias, "cutlass", dtype=dtype, device="cuda", per_token=False)
     assert not cutlass_with_fallbacks, dict(cutlass_with_fallbacks)  # dW, db and the GLU backward included
+
+
+@pytest.mark.parametrize("layer_name", ["mlp_gelu", "glu_silu_first"])
+def test_mlp_layers_on_cutlass_with_the_persistent_scatter_gemm(cutlass_with_fallbacks, layer_name):
+    """A layer forward and backward with every scatter GEMM (forward and dX) on the persistent kernel."""
+    from test_layers import check_mlp_layer
+
+    from scattermoe.backends import cutlass as backend
+
+    with backend.persistent(True):
+        check_mlp_layer(layer_name, 4, 250, 256, 384, 8, 2, True, "cutlass", dtype=torch.bfloat16, device="cuda",
+                        per_token=False)
+    assert not cutlass_with_fallbacks, dict(cutlass_with_fallbacks)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

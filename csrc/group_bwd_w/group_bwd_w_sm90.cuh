@@ -227,7 +227,8 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
   // unit-stride along K_in, so that the stores below run along the unit stride either way.
   const int mma_thread = static_cast<int>(threadIdx.x) - G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
   Tensor acc = partition_fragment_C(typename G::TiledMma{}, take<0, 2>(TileShape{}));
-  G::mma(pipeline, acc, k_tiles, mma_thread, shared);
+  typename G::PipelineState read_state;
+  G::mma(pipeline, read_state, acc, k_tiles, mma_thread, shared);
   const bool along_m = p.stride_dwk == 1;
   const float* staged = G::stage(shared, acc, mma_thread, /*transposed=*/along_m);
 

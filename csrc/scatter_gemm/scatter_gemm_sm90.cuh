@@ -9,11 +9,17 @@
 // collective (MainloopSm90CpAsyncGmmaWarpSpecialized::mma: its smem layouts, pipeline and wgmma).
 // W goes through the same cp.async path, unindexed.
 //
-// Scheduling: one CTA per (row tile, column tile); the row tiles of expert e are the
-// cdiv(rows_e, 128) tiles after those of experts < e, found from expert_offsets on the device,
-// so the grid needs only the bound cdiv(N, 128) + E (as the Triton kernel). CTAs past the last
-// tile exit at once. The 1-D grid is ordered as a grouped raster (scatter_gemm_tile_of in the
-// header): 8 row tiles through all column tiles, so X rows are read from HBM about once.
+// Scheduling: the row tiles of expert e are the cdiv(rows_e, 128) tiles after those of experts
+// < e, found from expert_offsets on the device, so the tile count needs only the bound
+// cdiv(N, 128) + E (as the Triton kernel); tiles past the last one are skipped. The tiles are
+// ordered as a grouped raster (scatter_gemm_tile_of in the header): 8 row tiles through all
+// column tiles, so X rows are read from HBM about once. Two kernels over the same tile code:
+// - scatter_gemm_kernel: one CTA per tile (the first version, reviewed twice);
+// - scatter_gemm_persistent_kernel (params.num_ctas > 0, one CTA per SM): each CTA takes tiles
+//   pid, pid + gridDim.x, ... The epilogue tile has its own shared memory (5 stages instead of
+//   7), so the producer fills the stages with the next tile while the consumers store this one,
+//   and a CTA's launch, barrier set-up and pipeline fill are paid once, not once per tile
+//   (at JetMoE's T=16384, ~176 tiles per SM of ~9 us of wgmma each).
 //
 // GLU: the CTA's 128 W columns are 64 of each half (j..j+63 and F+j..F+j+63), so a(m, j) and its
 // partner b(m, j) end up in the same tile and the activation is applied in the epilogue.
@@ -51,11 +57,12 @@ struct TileInfo {
 };
 
 // CUTLASS names B's layout as a K x N matrix: ColumnMajor = unit stride along K.
-template <class ElementTag, bool WKMajor>
+// Persistent: the epilogue tile gets its own shared memory (see above).
+template <class ElementTag, bool WKMajor, bool Persistent = false>
 struct ScatterGemm
     : sm90::CpAsyncGemm<typename CutlassElement<ElementTag>::type, cutlass::layout::RowMajor,
                         std::conditional_t<WKMajor, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>,
-                        TileShape, 256 /* room for TileInfo */, TileInfo> {
+                        TileShape, 256 /* room for TileInfo */, TileInfo, Persistent> {
   using Element = typename CutlassElement<ElementTag>::type;
   static constexpr bool kWKMajor = WKMajor;
 };
@@ -102,124 +109,141 @@ CUTE_DEVICE void locate_row_tile(const Offset* offsets, int num_experts, int64_t
   }
 }
 
-template <class G, class Offset>
-__global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __grid_constant__ ScatterGemmParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Element = typename G::Element;
-  extern __shared__ __align__(128) char smem_buf[];
-  auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
-
-  int row_tile, n_tile;
-  scatter_gemm_tile_of(static_cast<int>(blockIdx.x), scatter_gemm_row_tiles(p.num_rows, p.num_experts),
-                       scatter_gemm_col_tiles(p.n_out, p.glu), row_tile, n_tile);
-  if (threadIdx.x == 0) {
-    int64_t row_start, row_end;
-    int expert;
-    locate_row_tile(static_cast<const Offset*>(p.expert_offsets), p.num_experts, p.num_rows,
-                    static_cast<int64_t>(row_tile), row_start, row_end, expert);
-    shared.extra = {row_start, row_end, expert};
+// The same answer as locate_row_tile, found by a whole warp 32 experts at a time: each lane takes
+// one expert (its clamped rows and row tiles), an inclusive scan over the lanes counts the tiles up
+// to each, and a ballot picks the first expert whose tiles reach past `tile`. O(E / 32) steps of a
+// few shuffles instead of E dependent loads, so every warp of a persistent CTA can find each of its
+// tiles itself. All 32 lanes must call it together; all get the answer.
+template <class Offset>
+CUTE_DEVICE TileInfo locate_row_tile_warp(const Offset* offsets, int num_experts, int64_t num_rows, int tile) {
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  int tiles_before = 0;   // row tiles of the experts of the passes before this one
+  long long prev_end = 0; // clamped end of the last expert of the pass before
+  for (int base = 0; base < num_experts; base += 32) {
+    const int e = base + lane;
+    long long end = 0;
+    if (e < num_experts) {
+      end = static_cast<long long>(offsets[e]);
+      end = end < 0 ? 0 : (end > num_rows ? num_rows : end);
+    }
+    long long before = __shfl_up_sync(kAll, end, 1);  // expert e-1's end; lane 0 takes the carry
+    if (lane == 0) before = prev_end;
+    const long long start = before < end ? before : end;
+    const int count = e < num_experts ? static_cast<int>((end - start + kScatterGemmTileM - 1) / kScatterGemmTileM) : 0;
+    int upto = count;  // inclusive scan: row tiles of this pass's experts up to this lane's
+    CUTLASS_PRAGMA_UNROLL
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(kAll, upto, d);
+      if (lane >= d) upto += v;
+    }
+    const unsigned holds = __ballot_sync(kAll, e < num_experts && tile < tiles_before + upto);
+    if (holds != 0) {  // the first such lane's expert holds the tile (upto never decreases)
+      const int src = __ffs(holds) - 1;
+      const long long row_start = __shfl_sync(kAll, start, src);
+      const long long row_end = __shfl_sync(kAll, end, src);
+      const int first_tile = __shfl_sync(kAll, tiles_before + upto - count, src);
+      return {static_cast<int64_t>(row_start + static_cast<long long>(tile - first_tile) * kScatterGemmTileM),
+              static_cast<int64_t>(row_end), base + src};
+    }
+    tiles_before += __shfl_sync(kAll, upto, 31);
+    prev_end = __shfl_sync(kAll, end, 31);
   }
-  __syncthreads();
-  const auto tile = shared.extra;
-  if (tile.expert < 0) return;  // past the last row tile: the whole CTA leaves together
+  return {0, 0, -1};
+}
 
-  const bool producer = cutlass::canonical_warp_group_idx() < G::kLoadWarpGroups;
-  auto pipeline = G::make_pipeline(shared, producer);
-  __syncthreads();  // barriers initialised before anyone waits on them
+// Producer warpgroup: fill the stages, from write_state on (advanced past them), with the k tiles of
+// one (row tile, column tile). Its 128 threads fill one stage of A (128 x 64) and of B (128 x 64)
+// with 16-byte cp.async copies, 8 per thread per operand. Each thread keeps the same rows for the
+// whole K loop, so the routing index is read once per row here, not once per k tile.
+template <class G>
+CUTE_DEVICE void load_tile(const ScatterGemmParams& p, const TileInfo& tile, int n_tile, typename G::Pipeline& pipeline,
+                           typename G::PipelineState& write_state, typename G::SharedStorage& shared) {
+  using Element = typename G::Element;
+  using Mainloop = typename G::Mainloop;
+  constexpr int kVec = 16 / sizeof(Element);                 // elements per 16-byte copy
+  constexpr int kBM = kScatterGemmTileM, kBN = kScatterGemmTileN, kBK = kScatterGemmTileK;
+  constexpr int kThreadsLoad = cutlass::NumThreadsPerWarpGroup;
+  constexpr int kChunksK = kBK / kVec;                        // 8 copies span one row's BLK_K
+  constexpr int kRowsPerPass = kThreadsLoad / kChunksK;       // 16
+  constexpr int kPassesA = kBM / kRowsPerPass;                 // 8
+  constexpr int kPassesBK = kBN / kRowsPerPass;                // K-major W: rows are n
+  constexpr int kChunksN = kBN / kVec;                        // F-major W: copies span BLK_N
+  constexpr int kKRowsPerPass = kThreadsLoad / kChunksN;      // 8
+  constexpr int kPassesBN = kBK / kKRowsPerPass;              // 8
+  static_assert(kPassesBK == 8 && kPassesBN == 8, "one B stage is 8 copies per thread");
 
   const int64_t rows_here = cute::min(tile.row_end - tile.row_start, int64_t(kScatterGemmTileM));
   const int k_tiles = (p.k_in + kScatterGemmTileK - 1) / kScatterGemmTileK;
-  auto blk = TileShape{};
+  Tensor sA = make_tensor(make_smem_ptr(shared.tensors.smem_A.data()), typename Mainloop::SmemLayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(shared.tensors.smem_B.data()), typename Mainloop::SmemLayoutB{});
+  const int t = static_cast<int>(threadIdx.x);  // the producer warpgroup is threads 0..127
+  const auto* x = static_cast<const Element*>(p.x);
+  const auto* w = static_cast<const Element*>(p.w) + static_cast<int64_t>(tile.expert) * p.stride_we;
 
-  if (producer) {
-    // The producer warpgroup's 128 threads fill one stage of A (128 x 64) and of B (128 x 64) with
-    // 16-byte cp.async copies, 8 per thread per operand. Each thread keeps the same rows for the
-    // whole K loop, so the routing index is read once per row here, not once per k tile.
-    using Mainloop = typename G::Mainloop;
-    constexpr int kVec = 16 / sizeof(Element);                 // elements per 16-byte copy
-    constexpr int kBM = kScatterGemmTileM, kBN = kScatterGemmTileN, kBK = kScatterGemmTileK;
-    constexpr int kThreadsLoad = cutlass::NumThreadsPerWarpGroup;
-    constexpr int kChunksK = kBK / kVec;                        // 8 copies span one row's BLK_K
-    constexpr int kRowsPerPass = kThreadsLoad / kChunksK;       // 16
-    constexpr int kPassesA = kBM / kRowsPerPass;                 // 8
-    constexpr int kPassesBK = kBN / kRowsPerPass;                // K-major W: rows are n
-    constexpr int kChunksN = kBN / kVec;                        // F-major W: copies span BLK_N
-    constexpr int kKRowsPerPass = kThreadsLoad / kChunksN;      // 8
-    constexpr int kPassesBN = kBK / kKRowsPerPass;              // 8
-    static_assert(kPassesBK == 8 && kPassesBN == 8, "one B stage is 8 copies per thread");
+  const int ck = t % kChunksK;
+  const Element* a_src[kPassesA];
+  bool a_ok[kPassesA];
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < kPassesA; ++i) {
+    const int m = t / kChunksK + i * kRowsPerPass;
+    a_ok[i] = m < rows_here;
+    const int64_t row = tile.row_start + (a_ok[i] ? m : 0);   // a valid row either way
+    // 32-bit division (num_rows < 2^31 is checked): the 64-bit one is a subroutine call
+    const int64_t x_row = p.x_grouped ? row : static_cast<int>(p.sorted_scattered_idxs[row]) / p.fan_out;
+    a_src[i] = x + x_row * p.stride_xm + ck * kVec;
+  }
+  const bool glu = p.glu != 0;
+  const Element* b_src[8];
+  bool b_ok[8];
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    if constexpr (G::kWKMajor) {  // W[e] as (n, k), unit stride along k: row n, chunk ck
+      const int n = w_column(t / kChunksK + i * kRowsPerPass, n_tile, p.n_out, glu, b_ok[i]);
+      b_src[i] = w + static_cast<int64_t>(b_ok[i] ? n : 0) * p.stride_w_ld + ck * kVec;
+    } else {  // unit stride along n: k row t / kChunksN + 8 i, chunk t % kChunksN (k0 added per tile);
+              // a chunk never straddles the GLU halves (64 and n_out are multiples of kVec)
+      const int n = w_column((t % kChunksN) * kVec, n_tile, p.n_out, glu, b_ok[i]);
+      b_src[i] = w + static_cast<int64_t>(t / kChunksN + i * kKRowsPerPass) * p.stride_w_ld + (b_ok[i] ? n : 0);
+    }
+  }
 
-    Tensor sA = make_tensor(make_smem_ptr(shared.tensors.smem_A.data()), typename Mainloop::SmemLayoutA{});
-    Tensor sB = make_tensor(make_smem_ptr(shared.tensors.smem_B.data()), typename Mainloop::SmemLayoutB{});
-    const int t = static_cast<int>(threadIdx.x);
-    const auto* x = static_cast<const Element*>(p.x);
-    const auto* w = static_cast<const Element*>(p.w) + static_cast<int64_t>(tile.expert) * p.stride_we;
-
-    const int ck = t % kChunksK;
-    const Element* a_src[kPassesA];
-    bool a_ok[kPassesA];
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    pipeline.producer_acquire(write_state);
+    const int stage = write_state.index();
+    const int k0 = kt * kBK;
+    const bool k_ok = k0 + ck * kVec < p.k_in;  // k_in is a multiple of kVec: whole copies only
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kPassesA; ++i) {
       const int m = t / kChunksK + i * kRowsPerPass;
-      a_ok[i] = m < rows_here;
-      const int64_t row = tile.row_start + (a_ok[i] ? m : 0);   // a valid row either way
-      // 32-bit division (num_rows < 2^31 is checked): the 64-bit one is a subroutine call
-      const int64_t x_row = p.x_grouped ? row : static_cast<int>(p.sorted_scattered_idxs[row]) / p.fan_out;
-      a_src[i] = x + x_row * p.stride_xm + ck * kVec;
+      const bool ok = a_ok[i] && k_ok;
+      cp_async_16(raw_pointer_cast(&sA(m, ck * kVec, stage)), ok ? a_src[i] + k0 : x, ok);
     }
-    const bool glu = p.glu != 0;
-    const Element* b_src[8];
-    bool b_ok[8];
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < 8; ++i) {
-      if constexpr (G::kWKMajor) {  // W[e] as (n, k), unit stride along k: row n, chunk ck
-        const int n = w_column(t / kChunksK + i * kRowsPerPass, n_tile, p.n_out, glu, b_ok[i]);
-        b_src[i] = w + static_cast<int64_t>(b_ok[i] ? n : 0) * p.stride_w_ld + ck * kVec;
-      } else {  // unit stride along n: k row t / kChunksN + 8 i, chunk t % kChunksN (k0 added per tile);
-                // a chunk never straddles the GLU halves (64 and n_out are multiples of kVec)
-        const int n = w_column((t % kChunksN) * kVec, n_tile, p.n_out, glu, b_ok[i]);
-        b_src[i] = w + static_cast<int64_t>(t / kChunksN + i * kKRowsPerPass) * p.stride_w_ld + (b_ok[i] ? n : 0);
+      if constexpr (G::kWKMajor) {
+        const int n = t / kChunksK + i * kRowsPerPass;
+        const bool ok = b_ok[i] && k_ok;
+        cp_async_16(raw_pointer_cast(&sB(n, ck * kVec, stage)), ok ? b_src[i] + k0 : w, ok);
+      } else {
+        const int kk = t / kChunksN + i * kKRowsPerPass;
+        const bool ok = b_ok[i] && k0 + kk < p.k_in;
+        cp_async_16(raw_pointer_cast(&sB((t % kChunksN) * kVec, kk, stage)),
+                    ok ? b_src[i] + static_cast<int64_t>(k0) * p.stride_w_ld : w, ok);
       }
     }
-
-    typename G::PipelineState write_state = cutlass::make_producer_start_state<typename G::Pipeline>();
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      pipeline.producer_acquire(write_state);
-      const int stage = write_state.index();
-      const int k0 = kt * kBK;
-      const bool k_ok = k0 + ck * kVec < p.k_in;  // k_in is a multiple of kVec: whole copies only
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kPassesA; ++i) {
-        const int m = t / kChunksK + i * kRowsPerPass;
-        const bool ok = a_ok[i] && k_ok;
-        cp_async_16(raw_pointer_cast(&sA(m, ck * kVec, stage)), ok ? a_src[i] + k0 : x, ok);
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < 8; ++i) {
-        if constexpr (G::kWKMajor) {
-          const int n = t / kChunksK + i * kRowsPerPass;
-          const bool ok = b_ok[i] && k_ok;
-          cp_async_16(raw_pointer_cast(&sB(n, ck * kVec, stage)), ok ? b_src[i] + k0 : w, ok);
-        } else {
-          const int kk = t / kChunksN + i * kKRowsPerPass;
-          const bool ok = b_ok[i] && k0 + kk < p.k_in;
-          cp_async_16(raw_pointer_cast(&sB((t % kChunksN) * kVec, kk, stage)),
-                      ok ? b_src[i] + static_cast<int64_t>(k0) * p.stride_w_ld : w, ok);
-        }
-      }
-      pipeline.producer_commit(write_state, cutlass::arch::cpasync_barrier_arrive);
-      ++write_state;
-    }
-    pipeline.producer_tail(write_state);  // wait until the consumers released every stage
-    return;
+    pipeline.producer_commit(write_state, cutlass::arch::cpasync_barrier_arrive);
+    ++write_state;
   }
+}
 
-  // Consumers: the two warpgroups share the 128 x 128 tile (64 rows each); then the tile is staged.
-  const int mma_thread = static_cast<int>(threadIdx.x) - G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
-  Tensor acc = partition_fragment_C(typename G::TiledMma{}, take<0, 2>(blk));           // (MMA, MMA_M, MMA_N)
-  G::mma(pipeline, acc, k_tiles, mma_thread, shared);
-  const float* staged = G::stage(shared, acc, mma_thread, /*transposed=*/false);
-
-  // Each thread: 8 consecutive output columns of one row; 8 or 16 threads cover a row's tile.
+// Consumers: the epilogue of one tile from its staged fp32 accumulators. Each thread takes 8
+// consecutive output columns of one row; 8 or 16 threads cover a row's tile.
+template <class G>
+CUTE_DEVICE void store_tile(const ScatterGemmParams& p, const TileInfo& tile, int n_tile, const float* staged,
+                            int mma_thread) {
+  using Element = typename G::Element;
+  const int64_t rows_here = cute::min(tile.row_end - tile.row_start, int64_t(kScatterGemmTileM));
   const bool glu = p.glu != 0;
   constexpr int kHalf = kScatterGemmTileN / 2;
   const int out_cols = glu ? kHalf : kScatterGemmTileN;
@@ -266,6 +290,96 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
     }
     store_8(y + y_row * p.stride_ym + col, v, count);
   }
+}
+
+template <class G, class Offset>
+__global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __grid_constant__ ScatterGemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) char smem_buf[];
+  auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
+
+  int row_tile, n_tile;
+  scatter_gemm_tile_of(static_cast<int>(blockIdx.x), scatter_gemm_row_tiles(p.num_rows, p.num_experts),
+                       scatter_gemm_col_tiles(p.n_out, p.glu), row_tile, n_tile);
+  if (threadIdx.x == 0) {
+    int64_t row_start, row_end;
+    int expert;
+    locate_row_tile(static_cast<const Offset*>(p.expert_offsets), p.num_experts, p.num_rows,
+                    static_cast<int64_t>(row_tile), row_start, row_end, expert);
+    shared.extra = {row_start, row_end, expert};
+  }
+  __syncthreads();
+  const auto tile = shared.extra;
+  if (tile.expert < 0) return;  // past the last row tile: the whole CTA leaves together
+
+  const bool producer = cutlass::canonical_warp_group_idx() < G::kLoadWarpGroups;
+  auto pipeline = G::make_pipeline(shared, producer);
+  __syncthreads();  // barriers initialised before anyone waits on them
+
+  const int k_tiles = (p.k_in + kScatterGemmTileK - 1) / kScatterGemmTileK;
+  if (producer) {
+    typename G::PipelineState write_state = cutlass::make_producer_start_state<typename G::Pipeline>();
+    load_tile<G>(p, tile, n_tile, pipeline, write_state, shared);
+    pipeline.producer_tail(write_state);  // wait until the consumers released every stage
+    return;
+  }
+
+  // Consumers: the two warpgroups share the 128 x 128 tile (64 rows each); then the tile is staged.
+  const int mma_thread = static_cast<int>(threadIdx.x) - G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
+  Tensor acc = partition_fragment_C(typename G::TiledMma{}, take<0, 2>(TileShape{}));  // (MMA, MMA_M, MMA_N)
+  typename G::PipelineState read_state;
+  G::mma(pipeline, read_state, acc, k_tiles, mma_thread, shared);
+  const float* staged = G::stage(shared, acc, mma_thread, /*transposed=*/false);
+  store_tile<G>(p, tile, n_tile, staged, mma_thread);
+#endif
+}
+
+// Persistent: gridDim.x CTAs (one per SM), CTA b takes the tiles b, b + gridDim.x, ... in the raster
+// order. The producer and the consumers walk the same tiles, each warp finding a tile's rows itself
+// (locate_row_tile_warp), and skip the same ones (past the last row tile), so the pipeline's stages
+// pair up; the stages' state runs on across tiles.
+template <class G, class Offset>
+__global__ void __launch_bounds__(G::kThreads, 1)
+    scatter_gemm_persistent_kernel(const __grid_constant__ ScatterGemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) char smem_buf[];
+  auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
+  const bool producer = cutlass::canonical_warp_group_idx() < G::kLoadWarpGroups;
+  auto pipeline = G::make_pipeline(shared, producer);
+  __syncthreads();  // barriers initialised before anyone waits on them
+
+  const int row_tiles = scatter_gemm_row_tiles(p.num_rows, p.num_experts);
+  const int col_tiles = scatter_gemm_col_tiles(p.n_out, p.glu);
+  const int64_t tiles = static_cast<int64_t>(row_tiles) * col_tiles;  // < 2^31, checked on the host
+  const auto* offsets = static_cast<const Offset*>(p.expert_offsets);
+  const int k_tiles = (p.k_in + kScatterGemmTileK - 1) / kScatterGemmTileK;
+
+  if (producer) {
+    typename G::PipelineState write_state = cutlass::make_producer_start_state<typename G::Pipeline>();
+    for (int64_t pid = blockIdx.x; pid < tiles; pid += gridDim.x) {
+      int row_tile, n_tile;
+      scatter_gemm_tile_of(static_cast<int>(pid), row_tiles, col_tiles, row_tile, n_tile);
+      const TileInfo tile = locate_row_tile_warp(offsets, p.num_experts, p.num_rows, row_tile);
+      if (tile.expert < 0) continue;  // past the last row tile (the consumers skip it too)
+      load_tile<G>(p, tile, n_tile, pipeline, write_state, shared);
+    }
+    pipeline.producer_tail(write_state);  // wait until the consumers released every stage
+    return;
+  }
+
+  const int mma_thread = static_cast<int>(threadIdx.x) - G::kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
+  typename G::PipelineState read_state;
+  for (int64_t pid = blockIdx.x; pid < tiles; pid += gridDim.x) {
+    int row_tile, n_tile;
+    scatter_gemm_tile_of(static_cast<int>(pid), row_tiles, col_tiles, row_tile, n_tile);
+    const TileInfo tile = locate_row_tile_warp(offsets, p.num_experts, p.num_rows, row_tile);
+    if (tile.expert < 0) continue;
+    Tensor acc = partition_fragment_C(typename G::TiledMma{}, take<0, 2>(TileShape{}));
+    G::mma(pipeline, read_state, acc, k_tiles, mma_thread, shared);
+    // stage() starts with a barrier over the consumers: every one has stored the last tile's values
+    const float* staged = G::stage(shared, acc, mma_thread, /*transposed=*/false);
+    store_tile<G>(p, tile, n_tile, staged, mma_thread);
+  }
 #endif
 }
 
@@ -296,6 +410,7 @@ void run(const ScatterGemmParams& p, cudaStream_t stream) {
              "stride_we: expected a non-negative multiple of ", align, ", got ", p.stride_we);
   SMOE_CHECK(p.bias == nullptr || p.stride_be >= 0, "stride_be: expected >= 0, got ", p.stride_be);
   SMOE_CHECK(p.fan_out >= 1, "fan_out: expected >= 1, got ", p.fan_out);
+  SMOE_CHECK(p.num_ctas >= 0, "num_ctas: expected 0 (one CTA per tile) or a positive CTA count, got ", p.num_ctas);
   SMOE_CHECK(p.x_grouped ? p.x_rows >= p.num_rows : p.x_rows * p.fan_out >= p.num_rows,
              "x_rows: X has ", p.x_rows, " rows, too few for ", p.num_rows, " routed rows with fan_out ", p.fan_out);
   SMOE_CHECK(p.y_rows >= p.num_rows, "y_rows: Y has ", p.y_rows, " rows, fewer than the ", p.num_rows, " routed rows");
@@ -314,6 +429,16 @@ void run(const ScatterGemmParams& p, cudaStream_t stream) {
   DeviceGuard guard(p.device);
   if (p.num_rows == 0) return;
 
+  if (p.num_ctas > 0) {
+    using GP = ScatterGemm<ElementTag, WKMajor, /*Persistent=*/true>;
+    const dim3 grid(static_cast<unsigned>(tiles < p.num_ctas ? tiles : p.num_ctas));
+    auto kernel = p.offsets_int64 ? scatter_gemm_persistent_kernel<GP, int64_t>
+                                  : scatter_gemm_persistent_kernel<GP, int32_t>;
+    SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, GP::kSmemBytes));
+    kernel<<<grid, GP::kThreads, GP::kSmemBytes, stream>>>(p);
+    SMOE_CHECK_LAUNCH("scatter_gemm_persistent_kernel");
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(tiles));
   auto kernel = p.offsets_int64 ? scatter_gemm_kernel<G, int64_t> : scatter_gemm_kernel<G, int32_t>;
   SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));

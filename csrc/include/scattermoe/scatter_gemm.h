@@ -54,12 +54,14 @@ struct ScatterGemmParams {
   int glu = 0;                            // 0: none; 1: silu(first half) * second; 2: first * silu(second)
   void* pre = nullptr;                    // glu only: [*, 2F] pre-activation H, rows like Y; nullptr: not kept
   int64_t stride_pm = 0;
+  int num_ctas = 0;                       // 0: one CTA per tile; > 0: the persistent kernel on this many CTAs
   int device = 0;
 };
 
-// Enqueue the kernel on `stream`: a 1-D grid of (row tiles bound cdiv(N, 128) + E) x cdiv(F, 128 or 64 with glu) CTAs
-// in the order of scatter_gemm_tile_of,
-// each finding its expert and rows from expert_offsets. No host synchronisation, no workspace.
+// Enqueue the kernel on `stream`: (row tiles bound cdiv(N, 128) + E) x cdiv(F, 128 or 64 with glu) tiles in
+// the order of scatter_gemm_tile_of, each CTA finding its tiles' experts and rows from expert_offsets; one
+// CTA per tile, or with num_ctas > 0 min(num_ctas, tiles) persistent CTAs (num_ctas = the SM count).
+// No host synchronisation, no workspace.
 template <class ElementTag, bool WKMajor>
 void scatter_gemm_sm90(const ScatterGemmParams& params, cudaStream_t stream);
 

@@ -2,8 +2,11 @@
 // that fills CUTLASS's shared-memory stages with cp.async (each kernel writes its own loop, since
 // what it gathers differs), two consumer warpgroups running CUTLASS's cp.async + GMMA collective
 // (MainloopSm90CpAsyncGmmaWarpSpecialized), and an fp32 epilogue tile staged in the stages once the
-// mainloop is done with them. Device code only.
+// mainloop is done with them (or, for a persistent kernel, in a buffer of its own, so that the producer
+// can fill the stages with the next tile while the consumers store this one). Device code only.
 #pragma once
+
+#include <type_traits>
 
 #include <cutlass/cutlass.h>
 #include <cute/tensor.hpp>
@@ -19,19 +22,28 @@ struct NoExtraStorage {};
 
 // Element: the 16-bit operand type. LayoutA (M x K) and LayoutB (K x N) in CUTLASS's names.
 // CarveoutBytes: shared memory kept out of the stages for Extra (what a kernel adds, e.g. its tile's rows).
+// SeparateEpilogue: the epilogue tile gets its own buffer instead of reusing the stages (fewer stages).
 template <class Element, class LayoutA, class LayoutB, class TileShape_, int CarveoutBytes = 0,
-          class Extra = NoExtraStorage>
+          class Extra = NoExtraStorage, bool SeparateEpilogue = false>
 struct CpAsyncGemm {
   using TileShape = TileShape_;
   static constexpr int kTileM = cute::size<0>(TileShape{});
   static constexpr int kTileN = cute::size<1>(TileShape{});
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte cp.async
 
+  // The accumulator tile in fp32, padded so that 16 threads reading 16-byte chunks of two rows
+  // spread over the banks. Square tiles may be staged transposed.
+  static constexpr int kStageLd = kTileN + 4;
+  struct EpilogueStorage {
+    alignas(16) float acc[kTileM * kStageLd];
+  };
+  static constexpr int kEpilogueCarveout = SeparateEpilogue ? static_cast<int>(sizeof(EpilogueStorage)) : 0;
+
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       Element, LayoutA, kAlignment, Element, LayoutB, kAlignment, float,
       TileShape, cute::Shape<cute::_1, cute::_1, cute::_1>,
-      cutlass::gemm::collective::StageCountAutoCarveout<CarveoutBytes>,
+      cutlass::gemm::collective::StageCountAutoCarveout<CarveoutBytes + kEpilogueCarveout>,
       cutlass::gemm::KernelCpAsyncWarpSpecializedCooperative>::CollectiveOp;
   using TiledMma = typename Mainloop::TiledMma;
   using Pipeline = typename Mainloop::MainloopPipeline;
@@ -41,13 +53,7 @@ struct CpAsyncGemm {
   static constexpr int kMmaThreads = cute::size(TiledMma{});  // two consumer warpgroups
   static constexpr int kThreads = kMmaThreads + kLoadWarpGroups * cutlass::NumThreadsPerWarpGroup;
 
-  // The accumulator tile in fp32, padded so that 16 threads reading 16-byte chunks of two rows
-  // spread over the banks. Square tiles may be staged transposed.
-  static constexpr int kStageLd = kTileN + 4;
-  struct EpilogueStorage {
-    alignas(16) float acc[kTileM * kStageLd];
-  };
-  struct SharedStorage {
+  struct SharedStorageUnion {
     union {  // the mainloop's stages, then (after every consumer finished reading them) the epilogue tile
       typename Mainloop::TensorStorage tensors;
       EpilogueStorage epilogue;
@@ -55,9 +61,19 @@ struct CpAsyncGemm {
     alignas(16) typename Mainloop::PipelineStorage pipeline;
     Extra extra;
   };
-  static_assert(sizeof(EpilogueStorage) <= sizeof(typename Mainloop::TensorStorage),
+  struct SharedStorageSeparate {
+    typename Mainloop::TensorStorage tensors;
+    EpilogueStorage epilogue;
+    alignas(16) typename Mainloop::PipelineStorage pipeline;
+    Extra extra;
+  };
+  using SharedStorage = std::conditional_t<SeparateEpilogue, SharedStorageSeparate, SharedStorageUnion>;
+  static_assert(SeparateEpilogue || sizeof(EpilogueStorage) <= sizeof(typename Mainloop::TensorStorage),
                 "the epilogue tile must fit in the pipeline stages it reuses");
+  static constexpr int kStages = Mainloop::DispatchPolicy::Stages;
+  static_assert(kStages >= 4, "fewer than 4 stages cannot hide the latency of global loads");
   static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= cutlass::gemm::collective::detail::sm90_smem_capacity_bytes, "shared memory over the sm_90 limit");
 
   // The pipeline over the stages, this thread's role set; all threads of the CTA call it.
   CUTE_DEVICE static Pipeline make_pipeline(SharedStorage& shared, bool producer) {
@@ -68,23 +84,26 @@ struct CpAsyncGemm {
     return Pipeline(shared.pipeline, params);
   }
 
-  // Consumers: acc = the sum over k_tiles stages (zero when there are none: the collective needs one).
+  // Consumers: acc = the sum over k_tiles stages (zero when there are none: the collective needs one),
+  // read from read_state on, which is then advanced past them (a persistent kernel's next tile starts there).
   template <class Acc>
-  CUTE_DEVICE static void mma(Pipeline& pipeline, Acc& acc, int k_tiles, int mma_thread, SharedStorage& shared) {
+  CUTE_DEVICE static void mma(Pipeline& pipeline, PipelineState& read_state, Acc& acc, int k_tiles,
+                              int mma_thread, SharedStorage& shared) {
     if (k_tiles == 0) {
       cute::clear(acc);
       return;
     }
     Mainloop mainloop;
     typename Mainloop::Params params{};
-    PipelineState read_state;
     mainloop.mma(pipeline, read_state, acc, k_tiles, mma_thread, shared.tensors, params);
-    mainloop.mma_tail(pipeline, read_state, k_tiles);
+    mainloop.mma_tail(pipeline, read_state, k_tiles);  // waits for the wgmmas, releases the stages
+    read_state.advance(k_tiles);
   }
 
   // Consumers: write acc into the epilogue tile, at [m * kStageLd + n] (or [n * kStageLd + m] when
   // transposed), and return it once every consumer has written. mma_tail waited for this thread's
-  // wgmmas only, so a named barrier over both warpgroups comes first: then no one reads the stages.
+  // wgmmas only, so a named barrier over both warpgroups comes first: then no one reads the stages
+  // (union) or the previous tile's staged values (separate buffer) any more.
   template <class Acc>
   CUTE_DEVICE static float* stage(SharedStorage& shared, const Acc& acc, int mma_thread, bool transposed) {
     using Barrier = cutlass::arch::NamedBarrier;

@@ -9,7 +9,8 @@ for grouped, ungated rows; a cp.async scatter GEMM with gather, scatter, gates a
 epilogue for the rest), group_bwd_w (dW and db, gated or not), and the GLU backward pass:
 MLP, GLUMLP, MoA and parallel_linear run forward and backward on csrc alone. What the kernels
 cannot take (other dtypes, layouts cp.async or TMA cannot read) falls back to Triton, counted
-in ``FALLBACKS`` by the reason (see dispatch.py and csrc/README.md).
+in ``FALLBACKS`` by the reason (see dispatch.py and csrc/README.md). The scatter GEMM has a
+persistent variant (one CTA per SM), off by default until measured: ``set_persistent()``.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import torch
 from . import _extension
 from .dispatch import FALLBACKS, glu_backward, group_bwd_w, scatter2scatter, scatter2scatter_fallback_reason, set_strict
 from .grouped_gemm import grouped_gemm_op
+from .scatter_gemm import persistent, set_persistent
 
 CSRC_DTYPES = (torch.bfloat16, torch.float16)
 SM90 = (9, 0)
 
 __all__ = [
-    "FALLBACKS", "extension", "glu_backward", "group_bwd_w", "grouped_gemm_op", "scatter2scatter",
-    "scatter2scatter_fallback_reason", "set_strict", "unsupported_reason",
+    "FALLBACKS", "extension", "glu_backward", "group_bwd_w", "grouped_gemm_op", "persistent", "scatter2scatter",
+    "scatter2scatter_fallback_reason", "set_persistent", "set_strict", "unsupported_reason",
 ]
 
 

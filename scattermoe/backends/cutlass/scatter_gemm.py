@@ -16,13 +16,51 @@ Triton when it cannot.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional, Union
+import os
+from typing import Iterator, Optional, Union
 
 import torch
 
 from . import _extension
-from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok, weight_layout
+from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, _sm_count, rows_ok, weight_layout
+
+# Which scatter GEMM kernel runs: False, one CTA per tile (the default); True, the persistent kernel on
+# one CTA per SM; an int, the persistent kernel on that many CTAs (tests use a few, so that each CTA
+# loops over many tiles). Both are built; which is faster is for the first GPU benchmark to say
+# (bench's scattermoe_cutlass_persistent rows), so the reviewed one-CTA-per-tile kernel stays the default.
+_persistent: Union[bool, int] = os.environ.get("SCATTERMOE_CUTLASS_PERSISTENT", "0") not in ("", "0", "false", "False")
+
+
+def set_persistent(ctas: Union[bool, int] = True) -> None:
+    """Run the csrc scatter GEMM as the persistent kernel (True: one CTA per SM; an int: that many CTAs)
+    or, with False, as one CTA per tile. Also ``SCATTERMOE_CUTLASS_PERSISTENT=1``."""
+    global _persistent
+    if isinstance(ctas, bool):
+        _persistent = ctas
+    elif isinstance(ctas, int) and ctas >= 1:
+        _persistent = ctas
+    else:
+        raise ValueError(f"set_persistent: expected True, False or a positive CTA count, got {ctas!r}")
+
+
+@contextlib.contextmanager
+def persistent(ctas: Union[bool, int] = True) -> Iterator[None]:
+    """``set_persistent(ctas)`` inside the block, the previous setting after it."""
+    previous = _persistent
+    set_persistent(ctas)
+    try:
+        yield
+    finally:
+        set_persistent(previous)
+
+
+def num_ctas(device_index: int) -> int:
+    """The scatter GEMM's num_ctas argument: 0 (one CTA per tile) or the persistent kernel's CTA count."""
+    if _persistent is False:
+        return 0
+    return _sm_count(device_index) if _persistent is True else int(_persistent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +145,7 @@ def launch(p: ScatterGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[
         fan_out=fan_out if not grouped_in else 1, num_experts=p.num_experts, num_rows=p.num_rows,
         k_in=p.k_in, n_out=p.n_out, glu=p.glu,
         pre=pre_activation.data_ptr() if pre_activation is not None else 0,
-        stride_pm=pre_activation.stride(0) if pre_activation is not None else 0,
+        stride_pm=pre_activation.stride(0) if pre_activation is not None else 0, num_ctas=num_ctas(device),
         device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
     )
     return y
