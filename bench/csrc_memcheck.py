@@ -91,6 +91,9 @@ def main() -> int:
     want = torch.empty_like(ref)
     want[scattered.cpu()] = ref
     results["scatter_gemm (gather, scatter, gates, bias)"] = _rel(y, want)
+    with cutlass.persistent(2):  # the persistent kernel on 2 CTAs: each loops over several tiles
+        y = cutlass.scatter2scatter(x_tok, w, b, scattered, offsets, k, False, False, row_scale=gates)
+    results["scatter_gemm, persistent (gather, scatter, gates, bias)"] = _rel(y, want)
 
     # Scatter GEMM with the GLU epilogue and the kept pre-activation, grouped out.
     pre = torch.empty(n, 80, device=dev, dtype=dt)
@@ -98,6 +101,12 @@ def main() -> int:
     h = (x_tok.double().cpu()[rows].unsqueeze(1) @ w_glu.double().cpu()[sorted_expert.cpu()]).squeeze(1)
     results["scatter_gemm (GLU)"] = _rel(y, reference.glu(h, torch.nn.functional.silu, True))
     results["scatter_gemm (GLU pre-activation)"] = _rel(pre, h)
+    pre_persistent = torch.empty_like(pre)
+    with cutlass.persistent(True):  # one CTA per SM: here 6 CTAs, 2 of them with only tiles past the last row
+        y = cutlass.scatter2scatter(x_tok, w_glu, None, scattered, offsets, k, False, True, glu=1,
+                                    pre_activation=pre_persistent)
+    results["scatter_gemm, persistent (GLU)"] = _rel(y, reference.glu(h, torch.nn.functional.silu, True))
+    results["scatter_gemm, persistent (GLU pre-activation)"] = _rel(pre_persistent, h)
 
     # TMA grouped GEMM: grouped in and out, ungated.
     x_rows = torch.randn(n, 72, generator=g).to(dev, dt)

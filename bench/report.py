@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .harness import REPO_ROOT, RESULTS_DIR, markdown_table
 
@@ -107,12 +107,28 @@ def targets(payload: Dict, impl: str = "scattermoe_triton") -> List[Dict]:
     return out
 
 
+CSRC_IMPLS = ("scattermoe_cutlass", "scattermoe_cutlass_persistent")
+
+
+def csrc_targets(payload: Dict) -> List[Dict]:
+    """Issue 3's targets, for each csrc variant the file has rows of: its fused GLU first GEMM against a dense
+    matmul of the same FLOPs, and its GLUMLP forward+backward against the Triton backend's, both at the headline."""
+    rows, out = payload["rows"], []
+    for impl in CSRC_IMPLS:
+        if any(r["impl"] == impl for r in rows):
+            out.append(_ratio_target(rows, f"{impl}: first MoE GEMM, GLU fused, vs dense matmul of the same FLOPs",
+                                     impl, "dense_same_flops", "jetmoe_glu_gemm_fwd", ">= 0.8x", "time"))
+            out.append(_ratio_target(rows, f"{impl}: GLUMLP fwd+bwd vs the Triton backend", impl,
+                                     "scattermoe_triton", "jetmoe_moe_fwd_bwd", ">= 1.0x", "time"))
+    return out
+
+
 def _verdict(met: Optional[bool]) -> str:
     return "not measured" if met is None else ("met" if met else "NOT met")
 
 
-def targets_table(payload: Dict) -> str:
-    rows = [[t["target"], t["want"], t["measured"], _verdict(t["met"])] for t in targets(payload)]
+def targets_table(payload: Dict, which: Callable[[Dict], List[Dict]] = targets) -> str:
+    rows = [[t["target"], t["want"], t["measured"], _verdict(t["met"])] for t in which(payload)]
     return markdown_table(["target (JetMoE-8B MoE, bf16, uniform, T=16384 unless said)", "want", "measured",
                            "verdict"], rows)
 
@@ -214,6 +230,8 @@ def markdown(payload: Dict) -> str:
              "(large T); at small T the HBM floor is the bound. FAIL: the output failed its correctness check. "
              "— : not available here (reason in the JSON row). Protocol: bench/README.md.",
              "## Targets (issue 5)", targets_table(payload)]
+    if csrc_targets(payload):
+        parts += ["## Targets of the csrc kernels (issue 3)", targets_table(payload, csrc_targets)]
     for case in dict.fromkeys(r["case"] for r in rows):
         parts += [f"## {case}", case_table(rows, case)]
     loads = [ld for ld in payload.get("loads", []) if ld["routing"] == "zipf" and ld["tokens"] >= 1024]
@@ -265,6 +283,7 @@ def readme_section(result: Optional[Path]) -> str:
         f"From [`bench/results/{result.name}`](bench/results/{result.name}) (full tables: "
         f"[`{md}`](bench/results/{md})): " + header(payload),
         targets_table(payload),
+        *([targets_table(payload, csrc_targets)] if csrc_targets(payload) else []),
         "JetMoE-8B MoE layer (GLU, D=2048, F=5632, E=8, k=2), forward+backward, bf16; median ms "
         "(useful TFLOP/s):",
         case_table(payload["rows"], "jetmoe_moe_fwd_bwd"),

@@ -52,7 +52,7 @@ def test_result_file_has_the_issue_schema(smoke_payload):
         assert row["routing"] in ("uniform", "zipf")
     cases = {r["case"] for r in p["rows"]}
     assert cases == {"jetmoe_moe_fwd", "jetmoe_moe_bwd", "jetmoe_moe_fwd_bwd", "jetmoe_moe_infer", "jetmoe_moa_fwd",
-                     "jetmoe_moa_fwd_bwd", "routing"}
+                     "jetmoe_moa_fwd_bwd", "jetmoe_glu_gemm_fwd", "routing"}
     assert {r["impl"] for r in p["rows"] if r["case"] == "routing"} == {"scattermoe", "torch_sort", "reference"}
     assert {r["impl"] for r in p["rows"] if r["case"] == "jetmoe_moe_bwd"} == set(SMOKE_IMPLS.split(","))
 
@@ -60,10 +60,16 @@ def test_result_file_has_the_issue_schema(smoke_payload):
 @pytest.mark.interpreter
 def test_every_wired_implementation_ran_and_passed_its_check(smoke_payload):
     rows = smoke_payload["rows"]
-    bad = [(r["case"], r["tokens"], r["impl"], r.get("status")) for r in rows if r.get("status") != "ok"]
+    # The GEMM-alone case has no torch._grouped_mm row: that baseline is a layer.
+    unavailable = {("jetmoe_glu_gemm_fwd", "torch_grouped_mm")}
+    bad = [(r["case"], r["tokens"], r["impl"], r.get("status")) for r in rows if r.get("status") != "ok"
+           and not ((r["case"], r["impl"]) in unavailable and r.get("status", "").startswith("unavailable"))]
     assert not bad, bad
-    for shape in ("jetmoe_moe", "jetmoe_moa"):
-        for impl in ("scattermoe_triton", "reference", "torch_grouped_mm"):
+    assert all(r.get("status", "").startswith("unavailable") for r in rows if (r["case"], r["impl"]) in unavailable)
+    for shape, impls in (("jetmoe_moe", ("scattermoe_triton", "reference", "torch_grouped_mm")),
+                         ("jetmoe_moa", ("scattermoe_triton", "reference", "torch_grouped_mm")),
+                         ("jetmoe_glu_gemm", ("scattermoe_triton", "reference"))):
+        for impl in impls:
             c = smoke_payload["checks"][shape][impl]
             assert c["ok"], (shape, impl, c)
             # Checked at decode size (T=1, the small-row configs), at a larger T, and with skewed routing.
@@ -88,11 +94,36 @@ def test_a_failed_check_never_meets_a_target():
     assert verdicts["GLUMLP fwd+bwd vs dense matmul of the same FLOPs"] is True
 
 
+def test_csrc_targets_are_judged_per_variant_from_the_rows():
+    """Issue 3: each csrc variant's fused GLU first GEMM against dense_same_flops (>= 0.8x) and its GLUMLP
+    fwd+bwd against Triton's (>= 1.0x); a variant without rows is not listed; a failed check is not met."""
+    def row(case, impl, ms, **extra):
+        return dict(case=case, impl=impl, ms=ms, tokens=16384, routing="uniform", **extra)
+    rows = [row("jetmoe_glu_gemm_fwd", "dense_same_flops", 2.0), row("jetmoe_glu_gemm_fwd", "scattermoe_cutlass", 2.4),
+            row("jetmoe_glu_gemm_fwd", "scattermoe_cutlass_persistent", 2.6),
+            row("jetmoe_moe_fwd_bwd", "scattermoe_triton", 10.0), row("jetmoe_moe_fwd_bwd", "scattermoe_cutlass", 9.0),
+            row("jetmoe_moe_fwd_bwd", "scattermoe_cutlass_persistent", 8.0, check="FAIL")]
+    verdicts = {t["target"]: t["met"] for t in report.csrc_targets({"rows": rows})}
+    assert verdicts == {
+        "scattermoe_cutlass: first MoE GEMM, GLU fused, vs dense matmul of the same FLOPs": True,  # 2.0 / 2.4
+        "scattermoe_cutlass: GLUMLP fwd+bwd vs the Triton backend": True,
+        "scattermoe_cutlass_persistent: first MoE GEMM, GLU fused, vs dense matmul of the same FLOPs": False,
+        "scattermoe_cutlass_persistent: GLUMLP fwd+bwd vs the Triton backend": False,  # faster, but wrong
+    }
+    assert report.csrc_targets({"rows": rows[:1] + rows[3:4]}) == []
+    assert "Targets of the csrc kernels (issue 3)" in report.markdown(
+        {"rows": rows, "device": "H100", "commit": "a" * 40, "torch": "2.11", "triton": "3.6", "cuda": "13.0",
+         "created": "2026-11-30", "checks": {}})
+
+
 @pytest.mark.interpreter
 def test_row_numbers_agree(smoke_payload):
     """tflops = useful FLOPs / ms, with the FLOPs counted here from the shapes (not by the harness)."""
     cfg = {g["shape"]["name"]: g["shape"] for g in smoke_payload["config"]["groups"]}
     for row in smoke_payload["rows"]:
+        if row["status"].startswith("unavailable"):  # the GEMM-alone case's torch._grouped_mm row
+            assert row["ms"] is None and row["impl"] == "torch_grouped_mm", row
+            continue
         times = row["timing"]["times_ms"]
         assert min(times) <= row["ms"] <= max(times)
         if row["case"] == "routing":
@@ -102,8 +133,8 @@ def test_row_numbers_agree(smoke_payload):
         shape = cfg[row["case"][:-len(mode) - 1]]
         mode = "fwd" if mode == "infer" else mode  # the inference forward does the forward's FLOPs
         n, d, f = row["tokens"] * shape["K"], shape["D"], shape["F"]
-        first = 2 * f if shape["kind"] == "glu" else f  # a GLU's first projection outputs 2F
-        fwd = 2 * n * d * first + 2 * n * f * d
+        first = 2 * f if shape["kind"] in ("glu", "glu_gemm") else f  # a GLU's first projection outputs 2F
+        fwd = 2 * n * d * first + (0 if shape["kind"] == "glu_gemm" else 2 * n * f * d)  # GEMM alone: no second
         mult = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode]
         assert row["tflops"] == pytest.approx(mult * fwd / (row["ms"] * 1e-3) / 1e12, rel=1e-9)
 
@@ -112,7 +143,7 @@ def test_row_numbers_agree(smoke_payload):
 def test_markdown_report_has_every_case_and_the_targets(smoke_payload):
     md = report.markdown(smoke_payload)
     assert "CPU SMOKE RUN" in md
-    for case in ("jetmoe_moe_fwd_bwd", "jetmoe_moa_fwd", "routing", "Targets (issue 5)"):
+    for case in ("jetmoe_moe_fwd_bwd", "jetmoe_moa_fwd", "jetmoe_glu_gemm_fwd", "routing", "Targets (issue 5)"):
         assert f"## {case}" in md
     # No GPU: the targets cannot be judged, and the report must not say they were met.
     assert all(t["met"] is None for t in report.targets(smoke_payload))
