@@ -4,7 +4,7 @@ Legend: T tokens, K experts per token, N = T*K routed rows, E experts, D model d
 hidden dim (a GLU's first projection outputs 2F; for MoA, F = heads x head_dim).
 
 Shapes (case names are ``<shape>_<mode>``, and ``routing``):
-  jetmoe_moe        JetMoE-8B's MoE: SiLU GLU, D=2048, F=5632, E=8, K=2          fwd, bwd, fwd_bwd, infer
+  jetmoe_moe        JetMoE-8B's MoE: SiLU GLU, D=2048, F=5632, E=8, K=2   fwd, bwd, fwd_bwd, infer, infer_graph
   jetmoe_moa        JetMoE-8B's MoA projections: 16 heads x 128, D=2048, E=8, K=2  fwd, fwd_bwd
                     (map then reduce, attention between them left out: o = q)
   finegrained_e64   GLU, D=2048, F=1408, E=64, K=8 (DeepSeek-style)               fwd, fwd_bwd
@@ -29,7 +29,9 @@ Implementations (``impl``):
   sonicmoe             SonicMoE's MoE layer, from third_party/ (its own router: see its row note)
 Modes: ``fwd`` is the training forward (what backward needs is kept); ``bwd`` is
 ``y.backward(dy)`` alone, the forward run untimed before each call; ``fwd_bwd`` both; ``infer``
-(JetMoE MoE, T <= INFER_MAX_TOKENS) the forward under ``torch.no_grad()``, as serving and decode run it.
+(JetMoE MoE, T <= INFER_MAX_TOKENS) the forward under ``torch.no_grad()``, as serving and decode run it;
+``infer_graph`` the same forward captured in a CUDA graph and replayed, as serving stacks run decode (the
+library's backends only: the reference and the peers sync with the host).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ ROUTINGS = ("uniform", "zipf")
 ZIPF_S = 1.2
 CHECK_TOL = 2e-2  # bf16 bound of DESIGN.md section 5
 INFER_MAX_TOKENS = 128  # the inference-forward rows are decode and small-batch serving sizes
+INFER_MODES = ("infer", "infer_graph")
+GRAPH_IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "scattermoe_cutlass_persistent")
 ROUTING_OUTPUTS = ("gates", "expert_idxs", "sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets")
 
 
@@ -77,7 +81,7 @@ class Shape:
 
 
 SHAPES: Dict[str, Shape] = {s.name: s for s in (
-    Shape("jetmoe_moe", "glu", modes=("fwd", "bwd", "fwd_bwd", "infer")),
+    Shape("jetmoe_moe", "glu", modes=("fwd", "bwd", "fwd_bwd", "infer", "infer_graph")),
     Shape("jetmoe_moa", "moa", F=16 * 128, heads=16),
     Shape("jetmoe_glu_gemm", "glu_gemm", modes=("fwd",)),
     Shape("finegrained_e64", "glu", F=1408, E=64, K=8),
@@ -167,7 +171,7 @@ def flops(group: Group, mode: str) -> Optional[int]:
         return 2 * n * s.D * 2 * s.F
     out1 = 2 * s.F if s.kind == "glu" else s.F
     fwd = 2 * n * s.D * out1 + 2 * n * s.F * s.D
-    return {"fwd": fwd, "infer": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode]
+    return {"fwd": fwd, "infer": fwd, "infer_graph": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode]
 
 
 def weight_bytes(shape: Shape, experts: int, itemsize: int = 2) -> int:
@@ -286,6 +290,15 @@ class Workload:
             return self.mm_unavailable
         if impl in ("scattermoe_original", "sonicmoe"):
             return f"{impl} has no MoA layer" if kind == "moa" else self._peer(impl)[1]
+        return None
+
+    def mode_unavailable(self, impl: str, mode: str) -> Optional[str]:
+        """Why impl has no row in this mode (beyond ``unavailable``), or None."""
+        if mode == "infer_graph":
+            if self.device.type != "cuda":
+                return "CUDA graphs need a CUDA device"
+            if impl not in GRAPH_IMPLS:
+                return "CUDA-graph replay is timed for the library's backends only"
         return None
 
     def _peer(self, impl: str) -> Tuple[Optional[torch.nn.Module], Optional[str]]:
@@ -438,6 +451,8 @@ class Workload:
 
         if mode == "fwd":
             return (lambda i: forward(sets[i])), lambda i: clear()
+        if mode == "infer_graph":
+            return self._graph_call(impl, forward, sets), lambda i: None
         if mode == "infer":
             def infer(i: int) -> torch.Tensor:
                 with torch.no_grad():  # serving: nothing kept for a backward
@@ -454,6 +469,32 @@ class Workload:
         def bwd(i: int) -> None:
             pending.pop(i).backward(sets[i].dy)
         return bwd, prepare_bwd
+
+    def _graph_call(self, impl: str, forward: Callable[[Inputs], torch.Tensor], sets: List[Inputs]) -> Call:
+        """Each input set's no-grad forward captured in a CUDA graph, after two eager calls off the default
+        stream (they also autotune); the timed call replays it. The first replay must equal the eager output."""
+        graphs: List[torch.cuda.CUDAGraph] = []
+        outs: List[torch.Tensor] = []
+        self._release = lambda: (graphs.clear(), outs.clear())
+        with torch.no_grad(), _kernel_variant(impl):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for inp in sets:
+                    forward(inp)
+                    forward(inp)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            for inp in sets:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    outs.append(forward(inp))
+                graphs.append(graph)
+            eager = forward(sets[0])
+            outs[0].fill_(float("nan"))  # poison: the replay must write every element
+            graphs[0].replay()
+            if not torch.equal(outs[0], eager):
+                raise RuntimeError("the CUDA-graph replay differs from the eager forward")
+        return lambda i: graphs[i].replay()
 
     def release(self) -> None:
         """Free what the last ``call`` left behind (grads, a pending forward); never raises."""

@@ -19,8 +19,8 @@ import torch
 
 from . import grouped_mm_moe
 from .harness import Timer, TimingPlan, cutlass_fallbacks, fallbacks_since, log
-from .kernels import (INFER_MAX_TOKENS, Group, Shape, Workload, check, expert_load, first_line, flops, impls_for,
-                      make_inputs, weight_bytes)
+from .kernels import (INFER_MAX_TOKENS, INFER_MODES, Group, Shape, Workload, check, expert_load, first_line, flops,
+                      impls_for, make_inputs, weight_bytes)
 
 
 @dataclass
@@ -49,7 +49,7 @@ def setup_grouped_mm(device: torch.device, allow_loop: bool) -> Tuple[Optional[g
 
 def modes_for(group: Group) -> List[str]:
     """The shape's modes at this T: the inference forward only at decode and small-batch sizes."""
-    return [m for m in group.shape.modes if m != "infer" or group.T <= INFER_MAX_TOKENS]
+    return [m for m in group.shape.modes if m not in INFER_MODES or group.T <= INFER_MAX_TOKENS]
 
 
 def empty_row(group: Group, mode: str, impl: str) -> Dict:
@@ -122,7 +122,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
             case, n_flops = group.case(mode), flops(group, mode)
             mode_rows = []
             floor_ms = None
-            if mode in ("fwd", "infer") and cfg.limits and shape.kind != "routing":
+            if mode in ("fwd", *INFER_MODES) and cfg.limits and shape.kind != "routing":
                 floor_ms = weight_bytes(shape, load["experts_used"]) / cfg.limits["hbm_bytes_s"] * 1e3
             for impl in impls_for(shape, cfg.impls):
                 row = empty_row(group, mode, impl)
@@ -134,6 +134,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                 why = c.get("unavailable")
                 if impl == "dense_same_flops":  # not in the checks: nothing to compare
                     why = work.unavailable(impl, sets[0].x)
+                why = why or work.mode_unavailable(impl, mode)
                 if why:
                     row["status"] = f"unavailable: {why}"
                     continue

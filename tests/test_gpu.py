@@ -150,3 +150,44 @@ def test_topk_gating_cuda(T, E, K, dtype, device, monkeypatch):
     torch.testing.assert_close(gates, torch.softmax(values, -1), rtol=1e-6, atol=1e-6)
     gates, idx = scattermoe.topk_gating(logits.requires_grad_(), K)
     assert launches == [1] and gates.requires_grad, "a gradient must take the torch path"
+
+
+def _decode_step(layer, router, x):
+    """A serving forward: router logits, one-launch top-k gating, the layer; no gradient."""
+    gates, idx = scattermoe.topk_gating(router(x).float(), layer.top_k)
+    return layer(x, gates.to(x.dtype), idx)
+
+
+@pytest.mark.parametrize("T", [1, 16, 300])  # 300 x 2 rows: past the one-launch sort (torch.sort inside the graph)
+def test_decode_forward_replays_in_a_cuda_graph(T, device):
+    """Serving stacks run decode as CUDA-graph replays (launch overhead would otherwise dominate at T=1). The
+    routing and the layer must be capturable: no host sync, no allocation outside the graph's pool, and a
+    replay on new inputs copied into the captured buffers must give the eager forward's output bit for bit
+    (same kernels, same configs: the warm-up runs the autotuner before the capture)."""
+    torch.manual_seed(0)
+    D, F_, E, K = 256, 384, 8, 2
+    layer = scattermoe.GLUMLP(D, F_, E, K, activate_first=True).to(device, torch.bfloat16)
+    router = torch.nn.Linear(D, E, bias=False).to(device, torch.bfloat16)
+    static_x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graphs asks
+            for _ in range(2):
+                _decode_step(layer, router, static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = _decode_step(layer, router, static_x)
+        for seed in (1, 2):
+            x = torch.randn(T, D, generator=torch.Generator().manual_seed(seed)).to(device, torch.bfloat16)
+            static_x.copy_(x)
+            static_y.fill_(float("nan"))  # poison: the replay must rewrite every element
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = _decode_step(layer, router, x)
+            assert torch.equal(static_y, eager), f"T={T}: the graph replay differs from the eager forward"
+            gates, idx = scattermoe.topk_gating(router(x).float(), K)  # the same routing (bf16 logits tie)
+            with scattermoe.use_backend("torch"):
+                ref = layer(x, gates.to(x.dtype), idx)
+            assert_close(static_y, ref, TOL[torch.bfloat16])
