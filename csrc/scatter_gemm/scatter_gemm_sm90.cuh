@@ -24,8 +24,8 @@
 // GLU: the CTA's 128 W columns are 64 of each half (j..j+63 and F+j..F+j+63), so a(m, j) and its
 // partner b(m, j) end up in the same tile and the activation is applied in the epilogue.
 //
-// Epilogue: the fp32 accumulator tile is staged through shared memory (the pipeline's stages are
-// free once the mainloop is done), then each consumer thread takes 8 consecutive columns of one
+// Epilogue: the fp32 accumulator tile is staged through shared memory (per tile: in the pipeline's
+// stages, free once the mainloop is done; persistent: in a buffer of its own), then each consumer thread takes 8 consecutive columns of one
 // row: bias, GLU, gate, and one 16-byte store at that row's own address (scatter). A TMA store
 // cannot scatter rows; 16-byte per-thread stores keep each row's 256 bytes in one coalesced burst.
 // Included by one .cu file per (dtype, W layout), so the instantiations compile in parallel.
@@ -49,7 +49,8 @@ using sm90::store_8;
 
 using TileShape = Shape<Int<kScatterGemmTileM>, Int<kScatterGemmTileN>, Int<kScatterGemmTileK>>;
 
-// Which expert and rows a CTA's row tile holds, found once by thread 0 and kept in shared memory.
+// Which expert and rows a row tile holds: in the per-tile kernel found once by thread 0 and kept in
+// shared memory (the 256-byte carve-out; unused by the persistent kernel, whose warps each find it).
 struct TileInfo {
   int64_t row_start;
   int64_t row_end;
