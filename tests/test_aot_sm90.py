@@ -18,8 +18,13 @@ FLAG_SETS = {
         # second MoE GEMM: grouped rows in, gate-scaled scatter out, with bias
         dict(X_GROUPED=True, Y_GROUPED=False, HAS_BIAS=True, HAS_SCALE=True),
     ],
+    "scatter2scatter_glu_paired": [
+        # first MoE GEMM with the GLU in the epilogue (W K-major), training (pre-activation kept) and inference
+        dict(X_GROUPED=False, Y_GROUPED=True, HAS_BIAS=False, HAS_SCALE=False, GLU=1, STORE_PRE=True),
+        dict(X_GROUPED=False, Y_GROUPED=True, HAS_BIAS=True, HAS_SCALE=False, GLU=2, STORE_PRE=False),
+    ],
     "scatter2scatter_glu": [
-        # first MoE GEMM with the GLU in the epilogue, training (pre-activation kept) and inference
+        # the same with W F-major (two accumulators), training (pre-activation kept) and inference
         dict(X_GROUPED=False, Y_GROUPED=True, HAS_BIAS=False, HAS_SCALE=False, GLU=1, STORE_PRE=True),
         dict(X_GROUPED=False, Y_GROUPED=True, HAS_BIAS=True, HAS_SCALE=False, GLU=2, STORE_PRE=False),
     ],
@@ -62,3 +67,14 @@ def test_routing_kernels_compile_without_spills():
     for name, shared, registers, stack, local in reports:
         assert shared <= aot.H100_SHARED_BYTES, name
         assert stack == 0 and local == 0, f"{name}: registers spill ({registers} registers, stack {stack})"
+
+
+def test_paired_glu_runs_one_full_width_wgmma_where_two_accumulators_run_two_half_width_ones(reports):
+    """Why the K-major GLU kernel interleaves the halves' columns: its default tile (128 x 128 columns, 64 output
+    columns) issues m64n128k16, reading the X tile from shared memory once per 128 columns; the two-accumulator
+    default (128 x 64 columns of each half) issues m64n64k16 twice, reading it twice."""
+    def default(kernel):
+        return next(r for r, (k, c, d, _) in zip(reports, CASES) if k == kernel and c == aot.autotune_space(kernel)[0]
+                    and d == "bf16")
+    assert default("scatter2scatter_glu_paired").wgmma_shapes == ("m64n128k16",)
+    assert default("scatter2scatter_glu").wgmma_shapes == ("m64n64k16",)

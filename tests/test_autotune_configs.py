@@ -28,6 +28,7 @@ gbw_module = importlib.import_module("scattermoe.backends.triton.group_bwd_w")
 KERNELS = {
     "scatter2scatter": lambda: s2s_module._scatter2scatter_kernel,
     "scatter2scatter_glu": lambda: s2s_module._scatter2scatter_glu_kernel,
+    "scatter2scatter_glu_paired": lambda: s2s_module._scatter2scatter_glu_paired_kernel,
     "group_bwd_w": lambda: gbw_module._group_bwd_w_kernel,
 }
 CASES = [(kernel, cfg) for kernel in KERNELS for cfg in config_mod.gpu_space(kernel)]
@@ -57,7 +58,7 @@ def _routing(device):
 
 
 @pytest.mark.parametrize("kernel,cfg", CASES, ids=[f"{k}-{'x'.join(map(str, c))}" for k, c in CASES])
-def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device_dtype):
+def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device_dtype, monkeypatch):
     device, dtype = device_dtype
     torch.manual_seed(hash(cfg) % 2**31)
     forced(kernel, cfg)
@@ -73,8 +74,14 @@ def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device
         ref = reference.parallel_linear(x.double().cpu(), w.double().cpu(), K, sorted_expert.cpu(), scattered.cpu(),
                                         offsets.cpu(), b.double().cpu(), None, False, False)
         assert_close(y, ref * gates.double().cpu()[:, None], tol, "y")
-    elif kernel == "scatter2scatter_glu":  # the fused first MoE GEMM, pre-activation kept
+    elif kernel.startswith("scatter2scatter_glu"):  # the fused first MoE GEMM, pre-activation kept
+        # The launcher sends a K-major W (the layers' [E, 2F, D] weight, permuted) to the paired kernel and an
+        # F-major one to the two-accumulator kernel.
         w = (torch.randn(E, D, 2 * F, device=device) / D**0.5).to(dtype)
+        if kernel == "scatter2scatter_glu_paired":
+            w = w.transpose(1, 2).contiguous().transpose(1, 2)
+        other = "scatter2scatter_glu" if kernel == "scatter2scatter_glu_paired" else "scatter2scatter_glu_paired"
+        monkeypatch.setattr(KERNELS[other](), "run", lambda *a, **kw: pytest.fail(f"launched {other}, not {kernel}"))
         pre = torch.full((T * K, 2 * F), float("nan"), device=device, dtype=dtype)
         g = triton_backend.scatter2scatter(x, w, None, scattered, offsets, K, False, True, glu=1, pre_activation=pre)
         h = reference.parallel_linear(x.double().cpu(), w.double().cpu(), K, sorted_expert.cpu(), scattered.cpu(),

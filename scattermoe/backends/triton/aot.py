@@ -23,17 +23,21 @@ from triton.compiler import ASTSource
 
 from .config import gpu_space
 from .group_bwd_w import _group_bwd_w_kernel
-from .scatter2scatter import _scatter2scatter_glu_kernel, _scatter2scatter_kernel
+from .scatter2scatter import _scatter2scatter_glu_kernel, _scatter2scatter_glu_paired_kernel, _scatter2scatter_kernel
 
 H100_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block on sm_90
 
-# Per kernel: the jit function, the strides that are 1 for row-major operands (and the
-# permuted [E, in, out] weight view), and the ints that are not multiples of 16.
+# Per kernel: the jit function, the strides that are 1 for row-major operands (and the weight layout the
+# launcher sends it: the permuted [E, in, out] view, K-major, except to the two-accumulator GLU kernel), and
+# the ints that are not multiples of 16.
 _KERNELS = {
     "scatter2scatter": (_scatter2scatter_kernel, ("stride_xk", "stride_wk", "stride_yn", "stride_bn", "stride_pn"),
                         ("num_rows", "E", "FAN_OUT", "M_BUCKET")),
-    "scatter2scatter_glu": (_scatter2scatter_glu_kernel,
-                            ("stride_xk", "stride_wk", "stride_yn", "stride_bn", "stride_pn"),
+    "scatter2scatter_glu_paired": (_scatter2scatter_glu_paired_kernel,
+                                   ("stride_xk", "stride_wk", "stride_yn", "stride_bn", "stride_pn"),
+                                   ("num_rows", "E", "FAN_OUT", "M_BUCKET")),
+    "scatter2scatter_glu": (_scatter2scatter_glu_kernel,  # the launcher's pick for an F-major W
+                            ("stride_xk", "stride_wn", "stride_yn", "stride_bn", "stride_pn"),
                             ("num_rows", "E", "FAN_OUT", "M_BUCKET")),
     "group_bwd_w": (_group_bwd_w_kernel, ("stride_xk", "stride_dyn", "stride_dwk", "stride_dbn"),
                     ("num_rows", "X_FAN_OUT", "DY_FAN_OUT", "M_BUCKET")),
@@ -51,6 +55,7 @@ class CompileReport:
     registers: int
     stack_bytes: int
     local_bytes: int
+    wgmma_shapes: tuple = ()  # e.g. ("m64n128k16",): the wgmma instructions the dots became
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -73,6 +78,7 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
         constants.setdefault("E_POW2", 8)
         constants.setdefault("GLU", 0)
         constants.setdefault("STORE_PRE", False)
+        constants.setdefault("GLU_PAIRED", kernel == "scatter2scatter_glu_paired")
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constants or name in unit_strides:
@@ -90,8 +96,9 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
     usage = _resource_usage(compiled.asm["cubin"])
+    shapes = tuple(sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))))
     return CompileReport(kernel, config, "wgmma" in ptx, "cp.async" in ptx, compiled.metadata.shared,
-                         usage.get("REG", 0), usage.get("STACK", 0), usage.get("LOCAL", 0))
+                         usage.get("REG", 0), usage.get("STACK", 0), usage.get("LOCAL", 0), shapes)
 
 
 def compile_routing_sm90() -> list:
@@ -148,7 +155,8 @@ def compile_in_subprocess(cases: list) -> list:
         raise RuntimeError(f"AOT compilation failed:\n{result.stderr[-4000:]}")
     if cases == "routing":
         return [tuple(report) for report in json.loads(result.stdout)]
-    return [CompileReport(**{**report, "config": tuple(report["config"])}) for report in json.loads(result.stdout)]
+    return [CompileReport(**{**report, "config": tuple(report["config"]),
+                             "wgmma_shapes": tuple(report["wgmma_shapes"])}) for report in json.loads(result.stdout)]
 
 
 if __name__ == "__main__":

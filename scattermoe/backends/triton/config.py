@@ -31,7 +31,16 @@ _SPACES = {
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
     ],
-    # GLU: two accumulators per program, so half-width tiles (BLOCK_N columns of each half).
+    # GLU with W K-major (the layers' forward): one accumulator whose BLOCK_N columns interleave the two
+    # halves, BLOCK_N / 2 output columns per program; one BLOCK_N-wide wgmma per k step (m64n128k16).
+    "scatter2scatter_glu_paired": [
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (64, 128, 64, 4, 4),
+        (64, 256, 64, 8, 3),
+    ],
+    # GLU with W F-major (interleaved columns would not vectorise): two accumulators per program, so
+    # half-width tiles (BLOCK_N columns of each half), two half-width wgmmas per k step.
     # (128, 128, 64, 8, 3) spills here (255 registers, checked by tests/test_aot_sm90.py).
     "scatter2scatter_glu": [
         (128, 64, 64, 8, 3),
@@ -59,6 +68,9 @@ _DECODE_SPACES = {
     ],
     "scatter2scatter_glu": [
         (16, 32, 128, 4, 4),
+    ],
+    "scatter2scatter_glu_paired": [
+        (16, 64, 128, 4, 4),  # 32 output columns, as the two-accumulator decode tile
     ],
     "group_bwd_w": [],
 }

@@ -65,6 +65,7 @@ def _scatter2scatter(
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     GLU: tl.constexpr,                      # 0: plain; 1: silu(first half) * second; 2: first * silu(second)
     STORE_PRE: tl.constexpr,                # GLU: also write both halves before the activation (for backward)
+    GLU_PAIRED: tl.constexpr,               # GLU in one accumulator: tile columns interleave the halves (below)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -73,7 +74,8 @@ def _scatter2scatter(
     # Grouped launch order (Triton matmul tutorial) so neighbouring programs share W tiles in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows, BLOCK_M) + E  # upper bound on the row tiles over all experts
-    num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
+    OUT_N: tl.constexpr = BLOCK_N // 2 if GLU_PAIRED else BLOCK_N  # output columns per program
+    num_pid_n = tl.cdiv(N_OUT, OUT_N)
     pids_per_group = GROUP_M * num_pid_n
     first_pid_m = (pid // pids_per_group) * GROUP_M
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
@@ -95,11 +97,21 @@ def _scatter2scatter(
     else:
         y_rows = slots
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GLU_PAIRED:
+        # One BLOCK_N-wide accumulator for BLOCK_N / 2 output columns: tile column c holds W column
+        # j = c // 2 of the first half (c even) or of the second (c odd), so each GLU pair sits in two
+        # adjacent accumulator columns, which the wgmma layout keeps in one thread: the split below is
+        # free, and the dot is one BLOCK_N-wide wgmma instead of two half-width ones.
+        offs_c = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * OUT_N + offs_c // 2
+        w_cols = offs_n + (offs_c % 2) * N_OUT
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_cols = offs_n
     n_mask = offs_n < N_OUT
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = W_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    w_ptrs = W_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + w_cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # second GLU half; dead code without GLU
     for k0 in range(0, K_IN, BLOCK_K):
@@ -107,14 +119,21 @@ def _scatter2scatter(
         a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if GLU:
+        if GLU and not GLU_PAIRED:
             b2 = tl.load(w_ptrs + N_OUT * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
+    if GLU_PAIRED:
+        if HAS_BIAS:
+            acc += tl.load(B_ptr + expert.to(tl.int64) * stride_be + w_cols * stride_bn, mask=n_mask,
+                           other=0.0)[None, :].to(tl.float32)
+        acc, acc2 = tl.split(tl.reshape(acc, (BLOCK_M, OUT_N, 2)))  # (first half, second half)
+        offs_n = pid_n * OUT_N + tl.arange(0, OUT_N)
+        n_mask = offs_n < N_OUT
     out_mask = row_mask[:, None] & n_mask[None, :]
-    if HAS_BIAS:
+    if HAS_BIAS and not GLU_PAIRED:
         b_ptrs = B_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn
         acc += tl.load(b_ptrs, mask=n_mask, other=0.0)[None, :].to(tl.float32)
         if GLU:
@@ -135,9 +154,14 @@ def _scatter2scatter(
     tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_mask)
 
 
-# One jit function, two autotuned launchers: a GLU program holds two accumulators, so it gets narrower tiles.
+# One jit function, three autotuned launchers with their own tile spaces: plain; GLU with paired columns
+# (W K-major: its columns are contiguous along K however they interleave); GLU with two accumulators
+# (W F-major, where interleaved columns would break the 16-byte loads along F).
 _scatter2scatter_kernel = triton.autotune(
     configs=autotune_configs("scatter2scatter"), key=["K_IN", "N_OUT", "M_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
+_scatter2scatter_glu_paired_kernel = triton.autotune(
+    configs=autotune_configs("scatter2scatter_glu_paired"), key=["K_IN", "N_OUT", "M_BUCKET"],
     prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
 _scatter2scatter_glu_kernel = triton.autotune(
     configs=autotune_configs("scatter2scatter_glu"), key=["K_IN", "N_OUT", "M_BUCKET"],
@@ -176,10 +200,13 @@ def scatter2scatter(
     bias_arg = bias if bias is not None else y
     scale_arg = row_scale if row_scale is not None else y
     pre_arg = pre_activation if pre_activation is not None else y
-    kernel = _scatter2scatter_glu_kernel if glu else _scatter2scatter_kernel
+    paired = bool(glu) and w.stride(1) == 1  # K-major W (the layers' permuted weight)
+    kernel = _scatter2scatter_glu_paired_kernel if paired else (_scatter2scatter_glu_kernel if glu else
+                                                                 _scatter2scatter_kernel)
 
     def grid(meta):
-        return (num_row_tiles_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+        out_cols = meta["BLOCK_N"] // 2 if paired else meta["BLOCK_N"]  # output columns per program
+        return (num_row_tiles_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_out, out_cols),)
 
     kernel[grid](
         x, x.stride(0), x.stride(1),
@@ -195,7 +222,7 @@ def scatter2scatter(
         E_POW2=triton.next_power_of_2(max(num_experts, 2)),
         X_GROUPED=grouped_in, Y_GROUPED=grouped_out,
         HAS_BIAS=bias is not None, HAS_SCALE=row_scale is not None,
-        GLU=glu, STORE_PRE=pre_activation is not None,
+        GLU=glu, STORE_PRE=pre_activation is not None, GLU_PAIRED=paired,
         INPUT_PRECISION=input_precision(x.dtype),
     )
     return y
