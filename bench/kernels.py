@@ -299,6 +299,8 @@ class Workload:
                 return "CUDA graphs need a CUDA device"
             if impl not in GRAPH_IMPLS:
                 return "CUDA-graph replay is timed for the library's backends only"
+            if scattermoe._validate.debug_enabled():
+                return "SCATTERMOE_DEBUG's value checks read tensors on the host, which a capture forbids"
         return None
 
     def _peer(self, impl: str) -> Tuple[Optional[torch.nn.Module], Optional[str]]:
@@ -519,7 +521,7 @@ class Workload:
             torch.mm(d["dh"], w1.t())      # dA  [N, D]
             torch.mm(d["a"].t(), d["dh"])  # dW1 [D, out1]
 
-        steps = {"fwd": (fwd,), "infer": (fwd,), "bwd": (bwd,), "fwd_bwd": (fwd, bwd)}[mode]
+        steps = {"fwd": (fwd,), "infer": (fwd,), "infer_graph": (fwd,), "bwd": (bwd,), "fwd_bwd": (fwd, bwd)}[mode]
 
         def run(i: int) -> None:
             for step in steps:

@@ -88,6 +88,16 @@ def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device
                                       offsets.cpu(), None, None, False, True)
         assert_close(pre, h, tol, "pre-activation")
         assert_close(g, reference.glu(h, torch.nn.functional.silu, True), tol, "glu")
+        # The other order, with bias, an odd width (the last paired tile half full) and no pre-activation.
+        f_odd = 37
+        w = (torch.randn(E, D, 2 * f_odd, device=device) / D**0.5).to(dtype)
+        if kernel == "scatter2scatter_glu_paired":
+            w = w.transpose(1, 2).contiguous().transpose(1, 2)
+        b = torch.randn(E, 2 * f_odd, device=device, dtype=dtype)
+        g = triton_backend.scatter2scatter(x, w, b, scattered, offsets, K, False, True, glu=2)
+        h = reference.parallel_linear(x.double().cpu(), w.double().cpu(), K, sorted_expert.cpu(), scattered.cpu(),
+                                      offsets.cpu(), b.double().cpu(), None, False, True)
+        assert_close(g, reference.glu(h, torch.nn.functional.silu, False), tol, "glu, second order, bias")
     else:  # dW of the first GEMM: tokens gathered, dY grouped, with db
         dy = torch.randn(T * K, F, device=device, dtype=dtype)
         like = torch.empty(E, D, F, device=device, dtype=dtype)
