@@ -38,6 +38,7 @@ _SPACES = {
         (128, 128, 64, 8, 4),
         (64, 128, 64, 4, 4),
         (64, 256, 64, 8, 3),
+        # (128, 256, 64, 8, 3) would issue m64n256k16 but needs 255 registers and spills (24 bytes of stack, fp16).
     ],
     # GLU with W F-major (interleaved columns would not vectorise): two accumulators per program, so
     # half-width tiles (BLOCK_N columns of each half), two half-width wgmmas per k step.
