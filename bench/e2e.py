@@ -8,7 +8,9 @@ hold the same weights. Before timing, jetmoe's logits are checked against transf
 Cases (``case``): ``e2e_prefill`` (forward over B x S tokens, no grad), ``e2e_train_step`` (forward
 with labels, then backward of loss + aux loss; the optimizer step is not timed: it is the same
 for every implementation), ``e2e_decode`` (greedy generation of --new-tokens after a --prompt
-token prompt with each side's KV cache; ``ms`` per new token, the prefill excluded).
+token prompt with each side's KV cache; ``ms`` per new token, the prefill excluded), and for jetmoe on
+CUDA ``e2e_decode_graph`` (the same with ``generate(cuda_graph=True)``: ``ms`` per replayed step, the
+prefill, the eager first step and the capture excluded by subtracting a 2-token generation).
 Implementations (``impl``): ``jetmoe_scattermoe_triton`` (jetmoe/, Triton backend),
 ``jetmoe_scattermoe_cutlass`` (jetmoe/, the csrc kernels, Triton where they do not reach: the rows'
 ``triton_fallbacks`` name those pieces; ``unavailable: why`` without the extension or an sm_90 GPU,
@@ -159,13 +161,14 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         row = {"case": case, "tokens": tokens, "routing": "model", "dtype": dtype_name, "impl": impl, "ms": ms,
                "tflops": flops / ms / 1e9 if flops else None,
                "peak_mem_gb": None if peak is None else peak - other_bytes / 1e9, "status": "ok",
-               "tokens_per_s": tokens / ms * 1e3 if case != "e2e_decode" else 1e3 / ms,
+               "tokens_per_s": tokens / ms * 1e3 if not case.startswith("e2e_decode") else 1e3 / ms,
                "raw_ms": times, "layers": layers}
         rows.append(row)
         log(f"[e2e] {case:<16} {impl:<30} {ms:9.3f} ms" + (f"  {row['tflops']:6.1f} TFLOP/s" if flops else "")
             + (f"  {row['peak_mem_gb']:6.1f} GB" if row["peak_mem_gb"] is not None else ""))
 
-    def measure(impl: str, model, forward: Callable, generate: Callable) -> None:
+    def measure(impl: str, model, forward: Callable, generate: Callable,
+                graph_generate: Optional[Callable] = None) -> None:
         tokens = batch * seq
         first = len(rows)
         fallbacks_before = cutlass_fallbacks()
@@ -189,6 +192,11 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
                 long = _time(lambda i: generate(prompts[i], new_tokens), 2, max(3, repeats // 2))
                 short = _time(lambda i: generate(prompts[i], 1), 2, max(3, repeats // 2))
             add("e2e_decode", impl, 1, [t - _median(short) for t in long], None, per=new_tokens - 1)
+            if graph_generate is not None and new_tokens >= 3:
+                with torch.no_grad():  # two tokens: the prefill, the eager first step and the capture
+                    long = _time(lambda i: graph_generate(prompts[i], new_tokens), 2, max(3, repeats // 2))
+                    two = _time(lambda i: graph_generate(prompts[i], 2), 2, max(3, repeats // 2))
+                add("e2e_decode_graph", impl, 1, [t - _median(two) for t in long], None, per=new_tokens - 2)
         except Exception as exc:  # one implementation failing must not lose the others' rows
             rows.append({"case": "e2e", "tokens": tokens, "routing": "model", "dtype": dtype_name, "impl": impl,
                          "ms": None, "tflops": None, "peak_mem_gb": None,
@@ -218,10 +226,12 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
                 out = ours(ids, labels=ids if labels else None)
             return (out.loss, out.aux_loss) if labels else out.logits
 
-        def ours_generate(ids, n, backend=backend):
+        def ours_generate(ids, n, backend=backend, cuda_graph=False):
             with scattermoe.use_backend(backend):
-                return ours.generate(ids, max_new_tokens=n)
-        measure(impl, ours, ours_forward, ours_generate)
+                return ours.generate(ids, max_new_tokens=n, cuda_graph=cuda_graph)
+        graphs = torch.cuda.is_available() and ours.lm_head.weight.is_cuda
+        measure(impl, ours, ours_forward, ours_generate,
+                (lambda ids, n, backend=backend: ours_generate(ids, n, backend, True)) if graphs else None)
     ours = None  # free its weights before transformers is timed
     other_bytes = 0
     if torch.cuda.is_available():

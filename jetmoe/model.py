@@ -165,9 +165,11 @@ class Attention(nn.Module):
         self.kv_proj = nn.Linear(cfg.hidden_size, 2 * cfg.num_key_value_heads * cfg.kv_channels, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
-                kv_cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int):
+                kv_cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: Union[int, torch.Tensor]):
         """x [B, S, D]; mask [B, 1, S, L] bool or None (causal); kv_cache: this layer's ([B, H, Lmax, Dh],) x 2,
-        written at positions start..start+S. Returns (y [B, S, D], router logits [T, E], expert_idxs [T, K])."""
+        written at positions start..start+S. Returns (y [B, S, D], router logits [T, E], expert_idxs [T, K]).
+        A tensor ``start`` ([1] int64, on the device) is the static-shape form a CUDA graph can replay: the
+        cache is written there and all Lmax keys are attended, so ``mask`` ([B, 1, S, Lmax]) is required."""
         B, S, D = x_BSD.shape
         H, Dh = self.cfg.num_key_value_heads, self.cfg.kv_channels
         gates, idxs, logits = self.experts.router(x_BSD.reshape(-1, D))
@@ -177,7 +179,14 @@ class Attention(nn.Module):
         k, v = self.kv_proj(x_BSD).view(B, S, 2, H, Dh).transpose(1, 3).unbind(2)  # [B, H, S, Dh] each
         q = apply_rope(q.transpose(1, 2), *rope)
         k = apply_rope(k, *rope)
-        if kv_cache is not None:  # static cache: write the new positions, attend over all filled ones
+        if isinstance(start, torch.Tensor):  # static shapes: no host-side position anywhere
+            if kv_cache is None or mask is None:
+                raise ValueError("a tensor start (static decode) needs the KV cache and a mask over its positions")
+            at = start + torch.arange(S, device=start.device)
+            kv_cache[0].index_copy_(2, at, k.to(kv_cache[0].dtype))
+            kv_cache[1].index_copy_(2, at, v.to(kv_cache[1].dtype))
+            k, v = kv_cache
+        elif kv_cache is not None:  # static cache: write the new positions, attend over all filled ones
             kv_cache[0][:, :, start:start + S] = k
             kv_cache[1][:, :, start:start + S] = v
             k, v = kv_cache[0][:, :, :start + S], kv_cache[1][:, :, :start + S]
@@ -289,6 +298,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StaticDecoder:
+    """Decode steps with static shapes, so that every step after the first replays one CUDA graph.
+
+    The step's inputs live in fixed buffers: the tokens [B, 1], each row's position [B, 1], the cache slot
+    written ([1]) and which keys each row may attend ([B, 1, 1, Lmax]: its valid prompt positions and every
+    position generated so far). Attention runs over all Lmax slots under that mask, and nothing reads a
+    device value on the host, so the step can be captured. ``graph=False`` runs the same step eagerly (the
+    CPU tests check it against the default path). Decode at batch B is ~2 launches per layer and router
+    kernel; a replay issues them all at once, without the Python and launch cost of each.
+    """
+
+    def __init__(self, model: "JetMoEForCausalLM", cache: KVCache, key_ok_BL: torch.Tensor,
+                 positions_B: torch.Tensor, graph: bool) -> None:
+        B, device = key_ok_BL.size(0), key_ok_BL.device
+        self.model, self.cache, self.use_graph = model, cache, graph
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.positions = positions_B.to(torch.long).reshape(B, 1).clone()
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_ok = key_ok_BL.bool().reshape(B, 1, 1, -1).clone()
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.logits: Optional[torch.Tensor] = None
+
+    def _step(self) -> torch.Tensor:
+        model, cfg = self.model, self.model.config
+        x = model.model.embed_tokens(self.tokens)
+        rope = rope_cos_sin(self.positions, cfg.kv_channels, cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(model.model.layers):
+            x, _ = layer(x, rope, self.key_ok, (self.cache.k[i], self.cache.v[i]), self.slot)
+        return model.lm_head(model.model.norm(x))[:, -1]
+
+    def __call__(self, tokens_B: torch.Tensor) -> torch.Tensor:
+        """The logits [B, V] after feeding tokens_B at the cache's next slot (which it then fills)."""
+        slot = self.cache.length
+        if slot >= self.key_ok.size(-1):
+            raise ValueError(f"cache: all {slot} positions are filled")
+        self.tokens.copy_(tokens_B.reshape(-1, 1))
+        self.slot.fill_(slot)
+        self.key_ok[..., slot] = True
+        if not self.use_graph:
+            logits = self._step()
+        elif self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:  # first step: run it eagerly off the default stream (compiles, autotunes), then capture
+            stream = torch.cuda.Stream(self.tokens.device)
+            stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
+            with torch.cuda.stream(stream):
+                logits = self._step()
+            torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
+            logits = logits.clone()  # a copy made on this stream: the warm-up's tensors belong to the side one
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run: replays write the slot set before each
+                self.logits = self._step()
+        self.positions += 1
+        self.cache.length = slot + 1
+        return logits
+
+
 class JetMoEForCausalLM(nn.Module):
     """JetMoE on scattermoe's MoA and GLU MoE layers; ``state_dict`` names are transformers' JetMoe names."""
 
@@ -375,14 +442,17 @@ class JetMoEForCausalLM(nn.Module):
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None,
                  attention_mask: Optional[torch.Tensor] = None,
                  callback: Optional[Callable[[torch.Tensor], None]] = None,
-                 generator: Optional[torch.Generator] = None, stats: Optional[dict] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, stats: Optional[dict] = None,
+                 cuda_graph: bool = False) -> torch.Tensor:
         """input_ids [B, S] (left-padded when rows differ in length, with attention_mask [B, S]) ->
         [B, S + n], n <= max_new_tokens. One prefill over the prompt, then one position per step against a
         static KV cache (the prompt is never rerun). ``callback(tokens [B])`` gets each step's tokens (streaming).
         ``eos_token_id`` (an id or several): a row stops at it, and then produces the config's pad_token_id (or,
         without one, the eos it produced) as transformers does; generation ends once all rows have. None (the
         default) never stops early: pass ``model.config.eos_token_id`` to stop where transformers would.
-        ``stats`` (a dict), if given, receives prefill_s (prompt and first token), decode_s, new_tokens."""
+        ``stats`` (a dict), if given, receives prefill_s (prompt and first token), decode_s, new_tokens.
+        ``cuda_graph=True`` (CUDA only) runs the decode steps as replays of one CUDA graph (``StaticDecoder``):
+        the same tokens, without a Python and launch cost per kernel; the first decode step captures it."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
         if not 0.0 < top_p <= 1.0:
@@ -395,6 +465,8 @@ class JetMoEForCausalLM(nn.Module):
                              "row's last prompt token is in the last column")
         B, S = input_ids.shape
         device = input_ids.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph: CUDA graphs need CUDA tensors; input_ids is on {device}")
         cache = KVCache(self.config, B, S + max_new_tokens, device, self.model.embed_tokens.weight.dtype)
         full_mask = None  # [B, S + max_new_tokens]; None when nothing is padded (then the fast causal path)
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -414,6 +486,11 @@ class JetMoEForCausalLM(nn.Module):
         logits = self(input_ids, attention_mask=full_mask[:, :S] if full_mask is not None else None,
                       cache=cache).logits[:, -1]
         new_tokens: List[torch.Tensor] = []
+        decoder = None
+        if cuda_graph:  # keys each row may attend: its valid prompt positions, then every generated one
+            key_ok = torch.zeros(B, S + max_new_tokens, dtype=torch.bool, device=device)
+            key_ok[:, :S] = full_mask[:, :S].bool() if full_mask is not None else True
+            decoder = StaticDecoder(self, cache, key_ok, key_ok[:, :S].sum(-1), graph=True)
         t1 = t0
         for step in range(max_new_tokens):
             tokens = sample(logits, temperature, top_p, generator)
@@ -431,6 +508,9 @@ class JetMoEForCausalLM(nn.Module):
                 t1 = time.perf_counter()
             if step == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
                 break
+            if decoder is not None:
+                logits = decoder(tokens)
+                continue
             L = cache.length + 1
             logits = self(tokens[:, None], attention_mask=full_mask[:, :L] if full_mask is not None else None,
                           cache=cache).logits[:, -1]

@@ -13,7 +13,8 @@ from helpers import rel_err
 from test_jetmoe_parity import hf_model
 
 import scattermoe
-from jetmoe import JetMoEForCausalLM
+from jetmoe import JetMoEForCausalLM, KVCache
+from jetmoe.model import StaticDecoder
 from jetmoe.train import TrainConfig, make_optimizer, train_step
 
 transformers = pytest.importorskip("transformers")
@@ -36,6 +37,46 @@ def test_bf16_logits_and_generation_on_cuda(backend, tmp_path):
     print(f"[{backend}] bf16 rel err: jetmoe {our_err:.2e}, transformers {theirs_err:.2e}")
     assert our_err <= 3 * theirs_err + 1e-3
     assert tokens.shape == (2, 32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cutlass"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_generation_as_cuda_graph_replays_matches_eager(padded, backend, tmp_path):
+    """generate(cuda_graph=True): the decode steps replay one captured graph (routing, both scattermoe layers and
+    attention over the static cache); greedy tokens as the eager loop's, with and without left padding."""
+    from scattermoe.backends import cutlass
+
+    if backend == "cutlass" and cutlass.unsupported_reason(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip(cutlass.unsupported_reason(torch.empty(1, device="cuda", dtype=torch.bfloat16)))
+    hf = hf_model("k2_of_4")
+    hf.save_pretrained(tmp_path)
+    dtype = torch.float32 if backend == "triton" else torch.bfloat16  # csrc: bf16/fp16 only
+    ours = JetMoEForCausalLM.from_pretrained(tmp_path, dtype=dtype, device="cuda")
+    x = torch.randint(3, hf.config.vocab_size, (2, 12), device="cuda")
+    mask = torch.ones_like(x)
+    if padded:
+        mask[0, :5] = 0
+    B, S, n = *x.shape, 10
+    with torch.no_grad(), scattermoe.use_backend(backend):
+        stats = {}
+        graphed = ours.generate(x, n, attention_mask=mask, cuda_graph=True, stats=stats)
+        # The same static step run eagerly (same kernels and shapes): the replays must give its tokens exactly.
+        cache = KVCache(ours.config, B, S + n, "cuda", dtype)
+        logits = ours(x, attention_mask=mask if padded else None, cache=cache).logits[:, -1]
+        key_ok = torch.zeros(B, S + n, dtype=torch.bool, device="cuda")
+        key_ok[:, :S] = mask.bool()
+        decoder = StaticDecoder(ours, cache, key_ok, key_ok[:, :S].sum(-1), graph=False)
+        tokens = []
+        for step in range(n):
+            tokens.append(logits.argmax(-1))
+            if step < n - 1:
+                logits = decoder(tokens[-1])
+        eager_static = torch.cat([x, torch.stack(tokens, 1)], 1)
+        default = ours.generate(x, n, attention_mask=mask)
+    assert stats["new_tokens"] == n
+    assert torch.equal(graphed, eager_static), (graphed.tolist(), eager_static.tolist())
+    if dtype == torch.float32:  # the default path attends over L keys, not Lmax: rounding apart, the same tokens
+        assert torch.equal(graphed, default), (graphed.tolist(), default.tolist())
 
 
 def test_autocast_train_step_on_cuda(tmp_path):

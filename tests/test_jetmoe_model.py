@@ -15,6 +15,7 @@ import scattermoe
 from jetmoe import (CheckpointError, JetMoEConfig, JetMoEForCausalLM, KVCache, config_from_dict, load_pretrained,
                     router_aux_loss)
 from jetmoe.checkpoint import config_to_dict
+from jetmoe.model import StaticDecoder
 
 TINY = JetMoEConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
                     intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, bos_token_id=1,
@@ -125,6 +126,45 @@ def test_cached_decode_equals_full_forward(backend, padded):
             seq = torch.cat([seq, nxt[:, None]], 1)
             cached = model(nxt[:, None], attention_mask=mask[:, :seq.size(1)], cache=cache).logits[:, -1]
     assert cache.length == S + steps
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_decode_steps_match_the_default_path(backend, padded):
+    """StaticDecoder, the step generate(cuda_graph=True) captures (every Lmax key under a mask, position and cache
+    slot as tensors), run eagerly here: the default decode path's logits at every step, and the same cache."""
+    model = random_model()
+    B, S, steps = 2, 5, 3 if backend == "triton" else 6
+    x = torch.randint(3, TINY.vocab_size, (B, S))
+    mask = torch.ones(B, S + steps, dtype=torch.long)
+    if padded:
+        mask[0, :2] = 0
+    prompt_mask = mask[:, :S] if padded else None
+    default, static = (KVCache(TINY, B, S + steps, "cpu", torch.float32) for _ in range(2))
+    with torch.no_grad(), scattermoe.use_backend(backend):
+        want = model(x, attention_mask=prompt_mask, cache=default).logits[:, -1]
+        model(x, attention_mask=prompt_mask, cache=static)
+        decoder = StaticDecoder(model, static, mask.bool() & (torch.arange(S + steps) < S), mask[:, :S].sum(-1),
+                                graph=False)
+        for step in range(steps):
+            tokens = want.argmax(-1)
+            L = default.length + 1
+            want = model(tokens[:, None], attention_mask=mask[:, :L] if padded else None, cache=default).logits[:, -1]
+            got = decoder(tokens)
+            assert_close(got, want, 1e-5, f"static decode step {step}")
+    assert static.length == default.length == S + steps
+    # Layer 0's keys and values depend on the embeddings alone; later ones on attention over Lmax keys (the
+    # masked ones add exact zeros, but the sum may run in another order).
+    assert torch.equal(static.k[0], default.k[0]) and torch.equal(static.v[0], default.v[0])
+    assert_close(static.k, default.k, 1e-5, "cached keys")
+    assert_close(static.v, default.v, 1e-5, "cached values")
+    with pytest.raises(ValueError, match=f"all {S + steps} positions are filled"):
+        decoder(tokens)
+
+
+def test_cuda_graph_generation_needs_cuda():
+    with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need CUDA tensors"):
+        random_model().generate(torch.randint(3, TINY.vocab_size, (1, 4)), 2, cuda_graph=True)
 
 
 def test_decode_step_does_not_rerun_the_prompt():

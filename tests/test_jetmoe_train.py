@@ -158,6 +158,9 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     (["generate", "--top-p", "1.5"], "argument --top-p: expected a value > 0 and <= 1"),
     (["generate", "--temperature", "nan"], "argument --temperature: expected a value >= 0"),
     (["generate", "--max-new-tokens", "0"], "argument --max-new-tokens: expected a value >= 1"),
+    # Refused before a checkpoint is resolved or loaded (the path does not exist: that error would come later).
+    (["generate", "--cuda-graph", "--device", "cpu", "--model", "/no/such/checkpoint"],
+     "--cuda-graph: CUDA graphs need a CUDA device"),
     # Refused before the 8.5B-parameter model is built (34 GB in float32): it has no tokenizer without a checkpoint.
     (["train", "--model", "jetmoe-8b", "--steps", "1", "--device", "cpu"], "needs a 32000-token tokenizer"),
     (["train", "--model", "no_such_preset", "--steps", "1", "--device", "cpu"], "not a preset (jetmoe-8b, tiny)"),
