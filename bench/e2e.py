@@ -193,6 +193,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
                 short = _time(lambda i: generate(prompts[i], 1), 2, max(3, repeats // 2))
             add("e2e_decode", impl, 1, [t - _median(short) for t in long], None, per=new_tokens - 1)
             if graph_generate is not None and new_tokens >= 3:
+                _reset_peak()
                 with torch.no_grad():  # two tokens: the prefill, the eager first step and the capture
                     long = _time(lambda i: graph_generate(prompts[i], new_tokens), 2, max(3, repeats // 2))
                     two = _time(lambda i: graph_generate(prompts[i], 2), 2, max(3, repeats // 2))

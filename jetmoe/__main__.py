@@ -186,8 +186,10 @@ def run_generation(model, tokenizer, prompts: List[str], args, device: torch.dev
     steps = max(stats["new_tokens"] - 1, 0)
     tok_s = steps / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
     gbs = decode_bytes_per_token(model) * tok_s / 1e9
+    graph = (f" (CUDA graph: its first step and capture took {stats['capture_s'] * 1e3:.0f} ms of it)"
+             if "capture_s" in stats else "")
     print(f"prefill {width} tokens x {len(rows)}: {stats['prefill_s'] * 1e3:.1f} ms | decode {steps} steps: "
-          f"{tok_s:.1f} tokens/s per sequence, {gbs:.2f} GB/s of weights | warm-up {warm_s:.2f} s apart | "
+          f"{tok_s:.1f} tokens/s per sequence{graph}, {gbs:.2f} GB/s of weights | warm-up {warm_s:.2f} s apart | "
           f"peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
 
 

@@ -190,7 +190,7 @@ class Attention(nn.Module):
             kv_cache[0][:, :, start:start + S] = k
             kv_cache[1][:, :, start:start + S] = v
             k, v = kv_cache[0][:, :, :start + S], kv_cache[1][:, :, :start + S]
-        causal = mask is None and S > 1 and start == 0
+        causal = mask is None and S > 1 and isinstance(start, int) and start == 0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         y = self.experts.reduce(o.transpose(1, 2), routing)  # [B, S, D]
         return y, logits, idxs
@@ -306,13 +306,17 @@ class StaticDecoder:
     position generated so far). Attention runs over all Lmax slots under that mask, and nothing reads a
     device value on the host, so the step can be captured. ``graph=False`` runs the same step eagerly (the
     CPU tests check it against the default path). Decode at batch B is ~2 launches per layer and router
-    kernel; a replay issues them all at once, without the Python and launch cost of each.
+    kernel; a replay issues them all at once, without the Python and launch cost of each. The first call
+    runs eagerly and captures; ``capture_s`` is what that took.
     """
 
     def __init__(self, model: "JetMoEForCausalLM", cache: KVCache, key_ok_BL: torch.Tensor,
                  positions_B: torch.Tensor, graph: bool) -> None:
         B, device = key_ok_BL.size(0), key_ok_BL.device
+        if graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph: CUDA graphs need CUDA tensors; input_ids is on {device}")
         self.model, self.cache, self.use_graph = model, cache, graph
+        self.capture_s = 0.0
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.positions = positions_B.to(torch.long).reshape(B, 1).clone()
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -329,7 +333,8 @@ class StaticDecoder:
         return model.lm_head(model.model.norm(x))[:, -1]
 
     def __call__(self, tokens_B: torch.Tensor) -> torch.Tensor:
-        """The logits [B, V] after feeding tokens_B at the cache's next slot (which it then fills)."""
+        """The logits [B, V] after feeding tokens_B at the cache's next slot (which it then fills). With a graph
+        they are its output buffer, which the next call overwrites: read them (as generate samples) first."""
         slot = self.cache.length
         if slot >= self.key_ok.size(-1):
             raise ValueError(f"cache: all {slot} positions are filled")
@@ -339,18 +344,25 @@ class StaticDecoder:
         if not self.use_graph:
             logits = self._step()
         elif self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.tokens.device):
+                self.graph.replay()
             logits = self.logits
         else:  # first step: run it eagerly off the default stream (compiles, autotunes), then capture
-            stream = torch.cuda.Stream(self.tokens.device)
-            stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
-            with torch.cuda.stream(stream):
-                logits = self._step()
-            torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
-            logits = logits.clone()  # a copy made on this stream: the warm-up's tensors belong to the side one
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # recorded, not run: replays write the slot set before each
-                self.logits = self._step()
+            start = time.perf_counter()
+            # The model's device, which need not be the current one (cuda:1, a torchrun rank): the capture
+            # records the current device's work only.
+            with torch.cuda.device(self.tokens.device):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    logits = self._step()
+                torch.cuda.current_stream().wait_stream(stream)
+                logits = logits.clone()  # a copy made on this stream: the warm-up's tensors belong to the side one
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):  # recorded, not run
+                    self.logits = self._step()
+                torch.cuda.synchronize()
+            self.capture_s = time.perf_counter() - start
         self.positions += 1
         self.cache.length = slot + 1
         return logits
@@ -450,7 +462,8 @@ class JetMoEForCausalLM(nn.Module):
         ``eos_token_id`` (an id or several): a row stops at it, and then produces the config's pad_token_id (or,
         without one, the eos it produced) as transformers does; generation ends once all rows have. None (the
         default) never stops early: pass ``model.config.eos_token_id`` to stop where transformers would.
-        ``stats`` (a dict), if given, receives prefill_s (prompt and first token), decode_s, new_tokens.
+        ``stats`` (a dict), if given, receives prefill_s (prompt and first token), decode_s, new_tokens (and,
+        with a CUDA graph, capture_s: the part of decode_s spent on the first step's eager run and capture).
         ``cuda_graph=True`` (CUDA only) runs the decode steps as replays of one CUDA graph (``StaticDecoder``):
         the same tokens, without a Python and launch cost per kernel; the first decode step captures it."""
         if max_new_tokens < 1:
@@ -465,13 +478,16 @@ class JetMoEForCausalLM(nn.Module):
                              "row's last prompt token is in the last column")
         B, S = input_ids.shape
         device = input_ids.device
-        if cuda_graph and device.type != "cuda":
-            raise ValueError(f"cuda_graph: CUDA graphs need CUDA tensors; input_ids is on {device}")
         cache = KVCache(self.config, B, S + max_new_tokens, device, self.model.embed_tokens.weight.dtype)
         full_mask = None  # [B, S + max_new_tokens]; None when nothing is padded (then the fast causal path)
         if attention_mask is not None and not bool(attention_mask.all()):
             full_mask = torch.ones(B, S + max_new_tokens, dtype=torch.long, device=device)
             full_mask[:, :S] = attention_mask
+        decoder = None
+        if cuda_graph:  # keys each row may attend: its valid prompt positions, then every generated one
+            key_ok = torch.zeros(B, S + max_new_tokens, dtype=torch.bool, device=device)
+            key_ok[:, :S] = full_mask[:, :S].bool() if full_mask is not None else True
+            decoder = StaticDecoder(self, cache, key_ok, key_ok[:, :S].sum(-1), graph=True)  # CUDA only
         try:  # an int, a list, a tensor or a numpy value of ids
             eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
@@ -486,11 +502,6 @@ class JetMoEForCausalLM(nn.Module):
         logits = self(input_ids, attention_mask=full_mask[:, :S] if full_mask is not None else None,
                       cache=cache).logits[:, -1]
         new_tokens: List[torch.Tensor] = []
-        decoder = None
-        if cuda_graph:  # keys each row may attend: its valid prompt positions, then every generated one
-            key_ok = torch.zeros(B, S + max_new_tokens, dtype=torch.bool, device=device)
-            key_ok[:, :S] = full_mask[:, :S].bool() if full_mask is not None else True
-            decoder = StaticDecoder(self, cache, key_ok, key_ok[:, :S].sum(-1), graph=True)
         t1 = t0
         for step in range(max_new_tokens):
             tokens = sample(logits, temperature, top_p, generator)
@@ -517,6 +528,8 @@ class JetMoEForCausalLM(nn.Module):
         _sync(device)
         if stats is not None:
             stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, new_tokens=len(new_tokens))
+            if decoder is not None:  # the first decode step's eager run and the graph's capture, in decode_s
+                stats["capture_s"] = decoder.capture_s
         self.train(was_training)
         return torch.cat([input_ids, torch.stack(new_tokens, 1)], 1) if new_tokens else input_ids
 

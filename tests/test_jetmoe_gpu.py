@@ -57,25 +57,26 @@ def test_generation_as_cuda_graph_replays_matches_eager(padded, backend, tmp_pat
     if padded:
         mask[0, :5] = 0
     B, S, n = *x.shape, 10
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     with torch.no_grad(), scattermoe.use_backend(backend):
+        # The replays against the same static step run eagerly, fed the same tokens: the logits at every step
+        # (not bit for bit: cuBLAS may pick other algorithms inside a capture).
+        decoders, logits = [], []
+        for graph in (True, False):
+            cache = KVCache(ours.config, B, S + n, "cuda", dtype)
+            logits.append(ours(x, attention_mask=mask if padded else None, cache=cache).logits[:, -1])
+            key_ok = torch.zeros(B, S + n, dtype=torch.bool, device="cuda")
+            key_ok[:, :S] = mask.bool()
+            decoders.append(StaticDecoder(ours, cache, key_ok, key_ok[:, :S].sum(-1), graph=graph))
+        for step in range(n - 1):
+            tokens = logits[1].argmax(-1)
+            logits = [decoder(tokens).clone() for decoder in decoders]
+            assert rel_err(logits[0], logits[1]) < tol, f"step {step}: replay vs eager"
         stats = {}
         graphed = ours.generate(x, n, attention_mask=mask, cuda_graph=True, stats=stats)
-        # The same static step run eagerly (same kernels and shapes): the replays must give its tokens exactly.
-        cache = KVCache(ours.config, B, S + n, "cuda", dtype)
-        logits = ours(x, attention_mask=mask if padded else None, cache=cache).logits[:, -1]
-        key_ok = torch.zeros(B, S + n, dtype=torch.bool, device="cuda")
-        key_ok[:, :S] = mask.bool()
-        decoder = StaticDecoder(ours, cache, key_ok, key_ok[:, :S].sum(-1), graph=False)
-        tokens = []
-        for step in range(n):
-            tokens.append(logits.argmax(-1))
-            if step < n - 1:
-                logits = decoder(tokens[-1])
-        eager_static = torch.cat([x, torch.stack(tokens, 1)], 1)
         default = ours.generate(x, n, attention_mask=mask)
-    assert stats["new_tokens"] == n
-    assert torch.equal(graphed, eager_static), (graphed.tolist(), eager_static.tolist())
-    if dtype == torch.float32:  # the default path attends over L keys, not Lmax: rounding apart, the same tokens
+    assert stats["new_tokens"] == n and stats["capture_s"] > 0
+    if dtype == torch.float32:  # rounding apart (~1e-6), the same tokens as the default path
         assert torch.equal(graphed, default), (graphed.tolist(), default.tolist())
 
 

@@ -162,6 +162,34 @@ def test_static_decode_steps_match_the_default_path(backend, padded):
         decoder(tokens)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 9])
+def test_generate_through_the_static_decoder_matches_the_default_path(n, monkeypatch):
+    """generate(cuda_graph=True)'s plumbing (key mask and positions from the padding, the decoder's slots, eos,
+    sampling, callback, stats) with the static step run eagerly, as the CPU allows: the default path's tokens."""
+    import jetmoe.model as model_mod
+
+    class Eager(StaticDecoder):
+        def __init__(self, *args, graph):
+            super().__init__(*args, graph=False)
+    model = random_model()
+    x = torch.randint(3, TINY.vocab_size, (3, 6))
+    mask = torch.ones_like(x)
+    mask[0, :2], mask[1, :4] = 0, 0
+    with scattermoe.use_backend("torch"):
+        for kwargs in (dict(), dict(eos_token_id=[5, 7, 11]), dict(temperature=1.0, top_p=0.9)):
+            runs = []
+            for graph in (False, True):
+                monkeypatch.setattr(model_mod, "StaticDecoder", Eager if graph else StaticDecoder)
+                seen, stats = [], {}
+                gen = torch.Generator().manual_seed(0)
+                out = model.generate(x, n, attention_mask=mask, cuda_graph=graph, callback=seen.append, stats=stats,
+                                     generator=gen, **kwargs)
+                runs.append((out, len(seen), stats["new_tokens"], "capture_s" in stats))
+            (want, calls, count, no_capture), (got, calls2, count2, capture) = runs
+            assert torch.equal(got, want), (kwargs, got.tolist(), want.tolist())
+            assert (calls2, count2) == (calls, count) and capture and not no_capture
+
+
 def test_cuda_graph_generation_needs_cuda():
     with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need CUDA tensors"):
         random_model().generate(torch.randint(3, TINY.vocab_size, (1, 4)), 2, cuda_graph=True)
