@@ -79,6 +79,11 @@ class Shape:
     def head_dim(self) -> int:
         return self.F // self.heads
 
+    @property
+    def out1(self) -> int:
+        """Width of the first projection: 2F for a GLU (both halves), F otherwise."""
+        return 2 * self.F if self.kind in ("glu", "glu_gemm") else self.F
+
 
 SHAPES: Dict[str, Shape] = {s.name: s for s in (
     Shape("jetmoe_moe", "glu", modes=("fwd", "bwd", "fwd_bwd", "infer", "infer_graph")),
@@ -168,18 +173,16 @@ def flops(group: Group, mode: str) -> Optional[int]:
     if s.kind == "routing":
         return None
     if s.kind == "glu_gemm":
-        return 2 * n * s.D * 2 * s.F
-    out1 = 2 * s.F if s.kind == "glu" else s.F
-    fwd = 2 * n * s.D * out1 + 2 * n * s.F * s.D
+        return 2 * n * s.D * s.out1
+    fwd = 2 * n * s.D * s.out1 + 2 * n * s.F * s.D
     return {"fwd": fwd, "infer": fwd, "infer_graph": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode]
 
 
 def weight_bytes(shape: Shape, experts: int, itemsize: int = 2) -> int:
     """Bytes of ``experts`` experts' weights (what a decode step must read at least)."""
-    out1 = 2 * shape.F if shape.kind in ("glu", "glu_gemm") else shape.F
     if shape.kind == "glu_gemm":
-        return experts * out1 * shape.D * itemsize
-    return experts * (out1 * shape.D + shape.F * shape.D) * itemsize
+        return experts * shape.out1 * shape.D * itemsize
+    return experts * (shape.out1 * shape.D + shape.F * shape.D) * itemsize
 
 
 # ---------------------------------------------------------------- inputs
@@ -229,7 +232,7 @@ def make_inputs(group: Group, n_sets: int, device: torch.device, seed: int, dens
             with scattermoe.use_backend("torch"):
                 inp.routed = scattermoe.flatten_sort_count(idx, s.E)
         if dense and s.kind != "routing":
-            n, out1 = group.T * s.K, (2 * s.F if s.kind in ("glu", "glu_gemm") else s.F)
+            n, out1 = group.T * s.K, s.out1
             g = torch.Generator(device=device).manual_seed(seed + len(sets))
             operands = (("a", (n, s.D)),) if s.kind == "glu_gemm" else (
                 ("a", (n, s.D)), ("h", (n, s.F)), ("dh", (n, out1)), ("dy", (n, s.D)))
@@ -269,8 +272,7 @@ class Workload:
             self.layer = scattermoe.MoA(shape.D, shape.head_dim, shape.heads, shape.E, shape.K).to(device, dtype)
         if self.layer is not None:
             gen = torch.Generator(device=device).manual_seed(seed + 1)
-            out1 = 2 * shape.F if shape.kind in ("glu", "glu_gemm") else shape.F
-            self.w1 = torch.randn(shape.D, out1, generator=gen, device=device, dtype=dtype) * 0.02
+            self.w1 = torch.randn(shape.D, shape.out1, generator=gen, device=device, dtype=dtype) * 0.02
             self.w2 = torch.randn(shape.F, shape.D, generator=gen, device=device, dtype=dtype) * 0.02
 
     # -- which implementations run here
@@ -422,7 +424,7 @@ class Workload:
         def glu_gemm(inp: Inputs) -> Tuple[torch.Tensor, torch.Tensor]:
             _, scattered, offsets = inp.routed
             with torch.no_grad():
-                pre = inp.x.new_empty(scattered.numel(), 2 * s.F)
+                pre = inp.x.new_empty(scattered.numel(), s.out1)
                 g = kernels.scatter2scatter(inp.x, w.permute(0, 2, 1), None, scattered, offsets, s.K, False, True,
                                             glu=1, pre_activation=pre)
                 return g, pre
