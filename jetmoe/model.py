@@ -303,24 +303,28 @@ class StaticDecoder:
 
     The step's inputs live in fixed buffers: the tokens [B, 1], each row's position [B, 1], the cache slot
     written ([1]) and which keys each row may attend ([B, 1, 1, Lmax]: its valid prompt positions and every
-    position generated so far). Attention runs over all Lmax slots under that mask, and nothing reads a
-    device value on the host, so the step can be captured. ``graph=False`` runs the same step eagerly (the
-    CPU tests check it against the default path). Decode at batch B is ~2 launches per layer and router
-    kernel; a replay issues them all at once, without the Python and launch cost of each. The first call
-    runs eagerly and captures; ``capture_s`` is what that took.
+    position generated so far), all derived from the prompt's length S and its mask [B, S] (None: no
+    padding); the cache holds the prompt's S positions before the first call. Attention runs over all
+    Lmax slots under that mask, and nothing reads a device value on the host, so the step can be captured.
+    ``graph=False`` runs the same step eagerly (the CPU tests check it against the default path). Decode
+    at batch B is ~2 launches per layer and router kernel; a replay issues them all at once, without the
+    Python and launch cost of each. The first call runs eagerly and captures; ``capture_s`` is what that
+    took.
     """
 
-    def __init__(self, model: "JetMoEForCausalLM", cache: KVCache, key_ok_BL: torch.Tensor,
-                 positions_B: torch.Tensor, graph: bool) -> None:
-        B, device = key_ok_BL.size(0), key_ok_BL.device
+    def __init__(self, model: "JetMoEForCausalLM", cache: KVCache, prompt_len: int,
+                 prompt_mask: Optional[torch.Tensor], graph: bool) -> None:
+        B, L_max, device = cache.k.size(1), cache.k.size(3), cache.k.device
         if graph and device.type != "cuda":
             raise ValueError(f"cuda_graph: CUDA graphs need CUDA tensors; input_ids is on {device}")
         self.model, self.cache, self.use_graph = model, cache, graph
         self.capture_s = 0.0
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.positions = positions_B.to(torch.long).reshape(B, 1).clone()
+        self.key_ok = torch.zeros(B, 1, 1, L_max, dtype=torch.bool, device=device)
+        self.key_ok[:, 0, 0, :prompt_len] = prompt_mask.bool() if prompt_mask is not None else True
+        # A generated token's position: the valid prompt tokens before it, then one more per step.
+        self.positions = self.key_ok[:, 0, 0, :prompt_len].sum(-1, keepdim=True)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.key_ok = key_ok_BL.bool().reshape(B, 1, 1, -1).clone()
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[torch.Tensor] = None
 
@@ -484,10 +488,8 @@ class JetMoEForCausalLM(nn.Module):
             full_mask = torch.ones(B, S + max_new_tokens, dtype=torch.long, device=device)
             full_mask[:, :S] = attention_mask
         decoder = None
-        if cuda_graph:  # keys each row may attend: its valid prompt positions, then every generated one
-            key_ok = torch.zeros(B, S + max_new_tokens, dtype=torch.bool, device=device)
-            key_ok[:, :S] = full_mask[:, :S].bool() if full_mask is not None else True
-            decoder = StaticDecoder(self, cache, key_ok, key_ok[:, :S].sum(-1), graph=True)  # CUDA only
+        if cuda_graph:  # refused here, before the prefill, off CUDA
+            decoder = StaticDecoder(self, cache, S, full_mask[:, :S] if full_mask is not None else None, graph=True)
         try:  # an int, a list, a tensor or a numpy value of ids
             eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).reshape(-1)
         except (TypeError, ValueError, RuntimeError):

@@ -65,9 +65,7 @@ def test_generation_as_cuda_graph_replays_matches_eager(padded, backend, tmp_pat
         for graph in (True, False):
             cache = KVCache(ours.config, B, S + n, "cuda", dtype)
             logits.append(ours(x, attention_mask=mask if padded else None, cache=cache).logits[:, -1])
-            key_ok = torch.zeros(B, S + n, dtype=torch.bool, device="cuda")
-            key_ok[:, :S] = mask.bool()
-            decoders.append(StaticDecoder(ours, cache, key_ok, key_ok[:, :S].sum(-1), graph=graph))
+            decoders.append(StaticDecoder(ours, cache, S, mask, graph=graph))
         for step in range(n - 1):
             tokens = logits[1].argmax(-1)
             logits = [decoder(tokens).clone() for decoder in decoders]

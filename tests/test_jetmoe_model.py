@@ -105,15 +105,21 @@ def test_aux_loss_drops_padding_tokens():
 # ---------------------------------------------------------------- KV cache and generation
 
 
+def decode_prompt(B: int, S: int, steps: int, padded: bool):
+    """Prompts [B, S] and the attention mask over S + steps positions; padded: row 0 starts with 2 pad tokens."""
+    x = torch.randint(3, TINY.vocab_size, (B, S))
+    mask = torch.ones(B, S + steps, dtype=torch.long)
+    if padded:
+        mask[0, :2] = 0
+    return x, mask
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cached_decode_equals_full_forward(backend, padded):
     model = random_model()
     B, S, steps = 2, 5, 4 if backend == "triton" else 6
-    x = torch.randint(3, TINY.vocab_size, (B, S))
-    mask = torch.ones(B, S + steps, dtype=torch.long)
-    if padded:
-        mask[0, :2] = 0
+    x, mask = decode_prompt(B, S, steps, padded)
     cache = KVCache(TINY, B, S + steps, "cpu", torch.float32)
     with torch.no_grad(), scattermoe.use_backend(backend):
         cached = model(x, attention_mask=mask[:, :S], cache=cache).logits[:, -1]
@@ -135,17 +141,13 @@ def test_static_decode_steps_match_the_default_path(backend, padded):
     slot as tensors), run eagerly here: the default decode path's logits at every step, and the same cache."""
     model = random_model()
     B, S, steps = 2, 5, 3 if backend == "triton" else 6
-    x = torch.randint(3, TINY.vocab_size, (B, S))
-    mask = torch.ones(B, S + steps, dtype=torch.long)
-    if padded:
-        mask[0, :2] = 0
+    x, mask = decode_prompt(B, S, steps, padded)
     prompt_mask = mask[:, :S] if padded else None
     default, static = (KVCache(TINY, B, S + steps, "cpu", torch.float32) for _ in range(2))
     with torch.no_grad(), scattermoe.use_backend(backend):
         want = model(x, attention_mask=prompt_mask, cache=default).logits[:, -1]
         model(x, attention_mask=prompt_mask, cache=static)
-        decoder = StaticDecoder(model, static, mask.bool() & (torch.arange(S + steps) < S), mask[:, :S].sum(-1),
-                                graph=False)
+        decoder = StaticDecoder(model, static, S, prompt_mask, graph=False)
         for step in range(steps):
             tokens = want.argmax(-1)
             L = default.length + 1
