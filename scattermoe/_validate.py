@@ -15,7 +15,12 @@ from typing import Optional
 
 import torch
 
-_DEBUG = os.environ.get("SCATTERMOE_DEBUG", "0") not in ("", "0", "false", "False")
+def env_flag(name: str) -> bool:
+    """A switch from the environment: on unless unset, empty, 0 or false."""
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+_DEBUG = env_flag("SCATTERMOE_DEBUG")
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -17,18 +17,18 @@ glu_backward to the csrc GLU backward pass (glu_grad.plan).
 from __future__ import annotations
 
 import collections
-import os
 from typing import Optional, Tuple
 
 import torch
 
+from ..._validate import env_flag
 from . import glu_grad, grouped_gemm, scatter_gemm
 from . import weight_grad as wgrad
 
 # Every fallback is counted under its reason: the plans' strings (e.g. "dtype float32: ...").
 
 FALLBACKS: "collections.Counter[str]" = collections.Counter()
-_strict = os.environ.get("SCATTERMOE_CUTLASS_STRICT", "0") not in ("", "0", "false", "False")
+_strict = env_flag("SCATTERMOE_CUTLASS_STRICT")
 
 
 def set_strict(enabled: bool = True) -> None:

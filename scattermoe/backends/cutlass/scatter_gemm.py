@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Iterator, Optional, Union
 
 import torch
 
+from ..._validate import env_flag
 from . import _extension
 from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, _sm_count, rows_ok, weight_layout
 
@@ -30,7 +30,7 @@ from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, _sm_count, rows_ok,
 # one CTA per SM; an int, the persistent kernel on that many CTAs (tests use a few, so that each CTA
 # loops over many tiles). Both are built; which is faster is for the first GPU benchmark to say
 # (bench's scattermoe_cutlass_persistent rows), so the reviewed one-CTA-per-tile kernel stays the default.
-_persistent: Union[bool, int] = os.environ.get("SCATTERMOE_CUTLASS_PERSISTENT", "0") not in ("", "0", "false", "False")
+_persistent: Union[bool, int] = env_flag("SCATTERMOE_CUTLASS_PERSISTENT")
 
 
 def set_persistent(ctas: Union[bool, int] = True) -> None:
