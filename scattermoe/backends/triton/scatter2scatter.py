@@ -157,15 +157,14 @@ def _scatter2scatter(
 # One jit function, three autotuned launchers with their own tile spaces: plain; GLU with paired columns
 # (W K-major: its columns are contiguous along K however they interleave); GLU with two accumulators
 # (W F-major, where interleaved columns would break the 16-byte loads along F).
-_scatter2scatter_kernel = triton.autotune(
-    configs=autotune_configs("scatter2scatter"), key=["K_IN", "N_OUT", "M_BUCKET"],
-    prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
-_scatter2scatter_glu_paired_kernel = triton.autotune(
-    configs=autotune_configs("scatter2scatter_glu_paired"), key=["K_IN", "N_OUT", "M_BUCKET"],
-    prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
-_scatter2scatter_glu_kernel = triton.autotune(
-    configs=autotune_configs("scatter2scatter_glu"), key=["K_IN", "N_OUT", "M_BUCKET"],
-    prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
+def _autotuned(space: str):
+    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET"],
+                           prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
+
+
+_scatter2scatter_kernel = _autotuned("scatter2scatter")
+_scatter2scatter_glu_paired_kernel = _autotuned("scatter2scatter_glu_paired")
+_scatter2scatter_glu_kernel = _autotuned("scatter2scatter_glu")
 
 
 @on_tensor_device
