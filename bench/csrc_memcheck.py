@@ -94,6 +94,12 @@ def main() -> int:
     with cutlass.persistent(2):  # the persistent kernel on 2 CTAs: each loops over several tiles
         y = cutlass.scatter2scatter(x_tok, w, b, scattered, offsets, k, False, False, row_scale=gates)
     results["scatter_gemm, persistent (gather, scatter, gates, bias)"] = _rel(y, want)
+    with cutlass.weight_tma(True):  # W by TMA: boxes past F (200 = 128 + 72) and K (72) are zero-filled by TMA
+        y = cutlass.scatter2scatter(x_tok, w, b, scattered, offsets, k, False, False, row_scale=gates)
+        results["scatter_gemm, W by TMA (gather, scatter, gates, bias)"] = _rel(y, want)
+        with cutlass.persistent(2):
+            y = cutlass.scatter2scatter(x_tok, w, b, scattered, offsets, k, False, False, row_scale=gates)
+        results["scatter_gemm, persistent, W by TMA (gather, scatter, gates, bias)"] = _rel(y, want)
 
     # Scatter GEMM with the GLU epilogue and the kept pre-activation, grouped out.
     pre = torch.empty(n, 80, device=dev, dtype=dt)
@@ -107,6 +113,9 @@ def main() -> int:
                                     pre_activation=pre_persistent)
     results["scatter_gemm, persistent (GLU)"] = _rel(y, reference.glu(h, torch.nn.functional.silu, True))
     results["scatter_gemm, persistent (GLU pre-activation)"] = _rel(pre_persistent, h)
+    with cutlass.weight_tma(True):  # F = 40: each tile's first-half box reads second-half columns past F
+        y = cutlass.scatter2scatter(x_tok, w_glu, None, scattered, offsets, k, False, True, glu=1)
+    results["scatter_gemm, W by TMA (GLU)"] = _rel(y, reference.glu(h, torch.nn.functional.silu, True))
 
     # TMA grouped GEMM: grouped in and out, ungated.
     x_rows = torch.randn(n, 72, generator=g).to(dev, dt)

@@ -22,6 +22,8 @@ Implementations (``impl``):
   scattermoe_triton, scattermoe_cutlass   the library's layer on that backend
   scattermoe_cutlass_persistent   the cutlass backend with its scatter GEMM on the persistent
                        kernel (one CTA per SM; csrc/README.md), forward and backward
+  scattermoe_cutlass_tma          the same, with the scatter GEMM's weight tiles loaded by TMA
+                       instead of cp.async (against the row above: what TMA for W gives)
   reference            the same layer on the ``torch`` backend (reference/: a loop over experts)
   torch_grouped_mm     the layer written with torch._grouped_mm (bench/grouped_mm_moe.py)
   dense_same_flops     plain cuBLAS matmuls with the same useful FLOPs and no routing: the ceiling
@@ -50,17 +52,20 @@ from reference import ops as reference_ops
 
 from . import grouped_mm_moe, thirdparty
 
-IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "scattermoe_cutlass_persistent", "reference", "torch_grouped_mm",
-         "dense_same_flops", "scattermoe_original", "sonicmoe")
-BACKEND_OF = {"scattermoe_triton": "triton", "scattermoe_cutlass": "cutlass",
-              "scattermoe_cutlass_persistent": "cutlass", "reference": "torch"}
+IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma",
+         "reference", "torch_grouped_mm", "dense_same_flops", "scattermoe_original", "sonicmoe")
+# The cutlass backend's kernel variants (csrc/README.md), set around everything an implementation runs.
+CSRC_VARIANTS = {"scattermoe_cutlass_persistent": {"persistent": True, "weight_tma": False},
+                 "scattermoe_cutlass_tma": {"persistent": True, "weight_tma": True}}
+BACKEND_OF = {"scattermoe_triton": "triton", "scattermoe_cutlass": "cutlass", "reference": "torch",
+              **{impl: "cutlass" for impl in CSRC_VARIANTS}}
 TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)
 ROUTINGS = ("uniform", "zipf")
 ZIPF_S = 1.2
 CHECK_TOL = 2e-2  # bf16 bound of DESIGN.md section 5
 INFER_MAX_TOKENS = 128  # the inference-forward rows are decode and small-batch serving sizes
 INFER_MODES = ("infer", "infer_graph")
-GRAPH_IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "scattermoe_cutlass_persistent")
+GRAPH_IMPLS = ("scattermoe_triton", "scattermoe_cutlass", *CSRC_VARIANTS)
 ROUTING_OUTPUTS = ("gates", "expert_idxs", "sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets")
 
 
@@ -111,17 +116,21 @@ class Group:
         return self.shape.name if self.shape.kind == "routing" else f"{self.shape.name}_{mode}"
 
 
+@contextlib.contextmanager
 def _kernel_variant(impl: str):
-    """A context for everything an implementation runs, backward included: scattermoe_cutlass_persistent is
-    the cutlass backend with its scatter GEMM on the persistent kernel (one CTA per SM)."""
-    if impl != "scattermoe_cutlass_persistent":
-        return contextlib.nullcontext()
+    """A context for everything an implementation runs, backward included: the cutlass backend's kernel
+    variant of CSRC_VARIANTS (nothing for the other implementations)."""
+    variant = CSRC_VARIANTS.get(impl)
+    if variant is None:
+        yield
+        return
     from scattermoe.backends import cutlass
-    return cutlass.persistent(True)
+    with cutlass.persistent(variant["persistent"]), cutlass.weight_tma(variant["weight_tma"]):
+        yield
 
 
 def _in_variant(impl: str, fn: Callable[[int], object]) -> Callable[[int], object]:
-    if impl != "scattermoe_cutlass_persistent":
+    if impl not in CSRC_VARIANTS:
         return fn
 
     def run(i: int) -> object:

@@ -114,7 +114,7 @@ def targets(payload: Dict, impl: str = "scattermoe_triton") -> List[Dict]:
     return out
 
 
-CSRC_IMPLS = ("scattermoe_cutlass", "scattermoe_cutlass_persistent")
+CSRC_IMPLS = ("scattermoe_cutlass", "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma")
 
 
 def csrc_targets(payload: Dict) -> List[Dict]:

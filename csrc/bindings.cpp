@@ -154,12 +154,12 @@ void grouped_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
   });
 }
 
-void scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t stride_xm, int64_t x_rows,
+bool scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t stride_xm, int64_t x_rows,
                   uintptr_t w, int64_t stride_we, int64_t stride_w_ld, uintptr_t bias, int64_t stride_be, uintptr_t y,
                   int64_t stride_ym, int64_t y_rows, uintptr_t gates, uintptr_t sorted_scattered_idxs,
                   uintptr_t expert_offsets, bool offsets_int64, bool x_grouped, bool y_grouped, int64_t fan_out,
                   int64_t num_experts, int64_t num_rows, int64_t k_in, int64_t n_out, int64_t glu, uintptr_t pre,
-                  int64_t stride_pm, int64_t num_ctas, int64_t device, uintptr_t stream) {
+                  int64_t stride_pm, int64_t num_ctas, bool w_tma, int64_t device, uintptr_t stream) {
   ScatterGemmParams p;
   p.x = as_ptr<const void>(x);
   p.stride_xm = stride_xm;
@@ -187,12 +187,19 @@ void scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
   p.pre = as_ptr<void>(pre);
   p.stride_pm = stride_pm;
   p.num_ctas = checked_int(num_ctas, "num_ctas");
+  p.w_tma = w_tma;
   p.device = checked_int(device, "device");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   py::gil_scoped_release release;
-  kernel_switch(dtype, w_k_major, [&](auto tag, auto k_major) {
-    scattermoe::scatter_gemm_sm90<decltype(tag), decltype(k_major)::value>(p, s);
-    return 0;
+  return kernel_switch(dtype, w_k_major, [&](auto tag, auto k_major) {
+    return scattermoe::scatter_gemm_sm90<decltype(tag), decltype(k_major)::value>(p, s);
+  });
+}
+
+// Host-only: mismatches between where the scatter GEMM's TMA boxes put W and where its mainloop reads it.
+int scatter_gemm_w_tma_layout_mismatches(const std::string& dtype, bool w_k_major) {
+  return kernel_switch(dtype, w_k_major, [&](auto tag, auto k_major) {
+    return scattermoe::scatter_gemm_w_tma_layout_mismatches<decltype(tag), decltype(k_major)::value>();
   });
 }
 
@@ -307,12 +314,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sorted_scattered_idxs"), py::arg("expert_offsets"), py::arg("offsets_int64"), py::arg("x_grouped"),
         py::arg("y_grouped"), py::arg("fan_out"), py::arg("num_experts"), py::arg("num_rows"), py::arg("k_in"),
         py::arg("n_out"), py::arg("glu") = 0, py::arg("pre") = 0, py::arg("stride_pm") = 0, py::arg("num_ctas") = 0,
-        py::arg("device"), py::arg("stream"),
+        py::arg("w_tma") = false, py::arg("device"), py::arg("stream"),
         "scatter2scatter on sm_90a: rows gathered on load (x_grouped=False: token slot // fan_out), scattered on "
         "store (y_grouped=False: slot), per-expert bias, the GLU epilogue (glu=1: silu(a) * b, 2: a * silu(b), "
         "W and bias 2 * n_out wide; pre, if not 0, receives both halves before it), float32 gates by slot "
         "(csrc/include/scattermoe/scatter_gemm.h has the layouts); num_ctas > 0: the persistent kernel on that many "
-        "CTAs (the SM count), 0: one CTA per tile. Enqueued on `stream`; no host sync.");
+        "CTAs (the SM count), 0: one CTA per tile; w_tma: W loaded by TMA where a tensor map can describe it, "
+        "else by cp.async. Returns whether W was loaded by TMA. Enqueued on `stream`; no host sync.");
   m.def("group_bwd_w", &group_bwd_w, py::arg("dtype"), py::arg("x"), py::arg("stride_xm"), py::arg("x_rows"),
         py::arg("dy"), py::arg("stride_dym"), py::arg("dy_rows"), py::arg("dw"), py::arg("stride_dwe"),
         py::arg("stride_dwk"), py::arg("stride_dwn"), py::arg("sorted_scattered_idxs"), py::arg("expert_offsets"),
@@ -326,6 +334,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_gemm_tile_order", &scatter_gemm_tile_order, py::arg("num_rows"), py::arg("num_experts"),
         py::arg("n_out"), py::arg("glu") = 0,
         "[(row_tile, col_tile)] of the scatter GEMM's CTAs in launch order (grouped raster). Host-only.");
+  m.def("scatter_gemm_w_tma_layout_mismatches", &scatter_gemm_w_tma_layout_mismatches, py::arg("dtype"),
+        py::arg("w_k_major"),
+        "Elements of a stage's W tile that the scatter GEMM's TMA boxes (128-byte swizzle) would put elsewhere "
+        "than its mainloop's shared-memory layout has them, over both kernels' stages: 0 when right. Host-only.");
   m.def("glu_backward", &glu_backward, py::arg("dtype"), py::arg("pre"), py::arg("stride_pm"), py::arg("dg"),
         py::arg("stride_dgm"), py::arg("scale"), py::arg("dh"), py::arg("stride_dhm"), py::arg("g"),
         py::arg("stride_gm"), py::arg("dot"), py::arg("num_rows"), py::arg("f"), py::arg("activate_first"),

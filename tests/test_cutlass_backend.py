@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -546,5 +547,47 @@ def test_persistent_scatter_gemm_env_switch():
             "sg._sm_count = lambda device: 132; print(sg.num_ctas(0))")
     for value, expected in (("1", "132"), ("0", "0"), ("", "0")):
         env = dict(os.environ, SCATTERMOE_CUTLASS_PERSISTENT=value)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)
+
+
+def test_weight_tma_switch_reaches_the_kernel_and_what_it_did_is_recorded(monkeypatch):
+    """set_weight_tma() / weight_tma() become the scatter GEMM's w_tma argument; what the kernel reports doing
+    (TMA, or cp.async where no tensor map can describe W) becomes last_weight_load."""
+    seen = []
+
+    class FakeModule:
+        def __init__(self, can_tma):
+            self.can_tma = can_tma
+
+        def scatter_gemm(self, **kwargs):
+            seen.append(kwargs["w_tma"])
+            return kwargs["w_tma"] and self.can_tma
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(sg, "_weight_tma", False)
+    counts = [3, 0, 5]
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    w = torch.zeros(3, 128, 64, dtype=torch.bfloat16).permute(0, 2, 1)
+    offsets = torch.tensor(counts).cumsum(0)
+    idx = torch.arange(8)
+    y = torch.empty(8, 128, dtype=torch.bfloat16)
+    p = sg.plan(x, w, None, offsets, 8)
+    assert isinstance(p, sg.ScatterGemmPlan), p
+    for can_tma in (True, False):
+        monkeypatch.setattr(_extension, "load", lambda: (FakeModule(can_tma), None))
+        sg.launch(p, x, w, None, idx, offsets, 2, False, False, None, y)
+        assert seen[-1] is False and sg.last_weight_load == "cp.async"
+        with cutlass.weight_tma():
+            sg.launch(p, x, w, None, idx, offsets, 2, False, False, None, y)
+            assert seen[-1] is True and sg.last_weight_load == ("tma" if can_tma else "cp.async")
+        assert sg._weight_tma is False
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="set_weight_tma: expected True or False"):
+            cutlass.set_weight_tma(bad)
+    code = "from scattermoe.backends.cutlass import scatter_gemm as sg; print(sg._weight_tma)"
+    for value, expected in (("1", "True"), ("0", "False"), ("", "False")):
+        env = dict(os.environ, SCATTERMOE_CUTLASS_WEIGHT_TMA=value)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)

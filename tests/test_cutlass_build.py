@@ -96,7 +96,8 @@ GEMM_OBJECTS = {  # source -> the HGMMA operand type its SASS must show
 }
 
 
-SCATTER_OBJECTS = {  # the cp.async kernels: HGMMA of their dtype, 16-byte cp.async (LDGSTS), no TMA
+SCATTER_OBJECTS = {  # the cp.async kernels: HGMMA of their dtype, 16-byte cp.async (LDGSTS); the scatter GEMM
+    # can also load W by TMA
     "scatter_gemm/scatter_gemm_bf16_wkmajor_sm90.cu": "BF16",
     "scatter_gemm/scatter_gemm_bf16_wnmajor_sm90.cu": "BF16",
     "scatter_gemm/scatter_gemm_fp16_wkmajor_sm90.cu": "F16",
@@ -159,8 +160,35 @@ def test_scatter_gemm_sass_holds_hgmma_and_cp_async(built, cuobjdump, source):
         assert "scatter_gemm_kernel" in sass and "VOTE" in persistent and "SHFL.UP" in persistent, \
             f"{source}: the persistent scatter GEMM is missing or finds its tiles without the warp scan"
     assert "CALL" not in sass, f"{source}: the kernel calls a subroutine"
+    if not wgrad:
+        # W by TMA (params.w_tma): 3-D boxes, 2 per stage for a K-major W, 16 (64 x 8) for an F-major one, in
+        # each of the 4 kernels; their bytes are expected on the stage's barrier.
+        boxes = 2 if "wkmajor" in source else 16
+        assert sass.count("UTMALDG.3D") == boxes * kernels, f"{source}: {sass.count('UTMALDG.3D')} TMA loads"
+    else:
+        assert "UTMALDG" not in sass, f"{source}: the dW kernel loads by cp.async only"
     if wgrad:  # dW = X^T dY: both operands arrive MN-major, so wgmma must read them transposed from smem
         assert "tnspA" in sass and "tnspB" in sass, f"{source}: HGMMA does not read MN-major operands"
+
+
+WEIGHT_TMA_LAYOUT = """
+import json
+from scattermoe.backends.cutlass import _extension
+m, _ = _extension.load()
+print(json.dumps({f"{d}-{k}": m.scatter_gemm_w_tma_layout_mismatches(d, k)
+                  for d in ("bfloat16", "float16") for k in (True, False)}))
+"""
+
+
+def test_scatter_gemm_weight_tma_boxes_land_where_the_mainloop_reads(built):
+    """The TMA weight loads write a stage's W tile as 128-byte swizzled boxes (2 of 64 x 64 for a K-major W, 16 of
+    64 x 8 for an F-major one); the wgmmas read it through CUTLASS's shared-memory layout. For every element of
+    every box of every stage of both kernels, the address TMA's swizzle gives must be the address the layout
+    gives (a host-only computation in the module, by the kernel's own box list)."""
+    proc = _run_python(built["module"], WEIGHT_TMA_LAYOUT)
+    assert proc.returncode == 0, proc.stderr
+    mismatches = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert mismatches == {name: 0 for name in mismatches} and len(mismatches) == 4, mismatches
 
 
 ELEMENTWISE_OBJECTS = ["glu_backward/glu_backward_sm90.cu"]

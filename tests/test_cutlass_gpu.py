@@ -266,6 +266,77 @@ def test_persistent_scatter_gemm_matches_one_cta_per_tile(cutlass, counts, k_in,
         assert torch.equal(pre, per_tile_pre), f"{name}: the kept pre-activations differ"
 
 
+TMA_SHAPES = PERSISTENT_SHAPES + [([300], 136, 192, "E=1")]
+
+
+def _padded(w):
+    """w's values with each unit-stride row 16 elements longer in memory (stride_w_ld > the row's length), on
+    w's device (.cuda() of a tensor with gaps would copy it contiguous)."""
+    e, k_in, n_out = w.shape
+    if w.stride(1) == 1:  # K-major: [E, F, K + 16][..., :K], permuted
+        base = torch.zeros(e, n_out, k_in + 16, dtype=w.dtype, device=w.device)
+        base[..., :k_in] = w.permute(0, 2, 1)
+        return base[..., :k_in].permute(0, 2, 1)
+    base = torch.zeros(e, k_in, n_out + 16, dtype=w.dtype, device=w.device)
+    base[..., :n_out] = w
+    return base[..., :n_out]
+
+
+def _weight_tma_case(cutlass, counts, k_in, n_out, name, mode, w_layout, persistent, padded=False):
+    from scattermoe.backends.cutlass import scatter_gemm as sg
+
+    grouped_in, grouped_out, gated, glu, keep_pre = PERSISTENT_MODES[mode]
+    seed = zlib.crc32(f"w-tma-{name}-{mode}-{w_layout}".encode())
+    c = scatter_case(counts, k_in, 2 * n_out if glu else n_out, torch.bfloat16, w_layout, grouped_in, grouped_out,
+                     gated, seed)
+    w = _padded(c.w.cuda()) if padded else c.w.cuda()
+    if padded:
+        assert w.stride(1 if w_layout == "f_major" else 2) > (w.shape[2] if w_layout == "f_major" else w.shape[1])
+    ref = reference.glu(c.h, torch.nn.functional.silu, glu == 1) if glu else c.h
+    if gated:
+        ref = ref * c.row_gates
+    args = (c.x.cuda(), w, c.b.cuda(), c.scattered.cuda(), c.offsets.cuda(), c.k, grouped_in, grouped_out)
+
+    def run(tma):
+        out = torch.full((c.n, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+        pre = torch.full((c.n, 2 * n_out), float("nan"), dtype=torch.bfloat16, device="cuda") if keep_pre else None
+        with cutlass.weight_tma(tma), cutlass.persistent(persistent):
+            y = cutlass.scatter2scatter(*args, row_scale=c.gates.cuda() if gated else None, out=out, glu=glu,
+                                        pre_activation=pre)
+        torch.cuda.synchronize()
+        return y, pre, sg.last_weight_load
+
+    y_cp, pre_cp, load_cp = run(False)
+    y, pre, load = run(True)
+    assert (load_cp, load) == ("cp.async", "tma"), f"{name}: W was loaded by {load} with weight_tma on"
+    err = rel_err(y, ref)
+    print(f"\n{name} {mode} {w_layout} persistent={persistent} padded={padded}: rel err {err:.2e}")
+    assert err < TOLERANCE[torch.bfloat16], f"{name}: relative error {err:.2e}"
+    assert torch.equal(y, y_cp), f"{name}: W by TMA gives other outputs than W by cp.async"
+    if keep_pre:
+        assert torch.equal(pre, pre_cp), f"{name}: the kept pre-activations differ"
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["per_tile", "persistent"])
+@pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
+@pytest.mark.parametrize("mode", sorted(PERSISTENT_MODES))
+@pytest.mark.parametrize("counts,k_in,n_out,name", TMA_SHAPES, ids=[s[-1] for s in TMA_SHAPES])
+def test_weight_tma_scatter_gemm_matches_cp_async(cutlass, counts, k_in, n_out, name, mode, w_layout, persistent):
+    """W loaded by TMA lands in the same shared memory, with the same values, as W loaded by cp.async (zeros
+    past K and F alike; a GLU tile's first half past F reads second-half columns that are never stored), so
+    the outputs must equal the cp.async kernel's bit for bit (both poisoned with NaN first), on the per-tile
+    and the persistent kernel, and the launch must say that it did load W by TMA."""
+    _weight_tma_case(cutlass, counts, k_in, n_out, name, mode, w_layout, persistent)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["per_tile", "persistent"])
+@pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
+@pytest.mark.parametrize("mode", ["gather_from_tokens", "glu_gather_keep_pre"])
+def test_weight_tma_reads_a_w_with_padded_rows(cutlass, mode, w_layout, persistent):
+    """A W whose unit-stride rows are padded in memory (stride_w_ld > their length): the tensor map's strides."""
+    _weight_tma_case(cutlass, [131, 7, 256], 72, 200, "padded W", mode, w_layout, persistent, padded=True)
+
+
 def test_glu_rows_with_odd_strides_take_the_element_store_path(cutlass):
     """Output rows whose starts are not 16-byte aligned (row stride 100 + 3 elements): the epilogue must fall
     back to element stores there, not write a misaligned 16-byte vector (which faults)."""
@@ -526,14 +597,16 @@ def test_mlp_layers_on_cutlass(cutlass_with_fallbacks, layer_name, bias, dtype):
     assert not cutlass_with_fallbacks, dict(cutlass_with_fallbacks)  # dW, db and the GLU backward included
 
 
+@pytest.mark.parametrize("variant", ["persistent", "weight_tma", "persistent_weight_tma"])
 @pytest.mark.parametrize("layer_name", ["mlp_gelu", "glu_silu_first"])
-def test_mlp_layers_on_cutlass_with_the_persistent_scatter_gemm(cutlass_with_fallbacks, layer_name):
-    """A layer forward and backward with every scatter GEMM (forward and dX) on the persistent kernel."""
+def test_mlp_layers_on_cutlass_with_the_scatter_gemm_variants(cutlass_with_fallbacks, layer_name, variant):
+    """A layer forward and backward with every scatter GEMM (forward and dX) on the persistent kernel, with W
+    loaded by TMA, or both."""
     from test_layers import check_mlp_layer
 
     from scattermoe.backends import cutlass as backend
 
-    with backend.persistent(True):
+    with backend.persistent("persistent" in variant), backend.weight_tma("weight_tma" in variant):
         check_mlp_layer(layer_name, 4, 250, 256, 384, 8, 2, True, "cutlass", dtype=torch.bfloat16, device="cuda",
                         per_token=False)
     assert not cutlass_with_fallbacks, dict(cutlass_with_fallbacks)

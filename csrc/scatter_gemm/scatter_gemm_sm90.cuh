@@ -7,7 +7,8 @@
 // with 16-byte cp.async copies (its own loop below: each thread resolves its 8 rows' token index
 // once per tile, then streams them over K), two consumer warpgroups run CUTLASS's cp.async + GMMA
 // collective (MainloopSm90CpAsyncGmmaWarpSpecialized::mma: its smem layouts, pipeline and wgmma).
-// W goes through the same cp.async path, unindexed.
+// W goes through the same cp.async path, unindexed, or (params.w_tma) by TMA: one producer thread issues
+// a stage's W boxes on the stage's full barrier, counted as transaction bytes beside the cp.async arrivals.
 //
 // Scheduling: the row tiles of expert e are the cdiv(rows_e, 128) tiles after those of experts
 // < e, found from expert_offsets on the device, so the tile count needs only the bound
@@ -34,6 +35,11 @@
 #include <climits>
 #include <type_traits>
 
+#include <cuda.h>  // CUtensorMap (the driver is reached through cudart's entry-point query, not linked)
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/cuda_host_adapter.hpp>
+
 #include "scattermoe/check.h"
 #include "scattermoe/cutlass_element.h"
 #include "scattermoe/scatter_gemm.h"
@@ -55,6 +61,39 @@ struct TileInfo {
   int64_t row_start;
   int64_t row_end;
   int expert;
+};
+
+// TMA weight loads (params.w_tma). A stage's W tile (128 columns x 64 k) arrives as boxes of one 3-D tensor
+// map over W (the unit-stride dim, the other, the expert), 128-byte swizzled, so that they land where the
+// mainloop's shared-memory layout (CUTLASS's GMMA atoms of 1 KB: 8 n x 64 k K-major, 64 n x 8 k MN-major)
+// puts each element. K-major W: a 64-column half of the stage is 8 atoms in a row, 8 KB: one 64 k x 64 n
+// box per half. F-major W: the atoms go along n first, so a half's k rows are 8 atoms 2 KB apart, and a box
+// fills contiguous shared memory: eight 64 n x 8 k boxes per half. (scatter_gemm_w_tma_layout_mismatches
+// checks this placement against the layout on the host.) The halves start at columns n0 and n0 + 64
+// (plain) or j0 and n_out + j0 (GLU), as w_column's; the one difference from the cp.async loads: a GLU
+// tile's first half past n_out reads second-half columns instead of zeros, and those accumulator columns
+// are never stored (the epilogue skips output columns >= n_out). Out-of-range boxes and k past k_in are
+// zero-filled by TMA, as cp.async zero-fills them.
+template <bool WKMajor>
+struct WeightBoxes {
+  static constexpr int kHalfN = kScatterGemmTileN / 2;            // a half's columns: 64
+  static constexpr int kInner = 64;                               // the box's unit-stride extent: 128 bytes
+  static constexpr int kBoxK = WKMajor ? kScatterGemmTileK : 8;   // k rows per box
+  static constexpr int kCount = 2 * (kScatterGemmTileK / kBoxK);  // boxes per stage: 2 or 16
+  static constexpr uint32_t kStageBytes = kScatterGemmTileN * kScatterGemmTileK * 2;  // 16-bit elements
+  // Box b: its half (shared-memory rows n = 64 half ...) and its first k row within the stage.
+  SMOE_HOST_DEVICE static int half(int b) { return b % 2; }
+  SMOE_HOST_DEVICE static int k(int b) { return (b / 2) * kBoxK; }
+  // The first W column of a half: as w_column's for the half's first tile column.
+  SMOE_HOST_DEVICE static int column(int half, int n_tile, int n_out, bool glu) {
+    return glu ? half * n_out + n_tile * kHalfN : n_tile * kScatterGemmTileN + half * kHalfN;
+  }
+};
+
+// The TMA weight loads' tensor map: a kernel parameter (__grid_constant__: TMA reads it in parameter space).
+struct WeightTma {
+  CUtensorMap map;
+  bool active;  // false: W by cp.async, map unused
 };
 
 // CUTLASS names B's layout as a K x N matrix: ColumnMajor = unit stride along K.
@@ -153,13 +192,37 @@ CUTE_DEVICE TileInfo locate_row_tile_warp(const Offset* offsets, int num_experts
   return {0, 0, -1};
 }
 
+// One producer thread: W's boxes of one stage into the stage, completing on its full barrier. The transaction
+// bytes are expected before this thread's own arrival on that barrier (producer_commit), so the stage cannot
+// complete before they land.
+template <class G, class SmemB>
+CUTE_DEVICE void load_w_stage_tma(const CUtensorMap* map, uint64_t* full_barrier, SmemB& sB, int stage, int k0,
+                                  int n_tile, int n_out, bool glu, int expert) {
+  using Boxes = WeightBoxes<G::kWKMajor>;
+  cutlass::arch::ClusterTransactionBarrier::expect_transaction(full_barrier, Boxes::kStageBytes);
+  constexpr auto kHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
+  CUTLASS_PRAGMA_UNROLL
+  for (int b = 0; b < Boxes::kCount; ++b) {
+    const int h = Boxes::half(b), kk = Boxes::k(b);
+    const int n = Boxes::column(h, n_tile, n_out, glu);
+    void* dst = raw_pointer_cast(&sB(h * Boxes::kHalfN, kk, stage));
+    if constexpr (G::kWKMajor) {
+      SM90_TMA_LOAD_3D::copy(map, full_barrier, kHint, dst, k0 + kk, n, expert);
+    } else {
+      SM90_TMA_LOAD_3D::copy(map, full_barrier, kHint, dst, n, k0 + kk, expert);
+    }
+  }
+}
+
 // Producer warpgroup: fill the stages, from write_state on (advanced past them), with the k tiles of
 // one (row tile, column tile). Its 128 threads fill one stage of A (128 x 64) and of B (128 x 64)
 // with 16-byte cp.async copies, 8 per thread per operand. Each thread keeps the same rows for the
 // whole K loop, so the routing index is read once per row here, not once per k tile.
+// w_map: W by TMA instead (thread 0 issues a stage's boxes), or nullptr: W by cp.async like X.
 template <class G>
 CUTE_DEVICE void load_tile(const ScatterGemmParams& p, const TileInfo& tile, int n_tile, typename G::Pipeline& pipeline,
-                           typename G::PipelineState& write_state, typename G::SharedStorage& shared) {
+                           typename G::PipelineState& write_state, typename G::SharedStorage& shared,
+                           const CUtensorMap* w_map) {
   using Element = typename G::Element;
   using Mainloop = typename G::Mainloop;
   constexpr int kVec = 16 / sizeof(Element);                 // elements per 16-byte copy
@@ -220,17 +283,24 @@ CUTE_DEVICE void load_tile(const ScatterGemmParams& p, const TileInfo& tile, int
       const bool ok = a_ok[i] && k_ok;
       cp_async_16(raw_pointer_cast(&sA(m, ck * kVec, stage)), ok ? a_src[i] + k0 : x, ok);
     }
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      if constexpr (G::kWKMajor) {
-        const int n = t / kChunksK + i * kRowsPerPass;
-        const bool ok = b_ok[i] && k_ok;
-        cp_async_16(raw_pointer_cast(&sB(n, ck * kVec, stage)), ok ? b_src[i] + k0 : w, ok);
-      } else {
-        const int kk = t / kChunksN + i * kKRowsPerPass;
-        const bool ok = b_ok[i] && k0 + kk < p.k_in;
-        cp_async_16(raw_pointer_cast(&sB((t % kChunksN) * kVec, kk, stage)),
-                    ok ? b_src[i] + static_cast<int64_t>(k0) * p.stride_w_ld : w, ok);
+    if (w_map != nullptr) {
+      if (t == 0) {
+        load_w_stage_tma<G>(w_map, pipeline.producer_get_barrier(write_state), sB, stage, k0, n_tile, p.n_out, glu,
+                            tile.expert);
+      }
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < 8; ++i) {
+        if constexpr (G::kWKMajor) {
+          const int n = t / kChunksK + i * kRowsPerPass;
+          const bool ok = b_ok[i] && k_ok;
+          cp_async_16(raw_pointer_cast(&sB(n, ck * kVec, stage)), ok ? b_src[i] + k0 : w, ok);
+        } else {
+          const int kk = t / kChunksN + i * kKRowsPerPass;
+          const bool ok = b_ok[i] && k0 + kk < p.k_in;
+          cp_async_16(raw_pointer_cast(&sB((t % kChunksN) * kVec, kk, stage)),
+                      ok ? b_src[i] + static_cast<int64_t>(k0) * p.stride_w_ld : w, ok);
+        }
       }
     }
     pipeline.producer_commit(write_state, cutlass::arch::cpasync_barrier_arrive);
@@ -293,8 +363,22 @@ CUTE_DEVICE void store_tile(const ScatterGemmParams& p, const TileInfo& tile, in
   }
 }
 
+// The producer's W tensor map, or nullptr (cp.async). Thread 0, which issues the boxes, prefetches it, and
+// traps if the stages are not 1024-byte aligned: the 128-byte swizzle is a function of the address, and
+// the boxes would land elsewhere than the wgmmas read (a loud failure instead of wrong values).
+template <class G>
+CUTE_DEVICE const CUtensorMap* producer_w_map(const WeightTma& w_tma, typename G::SharedStorage& shared) {
+  if (!w_tma.active) return nullptr;
+  if (threadIdx.x == 0) {
+    if (cute::cast_smem_ptr_to_uint(shared.tensors.smem_B.data()) % 1024 != 0) __trap();
+    cute::prefetch_tma_descriptor(&w_tma.map);
+  }
+  return &w_tma.map;
+}
+
 template <class G, class Offset>
-__global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __grid_constant__ ScatterGemmParams p) {
+__global__ void __launch_bounds__(G::kThreads, 1)
+    scatter_gemm_kernel(const __grid_constant__ ScatterGemmParams p, const __grid_constant__ WeightTma w_tma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(128) char smem_buf[];
   auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
@@ -319,8 +403,9 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
 
   const int k_tiles = (p.k_in + kScatterGemmTileK - 1) / kScatterGemmTileK;
   if (producer) {
+    const CUtensorMap* w_map = producer_w_map<G>(w_tma, shared);
     typename G::PipelineState write_state = cutlass::make_producer_start_state<typename G::Pipeline>();
-    load_tile<G>(p, tile, n_tile, pipeline, write_state, shared);
+    load_tile<G>(p, tile, n_tile, pipeline, write_state, shared, w_map);
     pipeline.producer_tail(write_state);  // wait until the consumers released every stage
     return;
   }
@@ -341,7 +426,7 @@ __global__ void __launch_bounds__(G::kThreads, 1) scatter_gemm_kernel(const __gr
 // pair up; the stages' state runs on across tiles.
 template <class G, class Offset>
 __global__ void __launch_bounds__(G::kThreads, 1)
-    scatter_gemm_persistent_kernel(const __grid_constant__ ScatterGemmParams p) {
+    scatter_gemm_persistent_kernel(const __grid_constant__ ScatterGemmParams p, const __grid_constant__ WeightTma w_tma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(128) char smem_buf[];
   auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
@@ -356,13 +441,14 @@ __global__ void __launch_bounds__(G::kThreads, 1)
   const int k_tiles = (p.k_in + kScatterGemmTileK - 1) / kScatterGemmTileK;
 
   if (producer) {
+    const CUtensorMap* w_map = producer_w_map<G>(w_tma, shared);
     typename G::PipelineState write_state = cutlass::make_producer_start_state<typename G::Pipeline>();
     for (int64_t pid = blockIdx.x; pid < tiles; pid += gridDim.x) {
       int row_tile, n_tile;
       scatter_gemm_tile_of(static_cast<int>(pid), row_tiles, col_tiles, row_tile, n_tile);
       const TileInfo tile = locate_row_tile_warp(offsets, p.num_experts, p.num_rows, row_tile);
       if (tile.expert < 0) continue;  // past the last row tile (the consumers skip it too)
-      load_tile<G>(p, tile, n_tile, pipeline, write_state, shared);
+      load_tile<G>(p, tile, n_tile, pipeline, write_state, shared, w_map);
     }
     pipeline.producer_tail(write_state);  // wait until the consumers released every stage
     return;
@@ -384,8 +470,66 @@ __global__ void __launch_bounds__(G::kThreads, 1)
 #endif
 }
 
+// W's tensor map for the TMA loads (WeightBoxes): dims (unit-stride dim, the other, expert), strides in
+// bytes. False where the driver refuses it (e.g. strides it cannot describe); the caller then loads by cp.async.
 template <class ElementTag, bool WKMajor>
-void run(const ScatterGemmParams& p, cudaStream_t stream) {
+bool encode_w_tma(const ScatterGemmParams& p, CUtensorMap& map) {
+  using Boxes = WeightBoxes<WKMajor>;
+  using Element = typename CutlassElement<ElementTag>::type;
+  constexpr cuuint64_t kBytes = sizeof(Element);
+  const cuuint64_t w_cols = p.glu ? 2 * static_cast<cuuint64_t>(p.n_out) : static_cast<cuuint64_t>(p.n_out);
+  const cuuint64_t k_in = static_cast<cuuint64_t>(p.k_in);
+  const cuuint64_t ld = static_cast<cuuint64_t>(p.stride_w_ld) * kBytes;
+  // One expert: its stride is never stepped; give the driver a plain one.
+  const cuuint64_t we = p.num_experts > 1 ? static_cast<cuuint64_t>(p.stride_we) * kBytes : ld * (WKMajor ? w_cols : k_in);
+  const cuuint64_t dims[3] = {WKMajor ? k_in : w_cols, WKMajor ? w_cols : k_in, static_cast<cuuint64_t>(p.num_experts)};
+  const cuuint64_t strides[2] = {ld, we};
+  const cuuint32_t box[3] = {Boxes::kInner, WKMajor ? static_cast<cuuint32_t>(Boxes::kHalfN) : Boxes::kBoxK, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const auto dtype = std::is_same_v<Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                  : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  static_assert(Boxes::kInner * kBytes == 128, "a 128-byte swizzled box spans 128 bytes of its unit-stride dim");
+  const CUresult r = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+      &map, dtype, 3, const_cast<void*>(p.w), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+// For every element of every W box of every stage: where TMA puts it (the box's shared-memory start plus its
+// dense offset in the box, then the 128-byte swizzle: address bits 4-6 ^= bits 7-9, on a 1024-aligned base)
+// against where the mainloop's layout has it. Addresses are only computed, never touched.
+template <class G>
+int w_tma_layout_mismatches_of() {
+  using Element = typename G::Element;
+  using Boxes = WeightBoxes<G::kWKMajor>;
+  constexpr uintptr_t kBase = uintptr_t{1} << 20;
+  auto* base = reinterpret_cast<Element*>(kBase);
+  Tensor sB = make_tensor(make_smem_ptr(base), typename G::Mainloop::SmemLayoutB{});
+  auto address = [&](int n, int k, int stage) {
+    return reinterpret_cast<uintptr_t>(raw_pointer_cast(&sB(n, k, stage))) - kBase;
+  };
+  int mismatches = 0;
+  for (int stage = 0; stage < G::kStages; ++stage) {
+    for (int b = 0; b < Boxes::kCount; ++b) {
+      const int h = Boxes::half(b), k0 = Boxes::k(b);
+      const uintptr_t start = address(h * Boxes::kHalfN, k0, stage);
+      const int outer = G::kWKMajor ? Boxes::kHalfN : Boxes::kBoxK;
+      for (int o = 0; o < outer; ++o) {
+        for (int i = 0; i < Boxes::kInner; ++i) {
+          uintptr_t a = start + (static_cast<uintptr_t>(o) * Boxes::kInner + i) * sizeof(Element);
+          a ^= ((a >> 7) & 7) << 4;
+          const int n = h * Boxes::kHalfN + (G::kWKMajor ? o : i), k = k0 + (G::kWKMajor ? i : o);
+          mismatches += (start % 1024 != 0) || a != address(n, k, stage);
+        }
+      }
+    }
+  }
+  return mismatches;
+}
+
+// Returns whether W is loaded by TMA.
+template <class ElementTag, bool WKMajor>
+bool run(const ScatterGemmParams& p, cudaStream_t stream) {
   using G = ScatterGemm<ElementTag, WKMajor>;
   constexpr int align = G::kAlignment;
   SMOE_CHECK(p.num_experts >= 1, "num_experts: expected >= 1, got ", p.num_experts);
@@ -428,31 +572,39 @@ void run(const ScatterGemmParams& p, cudaStream_t stream) {
   SMOE_CHECK(tiles < INT_MAX, "num_rows: ", p.num_rows, " rows x ", p.n_out, " columns make ", tiles,
              " tiles, more than the kernel's 32-bit tile index");
   DeviceGuard guard(p.device);
-  if (p.num_rows == 0) return;
+  if (p.num_rows == 0) return false;
 
+  WeightTma w_tma{};
+  w_tma.active = p.w_tma && encode_w_tma<ElementTag, WKMajor>(p, w_tma.map);
   if (p.num_ctas > 0) {
     using GP = ScatterGemm<ElementTag, WKMajor, /*Persistent=*/true>;
     const dim3 grid(static_cast<unsigned>(tiles < p.num_ctas ? tiles : p.num_ctas));
     auto kernel = p.offsets_int64 ? scatter_gemm_persistent_kernel<GP, int64_t>
                                   : scatter_gemm_persistent_kernel<GP, int32_t>;
     SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, GP::kSmemBytes));
-    kernel<<<grid, GP::kThreads, GP::kSmemBytes, stream>>>(p);
+    kernel<<<grid, GP::kThreads, GP::kSmemBytes, stream>>>(p, w_tma);
     SMOE_CHECK_LAUNCH("scatter_gemm_persistent_kernel");
-    return;
+    return w_tma.active;
   }
   const dim3 grid(static_cast<unsigned>(tiles));
   auto kernel = p.offsets_int64 ? scatter_gemm_kernel<G, int64_t> : scatter_gemm_kernel<G, int32_t>;
   SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));
-  kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p);
+  kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p, w_tma);
   SMOE_CHECK_LAUNCH("scatter_gemm_kernel");
+  return w_tma.active;
 }
 
 }  // namespace sm90_scatter
 
 #define SCATTERMOE_INSTANTIATE_SCATTER_GEMM_SM90(Tag, KMajor)                                       \
   template <>                                                                                      \
-  void scatter_gemm_sm90<Tag, KMajor>(const ScatterGemmParams& params, cudaStream_t stream) {     \
-    sm90_scatter::run<Tag, KMajor>(params, stream);                                                \
+  bool scatter_gemm_sm90<Tag, KMajor>(const ScatterGemmParams& params, cudaStream_t stream) {     \
+    return sm90_scatter::run<Tag, KMajor>(params, stream);                                         \
+  }                                                                                                \
+  template <>                                                                                      \
+  int scatter_gemm_w_tma_layout_mismatches<Tag, KMajor>() {                                        \
+    return sm90_scatter::w_tma_layout_mismatches_of<sm90_scatter::ScatterGemm<Tag, KMajor>>() +    \
+           sm90_scatter::w_tma_layout_mismatches_of<sm90_scatter::ScatterGemm<Tag, KMajor, true>>(); \
   }
 
 }  // namespace scattermoe

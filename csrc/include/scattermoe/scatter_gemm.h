@@ -55,15 +55,24 @@ struct ScatterGemmParams {
   void* pre = nullptr;                    // glu only: [*, 2F] pre-activation H, rows like Y; nullptr: not kept
   int64_t stride_pm = 0;
   int num_ctas = 0;                       // 0: one CTA per tile; > 0: the persistent kernel on this many CTAs
+  bool w_tma = false;                     // load W by TMA (else cp.async, as X); see scatter_gemm_sm90
   int device = 0;
 };
 
 // Enqueue the kernel on `stream`: (row tiles bound cdiv(N, 128) + E) x cdiv(F, 128 or 64 with glu) tiles in
 // the order of scatter_gemm_tile_of, each CTA finding its tiles' experts and rows from expert_offsets; one
 // CTA per tile, or with num_ctas > 0 min(num_ctas, tiles) persistent CTAs (num_ctas = the SM count).
-// No host synchronisation, no workspace.
+// No host synchronisation, no workspace. With w_tma, W's tiles are loaded by TMA from a tensor map encoded
+// here on the host; where no tensor map can describe W (the driver refuses its strides) the kernel loads W by
+// cp.async as without w_tma, the same values in the same places. Returns whether W was loaded by TMA.
 template <class ElementTag, bool WKMajor>
-void scatter_gemm_sm90(const ScatterGemmParams& params, cudaStream_t stream);
+bool scatter_gemm_sm90(const ScatterGemmParams& params, cudaStream_t stream);
+
+// Host-only check of the TMA weight loads' placement: for every element of every box a stage's W tile is
+// loaded in, where TMA's 128-byte swizzle puts it against where the mainloop's shared-memory layout (which
+// its wgmmas read) expects it. Returns the number of elements that disagree (0 when the boxes are right).
+template <class ElementTag, bool WKMajor>
+int scatter_gemm_w_tma_layout_mismatches();
 
 constexpr int kScatterGemmTileM = 128;
 constexpr int kScatterGemmTileN = 128;

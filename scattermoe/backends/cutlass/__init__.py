@@ -10,7 +10,8 @@ epilogue for the rest), group_bwd_w (dW and db, gated or not), and the GLU backw
 MLP, GLUMLP, MoA and parallel_linear run forward and backward on csrc alone. What the kernels
 cannot take (other dtypes, layouts cp.async or TMA cannot read) falls back to Triton, counted
 in ``FALLBACKS`` by the reason (see dispatch.py and csrc/README.md). The scatter GEMM has a
-persistent variant (one CTA per SM), off by default until measured: ``set_persistent()``.
+persistent variant (one CTA per SM) and can load its weight tiles by TMA instead of cp.async, both off by
+default until measured: ``set_persistent()``, ``set_weight_tma()``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import torch
 from . import _extension
 from .dispatch import FALLBACKS, glu_backward, group_bwd_w, scatter2scatter, scatter2scatter_fallback_reason, set_strict
 from .grouped_gemm import grouped_gemm_op
-from .scatter_gemm import persistent, set_persistent
+from .scatter_gemm import persistent, set_persistent, set_weight_tma, weight_tma
 
 CSRC_DTYPES = (torch.bfloat16, torch.float16)
 SM90 = (9, 0)
 
 __all__ = [
     "FALLBACKS", "extension", "glu_backward", "group_bwd_w", "grouped_gemm_op", "persistent", "scatter2scatter",
-    "scatter2scatter_fallback_reason", "set_persistent", "set_strict", "unsupported_reason",
+    "scatter2scatter_fallback_reason", "set_persistent", "set_strict", "set_weight_tma", "unsupported_reason",
+    "weight_tma",
 ]
 
 

@@ -8,10 +8,10 @@ Legend: N routed rows (T*k), E experts, K input features, F output features.
         pre[r if grouped_out else s] = h                        (GLU only, when pre is given)
 
 scatter2scatter for every grouped_in / grouped_out combination: token rows gathered on load
-(cp.async), result rows scattered on store, bias, the GLU and gates in the epilogue. Expert
-boundaries come from ``expert_offsets`` on the device (no host sync, no workspace). ``plan``
-decides from host metadata alone whether the kernel takes a call; the caller falls back to
-Triton when it cannot.
+(cp.async; W by cp.async too, or by TMA with ``set_weight_tma()``), result rows scattered on
+store, bias, the GLU and gates in the epilogue. Expert boundaries come from ``expert_offsets`` on
+the device (no host sync, no workspace). ``plan`` decides from host metadata alone whether the
+kernel takes a call; the caller falls back to Triton when it cannot.
 """
 
 from __future__ import annotations
@@ -55,6 +55,35 @@ def persistent(ctas: Union[bool, int] = True) -> Iterator[None]:
         yield
     finally:
         set_persistent(previous)
+
+
+# How the scatter GEMM loads W: False, by cp.async like the gathered X (the default); True, by TMA (one
+# producer thread issues each stage's boxes; issue 3's "TMA for the weight operand"). Same values in the same
+# shared memory either way, so the outputs are equal bit for bit; which is faster is for a GPU run to say
+# (bench's scattermoe_cutlass_tma rows). Where the driver cannot describe W as a tensor map, the kernel
+# falls back to cp.async by itself; last_weight_load says what the last launch did.
+_weight_tma: bool = env_flag("SCATTERMOE_CUTLASS_WEIGHT_TMA")
+last_weight_load: Optional[str] = None  # "tma" or "cp.async": the last scatter GEMM launch's W loads
+
+
+def set_weight_tma(enabled: bool = True) -> None:
+    """Load the csrc scatter GEMM's weight tiles by TMA (True) or by cp.async (False, the default). Also
+    ``SCATTERMOE_CUTLASS_WEIGHT_TMA=1``."""
+    global _weight_tma
+    if not isinstance(enabled, bool):
+        raise ValueError(f"set_weight_tma: expected True or False, got {enabled!r}")
+    _weight_tma = enabled
+
+
+@contextlib.contextmanager
+def weight_tma(enabled: bool = True) -> Iterator[None]:
+    """``set_weight_tma(enabled)`` inside the block, the previous setting after it."""
+    previous = _weight_tma
+    set_weight_tma(enabled)
+    try:
+        yield
+    finally:
+        set_weight_tma(previous)
 
 
 def num_ctas(device_index: int) -> int:
@@ -134,7 +163,8 @@ def launch(p: ScatterGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[
     offsets = expert_offsets.contiguous()
     gates = row_scale.reshape(-1).to(torch.float32).contiguous() if row_scale is not None else None
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    module.scatter_gemm(
+    global last_weight_load
+    used_tma = module.scatter_gemm(
         dtype=p.dtype, w_k_major=p.w_k_major,
         x=x.data_ptr(), stride_xm=x.stride(0), x_rows=x.size(0),
         w=w.data_ptr(), stride_we=p.stride_we, stride_w_ld=p.stride_w_ld,
@@ -147,6 +177,7 @@ def launch(p: ScatterGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[
         k_in=p.k_in, n_out=p.n_out, glu=p.glu,
         pre=pre_activation.data_ptr() if pre_activation is not None else 0,
         stride_pm=pre_activation.stride(0) if pre_activation is not None else 0, num_ctas=num_ctas(device),
-        device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
+        w_tma=_weight_tma, device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
     )
+    last_weight_load = "tma" if used_tma else "cp.async"
     return y
