@@ -186,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # A scattermoe implementation that fails its check or errors is a failure; so is Triton being
     # unusable on a GPU (on the CPU smoke run it may be: no interpreter there).
     # (Only ours: scattermoe_original, the peer, starts with "scattermoe" too.)
-    ours = ("scattermoe", "scattermoe_triton", "scattermoe_cutlass", *kernels.CSRC_VARIANTS)
+    ours = ("scattermoe", "scattermoe_triton", *kernels.CSRC_VARIANTS)
     bad = sorted({f"{shape}:{impl}" for shape, per in results["checks"].items() for impl, c in per.items()
                   if impl in ours and (c.get("ok") is False or (
                       impl == "scattermoe_triton" and "unavailable" in c and not args.cpu_smoke))})

@@ -282,13 +282,14 @@ def _padded(w):
     return base[..., :n_out]
 
 
-def _weight_tma_case(cutlass, counts, k_in, n_out, name, mode, w_layout, persistent, padded=False):
+def _weight_tma_case(cutlass, counts, k_in, n_out, name, mode, w_layout, persistent, padded=False,
+                     dtype=torch.bfloat16):
     from scattermoe.backends.cutlass import scatter_gemm as sg
 
     grouped_in, grouped_out, gated, glu, keep_pre = PERSISTENT_MODES[mode]
     seed = zlib.crc32(f"w-tma-{name}-{mode}-{w_layout}".encode())
-    c = scatter_case(counts, k_in, 2 * n_out if glu else n_out, torch.bfloat16, w_layout, grouped_in, grouped_out,
-                     gated, seed)
+    c = scatter_case(counts, k_in, 2 * n_out if glu else n_out, dtype, w_layout, grouped_in, grouped_out, gated,
+                     seed)
     w = _padded(c.w.cuda()) if padded else c.w.cuda()
     if padded:
         assert w.stride(1 if w_layout == "f_major" else 2) > (w.shape[2] if w_layout == "f_major" else w.shape[1])
@@ -298,8 +299,8 @@ def _weight_tma_case(cutlass, counts, k_in, n_out, name, mode, w_layout, persist
     args = (c.x.cuda(), w, c.b.cuda(), c.scattered.cuda(), c.offsets.cuda(), c.k, grouped_in, grouped_out)
 
     def run(tma):
-        out = torch.full((c.n, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
-        pre = torch.full((c.n, 2 * n_out), float("nan"), dtype=torch.bfloat16, device="cuda") if keep_pre else None
+        out = torch.full((c.n, n_out), float("nan"), dtype=dtype, device="cuda")
+        pre = torch.full((c.n, 2 * n_out), float("nan"), dtype=dtype, device="cuda") if keep_pre else None
         with cutlass.weight_tma(tma), cutlass.persistent(persistent):
             y = cutlass.scatter2scatter(*args, row_scale=c.gates.cuda() if gated else None, out=out, glu=glu,
                                         pre_activation=pre)
@@ -310,8 +311,8 @@ def _weight_tma_case(cutlass, counts, k_in, n_out, name, mode, w_layout, persist
     y, pre, load = run(True)
     assert (load_cp, load) == ("cp.async", "tma"), f"{name}: W was loaded by {load} with weight_tma on"
     err = rel_err(y, ref)
-    print(f"\n{name} {mode} {w_layout} persistent={persistent} padded={padded}: rel err {err:.2e}")
-    assert err < TOLERANCE[torch.bfloat16], f"{name}: relative error {err:.2e}"
+    print(f"\n{name} {mode} {w_layout} {dtype} persistent={persistent} padded={padded}: rel err {err:.2e}")
+    assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
     assert torch.equal(y, y_cp), f"{name}: W by TMA gives other outputs than W by cp.async"
     if keep_pre:
         assert torch.equal(pre, pre_cp), f"{name}: the kept pre-activations differ"
@@ -329,12 +330,15 @@ def test_weight_tma_scatter_gemm_matches_cp_async(cutlass, counts, k_in, n_out, 
     _weight_tma_case(cutlass, counts, k_in, n_out, name, mode, w_layout, persistent)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["per_tile", "persistent"])
 @pytest.mark.parametrize("w_layout", ["k_major", "f_major"])
 @pytest.mark.parametrize("mode", ["gather_from_tokens", "glu_gather_keep_pre"])
-def test_weight_tma_reads_a_w_with_padded_rows(cutlass, mode, w_layout, persistent):
-    """A W whose unit-stride rows are padded in memory (stride_w_ld > their length): the tensor map's strides."""
-    _weight_tma_case(cutlass, [131, 7, 256], 72, 200, "padded W", mode, w_layout, persistent, padded=True)
+def test_weight_tma_reads_a_w_with_padded_rows(cutlass, mode, w_layout, persistent, dtype):
+    """A W whose unit-stride rows are padded in memory (stride_w_ld > their length), so its experts are not
+    K * F apart either: the tensor map's strides, in both dtypes (the map's element type)."""
+    _weight_tma_case(cutlass, [131, 7, 256], 72, 200, "padded W", mode, w_layout, persistent, padded=True,
+                     dtype=dtype)
 
 
 def test_glu_rows_with_odd_strides_take_the_element_store_path(cutlass):
@@ -605,10 +609,13 @@ def test_mlp_layers_on_cutlass_with_the_scatter_gemm_variants(cutlass_with_fallb
     from test_layers import check_mlp_layer
 
     from scattermoe.backends import cutlass as backend
+    from scattermoe.backends.cutlass import scatter_gemm as sg
 
+    sg.last_weight_load = None
     with backend.persistent("persistent" in variant), backend.weight_tma("weight_tma" in variant):
         check_mlp_layer(layer_name, 4, 250, 256, 384, 8, 2, True, "cutlass", dtype=torch.bfloat16, device="cuda",
                         per_token=False)
+    assert sg.last_weight_load == ("tma" if "weight_tma" in variant else "cp.async"), sg.last_weight_load
     assert not cutlass_with_fallbacks, dict(cutlass_with_fallbacks)
 
 

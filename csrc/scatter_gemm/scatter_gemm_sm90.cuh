@@ -38,7 +38,6 @@
 #include <cuda.h>  // CUtensorMap (the driver is reached through cudart's entry-point query, not linked)
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
-#include <cutlass/cuda_host_adapter.hpp>
 
 #include "scattermoe/check.h"
 #include "scattermoe/cutlass_element.h"
@@ -363,17 +362,20 @@ CUTE_DEVICE void store_tile(const ScatterGemmParams& p, const TileInfo& tile, in
   }
 }
 
-// The producer's W tensor map, or nullptr (cp.async). Thread 0, which issues the boxes, prefetches it, and
-// traps if the stages are not 1024-byte aligned: the 128-byte swizzle is a function of the address, and
-// the boxes would land elsewhere than the wgmmas read (a loud failure instead of wrong values).
+// The producer's W tensor map, or nullptr (cp.async). Thread 0, which issues the boxes, prefetches it. It
+// also traps if the stages are not 1024-byte aligned, whether W comes by TMA or not: the 128-byte swizzle of
+// the TMA boxes, of CuTe's cp.async addresses and of the wgmma descriptors is a function of the address, and
+// all three assume it (as CUTLASS's kernels do), so a misaligned base would be wrong values; this makes it loud.
 template <class G>
 CUTE_DEVICE const CUtensorMap* producer_w_map(const WeightTma& w_tma, typename G::SharedStorage& shared) {
-  if (!w_tma.active) return nullptr;
   if (threadIdx.x == 0) {
-    if (cute::cast_smem_ptr_to_uint(shared.tensors.smem_B.data()) % 1024 != 0) __trap();
-    cute::prefetch_tma_descriptor(&w_tma.map);
+    if (cute::cast_smem_ptr_to_uint(shared.tensors.smem_A.data()) % 1024 != 0 ||
+        cute::cast_smem_ptr_to_uint(shared.tensors.smem_B.data()) % 1024 != 0) {
+      __trap();
+    }
+    if (w_tma.active) cute::prefetch_tma_descriptor(&w_tma.map);
   }
-  return &w_tma.map;
+  return w_tma.active ? &w_tma.map : nullptr;
 }
 
 template <class G, class Offset>
@@ -470,6 +472,23 @@ __global__ void __launch_bounds__(G::kThreads, 1)
 #endif
 }
 
+// The driver's cuTensorMapEncodeTiled, looked up once through cudart (the module links no libcuda), or
+// nullptr where the driver has none; a failed lookup's error is cleared, so no later check sees it.
+inline decltype(&cuTensorMapEncodeTiled) tensor_map_encoder() {
+  static const auto encoder = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<decltype(&cuTensorMapEncodeTiled)>(fn);
+  }();
+  return encoder;
+}
+
 // W's tensor map for the TMA loads (WeightBoxes): dims (unit-stride dim, the other, expert), strides in
 // bytes. False where the driver refuses it (e.g. strides it cannot describe); the caller then loads by cp.async.
 template <class ElementTag, bool WKMajor>
@@ -489,9 +508,11 @@ bool encode_w_tma(const ScatterGemmParams& p, CUtensorMap& map) {
   const auto dtype = std::is_same_v<Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                                   : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   static_assert(Boxes::kInner * kBytes == 128, "a 128-byte swizzled box spans 128 bytes of its unit-stride dim");
-  const CUresult r = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
-      &map, dtype, 3, const_cast<void*>(p.w), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const CUresult r = encode(&map, dtype, 3, const_cast<void*>(p.w), dims, strides, box, element_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
 
