@@ -54,18 +54,19 @@ from . import grouped_mm_moe, thirdparty
 
 IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma",
          "reference", "torch_grouped_mm", "dense_same_flops", "scattermoe_original", "sonicmoe")
-# The cutlass backend's kernel variants (csrc/README.md), set around everything an implementation runs.
-CSRC_VARIANTS = {"scattermoe_cutlass_persistent": {"persistent": True, "weight_tma": False},
+# The cutlass backend's kernel variants (csrc/README.md), set around everything an implementation runs (the
+# plain row too, so that SCATTERMOE_CUTLASS_* in the environment cannot change what it measures).
+CSRC_VARIANTS = {"scattermoe_cutlass": {"persistent": False, "weight_tma": False},
+                 "scattermoe_cutlass_persistent": {"persistent": True, "weight_tma": False},
                  "scattermoe_cutlass_tma": {"persistent": True, "weight_tma": True}}
-BACKEND_OF = {"scattermoe_triton": "triton", "scattermoe_cutlass": "cutlass", "reference": "torch",
-              **{impl: "cutlass" for impl in CSRC_VARIANTS}}
+BACKEND_OF = {"scattermoe_triton": "triton", "reference": "torch", **{impl: "cutlass" for impl in CSRC_VARIANTS}}
 TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)
 ROUTINGS = ("uniform", "zipf")
 ZIPF_S = 1.2
 CHECK_TOL = 2e-2  # bf16 bound of DESIGN.md section 5
 INFER_MAX_TOKENS = 128  # the inference-forward rows are decode and small-batch serving sizes
 INFER_MODES = ("infer", "infer_graph")
-GRAPH_IMPLS = ("scattermoe_triton", "scattermoe_cutlass", *CSRC_VARIANTS)
+GRAPH_IMPLS = ("scattermoe_triton", *CSRC_VARIANTS)
 ROUTING_OUTPUTS = ("gates", "expert_idxs", "sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets")
 
 
@@ -214,12 +215,15 @@ def router(group: Group, gen: torch.Generator, device: torch.device
     """(gates [T, K] fp32, expert_idxs [T, K], logits [T, E]): JetMoE's router on Gumbel-perturbed log-probs.
 
     Top-k of log p_e + Gumbel noise draws K distinct experts with probabilities p (the Gumbel-top-k
-    trick): "uniform" is uniform routing, "zipf" sends expert e a share ~ (e+1)^-1.2.
+    trick): "uniform" is uniform routing, "zipf" sends the expert of rank r a share ~ (r+1)^-1.2, the ranks a
+    fixed shuffle of the experts (a trained router's busiest expert is any one, not conveniently the first
+    that index-ordered kernels launch).
     """
     E = group.shape.E
     logp = torch.zeros(E)
     if group.routing == "zipf":
-        logp = -ZIPF_S * torch.log(torch.arange(1, E + 1, dtype=torch.float32))
+        rank = torch.randperm(E, generator=torch.Generator().manual_seed(E))
+        logp = -ZIPF_S * torch.log(rank.to(torch.float32) + 1)
     elif group.routing != "uniform":
         raise ValueError(f"routing: expected 'uniform' or 'zipf', got {group.routing!r}")
     u = torch.rand(group.T, E, generator=gen).clamp_(1e-9, 1 - 1e-9)

@@ -208,7 +208,7 @@ void group_bwd_w(const std::string& dtype, uintptr_t x, int64_t stride_xm, int64
                  int64_t stride_dwn, uintptr_t sorted_scattered_idxs, uintptr_t expert_offsets, bool offsets_int64,
                  bool x_grouped, bool dy_grouped, int64_t x_fan_out, int64_t dy_fan_out, int64_t num_experts,
                  int64_t num_rows, int64_t k_in, int64_t n_out, int64_t device, uintptr_t stream,
-                 uintptr_t row_scale, uintptr_t db, int64_t stride_dbe) {
+                 uintptr_t row_scale, uintptr_t db, int64_t stride_dbe, uintptr_t expert_order) {
   GroupBwdWParams p;
   p.x = as_ptr<const void>(x);
   p.stride_xm = stride_xm;
@@ -225,6 +225,7 @@ void group_bwd_w(const std::string& dtype, uintptr_t x, int64_t stride_xm, int64
   p.db = as_ptr<void>(db);
   p.stride_dbe = stride_dbe;
   p.expert_offsets = as_ptr<const void>(expert_offsets);
+  p.expert_order = as_ptr<const int32_t>(expert_order);
   p.offsets_int64 = offsets_int64;
   p.x_grouped = x_grouped;
   p.dy_grouped = dy_grouped;
@@ -327,9 +328,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("offsets_int64"), py::arg("x_grouped"), py::arg("dy_grouped"), py::arg("x_fan_out"),
         py::arg("dy_fan_out"), py::arg("num_experts"), py::arg("num_rows"), py::arg("k_in"), py::arg("n_out"),
         py::arg("device"), py::arg("stream"), py::arg("row_scale") = 0, py::arg("db") = 0, py::arg("stride_dbe") = 0,
+        py::arg("expert_order") = 0,
         "dW[e] = X_e^T dY_e for every expert (rows gathered on load: slot // fan_out unless grouped; an empty "
         "expert gets zeros; dY rows scaled by the float32 row_scale[slot] if given; db[e] = the column sums "
-        "of the scaled dY_e if db is given); "
+        "of the scaled dY_e if db is given; expert_order, if not 0, an int32 [E] permutation: the experts in "
+        "launch order); "
         "csrc/include/scattermoe/group_bwd_w.h has the layouts. Enqueued on `stream`.");
   m.def("scatter_gemm_tile_order", &scatter_gemm_tile_order, py::arg("num_rows"), py::arg("num_experts"),
         py::arg("n_out"), py::arg("glu") = 0,

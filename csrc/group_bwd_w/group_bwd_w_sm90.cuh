@@ -10,7 +10,8 @@
 // CUTLASS's cp.async GMMA collective (wgmma reads MN-major 16-bit operands from shared memory).
 //
 // Scheduling: one CTA per (dW tile, expert); every tile of every expert is in the grid, so an
-// empty expert's CTAs write zeros. A very large expert makes its CTAs long (no split over rows yet).
+// empty expert's CTAs write zeros. A very large expert makes its CTAs long (no split over rows yet), so
+// with many experts they are launched largest first (params.expert_order): the long CTAs start first.
 // Within an expert the shorter tile dimension varies fastest (L2 reuse of the other operand).
 //
 // Epilogue: the fp32 tile is staged through the freed pipeline stages, transposed when dW's unit
@@ -62,8 +63,10 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
   extern __shared__ __align__(128) char smem_buf[];
   auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
 
-  // This CTA's expert and rows, clamped to [0, num_rows] as the Triton kernel does.
-  const int expert = static_cast<int>(blockIdx.y);
+  // This CTA's expert (by the launch order, when given) and rows, clamped to [0, num_rows] as the Triton
+  // kernel does. An order that is not a permutation of the experts leaves a CTA without one: it writes nothing.
+  const int expert = p.expert_order != nullptr ? p.expert_order[blockIdx.y] : static_cast<int>(blockIdx.y);
+  if (expert < 0 || expert >= p.num_experts) return;
   const auto* offsets = static_cast<const Offset*>(p.expert_offsets);
   int64_t row_end = static_cast<int64_t>(offsets[expert]);
   row_end = row_end < 0 ? 0 : (row_end > p.num_rows ? p.num_rows : row_end);

@@ -40,6 +40,8 @@ struct GroupBwdWParams {
   const int64_t* sorted_scattered_idxs = nullptr;
   const float* row_scale = nullptr;       // [N] by slot, or null
   const void* expert_offsets = nullptr;   // [E] cumulative row counts, int32 or int64
+  const int32_t* expert_order = nullptr;  // [E] a permutation: the expert of CTA row blockIdx.y (largest
+                                          // first: scattermoe/backends/_schedule.py), or null: blockIdx.y
   bool offsets_int64 = true;
   bool x_grouped = false;
   bool dy_grouped = false;

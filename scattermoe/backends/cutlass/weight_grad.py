@@ -8,7 +8,8 @@ Legend: N routed rows (T*k), E experts, K input features, F output features.
     c_s = row_scale[s] (the gates; the scaled row rounded to dy's dtype, as in Triton), or 1
 
 group_bwd_w whole: the dW (and db) of every GEMM, gated (MoA's and MLP's output projections) or
-not. Both operands are gathered on load; an empty expert gets zeros. ``plan`` decides from host
+not. Both operands are gathered on load; an empty expert gets zeros; with many experts they are launched
+largest first (``_schedule.largest_experts_first``). ``plan`` decides from host
 metadata alone whether the kernel takes a call; the caller falls back to Triton when it cannot
 (other dtypes, layouts cp.async cannot read).
 """
@@ -20,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._schedule import largest_experts_first
 from . import _extension
 from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok
 
@@ -83,6 +85,7 @@ def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered
     idx = sorted_scattered_idxs.to(torch.int64).contiguous()
     offsets = expert_offsets.contiguous()
     scale = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
+    order = largest_experts_first(offsets, p.num_rows)  # kept alive until the launch is enqueued
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     module.group_bwd_w(
         dtype=p.dtype, x=x.data_ptr(), stride_xm=x.stride(0), x_rows=x.size(0),
@@ -95,5 +98,6 @@ def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered
         device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
         row_scale=scale.data_ptr() if scale is not None else 0,
         db=db.data_ptr() if db is not None else 0, stride_dbe=db.stride(0) if db is not None else 0,
+        expert_order=order.data_ptr() if order is not None else 0,
     )
     return dw

@@ -79,6 +79,8 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
         constants.setdefault("GLU", 0)
         constants.setdefault("STORE_PRE", False)
         constants.setdefault("GLU_PAIRED", kernel == "scatter2scatter_glu_paired")
+    if kernel == "group_bwd_w":
+        constants.setdefault("EXPERT_ORDER", True)  # what fine-grained shapes (E >= 16) launch
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constants or name in unit_strides:
@@ -86,7 +88,8 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
             constants.setdefault(name, 1)
             continue
         if name.endswith("_ptr"):
-            signature[name] = "*i64" if name in _INDEX_POINTERS else ("*fp32" if name == "scale_ptr" else f"*{dtype}")
+            signature[name] = ("*i64" if name in _INDEX_POINTERS else "*i32" if name == "expert_order_ptr"
+                               else "*fp32" if name == "scale_ptr" else f"*{dtype}")
         else:
             signature[name] = "i32"
         if name not in not_aligned:

@@ -10,7 +10,9 @@ Launch order: the expert is the slowest index, and within an expert the shorter
 of the two tile dimensions the fastest, so the programs resident at once cover
 it whole and read each slice of the larger operand together: that operand comes
 from HBM about once. (With the expert fastest and N_OUT tiles next, JetMoE's
-first dW re-read all of dY_e once per K_IN tile: ~12 GB at T=16384.)
+first dW re-read all of dY_e once per K_IN tile: ~12 GB at T=16384.) With many
+experts they are launched largest first (``_schedule.largest_experts_first``), so
+that a large expert's long programs do not start last.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._schedule import largest_experts_first
 from .config import autotune_configs, input_precision, pow2_bucket, on_tensor_device
 
 
@@ -34,15 +37,18 @@ def _group_bwd_w_kernel(
     scale_ptr,                                    # [N] per-slot scale of dY rows (gates)
     sorted_scattered_ptr,                         # [N] slot of each row in expert order
     expert_offsets_ptr,                           # [E] end of each expert's rows
+    expert_order_ptr,                             # [E] int32 expert of each program_id(1) (EXPERT_ORDER)
     num_rows, K_IN, N_OUT, X_FAN_OUT, DY_FAN_OUT,
     M_BUCKET,                                     # autotune key only
     X_GROUPED: tl.constexpr, DY_GROUPED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, EXPERT_ORDER: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     expert = tl.program_id(1)
+    if EXPERT_ORDER:  # launched largest expert first
+        expert = tl.load(expert_order_ptr + expert)
     num_pid_k = tl.cdiv(K_IN, BLOCK_K)
     num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
     if num_pid_k <= num_pid_n:
@@ -114,6 +120,7 @@ def group_bwd_w(
     db = like_weight.new_empty(num_experts, n_out) if with_bias else None
     db_arg = db if db is not None else dw[0]
     scale_arg = row_scale if row_scale is not None else dw
+    order = largest_experts_first(expert_offsets, num_rows)
 
     def grid(meta):
         return (triton.cdiv(k_in, meta["BLOCK_K"]) * triton.cdiv(n_out, meta["BLOCK_N"]), num_experts)
@@ -126,10 +133,11 @@ def group_bwd_w(
         scale_arg,
         sorted_scattered_idxs,
         expert_offsets,
+        order if order is not None else expert_offsets,
         num_rows, k_in, n_out, x_fan_out, dy_fan_out,
         pow2_bucket(num_rows),
         X_GROUPED=x_grouped, DY_GROUPED=dy_grouped,
-        HAS_BIAS=with_bias, HAS_SCALE=row_scale is not None,
+        HAS_BIAS=with_bias, HAS_SCALE=row_scale is not None, EXPERT_ORDER=order is not None,
         INPUT_PRECISION=input_precision(x.dtype),
     )
     return dw, db

@@ -1,0 +1,76 @@
+"""The dW kernels launch their experts largest first (scattermoe/backends/_schedule.py).
+
+A dW program reduces all of its expert's rows, so with many uneven experts the order of the expert axis
+decides whether a large expert's long programs start first or last. The order must be a permutation
+(every expert's dW written once), computed on the device from expert_offsets as the kernels clamp them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from helpers import TOL, assert_close, per_expert_wgrad
+
+from scattermoe.backends import _schedule
+from scattermoe.backends.triton import group_bwd_w as triton_group_bwd_w
+
+gbw_module = importlib.import_module("scattermoe.backends.triton.group_bwd_w")  # the module, not the launcher
+
+
+def test_largest_experts_first_is_a_stable_permutation_by_row_count():
+    counts = torch.tensor([3, 0, 7, 3, 0, 9, 1, 7, 2, 0, 5, 5, 0, 0, 4, 6, 0])
+    offsets = counts.cumsum(0)
+    order = _schedule.largest_experts_first(offsets, int(counts.sum()))
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(len(counts)))
+    assert order.tolist() == sorted(range(len(counts)), key=lambda e: (-int(counts[e]), e))
+    # Offsets clamped as the kernels clamp them: past num_rows, negative, decreasing.
+    bad = torch.tensor([2, -1, 5, 4, 30, 30] + [30] * 11)
+    rows = _schedule.expert_rows(bad, 20).tolist()
+    assert rows == [2, 0, 5, 0, 16, 0] + [0] * 11  # an expert starts at the previous end, or its own if smaller
+    assert _schedule.largest_experts_first(bad, 20).tolist()[:3] == [4, 2, 0]
+
+
+def test_few_experts_keep_index_order():
+    offsets = torch.tensor([5, 5, 9, 20])
+    assert _schedule.largest_experts_first(offsets, 20) is None
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("x_grouped", [False, True], ids=["x_gathered", "x_grouped"])
+def test_triton_dw_in_largest_first_order_matches_the_reference(monkeypatch, x_grouped):
+    """E=20 uneven experts (some empty): each program takes the expert the order gives it, and every
+    expert's dW and db are right; a constant order (every program on one expert) must break it, so the
+    kernel does read the order."""
+    g = torch.Generator().manual_seed(3)
+    E, K, D, F = 20, 2, 24, 40
+    counts = torch.tensor([0, 9, 1, 0, 30, 2, 2, 0, 5, 14, 0, 1, 3, 0, 8, 0, 4, 6, 0, 3])  # 88 rows
+    n = int(counts.sum())
+    sorted_expert = torch.repeat_interleave(torch.arange(E), counts)
+    scattered = torch.randperm(n, generator=g)
+    offsets = counts.cumsum(0)
+    x = torch.randn(n if x_grouped else n // K, D, generator=g)
+    dy = torch.randn(n, F, generator=g)
+    like = torch.empty(E, D, F)
+    calls = []
+
+    def spy(expert_offsets, num_rows):
+        order = _schedule.largest_experts_first(expert_offsets, num_rows)
+        calls.append(order)
+        return order
+
+    monkeypatch.setattr(gbw_module, "largest_experts_first", spy)
+    dw, db = triton_group_bwd_w(x, dy, scattered, offsets, like, 1 if x_grouped else K, 1, x_grouped, True, None, True)
+    assert len(calls) == 1 and calls[0] is not None and calls[0].tolist() != list(range(E))
+    xs = x if x_grouped else x[scattered // K]
+    assert_close(dw, per_expert_wgrad(xs, dy, sorted_expert, E), TOL[torch.float32], "dW")
+    want_db = torch.zeros(E, F, dtype=torch.float64).index_add_(0, sorted_expert, dy.double())
+    assert_close(db, want_db, TOL[torch.float32], "db")
+
+    monkeypatch.setattr(gbw_module, "largest_experts_first",
+                        lambda expert_offsets, num_rows: torch.full((E,), 4, dtype=torch.int32))
+    dw_bad, _ = triton_group_bwd_w(x, dy, scattered, offsets, like, 1 if x_grouped else K, 1, x_grouped, True,
+                                   None, True)
+    assert torch.equal(dw_bad[4], dw[4])  # expert 4 computed (by every program) ...
+    assert not torch.equal(dw_bad[9], dw[9])  # ... and expert 9 never: its dW is garbage
