@@ -29,8 +29,9 @@ FLAG_SETS = {
         dict(X_GROUPED=False, Y_GROUPED=True, HAS_BIAS=True, HAS_SCALE=False, GLU=2, STORE_PRE=False),
     ],
     "group_bwd_w": [
-        dict(X_GROUPED=False, DY_GROUPED=True, HAS_BIAS=False, HAS_SCALE=False),
-        dict(X_GROUPED=True, DY_GROUPED=False, HAS_BIAS=True, HAS_SCALE=True),
+        # the first GEMM's dW in expert index order (JetMoE, E=8), the gated one largest expert first (E >= 16)
+        dict(X_GROUPED=False, DY_GROUPED=True, HAS_BIAS=False, HAS_SCALE=False, EXPERT_ORDER=False),
+        dict(X_GROUPED=True, DY_GROUPED=False, HAS_BIAS=True, HAS_SCALE=True, EXPERT_ORDER=True),
     ],
 }
 

@@ -591,3 +591,36 @@ def test_weight_tma_switch_reaches_the_kernel_and_what_it_did_is_recorded(monkey
         env = dict(os.environ, SCATTERMOE_CUTLASS_WEIGHT_TMA=value)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)
+
+
+def test_dw_launch_passes_the_largest_first_order_only_when_there_is_one(monkeypatch):
+    """The csrc dW gets expert_order (an int32 permutation, largest expert first) with many experts and rows,
+    and no such argument otherwise (so an extension built before it existed still runs)."""
+    from scattermoe.backends import _schedule
+
+    seen = []
+
+    class FakeModule:
+        def group_bwd_w(self, **kwargs):
+            seen.append(kwargs)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_extension, "load", lambda: (FakeModule(), None))
+    monkeypatch.setattr(_schedule, "LARGEST_FIRST_MIN_ROWS", 1)
+    orders = []
+    monkeypatch.setattr(wg, "largest_experts_first",
+                        lambda *args: orders.append(_schedule.largest_experts_first(*args)) or orders[-1])
+    for num_experts in (16, 15):
+        counts = torch.arange(num_experts) % 5
+        offsets = counts.cumsum(0)
+        n = int(counts.sum())
+        x, dy = torch.zeros(n, 64, dtype=torch.bfloat16), torch.zeros(n, 32, dtype=torch.bfloat16)
+        like = torch.zeros(num_experts, 64, 32, dtype=torch.bfloat16)
+        p = wg.plan(x, dy, offsets, like, n, None)
+        assert isinstance(p, wg.GroupBwdWPlan), p
+        wg.launch(p, x, dy, torch.arange(n), offsets, 1, 1, True, True, torch.empty_like(like))
+    (with_order, without) = seen
+    assert orders[0] is not None and with_order["expert_order"] == orders[0].data_ptr()
+    assert orders[0].tolist()[:3] == [4, 9, 14]  # 4 rows each, the most, in index order
+    assert orders[1] is None and "expert_order" not in without

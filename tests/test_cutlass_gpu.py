@@ -300,6 +300,52 @@ def test_group_bwd_w_matches_reference(cutlass, counts, k_in, n_out, name, dtype
     assert all((dw[e] == 0).all() for e in empty), "an empty expert's dW is not zero"
 
 
+@pytest.mark.parametrize("backend_name", ["cutlass", "triton"])
+def test_group_bwd_w_largest_first_equals_index_order(request, monkeypatch, backend_name):
+    """With 16 experts or more (and enough rows) the dW kernels launch the experts largest first: the same
+    programs in another order, so dW and db must equal the index-order launch's bit for bit, and the reference;
+    E=64 very uneven experts, some empty (their dW and db zeros), gated with db; both poisoned first."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from scattermoe.backends import _schedule
+    from scattermoe.backends import triton as triton_backend
+    from scattermoe.backends.cutlass import weight_grad
+
+    if backend_name == "cutlass":
+        request.getfixturevalue("cutlass")
+    counts, k_in, n_out, k = [2, 4, 0, 700, 2, 0, 90, 6] * 8, 64, 64, 2
+    _, w, _ = make_inputs(counts, k_in, n_out, torch.bfloat16, "k_major", False, 5)
+    sorted_expert, scattered, offsets = routing(counts, "cuda", torch.int64, 5)
+    n = int(sum(counts))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, k_in, generator=g).to(torch.bfloat16).cuda()
+    dy = torch.randn(n // k, n_out, generator=g).to(torch.bfloat16).cuda()
+    gates = (torch.rand(n, generator=g) + 0.5).cuda()
+    w = w.cuda()
+
+    def run(min_rows):
+        monkeypatch.setattr(_schedule, "LARGEST_FIRST_MIN_ROWS", min_rows)
+        assert (_schedule.largest_experts_first(offsets, n, len(counts)) is None) == (min_rows > n)
+        if backend_name == "triton":
+            dw, db = triton_backend.group_bwd_w(x, dy, scattered, offsets, w, 1, k, True, False, gates, True)
+        else:
+            p = weight_grad.plan(x, dy, offsets, w, n, gates)
+            assert not isinstance(p, str), p
+            dw = torch.empty_like(w).fill_(float("nan"))
+            db = torch.full((len(counts), n_out), float("nan"), device="cuda", dtype=torch.bfloat16)
+            weight_grad.launch(p, x, dy, scattered, offsets, 1, k, True, False, dw, gates, db)
+        torch.cuda.synchronize()
+        return dw, db
+
+    dw, db = run(1)
+    dw_index, db_index = run(n + 1)
+    assert torch.equal(dw, dw_index) and torch.equal(db, db_index), "largest-first differs from index order"
+    dys = dy.double().cpu()[scattered.cpu() // k] * gates.double().cpu()[scattered.cpu()].unsqueeze(1)
+    ref = per_expert_wgrad(x.double().cpu(), dys, sorted_expert.cpu(), len(counts))
+    assert rel_err(dw, ref) < TOLERANCE[torch.bfloat16], f"dW relative error {rel_err(dw, ref):.2e}"
+    assert all((dw[e] == 0).all() and (db[e] == 0).all() for e, c in enumerate(counts) if c == 0)
+
+
 def test_group_bwd_w_with_no_rows_writes_zeros(cutlass):
     w = torch.randn(3, 64, 32, device="cuda", dtype=torch.bfloat16)
     x = torch.empty(0, 64, device="cuda", dtype=torch.bfloat16)

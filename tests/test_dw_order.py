@@ -19,30 +19,42 @@ from scattermoe.backends.triton import group_bwd_w as triton_group_bwd_w
 gbw_module = importlib.import_module("scattermoe.backends.triton.group_bwd_w")  # the module, not the launcher
 
 
-def test_largest_experts_first_is_a_stable_permutation_by_row_count():
+@pytest.fixture
+def any_rows(monkeypatch):
+    """The order for any number of rows (the tests' shapes are far below LARGEST_FIRST_MIN_ROWS)."""
+    monkeypatch.setattr(_schedule, "LARGEST_FIRST_MIN_ROWS", 1)
+
+
+def test_largest_experts_first_is_a_stable_permutation_by_row_count(any_rows):
     counts = torch.tensor([3, 0, 7, 3, 0, 9, 1, 7, 2, 0, 5, 5, 0, 0, 4, 6, 0])
     offsets = counts.cumsum(0)
-    order = _schedule.largest_experts_first(offsets, int(counts.sum()))
+    order = _schedule.largest_experts_first(offsets, int(counts.sum()), len(counts))
     assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(len(counts)))
     assert order.tolist() == sorted(range(len(counts)), key=lambda e: (-int(counts[e]), e))
-    # Offsets clamped as the kernels clamp them: past num_rows, negative, decreasing.
-    bad = torch.tensor([2, -1, 5, 4, 30, 30] + [30] * 11)
+    # Offsets clamped as the kernels clamp them: past num_rows, negative, decreasing; int32 like int64.
+    bad = torch.tensor([2, -1, 5, 4, 30, 30] + [30] * 11, dtype=torch.int32)
     rows = _schedule.expert_rows(bad, 20).tolist()
     assert rows == [2, 0, 5, 0, 16, 0] + [0] * 11  # an expert starts at the previous end, or its own if smaller
-    assert _schedule.largest_experts_first(bad, 20).tolist()[:3] == [4, 2, 0]
+    assert _schedule.largest_experts_first(bad, 20, 17).tolist()[:3] == [4, 2, 0]
+    # Only the weight's experts are ordered: more offsets than experts must not hand out an expert >= E.
+    long = torch.tensor([0] * 16 + [50, 90])
+    assert sorted(_schedule.largest_experts_first(long, 90, 16).tolist()) == list(range(16))
 
 
-def test_few_experts_keep_index_order():
-    offsets = torch.tensor([5, 5, 9, 20])
-    assert _schedule.largest_experts_first(offsets, 20) is None
+def test_few_experts_or_few_rows_keep_index_order(monkeypatch):
+    offsets = torch.arange(1, 17) * 2000
+    assert _schedule.largest_experts_first(offsets[:15], 30000, 15) is None  # E < 16
+    assert _schedule.largest_experts_first(offsets, 32000, 16) is not None
+    monkeypatch.setattr(_schedule, "LARGEST_FIRST_MIN_ROWS", 32001)
+    assert _schedule.largest_experts_first(offsets, 32000, 16) is None  # too few rows to pay for it
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("x_grouped", [False, True], ids=["x_gathered", "x_grouped"])
-def test_triton_dw_in_largest_first_order_matches_the_reference(monkeypatch, x_grouped):
+def test_triton_dw_in_largest_first_order_matches_the_reference(monkeypatch, any_rows, x_grouped):
     """E=20 uneven experts (some empty): each program takes the expert the order gives it, and every
-    expert's dW and db are right; a constant order (every program on one expert) must break it, so the
-    kernel does read the order."""
+    expert's dW (poisoned with NaN first: each must be written, the empty ones with zeros) and db are right;
+    a constant order (every program on one expert) must break it, so the kernel does read the order."""
     g = torch.Generator().manual_seed(3)
     E, K, D, F = 20, 2, 24, 40
     counts = torch.tensor([0, 9, 1, 0, 30, 2, 2, 0, 5, 14, 0, 1, 3, 0, 8, 0, 4, 6, 0, 3])  # 88 rows
@@ -55,11 +67,13 @@ def test_triton_dw_in_largest_first_order_matches_the_reference(monkeypatch, x_g
     like = torch.empty(E, D, F)
     calls = []
 
-    def spy(expert_offsets, num_rows):
-        order = _schedule.largest_experts_first(expert_offsets, num_rows)
+    def spy(expert_offsets, num_rows, num_experts):
+        order = _schedule.largest_experts_first(expert_offsets, num_rows, num_experts)
         calls.append(order)
         return order
 
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, *a, **k: empty_like(t, *a, **k).fill_(float("nan")))
     monkeypatch.setattr(gbw_module, "largest_experts_first", spy)
     dw, db = triton_group_bwd_w(x, dy, scattered, offsets, like, 1 if x_grouped else K, 1, x_grouped, True, None, True)
     assert len(calls) == 1 and calls[0] is not None and calls[0].tolist() != list(range(E))
@@ -69,8 +83,8 @@ def test_triton_dw_in_largest_first_order_matches_the_reference(monkeypatch, x_g
     assert_close(db, want_db, TOL[torch.float32], "db")
 
     monkeypatch.setattr(gbw_module, "largest_experts_first",
-                        lambda expert_offsets, num_rows: torch.full((E,), 4, dtype=torch.int32))
+                        lambda expert_offsets, num_rows, num_experts: torch.full((E,), 4, dtype=torch.int32))
     dw_bad, _ = triton_group_bwd_w(x, dy, scattered, offsets, like, 1 if x_grouped else K, 1, x_grouped, True,
                                    None, True)
     assert torch.equal(dw_bad[4], dw[4])  # expert 4 computed (by every program) ...
-    assert not torch.equal(dw_bad[9], dw[9])  # ... and expert 9 never: its dW is garbage
+    assert torch.isnan(dw_bad[9]).all()  # ... and expert 9 never: its dW is still the poison

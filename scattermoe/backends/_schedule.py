@@ -14,23 +14,26 @@ from typing import Optional
 import torch
 
 # With few experts every expert has far more dW programs than the GPU has SMs (JetMoE, E=8: ~1400
-# each at 128x128 tiles), so their order does not matter and the order's small launches are not paid.
+# each at 128x128 tiles), so their order does not matter; with few rows the dW is mostly writing the
+# weight gradient out, not reducing rows. Neither pays for the order's ~9 small launches.
 LARGEST_FIRST_MIN_EXPERTS = 16
+LARGEST_FIRST_MIN_ROWS = 16384
 
 
 def expert_rows(expert_offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Rows per expert as the kernels count them: offsets clamped to [0, num_rows], an expert starting where
     the previous one ended (or at its own end, if that is smaller). int64 [E], on the offsets' device."""
     ends = expert_offsets.to(torch.int64).clamp(0, num_rows)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    starts = torch.nn.functional.pad(ends[:-1], (1, 0))
     return ends - torch.minimum(starts, ends)
 
 
-def largest_experts_first(expert_offsets: torch.Tensor, num_rows: int) -> Optional[torch.Tensor]:
-    """int32 [E]: the experts by row count, largest first (ties in index order): the dW kernels' program
-    p along the expert axis works on expert order[p]. None (index order) for fewer than
-    LARGEST_FIRST_MIN_EXPERTS experts. A few small launches, no host sync."""
-    if expert_offsets.numel() < LARGEST_FIRST_MIN_EXPERTS:
+def largest_experts_first(expert_offsets: torch.Tensor, num_rows: int, num_experts: int) -> Optional[torch.Tensor]:
+    """int32 [num_experts]: the experts by row count, largest first (ties in index order): the dW kernels'
+    program p along the expert axis works on expert order[p]. Only the first num_experts offsets count (the
+    kernels read no others). None (index order) below LARGEST_FIRST_MIN_EXPERTS experts or
+    LARGEST_FIRST_MIN_ROWS rows. No host sync."""
+    if num_experts < LARGEST_FIRST_MIN_EXPERTS or num_rows < LARGEST_FIRST_MIN_ROWS:
         return None
-    rows = expert_rows(expert_offsets, num_rows)
+    rows = expert_rows(expert_offsets[:num_experts], num_rows)
     return torch.argsort(rows, descending=True, stable=True).to(torch.int32)

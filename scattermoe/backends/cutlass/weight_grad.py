@@ -85,8 +85,10 @@ def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered
     idx = sorted_scattered_idxs.to(torch.int64).contiguous()
     offsets = expert_offsets.contiguous()
     scale = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
-    order = largest_experts_first(offsets, p.num_rows)  # kept alive until the launch is enqueued
+    order = largest_experts_first(offsets, p.num_rows, p.num_experts)  # alive until the launch is enqueued
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    # expert_order only when there is one: an extension built before it existed still runs the rest.
+    extra = {"expert_order": order.data_ptr()} if order is not None else {}
     module.group_bwd_w(
         dtype=p.dtype, x=x.data_ptr(), stride_xm=x.stride(0), x_rows=x.size(0),
         dy=dy.data_ptr(), stride_dym=dy.stride(0), dy_rows=dy.size(0),
@@ -98,6 +100,6 @@ def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered
         device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
         row_scale=scale.data_ptr() if scale is not None else 0,
         db=db.data_ptr() if db is not None else 0, stride_dbe=db.stride(0) if db is not None else 0,
-        expert_order=order.data_ptr() if order is not None else 0,
+        **extra,
     )
     return dw

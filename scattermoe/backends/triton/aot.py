@@ -80,7 +80,7 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
         constants.setdefault("STORE_PRE", False)
         constants.setdefault("GLU_PAIRED", kernel == "scatter2scatter_glu_paired")
     if kernel == "group_bwd_w":
-        constants.setdefault("EXPERT_ORDER", True)  # what fine-grained shapes (E >= 16) launch
+        constants.setdefault("EXPERT_ORDER", False)  # index order; True: largest expert first (E >= 16)
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constants or name in unit_strides:

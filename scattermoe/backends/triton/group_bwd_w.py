@@ -11,8 +11,8 @@ of the two tile dimensions the fastest, so the programs resident at once cover
 it whole and read each slice of the larger operand together: that operand comes
 from HBM about once. (With the expert fastest and N_OUT tiles next, JetMoE's
 first dW re-read all of dY_e once per K_IN tile: ~12 GB at T=16384.) With many
-experts they are launched largest first (``_schedule.largest_experts_first``), so
-that a large expert's long programs do not start last.
+experts and rows they are launched largest first (``_schedule.largest_experts_first``),
+so that a large expert's long programs do not start last.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def group_bwd_w(
     db = like_weight.new_empty(num_experts, n_out) if with_bias else None
     db_arg = db if db is not None else dw[0]
     scale_arg = row_scale if row_scale is not None else dw
-    order = largest_experts_first(expert_offsets, num_rows)
+    order = largest_experts_first(expert_offsets, num_rows, num_experts)
 
     def grid(meta):
         return (triton.cdiv(k_in, meta["BLOCK_K"]) * triton.cdiv(n_out, meta["BLOCK_N"]), num_experts)
