@@ -4,6 +4,7 @@
     python -m jetmoe generate --model jetmoe/jetmoe-8b --prompt "My favourite condiment is"
     python -m jetmoe train --model tiny --data my_code/ --out runs/tiny --seconds 600
     torchrun --nproc_per_node 8 -m jetmoe train ...        # DDP (nccl on CUDA, gloo on the CPU)
+    torchrun --nproc_per_node 8 -m jetmoe train --fsdp --model <jetmoe-8b dir> ...   # sharded: JetMoE-8B
 
 User errors (missing checkpoint, unknown flag, CUDA asked for but absent) print one line and exit with 2.
 """
@@ -252,7 +253,7 @@ def _train(args, demo: bool) -> None:
     cfg = TrainConfig(out_dir=str(args.out), steps=args.steps, seconds=args.seconds, batch_size=args.batch_size,
                       seq_len=args.seq_len, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup,
                       save_every=args.save_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, fsdp=args.fsdp)
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
     if rank0:
@@ -262,7 +263,10 @@ def _train(args, demo: bool) -> None:
               f"on {device}; "
               f"{backend_note(backend, device)}")
         if world > 1:
-            print(f"DistributedDataParallel over {world} processes ({torch.distributed.get_backend()})")
+            how = "FSDP2 (fully_shard, one unit per decoder layer)" if args.fsdp else "DistributedDataParallel"
+            print(f"{how} over {world} processes ({torch.distributed.get_backend()})")
+        elif args.fsdp:
+            print("--fsdp: one process, nothing to shard over; training unsharded (run under torchrun to shard)")
         what = "the Python standard library's .py files" if not args.data else ", ".join(map(str, args.data))
         budget = " and ".join(x for x in (f"{cfg.steps} steps" if cfg.steps else "",
                                           f"{cfg.seconds:g} s" if cfg.seconds else "") if x)
@@ -329,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps between loss lines")
         sp.add_argument("--resume", action="store_true", help="continue from --out (weights, optimizer, step)")
         sp.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+        sp.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
+                        "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 128 GB)")
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (directory or Hub id)")
     g.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")

@@ -212,17 +212,19 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike]) ->
 
 
 def save_pretrained(model: JetMoEForCausalLM, out_dir: Union[str, os.PathLike],
-                    max_shard_size: int = 5 * 1024 ** 3) -> None:
+                    max_shard_size: int = 5 * 1024 ** 3, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Write config.json and the weights (shards of at most max_shard_size bytes + index when bigger).
 
     Tensors go to the host one shard at a time. Each file is written under a temporary name and renamed;
     then weight files of an earlier save in the same directory are removed (a stale index would win).
+    state_dict: the weights to write (names as model.state_dict()'s), e.g. gathered from an FSDP-sharded
+    model, whose own are shards; default: model.state_dict().
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    state = dict(state_dict) if state_dict is not None else model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers' layout: tied weights stored once
     shards, current, size = [], {}, 0

@@ -552,7 +552,9 @@ class JetMoEForCausalLM(nn.Module):
         from .checkpoint import load_pretrained
         return load_pretrained(path_or_hub_id, dtype=dtype, device=device)
 
-    def save_pretrained(self, out_dir: str, max_shard_size: int = 5 * 1024 ** 3) -> None:
-        """Write config.json + model.safetensors (or shards + index), loadable by transformers."""
+    def save_pretrained(self, out_dir: str, max_shard_size: int = 5 * 1024 ** 3,
+                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Write config.json + model.safetensors (or shards + index), loadable by transformers. state_dict:
+        the weights to write instead of this module's own (e.g. gathered from a sharded copy of it)."""
         from .checkpoint import save_pretrained
-        save_pretrained(self, out_dir, max_shard_size=max_shard_size)
+        save_pretrained(self, out_dir, max_shard_size=max_shard_size, state_dict=state_dict)

@@ -1,4 +1,4 @@
-"""Training: corpus -> token stream -> AdamW steps through scattermoe's backward, DDP under torchrun.
+"""Training: corpus -> token stream -> AdamW steps through scattermoe's backward, DDP or FSDP2 under torchrun.
 
 Legend: B sequences per process per micro-step, S sequence length, W processes (world size),
 A gradient-accumulation micro-steps. One optimizer step sees B * A * W sequences.
@@ -7,6 +7,12 @@ Batches are a pure function of (seed, step): the global batch of a step is cut i
 micro-step a of rank r taking slice a * W + r. So W=2, A=1 and W=1, A=2 see the same sequences in the same
 groups and give the same losses and gradients (DDP averages gradients exactly as accumulation does), and a
 resumed run continues with the batches the uninterrupted run would have seen.
+
+DDP keeps a whole replica per process: fp32 weights, gradients and two Adam moments, 16 bytes a parameter,
+128 GB for JetMoE-8B, more than a GPU holds. ``fsdp=True`` shards all four over the processes instead
+(FSDP2 ``fully_shard``, each decoder layer a unit: 16 GB per GPU over 8), with the same losses: FSDP's
+reduce-scatter averages gradients as DDP's all-reduce does. Checkpoints are the same files either way (HF
+layout and one full optimizer state, gathered to rank 0), so a run can resume in the other mode.
 """
 
 from __future__ import annotations
@@ -24,6 +30,13 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_weights
@@ -55,6 +68,7 @@ class TrainConfig:
     resume: bool = False
     amp: Optional[bool] = None  # bf16 autocast; None: on for CUDA
     progress: bool = True  # tqdm bar on rank 0
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
 
 
 def default_corpus_files() -> List[Path]:
@@ -120,6 +134,12 @@ def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _optimizer_param_names(model: torch.nn.Module) -> List[str]:
+    """The parameters' names in the optimizer's order (make_optimizer's groups, one after the other)."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+
+
 def make_optimizer(model: JetMoEForCausalLM, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms and biases (the 1-D parameters)."""
     params = list(model.parameters())
@@ -128,12 +148,50 @@ def make_optimizer(model: JetMoEForCausalLM, cfg: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
+def shard_model(model: JetMoEForCausalLM) -> None:
+    """FSDP2 in place: each decoder layer its own unit (its weights gathered just before it runs and freed
+    after), the embeddings, final norm and head in the root's. Needs the default process group."""
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> Optional[dict]:
+    """The optimizer's state as ``optimizer.state_dict()`` gives it unsharded (parameters numbered in
+    make_optimizer's order), whether the model is sharded or not: on rank 0, None on the others. Sharded,
+    it is gathered (a collective: every rank calls this)."""
+    if not sharded:
+        return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else None
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    index = {name: i for i, name in enumerate(_optimizer_param_names(model))}
+    return {"state": {index[name]: v for name, v in full["state"].items()},
+            "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in full["param_groups"]]}
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Optional[dict],
+                         sharded: bool) -> None:
+    """Inverse of optimizer_state. Sharded, only rank 0 needs ``state`` (the others may pass None): it is
+    broadcast from there, each rank keeping its shard (a collective)."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    full = {}
+    if dist.get_rank() == 0:
+        names = _optimizer_param_names(model)
+        full = {"state": {names[i]: v for i, v in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=full,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor],
                grad_clip: float, amp_dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
     """One optimizer step over A micro-batches [B, S] (loss + aux loss, averaged over them).
 
-    ``model`` may be DDP-wrapped: the gradient all-reduce then runs only in the last micro-step's backward.
-    Returns (mean cross entropy, mean aux loss) of this process.
+    ``model`` may be DDP-wrapped or FSDP-sharded: the gradients are then reduced only in the last micro-step's
+    backward. Returns (mean cross entropy, mean aux loss) of this process.
     """
     ce_sum = aux_sum = 0.0
     device = next(model.parameters()).device
@@ -141,6 +199,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         x = x.to(device, non_blocking=True)
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last)
         amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with sync:
             with amp:
@@ -164,14 +224,21 @@ def init_distributed(device: torch.device) -> Tuple[int, int]:
 
 
 def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
-                    tokenizer: Optional[Tokenizer] = None) -> None:
-    """HF layout in out_dir (loadable by transformers) plus trainer_state.pt (optimizer, step) beside it."""
+                    tokenizer: Optional[Tokenizer] = None, sharded: bool = False) -> None:
+    """HF layout in out_dir (loadable by transformers) plus trainer_state.pt (optimizer, step) beside it.
+    Every rank calls it when ``sharded`` (weights and optimizer state are gathered to rank 0, which writes);
+    otherwise only the rank that writes."""
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+        if sharded else None
+    optimizer_sd = optimizer_state(model, optimizer, sharded)
+    if optimizer_sd is None:  # not rank 0
+        return
     out = Path(cfg.out_dir)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     tmp = out / (TRAINER_STATE + ".tmp")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "train_config": dataclasses.asdict(cfg)}, tmp)
+    torch.save({"step": step, "optimizer": optimizer_sd, "train_config": dataclasses.asdict(cfg)}, tmp)
     os.replace(tmp, out / TRAINER_STATE)
 
 
@@ -179,8 +246,9 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
           log: Optional[Callable[[dict], None]] = None) -> List[dict]:
     """Train in place until cfg.steps or cfg.seconds; save to cfg.out_dir; return the per-step records.
 
-    Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel; every rank must call
-    this with the same tokens and config. ``cfg.resume`` reloads weights, optimizer and step from out_dir.
+    Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, or sharded in place with
+    FSDP2 (cfg.fsdp); every rank must call this with the same tokens and config. ``cfg.resume`` reloads
+    weights, optimizer and step from out_dir.
     Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s.
     """
     if cfg.steps is None and cfg.seconds is None:
@@ -189,7 +257,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     device = next(model.parameters()).device
     rank, world = init_distributed(device)
     amp_dtype = torch.bfloat16 if (cfg.amp if cfg.amp is not None else device.type == "cuda") else None
-    optimizer = make_optimizer(model, cfg)
+    sharded = cfg.fsdp and world > 1
     step = 0
     state_path = Path(cfg.out_dir) / TRAINER_STATE
     if cfg.resume and not state_path.is_file():  # before anything is made on disk
@@ -198,11 +266,19 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         if not cfg.resume:  # a fresh run starts a fresh log
             (Path(cfg.out_dir) / TRAIN_LOG).unlink(missing_ok=True)
+    state = None
     if cfg.resume:
-        load_weights(model, cfg.out_dir)
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        load_weights(model, cfg.out_dir)  # the whole model on every rank, before any sharding
+        # Sharded: memory-mapped on the host, so that only rank 0, which broadcasts it, reads the optimizer
+        # state (JetMoE-8B's is 64 GB); the others take the step.
+        state = torch.load(state_path, map_location="cpu" if sharded else device, weights_only=True, mmap=sharded)
         step = state["step"]
+    if sharded:
+        shard_model(model)  # before the optimizer: it must hold the shards, not the whole parameters
+    optimizer = make_optimizer(model, cfg)
+    if state is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"] if not sharded or rank == 0 else None, sharded)
+        state = None
         if rank == 0:
             done = cfg.steps is not None and step >= cfg.steps
             print(f"resuming {cfg.out_dir} at step {step}" + (f": already at --steps {cfg.steps}, nothing to train"
@@ -212,7 +288,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
             log_path.write_text("".join(line + "\n" for line in kept))
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+        if world > 1 and not sharded else model
     model.train()
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     bar = None
@@ -254,17 +330,17 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             if log is not None and (step % cfg.log_every == 0 or step == 1):
                 log(rec)
         if cfg.save_every and step % cfg.save_every == 0 and not stop:
-            _save_on_rank0(model, optimizer, step, cfg, tokenizer, rank, world)
+            _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
         if stop:
             break
     if bar is not None:
         bar.close()
-    _save_on_rank0(model, optimizer, step, cfg, tokenizer, rank, world)
+    _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
     return records
 
 
-def _save_on_rank0(model, optimizer, step, cfg, tokenizer, rank, world) -> None:
-    if rank == 0:
-        save_checkpoint(model, optimizer, step, cfg, tokenizer)
+def _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded) -> None:
+    if rank == 0 or sharded:  # sharded: every rank takes part in gathering the state to rank 0
+        save_checkpoint(model, optimizer, step, cfg, tokenizer, sharded)
     if world > 1:
         dist.barrier()  # no rank runs ahead (or exits) before the checkpoint is complete

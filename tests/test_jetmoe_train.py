@@ -1,4 +1,5 @@
-"""jetmoe training and CLI: a step through the kernels' backward, resume, DDP (gloo, 2 processes), the commands.
+"""jetmoe training and CLI: a step through the kernels' backward, resume, DDP and FSDP2 (gloo, 2 processes), the
+commands.
 
 The DDP test runs the real entry point under torchrun (2 CPU processes, gloo) and compares its log and
 weights with one process accumulating the same two micro-batches: DDP's gradient average and gradient
@@ -7,6 +8,7 @@ accumulation are the same sum, so the losses agree to float rounding.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +132,44 @@ def test_ddp_two_processes_match_one_process(tiny_ckpt):
     w1, w2 = JetMoEForCausalLM.from_pretrained(one), JetMoEForCausalLM.from_pretrained(two)
     for name, p in w1.state_dict().items():
         assert_close(w2.state_dict()[name], p, 1e-5, name)
+
+
+def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckpt):
+    """FSDP2 over 2 processes (each decoder layer sharded) trains as one process accumulating the same two
+    micro-batches, through a checkpoint and a resume: 2 steps, save, resume to 4. Its checkpoint (weights
+    gathered into the HF layout, the optimizer state gathered into the unsharded format) also resumes in one
+    process, giving the same steps 3 and 4."""
+    common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"),
+              "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--warmup", "2", "--no-progress",
+              "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    plain, sharded, cross = (tiny_ckpt.parent / name for name in ("plain", "sharded", "cross"))
+    for steps, resume in (("2", []), ("4", ["--resume"])):
+        r = _run([sys.executable, "-m", "jetmoe", *common, "--grad-accum", "2", "--steps", steps, "--out", str(plain),
+                  *resume])
+        assert r.returncode == 0, r.stderr
+        r = _run([*torchrun, "-m", "jetmoe", *common, "--fsdp", "--grad-accum", "1", "--steps", steps,
+                  "--out", str(sharded), *resume])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "FSDP2 (fully_shard, one unit per decoder layer) over 2 processes (gloo)" in r.stdout, r.stdout
+        if not resume:
+            shutil.copytree(sharded, cross)
+    r = _run([sys.executable, "-m", "jetmoe", *common, "--grad-accum", "2", "--steps", "4", "--out", str(cross),
+              "--resume"])
+    assert r.returncode == 0, r.stderr
+    logs = {d.name: [json.loads(line) for line in (d / TRAIN_LOG).read_text().splitlines()]
+            for d in (plain, sharded, cross)}
+    print({name: [round(r["loss"], 6) for r in log] for name, log in logs.items()})
+    for name in ("sharded", "cross"):
+        assert [r["step"] for r in logs[name]] == [1, 2, 3, 4], (name, logs[name])
+        for a, b in zip(logs["plain"], logs[name]):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (name, a, b)
+            assert abs(a["aux_loss"] - b["aux_loss"]) <= 1e-5 * a["aux_loss"], (name, a, b)
+    want = JetMoEForCausalLM.from_pretrained(plain).state_dict()
+    for d in (sharded, cross):
+        got = JetMoEForCausalLM.from_pretrained(d).state_dict()
+        for name, p in want.items():
+            assert_close(got[name], p, 1e-5, f"{d.name}: {name}")
 
 
 # ---------------------------------------------------------------- CLI
