@@ -12,6 +12,7 @@ User errors (missing checkpoint, unknown flag, CUDA asked for but absent) print 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import resource
@@ -253,7 +254,7 @@ def _train(args, demo: bool) -> None:
     cfg = TrainConfig(out_dir=str(args.out), steps=args.steps, seconds=args.seconds, batch_size=args.batch_size,
                       seq_len=args.seq_len, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup,
                       save_every=args.save_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
-                      progress=not args.no_progress, fsdp=args.fsdp)
+                      progress=not args.no_progress, fsdp=args.fsdp, grad_checkpoint=args.grad_checkpoint)
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
     if rank0:
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
                         "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 128 GB)")
+        sp.add_argument("--grad-checkpoint", action="store_true",
+                        help="recompute each decoder layer's activations in the backward instead of keeping them "
+                        "(less memory for one more forward's compute)")
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (directory or Hub id)")
     g.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
@@ -381,7 +385,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         # Under torchrun: leave the process group before the interpreter exits. Gloo's worker threads that are
         # still alive at interpreter teardown abort the process ("terminate called without an active exception").
+        # FSDP's modules hold the group through reference cycles (their hooks): collected first, so that no
+        # group outlives destroy_process_group.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gc.collect()
             torch.distributed.destroy_process_group()
     return 0
 

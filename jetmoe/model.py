@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import scattermoe
 from scattermoe.routing import flatten_sort_count, load_balancing_loss, router_z_loss, topk_gating
@@ -380,7 +381,18 @@ class JetMoEForCausalLM(nn.Module):
         self.config = cfg
         self.model = JetMoEModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
         self.init_weights()
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Keep only each decoder layer's input for the backward and recompute the rest there (activation
+        checkpointing, as transformers' method of this name): a layer's activations, many times its input
+        (the MoE's kept pre-activation alone, k x 2F wide, is 11x the input's width at JetMoE-8B's size), are
+        then held for one layer at a time, for one more forward's compute."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -437,9 +449,14 @@ class JetMoEForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = rope_cos_sin(position_ids, cfg.kv_channels, cfg.rope_theta, x.dtype)
         routers: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, layer_routers = layer(x, rope, mask, kv, start)
+            if recompute:  # the routing recomputes to the same experts: the kernels are deterministic
+                x, layer_routers = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, kv, start,
+                                                                     use_reentrant=False)
+            else:
+                x, layer_routers = layer(x, rope, mask, kv, start)
             routers += layer_routers
         logits = self.lm_head(self.model.norm(x))
         if cache is not None:

@@ -69,6 +69,7 @@ class TrainConfig:
     amp: Optional[bool] = None  # bf16 autocast; None: on for CUDA
     progress: bool = True  # tqdm bar on rank 0
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
+    grad_checkpoint: bool = False  # recompute each decoder layer's activations in the backward
 
 
 def default_corpus_files() -> List[Path]:
@@ -273,6 +274,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         # state (JetMoE-8B's is 64 GB); the others take the step.
         state = torch.load(state_path, map_location="cpu" if sharded else device, weights_only=True, mmap=sharded)
         step = state["step"]
+    if cfg.grad_checkpoint:
+        model.gradient_checkpointing_enable()
     if sharded:
         shard_model(model)  # before the optimizer: it must hold the shards, not the whole parameters
     optimizer = make_optimizer(model, cfg)

@@ -72,6 +72,35 @@ def test_triton_train_step_matches_torch_backend():
         assert_close(pk[name], pt[name], 1e-4, f"{name} after one step")
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(backend):
+    """Each decoder layer recomputed in the backward (its routing too) gives the same loss, aux loss and every
+    gradient as keeping its activations; and it does recompute: the layers run twice."""
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(BYTES)
+    x = tokens()[:48].view(2, 24)
+    calls = []
+    for layer in model.model.layers:  # count the layers' runs (forward hooks do not see checkpoint's recompute)
+        layer.forward = lambda *a, forward=layer.forward, **k: calls.append(1) or forward(*a, **k)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with scattermoe.use_backend(backend):
+            out = model(x, labels=x)
+            (out.loss + out.aux_loss).backward()
+        return out.loss.detach(), out.aux_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, aux, grads = run()
+    assert len(calls) == BYTES.num_hidden_layers
+    model.gradient_checkpointing_enable()
+    calls.clear()
+    loss_ckpt, aux_ckpt, grads_ckpt = run()
+    assert len(calls) == 2 * BYTES.num_hidden_layers  # forward, then again in the backward
+    assert torch.equal(loss, loss_ckpt) and torch.equal(aux, aux_ckpt)
+    for name, g in grads.items():
+        assert_close(grads_ckpt[name], g, 1e-6, name)
+
+
 def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path):
     scattermoe.set_backend("torch")
     cfg = dict(batch_size=4, seq_len=16, warmup_steps=2, lr=1e-2, progress=False)
@@ -135,8 +164,9 @@ def test_ddp_two_processes_match_one_process(tiny_ckpt):
 
 
 def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckpt):
-    """FSDP2 over 2 processes (each decoder layer sharded) trains as one process accumulating the same two
-    micro-batches, through a checkpoint and a resume: 2 steps, save, resume to 4. Its checkpoint (weights
+    """FSDP2 over 2 processes (each decoder layer sharded, and recomputed in the backward: --grad-checkpoint)
+    trains as one process accumulating the same two micro-batches, through a checkpoint and a resume: 2 steps,
+    save, resume to 4. Its checkpoint (weights
     gathered into the HF layout, the optimizer state gathered into the unsharded format) also resumes in one
     process, giving the same steps 3 and 4."""
     common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"),
@@ -148,8 +178,8 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
         r = _run([sys.executable, "-m", "jetmoe", *common, "--grad-accum", "2", "--steps", steps, "--out", str(plain),
                   *resume])
         assert r.returncode == 0, r.stderr
-        r = _run([*torchrun, "-m", "jetmoe", *common, "--fsdp", "--grad-accum", "1", "--steps", steps,
-                  "--out", str(sharded), *resume])
+        r = _run([*torchrun, "-m", "jetmoe", *common, "--fsdp", "--grad-checkpoint", "--grad-accum", "1",
+                  "--steps", steps, "--out", str(sharded), *resume])
         assert r.returncode == 0, r.stderr[-3000:]
         assert "FSDP2 (fully_shard, one unit per decoder layer) over 2 processes (gloo)" in r.stdout, r.stdout
         if not resume:
