@@ -4,7 +4,7 @@
     python -m jetmoe generate --model jetmoe/jetmoe-8b --prompt "My favourite condiment is"
     python -m jetmoe train --model tiny --data my_code/ --out runs/tiny --seconds 600
     torchrun --nproc_per_node 8 -m jetmoe train ...        # DDP (nccl on CUDA, gloo on the CPU)
-    torchrun --nproc_per_node 8 -m jetmoe train --fsdp --model <jetmoe-8b dir> ...   # sharded: JetMoE-8B
+    torchrun --nproc_per_node 8 -m jetmoe train --fsdp --grad-checkpoint --model <jetmoe-8b dir> ...  # JetMoE-8B
 
 User errors (missing checkpoint, unknown flag, CUDA asked for but absent) print one line and exit with 2.
 """
@@ -254,7 +254,8 @@ def _train(args, demo: bool) -> None:
     cfg = TrainConfig(out_dir=str(args.out), steps=args.steps, seconds=args.seconds, batch_size=args.batch_size,
                       seq_len=args.seq_len, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup,
                       save_every=args.save_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
-                      progress=not args.no_progress, fsdp=args.fsdp, grad_checkpoint=args.grad_checkpoint)
+                      progress=not args.no_progress, fsdp=getattr(args, "fsdp", False),
+                      grad_checkpoint=getattr(args, "grad_checkpoint", False))
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
     if rank0:
@@ -264,9 +265,9 @@ def _train(args, demo: bool) -> None:
               f"on {device}; "
               f"{backend_note(backend, device)}")
         if world > 1:
-            how = "FSDP2 (fully_shard, one unit per decoder layer)" if args.fsdp else "DistributedDataParallel"
+            how = "FSDP2 (fully_shard, one unit per decoder layer)" if cfg.fsdp else "DistributedDataParallel"
             print(f"{how} over {world} processes ({torch.distributed.get_backend()})")
-        elif args.fsdp:
+        elif cfg.fsdp:
             print("--fsdp: one process, nothing to shard over; training unsharded (run under torchrun to shard)")
         what = "the Python standard library's .py files" if not args.data else ", ".join(map(str, args.data))
         budget = " and ".join(x for x in (f"{cfg.steps} steps" if cfg.steps else "",
@@ -334,12 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps between loss lines")
         sp.add_argument("--resume", action="store_true", help="continue from --out (weights, optimizer, step)")
         sp.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-        sp.add_argument("--fsdp", action="store_true",
-                        help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
-                        "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 128 GB)")
-        sp.add_argument("--grad-checkpoint", action="store_true",
-                        help="recompute each decoder layer's activations in the backward instead of keeping them "
-                        "(less memory for one more forward's compute)")
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (directory or Hub id)")
     g.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
@@ -359,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run already")
     common(t)
     training(t, default_out_dir("train"), None, 16, 128, None)
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
+                   "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 128 GB), "
+                   "with --grad-checkpoint")
+    t.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each decoder layer's activations in the backward instead of keeping them "
+                   "(less memory for one more forward's compute)")
 
     d = sub.add_parser("demo", help="train the built-in tiny model for ~2 minutes, save it, sample from it")
     common(d)

@@ -449,7 +449,7 @@ class JetMoEForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = rope_cos_sin(position_ids, cfg.kv_channels, cfg.rope_theta, x.dtype)
         routers: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             if recompute:  # the routing recomputes to the same experts: the kernels are deterministic

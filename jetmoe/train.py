@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_weights
@@ -191,17 +192,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                grad_clip: float, amp_dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
     """One optimizer step over A micro-batches [B, S] (loss + aux loss, averaged over them).
 
-    ``model`` may be DDP-wrapped or FSDP-sharded: the gradients are then reduced only in the last micro-step's
-    backward. Returns (mean cross entropy, mean aux loss) of this process.
+    ``model`` may be DDP-wrapped (gradients all-reduced in the last micro-step's backward) or FSDP-sharded
+    (reduce-scattered in each). Returns (mean cross entropy, mean aux loss) of this process.
     """
     ce_sum = aux_sum = 0.0
     device = next(model.parameters()).device
     for i, x in enumerate(micro_batches):
         x = x.to(device, non_blocking=True)
         last = i == len(micro_batches) - 1
+        # DDP: all-reduce in the last micro-step only. FSDP reduce-scatters every micro-step (its default): skipping
+        # it would keep whole, unsharded gradients between micro-steps (34 GB more per GPU for JetMoE-8B).
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
-        if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(last)
         amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with sync:
             with amp:
@@ -217,10 +218,21 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     return ce_sum / len(micro_batches), aux_sum / len(micro_batches)
 
 
+# Rank 0 writes a checkpoint (JetMoE-8B: 34 GB of weights, 68 GB of optimizer state) while the others wait at
+# a barrier: more than the default 10 minutes on slow storage.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+
+
 def init_distributed(device: torch.device) -> Tuple[int, int]:
-    """(rank, world size); joins the process group torchrun describes (nccl on CUDA, gloo on the CPU)."""
+    """(rank, world size); joins the process group torchrun describes (nccl on CUDA, gloo on the CPU). On CUDA
+    the process's current device becomes ``device`` first: collectives and FSDP's sharding use the current
+    device, which is otherwise cuda:0 on every rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device, timeout=PROCESS_GROUP_TIMEOUT)
+        else:
+            dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -248,8 +260,9 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     """Train in place until cfg.steps or cfg.seconds; save to cfg.out_dir; return the per-step records.
 
     Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, or sharded in place with
-    FSDP2 (cfg.fsdp); every rank must call this with the same tokens and config. ``cfg.resume`` reloads
-    weights, optimizer and step from out_dir.
+    FSDP2 (cfg.fsdp: the model stays sharded after this returns; its checkpoint in out_dir is whole); every rank
+    must call this with the same tokens and config. ``cfg.resume`` reloads weights, optimizer and step from
+    out_dir.
     Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s.
     """
     if cfg.steps is None and cfg.seconds is None:
@@ -278,6 +291,10 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         model.gradient_checkpointing_enable()
     if sharded:
         shard_model(model)  # before the optimizer: it must hold the shards, not the whole parameters
+        if rank == 0:
+            local = sum(p.to_local().numel() for p in model.parameters())
+            print(f"fsdp: rank 0 holds {local:,} of the model's {sum(p.numel() for p in model.parameters()):,} "
+                  "parameter elements", flush=True)
     optimizer = make_optimizer(model, cfg)
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"] if not sharded or rank == 0 else None, sharded)

@@ -8,6 +8,7 @@ accumulation are the same sum, so the losses agree to float rounding.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -164,39 +165,49 @@ def test_ddp_two_processes_match_one_process(tiny_ckpt):
 
 
 def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckpt):
-    """FSDP2 over 2 processes (each decoder layer sharded, and recomputed in the backward: --grad-checkpoint)
-    trains as one process accumulating the same two micro-batches, through a checkpoint and a resume: 2 steps,
-    save, resume to 4. Its checkpoint (weights
-    gathered into the HF layout, the optimizer state gathered into the unsharded format) also resumes in one
-    process, giving the same steps 3 and 4."""
+    """FSDP2 over 2 processes (each decoder layer sharded; 2 micro-steps each, reduce-scattered every one) trains
+    as one process accumulating the same four micro-batches, through a checkpoint and a resume: 2 steps, save,
+    resume to 4. The checkpoints are the same files either way (weights gathered into the HF layout, the
+    optimizer state into the unsharded format), so each mode resumes the other's: one process from FSDP's step
+    2, FSDP from one process's. Recomputation (--grad-checkpoint) on in the FSDP run, off in the cross resume."""
     common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"),
               "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--warmup", "2", "--no-progress",
               "--device", "cpu"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    plain, sharded, cross = (tiny_ckpt.parent / name for name in ("plain", "sharded", "cross"))
-    for steps, resume in (("2", []), ("4", ["--resume"])):
-        r = _run([sys.executable, "-m", "jetmoe", *common, "--grad-accum", "2", "--steps", steps, "--out", str(plain),
-                  *resume])
-        assert r.returncode == 0, r.stderr
-        r = _run([*torchrun, "-m", "jetmoe", *common, "--fsdp", "--grad-checkpoint", "--grad-accum", "1",
-                  "--steps", steps, "--out", str(sharded), *resume])
+    one = [sys.executable, "-m", "jetmoe", *common, "--grad-accum", "4"]
+    fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jetmoe",
+            *common, "--fsdp", "--grad-accum", "2"]
+    root = tiny_ckpt.parent
+    plain, sharded, fsdp_then_one, one_then_fsdp = (root / n for n in ("plain", "sharded", "fsdp_then_one",
+                                                                       "one_then_fsdp"))
+
+    def run(cmd, out, steps, *extra):
+        r = _run([*cmd, "--steps", steps, "--out", str(out), *extra])
         assert r.returncode == 0, r.stderr[-3000:]
-        assert "FSDP2 (fully_shard, one unit per decoder layer) over 2 processes (gloo)" in r.stdout, r.stdout
-        if not resume:
-            shutil.copytree(sharded, cross)
-    r = _run([sys.executable, "-m", "jetmoe", *common, "--grad-accum", "2", "--steps", "4", "--out", str(cross),
-              "--resume"])
-    assert r.returncode == 0, r.stderr
+        return r
+
+    run(one, plain, "2")
+    shutil.copytree(plain, one_then_fsdp)
+    run(one, plain, "4", "--resume")
+    r = run(fsdp, sharded, "2", "--grad-checkpoint")
+    assert "FSDP2 (fully_shard, one unit per decoder layer) over 2 processes (gloo)" in r.stdout, r.stdout
+    held = re.search(r"fsdp: rank 0 holds ([\d,]+) of the model's ([\d,]+) parameter elements", r.stdout)
+    assert held, r.stdout
+    local, total = (int(v.replace(",", "")) for v in held.groups())
+    assert total // 2 <= local < total  # really sharded: about half each
+    shutil.copytree(sharded, fsdp_then_one)
+    run(fsdp, sharded, "4", "--grad-checkpoint", "--resume")
+    run(one, fsdp_then_one, "4", "--resume")
+    run(fsdp, one_then_fsdp, "4", "--resume")
     logs = {d.name: [json.loads(line) for line in (d / TRAIN_LOG).read_text().splitlines()]
-            for d in (plain, sharded, cross)}
+            for d in (plain, sharded, fsdp_then_one, one_then_fsdp)}
     print({name: [round(r["loss"], 6) for r in log] for name, log in logs.items()})
-    for name in ("sharded", "cross"):
+    for name in ("sharded", "fsdp_then_one", "one_then_fsdp"):
         assert [r["step"] for r in logs[name]] == [1, 2, 3, 4], (name, logs[name])
         for a, b in zip(logs["plain"], logs[name]):
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (name, a, b)
             assert abs(a["aux_loss"] - b["aux_loss"]) <= 1e-5 * a["aux_loss"], (name, a, b)
     want = JetMoEForCausalLM.from_pretrained(plain).state_dict()
-    for d in (sharded, cross):
+    for d in (sharded, fsdp_then_one, one_then_fsdp):
         got = JetMoEForCausalLM.from_pretrained(d).state_dict()
         for name, p in want.items():
             assert_close(got[name], p, 1e-5, f"{d.name}: {name}")
