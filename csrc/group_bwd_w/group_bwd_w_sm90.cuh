@@ -60,8 +60,7 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename G::Element;
   constexpr int kBM = kGroupBwdWTileM, kBN = kGroupBwdWTileN, kBK = kGroupBwdWTileK;
-  extern __shared__ __align__(128) char smem_buf[];
-  auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
+  auto& shared = G::shared_storage();
 
   // This CTA's expert (by the launch order, when given) and rows, clamped to [0, num_rows] as the Triton
   // kernel does. An order that is not a permutation of the experts leaves a CTA without one: it writes nothing.

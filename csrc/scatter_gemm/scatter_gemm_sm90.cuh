@@ -83,10 +83,6 @@ struct WeightBoxes {
   // Box b: its half (shared-memory rows n = 64 half ...) and its first k row within the stage.
   SMOE_HOST_DEVICE static int half(int b) { return b % 2; }
   SMOE_HOST_DEVICE static int k(int b) { return (b / 2) * kBoxK; }
-  // The first W column of a half: as w_column's for the half's first tile column.
-  SMOE_HOST_DEVICE static int column(int half, int n_tile, int n_out, bool glu) {
-    return glu ? half * n_out + n_tile * kHalfN : n_tile * kScatterGemmTileN + half * kHalfN;
-  }
 };
 
 // The TMA weight loads' tensor map: a kernel parameter (__grid_constant__: TMA reads it in parameter space).
@@ -203,7 +199,8 @@ CUTE_DEVICE void load_w_stage_tma(const CUtensorMap* map, uint64_t* full_barrier
   CUTLASS_PRAGMA_UNROLL
   for (int b = 0; b < Boxes::kCount; ++b) {
     const int h = Boxes::half(b), kk = Boxes::k(b);
-    const int n = Boxes::column(h, n_tile, n_out, glu);
+    bool in_range;  // whether the half's first column exists: unused, TMA zero-fills past W's columns
+    const int n = w_column(h * Boxes::kHalfN, n_tile, n_out, glu, in_range);  // the half's first W column
     void* dst = raw_pointer_cast(&sB(h * Boxes::kHalfN, kk, stage));
     if constexpr (G::kWKMajor) {
       SM90_TMA_LOAD_3D::copy(map, full_barrier, kHint, dst, k0 + kk, n, expert);
@@ -382,8 +379,7 @@ template <class G, class Offset>
 __global__ void __launch_bounds__(G::kThreads, 1)
     scatter_gemm_kernel(const __grid_constant__ ScatterGemmParams p, const __grid_constant__ WeightTma w_tma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(128) char smem_buf[];
-  auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
+  auto& shared = G::shared_storage();
 
   int row_tile, n_tile;
   scatter_gemm_tile_of(static_cast<int>(blockIdx.x), scatter_gemm_row_tiles(p.num_rows, p.num_experts),
@@ -430,8 +426,7 @@ template <class G, class Offset>
 __global__ void __launch_bounds__(G::kThreads, 1)
     scatter_gemm_persistent_kernel(const __grid_constant__ ScatterGemmParams p, const __grid_constant__ WeightTma w_tma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(128) char smem_buf[];
-  auto& shared = *reinterpret_cast<typename G::SharedStorage*>(smem_buf);
+  auto& shared = G::shared_storage();
   const bool producer = cutlass::canonical_warp_group_idx() < G::kLoadWarpGroups;
   auto pipeline = G::make_pipeline(shared, producer);
   __syncthreads();  // barriers initialised before anyone waits on them

@@ -75,6 +75,12 @@ struct CpAsyncGemm {
   static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
   static_assert(kSmemBytes <= cutlass::gemm::collective::detail::sm90_smem_capacity_bytes, "shared memory over the sm_90 limit");
 
+  // The CTA's dynamic shared memory (kSmemBytes of it, set at launch) as this skeleton's storage.
+  CUTE_DEVICE static SharedStorage& shared_storage() {
+    extern __shared__ __align__(128) char smem_buf[];
+    return *reinterpret_cast<SharedStorage*>(smem_buf);
+  }
+
   // The pipeline over the stages, this thread's role set; all threads of the CTA call it.
   CUTE_DEVICE static Pipeline make_pipeline(SharedStorage& shared, bool producer) {
     typename Pipeline::Params params;
