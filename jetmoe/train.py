@@ -167,9 +167,14 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sh
     full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    index = {name: i for i, name in enumerate(_optimizer_param_names(model))}
-    return {"state": {index[name]: v for name, v in full["state"].items()},
-            "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in full["param_groups"]]}
+    return _rekeyed(full, {name: i for i, name in enumerate(_optimizer_param_names(model))})
+
+
+def _rekeyed(state: dict, key: Union[dict, list]) -> dict:
+    """An optimizer state dict with each parameter key k (in the state and the groups' lists) as key[k]:
+    names to numbers or back."""
+    return {"state": {key[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]}
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Optional[dict],
@@ -179,11 +184,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if not sharded:
         optimizer.load_state_dict(state)
         return
-    full = {}
-    if dist.get_rank() == 0:
-        names = _optimizer_param_names(model)
-        full = {"state": {names[i]: v for i, v in state["state"].items()},
-                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    full = _rekeyed(state, _optimizer_param_names(model)) if dist.get_rank() == 0 else {}
     set_optimizer_state_dict(model, optimizer, optim_state_dict=full,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
@@ -297,7 +298,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                   "parameter elements", flush=True)
     optimizer = make_optimizer(model, cfg)
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"] if not sharded or rank == 0 else None, sharded)
+        load_optimizer_state(model, optimizer, state["optimizer"], sharded)  # sharded: read on rank 0 only
         state = None
         if rank == 0:
             done = cfg.steps is not None and step >= cfg.steps

@@ -551,7 +551,15 @@ def test_persistent_scatter_gemm_env_switch():
         assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)
 
 
-def test_weight_tma_switch_reaches_the_kernel_and_what_it_did_is_recorded(monkeypatch):
+@pytest.fixture
+def cpu_launch(monkeypatch):
+    """A launcher's CUDA queries (current device, stream) answered without CUDA, so that its call into a fake
+    module can run on CPU tensors."""
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_weight_tma_switch_reaches_the_kernel_and_what_it_did_is_recorded(monkeypatch, cpu_launch):
     """set_weight_tma() / weight_tma() become the scatter GEMM's w_tma argument; what the kernel reports doing
     (TMA, or cp.async where no tensor map can describe W) becomes last_weight_load."""
     seen = []
@@ -564,8 +572,6 @@ def test_weight_tma_switch_reaches_the_kernel_and_what_it_did_is_recorded(monkey
             seen.append(kwargs["w_tma"])
             return kwargs["w_tma"] and self.can_tma
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(sg, "_weight_tma", False)
     counts = [3, 0, 5]
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
@@ -593,7 +599,7 @@ def test_weight_tma_switch_reaches_the_kernel_and_what_it_did_is_recorded(monkey
         assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)
 
 
-def test_dw_launch_passes_the_largest_first_order_only_when_there_is_one(monkeypatch):
+def test_dw_launch_passes_the_largest_first_order_only_when_there_is_one(monkeypatch, cpu_launch):
     """The csrc dW gets expert_order (an int32 permutation, largest expert first) with many experts and rows,
     and no such argument otherwise (so an extension built before it existed still runs)."""
     from scattermoe.backends import _schedule
@@ -604,8 +610,6 @@ def test_dw_launch_passes_the_largest_first_order_only_when_there_is_one(monkeyp
         def group_bwd_w(self, **kwargs):
             seen.append(kwargs)
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(_extension, "load", lambda: (FakeModule(), None))
     monkeypatch.setattr(_schedule, "LARGEST_FIRST_MIN_ROWS", 1)
     orders = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Optional, Union
+from typing import Callable, ContextManager, Iterator, Optional, Union
 
 import torch
 
@@ -47,14 +47,19 @@ def set_persistent(ctas: Union[bool, int] = True) -> None:
 
 
 @contextlib.contextmanager
-def persistent(ctas: Union[bool, int] = True) -> Iterator[None]:
-    """``set_persistent(ctas)`` inside the block, the previous setting after it."""
-    previous = _persistent
-    set_persistent(ctas)
+def _temporarily(setter: Callable[[object], None], current: Callable[[], object], value: object) -> Iterator[None]:
+    """``setter(value)`` inside the block, the setting ``current()`` gave on entry after it."""
+    previous = current()
+    setter(value)
     try:
         yield
     finally:
-        set_persistent(previous)
+        setter(previous)
+
+
+def persistent(ctas: Union[bool, int] = True) -> ContextManager[None]:
+    """``set_persistent(ctas)`` inside the block, the previous setting after it."""
+    return _temporarily(set_persistent, lambda: _persistent, ctas)
 
 
 # How the scatter GEMM loads W: False, by cp.async like the gathered X (the default); True, by TMA (one
@@ -75,15 +80,9 @@ def set_weight_tma(enabled: bool = True) -> None:
     _weight_tma = enabled
 
 
-@contextlib.contextmanager
-def weight_tma(enabled: bool = True) -> Iterator[None]:
+def weight_tma(enabled: bool = True) -> ContextManager[None]:
     """``set_weight_tma(enabled)`` inside the block, the previous setting after it."""
-    previous = _weight_tma
-    set_weight_tma(enabled)
-    try:
-        yield
-    finally:
-        set_weight_tma(previous)
+    return _temporarily(set_weight_tma, lambda: _weight_tma, enabled)
 
 
 def num_ctas(device_index: int) -> int:
