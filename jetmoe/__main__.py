@@ -1,8 +1,9 @@
-"""python -m jetmoe {demo,generate,train}: the command line.
+"""python -m jetmoe {demo,generate,train,eval}: the command line.
 
     python -m jetmoe demo                                  # ~2 min on a laptop CPU: train tiny, save, sample
     python -m jetmoe generate --model jetmoe/jetmoe-8b --prompt "My favourite condiment is"
     python -m jetmoe train --model tiny --data my_code/ --out runs/tiny --seconds 600
+    python -m jetmoe eval --model jetmoe/jetmoe-8b --compare-transformers   # perplexity, beside transformers
     torchrun --nproc_per_node 8 -m jetmoe train ...        # DDP (nccl on CUDA, gloo on the CPU)
     torchrun --nproc_per_node 8 -m jetmoe train --fsdp --grad-checkpoint --model <jetmoe-8b dir> ...  # JetMoE-8B
 
@@ -214,6 +215,84 @@ def cmd_generate(args) -> None:
     run_generation(model, tokenizer, args.prompt or ["My favourite condiment is"], args, device, not args.no_stream)
 
 
+# Bounds on |our loss - transformers' loss| / transformers' loss for `eval --compare-transformers`: the two compute
+# the same function in a different order (fused kernels, another attention), so they differ by rounding only.
+COMPARE_LOSS_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def cmd_eval(args) -> int:
+    """Held-out cross entropy and perplexity of a checkpoint; with --compare-transformers the same windows through
+    transformers' JetMoeForCausalLM loaded from the same files. Exit status 1 when the two disagree."""
+    import json
+
+    from .checkpoint import load_pretrained, resolve
+    from .tokenizer import load_tokenizer
+    from .train import eval_windows, evaluate, load_corpus, tokenize
+
+    device = pick_device(args.device)
+    ckpt = resolve(args.model)
+    dtype = _dtype(args.dtype) or (None if device.type == "cuda" else torch.float32)
+    model = load_pretrained(ckpt, dtype=dtype, device=device)
+    dtype = model.lm_head.weight.dtype
+    backend = pick_backend(args.backend, device, dtype)
+    tokenizer = load_tokenizer(ckpt, model.config.vocab_size)
+    t = time.perf_counter()
+    docs = load_corpus(args.data)
+    windows = eval_windows(tokenize(docs, tokenizer), args.seq_len, args.windows)
+    what = "the Python standard library's .py files" if not args.data else ", ".join(map(str, args.data))
+    print(f"{ckpt}: {model.num_parameters() / 1e6:.1f}M parameters, {dtype} on {device}; "
+          f"{backend_note(backend, device)}", file=sys.stderr)
+    print(f"text: {len(docs)} documents from {what} (read in {time.perf_counter() - t:.1f} s); {windows.shape[0]} "
+          f"windows of {args.seq_len} tokens spread over it", file=sys.stderr)
+
+    def run(name, m) -> dict:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        r = evaluate(m, windows, args.batch_size, progress=not args.no_progress, per_window=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        r["seconds"] = time.perf_counter() - t0
+        print(f"{name:<13} loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  over {r['tokens']:,} predicted "
+              f"tokens in {r['seconds']:.1f} s")
+        return r
+
+    ours = run("jetmoe", model)
+    report = {"model": str(ckpt), "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+              "backend": backend, "seq_len": args.seq_len, "windows": ours["windows"], "tokens": ours["tokens"],
+              "data": [str(p) for p in args.data] if args.data else "python stdlib",
+              "jetmoe": {k: ours[k] for k in ("loss", "perplexity", "seconds")}}
+    status = 0
+    if args.compare_transformers:
+        try:
+            import transformers
+        except ImportError:
+            raise CLIError("--compare-transformers: transformers is not installed (pip install transformers)") from None
+        del model  # one model at a time: JetMoE-8B is 17 GB in bfloat16
+        gc.collect()
+        hf = transformers.JetMoeForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(device)
+        theirs = run("transformers", hf)
+        rel = abs(ours["loss"] - theirs["loss"]) / max(abs(theirs["loss"]), 1e-12)
+        window_diff = max(abs(a - b) for a, b in zip(ours["window_losses"], theirs["window_losses"]))
+        a, b = ours["first_logits"], theirs["first_logits"]
+        logit_rel = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        bound = COMPARE_LOSS_RTOL[dtype]
+        agree = rel <= bound
+        print(f"jetmoe vs transformers: loss differs by {rel:.2e} relative (bound {bound:g} in "
+              f"{str(dtype).removeprefix('torch.')}): {'agree' if agree else 'DISAGREE'}; largest per-window loss "
+              f"difference {window_diff:.2e}; first batch's logits differ by at most {logit_rel:.2e} of their "
+              "largest magnitude")
+        report["transformers"] = {k: theirs[k] for k in ("loss", "perplexity", "seconds")}
+        report["compare"] = {"loss_rel_diff": rel, "bound": bound, "agree": agree,
+                             "max_window_loss_diff": window_diff, "first_batch_logits_rel_diff": logit_rel}
+        status = 0 if agree else 1
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return status
+
+
 def _build_for_training(args, device: torch.device):
     from .checkpoint import load_pretrained, resolve
     from .model import PRESETS, JetMoEConfig, JetMoEForCausalLM
@@ -255,9 +334,12 @@ def _train(args, demo: bool) -> None:
                       seq_len=args.seq_len, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup,
                       save_every=args.save_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
                       progress=not args.no_progress, fsdp=getattr(args, "fsdp", False),
-                      grad_checkpoint=getattr(args, "grad_checkpoint", False))
+                      grad_checkpoint=getattr(args, "grad_checkpoint", False), val_fraction=args.val_fraction,
+                      eval_every=args.eval_every, eval_windows=args.eval_windows)
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
+    if cfg.eval_every and not cfg.val_fraction:
+        raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
     if rank0:
         c = model.config
         print(f"JetMoE {model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
@@ -277,7 +359,8 @@ def _train(args, demo: bool) -> None:
 
     def log(rec: dict) -> None:
         from tqdm import tqdm
-        tqdm.write(f"step {rec['step']:5d}  loss {rec['loss']:.3f}  aux {rec['aux_loss']:.4f}  "
+        val = f"  held-out {rec['val_loss']:.3f}" if "val_loss" in rec else ""
+        tqdm.write(f"step {rec['step']:5d}  loss {rec['loss']:.3f}{val}  aux {rec['aux_loss']:.4f}  "
                    f"lr {rec['lr']:.2e}  {rec['tokens_per_s']:.0f} tokens/s")
 
     records = train(model, tokens, cfg, tokenizer, log=log if rank0 else None)
@@ -288,6 +371,9 @@ def _train(args, demo: bool) -> None:
         end = sum(r["loss"] for r in records[-n:]) / n
         print(f"loss {records[0]['loss']:.3f} at step {records[0]['step']} -> {end:.3f} (mean of the last {n} "
               f"steps) after {len(records)} steps in {records[-1]['elapsed_s']:.0f} s")
+        if "val_loss" in records[-1]:
+            print(f"held-out loss {records[-1]['val_loss']:.3f} (perplexity {records[-1]['val_perplexity']:.2f}) on "
+                  f"the last {100 * cfg.val_fraction:g}% of the corpus, never trained on")
     print(f"saved to {cfg.out_dir} (HF layout: transformers.JetMoeForCausalLM.from_pretrained loads it too)")
     if demo:
         model.eval()
@@ -297,7 +383,7 @@ def _train(args, demo: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m jetmoe", description="JetMoE on scattermoe: generate, train, demo.")
+    p = _Parser(prog="python -m jetmoe", description="JetMoE on scattermoe: generate, train, eval, demo.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sp, backend_help="scattermoe backend (auto: torch on a CPU, the fast kernels on CUDA)"):
@@ -313,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
 
     def training(sp, out: Path, seconds: Optional[float], batch: int, seq: int, lr: Optional[float],
-                 log_every: int = 25):
+                 log_every: int = 25, val_fraction: float = 0.0):
         sp.add_argument("--data", nargs="+", help="text files or directories (directories: their .py, .txt, .md and "
                         ".rst files; default: the Python stdlib's .py files)")
         sp.add_argument("--out", type=Path, default=out, help=f"checkpoint directory (default {out})")
@@ -335,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps between loss lines")
         sp.add_argument("--resume", action="store_true", help="continue from --out (weights, optimizer, step)")
         sp.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+        sp.add_argument("--val-fraction", type=_number(float, "val-fraction", 0, 1), default=val_fraction,
+                        help=f"hold out the corpus's last fraction for a held-out loss (default {val_fraction:g}; "
+                        "keep it the same when resuming)")
+        sp.add_argument("--eval-every", type=_number(int, "eval-every", 0), default=0,
+                        help="steps between held-out losses (0: at the end only)")
+        sp.add_argument("--eval-windows", type=_number(int, "eval-windows", 1), default=32,
+                        help="windows of --seq-len held-out tokens per evaluation")
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (directory or Hub id)")
     g.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
@@ -362,9 +455,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each decoder layer's activations in the backward instead of keeping them "
                    "(less memory for one more forward's compute)")
 
+    e = sub.add_parser("eval", help="cross entropy and perplexity of a checkpoint on text, optionally beside "
+                       "transformers' implementation")
+    e.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
+    e.add_argument("--data", nargs="+", help="text files or directories (default: the Python stdlib's .py files)")
+    e.add_argument("--seq-len", type=_number(int, "seq-len", 2), default=512)
+    e.add_argument("--batch-size", type=_number(int, "batch-size", 1), default=4)
+    e.add_argument("--windows", type=_number(int, "windows", 0), default=64,
+                   help="windows of --seq-len tokens, spread evenly over the text (0: all of it)")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: as stored on CUDA, float32 on the CPU")
+    e.add_argument("--compare-transformers", action="store_true",
+                   help="run the same windows through transformers' JetMoeForCausalLM loaded from the same files; "
+                   "exit status 1 when the losses differ by more than rounding (1e-4 relative in float32, 1e-2 "
+                   "in 16 bits)")
+    e.add_argument("--json", type=Path, help="write the numbers to this file")
+    e.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    common(e)
+
     d = sub.add_parser("demo", help="train the built-in tiny model for ~2 minutes, save it, sample from it")
     common(d)
-    training(d, default_out_dir("tiny"), 100.0, 16, 128, None, log_every=5)  # a few seconds a step on a CPU
+    training(d, default_out_dir("tiny"), 100.0, 16, 128, None, log_every=5,  # a few seconds a step on a CPU
+             val_fraction=0.005)
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens", 1), default=300)
     return p
@@ -375,6 +487,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "generate":
             cmd_generate(args)
+        elif args.command == "eval":
+            return cmd_eval(args)
         else:
             if args.command == "demo":
                 args.model = "tiny"

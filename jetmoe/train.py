@@ -71,6 +71,9 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on rank 0
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
     grad_checkpoint: bool = False  # recompute each decoder layer's activations in the backward
+    val_fraction: float = 0.0  # hold out the token stream's last fraction: a validation loss on text never trained on
+    eval_every: int = 0  # steps between validation losses (0: at the end only); needs val_fraction
+    eval_windows: int = 32  # windows of seq_len held-out tokens per validation, spread evenly over the held-out part
 
 
 def default_corpus_files() -> List[Path]:
@@ -121,6 +124,83 @@ def get_batch(tokens: torch.Tensor, step: int, micro: int, rank: int, world: int
     starts = torch.randint(0, tokens.numel() - cfg.seq_len, (per_step,), generator=g)
     mine = starts[(micro * world + rank) * cfg.batch_size:][:cfg.batch_size]
     return torch.stack([tokens[s:s + cfg.seq_len] for s in mine.tolist()]).long()
+
+
+def split_validation(tokens: torch.Tensor, fraction: float, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(training part, held-out part): the stream's last ``fraction`` of tokens is held out, at least seq_len of them
+    (one window). A ValueError when either part is too short to use."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction: expected a value in (0, 1), got {fraction}")
+    n_val = max(round(tokens.numel() * fraction), seq_len)
+    if tokens.numel() - n_val <= seq_len:
+        raise ValueError(f"the corpus has {tokens.numel()} tokens: holding out {n_val} for validation "
+                         f"(val_fraction {fraction}, at least seq_len {seq_len}) leaves too few to train on; give "
+                         "more text, a smaller val_fraction or a shorter seq_len")
+    return tokens[:-n_val], tokens[-n_val:]
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
+    """int64 [n, seq_len]: non-overlapping windows of the stream, aligned to seq_len and spread evenly over it, so
+    that a few windows sample the whole corpus; n = min(max_windows, tokens // seq_len) (all of them for None or 0)."""
+    n_all = tokens.numel() // seq_len
+    if n_all == 0:
+        raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one window of seq_len {seq_len}: give "
+                         "more text or a shorter seq_len")
+    n = min(max_windows, n_all) if max_windows else n_all
+    starts = [(i * n_all // n) * seq_len for i in range(n)]
+    return torch.stack([tokens[s:s + seq_len] for s in starts]).long()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, amp_dtype: Optional[torch.dtype] = None,
+             progress: bool = False, per_window: bool = False) -> dict:
+    """Next-token cross entropy of ``model`` (anything whose output has ``.logits [B, S, V]``: this package's model,
+    sharded or not, or transformers') over ``windows`` [n, S], averaged over all n * (S - 1) predicted tokens.
+
+    In eval mode (the model's mode is restored after). Under torchrun every rank calls it with the same windows:
+    each takes every world-th of the first n - n % world (equal counts, since a sharded model's forward is a
+    collective) and the sums are all-reduced. Returns loss, perplexity, tokens (predicted, all ranks), windows;
+    with ``per_window`` also this process's per-window losses in its windows' order, and its first batch's logits.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    n = windows.shape[0] - windows.shape[0] % world
+    if n == 0:
+        raise ValueError(f"evaluate: {windows.shape[0]} windows cannot be shared by {world} processes")
+    if windows.shape[1] < 2:
+        raise ValueError(f"evaluate: windows of {windows.shape[1]} token predict nothing; use seq_len >= 2")
+    mine = windows[rank:n:world]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # cross-entropy sum, predicted tokens
+    losses: List[float] = []
+    first_logits = None
+    batches = range(0, mine.shape[0], batch_size)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, unit="batch", dynamic_ncols=True, leave=False)
+    for i in batches:
+        x = mine[i:i + batch_size].to(device)
+        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with amp:
+            logits = model(x).logits
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
+                                               reduction="none").view(x.shape[0], -1)
+        sums[0] += ce.sum(dtype=torch.float64)
+        sums[1] += ce.numel()
+        if per_window:
+            losses += ce.mean(1).tolist()
+            if first_logits is None:
+                first_logits = logits.float().cpu()
+    model.train(was_training)
+    if world > 1:
+        dist.all_reduce(sums)
+    loss = (sums[0] / sums[1]).item()
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(sums[1].item()), "windows": n}
+    if per_window:
+        out.update(window_losses=losses, first_logits=first_logits)
+    return out
 
 
 def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
@@ -264,10 +344,18 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     FSDP2 (cfg.fsdp: the model stays sharded after this returns; its checkpoint in out_dir is whole); every rank
     must call this with the same tokens and config. ``cfg.resume`` reloads weights, optimizer and step from
     out_dir.
-    Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s.
+    Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s; with
+    cfg.val_fraction also val_loss and val_perplexity at every cfg.eval_every-th step and the last (cross entropy
+    on the held-out tail of ``tokens``, which training never draws from).
     """
     if cfg.steps is None and cfg.seconds is None:
         raise ValueError("train: give steps or seconds (or both)")
+    if cfg.eval_every and not cfg.val_fraction:
+        raise ValueError("train: eval_every needs a held-out part (val_fraction > 0)")
+    val_windows = None
+    if cfg.val_fraction:  # the held-out tail is never drawn from by get_batch: it only sees the training part
+        tokens, held_out = split_validation(tokens, cfg.val_fraction, cfg.seq_len)
+        val_windows = eval_windows(held_out, cfg.seq_len, cfg.eval_windows)
     _check_corpus_length(tokens, cfg.seq_len)  # before any output, not at the first step
     device = next(model.parameters()).device
     rank, world = init_distributed(device)
@@ -340,6 +428,11 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         stop = cfg.seconds is not None and elapsed >= cfg.seconds
         rec = {"step": step, "loss": loss, "aux_loss": aux, "lr": optimizer.param_groups[0]["lr"],
                "tokens_per_s": tokens_per_step / max(now - last, 1e-9), "elapsed_s": elapsed}
+        final = stop or (cfg.steps is not None and step >= cfg.steps)
+        if val_windows is not None and (final or (cfg.eval_every and step % cfg.eval_every == 0)):
+            val = evaluate(model, val_windows, cfg.batch_size, amp_dtype)  # every rank: a sharded forward
+            rec.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
+            now = time.perf_counter()  # the next step's tokens/s without the evaluation's time
         last = now
         records.append(rec)
         if rank == 0:
@@ -348,7 +441,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             if bar is not None:
                 bar.update(1 if cfg.steps is not None else min(elapsed, cfg.seconds) - bar.n)
                 bar.set_postfix(step=step, loss=f"{loss:.3f}", aux=f"{aux:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if log is not None and (step % cfg.log_every == 0 or step == 1):
+            if log is not None and (step % cfg.log_every == 0 or step == 1 or "val_loss" in rec):
                 log(rec)
         if cfg.save_every and step % cfg.save_every == 0 and not stop:
             _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)

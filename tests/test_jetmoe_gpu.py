@@ -5,12 +5,13 @@ Tolerance policy (STYLE.md item 3): jetmoe in bf16 may be at most a small multip
 transformers model as transformers itself is when run in bf16.
 """
 
+import json
 import os
 
 import pytest
 import torch
 from helpers import rel_err
-from test_jetmoe_parity import hf_model
+from test_jetmoe_parity import CONFIGS, hf_model
 
 import scattermoe
 from jetmoe import JetMoEForCausalLM, KVCache
@@ -105,3 +106,37 @@ def test_real_jetmoe_8b_matches_transformers_integration_values():
     expected = torch.tensor([-3.4844, 6.0625, 5.8750, -1.6875])
     print("logits[0, 0, :4]:", logits.tolist())
     assert torch.allclose(logits, expected, atol=5e-2, rtol=1e-2)
+
+
+@pytest.mark.skipif(not os.environ.get("JETMOE_8B"), reason="set JETMOE_8B to a local jetmoe/jetmoe-8b directory")
+def test_real_jetmoe_8b_eval_agrees_with_transformers(tmp_path):
+    """`python -m jetmoe eval --compare-transformers` on the real checkpoint, bf16: the same held-out loss as
+    transformers' JetMoeForCausalLM to rounding, and a perplexity a trained model has on code (not a random one's
+    ~32000)."""
+    from jetmoe.__main__ import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", os.environ["JETMOE_8B"], "--windows", "8", "--seq-len", "256",
+                 "--compare-transformers", "--no-progress", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    print(rep)
+    assert rep["compare"]["agree"] and rep["jetmoe"]["perplexity"] < 20
+
+
+def test_eval_cli_agrees_with_transformers_in_bf16_on_cuda(tmp_path):
+    """`eval --compare-transformers` on CUDA, bf16, the default backend: a small random model saved by
+    transformers."""
+    from jetmoe.__main__ import main
+    from jetmoe.tokenizer import ByteTokenizer
+
+    cfg = transformers.JetMoeConfig(**{**CONFIGS["k2_of_4"], "vocab_size": ByteTokenizer().vocab_size},
+                                    bos_token_id=256, eos_token_id=257)
+    transformers.JetMoeForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
+    ByteTokenizer().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "text.py").write_text("def f(x):\n    return x * 2 + 1\n\n" * 60)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "text.py"), "--dtype", "bfloat16",
+                 "--seq-len", "64", "--windows", "8", "--compare-transformers", "--no-progress",
+                 "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["device"].startswith("cuda") and rep["dtype"] == "bfloat16" and rep["compare"]["agree"], rep

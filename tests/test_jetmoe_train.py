@@ -21,7 +21,17 @@ from helpers import assert_close
 import scattermoe
 from jetmoe import ByteTokenizer, JetMoEConfig, JetMoEForCausalLM
 from jetmoe.__main__ import main
-from jetmoe.train import TRAIN_LOG, TrainConfig, get_batch, make_optimizer, train, train_step
+from jetmoe.train import (
+    TRAIN_LOG,
+    TrainConfig,
+    eval_windows,
+    evaluate,
+    get_batch,
+    make_optimizer,
+    split_validation,
+    train,
+    train_step,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTES = JetMoEConfig(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
@@ -135,6 +145,81 @@ def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path):
     assert [r["step"] for r in log] == list(range(1, 13))  # the crashed run's step 9 is not kept twice
 
 
+def test_eval_windows_are_aligned_disjoint_and_spread_over_the_text():
+    t = torch.arange(1000)
+    w = eval_windows(t, 16, 5)  # 62 windows fit; 5 of them, spread
+    starts = w[:, 0].tolist()
+    assert w.shape == (5, 16) and w.dtype == torch.int64
+    assert all(s % 16 == 0 for s in starts) and starts == sorted(set(starts))
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert starts[0] == 0 and starts[-1] >= 1000 * 4 // 5 - 16  # the first and the last fifth of the text
+    assert max(gaps) - min(gaps) <= 16  # evenly spread, up to the alignment
+    assert all(torch.equal(row, torch.arange(s, s + 16)) for row, s in zip(w, starts))
+    assert eval_windows(t, 16, 0).shape == (62, 16) and eval_windows(t, 16, 100).shape == (62, 16)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        eval_windows(t[:10], 16)
+
+
+def test_split_validation_holds_out_the_tail():
+    t = torch.arange(1000)
+    train_part, held = split_validation(t, 0.1, 16)
+    assert torch.equal(train_part, t[:900]) and torch.equal(held, t[900:])
+    assert split_validation(t, 0.001, 16)[1].numel() == 16  # at least one window
+    with pytest.raises(ValueError, match="leaves too few to train on"):
+        split_validation(t, 0.99, 16)
+    with pytest.raises(ValueError, match=r"expected a value in \(0, 1\)"):
+        split_validation(t, 1.0, 16)
+
+
+def test_evaluate_is_the_token_mean_of_each_windows_own_loss():
+    """evaluate's batching and token-weighted mean against the model's own loss, one window at a time."""
+    scattermoe.set_backend("torch")
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(BYTES).train()
+    w = eval_windows(tokens(), 24, 7)
+    r = evaluate(model, w, batch_size=3, per_window=True)  # batches of 3, 3, 1
+    with torch.no_grad():
+        model.eval()
+        each = [model(x[None], labels=x[None]).loss.item() for x in w]
+    assert model.eval() and r["windows"] == 7 and r["tokens"] == 7 * 23
+    assert_close(torch.tensor(r["window_losses"]), torch.tensor(each), 1e-6, "per-window losses")
+    assert abs(r["loss"] - sum(each) / 7) <= 1e-6 * r["loss"]
+    assert abs(r["perplexity"] - torch.tensor(sum(each) / 7).exp().item()) <= 1e-5 * r["perplexity"]
+    model.train()
+    evaluate(model, w, batch_size=4)
+    assert model.training, "evaluate must restore the training mode"
+
+
+def test_training_reports_a_held_out_loss_on_text_it_never_trains_on(tmp_path):
+    scattermoe.set_backend("torch")
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(BYTES)
+    t = tokens()
+    cfg = TrainConfig(out_dir=str(tmp_path / "v"), steps=5, batch_size=4, seq_len=16, warmup_steps=1, lr=1e-2,
+                      progress=False, val_fraction=0.25, eval_every=2, eval_windows=6)
+    drawn = []
+    import jetmoe.train as jt
+    real_get_batch = jt.get_batch
+
+    def spy(stream, *a):
+        drawn.append(stream.numel())
+        return real_get_batch(stream, *a)
+
+    jt.get_batch = spy
+    try:
+        rec = train(model, t, cfg)
+    finally:
+        jt.get_batch = real_get_batch
+    assert set(drawn) == {t.numel() - round(t.numel() * 0.25)}, "training drew from the held-out tail"
+    assert [r["step"] for r in rec if "val_loss" in r] == [2, 4, 5]  # every 2nd step and the last
+    held = split_validation(t, 0.25, 16)[1]
+    want = evaluate(model, eval_windows(held, 16, 6), batch_size=5)["loss"]  # the final weights, other batches
+    assert abs(rec[-1]["val_loss"] - want) <= 1e-6 * want
+    assert rec[-1]["val_perplexity"] == pytest.approx(torch.tensor(want).exp().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="eval_every needs a held-out part"):
+        train(model, t, TrainConfig(out_dir=str(tmp_path / "w"), steps=1, eval_every=2))
+
+
 def _run(cmd, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, **kw)
@@ -169,10 +254,11 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
     as one process accumulating the same four micro-batches, through a checkpoint and a resume: 2 steps, save,
     resume to 4. The checkpoints are the same files either way (weights gathered into the HF layout, the
     optimizer state into the unsharded format), so each mode resumes the other's: one process from FSDP's step
-    2, FSDP from one process's. Recomputation (--grad-checkpoint) on in the FSDP run, off in the cross resume."""
+    2, FSDP from one process's. Recomputation (--grad-checkpoint) on in the FSDP run, off in the cross resume.
+    A held-out loss every 2 steps, the sharded model's windows split over the ranks, matches one process's."""
     common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"),
               "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--warmup", "2", "--no-progress",
-              "--device", "cpu"]
+              "--device", "cpu", "--val-fraction", "0.2", "--eval-every", "2", "--eval-windows", "4"]
     one = [sys.executable, "-m", "jetmoe", *common, "--grad-accum", "4"]
     fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jetmoe",
             *common, "--fsdp", "--grad-accum", "2"]
@@ -206,6 +292,10 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
         for a, b in zip(logs["plain"], logs[name]):
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (name, a, b)
             assert abs(a["aux_loss"] - b["aux_loss"]) <= 1e-5 * a["aux_loss"], (name, a, b)
+            # held-out loss at steps 2 and 4: sharded, each rank evaluates 2 of the 4 windows, the sums all-reduced
+            assert ("val_loss" in a) == ("val_loss" in b) == (a["step"] in (2, 4)), (name, a, b)
+            if "val_loss" in a:
+                assert abs(a["val_loss"] - b["val_loss"]) <= 1e-5 * a["val_loss"], (name, a, b)
     want = JetMoEForCausalLM.from_pretrained(plain).state_dict()
     for d in (sharded, fsdp_then_one, one_then_fsdp):
         got = JetMoEForCausalLM.from_pretrained(d).state_dict()
@@ -245,6 +335,10 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     # Refused before the 8.5B-parameter model is built (34 GB in float32): it has no tokenizer without a checkpoint.
     (["train", "--model", "jetmoe-8b", "--steps", "1", "--device", "cpu"], "needs a 32000-token tokenizer"),
     (["train", "--model", "no_such_preset", "--steps", "1", "--device", "cpu"], "not a preset (jetmoe-8b, tiny)"),
+    (["train", "--eval-every", "5", "--steps", "1", "--device", "cpu"], "--eval-every: needs a held-out part"),
+    (["train", "--val-fraction", "1.5", "--steps", "1"], "argument --val-fraction: expected a value >= 0 and <= 1"),
+    (["eval", "--seq-len", "1"], "argument --seq-len: expected a value >= 2"),
+    (["eval", "--model", "/no/such/checkpoint"], "checkpoint not found"),
 ])
 def test_cli_rejects_bad_values_before_any_work(argv, message, capsys):
     assert main(argv) == 2
@@ -284,11 +378,46 @@ def test_cli_generate_streams_and_reports(tiny_ckpt, capsys):
     assert "--- [0]\na" in out and "--- [1]\ndef g(x):" in out
 
 
+def test_cli_eval_matches_transformers_and_says_when_it_does_not(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """`eval --compare-transformers`: both losses against transformers' own loss computed here; then a checkpoint
+    that jetmoe loads wrongly (one weight perturbed after loading) must exit 1 and say DISAGREE."""
+    transformers = pytest.importorskip("transformers")
+    corpus = tiny_ckpt.parent / "corpus.py"
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(tiny_ckpt), "--data", str(corpus), "--seq-len", "32", "--windows", "6",
+            "--batch-size", "4", "--device", "cpu", "--no-progress", "--compare-transformers"]
+    assert main([*argv, "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "agree" in stdout and "DISAGREE" not in stdout
+    rep = json.loads(out.read_text())
+    w = eval_windows(tokens(), 32, 6)
+    hf = transformers.JetMoeForCausalLM.from_pretrained(str(tiny_ckpt)).float().eval()
+    with torch.no_grad():
+        want = sum(hf(x[None], labels=x[None]).loss.item() for x in w) / len(w)
+    assert rep["windows"] == 6 and rep["tokens"] == 6 * 31 and rep["compare"]["agree"] is True
+    for side in ("jetmoe", "transformers"):
+        assert abs(rep[side]["loss"] - want) <= 1e-5 * want, (side, rep[side], want)
+
+    import jetmoe.checkpoint as ck
+    real = ck.load_pretrained
+
+    def wrong(*a, **kw):
+        m = real(*a, **kw)
+        with torch.no_grad():
+            m.model.layers[0].mlp.output_linear.weight.mul_(1.5)
+        return m
+
+    monkeypatch.setattr(ck, "load_pretrained", wrong)
+    assert main(argv) == 1
+    assert "DISAGREE" in capsys.readouterr().out
+
+
 def test_cli_demo_smoke(tmp_path, capsys):
     """The README's command with a 3-second budget: trains on the stdlib, saves the HF layout, samples."""
     assert main(["demo", "--seconds", "3", "--out", str(tmp_path / "demo"), "--max-new-tokens", "8",
                  "--no-progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "backend: torch" in out and "loss " in out and "sample:" in out
+    assert re.search(r"held-out loss \d+\.\d+ \(perplexity \d+\.\d+\)", out), out
     assert {"config.json", "model.safetensors", "byte_tokenizer.json", "trainer_state.pt", TRAIN_LOG} <= {
         p.name for p in (tmp_path / "demo").iterdir()}
