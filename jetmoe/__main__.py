@@ -375,6 +375,10 @@ def _train(args, demo: bool) -> None:
             print(f"held-out loss {records[-1]['val_loss']:.3f} (perplexity {records[-1]['val_perplexity']:.2f}) on "
                   f"the last {100 * cfg.val_fraction:g}% of the corpus, never trained on")
     print(f"saved to {cfg.out_dir} (HF layout: transformers.JetMoeForCausalLM.from_pretrained loads it too)")
+    from .train import TRAIN_LOG, TRAIN_PLOT, plot_train_log
+    why_not = plot_train_log(cfg.out_dir)
+    curve = f"loss curve: {Path(cfg.out_dir) / TRAIN_PLOT}" if why_not is None else why_not
+    print(f"log: {Path(cfg.out_dir) / TRAIN_LOG}; {curve}")
     if demo:
         model.eval()
         args.temperature, args.top_p, args.ignore_eos, args.warmup = 0.8, 0.95, False, 0

@@ -453,6 +453,52 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     return records
 
 
+TRAIN_PLOT = "train_log.png"
+
+
+def plot_train_log(out_dir: Union[str, Path]) -> Optional[str]:
+    """Draw out_dir's train_log.jsonl into train_log.png beside it: the training and held-out losses against the
+    step (log scale) above, the learning rate below. Returns None when drawn, else why not (matplotlib is
+    optional: the bench extra brings it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return "matplotlib is not installed: no loss curve drawn (pip install matplotlib)"
+    log_path = Path(out_dir) / TRAIN_LOG
+    recs = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    if not recs:
+        return f"no records in {log_path}: no loss curve drawn"
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
+    steps = [r["step"] for r in recs]
+    top.plot(steps, [r["loss"] for r in recs], lw=0.8, alpha=0.5, label="training loss (per step)")
+    n = max(1, len(recs) // 50)  # a running mean over ~2% of the run, to see the trend through the noise
+    if n > 1:
+        smooth = [sum(r["loss"] for r in recs[max(0, i - n + 1):i + 1]) / len(recs[max(0, i - n + 1):i + 1])
+                  for i in range(len(recs))]
+        top.plot(steps, smooth, lw=1.5, label=f"training loss (mean of {n} steps)")
+    held = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    if held:
+        top.plot(*zip(*held), "o-", ms=4, label="held-out loss")
+    top.set_yscale("log")
+    for axis_formatter in (top.yaxis.set_major_formatter, top.yaxis.set_minor_formatter):
+        axis_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 2, 3, 4 rather than 2x10^0
+    top.set_ylabel("cross entropy (nats/token)")
+    top.grid(True, which="both", alpha=0.3)
+    top.legend(fontsize=8)
+    top.set_title(f"{Path(out_dir).name}: {steps[-1]} steps in {recs[-1]['elapsed_s']:.0f} s", fontsize=10)
+    bottom.plot(steps, [r["lr"] for r in recs], lw=1.0, color="gray")
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("optimizer step")
+    bottom.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / TRAIN_PLOT, dpi=120)
+    plt.close(fig)
+    return None
+
+
 def _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded) -> None:
     if rank == 0 or sharded:  # sharded: every rank takes part in gathering the state to rank 0
         save_checkpoint(model, optimizer, step, cfg, tokenizer, sharded)

@@ -378,6 +378,13 @@ def test_cli_generate_streams_and_reports(tiny_ckpt, capsys):
     assert "--- [0]\na" in out and "--- [1]\ndef g(x):" in out
 
 
+def test_plot_train_log_says_why_when_there_is_nothing_to_draw(tmp_path):
+    from jetmoe.train import plot_train_log
+    why = plot_train_log(tmp_path)
+    assert why is not None and ("no records" in why or "matplotlib is not installed" in why)
+    assert not (tmp_path / "train_log.png").exists()
+
+
 def test_cli_eval_matches_transformers_and_says_when_it_does_not(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """`eval --compare-transformers`: both losses against transformers' own loss computed here; then a checkpoint
     that jetmoe loads wrongly (one weight perturbed after loading) must exit 1 and say DISAGREE."""
@@ -419,5 +426,12 @@ def test_cli_demo_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "backend: torch" in out and "loss " in out and "sample:" in out
     assert re.search(r"held-out loss \d+\.\d+ \(perplexity \d+\.\d+\)", out), out
+    try:
+        import matplotlib  # noqa: F401  (optional: the loss curve is drawn only with it)
+    except ImportError:
+        assert "matplotlib is not installed: no loss curve drawn" in out
+    else:
+        png = tmp_path / "demo" / "train_log.png"
+        assert f"loss curve: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"config.json", "model.safetensors", "byte_tokenizer.json", "trainer_state.pt", TRAIN_LOG} <= {
         p.name for p in (tmp_path / "demo").iterdir()}
