@@ -74,6 +74,7 @@ class TrainConfig:
     val_fraction: float = 0.0  # hold out the token stream's last fraction: a validation loss on text never trained on
     eval_every: int = 0  # steps between validation losses (0: at the end only); needs val_fraction
     eval_windows: int = 32  # windows of seq_len held-out tokens per validation, spread evenly over the held-out part
+    # (under torchrun rounded down to a multiple of the process count, which shares them)
 
 
 def default_corpus_files() -> List[Path]:
@@ -359,6 +360,9 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     _check_corpus_length(tokens, cfg.seq_len)  # before any output, not at the first step
     device = next(model.parameters()).device
     rank, world = init_distributed(device)
+    if val_windows is not None and val_windows.shape[0] < world:  # now, not after the last step's training
+        raise ValueError(f"the held-out part has {val_windows.shape[0]} windows of seq_len {cfg.seq_len}, fewer than "
+                         f"the {world} processes that share them: give a larger val_fraction or more text")
     amp_dtype = torch.bfloat16 if (cfg.amp if cfg.amp is not None else device.type == "cuda") else None
     sharded = cfg.fsdp and world > 1
     step = 0
@@ -432,7 +436,9 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         if val_windows is not None and (final or (cfg.eval_every and step % cfg.eval_every == 0)):
             val = evaluate(model, val_windows, cfg.batch_size, amp_dtype)  # every rank: a sharded forward
             rec.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
-            now = time.perf_counter()  # the next step's tokens/s without the evaluation's time
+            # Evaluation is not training time: off the clock of the --seconds budget, the schedule and tokens/s.
+            start += time.perf_counter() - now
+            now = time.perf_counter()
         last = now
         records.append(rec)
         if rank == 0:

@@ -129,14 +129,38 @@ def test_eval_cli_agrees_with_transformers_in_bf16_on_cuda(tmp_path):
     from jetmoe.__main__ import main
     from jetmoe.tokenizer import ByteTokenizer
 
+    import jetmoe.checkpoint as ck
+
     cfg = transformers.JetMoeConfig(**{**CONFIGS["k2_of_4"], "vocab_size": ByteTokenizer().vocab_size},
                                     bos_token_id=256, eos_token_id=257)
-    transformers.JetMoeForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    hf = transformers.JetMoeForCausalLM(cfg)
+    with torch.no_grad():  # weights large enough that every layer moves the loss (the default init's do not)
+        for name, p in hf.named_parameters():
+            p.normal_(0.0, 0.25)
+            if name.endswith("norm.weight"):
+                p.add_(1.0)
+    hf.save_pretrained(tmp_path / "ckpt")
     ByteTokenizer().save_pretrained(tmp_path / "ckpt")
     (tmp_path / "text.py").write_text("def f(x):\n    return x * 2 + 1\n\n" * 60)
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "text.py"), "--dtype", "bfloat16",
-                 "--seq-len", "64", "--windows", "8", "--compare-transformers", "--no-progress",
-                 "--json", str(out)]) == 0
+    argv = ["eval", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "text.py"), "--dtype", "bfloat16",
+            "--seq-len", "64", "--windows", "8", "--compare-transformers", "--no-progress", "--json", str(out)]
+    assert main(argv) == 0
     rep = json.loads(out.read_text())
+    print(rep["compare"])
     assert rep["device"].startswith("cuda") and rep["dtype"] == "bfloat16" and rep["compare"]["agree"], rep
+
+    real = ck.load_pretrained
+
+    def wrong(*a, **kw):  # one MoE weight loaded wrongly must be caught in bf16 too
+        m = real(*a, **kw)
+        with torch.no_grad():
+            m.model.layers[0].mlp.output_linear.weight.mul_(1.5)
+        return m
+
+    ck.load_pretrained = wrong
+    try:
+        assert main(argv) == 1
+    finally:
+        ck.load_pretrained = real

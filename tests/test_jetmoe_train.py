@@ -6,6 +6,7 @@ weights with one process accumulating the same two micro-batches: DDP's gradient
 accumulation are the same sum, so the losses agree to float rounding.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -178,16 +179,16 @@ def test_evaluate_is_the_token_mean_of_each_windows_own_loss():
     model = JetMoEForCausalLM(BYTES).train()
     w = eval_windows(tokens(), 24, 7)
     r = evaluate(model, w, batch_size=3, per_window=True)  # batches of 3, 3, 1
+    assert model.training, "evaluate must restore the training mode"
     with torch.no_grad():
         model.eval()
         each = [model(x[None], labels=x[None]).loss.item() for x in w]
-    assert model.eval() and r["windows"] == 7 and r["tokens"] == 7 * 23
+    assert r["windows"] == 7 and r["tokens"] == 7 * 23
     assert_close(torch.tensor(r["window_losses"]), torch.tensor(each), 1e-6, "per-window losses")
     assert abs(r["loss"] - sum(each) / 7) <= 1e-6 * r["loss"]
     assert abs(r["perplexity"] - torch.tensor(sum(each) / 7).exp().item()) <= 1e-5 * r["perplexity"]
-    model.train()
     evaluate(model, w, batch_size=4)
-    assert model.training, "evaluate must restore the training mode"
+    assert not model.training, "evaluate must restore the eval mode too"
 
 
 def test_training_reports_a_held_out_loss_on_text_it_never_trains_on(tmp_path):
@@ -218,6 +219,24 @@ def test_training_reports_a_held_out_loss_on_text_it_never_trains_on(tmp_path):
     assert rec[-1]["val_perplexity"] == pytest.approx(torch.tensor(want).exp().item(), rel=1e-6)
     with pytest.raises(ValueError, match="eval_every needs a held-out part"):
         train(model, t, TrainConfig(out_dir=str(tmp_path / "w"), steps=1, eval_every=2))
+
+    # Evaluating does not change training: the same run evaluated at the end only has the same losses.
+    torch.manual_seed(0)
+    once = train(JetMoEForCausalLM(BYTES), t, dataclasses.replace(cfg, out_dir=str(tmp_path / "once"), eval_every=0))
+    assert [r["loss"] for r in once] == [r["loss"] for r in rec] and once[-1]["val_loss"] == rec[-1]["val_loss"]
+    assert [r["step"] for r in once if "val_loss" in r] == [5]
+
+
+def test_training_refuses_fewer_held_out_windows_than_processes_before_training(tmp_path, monkeypatch):
+    import jetmoe.train as jt
+    monkeypatch.setattr(jt, "init_distributed", lambda device: (0, 64))  # as if under torchrun with 64 processes
+    stepped = []
+    monkeypatch.setattr(jt, "train_step", lambda *a, **kw: stepped.append(1) or (0.0, 0.0))
+    cfg = TrainConfig(out_dir=str(tmp_path / "v"), steps=2, batch_size=2, seq_len=16, progress=False,
+                      val_fraction=0.25, eval_windows=6)
+    with pytest.raises(ValueError, match="6 windows of seq_len 16, fewer than the 64 processes"):
+        jt.train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    assert not stepped
 
 
 def _run(cmd, **kw):
@@ -336,7 +355,7 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     (["train", "--model", "jetmoe-8b", "--steps", "1", "--device", "cpu"], "needs a 32000-token tokenizer"),
     (["train", "--model", "no_such_preset", "--steps", "1", "--device", "cpu"], "not a preset (jetmoe-8b, tiny)"),
     (["train", "--eval-every", "5", "--steps", "1", "--device", "cpu"], "--eval-every: needs a held-out part"),
-    (["train", "--val-fraction", "1.5", "--steps", "1"], "argument --val-fraction: expected a value >= 0 and <= 1"),
+    (["train", "--val-fraction", "1", "--steps", "1"], "argument --val-fraction: expected a value >= 0 and < 1"),
     (["eval", "--seq-len", "1"], "argument --seq-len: expected a value >= 2"),
     (["eval", "--model", "/no/such/checkpoint"], "checkpoint not found"),
 ])
