@@ -1,9 +1,10 @@
 """scattermoe.integrations: transformers MoE models patched vs unpatched, per family.
 
 Each family gets a tiny random config built with transformers and all weights randomised
-(routers and biases included, so routing is non-trivial). Checked on the CPU in float32:
-logits (rel err < 1e-4), loss and every parameter's gradient, greedy generation identical,
-and a checkpoint saved after patching reloads into an unpatched model with the same logits.
+(routers and biases included, so routing is non-trivial; group-limited top-k where the family
+has it). Checked on the CPU in float32: logits (rel err < 1e-4), loss and every parameter's
+gradient, greedy generation identical, and a checkpoint saved after patching reloads into an
+unpatched model with the same logits.
 Most checks run on the 'torch' backend; one forward+backward per family runs the Triton
 kernels through the interpreter.
 """
@@ -57,7 +58,35 @@ def _tiny(family):
                                          kv_channels=8, num_attention_heads=4, intermediate_size=24,
                                          num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
                                          output_router_logits=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family in _FUSED_EXPERTS_CONFIGS:  # transformers 5's fused experts class, each family's own router
+        return transformers.AutoConfig.for_model(family, **common, output_router_logits=True,
+                                                 **_FUSED_EXPERTS_CONFIGS[family])
     raise KeyError(family)
+
+
+_MOE = dict(intermediate_size=48, moe_intermediate_size=24, num_experts_per_tok=2)
+_GROUPED = dict(_MOE, n_routed_experts=6, n_shared_experts=1, n_group=2, topk_group=1)  # group-limited top-k
+_MLA = dict(num_key_value_heads=4, head_dim=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4,
+            qk_nope_head_dim=8, v_head_dim=8)  # multi-head latent attention
+_FUSED_EXPERTS_CONFIGS = {
+    "deepseek_v2": dict(_GROUPED, **_MLA, first_k_dense_replace=0),
+    "deepseek_v3": dict(_GROUPED, **_MLA, first_k_dense_replace=0),
+    "glm4_moe": dict(_GROUPED, num_key_value_heads=2, first_k_dense_replace=0),
+    "glm4_moe_lite": dict(_GROUPED, **_MLA),  # its first layer dense: one MoE block
+    "dots1": dict(_GROUPED, num_key_value_heads=2, first_k_dense_replace=0),
+    "exaone_moe": dict(_MOE, num_experts=6, n_group=2, topk_group=1, num_key_value_heads=2, first_k_dense_replace=0),
+    "qwen3_next": dict(_MOE, num_experts=6, shared_expert_intermediate_size=40, num_key_value_heads=2, head_dim=8,
+                       decoder_sparse_step=1, mlp_only_layers=[], layer_types=["linear_attention", "full_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                       linear_value_head_dim=8, linear_conv_kernel_dim=4),  # a gated-delta-net layer, then attention
+    "phimoe": dict(_MOE, num_local_experts=6, num_key_value_heads=2),  # sparsemixer routing
+    "minimax": dict(_MOE, num_local_experts=6, num_key_value_heads=2, head_dim=8),  # lightning attention layers
+    "minimax_m2": dict(_MOE, num_local_experts=6, num_key_value_heads=2, head_dim=8),
+    "ernie4_5_moe": dict(_MOE, moe_num_experts=6, moe_k=2, moe_layer_start_index=0, num_key_value_heads=2),
+    "hunyuan_v1_moe": dict(_MOE, num_experts=6, num_key_value_heads=2, head_dim=8),
+    "flex_olmo": dict(_MOE, num_experts=6, num_key_value_heads=2),
+    "granitemoeshared": dict(_MOE, num_local_experts=6, num_key_value_heads=2, shared_intermediate_size=40),
+}
 
 
 def _build(family, seed=0):
@@ -202,6 +231,20 @@ def test_apply_checks_its_arguments_and_a_family_patcher_leaves_transformers_alo
     with pytest.raises(ValueError, match="no supported MoE block"):
         integrations.apply_scattermoe_to_mixtral(llama)
     assert dict(vars(mixtral_module)) == before, "transformers' mixtral module was patched before the error"
+
+
+def test_apply_looks_only_at_imported_families_and_names_a_family_transformers_lacks(monkeypatch):
+    import sys
+
+    ref = _build("mixtral")
+    unrelated = "transformers.models.minimax_m2.modeling_minimax_m2"
+    monkeypatch.delitem(sys.modules, unrelated, raising=False)
+    integrations.apply_scattermoe(ref)
+    assert unrelated not in sys.modules, "apply_scattermoe imported the modeling module of a family not in the model"
+    monkeypatch.setitem(transformers_moe._FAMILIES, "future_moe",
+                        ("transformers.models.future_moe.modeling_future_moe", {"FutureMoeExperts": {}}))
+    with pytest.raises(ValueError, match=r"family 'future_moe' needs FutureMoeExperts .* which transformers \S+ lacks"):
+        integrations.apply_scattermoe(ref, families=["future_moe"])
 
 
 def test_apply_twice_is_harmless():

@@ -27,6 +27,7 @@ Two ways in (Liger-Kernel's split):
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -146,6 +147,24 @@ _FAMILIES: Dict[str, Tuple[str, Dict[str, Dict[str, Callable]]]] = {
     "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", {"Qwen2MoeExperts": _EXPERTS}),
     "granitemoe": ("transformers.models.granitemoe.modeling_granitemoe", {"GraniteMoeExperts": _EXPERTS}),
     "gpt_oss": ("transformers.models.gpt_oss.modeling_gpt_oss", {"GptOssExperts": _EXPERTS}),
+    # DeepSeek-V2/V3 (and R1), GLM-4.5 and later, dots.llm1, EXAONE MoE: sigmoid or softmax routers with group-limited
+    # top-k, score-correction biases and shared experts, all of it the model's own; only the routed experts change.
+    "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", {"DeepseekV2Experts": _EXPERTS}),
+    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", {"DeepseekV3Experts": _EXPERTS}),
+    "glm4_moe": ("transformers.models.glm4_moe.modeling_glm4_moe", {"Glm4MoeExperts": _EXPERTS}),
+    "glm4_moe_lite": ("transformers.models.glm4_moe_lite.modeling_glm4_moe_lite", {"Glm4MoeLiteExperts": _EXPERTS}),
+    "dots1": ("transformers.models.dots1.modeling_dots1", {"Dots1Experts": _EXPERTS}),
+    "exaone_moe": ("transformers.models.exaone_moe.modeling_exaone_moe", {"ExaoneMoeExperts": _EXPERTS}),
+    "qwen3_next": ("transformers.models.qwen3_next.modeling_qwen3_next", {"Qwen3NextExperts": _EXPERTS}),
+    "phimoe": ("transformers.models.phimoe.modeling_phimoe", {"PhimoeExperts": _EXPERTS}),
+    "minimax": ("transformers.models.minimax.modeling_minimax", {"MiniMaxExperts": _EXPERTS}),
+    "minimax_m2": ("transformers.models.minimax_m2.modeling_minimax_m2", {"MiniMaxM2Experts": _EXPERTS}),
+    "ernie4_5_moe": ("transformers.models.ernie4_5_moe.modeling_ernie4_5_moe", {"Ernie4_5_MoeExperts": _EXPERTS}),
+    "hunyuan_v1_moe": ("transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe",
+                       {"HunYuanMoEV1Experts": _EXPERTS}),
+    "flex_olmo": ("transformers.models.flex_olmo.modeling_flex_olmo", {"FlexOlmoExperts": _EXPERTS}),
+    "granitemoeshared": ("transformers.models.granitemoeshared.modeling_granitemoeshared",
+                         {"GraniteMoeSharedExperts": _EXPERTS}),
     "jetmoe": ("transformers.models.jetmoe.modeling_jetmoe", {
         "JetMoeMoE": {"forward": _jetmoe_moe_forward},
         "JetMoeMoA": {"map": _jetmoe_moa_map, "reduce": _jetmoe_moa_reduce},
@@ -170,14 +189,18 @@ def _scattermoe_class(original: type, methods: Dict[str, Callable]) -> type:
 
 
 def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Callable]]]:
-    """[(modeling module, class name, original class, methods)] of a family."""
+    """[(modeling module, class name, original class, methods)] of a family. A ValueError naming the family when
+    the installed transformers lacks it."""
     module_name, classes = _FAMILIES[family]
-    module = importlib.import_module(module_name)
-    out = []
-    for name, methods in classes.items():
-        cls = getattr(module, name)
-        out.append((module, name, getattr(cls, "_scattermoe_original", None) or cls, methods))
-    return out
+    try:
+        module = importlib.import_module(module_name)
+        found = [(name, getattr(module, name), methods) for name, methods in classes.items()]
+    except (ImportError, AttributeError) as exc:
+        import transformers
+
+        raise ValueError(f"scattermoe: family {family!r} needs {', '.join(classes)} in {module_name}, which "
+                         f"transformers {transformers.__version__} lacks ({exc})") from None
+    return [(module, name, getattr(cls, "_scattermoe_original", None) or cls, methods) for name, cls, methods in found]
 
 
 def _unsupported(what: str) -> ValueError:
@@ -198,7 +221,11 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
         raise TypeError(f"model: expected a torch.nn.Module (a loaded transformers model), got {type(model).__name__}")
     if isinstance(families, str):  # one family by name, not its letters
         families = [families]
-    families = list(families) if families is not None else list(SUPPORTED_FAMILIES)
+    if families is None:
+        # A loaded model's classes come from modeling modules already imported: look only there, instead of
+        # importing every family's module (slow, and absent from older transformers).
+        families = [f for f in SUPPORTED_FAMILIES if _FAMILIES[f][0] in sys.modules]
+    families = list(families)
     for family in families:
         if family not in _FAMILIES:
             raise _unsupported(f"unknown family {family!r}")
@@ -265,3 +292,17 @@ apply_scattermoe_to_qwen2_moe = _family_patcher("qwen2_moe")
 apply_scattermoe_to_granitemoe = _family_patcher("granitemoe")
 apply_scattermoe_to_gpt_oss = _family_patcher("gpt_oss")
 apply_scattermoe_to_jetmoe = _family_patcher("jetmoe")
+apply_scattermoe_to_deepseek_v2 = _family_patcher("deepseek_v2")
+apply_scattermoe_to_deepseek_v3 = _family_patcher("deepseek_v3")
+apply_scattermoe_to_glm4_moe = _family_patcher("glm4_moe")
+apply_scattermoe_to_glm4_moe_lite = _family_patcher("glm4_moe_lite")
+apply_scattermoe_to_dots1 = _family_patcher("dots1")
+apply_scattermoe_to_exaone_moe = _family_patcher("exaone_moe")
+apply_scattermoe_to_qwen3_next = _family_patcher("qwen3_next")
+apply_scattermoe_to_phimoe = _family_patcher("phimoe")
+apply_scattermoe_to_minimax = _family_patcher("minimax")
+apply_scattermoe_to_minimax_m2 = _family_patcher("minimax_m2")
+apply_scattermoe_to_ernie4_5_moe = _family_patcher("ernie4_5_moe")
+apply_scattermoe_to_hunyuan_v1_moe = _family_patcher("hunyuan_v1_moe")
+apply_scattermoe_to_flex_olmo = _family_patcher("flex_olmo")
+apply_scattermoe_to_granitemoeshared = _family_patcher("granitemoeshared")
