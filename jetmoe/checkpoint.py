@@ -166,10 +166,15 @@ def load_pretrained(path_or_hub_id: Union[str, os.PathLike], dtype: Optional[tor
     return model.eval()
 
 
+# Loads of at least this many bytes show a progress bar (JetMoE-8B: 17 GB), unless asked otherwise.
+PROGRESS_MIN_BYTES = 1 << 30
+
+
 @torch.no_grad()
-def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike]) -> None:
+def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], progress: Optional[bool] = None) -> None:
     """Fill model's parameters in place from ckpt_dir's safetensors, one tensor at a time (cast to each
-    parameter's dtype and device). A missing tensor or a shape mismatch is a CheckpointError naming it."""
+    parameter's dtype and device). A missing tensor or a shape mismatch is a CheckpointError naming it.
+    ``progress``: a tqdm bar of the bytes read (None: only for PROGRESS_MIN_BYTES or more)."""
     from safetensors import safe_open
 
     ckpt_dir = Path(ckpt_dir)
@@ -205,10 +210,19 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike]) ->
             raise
         except Exception as exc:  # safetensors' own errors (a truncated file, a bad header) name no file
             raise CheckpointError(f"{file}: cannot read it as safetensors ({exc})") from None
+    total = sum(params[n].numel() * params[n].element_size() for names in by_file.values() for n in names)
+    bar = None
+    if progress or (progress is None and total >= PROGRESS_MIN_BYTES):
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {ckpt_dir.name}", dynamic_ncols=True)
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:  # one tensor in host memory at a time
                 params[name].copy_(f.get_tensor(name))
+                if bar is not None:
+                    bar.update(params[name].numel() * params[name].element_size())
+    if bar is not None:
+        bar.close()
 
 
 def save_pretrained(model: JetMoEForCausalLM, out_dir: Union[str, os.PathLike],

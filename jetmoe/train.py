@@ -375,7 +375,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             (Path(cfg.out_dir) / TRAIN_LOG).unlink(missing_ok=True)
     state = None
     if cfg.resume:
-        load_weights(model, cfg.out_dir)  # the whole model on every rank, before any sharding
+        load_weights(model, cfg.out_dir, progress=None if rank == 0 else False)  # every rank, before any sharding
         # Sharded: memory-mapped on the host, so that only rank 0, which broadcasts it, reads the optimizer
         # state (JetMoE-8B's is 64 GB); the others take the step.
         state = torch.load(state_path, map_location="cpu" if sharded else device, weights_only=True, mmap=sharded)

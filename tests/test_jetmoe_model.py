@@ -303,6 +303,23 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
         load_pretrained(tmp_path)
 
 
+def test_loading_shows_its_progress_in_bytes_only_when_large(tmp_path, capsys, monkeypatch):
+    import jetmoe.checkpoint as ck
+
+    model = JetMoEForCausalLM(TINY)
+    model.save_pretrained(tmp_path)
+    nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values()
+                 ) - (model.lm_head.weight.numel() * 4 if TINY.tie_word_embeddings else 0)
+    ck.load_weights(JetMoEForCausalLM(TINY), tmp_path)
+    assert capsys.readouterr().err == "", "a small load should be quiet"
+    monkeypatch.setattr(ck, "PROGRESS_MIN_BYTES", nbytes)  # as large as the threshold: shown
+    ck.load_weights(JetMoEForCausalLM(TINY), tmp_path)
+    err = capsys.readouterr().err
+    assert f"loading {tmp_path.name}: 100%" in err, err
+    ck.load_weights(JetMoEForCausalLM(TINY), tmp_path, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_broken_shards_are_refused_before_any_weight_is_written(tmp_path):
     from jetmoe.checkpoint import load_weights
 
