@@ -304,13 +304,13 @@ def cmd_eval(args) -> int:
     return status
 
 
-def _build_for_training(args, device: torch.device):
+def _build_for_training(args, device: torch.device, rank0: bool = True):
     from .checkpoint import load_pretrained, resolve
     from .model import PRESETS, JetMoEConfig, JetMoEForCausalLM
     from .tokenizer import ByteTokenizer, load_tokenizer
 
     if args.resume and (Path(args.out) / "config.json").is_file():  # continue the model that is there
-        model = load_pretrained(args.out, dtype=torch.float32, device=device)
+        model = load_pretrained(args.out, dtype=torch.float32, device=device, progress=None if rank0 else False)
         return model, load_tokenizer(args.out, model.config.vocab_size)
     if args.model in PRESETS:
         config = JetMoEConfig.preset(args.model)
@@ -323,7 +323,8 @@ def _build_for_training(args, device: torch.device):
     if not Path(args.model).expanduser().is_dir() and "/" not in args.model:
         raise CLIError(f"--model {args.model}: not a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
     ckpt = resolve(args.model)
-    model = load_pretrained(ckpt, dtype=torch.float32, device=device)  # fp32 master weights; autocast on GPU
+    # fp32 master weights (autocast on GPU); one progress bar, not one per process
+    model = load_pretrained(ckpt, dtype=torch.float32, device=device, progress=None if rank0 else False)
     return model, load_tokenizer(ckpt, model.config.vocab_size)
 
 
@@ -335,7 +336,7 @@ def _train(args, demo: bool) -> None:
     check_out_dir(Path(args.out), args.resume, demo or args.overwrite)  # the demo's folder is its cache
     rank, world = init_distributed(device)  # under torchrun: join the process group before anything else
     rank0 = rank == 0
-    model, tokenizer = _build_for_training(args, device)
+    model, tokenizer = _build_for_training(args, device, rank0)
     t = time.perf_counter()
     docs = load_corpus(args.data)
     tokens = tokenize(docs, tokenizer)

@@ -153,8 +153,9 @@ def _stored_dtype(files: Dict[str, Path]) -> torch.dtype:
 
 
 def load_pretrained(path_or_hub_id: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
-                    device: Union[str, torch.device] = "cpu") -> JetMoEForCausalLM:
-    """Build JetMoEForCausalLM from a HF-layout checkpoint; dtype None keeps the stored dtype (bf16 for 8B)."""
+                    device: Union[str, torch.device] = "cpu", progress: Optional[bool] = None) -> JetMoEForCausalLM:
+    """Build JetMoEForCausalLM from a HF-layout checkpoint; dtype None keeps the stored dtype (bf16 for 8B).
+    ``progress``: as in load_weights."""
     ckpt_dir = resolve(path_or_hub_id)
     cfg = load_config(ckpt_dir)
     dtype = dtype or _stored_dtype(weight_files(ckpt_dir))
@@ -162,7 +163,7 @@ def load_pretrained(path_or_hub_id: Union[str, os.PathLike], dtype: Optional[tor
         model = JetMoEForCausalLM(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
-    load_weights(model, ckpt_dir)
+    load_weights(model, ckpt_dir, progress)
     return model.eval()
 
 
