@@ -195,6 +195,22 @@ def weight_bytes(shape: Shape, experts: int, itemsize: int = 2) -> int:
     return experts * (shape.out1 * shape.D + shape.F * shape.D) * itemsize
 
 
+def useful_bytes(group: Group, mode: str, experts: int, itemsize: int = 2) -> Optional[int]:
+    """Compulsory HBM traffic, the bytes counterpart of ``flops``: the used experts' weights read once, the
+    layer's inputs read and outputs written once; intermediates a fused kernel keeps on chip are not counted.
+    Forward: X, W, Y. Backward: X, dY, W read, dX and dW written. GEMM alone: X, W1, the [N, F] output. None
+    for routing."""
+    s, t = group.shape, group.T
+    if s.kind == "routing":
+        return None
+    w = weight_bytes(s, experts, itemsize)
+    if s.kind == "glu_gemm":
+        return (t * s.D + t * s.K * s.F) * itemsize + w
+    fwd = 2 * t * s.D * itemsize + w
+    bwd = 3 * t * s.D * itemsize + 2 * w
+    return {"fwd": fwd, "infer": fwd, "infer_graph": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
+
+
 # ---------------------------------------------------------------- inputs
 
 

@@ -140,36 +140,54 @@ def targets_table(payload: Dict, which: Callable[[Dict], List[Dict]] = targets) 
                            "verdict"], rows)
 
 
-def _cell(r: Dict) -> str:
+def _memory_bound(r: Dict, limits: Optional[Dict]) -> bool:
+    """Below the device's ridge point: its compulsory bytes take longer than its FLOPs at the datasheet rates."""
+    return bool(limits and r.get("bytes") and r.get("flops")
+                and r["bytes"] / limits["hbm_bytes_s"] > r["flops"] / limits["bf16_flops"])
+
+
+def _cell(r: Dict, limits: Optional[Dict] = None) -> str:
+    """'ms (TFLOP/s)', or '(GB/s)' where the case is memory-bound; ', N%' of the roofline when known."""
     if r.get("ms") is None:
         status = r.get("status", "not run")
         return "—" if status.startswith("unavailable") else status.split(":")[0]
     text = f"{r['ms']:.3f}" if r["ms"] >= 0.1 else f"{r['ms'] * 1e3:.1f} us"
-    if r.get("tflops"):
-        text += f" ({r['tflops']:.0f})" if r["tflops"] >= 10 else f" ({r['tflops']:.2g})"
+    rate = ""
+    if _memory_bound(r, limits) and r.get("gb_s"):
+        rate = f"{r['gb_s']:.0f} GB/s"
+    elif r.get("tflops"):
+        rate = f"{r['tflops']:.0f}" if r["tflops"] >= 10 else f"{r['tflops']:.2g}"
+    if rate and r.get("roofline_frac"):
+        rate += f", {r['roofline_frac'] * 100:.0f}%"
+    if rate:
+        text += f" ({rate})"
     if r.get("check") == "FAIL":
         text += " FAIL"
     return text
 
 
-def case_table(rows: List[Dict], case: str, routings: Tuple[str, ...] = ("uniform", "zipf")) -> str:
-    """Tokens down, implementations across; cells 'ms (TFLOP/s)'."""
+def case_table(rows: List[Dict], case: str, routings: Tuple[str, ...] = ("uniform", "zipf"),
+               limits: Optional[Dict] = None) -> str:
+    """Tokens down, implementations across; cells 'ms (TFLOP/s or GB/s, % of the roofline)'; the roofline's time
+    (or, in files without it, the forward's HBM floor) in the last column."""
     mine = [r for r in rows if r["case"] == case and r["routing"] in routings]
     impls = [i for i in dict.fromkeys(r["impl"] for r in mine)
              if any(r["impl"] == i and r.get("status") != "unavailable" and not
                     str(r.get("status", "")).startswith("unavailable") for r in mine)]
     keys = list(dict.fromkeys((r["tokens"], r["routing"]) for r in mine))
     keys.sort(key=lambda k: (routings.index(k[1]), k[0]))
-    floor = any(r.get("hbm_floor_ms") for r in mine)
+    bound_key = "roofline_ms" if any(r.get("roofline_ms") for r in mine) else "hbm_floor_ms"
+    floor = any(r.get(bound_key) for r in mine)
     body = []
     for t, routing in keys:
         cells = {r["impl"]: r for r in mine if (r["tokens"], r["routing"]) == (t, routing)}
-        line = [str(t), routing] + [_cell(cells[i]) if i in cells else "" for i in impls]
+        line = [str(t), routing] + [_cell(cells[i], limits) if i in cells else "" for i in impls]
         if floor:
-            f = next((r.get("hbm_floor_ms") for r in cells.values() if r.get("hbm_floor_ms")), None)
-            line.append(f"{f * 1e3:.0f} us" if f else "")
+            f = next((r.get(bound_key) for r in cells.values() if r.get(bound_key)), None)
+            line.append("" if not f else f"{f:.3f}" if f >= 0.1 else f"{f * 1e3:.1f} us")
         body.append(line)
-    header = ["T", "routing"] + impls + (["HBM floor"] if floor else [])
+    header = ["T", "routing"] + impls + ([{"roofline_ms": "roofline", "hbm_floor_ms": "HBM floor"}[bound_key]]
+                                         if floor else [])
     return markdown_table(header, body, ["r", "l"] + ["r"] * (len(header) - 2))
 
 
@@ -231,16 +249,19 @@ def markdown(payload: Dict) -> str:
     smoke = "> CPU SMOKE RUN: a code-path check at tiny shapes. Its timings mean nothing.\n\n" \
         if payload.get("smoke_only") else ""
     parts = [f"# scattermoe kernel benchmark — {payload['device']}", smoke + header(payload),
-             "Cells: median ms (useful TFLOP/s) over the repeats, L2 flushed before each call, input sets "
-             "rotated; 'HBM floor' is the forward's active expert weights read once at datasheet bandwidth. "
+             "Cells: median ms (useful TFLOP/s, or GB/s of compulsory traffic where the case is memory-bound at "
+             "the datasheet rates; then the % of the roofline reached) over the repeats, L2 flushed before each "
+             "call, input sets rotated. 'roofline' is the time of the slower of the useful FLOPs at the datasheet "
+             "peak and the compulsory bytes (the used experts' weights, inputs and outputs, each once: "
+             "bench/kernels.py useful_bytes) at the datasheet bandwidth. "
              "dense_same_flops reads one weight, not E: it is the ceiling only where the layer is compute-bound "
-             "(large T); at small T the HBM floor is the bound. FAIL: the output failed its correctness check. "
+             "(large T); at small T the bytes are the bound. FAIL: the output failed its correctness check. "
              "— : not available here (reason in the JSON row). Protocol: bench/README.md.",
              "## Targets (issue 5)", targets_table(payload)]
     if csrc_targets(payload):
         parts += ["## Targets of the csrc kernels (issue 3)", targets_table(payload, csrc_targets)]
     for case in dict.fromkeys(r["case"] for r in rows):
-        parts += [f"## {case}", case_table(rows, case)]
+        parts += [f"## {case}", case_table(rows, case, limits=payload.get("limits"))]
     loads = [ld for ld in payload.get("loads", []) if ld["routing"] == "zipf" and ld["tokens"] >= 1024]
     if loads:
         parts.append("Zipf routing, rows per expert: " + "; ".join(

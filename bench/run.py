@@ -6,7 +6,10 @@ A row (the result file's schema, issue 5): ``case`` (e.g. jetmoe_moe_fwd_bwd, ro
 ``check``, ``flops``, ``held_gb`` and ``extra_gb`` (see harness.Timer.peak_memory), ``triton_fallbacks``
 (scattermoe_cutlass rows: the pieces the cutlass backend ran on Triton), ``vs_dense``
 (dense_same_flops time / this time), ``hbm_floor_ms`` (fwd rows: the active experts' weights read
-once at the device's datasheet bandwidth), ``first_call_ms`` and ``timing`` (every repeat).
+once at the device's datasheet bandwidth), ``bytes`` (kernels.useful_bytes: compulsory HBM traffic) and
+``gb_s`` (bytes / ms), ``roofline_ms`` (max(FLOPs / datasheet peak, bytes / datasheet bandwidth)) and
+``roofline_frac`` (roofline_ms / ms: the fraction of the device's limit reached), ``first_call_ms`` and
+``timing`` (every repeat).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from . import grouped_mm_moe
 from .harness import Timer, TimingPlan, cutlass_fallbacks, fallbacks_since, log
 from .kernels import (INFER_MAX_TOKENS, INFER_MODES, Group, Shape, Workload, check, expert_load, first_line, flops,
-                      impls_for, make_inputs, weight_bytes)
+                      impls_for, make_inputs, useful_bytes, weight_bytes)
 
 
 @dataclass
@@ -124,10 +127,19 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
             floor_ms = None
             if mode in ("fwd", *INFER_MODES) and cfg.limits and shape.kind != "routing":
                 floor_ms = weight_bytes(shape, load["experts_used"]) / cfg.limits["hbm_bytes_s"] * 1e3
+            itemsize = torch.empty((), dtype=getattr(torch, group.dtype)).element_size()
+            n_bytes = useful_bytes(group, mode, load["experts_used"], itemsize)
+            roofline_ms = None
+            if n_bytes is not None and cfg.limits:  # the datasheet bound: compute or memory, whichever is slower
+                roofline_ms = max(n_flops / cfg.limits["bf16_flops"], n_bytes / cfg.limits["hbm_bytes_s"]) * 1e3
             for impl in impls_for(shape, cfg.impls):
                 row = empty_row(group, mode, impl)
                 if floor_ms is not None:
                     row["hbm_floor_ms"] = floor_ms
+                if n_bytes is not None:
+                    row["bytes"] = n_bytes
+                if roofline_ms is not None:
+                    row["roofline_ms"] = roofline_ms
                 results["rows"].append(row)
                 mode_rows.append(row)
                 c = checks.get(impl, {})
@@ -175,6 +187,10 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     row["triton_fallbacks"] = fallbacks_since(fallbacks_before)
                 if n_flops:
                     row["tflops"] = n_flops / ms / 1e9
+                if n_bytes:
+                    row["gb_s"] = n_bytes / ms / 1e6
+                if roofline_ms:
+                    row["roofline_frac"] = roofline_ms / ms
                 last_ms[(case, group.routing, impl)] = (group.T, ms)
                 log(f"[bench]   {ms:9.4f} ms" + (f"  {row['tflops']:7.1f} TFLOP/s" if row["tflops"] else "")
                     + f"  first call {timing['first_call_ms']:.0f} ms  x{timing['repeats']}")

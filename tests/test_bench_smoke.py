@@ -139,6 +139,35 @@ def test_row_numbers_agree(smoke_payload):
         fwd = 2 * n * d * first + (0 if shape["kind"] == "glu_gemm" else 2 * n * f * d)  # GEMM alone: no second
         mult = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode]
         assert row["tflops"] == pytest.approx(mult * fwd / (row["ms"] * 1e-3) / 1e12, rel=1e-9)
+        # Compulsory bytes: the used experts' weights once, X and Y (forward), X, dY, dX and dW (backward).
+        load = next(ld for ld in smoke_payload["loads"] if (ld["shape"], ld["tokens"], ld["routing"]) ==
+                    (shape["name"], row["tokens"], row["routing"]))
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}[row["dtype"]]
+        w = load["experts_used"] * (first * d + (0 if shape["kind"] == "glu_gemm" else f * d)) * size
+        t = row["tokens"]
+        if shape["kind"] == "glu_gemm":
+            want = (t * d + n * f) * size + w
+        else:
+            want = {"fwd": 2 * t * d * size + w, "bwd": 3 * t * d * size + 2 * w,
+                    "fwd_bwd": 5 * t * d * size + 3 * w}[mode]
+        assert row["bytes"] == want, (row["case"], row["bytes"], want)
+        assert row["gb_s"] == pytest.approx(want / (row["ms"] * 1e-3) / 1e9, rel=1e-9)
+        assert "roofline_ms" not in row  # no datasheet limits for a CPU
+
+
+def test_cells_give_the_rate_of_the_bound_that_applies_and_the_share_of_the_roofline():
+    limits = {"bf16_flops": 1000e12, "hbm_bytes_s": 4e12}  # ridge point: 250 FLOPs per byte
+    decode = {"ms": 0.05, "flops": 1e9, "bytes": 1.6e8, "tflops": 20.0, "gb_s": 3200.0, "roofline_frac": 0.8}
+    big = {"ms": 4.0, "flops": 2.5e12, "bytes": 2e9, "tflops": 625.0, "gb_s": 500.0, "roofline_frac": 0.625}
+    assert report._cell(decode, limits) == "50.0 us (3200 GB/s, 80%)"  # 6 FLOPs/byte: memory-bound
+    assert report._cell(big, limits) == "4.000 (625, 62%)"  # 1250 FLOPs/byte: compute-bound
+    cpu = {k: v for k, v in decode.items() if k != "roofline_frac"}
+    assert report._cell(cpu) == "50.0 us (20)"  # no limits (a CPU smoke file): TFLOP/s as before
+    rows = [dict(decode, case="c", tokens=1, routing="uniform", impl="a", roofline_ms=0.04),
+            dict(big, case="c", tokens=16384, routing="uniform", impl="a", roofline_ms=2.5)]
+    table = report.case_table(rows, "c", limits=limits)
+    assert table.splitlines()[0].rstrip(" |").endswith("roofline")
+    assert "40.0 us" in table and "2.500" in table
 
 
 @pytest.mark.interpreter
