@@ -155,11 +155,16 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
     hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     other_bytes = 0  # the other model's weights, resident while one is timed: not this one's memory
 
+    from jetmoe.__main__ import decode_bytes_per_token
+    step_bytes = decode_bytes_per_token(ours)  # weights one decode step reads at batch 1, the same for both models
+
     def add(case: str, impl: str, tokens: int, times: List[float], flops: Optional[int], per: int = 1) -> None:
         ms = _median(times) / per
         peak = _peak_gb()
         row = {"case": case, "tokens": tokens, "routing": "model", "dtype": dtype_name, "impl": impl, "ms": ms,
                "tflops": flops / ms / 1e9 if flops else None,
+               # decode is memory-bound: the weights read per step over its time
+               "gb_s": step_bytes / ms / 1e6 if case.startswith("e2e_decode") else None,
                "peak_mem_gb": None if peak is None else peak - other_bytes / 1e9, "status": "ok",
                "tokens_per_s": tokens / ms * 1e3 if not case.startswith("e2e_decode") else 1e3 / ms,
                "raw_ms": times, "layers": layers}
@@ -304,10 +309,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         dtype = payload["rows"][0]["dtype"] if payload["rows"] else ""
         write_json(out_dir / f"{base}.json", payload)
         table = markdown_table(
-            ["case", "impl", "tokens/call", "ms", "tokens/s", "TFLOP/s", "peak GB"],
+            ["case", "impl", "tokens/call", "ms", "tokens/s", "TFLOP/s", "weights GB/s", "peak GB"],
             [[r["case"], r["impl"], str(r["tokens"]), f"{r['ms']:.3f}" if r["ms"] else r["status"],
               f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "",
               f"{r['tflops']:.0f}" if r.get("tflops") else "",
+              f"{r['gb_s']:.0f}" if r.get("gb_s") else "",
               f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else ""] for r in res["rows"]])
         logits_errs = ", ".join(f"{k.removeprefix('jetmoe_vs_transformers_logits_rel_err').lstrip('_') or 'triton'} "
                                 f"{v:.2e}" for k, v in res["checks"].items() if k.startswith("jetmoe_vs"))

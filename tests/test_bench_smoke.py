@@ -268,6 +268,10 @@ def test_e2e_smoke(tmp_path, monkeypatch):
     got = {(r["case"], r["impl"]) for r in p["rows"] if r["status"] == "ok" and r["ms"] is not None}
     timed = [i for i in e2e.IMPLS if i != "jetmoe_scattermoe_cutlass"]  # the csrc kernels need an sm_90 GPU
     assert got == {(c, i) for c in ("e2e_prefill", "e2e_train_step", "e2e_decode") for i in timed}
+    # decode's GB/s: the same weight bytes per step for every implementation, over its own time; none elsewhere
+    step_bytes = {round(r["gb_s"] * r["ms"] * 1e6) for r in p["rows"] if r["case"] == "e2e_decode" and r["ms"]}
+    assert len(step_bytes) == 1 and step_bytes.pop() > 0
+    assert all(r.get("gb_s") is None for r in p["rows"] if r["case"] in ("e2e_prefill", "e2e_train_step"))
     (cutlass,) = [r for r in p["rows"] if r["impl"] == "jetmoe_scattermoe_cutlass"]
     assert cutlass["status"].startswith("unavailable: ") and cutlass["ms"] is None, cutlass
     assert "jetmoe_vs_transformers_logits_rel_err_cutlass" not in p["checks"]  # not checked where it cannot run
