@@ -84,6 +84,8 @@ setup(
             # Parity tests against transformers' MoE models (the JetMoe, Mixtral, Qwen... classes).
             "transformers==5.23.0",
             "safetensors",
+            # The benchmark's plot and training's loss curve are drawn in the tests too.
+            "matplotlib",
         ],
         "bench": [
             "pytest-benchmark",

@@ -1,4 +1,5 @@
-"""Draw a kernel-suite result file: TFLOP/s against tokens, one panel per case, one line per implementation.
+"""Draw a kernel-suite result file: TFLOP/s against tokens, one panel per case, one line per implementation,
+and a dotted line for the device's datasheet roofline (min of peak FLOP/s and bandwidth x FLOPs per byte).
 
     python -m bench.plot bench/results/<name>.json   # writes <name>.png beside it
 
@@ -43,6 +44,11 @@ def plot(payload: Dict, path: Path) -> Optional[str]:
                 line, = ax.plot(*zip(*pts), style, marker="o", markersize=3, color=colors.get(impl),
                                 label=impl if routing == "uniform" or impl not in colors else None)
                 colors.setdefault(impl, line.get_color())
+        if metric == "tflops":  # the datasheet roofline: the most any implementation could reach at each T
+            roof = sorted({(r["tokens"], r["flops"] / r["roofline_ms"] / 1e9) for r in mine
+                           if r.get("roofline_ms") and r.get("flops") and r["routing"] == "uniform"})
+            if roof:
+                ax.plot(*zip(*roof), ":", color="black", lw=1.2, label="roofline (datasheet)")
         ax.set_xscale("log", base=2)
         if metric == "ms":
             ax.set_yscale("log")

@@ -332,3 +332,28 @@ def test_decode_as_a_graph_replay_is_a_second_line_not_a_replacement():
     assert graph["met"] is True and "CUDA-graph" in graph["target"] and graph["measured"].startswith("1.50x")
     rows[1]["check"] = "FAIL"
     assert [t["met"] for t in report.targets({"rows": rows}) if t["target"].startswith("decode")] == [False, False]
+
+
+def test_plot_draws_each_implementation_and_the_roofline(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from bench.plot import plot
+
+    drawn = []
+    real = Axes.plot
+
+    def spy(self, *a, **kw):
+        drawn.append((kw.get("label"), a))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    rows = [dict(case="moe_fwd", tokens=t, routing="uniform", impl="scattermoe_triton", ms=1.0, tflops=t / 10.0,
+                 flops=t * 1e8, roofline_ms=0.5) for t in (16, 1024)]
+    assert plot({"rows": rows, "device": "test", "commit": "0" * 40}, tmp_path / "p.png") is None
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    (roof,) = [a for label, a in drawn if label == "roofline (datasheet)"]
+    assert list(roof[0]) == [16, 1024]
+    assert list(roof[1]) == pytest.approx([t * 1e8 / 0.5 / 1e9 for t in (16, 1024)])  # FLOPs / roofline time
+    assert "scattermoe_triton" in [label for label, _ in drawn]
