@@ -196,19 +196,32 @@ def weight_bytes(shape: Shape, experts: int, itemsize: int = 2) -> int:
 
 
 def useful_bytes(group: Group, mode: str, experts: int, itemsize: int = 2) -> Optional[int]:
-    """Compulsory HBM traffic, the bytes counterpart of ``flops``: the used experts' weights read once, the
-    layer's inputs read and outputs written once; intermediates a fused kernel keeps on chip are not counted.
-    Forward: X, W, Y. Backward: X, dY, W read, dX and dW written. GEMM alone: X, W1, the [N, F] output. None
-    for routing."""
+    """Compulsory HBM traffic, the bytes counterpart of ``flops``: what any implementation of the case must move
+    at least, each tensor once; what a fused kernel can keep on chip is not counted.
+
+    Weights: the used experts' read once per pass; weight gradients written for all E experts (``.grad`` is a
+    dense [E, ...] tensor). Token tensors: X read and Y written (forward), dY read and dX written (backward).
+    Activations the backward needs: a GLU's training forward writes its pre-activation H [N, 2F] and the
+    backward reads it (inference keeps nothing); MoA's query projection q [N, F] is written and the attention
+    output read back (attention sits between the two projections), and the backward writes d(attention output),
+    reads it back as dq, and reads the attention output for the output projection's dW. The first GEMM alone
+    (glu_gemm) writes G [N, F] and H [N, 2F], as the layer's training forward runs it. Gates and routing indices
+    (~10 bytes per routed row) are left out. None for routing."""
     s, t = group.shape, group.T
     if s.kind == "routing":
         return None
-    w = weight_bytes(s, experts, itemsize)
+    n = t * s.K
+    w_used, w_all = weight_bytes(s, experts, itemsize), weight_bytes(s, s.E, itemsize)
     if s.kind == "glu_gemm":
-        return (t * s.D + t * s.K * s.F) * itemsize + w
-    fwd = 2 * t * s.D * itemsize + w
-    bwd = 3 * t * s.D * itemsize + 2 * w
-    return {"fwd": fwd, "infer": fwd, "infer_graph": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
+        return (t * s.D + n * s.F + n * s.out1) * itemsize + w_used
+    if s.kind == "glu":
+        infer_mid, fwd_mid, bwd_mid = 0, n * s.out1, n * s.out1  # H saved by the forward, read by the backward
+    else:  # moa
+        infer_mid, fwd_mid, bwd_mid = 2 * n * s.F, 2 * n * s.F, 3 * n * s.F
+    infer = (2 * t * s.D + infer_mid) * itemsize + w_used
+    fwd = (2 * t * s.D + fwd_mid) * itemsize + w_used
+    bwd = (3 * t * s.D + bwd_mid) * itemsize + w_used + w_all
+    return {"fwd": fwd, "infer": infer, "infer_graph": infer, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
 
 
 # ---------------------------------------------------------------- inputs

@@ -136,10 +136,10 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                 row = empty_row(group, mode, impl)
                 if floor_ms is not None:
                     row["hbm_floor_ms"] = floor_ms
-                if n_bytes is not None:
+                if n_bytes is not None and impl != "dense_same_flops":  # it reads one weight, not the experts'
                     row["bytes"] = n_bytes
                 if roofline_ms is not None:
-                    row["roofline_ms"] = roofline_ms
+                    row["roofline_ms"] = roofline_ms  # the case's bound, for every row
                 results["rows"].append(row)
                 mode_rows.append(row)
                 c = checks.get(impl, {})
@@ -187,9 +187,9 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     row["triton_fallbacks"] = fallbacks_since(fallbacks_before)
                 if n_flops:
                     row["tflops"] = n_flops / ms / 1e9
-                if n_bytes:
-                    row["gb_s"] = n_bytes / ms / 1e6
-                if roofline_ms:
+                if row.get("bytes"):
+                    row["gb_s"] = row["bytes"] / ms / 1e6
+                if roofline_ms and impl != "dense_same_flops":  # the MoE's roofline is not the dense GEMM's
                     row["roofline_frac"] = roofline_ms / ms
                 last_ms[(case, group.routing, impl)] = (group.T, ms)
                 log(f"[bench]   {ms:9.4f} ms" + (f"  {row['tflops']:7.1f} TFLOP/s" if row["tflops"] else "")
