@@ -245,6 +245,11 @@ def test_apply_looks_only_at_imported_families_and_names_a_family_transformers_l
                         ("transformers.models.future_moe.modeling_future_moe", {"FutureMoeExperts": {}}))
     with pytest.raises(ValueError, match=r"family 'future_moe' needs FutureMoeExperts .* which transformers \S+ lacks"):
         integrations.apply_scattermoe(ref, families=["future_moe"])
+    # Not asked for by name: a family whose module is imported but lacks the class is passed over.
+    monkeypatch.setitem(transformers_moe._FAMILIES, "future_moe",
+                        ("transformers.models.mixtral.modeling_mixtral", {"FutureMoeExperts": {}}))
+    monkeypatch.setattr(transformers_moe, "SUPPORTED_FAMILIES", (*transformers_moe.SUPPORTED_FAMILIES, "future_moe"))
+    assert _scattermoe_classes(integrations.apply_scattermoe(_build("mixtral"))) == {"ScatterMoEMixtralExperts"}
 
 
 def test_apply_twice_is_harmless():

@@ -221,7 +221,8 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
         raise TypeError(f"model: expected a torch.nn.Module (a loaded transformers model), got {type(model).__name__}")
     if isinstance(families, str):  # one family by name, not its letters
         families = [families]
-    if families is None:
+    named = families is not None
+    if not named:
         # A loaded model's classes come from modeling modules already imported: look only there, instead of
         # importing every family's module (slow, and absent from older transformers).
         families = [f for f in SUPPORTED_FAMILIES if _FAMILIES[f][0] in sys.modules]
@@ -231,7 +232,13 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
             raise _unsupported(f"unknown family {family!r}")
     targets = {}
     for family in families:
-        for _, _, original, methods in _family_classes(family):
+        try:
+            classes = _family_classes(family)
+        except ValueError:
+            if named:  # asked for by name: say the installed transformers lacks it
+                raise
+            continue  # an imported module of another transformers version: not this model's family
+        for _, _, original, methods in classes:
             targets[original] = methods
     swapped = 0
     for module in model.modules():
