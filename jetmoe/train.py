@@ -25,6 +25,7 @@ import math
 import os
 import sysconfig
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -380,6 +381,11 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         # state (JetMoE-8B's is 64 GB); the others take the step.
         state = torch.load(state_path, map_location="cpu" if sharded else device, weights_only=True, mmap=sharded)
         step = state["step"]
+        saved_fraction = state.get("train_config", {}).get("val_fraction", 0.0)
+        if saved_fraction != cfg.val_fraction and rank == 0:  # the training part moved: other batches from here on
+            warnings.warn(f"resuming a run trained with val_fraction {saved_fraction} with val_fraction "
+                          f"{cfg.val_fraction}: the held-out tail, and so the training batches, differ from the "
+                          "first part's; pass the same --val-fraction to continue it exactly")
     if cfg.grad_checkpoint:
         model.gradient_checkpointing_enable()
     if sharded:

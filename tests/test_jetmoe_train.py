@@ -225,6 +225,10 @@ def test_training_reports_a_held_out_loss_on_text_it_never_trains_on(tmp_path):
     once = train(JetMoEForCausalLM(BYTES), t, dataclasses.replace(cfg, out_dir=str(tmp_path / "once"), eval_every=0))
     assert [r["loss"] for r in once] == [r["loss"] for r in rec] and once[-1]["val_loss"] == rec[-1]["val_loss"]
     assert [r["step"] for r in once if "val_loss" in r] == [5]
+    # Resuming with another held-out fraction moves the training part: said, not silent.
+    with pytest.warns(UserWarning, match="val_fraction 0.25 with val_fraction 0.1"):
+        train(JetMoEForCausalLM(BYTES), t, dataclasses.replace(cfg, out_dir=str(tmp_path / "once"), steps=6,
+                                                              val_fraction=0.1, resume=True))
 
 
 def test_training_refuses_fewer_held_out_windows_than_processes_before_training(tmp_path, monkeypatch):
