@@ -155,8 +155,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
     hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     other_bytes = 0  # the other model's weights, resident while one is timed: not this one's memory
 
-    from jetmoe.__main__ import decode_bytes_per_token
-    step_bytes = decode_bytes_per_token(ours)  # weights one decode step reads at batch 1, the same for both models
+    step_bytes = ours.decode_step_weight_bytes()  # one decode step's weight reads at batch 1, the same for both
 
     def add(case: str, impl: str, tokens: int, times: List[float], flops: Optional[int], per: int = 1) -> None:
         ms = _median(times) / per

@@ -252,8 +252,9 @@ def markdown(payload: Dict) -> str:
              "Cells: median ms (useful TFLOP/s, or GB/s of compulsory traffic where the case is memory-bound at "
              "the datasheet rates; then the % of the roofline reached) over the repeats, L2 flushed before each "
              "call, input sets rotated. 'roofline' is the time of the slower of the useful FLOPs at the datasheet "
-             "peak and the compulsory bytes (the used experts' weights, inputs and outputs, each once: "
-             "bench/kernels.py useful_bytes) at the datasheet bandwidth. "
+             "peak and the compulsory bytes (the used experts' weights read, every expert's dW written, the "
+             "layer's inputs and outputs and the activations that must cross HBM, each once: bench/kernels.py "
+             "useful_bytes) at the datasheet bandwidth. "
              "dense_same_flops reads one weight, not E: it is the ceiling only where the layer is compute-bound "
              "(large T); at small T the bytes are the bound. FAIL: the output failed its correctness check. "
              "— : not available here (reason in the JSON row). Protocol: bench/README.md.",
@@ -312,9 +313,9 @@ def readme_section(result: Optional[Path]) -> str:
         f"[`{md}`](bench/results/{md})): " + header(payload),
         targets_table(payload),
         *([targets_table(payload, csrc_targets)] if csrc_targets(payload) else []),
-        "JetMoE-8B MoE layer (GLU, D=2048, F=5632, E=8, k=2), forward+backward, bf16; median ms "
-        "(useful TFLOP/s):",
-        case_table(payload["rows"], "jetmoe_moe_fwd_bwd"),
+        "JetMoE-8B MoE layer (GLU, D=2048, F=5632, E=8, k=2), forward+backward, bf16; median ms (useful "
+        "TFLOP/s, or GB/s where memory-bound; % of the datasheet roofline, whose time is the last column):",
+        case_table(payload["rows"], "jetmoe_moe_fwd_bwd", limits=payload.get("limits")),
     ])
 
 

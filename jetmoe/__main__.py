@@ -124,18 +124,18 @@ def _dtype(name: str) -> Optional[torch.dtype]:
                                         "float16": torch.float16}[name]
 
 
+def load_dtype(ckpt: Path, name: str, device: torch.device) -> torch.dtype:
+    """The dtype to load a checkpoint in: --dtype, else as stored on CUDA (bf16 for JetMoE-8B), float32 on the
+    CPU. Read from the files' headers, so that it is known (and checked against the backend) before loading."""
+    from .checkpoint import stored_dtype, weight_files
+
+    return _dtype(name) or (stored_dtype(weight_files(ckpt)) if device.type == "cuda" else torch.float32)
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: the process's peak RSS
-
-
-def decode_bytes_per_token(model) -> int:
-    """Weight bytes one decode step reads at batch 1: all but the unused experts, plus the lm_head matrix."""
-    n = model.num_parameters(active=True)
-    if model.config.tie_word_embeddings:
-        n += model.lm_head.weight.numel()  # the tied table is read whole by the lm_head
-    return n * model.lm_head.weight.element_size()
 
 
 class Streamer:
@@ -189,7 +189,7 @@ def run_generation(model, tokenizer, prompts: List[str], args, device: torch.dev
             print(f"--- [{i}]\n{tokenizer.decode(row[width - len(rows[i]):])}")
     steps = max(stats["new_tokens"] - 1, 0)
     tok_s = steps / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
-    gbs = decode_bytes_per_token(model) * tok_s / 1e9
+    gbs = model.decode_step_weight_bytes() * tok_s / 1e9
     graph = (f" (CUDA graph: its first step and capture took {stats['capture_s'] * 1e3:.0f} ms of it)"
              if "capture_s" in stats else "")
     print(f"prefill {width} tokens x {len(rows)}: {stats['prefill_s'] * 1e3:.1f} ms | decode {steps} steps: "
@@ -205,9 +205,9 @@ def cmd_generate(args) -> None:
     if args.cuda_graph and device.type != "cuda":  # before loading a checkpoint that may be 17 GB
         raise CLIError(f"--cuda-graph: CUDA graphs need a CUDA device, and this run is on {device}")
     ckpt = resolve(args.model)
-    dtype = _dtype(args.dtype) or (None if device.type == "cuda" else torch.float32)  # None: as stored
+    dtype = load_dtype(ckpt, args.dtype, device)
+    backend = pick_backend(args.backend, device, dtype)  # before loading what may be 17 GB
     model = load_pretrained(ckpt, dtype=dtype, device=device)
-    backend = pick_backend(args.backend, device, model.lm_head.weight.dtype)
     tokenizer = load_tokenizer(ckpt, model.config.vocab_size)
     print(f"{ckpt}: {model.num_parameters() / 1e6:.1f}M parameters, {model.lm_head.weight.dtype} on {device}; "
           f"{backend_note(backend, device)}", file=sys.stderr)
@@ -238,12 +238,11 @@ def cmd_eval(args) -> int:
         except ImportError as exc:
             raise CLIError(f"--compare-transformers: needs transformers with JetMoE ({exc})") from None
     ckpt = resolve(args.model)
-    dtype = _dtype(args.dtype) or (None if device.type == "cuda" else torch.float32)
-    model = load_pretrained(ckpt, dtype=dtype, device=device)
-    dtype = model.lm_head.weight.dtype
+    dtype = load_dtype(ckpt, args.dtype, device)
     if args.compare_transformers and dtype not in COMPARE_RTOL:
         raise CLIError(f"--compare-transformers: no bound for {dtype}; pass --dtype float32, bfloat16 or float16")
-    backend = pick_backend(args.backend, device, dtype)
+    backend = pick_backend(args.backend, device, dtype)  # before loading what may be 17 GB
+    model = load_pretrained(ckpt, dtype=dtype, device=device)
     tokenizer = load_tokenizer(ckpt, model.config.vocab_size)
     t = time.perf_counter()
     docs = load_corpus(args.data)
@@ -310,7 +309,8 @@ def _build_for_training(args, device: torch.device, rank0: bool = True):
     from .tokenizer import ByteTokenizer, load_tokenizer
 
     if args.resume and (Path(args.out) / "config.json").is_file():  # continue the model that is there
-        model = load_pretrained(args.out, dtype=torch.float32, device=device, progress=None if rank0 else False)
+        # Its weights are left unloaded: train() reloads them from the same files when it resumes.
+        model = load_pretrained(args.out, dtype=torch.float32, device=device, weights=False)
         return model, load_tokenizer(args.out, model.config.vocab_size)
     if args.model in PRESETS:
         config = JetMoEConfig.preset(args.model)
@@ -331,6 +331,8 @@ def _build_for_training(args, device: torch.device, rank0: bool = True):
 def _train(args, demo: bool) -> None:
     from .train import TrainConfig, init_distributed, load_corpus, tokenize, train
 
+    if args.eval_every and not args.val_fraction:  # before any work
+        raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
     device = pick_device(args.device)
     backend = pick_backend(args.backend, device, torch.float32)
     check_out_dir(Path(args.out), args.resume, demo or args.overwrite)  # the demo's folder is its cache
@@ -350,8 +352,6 @@ def _train(args, demo: bool) -> None:
                       eval_every=args.eval_every, eval_windows=args.eval_windows)
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
-    if cfg.eval_every and not cfg.val_fraction:
-        raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
     if rank0:
         c = model.config
         print(f"JetMoE {model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
@@ -402,10 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jetmoe", description="JetMoE on scattermoe: generate, train, eval, demo.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(sp, backend_help="scattermoe backend (auto: torch on a CPU, the fast kernels on CUDA)"):
+    def common(sp, backend_help="scattermoe backend (auto: torch on a CPU, the fast kernels on CUDA)", seed=True):
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         sp.add_argument("--backend", default="auto", choices=["auto", "triton", "cutlass", "torch"], help=backend_help)
-        sp.add_argument("--seed", type=int, default=0)
+        if seed:  # eval draws nothing at random
+            sp.add_argument("--seed", type=int, default=0)
 
     def sampling(sp, max_new: int):
         sp.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens", 1), default=max_new)
@@ -488,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(float32: 1e-4 relative for both; 16 bits: 1e-2 for the loss, 2e-2 for the logits)")
     e.add_argument("--json", type=Path, help="write the numbers to this file")
     e.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    common(e)
+    common(e, seed=False)
 
     d = sub.add_parser("demo", help="train the built-in tiny model for ~2 minutes, save it, sample from it")
     common(d)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -143,7 +144,7 @@ def weight_files(ckpt_dir: Path) -> Dict[str, Path]:
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {ckpt_dir}{hint}")
 
 
-def _stored_dtype(files: Dict[str, Path]) -> torch.dtype:
+def stored_dtype(files: Dict[str, Path]) -> torch.dtype:
     from safetensors import safe_open
 
     name, file = next(iter(files.items()))
@@ -153,29 +154,33 @@ def _stored_dtype(files: Dict[str, Path]) -> torch.dtype:
 
 
 def load_pretrained(path_or_hub_id: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
-                    device: Union[str, torch.device] = "cpu", progress: Optional[bool] = None) -> JetMoEForCausalLM:
+                    device: Union[str, torch.device] = "cpu", progress: Optional[bool] = None,
+                    weights: bool = True) -> JetMoEForCausalLM:
     """Build JetMoEForCausalLM from a HF-layout checkpoint; dtype None keeps the stored dtype (bf16 for 8B).
-    ``progress``: as in load_weights."""
+    ``progress``: as in load_weights. ``weights=False`` builds the model without reading its weights, which are
+    then uninitialised memory: for a caller that loads them next (train's resume)."""
     ckpt_dir = resolve(path_or_hub_id)
     cfg = load_config(ckpt_dir)
-    dtype = dtype or _stored_dtype(weight_files(ckpt_dir))
+    dtype = dtype or stored_dtype(weight_files(ckpt_dir))
     with torch.device("meta"):  # no memory until to_empty, and no init work for weights about to be overwritten
         model = JetMoEForCausalLM(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
-    load_weights(model, ckpt_dir, progress)
+    if weights:
+        load_weights(model, ckpt_dir, progress)
     return model.eval()
 
 
-# Loads of at least this many bytes show a progress bar (JetMoE-8B: 17 GB), unless asked otherwise.
+# Loads of at least this many bytes (as stored) show a progress bar (JetMoE-8B: 17 GB), unless asked otherwise.
 PROGRESS_MIN_BYTES = 1 << 30
+_STORED_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @torch.no_grad()
 def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], progress: Optional[bool] = None) -> None:
     """Fill model's parameters in place from ckpt_dir's safetensors, one tensor at a time (cast to each
     parameter's dtype and device). A missing tensor or a shape mismatch is a CheckpointError naming it.
-    ``progress``: a tqdm bar of the bytes read (None: only for PROGRESS_MIN_BYTES or more)."""
+    ``progress``: a tqdm bar of the bytes read, as stored (None: only for PROGRESS_MIN_BYTES or more)."""
     from safetensors import safe_open
 
     ckpt_dir = Path(ckpt_dir)
@@ -196,6 +201,7 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], pr
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     # Every file opened and every tensor's shape read from the headers before any parameter is written, so a
     # bad checkpoint leaves the model as it was.
+    total = 0  # bytes to read, as stored
     for file, names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -204,6 +210,7 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], pr
                     if name not in stored:
                         raise CheckpointError(f"{file.name}: the index lists tensor {name}, which this file lacks")
                     shape = tuple(f.get_slice(name).get_shape())
+                    total += math.prod(shape) * _STORED_BYTES.get(f.get_slice(name).get_dtype(), 4)
                     if shape != tuple(params[name].shape):
                         raise CheckpointError(f"{file.name}: tensor {name} has shape {shape}, "
                                               f"the model expects {tuple(params[name].shape)}")
@@ -211,7 +218,6 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], pr
             raise
         except Exception as exc:  # safetensors' own errors (a truncated file, a bad header) name no file
             raise CheckpointError(f"{file}: cannot read it as safetensors ({exc})") from None
-    total = sum(params[n].numel() * params[n].element_size() for names in by_file.values() for n in names)
     bar = None
     if progress or (progress is None and total >= PROGRESS_MIN_BYTES):
         from tqdm import tqdm
@@ -219,9 +225,10 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], pr
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:  # one tensor in host memory at a time
-                params[name].copy_(f.get_tensor(name))
+                tensor = f.get_tensor(name)
+                params[name].copy_(tensor)
                 if bar is not None:
-                    bar.update(params[name].numel() * params[name].element_size())
+                    bar.update(tensor.numel() * tensor.element_size())
     if bar is not None:
         bar.close()
 

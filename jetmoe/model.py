@@ -562,6 +562,14 @@ class JetMoEForCausalLM(nn.Module):
                                                              - self.config.num_experts_per_tok)
         return total - self.model.embed_tokens.weight.numel() - unused
 
+    def decode_step_weight_bytes(self) -> int:
+        """Weight bytes one decode step reads at batch 1: all but the unused experts, plus the lm_head matrix
+        (a tied one is read whole there, though the embedding lookup reads one row)."""
+        n = self.num_parameters(active=True)
+        if self.config.tie_word_embeddings:
+            n += self.lm_head.weight.numel()
+        return n * self.lm_head.weight.element_size()
+
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, dtype: Optional[torch.dtype] = None,
                         device: Union[str, torch.device] = "cpu") -> "JetMoEForCausalLM":

@@ -159,8 +159,6 @@ def test_eval_cli_agrees_with_transformers_in_bf16_on_cuda(tmp_path):
             m.model.layers[0].mlp.output_linear.weight.mul_(1.5)
         return m
 
-    ck.load_pretrained = wrong
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ck, "load_pretrained", wrong)
         assert main(argv) == 1
-    finally:
-        ck.load_pretrained = real

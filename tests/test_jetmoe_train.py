@@ -206,11 +206,9 @@ def test_training_reports_a_held_out_loss_on_text_it_never_trains_on(tmp_path):
         drawn.append(stream.numel())
         return real_get_batch(stream, *a)
 
-    jt.get_batch = spy
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jt, "get_batch", spy)
         rec = train(model, t, cfg)
-    finally:
-        jt.get_batch = real_get_batch
     assert set(drawn) == {t.numel() - round(t.numel() * 0.25)}, "training drew from the held-out tail"
     assert [r["step"] for r in rec if "val_loss" in r] == [2, 4, 5]  # every 2nd step and the last
     held = split_validation(t, 0.25, 16)[1]
@@ -440,6 +438,13 @@ def test_cli_eval_matches_transformers_and_says_when_it_does_not(tiny_ckpt, tmp_
     monkeypatch.setattr(ck, "load_pretrained", wrong)
     assert main(argv) == 1
     assert "DISAGREE" in capsys.readouterr().out
+
+    def never(*a, **kw):
+        raise AssertionError("loaded a checkpoint before refusing the backend")
+
+    monkeypatch.setattr(ck, "load_pretrained", never)  # a backend that cannot run here is refused before loading
+    assert main(["eval", "--model", str(tiny_ckpt), "--backend", "cutlass", "--device", "cpu"]) == 2
+    assert "--backend cutlass:" in capsys.readouterr().err
 
 
 def test_cli_demo_smoke(tmp_path, capsys):

@@ -213,7 +213,9 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
 
     Each block's class is swapped for a scattermoe subclass: parameters (and their names, so the
     ``state_dict``) stay as they are, no weight is copied, the router is the model's own.
-    ``families``: restrict to these model types (default: all in ``SUPPORTED_FAMILIES``).
+    ``families``: restrict to these model types (default: those of ``SUPPORTED_FAMILIES`` whose modeling module
+    is imported, which a loaded model's are; one the installed transformers lacks is then passed over, while
+    one named here raises).
     Returns the model. Raises ValueError, listing the supported architectures, when the model
     holds no block of a supported family.
     """
