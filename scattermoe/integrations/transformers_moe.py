@@ -139,33 +139,29 @@ def _jetmoe_moa_reduce(self, layer_input: torch.Tensor, topo_info) -> torch.Tens
 
 _EXPERTS = {"forward": _fused_experts_forward}
 
+def _modeling_module(family: str) -> str:
+    """transformers' modeling module of a model_type."""
+    return f"transformers.models.{family}.modeling_{family}"
+
+
+# Families whose experts are a class of transformers 5's fused-experts interface: model_type -> that class, whose
+# forward runs on scattermoe. DeepSeek-V2/V3 (and R1), GLM-4.5 and later, dots.llm1, EXAONE MoE: sigmoid or
+# softmax routers with group-limited top-k, score-correction biases and shared experts, all of it the model's
+# own; only the routed experts change.
+_FUSED_EXPERTS_CLASSES = {
+    "mixtral": "MixtralExperts", "qwen3_moe": "Qwen3MoeExperts", "olmoe": "OlmoeExperts",
+    "qwen2_moe": "Qwen2MoeExperts", "granitemoe": "GraniteMoeExperts", "gpt_oss": "GptOssExperts",
+    "deepseek_v2": "DeepseekV2Experts", "deepseek_v3": "DeepseekV3Experts", "glm4_moe": "Glm4MoeExperts",
+    "glm4_moe_lite": "Glm4MoeLiteExperts", "dots1": "Dots1Experts", "exaone_moe": "ExaoneMoeExperts",
+    "qwen3_next": "Qwen3NextExperts", "phimoe": "PhimoeExperts", "minimax": "MiniMaxExperts",
+    "minimax_m2": "MiniMaxM2Experts", "ernie4_5_moe": "Ernie4_5_MoeExperts", "hunyuan_v1_moe": "HunYuanMoEV1Experts",
+    "flex_olmo": "FlexOlmoExperts", "granitemoeshared": "GraniteMoeSharedExperts",
+}
+
 # family (transformers model_type) -> (modeling module, {class name: methods replaced}).
 _FAMILIES: Dict[str, Tuple[str, Dict[str, Dict[str, Callable]]]] = {
-    "mixtral": ("transformers.models.mixtral.modeling_mixtral", {"MixtralExperts": _EXPERTS}),
-    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", {"Qwen3MoeExperts": _EXPERTS}),
-    "olmoe": ("transformers.models.olmoe.modeling_olmoe", {"OlmoeExperts": _EXPERTS}),
-    "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", {"Qwen2MoeExperts": _EXPERTS}),
-    "granitemoe": ("transformers.models.granitemoe.modeling_granitemoe", {"GraniteMoeExperts": _EXPERTS}),
-    "gpt_oss": ("transformers.models.gpt_oss.modeling_gpt_oss", {"GptOssExperts": _EXPERTS}),
-    # DeepSeek-V2/V3 (and R1), GLM-4.5 and later, dots.llm1, EXAONE MoE: sigmoid or softmax routers with group-limited
-    # top-k, score-correction biases and shared experts, all of it the model's own; only the routed experts change.
-    "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", {"DeepseekV2Experts": _EXPERTS}),
-    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", {"DeepseekV3Experts": _EXPERTS}),
-    "glm4_moe": ("transformers.models.glm4_moe.modeling_glm4_moe", {"Glm4MoeExperts": _EXPERTS}),
-    "glm4_moe_lite": ("transformers.models.glm4_moe_lite.modeling_glm4_moe_lite", {"Glm4MoeLiteExperts": _EXPERTS}),
-    "dots1": ("transformers.models.dots1.modeling_dots1", {"Dots1Experts": _EXPERTS}),
-    "exaone_moe": ("transformers.models.exaone_moe.modeling_exaone_moe", {"ExaoneMoeExperts": _EXPERTS}),
-    "qwen3_next": ("transformers.models.qwen3_next.modeling_qwen3_next", {"Qwen3NextExperts": _EXPERTS}),
-    "phimoe": ("transformers.models.phimoe.modeling_phimoe", {"PhimoeExperts": _EXPERTS}),
-    "minimax": ("transformers.models.minimax.modeling_minimax", {"MiniMaxExperts": _EXPERTS}),
-    "minimax_m2": ("transformers.models.minimax_m2.modeling_minimax_m2", {"MiniMaxM2Experts": _EXPERTS}),
-    "ernie4_5_moe": ("transformers.models.ernie4_5_moe.modeling_ernie4_5_moe", {"Ernie4_5_MoeExperts": _EXPERTS}),
-    "hunyuan_v1_moe": ("transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe",
-                       {"HunYuanMoEV1Experts": _EXPERTS}),
-    "flex_olmo": ("transformers.models.flex_olmo.modeling_flex_olmo", {"FlexOlmoExperts": _EXPERTS}),
-    "granitemoeshared": ("transformers.models.granitemoeshared.modeling_granitemoeshared",
-                         {"GraniteMoeSharedExperts": _EXPERTS}),
-    "jetmoe": ("transformers.models.jetmoe.modeling_jetmoe", {
+    **{family: (_modeling_module(family), {cls: _EXPERTS}) for family, cls in _FUSED_EXPERTS_CLASSES.items()},
+    "jetmoe": (_modeling_module("jetmoe"), {
         "JetMoeMoE": {"forward": _jetmoe_moe_forward},
         "JetMoeMoA": {"map": _jetmoe_moa_map, "reduce": _jetmoe_moa_reduce},
     }),
