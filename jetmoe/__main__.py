@@ -132,6 +132,11 @@ def load_dtype(ckpt: Path, name: str, device: torch.device) -> torch.dtype:
     return _dtype(name) or (stored_dtype(weight_files(ckpt)) if device.type == "cuda" else torch.float32)
 
 
+def corpus_label(data: Optional[List[str]]) -> str:
+    """What --data names, for the logs: the paths, or the default corpus."""
+    return ", ".join(map(str, data)) if data else "the Python standard library's .py files"
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -247,7 +252,7 @@ def cmd_eval(args) -> int:
     t = time.perf_counter()
     docs = load_corpus(args.data)
     windows = eval_windows(tokenize(docs, tokenizer), args.seq_len, args.windows)
-    what = "the Python standard library's .py files" if not args.data else ", ".join(map(str, args.data))
+    what = corpus_label(args.data)
     print(f"{ckpt}: {model.num_parameters() / 1e6:.1f}M parameters, {dtype} on {device}; "
           f"{backend_note(backend, device)}", file=sys.stderr)
     print(f"text: {len(docs)} documents from {what} (read in {time.perf_counter() - t:.1f} s); {windows.shape[0]} "
@@ -363,7 +368,7 @@ def _train(args, demo: bool) -> None:
             print(f"{how} over {world} processes ({torch.distributed.get_backend()})")
         elif cfg.fsdp:
             print("--fsdp: one process, nothing to shard over; training unsharded (run under torchrun to shard)")
-        what = "the Python standard library's .py files" if not args.data else ", ".join(map(str, args.data))
+        what = corpus_label(args.data)
         budget = " and ".join(x for x in (f"{cfg.steps} steps" if cfg.steps else "",
                                           f"{cfg.seconds:g} s" if cfg.seconds else "") if x)
         print(f"corpus: {len(docs)} documents from {what}, {tokens.numel() / 1e6:.1f}M tokens "
@@ -408,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
         if seed:  # eval draws nothing at random
             sp.add_argument("--seed", type=int, default=0)
 
+    def checkpoint(sp):
+        sp.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
+        sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: as stored on CUDA, float32 on the CPU")
+
+    def data(sp):
+        sp.add_argument("--data", nargs="+", help="text files or directories (directories: their .py, .txt, .md and "
+                        ".rst files; default: the Python stdlib's .py files)")
+
     def sampling(sp, max_new: int):
         sp.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens", 1), default=max_new)
         sp.add_argument("--temperature", type=_number(float, "temperature", 0), default=0.0, help="0 = greedy")
@@ -417,8 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def training(sp, out: Path, seconds: Optional[float], batch: int, seq: int, lr: Optional[float],
                  log_every: int = 25, val_fraction: float = 0.0):
-        sp.add_argument("--data", nargs="+", help="text files or directories (directories: their .py, .txt, .md and "
-                        ".rst files; default: the Python stdlib's .py files)")
+        data(sp)
         sp.add_argument("--out", type=Path, default=out, help=f"checkpoint directory (default {out})")
         sp.add_argument("--steps", type=_number(int, "steps", 1), default=None,
                         help="stop at this optimizer step (counting the steps of a resumed run)")
@@ -448,9 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="windows of --seq-len held-out tokens per evaluation")
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (directory or Hub id)")
-    g.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
+    checkpoint(g)
     g.add_argument("--prompt", action="append", help="repeat for a batch (left-padded)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--warmup", type=_number(int, "warmup", 0), default=None,
                    help="warm-up runs timed apart (default: 1 on CUDA)")
     g.add_argument("--no-stream", action="store_true")
@@ -475,14 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="cross entropy and perplexity of a checkpoint on text, optionally beside "
                        "transformers' implementation")
-    e.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
-    e.add_argument("--data", nargs="+", help="text files or directories (default: the Python stdlib's .py files)")
+    checkpoint(e)
+    data(e)
     e.add_argument("--seq-len", type=_number(int, "seq-len", 2), default=512)
     e.add_argument("--batch-size", type=_number(int, "batch-size", 1), default=4)
     e.add_argument("--windows", type=_number(int, "windows", 0), default=64,
                    help="windows of --seq-len tokens, spread evenly over the text (0: all of it)")
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: as stored on CUDA, float32 on the CPU")
     e.add_argument("--compare-transformers", action="store_true",
                    help="run the same windows through transformers' JetMoeForCausalLM loaded from the same files; "
                    "exit status 1 when the losses or the first batch's logits differ by more than rounding "

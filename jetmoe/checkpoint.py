@@ -209,8 +209,9 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], pr
                 for name in names:
                     if name not in stored:
                         raise CheckpointError(f"{file.name}: the index lists tensor {name}, which this file lacks")
-                    shape = tuple(f.get_slice(name).get_shape())
-                    total += math.prod(shape) * _STORED_BYTES.get(f.get_slice(name).get_dtype(), 4)
+                    header = f.get_slice(name)
+                    shape = tuple(header.get_shape())
+                    total += math.prod(shape) * _STORED_BYTES.get(header.get_dtype(), 4)
                     if shape != tuple(params[name].shape):
                         raise CheckpointError(f"{file.name}: tensor {name} has shape {shape}, "
                                               f"the model expects {tuple(params[name].shape)}")

@@ -128,6 +128,11 @@ def get_batch(tokens: torch.Tensor, step: int, micro: int, rank: int, world: int
     return torch.stack([tokens[s:s + cfg.seq_len] for s in mine.tolist()]).long()
 
 
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """autocast to amp_dtype on the device's type, or nothing for None."""
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
 def split_validation(tokens: torch.Tensor, fraction: float, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(training part, held-out part): the stream's last ``fraction`` of tokens is held out, at least seq_len of them
     (one window). A ValueError when either part is too short to use."""
@@ -184,8 +189,7 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, amp
         batches = tqdm(batches, unit="batch", dynamic_ncols=True, leave=False)
     for i in batches:
         x = mine[i:i + batch_size].to(device)
-        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with amp:
+        with _autocast(device, amp_dtype):
             logits = model(x).logits
         ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
                                                reduction="none").view(x.shape[0], -1)
@@ -286,9 +290,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         # DDP: all-reduce in the last micro-step only. FSDP reduce-scatters every micro-step (its default): skipping
         # it would keep whole, unsharded gradients between micro-steps (34 GB more per GPU for JetMoE-8B).
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
-        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with sync:
-            with amp:
+            with _autocast(device, amp_dtype):
                 out = model(x, labels=x)
                 loss = (out.loss + out.aux_loss) / len(micro_batches)
             loss.backward()
@@ -485,12 +488,12 @@ def plot_train_log(out_dir: Union[str, Path]) -> Optional[str]:
         return f"no records in {log_path}: no loss curve drawn"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
     steps = [r["step"] for r in recs]
-    top.plot(steps, [r["loss"] for r in recs], lw=0.8, alpha=0.5, label="training loss (per step)")
+    losses = [r["loss"] for r in recs]
+    top.plot(steps, losses, lw=0.8, alpha=0.5, label="training loss (per step)")
     n = max(1, len(recs) // 50)  # a running mean over ~2% of the run, to see the trend through the noise
     if n > 1:
-        smooth = [sum(r["loss"] for r in recs[max(0, i - n + 1):i + 1]) / len(recs[max(0, i - n + 1):i + 1])
-                  for i in range(len(recs))]
-        top.plot(steps, smooth, lw=1.5, label=f"training loss (mean of {n} steps)")
+        windows = (losses[max(0, i - n + 1):i + 1] for i in range(len(losses)))
+        top.plot(steps, [sum(w) / len(w) for w in windows], lw=1.5, label=f"training loss (mean of {n} steps)")
     held = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     if held:
         top.plot(*zip(*held), "o-", ms=4, label="held-out loss")
