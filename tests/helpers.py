@@ -113,3 +113,19 @@ def make_expert_idxs(T: int, E: int, K: int, case: str = "random", device="cpu")
     else:
         raise ValueError(f"unknown routing case {case!r}")
     return idx.to(device=device, dtype=torch.long)
+
+
+def load_an_expert_weight_wrongly(monkeypatch) -> None:
+    """From here on jetmoe's checkpoint loader scales layer 0's MoE output weights by 1.5 after loading: a
+    model that a check against transformers must tell apart."""
+    import jetmoe.checkpoint as ck
+
+    real = ck.load_pretrained
+
+    def wrong(*args, **kwargs):
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            model.model.layers[0].mlp.output_linear.weight.mul_(1.5)
+        return model
+
+    monkeypatch.setattr(ck, "load_pretrained", wrong)

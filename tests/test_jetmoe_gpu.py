@@ -10,8 +10,8 @@ import os
 
 import pytest
 import torch
-from helpers import rel_err
-from test_jetmoe_parity import CONFIGS, hf_model
+from helpers import load_an_expert_weight_wrongly, rel_err
+from test_jetmoe_parity import hf_model
 
 import scattermoe
 from jetmoe import JetMoEForCausalLM, KVCache
@@ -123,25 +123,17 @@ def test_real_jetmoe_8b_eval_agrees_with_transformers(tmp_path):
     assert rep["compare"]["agree"] and rep["jetmoe"]["perplexity"] < 20
 
 
-def test_eval_cli_agrees_with_transformers_in_bf16_on_cuda(tmp_path):
+def test_eval_cli_agrees_with_transformers_in_bf16_on_cuda(tmp_path, monkeypatch):
     """`eval --compare-transformers` on CUDA, bf16, the default backend: a small random model saved by
     transformers."""
     from jetmoe.__main__ import main
     from jetmoe.tokenizer import ByteTokenizer
 
-    import jetmoe.checkpoint as ck
-
-    cfg = transformers.JetMoeConfig(**{**CONFIGS["k2_of_4"], "vocab_size": ByteTokenizer().vocab_size},
-                                    bos_token_id=256, eos_token_id=257)
     torch.manual_seed(0)
-    hf = transformers.JetMoeForCausalLM(cfg)
-    with torch.no_grad():  # weights large enough that every layer moves the loss (the default init's do not)
-        for name, p in hf.named_parameters():
-            p.normal_(0.0, 0.25)
-            if name.endswith("norm.weight"):
-                p.add_(1.0)
-    hf.save_pretrained(tmp_path / "ckpt")
-    ByteTokenizer().save_pretrained(tmp_path / "ckpt")
+    bytes_ = ByteTokenizer()
+    hf_model("k2_of_4", vocab_size=bytes_.vocab_size, bos_token_id=bytes_.bos_token_id,
+             eos_token_id=bytes_.eos_token_id).save_pretrained(tmp_path / "ckpt")
+    bytes_.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "text.py").write_text("def f(x):\n    return x * 2 + 1\n\n" * 60)
     out = tmp_path / "eval.json"
     argv = ["eval", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "text.py"), "--dtype", "bfloat16",
@@ -151,14 +143,5 @@ def test_eval_cli_agrees_with_transformers_in_bf16_on_cuda(tmp_path):
     print(rep["compare"])
     assert rep["device"].startswith("cuda") and rep["dtype"] == "bfloat16" and rep["compare"]["agree"], rep
 
-    real = ck.load_pretrained
-
-    def wrong(*a, **kw):  # one MoE weight loaded wrongly must be caught in bf16 too
-        m = real(*a, **kw)
-        with torch.no_grad():
-            m.model.layers[0].mlp.output_linear.weight.mul_(1.5)
-        return m
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ck, "load_pretrained", wrong)
-        assert main(argv) == 1
+    load_an_expert_weight_wrongly(monkeypatch)  # one MoE weight loaded wrongly must be caught in bf16 too
+    assert main(argv) == 1

@@ -41,8 +41,9 @@ CONFIGS = {
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 
 
-def hf_model(name: str):
-    cfg = transformers.JetMoeConfig(**CONFIGS[name], bos_token_id=1, eos_token_id=2)
+def hf_model(name: str, **overrides):
+    """transformers' JetMoE at CONFIGS[name] (with ``overrides``), every weight randomised to matter."""
+    cfg = transformers.JetMoeConfig(**{"bos_token_id": 1, "eos_token_id": 2, **CONFIGS[name], **overrides})
     cfg._attn_implementation = "eager"  # the reference path: explicit K/V repeat, not SDPA's GQA
     model = transformers.JetMoeForCausalLM(cfg).float().eval()
     with torch.no_grad():

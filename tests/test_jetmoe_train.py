@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, load_an_expert_weight_wrongly
 
 import scattermoe
 from jetmoe import ByteTokenizer, JetMoEConfig, JetMoEForCausalLM
@@ -426,22 +426,14 @@ def test_cli_eval_matches_transformers_and_says_when_it_does_not(tiny_ckpt, tmp_
     for side in ("jetmoe", "transformers"):
         assert abs(rep[side]["loss"] - want) <= 1e-5 * want, (side, rep[side], want)
 
-    import jetmoe.checkpoint as ck
-    real = ck.load_pretrained
-
-    def wrong(*a, **kw):
-        m = real(*a, **kw)
-        with torch.no_grad():
-            m.model.layers[0].mlp.output_linear.weight.mul_(1.5)
-        return m
-
-    monkeypatch.setattr(ck, "load_pretrained", wrong)
+    load_an_expert_weight_wrongly(monkeypatch)
     assert main(argv) == 1
     assert "DISAGREE" in capsys.readouterr().out
 
     def never(*a, **kw):
         raise AssertionError("loaded a checkpoint before refusing the backend")
 
+    import jetmoe.checkpoint as ck
     monkeypatch.setattr(ck, "load_pretrained", never)  # a backend that cannot run here is refused before loading
     assert main(["eval", "--model", str(tiny_ckpt), "--backend", "cutlass", "--device", "cpu"]) == 2
     assert "--backend cutlass:" in capsys.readouterr().err
