@@ -125,9 +125,9 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
             case, n_flops = group.case(mode), flops(group, mode)
             mode_rows = []
             floor_ms = None
-            if mode in ("fwd", *INFER_MODES) and cfg.limits and shape.kind != "routing":
-                floor_ms = weight_bytes(shape, load["experts_used"]) / cfg.limits["hbm_bytes_s"] * 1e3
             itemsize = torch.empty((), dtype=getattr(torch, group.dtype)).element_size()
+            if mode in ("fwd", *INFER_MODES) and cfg.limits and shape.kind != "routing":
+                floor_ms = weight_bytes(shape, load["experts_used"], itemsize) / cfg.limits["hbm_bytes_s"] * 1e3
             n_bytes = useful_bytes(group, mode, load["experts_used"], itemsize)
             roofline_ms = None
             if n_bytes is not None and cfg.limits:  # the datasheet bound: compute or memory, whichever is slower
