@@ -7,7 +7,7 @@ nn.Linear convention and the JetMoE checkpoint layout).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,56 @@ def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.T
                              f"got {tuple(t.shape)}")
 
 
+def _stack_linears(name: str, linears: Sequence, shape: Optional[Tuple[int, int]] = None
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The weights [E, out, in] and biases [E, out] (None when none has one) of E nn.Linear (or weight
+    tensors [out, in], or one [E, out, in]), copied; a ValueError naming ``name`` and the expert when they
+    do not stack."""
+    if isinstance(linears, torch.Tensor) and linears.dim() == 3:
+        linears = linears.unbind(0)
+    if isinstance(linears, (nn.Module, torch.Tensor)) and not isinstance(linears, nn.ModuleList):
+        raise TypeError(f"{name}: expected a sequence with one nn.Linear (or weight tensor [out, in]) per "
+                        f"expert, got a single {type(linears).__name__}"
+                        + (f" of shape {tuple(linears.shape)}" if isinstance(linears, torch.Tensor) else ""))
+    linears = list(linears)
+    if not linears:
+        raise ValueError(f"{name}: expected one nn.Linear per expert, got none")
+    weights, biases = [], []
+    for e, lin in enumerate(linears):
+        if isinstance(lin, nn.Linear):
+            w, b = lin.weight, lin.bias
+        elif isinstance(lin, torch.Tensor):
+            w, b = lin, None
+        else:
+            raise TypeError(f"{name}[{e}]: expected an nn.Linear or a weight tensor [out, in], "
+                            f"got {type(lin).__name__}")
+        if w.dim() != 2:
+            raise ValueError(f"{name}[{e}]: expected a weight [out, in], got shape {tuple(w.shape)}")
+        first = weights[0] if weights else w
+        want = shape if shape is not None else tuple(first.shape)
+        if tuple(w.shape) != want:
+            raise ValueError(f"{name}[{e}]: expected a weight of shape {want} [out, in], got {tuple(w.shape)}")
+        if (w.dtype, w.device) != (first.dtype, first.device):
+            raise ValueError(f"{name}[{e}]: weight is {w.dtype} on {w.device}, expert 0's is {first.dtype} on "
+                             f"{first.device}: the experts must share one dtype and device")
+        weights.append(w)
+        biases.append(b)
+    has_bias = [b is not None for b in biases]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError(f"{name}: experts {[e for e, h in enumerate(has_bias) if h]} have a bias and the others "
+                         "do not: all or none must")
+    with torch.no_grad():
+        weight = torch.stack([w.detach() for w in weights])
+        bias = torch.stack([b.detach().to(weight.dtype) for b in biases]) if all(has_bias) else None
+    return weight, bias
+
+
+def _load_experts(target: "ParallelExperts", weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Put weight (and bias) into target's parameters, which take their dtype and device."""
+    target.weight = nn.Parameter(weight)
+    target.bias = nn.Parameter(bias) if bias is not None else None
+
+
 class MLP(nn.Module):
     """Mixture of plain MLP experts: y = sum_j p_j * W2_e act(W1_e x)."""
 
@@ -80,6 +130,30 @@ class MLP(nn.Module):
         self.output_experts = ParallelExperts(num_experts, hidden_size, input_size, bias=bias)
         self.top_k = min(top_k, num_experts)
         self.activation = activation if activation is not None else nn.GELU()
+
+    @classmethod
+    def from_linears(cls, up: Sequence, down: Sequence, top_k: int,
+                     activation: Optional[Callable] = None) -> "MLP":
+        """The layer holding the weights of E separate experts, each ``down(act(up(x)))`` (GELU unless
+        ``activation`` says otherwise) with ``nn.Linear`` (or weight tensors [out, in]) ``up[e]`` D -> F and
+        ``down[e]`` F -> D: what a loop over an ``nn.ModuleList`` of experts computes, in one fused op. The
+        weights are copied (stacked to [E, out, in]); the layer takes their dtype and device. Biases: all
+        experts' or none."""
+        w1, b1 = _stack_linears("up", up)
+        f, d = w1.shape[1:]
+        w2, b2 = _stack_linears("down", down, shape=(d, f))
+        if w2.shape[0] != w1.shape[0]:
+            raise ValueError(f"down: expected {w1.shape[0]} experts (as many as up), got {w2.shape[0]}")
+        if (b1 is None) != (b2 is None):
+            raise ValueError("up and down: either both have biases or neither does")
+        if (w2.dtype, w2.device) != (w1.dtype, w1.device):
+            raise ValueError(f"up and down: the experts' weights must share one dtype and device, got {w1.dtype} "
+                             f"on {w1.device} and {w2.dtype} on {w2.device}")
+        with torch.device("meta"):  # no throw-away initialisation of a second set of weights
+            layer = cls(d, f, w1.shape[0], top_k, bias=b1 is not None, activation=activation)
+        _load_experts(layer.experts, w1, b1)
+        _load_experts(layer.output_experts, w2, b2)
+        return layer
 
     def extra_repr(self) -> str:
         return f"k={self.top_k}"
@@ -118,6 +192,33 @@ class GLUMLP(MLP):
 
     def extra_repr(self) -> str:
         return f"k={self.top_k}, activate_first={self.activate_first}"
+
+    @classmethod
+    def from_linears(cls, gate: Sequence, up: Sequence, down: Sequence, top_k: int,
+                     activation: Optional[Callable] = None) -> "GLUMLP":
+        """The layer holding the weights of E separate SwiGLU experts, each
+        ``down(act(gate(x)) * up(x))`` (Llama, Mixtral, Qwen MoE; SiLU unless ``activation`` says otherwise),
+        with ``nn.Linear`` (or weight tensors [out, in]) ``gate[e]``, ``up[e]`` D -> F and ``down[e]`` F -> D:
+        what a loop over an ``nn.ModuleList`` of experts computes, in one fused op. The weights are copied
+        (``experts.weight[e]`` is ``[gate; up]``, so ``activate_first=True``); the layer takes their dtype
+        and device. Biases: all experts' or none."""
+        wg, bg = _stack_linears("gate", gate)
+        f, d = wg.shape[1:]
+        wu, bu = _stack_linears("up", up, shape=(f, d))
+        w2, b2 = _stack_linears("down", down, shape=(d, f))
+        for name, w in (("up", wu), ("down", w2)):
+            if w.shape[0] != wg.shape[0]:
+                raise ValueError(f"{name}: expected {wg.shape[0]} experts (as many as gate), got {w.shape[0]}")
+        if len({b is None for b in (bg, bu, b2)}) != 1:
+            raise ValueError("gate, up and down: either all have biases or none does")
+        if (wu.dtype, wu.device) != (wg.dtype, wg.device) or (w2.dtype, w2.device) != (wg.dtype, wg.device):
+            raise ValueError(f"gate, up and down: the experts' weights must share one dtype and device, got "
+                             f"{wg.dtype} on {wg.device}, {wu.dtype} on {wu.device}, {w2.dtype} on {w2.device}")
+        with torch.device("meta"):  # no throw-away initialisation of a second set of weights
+            layer = cls(d, f, wg.shape[0], top_k, bias=bg is not None, activation=activation, activate_first=True)
+        _load_experts(layer.experts, torch.cat([wg, wu], dim=1), None if bg is None else torch.cat([bg, bu], dim=1))
+        _load_experts(layer.output_experts, w2, b2)
+        return layer
 
     def _hidden(self, x: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
         a, b = self.experts(x, self.top_k, *routing, grouped_out=True).chunk(2, dim=-1)
