@@ -101,4 +101,4 @@ def moe_mlp_per_token(
                 h = glu(h, activation, glu_activate_first)
             y = y + expert_p[t, j] * (w_out[e] @ h + (b_out[e] if b_out is not None else 0))
         rows.append(y)
-    return torch.stack(rows)
+    return torch.stack(rows) if rows else x.new_zeros(0, w_out.size(1))  # T=0: no tokens, no rows

@@ -73,6 +73,14 @@ def positive_int(name: str, value, *, minimum: int = 1) -> int:
     return number
 
 
+def flag(name: str, value) -> bool:
+    """value as a bool (numpy and 0-d tensor bools, 0 and 1 too), or a ValueError naming the argument: a
+    string such as "no" would otherwise count as True."""
+    if isinstance(value, str) or value not in (True, False):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
 def check_features(name: str, x) -> None:
     """x is a tensor [..., D] with at least one dimension (the layers' inputs)."""
     check_tensor(name, x, dtypes=_FLOAT_DTYPES)
@@ -120,8 +128,9 @@ def check_parallel_linear(
     if x.stride(-1) != 1:
         raise ValueError(f"x: expected a row-major tensor (stride 1 along features), got strides {x.stride()}; "
                          "call .contiguous()")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {k!r}")
+    positive_int("k", k)
+    flag("grouped_in", grouped_in)
+    flag("grouped_out", grouped_out)
     for name, t in (("sorted_expert_idxs", sorted_expert_idxs), ("sorted_scattered_idxs", sorted_scattered_idxs)):
         check_tensor(name, t, dim=1, dtypes=_INDEX_DTYPES, device=device)
         if not t.is_contiguous():

@@ -7,6 +7,7 @@ nn.Linear convention and the JetMoE checkpoint layout).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from ._validate import check_features, positive_int
 from .kernels._compat import accepts_padded_block_idxs
-from .ops import glu_moe, parallel_linear
+from .ops import _autocast_enabled, glu_moe, parallel_linear
 from .routing import flatten_sort_count
 
 
@@ -53,8 +54,19 @@ class ParallelExperts(nn.Module):
                                gates=gates, grouped_in=grouped_in, grouped_out=grouped_out)
 
 
-def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int) -> None:
+def _check_dtype(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """x in the layer's weight dtype, or autocast on for its device (which casts both): named at the layer,
+    not as the kernels' internal arguments."""
+    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+        raise TypeError(f"{name}: dtype {str(x.dtype).replace('torch.', '')} differs from the layer's weights "
+                        f"({str(weight.dtype).replace('torch.', '')}): convert one to the other (e.g. "
+                        f"layer.to({x.dtype})) or run under torch.autocast")
+
+
+def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int,
+                   weight: torch.Tensor) -> None:
     check_features("x", x)
+    _check_dtype("x", x, weight)
     lead = tuple(x.shape[:-1])
     for name, t in (("expert_p", expert_p), ("expert_idxs", expert_idxs)):
         if not isinstance(t, torch.Tensor):
@@ -164,7 +176,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
         """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
-        _check_routing(x, expert_p, expert_idxs, self.top_k)
+        _check_routing(x, expert_p, expert_idxs, self.top_k, self.experts.weight)
         x_shape = x.shape
         x = x.reshape(-1, x_shape[-1])
         sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
@@ -220,16 +232,25 @@ class GLUMLP(MLP):
         _load_experts(layer.output_experts, w2, b2)
         return layer
 
+    def _fusable(self) -> bool:
+        """Whether forward may be the one fused op, which reads both weights directly: plain SiLU (not a
+        subclass, which may compute something else) and the two expert modules exactly ParallelExperts with
+        no hooks (a subclass's own forward, e.g. an adapter, a hook, or FSDP sharding them must run)."""
+        if not (type(self.activation) is nn.SiLU or self.activation is F.silu):
+            return False
+        return all(type(m) is ParallelExperts and not (m._forward_hooks or m._forward_pre_hooks)
+                   for m in (self.experts, self.output_experts))
+
     def _hidden(self, x: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
         a, b = self.experts(x, self.top_k, *routing, grouped_out=True).chunk(2, dim=-1)
         return self.activation(a) * b if self.activate_first else a * self.activation(b)
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
         """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
-        if not (isinstance(self.activation, nn.SiLU) or self.activation is F.silu):
+        if not self._fusable():
             return super().forward(x, expert_p, expert_idxs)
         # SiLU: one fused op (GLU in the first GEMM's epilogue, G recomputed in backward).
-        _check_routing(x, expert_p, expert_idxs, self.top_k)
+        _check_routing(x, expert_p, expert_idxs, self.top_k, self.experts.weight)
         routing = flatten_sort_count(expert_idxs, num_experts=self.num_experts)
         y = glu_moe(x.reshape(-1, x.size(-1)), self.experts.weight.permute(0, 2, 1),
                     self.output_experts.weight.permute(0, 2, 1), expert_p.reshape(-1, self.top_k), routing,
@@ -277,7 +298,7 @@ class MoA(nn.Module):
     def map(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor
             ) -> Tuple[torch.Tensor, MoARouting]:
         """x [..., D]; expert_p, expert_idxs [..., K] -> (queries [..., H*K, Dh], routing for reduce)."""
-        _check_routing(x, expert_p, expert_idxs, self.top_k)
+        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_linear.weight)
         lead = x.shape[:-1]
         routing = MoARouting(expert_p.reshape(-1, self.top_k), *flatten_sort_count(expert_idxs, self.num_experts))
         q = self.input_linear(x.reshape(-1, x.size(-1)), self.top_k, *routing[1:])  # [T*K, H*Dh], slot order
@@ -295,6 +316,12 @@ class MoA(nn.Module):
         expected = (self.num_heads * self.top_k, self.head_dim)
         if tuple(attn_out.shape[-2:]) != expected:
             raise ValueError(f"attn_out: expected [..., {expected[0]}, {expected[1]}], got {tuple(attn_out.shape)}")
+        tokens = math.prod(lead)
+        if tokens != routing.expert_p.size(0):
+            raise ValueError(f"routing: made by map for {routing.expert_p.size(0)} tokens, but attn_out holds "
+                             f"{tokens} (shape {tuple(attn_out.shape)}): pass the routing map returned for these "
+                             "tokens")
+        _check_dtype("attn_out", attn_out, self.output_linear.weight)
         o = attn_out.reshape(-1, self.num_heads, self.top_k, self.head_dim).transpose(1, 2)
         o = o.reshape(-1, self.num_heads * self.head_dim)  # [T*K, H*Dh], slot order
         y = self.output_linear(o, 1, *routing[1:], gates=routing.expert_p)

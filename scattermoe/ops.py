@@ -9,6 +9,7 @@ autograd Function built on them traces under ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -16,7 +17,7 @@ import torch
 import reference
 
 from . import backends
-from ._validate import check_glu_moe, check_parallel_linear
+from ._validate import check_glu_moe, check_parallel_linear, flag, positive_int
 from .kernels._compat import accepts_padded_block_idxs
 
 
@@ -165,6 +166,9 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
     """(x, *tensors) cast to the autocast dtype when autocast is on for x's device, else unchanged.
 
@@ -176,7 +180,30 @@ def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[
     if not isinstance(x, torch.Tensor) or not _autocast_enabled(x.device.type):
         return (x,) + tensors  # (a non-tensor x is reported by the argument checks that follow)
     dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x,) + tensors)
+    # As torch.autocast: float64 (and integer) tensors are left alone, so float64 x stays float64.
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+                 for t in (x,) + tensors)
+
+
+def _first_order(backward):
+    """A kernel backend's backward, which is not itself differentiable: run it without recording a graph and,
+    when a graph was asked for (``create_graph=True``), hand back outputs whose own backward raises an error
+    that says so and names the backend that can (torch.autograd.function.once_differentiable, with a message
+    a user can act on instead of the custom ops' 'no autograd formula registered')."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not (torch.is_grad_enabled() and any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads)):
+            return outputs
+        message = (f"scattermoe: the {ctx.backend} backend computes first derivatives only, so a second "
+                   "backward through its ops (double backward, e.g. a gradient penalty built with "
+                   "create_graph=True) is not supported; run that part with scattermoe.use_backend('torch')")
+        delayed = torch._C._functions.DelayedError(message, sum(o is not None for o in outputs))
+        tensors = delayed(*[o.detach().requires_grad_() for o in outputs if o is not None])
+        tensors = iter(tensors if isinstance(tensors, tuple) else (tensors,))
+        return tuple(next(tensors) if o is not None else None for o in outputs)
+    return wrapper
 
 
 class ParallelLinear(torch.autograd.Function):
@@ -202,6 +229,7 @@ class ParallelLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_first_order
     def backward(ctx, dy):
         x, w, bias, gates, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = ctx.saved_tensors
         k, grouped_in, grouped_out, backend = ctx.k, ctx.grouped_in, ctx.grouped_out, ctx.backend
@@ -268,6 +296,7 @@ def parallel_linear(
     differentiable in x, expert_weights, expert_biases and gates.
     """
     x, expert_weights, expert_biases = _under_autocast(x, expert_weights, expert_biases)
+    k, grouped_in, grouped_out = positive_int("k", k), flag("grouped_in", grouped_in), flag("grouped_out", grouped_out)
     check_parallel_linear(x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
                           expert_biases, gates, grouped_in, grouped_out)
     backend = backends.resolve(x)
@@ -293,6 +322,7 @@ class ParallelLinearGLU(torch.autograd.Function):
         return g
 
     @staticmethod
+    @_first_order
     def backward(ctx, dg):
         x, w, bias, pre, sorted_scattered_idxs, expert_offsets = ctx.saved_tensors
         dpre, _, _ = glu_backward_op(pre, dg.contiguous(), None, ctx.activate_first, False, False, ctx.backend)
@@ -320,6 +350,8 @@ def parallel_linear_glu(
     a * silu(b) (ScatterMoE's GLUMLP). Other arguments as in ``parallel_linear`` (no gates).
     """
     x, expert_weights, expert_biases = _under_autocast(x, expert_weights, expert_biases)
+    k, grouped_in, grouped_out = positive_int("k", k), flag("grouped_in", grouped_in), flag("grouped_out", grouped_out)
+    activate_first = flag("activate_first", activate_first)
     check_parallel_linear(x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
                           expert_biases, None, grouped_in, grouped_out)
     if expert_weights.size(-1) % 2:
@@ -360,6 +392,7 @@ class GLUMoE(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_first_order
     def backward(ctx, dy):
         (x, w_in, b_in, w_out, b_out, gates, pre, sorted_expert_idxs, sorted_scattered_idxs,
          expert_offsets) = ctx.saved_tensors
@@ -410,6 +443,7 @@ def glu_moe(
                            else ""))
     sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = expert_idxs_sorted
     x, w_in, w_out, b_in, b_out = _under_autocast(x, w_in, w_out, b_in, b_out)
+    activate_first = flag("activate_first", activate_first)
     check_glu_moe(x, w_in, w_out, gates, b_out)
     k = gates.size(1)
     check_parallel_linear(x, w_in, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,

@@ -106,6 +106,9 @@ def load_balancing_loss(router_logits: torch.Tensor, expert_idxs: torch.Tensor, 
     if router_logits.size(1) != num_experts:
         raise ValueError(f"router_logits: expected [T, E={num_experts}], got shape {tuple(router_logits.shape)}")
     check_expert_idxs(expert_idxs, num_experts)
+    if expert_idxs.device != router_logits.device:
+        raise ValueError(f"expert_idxs: expected a tensor on {router_logits.device} (router_logits' device), "
+                         f"got one on {expert_idxs.device}")
     if expert_idxs.dim() != 2 or expert_idxs.size(0) != router_logits.size(0):
         raise ValueError(f"expert_idxs: expected [T={router_logits.size(0)}, K] like router_logits' tokens, "
                          f"got shape {tuple(expert_idxs.shape)}")

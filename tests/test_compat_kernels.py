@@ -13,6 +13,7 @@ import torch
 import reference
 import scattermoe
 import scattermoe.kernels.ops as kops
+from helpers import TOL, assert_close
 from scattermoe.backends.triton import config as triton_config
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
@@ -233,3 +234,28 @@ def test_kernel_ops_reject_bad_input_by_name(backend):
         y = s2s(out=wide[:, :F])
         assert torch.isfinite(wide[:, :F]).all() and wide[:, F:].isnan().all()
         torch.testing.assert_close(y, s2s())
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+@pytest.mark.parametrize("alias", ["X", "W"])
+def test_scatter2scatter_out_over_its_own_input(backend, alias):
+    """out sharing memory with X (in place, grouped rows of equal width) or W: the result is still X W_e, as if
+    out were separate (the kernels' programs would otherwise read rows another program already overwrote)."""
+    T, E, K, D = 12, 3, 2, 16
+    sorted_expert_idxs, sorted_scattered_idxs = kops.flatten_and_sort(_routing(T, E, K, seed=6))
+    X, W = torch.randn(T * K, D), torch.randn(E, D, D) / 4
+    _, offsets = kops.padded_block_indices(sorted_expert_idxs, E)
+    want = reference.parallel_linear(X.double(), W.double(), 1, sorted_expert_idxs, sorted_scattered_idxs,
+                                     offsets, None, None, True, False)
+    if alias == "X":
+        X_in = X.clone()
+        out = X_in
+    else:  # out over W's storage: a weight buffer large enough for the N rows
+        W_in = torch.cat([W.reshape(-1), torch.zeros(T * K * D)]).view(-1)
+        out = W_in[E * D * D:].view(T * K, D)
+        W = W_in[:E * D * D].view(E, D, D)
+        X_in = X
+    with scattermoe.use_backend(backend):
+        y = kops.scatter2scatter(X_in, W, sorted_expert_idxs, sorted_scattered_idxs, 1, None, True, False, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close(y, want, TOL[torch.float32], f"y with out over {alias}")

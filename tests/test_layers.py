@@ -241,3 +241,57 @@ def test_layers_follow_autocast(layer_name, backend):
     for (name, p), p_half in zip(layer.named_parameters(), half.parameters()):
         assert p.grad is not None and p.grad.dtype == torch.float32, name
         assert torch.equal(p.grad, p_half.grad.float()), name
+
+
+class _ScaledSiLU(nn.SiLU):
+    """A SiLU subclass that computes something else: the layer must run it, not the fused plain-SiLU op."""
+
+    def forward(self, x):
+        return 2 * F.silu(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_glumlp_runs_a_silu_subclass_as_written(backend):
+    T, D, F_, E, K = 9, 16, 12, 4, 2
+    torch.manual_seed(3)
+    layer = scattermoe.GLUMLP(D, F_, E, K, activation=_ScaledSiLU(), activate_first=True)
+    _reinit(layer)
+    x, (p, idx) = torch.randn(T, D), _routing(1, T, E, K)
+    with scattermoe.use_backend(backend):
+        y = layer(x, p.view(T, K), idx.view(T, K))
+    want = reference.moe_mlp_per_token(x.double(), p.view(T, K).double(), idx.view(T, K),
+                                       layer.experts.weight.double(), layer.output_experts.weight.double(),
+                                       None, None, lambda h: 2 * F.silu(h), True)
+    assert_all_close(["y"], [y], [want], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_glumlp_with_silu_honours_hooks_and_subclassed_experts(backend):
+    """The fused SiLU op reads both weights directly; a forward hook on an expert module, or an expert module
+    whose class has its own forward (an adapter), must still take effect: the layer then runs them as modules."""
+    T, D, F_, E, K = 9, 16, 12, 4, 2
+    torch.manual_seed(4)
+    layer = scattermoe.GLUMLP(D, F_, E, K)
+    _reinit(layer)
+    x, (p, idx) = torch.randn(T, D), _routing(1, T, E, K)
+    p, idx = p.view(T, K).detach(), idx.view(T, K)
+    with scattermoe.use_backend(backend):
+        plain = layer(x, p, idx)
+        handle = layer.output_experts.register_forward_hook(lambda module, args, out: out * 0.5)
+        hooked = layer(x, p, idx)
+        handle.remove()
+        assert torch.equal(layer(x, p, idx), plain)  # hook removed: the fused op again
+
+        class Doubled(scattermoe.ParallelExperts):
+            def forward(self, *args, **kwargs):
+                return 2 * super().forward(*args, **kwargs)
+
+        doubled = Doubled(E, D, 2 * F_)
+        doubled.load_state_dict(layer.experts.state_dict())
+        layer.experts = doubled
+        subclassed = layer(x, p, idx)
+    torch.testing.assert_close(hooked, 0.5 * plain, rtol=1e-5, atol=1e-6)
+    # GLU(2h) with silu(a) * b: silu(2a) * 2b, not 2 * GLU(h); so compare to the reference with doubled weights
+    want = reference.moe_mlp_per_token(x.double(), p.double(), idx, 2 * layer.experts.weight.double(),
+                                       layer.output_experts.weight.double(), None, None, F.silu, False)
+    assert_all_close(["y (subclassed experts)"], [subclassed], [want], TOL[torch.float32])

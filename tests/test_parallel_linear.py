@@ -271,3 +271,54 @@ def test_empty_batch(backend, mode):
         grads = torch.autograd.grad(y, [leaves[n] for n in names], torch.zeros_like(y))
     for name, g in zip(names, grads):
         assert g.shape == leaves[name].shape and bool((g == 0).all()), f"d{name}"
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+def test_float64_is_left_alone_under_autocast(backend):
+    """torch.autocast casts float32/16 operands only: float64 x and weights stay float64, as F.linear's do
+    (the torch backend computes float64; the Triton kernels refuse it by name, never silently in bf16)."""
+    T, E, K, D, F = 7, 3, 2, 8, 6
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    x, w = torch.randn(T, D, dtype=torch.float64), torch.randn(E, D, F, dtype=torch.float64)
+    gates = torch.rand(T, K, dtype=torch.float64)
+    with scattermoe.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        if backend == "triton":
+            with pytest.raises((TypeError, RuntimeError), match="float64"):
+                scattermoe.parallel_linear(x, w, K, *routing, gates=gates)
+            return
+        y = scattermoe.parallel_linear(x, w, K, *routing, gates=gates)
+    assert y.dtype == torch.float64
+    assert_close(y, reference.parallel_linear(x, w, K, *routing, None, gates), 1e-12, "y (float64 under autocast)")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("op", ["parallel_linear", "parallel_linear_glu", "glu_moe"])
+def test_kernel_backends_refuse_double_backward_by_name(op):
+    """A second derivative through the Triton ops raises an error naming the backend and the way out; with
+    create_graph=True the first derivatives are still the plain backward's."""
+    T, E, K, D, F = 6, 3, 2, 8, 6
+    torch.manual_seed(5)
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    x = torch.randn(T, D, requires_grad=True)
+    gates = torch.rand(T, K, requires_grad=True)
+    w_in = torch.randn(E, D, 2 * F, requires_grad=True)
+    w_out = torch.randn(E, F, D, requires_grad=True)
+
+    def run():
+        if op == "parallel_linear":
+            return scattermoe.parallel_linear(x, w_in, K, *routing, gates=gates)
+        if op == "parallel_linear_glu":
+            return scattermoe.parallel_linear_glu(x, w_in, K, *routing)
+        return scattermoe.glu_moe(x, w_in, w_out, gates, routing)
+
+    with scattermoe.use_backend("triton"):
+        plain = torch.autograd.grad(run().square().sum(), x)[0]
+        dx, = torch.autograd.grad(run().square().sum(), x, create_graph=True)
+    assert torch.equal(dx.detach(), plain)
+    message = r"the triton backend computes first derivatives only.*use_backend\('torch'\)"
+    with pytest.raises(RuntimeError, match=message):
+        dx.sum().backward()
+    with scattermoe.use_backend("torch"):  # the way out the message names works
+        dx, = torch.autograd.grad(run().square().sum(), x, create_graph=True)
+        dx.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

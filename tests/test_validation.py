@@ -54,6 +54,10 @@ BAD_INPUTS = {
     "biases_dtype_mismatch": ({"expert_biases": torch.randn(E, F, dtype=torch.float16)}, TypeError,
                               r"^expert_biases: .*dtype"),
     "k_zero": ({"k": 0}, ValueError, r"^k: "),
+    "k_bool": ({"k": True}, ValueError, r"^k: "),  # not taken as k=1
+    "k_float": ({"k": 2.0}, ValueError, r"^k: "),
+    "grouped_out_a_string": ({"grouped_out": "no"}, ValueError, r"^grouped_out: expected True or False"),
+    "grouped_in_none": ({"grouped_in": None}, ValueError, r"^grouped_in: expected True or False"),
     "routing_shorter_than_T_times_k": (
         {"sorted_expert_idxs": lambda a: a["sorted_expert_idxs"][:-2],
          "sorted_scattered_idxs": lambda a: a["sorted_scattered_idxs"][:-2]},
@@ -189,6 +193,36 @@ def test_moa_reduce_rejects_attention_output_of_wrong_shape():
         moa.reduce(torch.randn(B, L, 2, 4), routing)  # H heads, not H*K
 
 
+def test_moa_reduce_rejects_routing_made_for_other_tokens():
+    moa = scattermoe.MoA(D, 4, 2, E, K)
+    _, routing = moa.map(torch.randn(B, L, D), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
+    q_other, _ = moa.map(torch.randn(B, L - 1, D), torch.rand(B, L - 1, K),
+                         make_expert_idxs(B * (L - 1), E, K).view(B, L - 1, K))
+    with pytest.raises(ValueError, match=rf"^routing: made by map for {B * L} tokens, but attn_out holds "
+                                         rf"{B * (L - 1)}"):
+        moa.reduce(q_other, routing)
+
+
+@pytest.mark.parametrize("layer", ["mlp", "glumlp", "moa_map", "moa_reduce"])
+def test_layers_name_a_dtype_mismatch_at_the_layer(layer):
+    """x in another dtype than the layer's weights (no autocast): the error names x (or attn_out) and the
+    layer's dtype, not the kernels' internal argument names."""
+    p, idx = torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K)
+    x = torch.randn(B, L, D, dtype=torch.float64)
+    name = "x"
+    if layer == "mlp":
+        call = lambda: scattermoe.MLP(D, 6, E, K)(x, p, idx)  # noqa: E731
+    elif layer == "glumlp":
+        call = lambda: scattermoe.GLUMLP(D, 6, E, K)(x, p, idx)  # noqa: E731
+    else:
+        moa = scattermoe.MoA(D, 4, 2, E, K)
+        q, routing = moa.map(x.float(), p, idx)
+        call = (lambda: moa.map(x, p, idx)) if layer == "moa_map" else (lambda: moa.reduce(q.double(), routing))
+        name = "x" if layer == "moa_map" else "attn_out"
+    with pytest.raises(TypeError, match=rf"^{name}: dtype float64 differs from the layer's weights \(float32\)"):
+        call()
+
+
 def test_moa_reduce_rejects_routing_that_map_did_not_return():
     moa = scattermoe.MoA(D, 4, 2, E, K)
     q, routing = moa.map(torch.randn(B, L, D), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
@@ -292,6 +326,11 @@ def test_aux_losses_check_their_inputs_and_are_zero_without_tokens():
     assert scattermoe.router_z_loss(logits).item() > 0
 
 
+def test_load_balancing_loss_refuses_expert_idxs_on_another_device():
+    with pytest.raises(ValueError, match=r"^expert_idxs: expected a tensor on cpu"):
+        scattermoe.load_balancing_loss(torch.randn(T, E), make_expert_idxs(T, E, K).to("meta"), E)
+
+
 def test_flatten_sort_count_rejects_a_bool_expert_count():
     with pytest.raises(ValueError, match=r"^num_experts: "):
         scattermoe.flatten_sort_count(torch.zeros(2, 1, dtype=torch.long), True)
@@ -318,6 +357,49 @@ def test_cutlass_backend_is_refused_with_a_reason():
     with scattermoe.use_backend("cutlass"):
         with pytest.raises(RuntimeError, match=r"cutlass.*(not built|CUDA|cuda|driver)"):
             scattermoe.parallel_linear(**args)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+def test_parallel_linear_takes_numpy_ints_and_bools(backend):
+    """k as a numpy int and the flags as numpy bools (what indexing a config array gives) mean what they say."""
+    np = pytest.importorskip("numpy")
+    args = _valid_args()
+    args["gates"] = torch.rand(T, K)
+    with scattermoe.use_backend(backend):
+        want = scattermoe.parallel_linear(**args)
+        got = scattermoe.parallel_linear(**{**args, "k": np.int64(K), "grouped_in": np.bool_(False),
+                                            "grouped_out": np.bool_(False)})
+    assert torch.equal(got, want)
+
+
+def test_use_backend_is_per_thread():
+    """One thread's use_backend block does not change the backend another thread's ops run on; set_backend is
+    process-wide."""
+    import threading
+    scattermoe.set_backend("torch")
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def worker():
+        with scattermoe.use_backend("triton"):
+            seen["worker"] = scattermoe.get_backend()
+            inside.set()
+            release.wait(10)
+        seen["worker_after"] = scattermoe.get_backend()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        seen["main_during"] = scattermoe.get_backend()
+        assert backends.resolve(torch.randn(2, 2)) == "torch"
+    finally:
+        release.set()
+        thread.join(10)
+    assert seen == {"worker": "triton", "main_during": "torch", "worker_after": "torch"}
+    with scattermoe.use_backend("triton"):  # set_backend inside a block: the block's choice too, then everywhere
+        scattermoe.set_backend("auto")
+        assert scattermoe.get_backend() == "auto"
+    assert scattermoe.get_backend() == "auto"
 
 
 def test_use_backend_restores_the_previous_backend_even_when_the_block_raises():

@@ -91,6 +91,12 @@ def padded_block_indices(sorted_experts_idxs: torch.Tensor, k: int,
 
 # ----------------------------------------------------------------------------- kernels
 
+def _shares_memory(out: torch.Tensor, *inputs: Optional[torch.Tensor]) -> bool:
+    """Whether out lives in the same storage as any input (conservatively: any overlap of storages)."""
+    ptr = out.untyped_storage().data_ptr()
+    return any(t is not None and t.untyped_storage().data_ptr() == ptr for t in inputs)
+
+
 def scatter2scatter(
     X: torch.Tensor,
     W: torch.Tensor,
@@ -122,9 +128,13 @@ def scatter2scatter(
         check_out(out, (sorted_scattered_idxs.numel(), W.size(-1)), X)
     backend = backends.resolve(X)
     with torch.no_grad():
-        if backend == "torch":
+        if backend == "torch" or (out is not None and _shares_memory(out, X, W, b)):
+            # (the kernels write rows while other programs still read X: an out over the inputs gets a
+            # temporary, as the torch backend always does)
             y = reference.parallel_linear(X, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets, b,
-                                          None, x_grouped, y_grouped)
+                                          None, x_grouped, y_grouped) if backend == "torch" else \
+                backends.kernels(backend).scatter2scatter(X, W, b, sorted_scattered_idxs, expert_offsets, k,
+                                                          x_grouped, y_grouped)
             return out.copy_(y) if out is not None else y
         return backends.kernels(backend).scatter2scatter(
             X, W, b, sorted_scattered_idxs, expert_offsets, k, x_grouped, y_grouped, out=out)
