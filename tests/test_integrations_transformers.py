@@ -282,3 +282,102 @@ def test_experts_implementation_scattermoe(family, tmp_path, monkeypatch):
     for name, ref_grad in ref_grads.items():
         if ref_grad is not None and ref_grad.abs().max() > 0:
             assert _rel(grads[name], ref_grad) < TOL, name
+
+
+def test_patched_model_pickles_whole_and_loads_in_a_fresh_process(tmp_path):
+    """torch.save(model) (pickle: also what spawning worker processes does) of a patched model, loaded back here
+    and in a process that never patched anything: the same class, the same logits."""
+    import subprocess
+    import sys
+
+    ids = _ids()
+    model = integrations.apply_scattermoe(_build("mixtral"))
+    path = tmp_path / "model.pt"
+    torch.save(model, path)  # (before any forward: transformers then adds hooks of its own that do not pickle)
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        want = model(input_ids=ids).logits
+    again = torch.load(path, weights_only=False)
+    assert _scattermoe_classes(again) == {"ScatterMoEMixtralExperts"}
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        assert torch.equal(again(input_ids=ids).logits, want)
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(want, tmp_path / "want.pt")
+    code = ("import torch; import scattermoe; "
+            f"m = torch.load({str(path)!r}, weights_only=False); ids = torch.load({str(tmp_path / 'ids.pt')!r}); "
+            f"want = torch.load({str(tmp_path / 'want.pt')!r}); "
+            "assert type(m.model.layers[0].mlp.experts).__name__ == 'ScatterMoEMixtralExperts'; "
+            "scattermoe.set_backend('torch'); "
+            "assert torch.equal(m(input_ids=ids).logits.detach(), want), 'logits differ'; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+class _LowRankDelta(torch.nn.Module):
+    """A LoRA-like parametrization of a 3-D expert weight: W + A @ B per expert (trainable A, B)."""
+
+    def __init__(self, weight, rank=2):
+        super().__init__()
+        e, out_features, in_features = weight.shape
+        self.a = torch.nn.Parameter(torch.randn(e, out_features, rank) * 0.1)
+        self.b = torch.nn.Parameter(torch.randn(e, rank, in_features) * 0.1)
+
+    def forward(self, w):
+        return w + self.a @ self.b
+
+
+def test_experts_with_parametrized_weights_are_patched_and_train_their_parametrization():
+    """torch.nn.utils.parametrize (PEFT's LoRA on 3-D expert parameters, weight norm) swaps an experts module's
+    class for a subclass: it is still patched, and the parametrization's own parameters get the same gradients."""
+    import torch.nn.utils.parametrize as parametrize
+
+    def build():
+        model = _build("mixtral")
+        torch.manual_seed(7)
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            parametrize.register_parametrization(experts, "down_proj", _LowRankDelta(experts.down_proj))
+            if layer is model.model.layers[0]:  # one layer with both weights parametrized
+                parametrize.register_parametrization(experts, "gate_up_proj", _LowRankDelta(experts.gate_up_proj))
+        return model
+
+    ref, model = build(), integrations.apply_scattermoe(build())
+    assert _scattermoe_classes(model) == {"ScatterMoEParametrizedMixtralExperts"}
+    ids = _ids()
+    with scattermoe.use_backend("torch"):
+        out_ref, grads_ref = _loss_and_grads(ref, ids)
+        out, grads = _loss_and_grads(model, ids)
+    assert _rel(out.logits, out_ref.logits) < TOL
+    lora = [n for n in grads if n.endswith((".a", ".b"))]
+    assert len(lora) == 2 * 3 and all(grads_ref[n].abs().sum() > 0 for n in lora)
+    for name in lora:
+        assert _rel(grads[name], grads_ref[name]) < TOL, name
+
+
+def test_experts_subclasses_with_their_own_forward_are_left_alone_and_said_so():
+    import transformers.models.mixtral.modeling_mixtral as mixtral_module
+
+    class Plain(mixtral_module.MixtralExperts):  # changes nothing that is replaced: patched
+        pass
+
+    class Custom(mixtral_module.MixtralExperts):  # its own forward: patching would discard it
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+    model = _build("mixtral")
+    model.model.layers[0].mlp.experts.__class__ = Plain
+    model.model.layers[1].mlp.experts.__class__ = Custom
+    with pytest.warns(UserWarning, match=r"1 MoE blocks keep their own code.*model.layers.1.mlp.experts \(Custom "
+                                         r"overrides MixtralExperts.forward\)"):
+        integrations.apply_scattermoe(model)
+    assert type(model.model.layers[0].mlp.experts).__name__ == "ScatterMoEPlain"
+    assert type(model.model.layers[1].mlp.experts) is Custom
+    everywhere = _build("mixtral")
+    for layer in everywhere.model.layers:
+        layer.mlp.experts.__class__ = Custom
+    with pytest.raises(ValueError, match="subclasses with their own forward, which patching would discard"):
+        integrations.apply_scattermoe(everywhere)
+
+
+def test_apply_names_a_bad_families_argument():
+    with pytest.raises(TypeError, match="^families: expected model_type names"):
+        integrations.apply_scattermoe(_build("mixtral"), families=123)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -178,10 +179,37 @@ def _scattermoe_class(original: type, methods: Dict[str, Callable]) -> type:
     if getattr(original, "_scattermoe_original", None) is not None:  # already ours
         return original
     if original not in _subclasses:
-        attrs = dict(methods, _scattermoe_original=original, __module__=__name__,
+        name = f"ScatterMoE{original.__name__}"
+        attrs = dict(methods, _scattermoe_original=original, __module__=__name__, __qualname__=name,
                      __doc__=f"{original.__name__} with its expert computation on scattermoe.")
-        _subclasses[original] = type(f"ScatterMoE{original.__name__}", (original,), attrs)
+        _subclasses[original] = type(name, (original,), attrs)
+        if original in _family_originals():  # a module attribute, so that pickle finds it by name
+            globals()[name] = _subclasses[original]
     return _subclasses[original]
+
+
+def _family_originals() -> Dict[type, Tuple[str, str]]:
+    """The supported families' original classes (of the modeling modules already imported) -> (family, name)."""
+    found = {}
+    for family, (module_name, classes) in _FAMILIES.items():
+        module = sys.modules.get(module_name)
+        for name in classes:
+            cls = getattr(module, name, None) if module is not None else None
+            if isinstance(cls, type):
+                found[getattr(cls, "_scattermoe_original", None) or cls] = (family, name)
+    return found
+
+
+def __getattr__(name: str) -> type:
+    """ScatterMoE<Class> of a supported family, built on first use: how pickle (``torch.save(model)``, process
+    spawning) finds a patched block's class in a process that has not patched anything yet."""
+    for family, (_, classes) in _FAMILIES.items():
+        for cls_name, methods in classes.items():
+            if name == f"ScatterMoE{cls_name}":
+                for _, found_name, original, found_methods in _family_classes(family):
+                    if found_name == cls_name:
+                        return _scattermoe_class(original, found_methods)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Callable]]]:
@@ -219,6 +247,9 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
         raise TypeError(f"model: expected a torch.nn.Module (a loaded transformers model), got {type(model).__name__}")
     if isinstance(families, str):  # one family by name, not its letters
         families = [families]
+    if families is not None and not (isinstance(families, (list, tuple, set, frozenset))
+                                     and all(isinstance(f, str) for f in families)):
+        raise TypeError(f"families: expected model_type names (a str or a list of them), got {families!r}")
     named = families is not None
     if not named:
         # A loaded model's classes come from modeling modules already imported: look only there, instead of
@@ -238,17 +269,34 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
             continue  # an imported module of another transformers version: not this model's family
         for _, _, original, methods in classes:
             targets[original] = methods
-    swapped = 0
-    for module in model.modules():
+    swapped, kept = 0, []
+    for path, module in model.named_modules():
         cls = type(module)
-        if cls in targets:
-            module.__class__ = _scattermoe_class(cls, targets[cls])
-            swapped += 1
-        elif getattr(cls, "_scattermoe_original", None) in targets:
+        original = getattr(cls, "_scattermoe_original", None)
+        if original is not None and issubclass(original, tuple(targets)):
             swapped += 1  # already patched (e.g. built after apply_scattermoe_to_<family>())
+            continue
+        # The family's class, or a subclass of it that leaves the replaced methods alone (e.g. the class
+        # torch.nn.utils.parametrize gives a module whose expert weights carry a LoRA or weight norm).
+        base = next((t for t in targets if issubclass(cls, t)), None)
+        if base is None:
+            continue
+        methods = targets[base]
+        if any(getattr(cls, m) is not getattr(base, m) for m in methods):  # its own code: left to run it
+            kept.append(f"{path} ({cls.__name__} overrides {base.__name__}.{'/'.join(methods)})")
+            continue
+        module.__class__ = _scattermoe_class(cls, methods)
+        swapped += 1
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if swapped == 0 and kept:
+        raise ValueError(f"scattermoe: the MoE blocks of {type(model).__name__} (model_type={model_type!r}) are "
+                         f"subclasses with their own forward, which patching would discard: {'; '.join(kept[:3])}"
+                         + ("; ..." if len(kept) > 3 else ""))
     if swapped == 0:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise _unsupported(f"no supported MoE block found in {type(model).__name__} (model_type={model_type!r})")
+    if kept:
+        warnings.warn(f"scattermoe: {len(kept)} MoE blocks keep their own code (their class overrides what "
+                      f"scattermoe replaces): {'; '.join(kept[:3])}" + ("; ..." if len(kept) > 3 else ""))
     return model
 
 
