@@ -74,6 +74,33 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if not resume and not overwrite and (out / TRAINER_STATE).is_file():
         raise CLIError(f"--out {out}: holds a training run already; pass --resume to continue it or --overwrite "
                        "to start over in its place")
+    if not resume and not overwrite and out.is_dir():
+        found = [p.name for p in sorted(out.iterdir()) if p.name == "config.json" or p.suffix == ".safetensors"]
+        if found:  # e.g. a downloaded checkpoint: saving would replace its config and delete its shards
+            listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            raise CLIError(f"--out {out}: holds a checkpoint ({listed}) that saving would replace; pass "
+                           "--overwrite to replace it, or another --out (to fine-tune it, pass it as --model)")
+
+
+def check_output_file(flag: str, path: Path) -> None:
+    """A file the command will write at its end: refused now, not after the work, if it cannot be."""
+    if path.is_dir():
+        raise CLIError(f"{flag} {path}: is a directory")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"{flag} {path}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"{flag} {path}: {parent} is not writable")
+
+
+def warn_past_context(what: str, length: int, config) -> None:
+    """Positions past max_position_embeddings are beyond what the model was trained on: allowed (rotary positions
+    extrapolate), but said."""
+    if length > config.max_position_embeddings:
+        print(f"warning: {what} {length} is longer than the model's context, max_position_embeddings = "
+              f"{config.max_position_embeddings}: positions past it were never trained", file=sys.stderr)
 
 
 def default_out_dir(name: str) -> Path:
@@ -171,6 +198,7 @@ def run_generation(model, tokenizer, prompts: List[str], args, device: torch.dev
         input_ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
+    warn_past_context("the prompt and --max-new-tokens,", width + args.max_new_tokens, model.config)
     eos = None if args.ignore_eos else tokenizer.eos_token_id
     gen = torch.Generator(device=device).manual_seed(args.seed)
     kwargs = dict(temperature=args.temperature, top_p=args.top_p, eos_token_id=eos, attention_mask=mask,
@@ -180,6 +208,7 @@ def run_generation(model, tokenizer, prompts: List[str], args, device: torch.dev
         t = time.perf_counter()
         model.generate(input_ids, min(8, args.max_new_tokens), **kwargs)
         warm_s += time.perf_counter() - t
+    gen.manual_seed(args.seed)  # the same samples with or without warm-up runs (they drew from gen)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     streamer = Streamer(tokenizer, rows[0], stream and len(rows) == 1)
@@ -232,7 +261,7 @@ def cmd_eval(args) -> int:
     transformers' JetMoeForCausalLM loaded from the same files. Exit status 1 when the two disagree."""
     import json
 
-    from .checkpoint import load_pretrained, resolve
+    from .checkpoint import load_config, load_pretrained, resolve
     from .tokenizer import load_tokenizer
     from .train import eval_windows, evaluate, load_corpus, tokenize
 
@@ -242,16 +271,21 @@ def cmd_eval(args) -> int:
             from transformers import JetMoeForCausalLM as TransformersJetMoe
         except ImportError as exc:
             raise CLIError(f"--compare-transformers: needs transformers with JetMoE ({exc})") from None
+    if args.json is not None:
+        check_output_file("--json", args.json)
     ckpt = resolve(args.model)
     dtype = load_dtype(ckpt, args.dtype, device)
     if args.compare_transformers and dtype not in COMPARE_RTOL:
         raise CLIError(f"--compare-transformers: no bound for {dtype}; pass --dtype float32, bfloat16 or float16")
     backend = pick_backend(args.backend, device, dtype)  # before loading what may be 17 GB
-    model = load_pretrained(ckpt, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(ckpt, model.config.vocab_size)
+    # The tokenizer, the text and its windows before the weights: a bad --data or --seq-len is told at once.
+    config = load_config(ckpt)
+    tokenizer = load_tokenizer(ckpt, config.vocab_size)
     t = time.perf_counter()
     docs = load_corpus(args.data)
     windows = eval_windows(tokenize(docs, tokenizer), args.seq_len, args.windows)
+    warn_past_context("--seq-len", args.seq_len, config)
+    model = load_pretrained(ckpt, dtype=dtype, device=device)
     what = corpus_label(args.data)
     print(f"{ckpt}: {model.num_parameters() / 1e6:.1f}M parameters, {dtype} on {device}; "
           f"{backend_note(backend, device)}", file=sys.stderr)
@@ -308,33 +342,40 @@ def cmd_eval(args) -> int:
     return status
 
 
-def _build_for_training(args, device: torch.device, rank0: bool = True):
-    from .checkpoint import load_pretrained, resolve
+def _training_setup(args, device: torch.device, rank0: bool = True):
+    """(tokenizer, config, build) for train: the tokenizer and config are read now (cheap), the model only when
+    build() is called, so that the corpus can be checked first."""
+    from .checkpoint import load_config, load_pretrained, resolve
     from .model import PRESETS, JetMoEConfig, JetMoEForCausalLM
     from .tokenizer import ByteTokenizer, load_tokenizer
 
     if args.resume and (Path(args.out) / "config.json").is_file():  # continue the model that is there
+        config = load_config(args.out)
         # Its weights are left unloaded: train() reloads them from the same files when it resumes.
-        model = load_pretrained(args.out, dtype=torch.float32, device=device, weights=False)
-        return model, load_tokenizer(args.out, model.config.vocab_size)
+        return load_tokenizer(args.out, config.vocab_size), config, lambda: load_pretrained(
+            args.out, dtype=torch.float32, device=device, weights=False)
     if args.model in PRESETS:
         config = JetMoEConfig.preset(args.model)
         if config.vocab_size != ByteTokenizer().vocab_size:  # before building it: jetmoe-8b is 34 GB in fp32
             raise CLIError(f"--model {args.model}: this preset needs a {config.vocab_size}-token tokenizer, which "
                            "only a checkpoint has; pass a checkpoint directory (e.g. a download of "
                            "jetmoe/jetmoe-8b) to fine-tune it, or --model tiny to train from scratch")
-        torch.manual_seed(args.seed)
-        return JetMoEForCausalLM(config).to(device), ByteTokenizer()
+
+        def build():
+            torch.manual_seed(args.seed)
+            return JetMoEForCausalLM(config).to(device)
+        return ByteTokenizer(), config, build
     if not Path(args.model).expanduser().is_dir() and "/" not in args.model:
         raise CLIError(f"--model {args.model}: not a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
     ckpt = resolve(args.model)
+    config = load_config(ckpt)
     # fp32 master weights (autocast on GPU); one progress bar, not one per process
-    model = load_pretrained(ckpt, dtype=torch.float32, device=device, progress=None if rank0 else False)
-    return model, load_tokenizer(ckpt, model.config.vocab_size)
+    return load_tokenizer(ckpt, config.vocab_size), config, lambda: load_pretrained(
+        ckpt, dtype=torch.float32, device=device, progress=None if rank0 else False)
 
 
 def _train(args, demo: bool) -> None:
-    from .train import TrainConfig, init_distributed, load_corpus, tokenize, train
+    from .train import TrainConfig, init_distributed, load_corpus, split_corpus, tokenize, train
 
     if args.eval_every and not args.val_fraction:  # before any work
         raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
@@ -343,7 +384,7 @@ def _train(args, demo: bool) -> None:
     check_out_dir(Path(args.out), args.resume, demo or args.overwrite)  # the demo's folder is its cache
     rank, world = init_distributed(device)  # under torchrun: join the process group before anything else
     rank0 = rank == 0
-    model, tokenizer = _build_for_training(args, device, rank0)
+    tokenizer, config, build = _training_setup(args, device, rank0)
     t = time.perf_counter()
     docs = load_corpus(args.data)
     tokens = tokenize(docs, tokenizer)
@@ -357,6 +398,10 @@ def _train(args, demo: bool) -> None:
                       eval_every=args.eval_every, eval_windows=args.eval_windows)
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
+    split_corpus(tokens, cfg)  # a corpus too short for --seq-len / --val-fraction: told before the model is built
+    if rank0:
+        warn_past_context("--seq-len", cfg.seq_len, config)
+    model = build()
     if rank0:
         c = model.config
         print(f"JetMoE {model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
@@ -439,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training time budget of this run")
         sp.add_argument("--batch-size", type=_number(int, "batch-size", 1), default=batch,
                         help="sequences per process per micro-step")
-        sp.add_argument("--seq-len", type=_number(int, "seq-len", 1), default=seq)
+        sp.add_argument("--seq-len", type=_number(int, "seq-len", 2), default=seq,
+                        help="tokens per training sequence (at least 2: one predicts the next)")
         sp.add_argument("--grad-accum", type=_number(int, "grad-accum", 1), default=1)
         sp.add_argument("--lr", type=_number(float, "lr", 0, low_open=True), default=lr,
                         help="peak learning rate (default: 4e-3 for a preset trained from scratch, 2e-5 to "

@@ -105,8 +105,9 @@ def resolve(path_or_hub_id: Union[str, os.PathLike]) -> Path:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     except Exception as exc:  # offline, unknown repo, gated repo: one line, not the hub's traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not download {name!r} from the Hugging Face Hub ({first}); "
-                              "pass a local checkpoint directory instead") from None
+        raise CheckpointError(f"could not download {name!r} from the Hugging Face Hub ({first}); no local "
+                              f"directory {str(path.absolute())!r} exists either: pass a local checkpoint "
+                              "directory instead") from None
 
 
 def load_config(path_or_hub_id: Union[str, os.PathLike]) -> JetMoEConfig:
@@ -153,12 +154,31 @@ def stored_dtype(files: Dict[str, Path]) -> torch.dtype:
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
 
 
+def _as_dtype(dtype) -> Optional[torch.dtype]:
+    """A torch floating dtype, also given by name as transformers users write it ("bfloat16", "bf16",
+    "torch.float16"); "auto" and None keep the stored dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name == "auto":
+            return None
+        named = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+                 "float": torch.float32, "fp64": torch.float64, "double": torch.float64}.get(name) or getattr(
+                     torch, name, None)
+        if isinstance(named, torch.dtype) and named.is_floating_point:
+            return named
+    raise ValueError(f"dtype: expected a floating torch.dtype (or its name, e.g. 'bfloat16'; 'auto' keeps the "
+                     f"stored dtype), got {dtype!r}")
+
+
 def load_pretrained(path_or_hub_id: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
                     device: Union[str, torch.device] = "cpu", progress: Optional[bool] = None,
                     weights: bool = True) -> JetMoEForCausalLM:
     """Build JetMoEForCausalLM from a HF-layout checkpoint; dtype None keeps the stored dtype (bf16 for 8B).
     ``progress``: as in load_weights. ``weights=False`` builds the model without reading its weights, which are
     then uninitialised memory: for a caller that loads them next (train's resume)."""
+    dtype = _as_dtype(dtype)
     ckpt_dir = resolve(path_or_hub_id)
     cfg = load_config(ckpt_dir)
     dtype = dtype or stored_dtype(weight_files(ckpt_dir))

@@ -63,6 +63,16 @@ class JetMoEConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.kv_channels % 2:
+            raise ValueError(f"kv_channels: expected an even head size (rotary embeddings rotate pairs of "
+                             f"dimensions), got {self.kv_channels}")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos)):
+            for i in ids:
+                if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size):
+                    raise ValueError(f"{name}: expected None or an id in [0, vocab_size={self.vocab_size})"
+                                     + (" (or a list of them)" if name == "eos_token_id" else "")
+                                     + f", got {getattr(self, name)!r}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id: expected an id in [0, vocab_size={self.vocab_size}), "
                              f"got {self.pad_token_id}")
@@ -487,13 +497,20 @@ class JetMoEForCausalLM(nn.Module):
         with a CUDA graph, capture_s: the part of decode_s spent on the first step's eager run and capture).
         ``cuda_graph=True`` (CUDA only) runs the decode steps as replays of one CUDA graph (``StaticDecoder``):
         the same tokens, without a Python and launch cost per kernel; the first decode step captures it."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids: expected a [batch, sequence] tensor of token ids, got "
+                             + (f"shape {tuple(input_ids.shape)} (add a batch dimension: input_ids[None])"
+                                if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)} (one entry per "
+                             f"prompt token, 1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
         if not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature: expected a finite value >= 0 (0: greedy), got {temperature}")
-        if attention_mask is not None and attention_mask.shape == input_ids.shape and bool(
+        if attention_mask is not None and bool(
                 (attention_mask.bool().any(-1) & ~attention_mask[:, -1].bool()).any()):
             raise ValueError("attention_mask: a row ends in padding; pad prompts on the left, so that every "
                              "row's last prompt token is in the last column")
@@ -571,9 +588,10 @@ class JetMoEForCausalLM(nn.Module):
         return n * self.lm_head.weight.element_size()
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, dtype: Optional[torch.dtype] = None,
+    def from_pretrained(cls, path_or_hub_id: str, dtype: Optional[Union[torch.dtype, str]] = None,
                         device: Union[str, torch.device] = "cpu") -> "JetMoEForCausalLM":
-        """Load a HF-layout checkpoint (config.json + safetensors, sharded or not), tensor by tensor."""
+        """Load a HF-layout checkpoint (config.json + safetensors, sharded or not), tensor by tensor. dtype: a
+        torch dtype or its name ("bfloat16"); None or "auto" keeps the stored dtype."""
         from .checkpoint import load_pretrained
         return load_pretrained(path_or_hub_id, dtype=dtype, device=device)
 

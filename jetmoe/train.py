@@ -23,7 +23,10 @@ import datetime
 import json
 import math
 import os
+import signal
+import sys
 import sysconfig
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -144,6 +147,18 @@ def split_validation(tokens: torch.Tensor, fraction: float, seq_len: int) -> Tup
                          f"(val_fraction {fraction}, at least seq_len {seq_len}) leaves too few to train on; give "
                          "more text, a smaller val_fraction or a shorter seq_len")
     return tokens[:-n_val], tokens[-n_val:]
+
+
+def split_corpus(tokens: torch.Tensor, cfg: TrainConfig) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the tokens training draws from, the held-out windows or None): what train() does first, and a caller can do
+    before building a model, so that a corpus too short for cfg is a ValueError before any expensive work. The
+    held-out tail is never drawn from by get_batch: it only sees the training part."""
+    val_windows = None
+    if cfg.val_fraction:
+        tokens, held_out = split_validation(tokens, cfg.val_fraction, cfg.seq_len)
+        val_windows = eval_windows(held_out, cfg.seq_len, cfg.eval_windows)
+    _check_corpus_length(tokens, cfg.seq_len)
+    return tokens, val_windows
 
 
 def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
@@ -341,6 +356,37 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
     os.replace(tmp, out / TRAINER_STATE)
 
 
+class _InterruptAfterStep:
+    """Ctrl-C (SIGINT) during training: the step under way finishes, the run saves its checkpoint as at the end,
+    and train() returns; a second Ctrl-C interrupts at once. A step stopped half-way (e.g. inside
+    optimizer.step()) would leave weights that no step produced. Only in the main thread, where signal handlers
+    live; elsewhere Ctrl-C keeps its usual effect."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+        self._previous = signal.default_int_handler
+
+    def _restore(self) -> None:
+        # (getsignal gives None for a handler not set from Python: then Python's default)
+        signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+        self._restore()  # a second Ctrl-C: the usual KeyboardInterrupt
+        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_InterruptAfterStep":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            self._restore()
+
+
 def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, tokenizer: Optional[Tokenizer] = None,
           log: Optional[Callable[[dict], None]] = None) -> List[dict]:
     """Train in place until cfg.steps or cfg.seconds; save to cfg.out_dir; return the per-step records.
@@ -348,7 +394,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, or sharded in place with
     FSDP2 (cfg.fsdp: the model stays sharded after this returns; its checkpoint in out_dir is whole); every rank
     must call this with the same tokens and config. ``cfg.resume`` reloads weights, optimizer and step from
-    out_dir.
+    out_dir. Ctrl-C (in the main thread) ends the run after the step under way, saved as at the end.
     Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s; with
     cfg.val_fraction also val_loss and val_perplexity at every cfg.eval_every-th step and the last (cross entropy
     on the held-out tail of ``tokens``, which training never draws from).
@@ -357,11 +403,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         raise ValueError("train: give steps or seconds (or both)")
     if cfg.eval_every and not cfg.val_fraction:
         raise ValueError("train: eval_every needs a held-out part (val_fraction > 0)")
-    val_windows = None
-    if cfg.val_fraction:  # the held-out tail is never drawn from by get_batch: it only sees the training part
-        tokens, held_out = split_validation(tokens, cfg.val_fraction, cfg.seq_len)
-        val_windows = eval_windows(held_out, cfg.seq_len, cfg.eval_windows)
-    _check_corpus_length(tokens, cfg.seq_len)  # before any output, not at the first step
+    tokens, val_windows = split_corpus(tokens, cfg)  # before any output, not at the first step
     device = next(model.parameters()).device
     rank, world = init_distributed(device)
     if val_windows is not None and val_windows.shape[0] < world:  # now, not after the last step's training
@@ -384,6 +426,10 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         # state (JetMoE-8B's is 64 GB); the others take the step.
         state = torch.load(state_path, map_location="cpu" if sharded else device, weights_only=True, mmap=sharded)
         step = state["step"]
+        if cfg.steps is None and rank == 0:
+            warnings.warn(f"resuming at step {step} with a --seconds budget only: the learning-rate schedule (a "
+                          "cosine over this run's seconds) starts again from its peak, without warm-up; give --steps "
+                          "(the whole run's step count) to continue one schedule across resumes")
         saved_fraction = state.get("train_config", {}).get("val_fraction", 0.0)
         if saved_fraction != cfg.val_fraction and rank == 0:  # the training part moved: other batches from here on
             warnings.warn(f"resuming a run trained with val_fraction {saved_fraction} with val_fraction "
@@ -424,46 +470,52 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     records: List[dict] = []
     start = last = time.perf_counter()
     elapsed = 0.0  # training time so far, the same on every rank (all-reduced below)
-    while cfg.steps is None or step < cfg.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg, elapsed / cfg.seconds if cfg.seconds else 0.0)
-        batches = [get_batch(tokens, step, a, rank, world, cfg) for a in range(cfg.grad_accum)]
-        loss, aux = train_step(ddp, optimizer, batches, cfg.grad_clip, amp_dtype)
-        step += 1
-        now = time.perf_counter()
-        elapsed = now - start
-        if world > 1:  # mean losses for the log; one clock (the slowest rank's) for the schedule and the stop
-            losses = torch.tensor([loss / world, aux / world], dtype=torch.float64, device=device)
-            clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
-            dist.all_reduce(losses)
-            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
-            (loss, aux), elapsed = losses.tolist(), clock.item()
-        stop = cfg.seconds is not None and elapsed >= cfg.seconds
-        rec = {"step": step, "loss": loss, "aux_loss": aux, "lr": optimizer.param_groups[0]["lr"],
-               "tokens_per_s": tokens_per_step / max(now - last, 1e-9), "elapsed_s": elapsed}
-        final = stop or (cfg.steps is not None and step >= cfg.steps)
-        if val_windows is not None and (final or (cfg.eval_every and step % cfg.eval_every == 0)):
-            val = evaluate(model, val_windows, cfg.batch_size, amp_dtype)  # every rank: a sharded forward
-            rec.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
-            # Evaluation is not training time: off the clock of the --seconds budget, the schedule and tokens/s.
-            start += time.perf_counter() - now
+    with _InterruptAfterStep() as interrupt:
+        while cfg.steps is None or step < cfg.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg, elapsed / cfg.seconds if cfg.seconds else 0.0)
+            batches = [get_batch(tokens, step, a, rank, world, cfg) for a in range(cfg.grad_accum)]
+            loss, aux = train_step(ddp, optimizer, batches, cfg.grad_clip, amp_dtype)
+            step += 1
             now = time.perf_counter()
-        last = now
-        records.append(rec)
-        if rank == 0:
-            with open(Path(cfg.out_dir) / TRAIN_LOG, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if bar is not None:
-                bar.update(1 if cfg.steps is not None else min(elapsed, cfg.seconds) - bar.n)
-                bar.set_postfix(step=step, loss=f"{loss:.3f}", aux=f"{aux:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if log is not None and (step % cfg.log_every == 0 or step == 1 or "val_loss" in rec):
-                log(rec)
-        if cfg.save_every and step % cfg.save_every == 0 and not stop:
-            _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
-        if stop:
-            break
+            elapsed = now - start
+            interrupted = interrupt.requested
+            if world > 1:  # mean losses for the log; one clock (the slowest rank's) for the schedule and the stop,
+                # and one decision on Ctrl-C (any rank's), so that every rank leaves the loop at the same step
+                losses = torch.tensor([loss / world, aux / world], dtype=torch.float64, device=device)
+                clock = torch.tensor([elapsed, float(interrupted)], dtype=torch.float64, device=device)
+                dist.all_reduce(losses)
+                dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+                (loss, aux), (elapsed, interrupted) = losses.tolist(), clock.tolist()
+                interrupt.requested = interrupted = bool(interrupted)
+            stop = (cfg.seconds is not None and elapsed >= cfg.seconds) or interrupted
+            rec = {"step": step, "loss": loss, "aux_loss": aux, "lr": optimizer.param_groups[0]["lr"],
+                   "tokens_per_s": tokens_per_step / max(now - last, 1e-9), "elapsed_s": elapsed}
+            final = stop or (cfg.steps is not None and step >= cfg.steps)
+            if val_windows is not None and (final or (cfg.eval_every and step % cfg.eval_every == 0)):
+                val = evaluate(model, val_windows, cfg.batch_size, amp_dtype)  # every rank: a sharded forward
+                rec.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
+                # Evaluation is not training time: off the clock of the --seconds budget, the schedule and tokens/s.
+                start += time.perf_counter() - now
+                now = time.perf_counter()
+            last = now
+            records.append(rec)
+            if rank == 0:
+                with open(Path(cfg.out_dir) / TRAIN_LOG, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if bar is not None:
+                    bar.update(1 if cfg.steps is not None else min(elapsed, cfg.seconds) - bar.n)
+                    bar.set_postfix(step=step, loss=f"{loss:.3f}", aux=f"{aux:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if log is not None and (step % cfg.log_every == 0 or step == 1 or "val_loss" in rec):
+                    log(rec)
+            if cfg.save_every and step % cfg.save_every == 0 and not stop:
+                _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
+            if stop:
+                break
     if bar is not None:
         bar.close()
+    if interrupt.requested and rank == 0:
+        print(f"interrupted: saving step {step} to {cfg.out_dir} (--resume continues from there)", flush=True)
     _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
     return records
 

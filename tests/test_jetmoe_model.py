@@ -253,8 +253,15 @@ def test_eos_stops_rows_and_streams_to_the_callback():
     (lambda m, x: m(x, cache=KVCache(TINY, 2, 3, "cpu", torch.float32)), "cache: holds 3 positions"),
     (lambda m, x: m(x, cache=KVCache(TINY, 1, 8, "cpu", torch.float32)), "of a batch of 1"),
     (lambda m, x: m(x.float()), "input_ids: expected integer token ids"),
+    # A mask of another shape than the prompt would be broadcast over the rows: refused, as forward refuses it.
+    (lambda m, x: m.generate(x, 3, attention_mask=torch.tensor([0, 1, 1, 1])), r"attention_mask: expected input_ids' "
+     r"shape \(2, 4\)"),
+    (lambda m, x: m.generate(x, 3, attention_mask=torch.tensor([[0, 1, 1, 1]])), "attention_mask: expected"),
+    (lambda m, x: m.generate(x, 3, attention_mask=torch.ones(2, 3, dtype=torch.long)), "attention_mask: expected"),
+    (lambda m, x: m.generate(x[0], 3), r"input_ids: expected a \[batch, sequence\] tensor.*input_ids\[None\]"),
+    (lambda m, x: m.generate(x, 2.0), "max_new_tokens: expected an int >= 1, got 2.0"),
 ], ids=["empty_prompt", "nan_temperature", "right_padding", "eos_a_string", "cache_too_short", "cache_batch",
-        "float_ids"])
+        "float_ids", "mask_1d", "mask_one_row", "mask_shorter", "ids_1d", "float_max_new_tokens"])
 def test_generate_and_forward_refuse_bad_arguments_by_name(call, message):
     model = random_model()
     x = torch.randint(3, TINY.vocab_size, (2, 4))
@@ -362,7 +369,12 @@ def test_broken_shards_are_refused_before_any_weight_is_written(tmp_path):
     ({"rms_norm_eps": None}, "rms_norm_eps=None"),
     ({"pad_token_id": 48}, r"pad_token_id: expected an id in \[0, vocab_size=48\)"),
     ({"num_hidden_layers": 0}, "num_hidden_layers: expected a positive int"),
-], ids=["legacy_rope_scaling", "rope_theta_disagrees", "string_size", "none_eps", "pad_out_of_range", "no_layers"])
+    ({"kv_channels": 5}, "kv_channels: expected an even head size"),
+    ({"eos_token_id": "x"}, "eos_token_id: expected None or an id in"),
+    ({"eos_token_id": [2, 48]}, r"eos_token_id: expected None or an id in \[0, vocab_size=48\)"),
+    ({"bos_token_id": -1}, "bos_token_id: expected None or an id in"),
+], ids=["legacy_rope_scaling", "rope_theta_disagrees", "string_size", "none_eps", "pad_out_of_range", "no_layers",
+        "odd_head_size", "eos_a_string", "eos_out_of_range", "bos_negative"])
 def test_bad_config_values_are_named(change, message):
     d = {**config_to_dict(TINY), **change}
     if "rope_scaling" in change:
@@ -371,6 +383,16 @@ def test_bad_config_values_are_named(change, message):
         config_from_dict(d)
     with pytest.raises(CheckpointError, match="expected a JSON object"):
         config_from_dict([d])
+
+
+def test_from_pretrained_takes_dtype_names(tmp_path):
+    JetMoEForCausalLM(TINY).save_pretrained(tmp_path)
+    for name, want in (("bfloat16", torch.bfloat16), ("torch.float16", torch.float16), ("auto", torch.float32),
+                       (None, torch.float32), (torch.float64, torch.float64)):
+        assert JetMoEForCausalLM.from_pretrained(tmp_path, dtype=name).lm_head.weight.dtype == want, name
+    for bad in ("bfloat17", torch.int8, 3):
+        with pytest.raises(ValueError, match="dtype: expected a floating torch.dtype"):
+            JetMoEForCausalLM.from_pretrained(tmp_path, dtype=bad)
 
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -359,6 +360,8 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     (["train", "--eval-every", "5", "--steps", "1", "--device", "cpu"], "--eval-every: needs a held-out part"),
     (["train", "--val-fraction", "1", "--steps", "1"], "argument --val-fraction: expected a value >= 0 and < 1"),
     (["eval", "--seq-len", "1"], "argument --seq-len: expected a value >= 2"),
+    (["train", "--seq-len", "1", "--steps", "1"], "argument --seq-len: expected a value >= 2"),  # nothing to predict
+    (["demo", "--seq-len", "1"], "argument --seq-len: expected a value >= 2"),
     (["eval", "--model", "/no/such/checkpoint"], "checkpoint not found"),
 ])
 def test_cli_rejects_bad_values_before_any_work(argv, message, capsys):
@@ -378,6 +381,13 @@ def test_cli_train_guards_its_output_folder(tmp_path, capsys):
         assert main(["train", "--out", str(out), "--steps", "1", "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("jetmoe: error:") and message in err, err
+    ckpt = tmp_path / "downloaded"  # a checkpoint someone pointed --out at (e.g. a download of jetmoe-8b)
+    JetMoEForCausalLM(BYTES).save_pretrained(ckpt, max_shard_size=60_000)
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert main(["train", "--out", str(ckpt), "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint (config.json, model-00001-of-" in err and "--overwrite" in err, err
+    assert sorted(p.name for p in ckpt.iterdir()) == files
     assert (run / "trainer_state.pt").read_bytes() == b"", "the existing run was touched"
     assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--steps", "1", "--device", "cpu"]) == 2
     assert "nothing to resume" in capsys.readouterr().err and not (tmp_path / "none").exists()
@@ -455,3 +465,106 @@ def test_cli_demo_smoke(tmp_path, capsys):
         assert f"loss curve: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"config.json", "model.safetensors", "byte_tokenizer.json", "trainer_state.pt", TRAIN_LOG} <= {
         p.name for p in (tmp_path / "demo").iterdir()}
+
+
+def _cli_calls_to(monkeypatch, module, name):
+    """Count the calls to module.name (the CLI imports it from there at call time)."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def test_cli_checks_text_and_output_before_loading_weights(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A bad --data, a corpus shorter than a window, or an unwritable --json is told before the checkpoint's
+    weights are read (JetMoE-8B: 17 GB), for eval and for train."""
+    import jetmoe.checkpoint
+    loads = _cli_calls_to(monkeypatch, jetmoe.checkpoint, "load_pretrained")
+    empty, short = tmp_path / "empty", tmp_path / "short.py"
+    empty.mkdir()
+    short.write_text("x = 1\n")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    corpus = tiny_ckpt.parent / "corpus.py"
+    for argv, message in (
+            (["eval", "--data", str(empty)], "the corpus is empty"),
+            (["eval", "--data", str(short), "--seq-len", "64"], "tokens"),
+            (["eval", "--data", str(corpus), "--json", str(blocker / "x.json")], "is a file"),
+            (["train", "--data", str(short), "--steps", "1", "--seq-len", "64", "--out", str(tmp_path / "o1")],
+             "fewer than seq_len + 1"),
+            (["train", "--data", str(corpus), "--steps", "1", "--seq-len", "64", "--val-fraction", "0.97",
+              "--out", str(tmp_path / "o2")], "leaves too few to train on")):
+        assert main([*argv, "--model", str(tiny_ckpt), "--device", "cpu"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("jetmoe: error:") and message in err, (argv, err)
+    assert loads == [], "a checkpoint was loaded before the cheap checks"
+
+
+def test_cli_generate_samples_do_not_depend_on_warmup(tiny_ckpt, capsys):
+    argv = ["generate", "--model", str(tiny_ckpt), "--prompt", "def f", "--max-new-tokens", "12", "--ignore-eos",
+            "--temperature", "1.0", "--seed", "3", "--device", "cpu", "--no-stream"]
+    outs = []
+    for warmup in ("0", "2"):
+        assert main([*argv, "--warmup", warmup]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+
+
+def test_cli_warns_past_the_models_context(tmp_path, capsys):
+    ckpt = tmp_path / "short_context"
+    JetMoEForCausalLM(dataclasses.replace(BYTES, max_position_embeddings=48)).save_pretrained(ckpt)
+    ByteTokenizer().save_pretrained(ckpt)
+    (tmp_path / "corpus.py").write_text(TEXT)
+    argv = ["eval", "--model", str(ckpt), "--data", str(tmp_path / "corpus.py"), "--windows", "1", "--device", "cpu",
+            "--no-progress", "--seq-len"]
+    assert main([*argv, "48"]) == 0
+    assert "longer than the model's context" not in capsys.readouterr().err
+    assert main([*argv, "49"]) == 0
+    assert "--seq-len 49 is longer than the model's context, max_position_embeddings = 48" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt), "--prompt", "def f", "--max-new-tokens", "44", "--device", "cpu",
+                 "--ignore-eos", "--no-stream"]) == 0  # 6 prompt tokens (BOS + 5 bytes) + 44 > 48
+    assert "longer than the model's context" in capsys.readouterr().err
+
+
+def test_ctrl_c_finishes_the_step_and_saves(tmp_path):
+    """SIGINT during `train`: the step under way completes, the checkpoint is saved as at the end (exit 0), and
+    --resume continues from it."""
+    import signal
+    import time
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text(TEXT)
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "jetmoe", "train", "--data", str(corpus), "--out", str(out), "--seconds", "300",
+            "--seq-len", "32", "--batch-size", "2", "--device", "cpu", "--no-progress", "--log-every", "1"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / TRAIN_LOG).is_file() or len((out / TRAIN_LOG).read_text().splitlines()) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    state = torch.load(out / "trainer_state.pt", weights_only=True)
+    logged = [json.loads(line)["step"] for line in (out / TRAIN_LOG).read_text().splitlines()]
+    assert state["step"] == logged[-1] >= 2
+    assert f"interrupted: saving step {state['step']}" in stdout and "Ctrl-C: finishing this step" in stderr
+    assert main(["train", "--data", str(corpus), "--out", str(out), "--resume", "--steps", str(state["step"] + 1),
+                 "--seq-len", "32", "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == state["step"] + 1
+
+
+def test_resuming_a_seconds_only_run_warns_that_the_schedule_restarts(tmp_path):
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text(TEXT)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, seq_len=32, batch_size=2, progress=False)
+    model = JetMoEForCausalLM(BYTES)
+    train(model, tokens(), cfg)
+    with pytest.warns(UserWarning, match="--seconds budget only: the learning-rate schedule"):
+        train(model, tokens(), dataclasses.replace(cfg, steps=None, seconds=0.5, resume=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, tokens(), dataclasses.replace(cfg, steps=3, resume=True))  # a step budget: no warning
