@@ -297,7 +297,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     ``model`` may be DDP-wrapped (gradients all-reduced in the last micro-step's backward) or FSDP-sharded
     (reduce-scattered in each). Returns (mean cross entropy, mean aux loss) of this process.
     """
-    ce_sum = aux_sum = 0.0
+    sums = []  # (cross entropy, aux) of each micro-step, read back once at the end: no host sync in between
     device = next(model.parameters()).device
     for i, x in enumerate(micro_batches):
         x = x.to(device, non_blocking=True)
@@ -310,12 +310,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                 out = model(x, labels=x)
                 loss = (out.loss + out.aux_loss) / len(micro_batches)
             loss.backward()
-        ce_sum += out.loss.item()
-        aux_sum += out.aux_loss.item()
+        sums.append(torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()]))
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    ce_sum, aux_sum = torch.stack(sums).sum(0).tolist()  # after the step's kernels are all queued
     return ce_sum / len(micro_batches), aux_sum / len(micro_batches)
 
 
