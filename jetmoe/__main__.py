@@ -70,7 +70,9 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     from .train import TRAINER_STATE
 
     if resume and not (out / TRAINER_STATE).is_file():
-        raise CLIError(f"--resume: nothing to resume in {out} (no {TRAINER_STATE})")
+        raise CLIError(f"--resume: nothing to resume in {out} (no {TRAINER_STATE}"
+                       + (": a checkpoint whose save was cut short, or not a training run)"
+                          if (out / "config.json").is_file() else ")"))
     if not resume and not overwrite and (out / TRAINER_STATE).is_file():
         raise CLIError(f"--out {out}: holds a training run already; pass --resume to continue it or --overwrite "
                        "to start over in its place")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -497,7 +498,10 @@ class JetMoEForCausalLM(nn.Module):
         with a CUDA graph, capture_s: the part of decode_s spent on the first step's eager run and capture).
         ``cuda_graph=True`` (CUDA only) runs the decode steps as replays of one CUDA graph (``StaticDecoder``):
         the same tokens, without a Python and launch cost per kernel; the first decode step captures it."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not hasattr(type(max_new_tokens), "__index__"):  # numpy ints too
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        max_new_tokens = operator.index(max_new_tokens)
+        if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids: expected a [batch, sequence] tensor of token ids, got "

@@ -348,6 +348,9 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
     if optimizer_sd is None:  # not rank 0
         return
     out = Path(cfg.out_dir)
+    # The weights are replaced file by file: a save cut short (killed, out of disk) would leave new and old
+    # shards beside the old step's optimizer state. Without trainer_state.pt until the end it is not resumable.
+    (out / TRAINER_STATE).unlink(missing_ok=True)
     model.save_pretrained(out, state_dict=weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -357,12 +360,15 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
 
 
 class _InterruptAfterStep:
-    """Ctrl-C (SIGINT) during training: the step under way finishes, the run saves its checkpoint as at the end,
-    and train() returns; a second Ctrl-C interrupts at once. A step stopped half-way (e.g. inside
-    optimizer.step()) would leave weights that no step produced. Only in the main thread, where signal handlers
-    live; elsewhere Ctrl-C keeps its usual effect."""
+    """Ctrl-C (SIGINT) during a one-process run: the step under way finishes, the run saves its checkpoint as at
+    the end, and train() returns; a second Ctrl-C interrupts at once. (A step stopped half-way, e.g. inside
+    optimizer.step(), would leave weights that no step produced.) Not under torchrun (``enabled=False``): there
+    Ctrl-C reaches every worker and torchrun kills them 30 s later, mid-save for a large model, so they stop at
+    once, as before, and the last saved checkpoint stays whole. Only in the main thread, where signal handlers
+    live."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.requested = False
         self._installed = False
         self._previous = signal.default_int_handler
@@ -377,7 +383,7 @@ class _InterruptAfterStep:
         print("\nCtrl-C: finishing this step, then saving (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "_InterruptAfterStep":
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
             self._installed = True
         return self
@@ -394,7 +400,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, or sharded in place with
     FSDP2 (cfg.fsdp: the model stays sharded after this returns; its checkpoint in out_dir is whole); every rank
     must call this with the same tokens and config. ``cfg.resume`` reloads weights, optimizer and step from
-    out_dir. Ctrl-C (in the main thread) ends the run after the step under way, saved as at the end.
+    out_dir. Ctrl-C in a one-process run ends it after the step under way, saved as at the end.
     Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s; with
     cfg.val_fraction also val_loss and val_perplexity at every cfg.eval_every-th step and the last (cross entropy
     on the held-out tail of ``tokens``, which training never draws from).
@@ -470,7 +476,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     records: List[dict] = []
     start = last = time.perf_counter()
     elapsed = 0.0  # training time so far, the same on every rank (all-reduced below)
-    with _InterruptAfterStep() as interrupt:
+    with _InterruptAfterStep(enabled=world == 1) as interrupt:
         while cfg.steps is None or step < cfg.steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, elapsed / cfg.seconds if cfg.seconds else 0.0)
@@ -479,16 +485,13 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             step += 1
             now = time.perf_counter()
             elapsed = now - start
-            interrupted = interrupt.requested
-            if world > 1:  # mean losses for the log; one clock (the slowest rank's) for the schedule and the stop,
-                # and one decision on Ctrl-C (any rank's), so that every rank leaves the loop at the same step
+            if world > 1:  # mean losses for the log; one clock (the slowest rank's) for the schedule and the stop
                 losses = torch.tensor([loss / world, aux / world], dtype=torch.float64, device=device)
-                clock = torch.tensor([elapsed, float(interrupted)], dtype=torch.float64, device=device)
+                clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
                 dist.all_reduce(losses)
                 dist.all_reduce(clock, op=dist.ReduceOp.MAX)
-                (loss, aux), (elapsed, interrupted) = losses.tolist(), clock.tolist()
-                interrupt.requested = interrupted = bool(interrupted)
-            stop = (cfg.seconds is not None and elapsed >= cfg.seconds) or interrupted
+                (loss, aux), elapsed = losses.tolist(), clock.item()
+            stop = (cfg.seconds is not None and elapsed >= cfg.seconds) or interrupt.requested
             rec = {"step": step, "loss": loss, "aux_loss": aux, "lr": optimizer.param_groups[0]["lr"],
                    "tokens_per_s": tokens_per_step / max(now - last, 1e-9), "elapsed_s": elapsed}
             final = stop or (cfg.steps is not None and step >= cfg.steps)

@@ -73,6 +73,16 @@ def positive_int(name: str, value, *, minimum: int = 1) -> int:
     return number
 
 
+def check_dtype_like_x(name: str, t, x: torch.Tensor) -> None:
+    """A weight or bias in x's dtype, or a TypeError that says which way out there is (a layer's weights and its
+    input must agree, unless torch.autocast casts both)."""
+    if isinstance(t, torch.Tensor) and t.dtype != x.dtype:
+        def short(d):
+            return str(d).replace("torch.", "")
+        raise TypeError(f"{name}: dtype {short(t.dtype)} differs from x's dtype {short(x.dtype)}: convert one to the "
+                        f"other (e.g. the layer with .to(torch.{short(x.dtype)})) or run under torch.autocast")
+
+
 def flag(name: str, value) -> bool:
     """value as a bool (numpy and 0-d tensor bools, 0 and 1 too), or a ValueError naming the argument: a
     string such as "no" would otherwise count as True."""
@@ -118,6 +128,7 @@ def check_parallel_linear(
     check_tensor("x", x, dim=2, dtypes=_FLOAT_DTYPES)
     check_not_meta("x", x)
     device = x.device
+    check_dtype_like_x("expert_weights", expert_weights, x)
     check_tensor("expert_weights", expert_weights, dim=3, dtypes=(x.dtype,), device=device)
     num_experts, d_in, d_out = expert_weights.shape
     if 0 in (num_experts, d_in, d_out):
@@ -145,6 +156,7 @@ def check_parallel_linear(
         raise ValueError(f"expert_offsets: expected a contiguous [E={num_experts}] tensor, "
                          f"got shape {shape(expert_offsets)}")
     if expert_biases is not None:
+        check_dtype_like_x("expert_biases", expert_biases, x)
         check_tensor("expert_biases", expert_biases, dim=2, dtypes=(x.dtype,), device=device)
         if shape(expert_biases) != (num_experts, d_out):
             raise ValueError(f"expert_biases: expected shape ({num_experts}, {d_out}), got {shape(expert_biases)}")
@@ -220,6 +232,8 @@ def check_glu_moe(x, w_in, w_out, gates, b_out) -> None:
     """The second projection and the gates of ops.glu_moe (the first is checked like parallel_linear)."""
     check_tensor("x", x, dim=2, dtypes=_FLOAT_DTYPES)
     check_not_meta("x", x)
+    check_dtype_like_x("w_in", w_in, x)
+    check_dtype_like_x("w_out", w_out, x)
     check_tensor("w_in", w_in, dim=3, dtypes=(x.dtype,), device=x.device)
     check_tensor("w_out", w_out, dim=3, dtypes=(x.dtype,), device=x.device)
     num_experts, d_in, width = w_in.shape
@@ -232,6 +246,7 @@ def check_glu_moe(x, w_in, w_out, gates, b_out) -> None:
         raise ValueError(f"w_out: expected shape {expected} to follow w_in {shape(w_in)} (half its width back to "
                          f"the input's), got {shape(w_out)}")
     if b_out is not None:
+        check_dtype_like_x("b_out", b_out, x)
         check_tensor("b_out", b_out, dim=2, dtypes=(x.dtype,), device=x.device)
         if shape(b_out) != (num_experts, x.size(1)):
             raise ValueError(f"b_out: expected shape {(num_experts, x.size(1))}, got {shape(b_out)}")

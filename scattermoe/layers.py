@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ._validate import check_features, positive_int
 from .kernels._compat import accepts_padded_block_idxs
-from .ops import _autocast_enabled, glu_moe, parallel_linear
+from .ops import glu_moe, parallel_linear
 from .routing import flatten_sort_count
 
 
@@ -54,19 +54,8 @@ class ParallelExperts(nn.Module):
                                gates=gates, grouped_in=grouped_in, grouped_out=grouped_out)
 
 
-def _check_dtype(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
-    """x in the layer's weight dtype, or autocast on for its device (which casts both): named at the layer,
-    not as the kernels' internal arguments."""
-    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
-        raise TypeError(f"{name}: dtype {str(x.dtype).replace('torch.', '')} differs from the layer's weights "
-                        f"({str(weight.dtype).replace('torch.', '')}): convert one to the other (e.g. "
-                        f"layer.to({x.dtype})) or run under torch.autocast")
-
-
-def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int,
-                   weight: torch.Tensor) -> None:
+def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int) -> None:
     check_features("x", x)
-    _check_dtype("x", x, weight)
     lead = tuple(x.shape[:-1])
     for name, t in (("expert_p", expert_p), ("expert_idxs", expert_idxs)):
         if not isinstance(t, torch.Tensor):
@@ -176,7 +165,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
         """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
-        _check_routing(x, expert_p, expert_idxs, self.top_k, self.experts.weight)
+        _check_routing(x, expert_p, expert_idxs, self.top_k)
         x_shape = x.shape
         x = x.reshape(-1, x_shape[-1])
         sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
@@ -250,7 +239,7 @@ class GLUMLP(MLP):
         if not self._fusable():
             return super().forward(x, expert_p, expert_idxs)
         # SiLU: one fused op (GLU in the first GEMM's epilogue, G recomputed in backward).
-        _check_routing(x, expert_p, expert_idxs, self.top_k, self.experts.weight)
+        _check_routing(x, expert_p, expert_idxs, self.top_k)
         routing = flatten_sort_count(expert_idxs, num_experts=self.num_experts)
         y = glu_moe(x.reshape(-1, x.size(-1)), self.experts.weight.permute(0, 2, 1),
                     self.output_experts.weight.permute(0, 2, 1), expert_p.reshape(-1, self.top_k), routing,
@@ -298,7 +287,7 @@ class MoA(nn.Module):
     def map(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor
             ) -> Tuple[torch.Tensor, MoARouting]:
         """x [..., D]; expert_p, expert_idxs [..., K] -> (queries [..., H*K, Dh], routing for reduce)."""
-        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_linear.weight)
+        _check_routing(x, expert_p, expert_idxs, self.top_k)
         lead = x.shape[:-1]
         routing = MoARouting(expert_p.reshape(-1, self.top_k), *flatten_sort_count(expert_idxs, self.num_experts))
         q = self.input_linear(x.reshape(-1, x.size(-1)), self.top_k, *routing[1:])  # [T*K, H*Dh], slot order
@@ -321,7 +310,6 @@ class MoA(nn.Module):
             raise ValueError(f"routing: made by map for {routing.expert_p.size(0)} tokens, but attn_out holds "
                              f"{tokens} (shape {tuple(attn_out.shape)}): pass the routing map returned for these "
                              "tokens")
-        _check_dtype("attn_out", attn_out, self.output_linear.weight)
         o = attn_out.reshape(-1, self.num_heads, self.top_k, self.head_dim).transpose(1, 2)
         o = o.reshape(-1, self.num_heads * self.head_dim)  # [T*K, H*Dh], slot order
         y = self.output_linear(o, 1, *routing[1:], gates=routing.expert_p)

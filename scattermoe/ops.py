@@ -188,13 +188,16 @@ def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[
 def _first_order(backward):
     """A kernel backend's backward, which is not itself differentiable: run it without recording a graph and,
     when a graph was asked for (``create_graph=True``), hand back outputs whose own backward raises an error
-    that says so and names the backend that can (torch.autograd.function.once_differentiable, with a message
-    a user can act on instead of the custom ops' 'no autograd formula registered')."""
+    that says so and names the backend that can (like torch.autograd.function.once_differentiable, but also
+    when the incoming grads are constants, and with a message a user can act on)."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        if not (torch.is_grad_enabled() and any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads)):
+        # Grad mode is on in a backward only under create_graph=True. Then every output carries the error, even
+        # when the incoming grads are constants (y.sum()): the result still depends on the inputs (W, x), and a
+        # graph-less output would silently drop those second-order terms.
+        if not torch.is_grad_enabled():
             return outputs
         message = (f"scattermoe: the {ctx.backend} backend computes first derivatives only, so a second "
                    "backward through its ops (double backward, e.g. a gradient penalty built with "

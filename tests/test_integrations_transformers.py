@@ -378,6 +378,30 @@ def test_experts_subclasses_with_their_own_forward_are_left_alone_and_said_so():
         integrations.apply_scattermoe(everywhere)
 
 
+class SubclassedMixtralExperts(transformers.models.mixtral.modeling_mixtral.MixtralExperts):
+    """A user's subclass at module level (pickle finds classes by name)."""
+
+
+def test_a_patched_subclass_pickles():
+    import io
+
+    model = _build("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.experts.__class__ = SubclassedMixtralExperts
+    integrations.apply_scattermoe(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert {type(layer.mlp.experts) for layer in again.model.layers} == {
+        type(model.model.layers[0].mlp.experts)}
+    assert type(again.model.layers[0].mlp.experts).__name__ == "ScatterMoESubclassedMixtralExperts"
+
+
 def test_apply_names_a_bad_families_argument():
-    with pytest.raises(TypeError, match="^families: expected model_type names"):
+    with pytest.raises(TypeError, match="^families: expected model_type names.*got 123"):
         integrations.apply_scattermoe(_build("mixtral"), families=123)
+    with pytest.raises(TypeError, match="^families: expected model_type names"):
+        integrations.apply_scattermoe(_build("mixtral"), families=[3])
+    model = integrations.apply_scattermoe(_build("mixtral"), families={"mixtral": 1}.keys())  # any iterable
+    assert _scattermoe_classes(model) == {"ScatterMoEMixtralExperts"}

@@ -568,3 +568,22 @@ def test_resuming_a_seconds_only_run_warns_that_the_schedule_restarts(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(model, tokens(), dataclasses.replace(cfg, steps=3, resume=True))  # a step budget: no warning
+
+
+def test_a_save_cut_short_is_not_resumable(tmp_path, monkeypatch, capsys):
+    """Weights are replaced file by file: a save that dies half-way must not leave the old step's trainer state
+    beside new weights (a resume would mix them silently); --resume then says why there is nothing to resume."""
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=1, seq_len=32, batch_size=2, progress=False)
+    model = JetMoEForCausalLM(BYTES)
+    train(model, tokens(), cfg)
+    assert (tmp_path / "run" / "trainer_state.pt").is_file()
+
+    def dies(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(JetMoEForCausalLM, "save_pretrained", dies)
+    with pytest.raises(OSError, match="No space left"):
+        train(model, tokens(), dataclasses.replace(cfg, steps=2, resume=True))
+    assert not (tmp_path / "run" / "trainer_state.pt").exists()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--device", "cpu"]) == 2
+    assert "a checkpoint whose save was cut short" in capsys.readouterr().err

@@ -311,13 +311,18 @@ def test_kernel_backends_refuse_double_backward_by_name(op):
             return scattermoe.parallel_linear_glu(x, w_in, K, *routing)
         return scattermoe.glu_moe(x, w_in, w_out, gates, routing)
 
-    with scattermoe.use_backend("triton"):
-        plain = torch.autograd.grad(run().square().sum(), x)[0]
-        dx, = torch.autograd.grad(run().square().sum(), x, create_graph=True)
-    assert torch.equal(dx.detach(), plain)
     message = r"the triton backend computes first derivatives only.*use_backend\('torch'\)"
-    with pytest.raises(RuntimeError, match=message):
-        dx.sum().backward()
+    # A loss whose gradient is itself differentiable, and y.sum(), whose incoming gradient is a constant but whose
+    # dx still depends on the weights: neither may lose its second-order terms silently.
+    for loss in (lambda y: y.square().sum(), lambda y: y.sum()):
+        with scattermoe.use_backend("triton"):
+            plain = torch.autograd.grad(loss(run()), x)[0]
+            dx, = torch.autograd.grad(loss(run()), x, create_graph=True)
+        assert torch.equal(dx.detach(), plain)
+        with pytest.raises(RuntimeError, match=message):
+            dx.square().sum().backward()
+        with pytest.raises(RuntimeError, match=message):  # beside a first-order term
+            (dx.square().sum() + w_in.square().sum()).backward()
     with scattermoe.use_backend("torch"):  # the way out the message names works
         dx, = torch.autograd.grad(run().square().sum(), x, create_graph=True)
         dx.sum().backward()

@@ -15,7 +15,6 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
-import threading
 from typing import Iterator, Optional
 
 import torch
@@ -30,46 +29,41 @@ def _check_name(name: str) -> str:
     return name
 
 
-# The process-wide choice (set_backend, SCATTERMOE_BACKEND), and per thread the stack of use_backend blocks
-# that override it: one thread's `with use_backend(...)` does not change another's. (A threading.local, not a
-# ContextVar: torch.compile traces and guards on it.) The choice is read when an op runs forward; its backward
-# runs on the backend its forward used, whatever is current then.
-_default = _check_name(os.environ.get("SCATTERMOE_BACKEND", "auto"))
-_local = threading.local()
+def _from_environment() -> str:
+    name = os.environ.get("SCATTERMOE_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"the environment variable SCATTERMOE_BACKEND: expected one of {', '.join(BACKENDS)}, "
+                         f"got {name!r}")
+    return name
 
 
-def _overrides() -> list:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
+_current = _from_environment()
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for all later calls, in every thread; inside a ``use_backend`` block it also
-    replaces that block's choice (until the block ends)."""
-    global _default
-    _default = _check_name(name)
-    stack = _overrides()
-    if stack:
-        stack[-1] = _default
+    """Select the backend for all later calls (see module docstring for names).
+
+    The choice is process-wide, as is ``use_backend``'s: on CUDA, autograd runs backward (and the recompute of
+    activation checkpointing) on its own threads, which must see the backend the forward ran on, so the
+    choice is deliberately not per thread. Threads that need different backends at the same time should not
+    share a process."""
+    global _current
+    _current = _check_name(name)
 
 
 def get_backend() -> str:
-    """The backend this thread's ops use: its innermost ``use_backend`` block's, else the process-wide one."""
-    stack = getattr(_local, "stack", None)
-    return stack[-1] if stack else _default
+    return _current
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed block, in this thread, on another backend; then return to the previous choice."""
-    stack = _overrides()
-    stack.append(_check_name(name))
-    depth = len(stack)
+    """Run the enclosed block on another backend, then restore the previous one."""
+    global _current
+    previous, _current = _current, _check_name(name)
     try:
         yield
     finally:
-        del stack[depth - 1:]
+        _current = previous
 
 
 def _version_tuple(dist: str) -> Optional[tuple]:
@@ -159,7 +153,7 @@ def _auto_prefers_cutlass(x: torch.Tensor) -> bool:
 
 def resolve(x: torch.Tensor) -> str:
     """The concrete backend ('triton', 'cutlass' or 'torch') that runs an op on x now."""
-    name = get_backend()
+    name = _current
     if name == "auto":
         if triton_unsupported_reason(x) is not None:
             return "torch"

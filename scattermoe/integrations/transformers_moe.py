@@ -183,21 +183,10 @@ def _scattermoe_class(original: type, methods: Dict[str, Callable]) -> type:
         attrs = dict(methods, _scattermoe_original=original, __module__=__name__, __qualname__=name,
                      __doc__=f"{original.__name__} with its expert computation on scattermoe.")
         _subclasses[original] = type(name, (original,), attrs)
-        if original in _family_originals():  # a module attribute, so that pickle finds it by name
-            globals()[name] = _subclasses[original]
+        # A module attribute, so that pickle finds it by name (a name already taken, by a same-named subclass
+        # elsewhere, is left alone: that class then does not pickle, rather than unpickle as the other).
+        globals().setdefault(name, _subclasses[original])
     return _subclasses[original]
-
-
-def _family_originals() -> Dict[type, Tuple[str, str]]:
-    """The supported families' original classes (of the modeling modules already imported) -> (family, name)."""
-    found = {}
-    for family, (module_name, classes) in _FAMILIES.items():
-        module = sys.modules.get(module_name)
-        for name in classes:
-            cls = getattr(module, name, None) if module is not None else None
-            if isinstance(cls, type):
-                found[getattr(cls, "_scattermoe_original", None) or cls] = (family, name)
-    return found
 
 
 def __getattr__(name: str) -> type:
@@ -247,9 +236,14 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
         raise TypeError(f"model: expected a torch.nn.Module (a loaded transformers model), got {type(model).__name__}")
     if isinstance(families, str):  # one family by name, not its letters
         families = [families]
-    if families is not None and not (isinstance(families, (list, tuple, set, frozenset))
-                                     and all(isinstance(f, str) for f in families)):
-        raise TypeError(f"families: expected model_type names (a str or a list of them), got {families!r}")
+    if families is not None:
+        try:
+            names = list(families)
+        except TypeError:
+            names = None
+        if names is None or not all(isinstance(f, str) for f in names):
+            raise TypeError(f"families: expected model_type names (a str or a list of them), got {families!r}")
+        families = names
     named = families is not None
     if not named:
         # A loaded model's classes come from modeling modules already imported: look only there, instead of
