@@ -37,20 +37,35 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--impls", default=None, help=f"comma-separated subset of: {','.join(IMPLS)}")
     p.add_argument("--shapes", default=None, help=f"comma-separated subset of: {','.join(SHAPES)}")
     p.add_argument("--tokens", default=None, help="comma-separated T values (replaces the suite's)")
-    p.add_argument("--sets", type=int, default=None, help="input sets rotated between calls (default 3, quick 2)")
-    p.add_argument("--max-call-ms", type=float, default=1000.0,
+    p.add_argument("--sets", type=_positive(int), default=None,
+                   help="input sets rotated between calls (default 3, quick 2)")
+    p.add_argument("--max-call-ms", type=_positive(float), default=1000.0,
                    help="skip an implementation at a larger T when its time per call, scaled from a smaller T, "
                         "would exceed this (default 1000)")
-    p.add_argument("--time-budget", type=float, default=None,
+    p.add_argument("--time-budget", type=_positive(float), default=None,
                    help="seconds; once spent, the remaining measurements are skipped and recorded as such")
     p.add_argument("--no-plot", action="store_true", help="do not draw the .png")
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     return p.parse_known_args(argv)
 
 
+def _positive(kind):
+    """An argparse type: a number > 0 of ``kind`` (argparse turns the ValueError into a one-line usage error)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0 or value != value:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _names(arg: str, known, what: str) -> Optional[List[str]]:
     """The comma-separated names in ``arg``, or None (after saying why) if one is not in ``known``."""
     names = [n.strip() for n in arg.split(",") if n.strip()]
+    if not names:
+        print(f"python -m bench: no {what} named in {arg!r}; expected a subset of {list(known)}", file=sys.stderr)
+        return None
     unknown = [n for n in names if n not in known]
     if unknown:
         print(f"python -m bench: unknown {what}(s) {unknown}; expected a subset of {list(known)}", file=sys.stderr)
@@ -107,6 +122,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         seen = list(dict.fromkeys((g.shape, g.routing) for g in groups))
         groups = [kernels.Group(shape, t, routing) for shape, routing in seen for t in tokens]
 
+    # A run narrowed by --impls/--shapes/--tokens is a subset, whatever --suite says: its file is named so, and
+    # the README's section (bench.report) never comes from it while a whole suite exists.
+    subset = bool(args.impls or args.shapes or args.tokens)
+    suite = f"{args.suite}-subset" if subset else args.suite
     suffix = ""
     if args.cpu_smoke:
         log("WARNING: --cpu-smoke checks code paths at tiny shapes on the CPU. It is NOT a benchmark: "
@@ -127,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             TimingPlan(warmup=1, target_s=0.15, min_rep=3, max_rep=25)
         n_sets, check_tokens = args.sets or (2 if quick else 3), 512
         out_dir = args.out or RESULTS_DIR
-        suffix = "" if args.suite == "full" else f"_{args.suite}"
+        suffix = "" if suite == "full" else f"_{suite}"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
@@ -148,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "triton": env["triton"],
             "cuda": env["torch_cuda"],
             "created": env["timestamp_utc"],
-            "suite": "smoke" if args.cpu_smoke else args.suite,
+            "suite": "smoke" if args.cpu_smoke else suite,
             "smoke_only": bool(args.cpu_smoke),
             "limits": limits,
             "environment": env,

@@ -246,8 +246,11 @@ def environment(device: torch.device) -> Dict:
     return env
 
 
-# Datasheet peaks per device: dense bf16 tensor-core FLOP/s (no sparsity) and HBM bytes/s.
+# Datasheet peaks per device: dense bf16 tensor-core FLOP/s (no sparsity) and HBM bytes/s. Matched on whole words
+# of torch.cuda.get_device_name, first match wins ("GH200" is not an "H200": its variants differ, so no roofline).
 DEVICE_LIMITS = (
+    ("gh200", None),
+    ("h200 nvl", {"label": "H200 NVL (datasheet)", "bf16_flops": 835e12, "hbm_bytes_s": 4.8e12}),
     ("h200", {"label": "H200 (datasheet)", "bf16_flops": 989e12, "hbm_bytes_s": 4.8e12}),
     ("h100 nvl", {"label": "H100 NVL (datasheet)", "bf16_flops": 835e12, "hbm_bytes_s": 3.9e12}),
     ("h100 pcie", {"label": "H100 PCIe (datasheet)", "bf16_flops": 756e12, "hbm_bytes_s": 2.0e12}),
@@ -257,10 +260,10 @@ DEVICE_LIMITS = (
 
 def device_limits(name: str) -> Optional[Dict]:
     """The datasheet limits of a device named like torch.cuda.get_device_name, or None if unknown."""
-    low = name.lower()
+    words = set(re.findall(r"[a-z0-9]+", name.lower()))
     for key, limits in DEVICE_LIMITS:
-        if all(part in low for part in key.split()):
-            return dict(limits)
+        if all(part in words for part in key.split()):
+            return dict(limits) if limits is not None else None
     return None
 
 

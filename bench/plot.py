@@ -25,7 +25,9 @@ def plot(payload: Dict, path: Path) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot drawn (python -m bench.plot <json> draws it later)"
-    rows = [r for r in payload["rows"] if r.get("ms")]
+    from .report import _measured
+
+    rows = [r for r in payload["rows"] if _measured(r)]
     cases = list(dict.fromkeys(r["case"] for r in rows))
     if not cases:
         return "no results to plot"
@@ -38,7 +40,8 @@ def plot(payload: Dict, path: Path) -> Optional[str]:
         metric = "tflops" if any(r.get("tflops") for r in mine) else "ms"
         for impl in dict.fromkeys(r["impl"] for r in mine):
             for routing, style in (("uniform", "-"), ("zipf", "--")):
-                pts = sorted((r["tokens"], r[metric]) for r in mine if r["impl"] == impl and r["routing"] == routing)
+                pts = sorted((r["tokens"], r[metric]) for r in mine if r["impl"] == impl and r["routing"] == routing
+                             and isinstance(r.get(metric), (int, float)))
                 if not pts:
                     continue
                 line, = ax.plot(*zip(*pts), style, marker="o", markersize=3, color=colors.get(impl),
@@ -48,7 +51,8 @@ def plot(payload: Dict, path: Path) -> Optional[str]:
             roof = sorted({(r["tokens"], r["flops"] / r["roofline_ms"] / 1e9) for r in mine
                            if r.get("roofline_ms") and r.get("flops") and r["routing"] == "uniform"})
             if roof:
-                ax.plot(*zip(*roof), ":", color="black", lw=1.2, label="roofline (datasheet)")
+                ax.plot(*zip(*roof), ":", color="black", lw=1.2, marker="_" if len(roof) == 1 else None,
+                        markersize=12, label="roofline (datasheet)")
         ax.set_xscale("log", base=2)
         if metric == "ms":
             ax.set_yscale("log")
@@ -74,7 +78,14 @@ def main(argv=None) -> int:
         print("usage: python -m bench.plot RESULTS.json", file=sys.stderr)
         return 2
     src = Path(args[0])
-    note = plot(json.loads(src.read_text()), src.with_suffix(".png"))
+    from .report import check_payload
+
+    try:
+        payload = check_payload(json.loads(src.read_text()), str(src))
+    except (OSError, ValueError) as exc:  # a missing file, not JSON, not a result file
+        print(f"python -m bench.plot: error: {exc}", file=sys.stderr)
+        return 2
+    note = plot(payload, src.with_suffix(".png"))
     print(note or f"wrote {src.with_suffix('.png')}", file=sys.stderr)
     return 0 if note is None else 1
 

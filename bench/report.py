@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -23,11 +24,44 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 HEADLINE_T = 16384
 
 
+def _measured(row: Dict) -> bool:
+    """A row with a time: a finite, positive number of ms (NaN, 0, negative or missing: not measured)."""
+    ms = row.get("ms")
+    return isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
+
+
 def _find(rows: List[Dict], case: str, impl: str, tokens: int, routing: str = "uniform") -> Optional[Dict]:
     for r in rows:
-        if (r["case"], r["impl"], r["tokens"], r["routing"]) == (case, impl, tokens, routing) and r.get("ms"):
+        if (r["case"], r["impl"], r["tokens"], r["routing"]) == (case, impl, tokens, routing) and _measured(r):
             return r
     return None
+
+
+ROW_KEY = ("case", "tokens", "routing", "dtype", "impl")
+
+
+def check_payload(payload, name: str = "result") -> Dict:
+    """The payload of a kernel-suite result file, or a ValueError saying what is wrong with it: not an object,
+    a missing field the report reads, a row without its key fields, or two rows for the same measurement
+    (which the targets and the tables would otherwise read differently)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
+        raise ValueError(f"{name}: not a result file of python -m bench (no 'rows' list)")
+    missing = [k for k in ("device", "commit", "created", "torch", "triton") if not payload.get(k)]
+    if missing:
+        raise ValueError(f"{name}: missing {', '.join(missing)}")
+    seen = set()
+    for i, r in enumerate(payload["rows"]):
+        if not isinstance(r, dict) or any(k not in r for k in ("case", "tokens", "routing", "impl")):
+            raise ValueError(f"{name}: row {i} lacks case, tokens, routing or impl")
+        if not (isinstance(r["tokens"], int) and not isinstance(r["tokens"], bool)
+                and all(isinstance(r[k], str) for k in ("case", "routing", "impl"))):
+            raise ValueError(f"{name}: row {i} has a case, routing or impl that is not a string, or tokens that are "
+                             "not an integer")
+        key = tuple(r.get(k) for k in ROW_KEY)
+        if key in seen:
+            raise ValueError(f"{name}: two rows for {dict(zip(ROW_KEY, key))}")
+        seen.add(key)
+    return payload
 
 
 def _failed(row: Dict) -> bool:
@@ -148,8 +182,8 @@ def _memory_bound(r: Dict, limits: Optional[Dict]) -> bool:
 
 def _cell(r: Dict, limits: Optional[Dict] = None) -> str:
     """'ms (TFLOP/s)', or '(GB/s)' where the case is memory-bound; ', N%' of the roofline when known."""
-    if r.get("ms") is None:
-        status = r.get("status", "not run")
+    if not _measured(r):
+        status = str(r.get("status") or ("not run" if r.get("ms") is None else f"no valid time ({r['ms']})"))
         return "—" if status.startswith("unavailable") else status.split(":")[0]
     text = f"{r['ms']:.3f}" if r["ms"] >= 0.1 else f"{r['ms'] * 1e3:.1f} us"
     rate = ""
@@ -202,7 +236,7 @@ def memory_table(rows: List[Dict], tokens: int = HEADLINE_T) -> str:
 
 def checks_table(payload: Dict) -> str:
     body = []
-    for shape, per_impl in payload["checks"].items():
+    for shape, per_impl in (payload.get("checks") or {}).items():
         for impl, c in per_impl.items():
             if "unavailable" in c:
                 verdict, detail = "unavailable", c["unavailable"]
@@ -296,8 +330,13 @@ def newest_result(results_dir: Path = RESULTS_DIR) -> Optional[Path]:
         if not isinstance(payload, dict):
             continue
         if payload.get("benchmark") == "kernels" and not payload.get("smoke_only") and payload.get("rows"):
-            # A full suite before any partial one (quick, headline): the targets need the full set of cases.
-            found.append((payload.get("suite", "full") == "full", payload.get("created", ""), path.name, path))
+            try:
+                check_payload(payload, path.name)
+            except ValueError as exc:
+                print(f"python -m bench.report: skipping {exc}", file=sys.stderr)
+                continue
+            # A full suite before any partial one (quick, headline, a subset): the targets need every case.
+            found.append((payload.get("suite", "full") == "full", str(payload.get("created") or ""), path.name, path))
     return max(found)[-1] if found else None
 
 
@@ -347,9 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 payload = json.loads(args.result.read_text())
             except ValueError as exc:
                 raise ValueError(f"{args.result}: not valid JSON ({exc})") from None
-            if not isinstance(payload, dict) or "rows" not in payload:
-                raise ValueError(f"{args.result}: not a result file of python -m bench (no 'rows')")
-            print(markdown(payload))
+            print(markdown(check_payload(payload, str(args.result))))
             return 0
         if not args.results_dir.is_dir():
             raise ValueError(f"--results-dir {args.results_dir}: not a directory")
@@ -360,6 +397,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         old, new = update_readme(args.readme, result)
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"python -m bench.report: error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, AttributeError) as exc:  # a field of an unexpected type: one line, not a traceback
+        print(f"python -m bench.report: error: a malformed result file ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
         return 2
     if args.check:
         if old != new:

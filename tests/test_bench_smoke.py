@@ -149,7 +149,7 @@ def test_row_numbers_agree(smoke_payload):
                     (shape["name"], row["tokens"], row["routing"]))
         size = {"float32": 4, "float16": 2, "bfloat16": 2}[row["dtype"]]
         per_expert = (first * d + (0 if shape["kind"] == "glu_gemm" else f * d)) * size
-        w, w_all = load["experts_used"] * per_expert, shape["E"] * per_expert
+        w, w_all = load["experts_used_mean"] * per_expert, shape["E"] * per_expert  # the mean over the input sets
         t = row["tokens"]
         if shape["kind"] == "glu_gemm":
             want = (t * d + n * f + n * 2 * f) * size + w
@@ -159,7 +159,7 @@ def test_row_numbers_agree(smoke_payload):
             bwd_b = (3 * t * d + (2 * n * f if shape["kind"] == "glu" else 3 * n * f)) * size + w + w_all
             case_mode = "fwd_bwd" if row["case"].endswith("_fwd_bwd") else row["case"].rsplit("_", 1)[1]
             want = {"fwd": fwd_b, "infer": infer_b, "bwd": bwd_b, "fwd_bwd": fwd_b + bwd_b}[case_mode]
-        assert row["bytes"] == want, (row["case"], row["bytes"], want)
+        assert row["bytes"] == pytest.approx(want, rel=1e-12), (row["case"], row["bytes"], want)
         assert row["gb_s"] == pytest.approx(want / (row["ms"] * 1e-3) / 1e9, rel=1e-9)
         assert "roofline_ms" not in row  # no datasheet limits for a CPU
 
@@ -248,6 +248,74 @@ def test_bad_arguments_exit_2():
     assert bench_main.main(["--impls", "nope"]) == 2
     assert bench_main.main(["--shapes", "nope", "--cpu-smoke"]) == 2
     assert bench_main.main(["--tokens", "0", "--cpu-smoke"]) == 2
+    assert bench_main.main(["--impls", ",", "--cpu-smoke"]) == 2  # names nothing: would time nothing
+    for flag, value in (("--sets", "-1"), ("--sets", "0"), ("--max-call-ms", "-5"), ("--time-budget", "nan")):
+        with pytest.raises(SystemExit) as info:  # argparse's usage error
+            bench_main.main([flag, value, "--cpu-smoke"])
+        assert info.value.code == 2, (flag, value)
+
+
+def test_device_limits_match_whole_words_and_know_what_they_do_not_know():
+    from bench.harness import device_limits
+
+    labels = {name: (device_limits(name) or {}).get("label") for name in (
+        "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA GH200 480GB", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe",
+        "NVIDIA H100 NVL", "NVIDIA A100-SXM4-80GB")}
+    assert labels == {"NVIDIA H200": "H200 (datasheet)", "NVIDIA H200 NVL": "H200 NVL (datasheet)",
+                      "NVIDIA GH200 480GB": None, "NVIDIA H100 80GB HBM3": "H100 SXM (datasheet)",
+                      "NVIDIA H100 PCIe": "H100 PCIe (datasheet)", "NVIDIA H100 NVL": "H100 NVL (datasheet)",
+                      "NVIDIA A100-SXM4-80GB": None}
+
+
+def test_a_subset_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _synthetic(results, "whole.json", "2026-06-01T00:00:00+00:00",
+               {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
+    subset = _synthetic(results, "subset.json", "2026-07-01T00:00:00+00:00", {"scattermoe_triton": 99.0})
+    payload = json.loads(subset.read_text())
+    subset.write_text(json.dumps({**payload, "suite": "full-subset"}))
+    assert report.newest_result(results).name == "whole.json"
+
+
+@pytest.mark.parametrize("ms", [float("nan"), 0.0, -1.0, None], ids=["nan", "zero", "negative", "none"])
+def test_a_row_without_a_valid_time_is_not_measured_anywhere(tmp_path, ms):
+    path = _synthetic(tmp_path, "r.json", "2026-06-01T00:00:00+00:00", {"scattermoe_triton": 10.0,
+                                                                       "torch_grouped_mm": 15.0})
+    payload = json.loads(path.read_text())
+    payload["rows"][0]["ms"] = ms
+    payload = json.loads(json.dumps(payload))
+    target = report.targets(payload)[0]
+    assert target["met"] is None and "not measured" in target["measured"]
+    cell = report._cell(payload["rows"][0])
+    assert cell == ("not run" if ms is None else f"no valid time ({ms})"), cell  # not a speed
+    assert cell in report.markdown(payload)
+
+
+def test_report_and_plot_refuse_malformed_files_in_one_line(tmp_path, capsys):
+    from bench import plot
+
+    good = json.loads(_synthetic(tmp_path, "g.json", "2026-06-01T00:00:00+00:00",
+                                 {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0}).read_text())
+    duplicate = {**good, "rows": good["rows"] + good["rows"][:1]}
+    cases = {"dup.json": (duplicate, "two rows for"), "list.json": ([good], "no 'rows' list"),
+             "nocreated.json": ({**good, "created": None}, "missing created"),
+             "tokens.json": ({**good, "rows": [{**good["rows"][0], "tokens": "16384"}]}, "not an integer")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(json.dumps(content))
+        for tool in (report.main, plot.main):
+            assert tool([str(path)]) == 2, (name, tool)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and message in err, (name, err)
+    assert plot.main([str(tmp_path / "missing.json")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    # A malformed file among the results is skipped (said), not fatal, when the README is rewritten.
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "dup.json").write_text(json.dumps({**duplicate, "benchmark": "kernels"}))
+    assert report.newest_result(results) is None
+    assert "skipping" in capsys.readouterr().err
 
 
 def test_missing_peers_are_reported_not_raised(tmp_path, monkeypatch):
