@@ -54,6 +54,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:  # what torch.Generator.manual_seed takes
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value}")
+    return value
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = _Parser(prog=PROG, description="Run a GLU MoE layer forward and backward on every backend that works "
                                         "here and check it against the float64 reference.",
@@ -68,7 +78,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu or cuda[:N]; CUDA when available by default")
     p.add_argument("--backend", choices=("all", "torch", "triton", "cutlass"), default="all",
                    help="check one backend (an error if it cannot run here) or all that can (default)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     return p.parse_args(argv)
 
 
@@ -154,15 +164,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Inputs drawn on the CPU in float64, so a seed gives the same problem on any device.
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the layer's weight init
-    x64 = torch.randn(T, D, generator=gen, dtype=torch.float64)
-    router_DE = torch.randn(D, E, generator=gen, dtype=torch.float64) / D**0.5
-    dy64 = torch.randn(T, D, generator=gen, dtype=torch.float64)
-    # JetMoE's router: top-k of float32 logits, softmax over the k chosen.
-    gates_TK, idx_TK = scattermoe.topk_gating((x64 @ router_DE).float(), K)
-    ref_model = scattermoe.GLUMLP(D, F, E, K).to(device=device, dtype=torch.float64)
-    x64, dy64, gates_TK, idx_TK = (t.to(device) for t in (x64, dy64, gates_TK, idx_TK))
-
-    ref = _run_layer(ref_model, x64, gates_TK.double(), idx_TK, dy64, "torch")
+    try:
+        x64 = torch.randn(T, D, generator=gen, dtype=torch.float64)
+        router_DE = torch.randn(D, E, generator=gen, dtype=torch.float64) / D**0.5
+        dy64 = torch.randn(T, D, generator=gen, dtype=torch.float64)
+        # JetMoE's router: top-k of float32 logits, softmax over the k chosen.
+        gates_TK, idx_TK = scattermoe.topk_gating((x64 @ router_DE).float(), K)
+        ref_model = scattermoe.GLUMLP(D, F, E, K).to(device=device, dtype=torch.float64)
+        x64, dy64, gates_TK, idx_TK = (t.to(device) for t in (x64, dy64, gates_TK, idx_TK))
+        ref = _run_layer(ref_model, x64, gates_TK.double(), idx_TK, dy64, "torch")
+    except (MemoryError, RuntimeError) as exc:  # RuntimeError: torch's allocators ("DefaultCPUAllocator: ...")
+        if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower() and "alloc" not in str(exc).lower():
+            raise
+        _die(f"T={T}, D={D}, F={F}, E={E} is too large for this machine's memory "
+             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
 
     triton_version = "not installed"
     try:
@@ -174,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"GLUMLP (SiLU GLU), forward + backward: T={T} tokens, D={D}, F={F}, E={E} experts, top-k={K}")
     print(f"reference: the torch backend in float64 on {device}; "
           "error = ||out - ref|| / ||ref|| per tensor, bound per dtype (float32 1e-5, float16 3e-3, bfloat16 2e-2)")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and "triton" in backends:
         print("Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1): correctness only, no timings")
         work, default_work = T * K * D * F, CPU_DEFAULT[0] * CPU_DEFAULT[4] * CPU_DEFAULT[1] * CPU_DEFAULT[2]
         if work > 8 * default_work and "triton" in backends:

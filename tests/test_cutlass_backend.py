@@ -137,8 +137,10 @@ def emulate_glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)
 
 @pytest.fixture
 def fake_launch(monkeypatch):
-    """Every csrc launch replaced by an emulator; records the plan of every launch."""
+    """Every csrc launch replaced by an emulator; records the plan of every launch. The emulator runs on the
+    CPU, so the planners are told to take CPU tensors as if they were CUDA ones."""
     calls = []
+    monkeypatch.setattr(dispatch, "_not_cuda", lambda t: None)
 
     def launch(p, x, w, bias, expert_offsets, y):
         calls.append(p)
@@ -628,3 +630,24 @@ def test_dw_launch_passes_the_largest_first_order_only_when_there_is_one(monkeyp
     assert orders[0] is not None and with_order["expert_order"] == orders[0].data_ptr()
     assert orders[0].tolist()[:3] == [4, 9, 14]  # 4 rows each, the most, in index order
     assert orders[1] is None and "expert_order" not in without
+
+
+def test_cpu_tensors_never_reach_a_csrc_plan_and_fall_back_by_name(monkeypatch):
+    """Without the emulator: CPU tensors are refused by every planner (they would reach a CUDA stream), the
+    fallback is counted only once it can run, and strict mode is a real bool."""
+    x, w, _, route = make_case([3, 2], 16, 8)
+    _, scattered, offsets = route
+    reason = cutlass.scatter2scatter_fallback_reason(x, w, None, offsets, scattered.numel(), True, True, None, None,
+                                                     0, None)
+    assert reason == "tensors on cpu, not CUDA"
+    dispatch.FALLBACKS.clear()
+    monkeypatch.setattr(dispatch, "_check_triton", lambda t, why: (_ for _ in ()).throw(RuntimeError(why)))
+    for call in (lambda: s2s(x, w, None, route),
+                 lambda: cutlass.group_bwd_w(x, torch.randn(5, 8), scattered, offsets, w, 1, 1, True, True),
+                 lambda: cutlass.glu_backward(torch.randn(5, 8), torch.randn(5, 4), True)):
+        with pytest.raises(RuntimeError, match="tensors on cpu, not CUDA"):
+            call()
+    assert not dispatch.FALLBACKS, "a fallback that could not run was counted"
+    for bad in ("no", None, 2):
+        with pytest.raises(ValueError, match="enabled: expected True or False"):
+            cutlass.set_strict(bad)

@@ -34,7 +34,14 @@ _strict = env_flag("SCATTERMOE_CUTLASS_STRICT")
 def set_strict(enabled: bool = True) -> None:
     """Raise NotImplementedError instead of falling back to Triton."""
     global _strict
+    if enabled not in (True, False) or isinstance(enabled, str):  # "no" would otherwise mean True
+        raise ValueError(f"enabled: expected True or False, got {enabled!r}")
     _strict = bool(enabled)
+
+
+def _not_cuda(t: torch.Tensor) -> Optional[str]:
+    """The csrc kernels run on CUDA tensors only: the reason for anything else."""
+    return None if t.device.type == "cuda" else f"tensors on {t.device}, not CUDA"
 
 
 def scatter2scatter_fallback_reason(
@@ -49,6 +56,8 @@ def scatter2scatter_fallback_reason(
 
 def _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, out, glu, pre_activation):
     """The TMA grouped GEMM when rows are grouped both ways, ungated and without GLU, else the scatter GEMM."""
+    if _not_cuda(x):
+        return _not_cuda(x)
     if pre_activation is not None and not glu:
         return "pre_activation without glu"
     if grouped_in and grouped_out and row_scale is None and not glu:
@@ -75,8 +84,8 @@ def _check_triton(x: torch.Tensor, reason: str) -> None:
 def _to_triton(x: torch.Tensor, reason: str):
     if _strict:
         raise NotImplementedError(f"scattermoe cutlass backend (strict mode): {reason}")
-    FALLBACKS[reason] += 1
     _check_triton(x, reason)
+    FALLBACKS[reason] += 1  # counted once the fallback can run
     return _triton()
 
 
@@ -128,7 +137,7 @@ def group_bwd_w(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """See scattermoe.backends.triton.group_bwd_w: same contract, same result."""
     num_rows = sorted_scattered_idxs.numel()
-    p = wgrad.plan(x, dy, expert_offsets, like_weight, num_rows, row_scale)
+    p = _not_cuda(x) or wgrad.plan(x, dy, expert_offsets, like_weight, num_rows, row_scale)
     if isinstance(p, str):
         return _to_triton(x, p).group_bwd_w(
             x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out, x_grouped, dy_grouped,
@@ -143,7 +152,7 @@ def group_bwd_w(
 def glu_backward(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_scale: Optional[torch.Tensor] = None,
                  store_g: bool = False, store_dot: bool = False):
     """See scattermoe.backends.triton.glu_backward: same contract, same result."""
-    reason = glu_grad.plan(pre, dg)
+    reason = _not_cuda(pre) or glu_grad.plan(pre, dg)
     if reason is not None:
         return _to_triton(pre, reason).glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)
     return glu_grad.launch(pre, dg, activate_first, row_scale, store_g, store_dot)

@@ -1,0 +1,58 @@
+"""`python -m scattermoe`, the self-check the README offers: exit 0 when every backend that ran passed, 1 when one
+failed, 2 on a usage error (one line, no traceback). Run in-process at a small shape (the Triton interpreter)."""
+
+import pytest
+import torch
+
+import scattermoe.__main__ as selfcheck
+
+SMALL = ["--tokens", "9", "--hidden", "16", "--ffn", "24", "--experts", "4", "--top-k", "2", "--device", "cpu"]
+
+
+@pytest.mark.interpreter
+def test_every_backend_that_runs_passes_and_says_so(capsys):
+    assert selfcheck.main(SMALL) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["torch"], ["triton"],
+                                                                                      ["cutlass"])}
+    assert rows["torch"].endswith("pass") and rows["triton"].endswith("pass"), out
+    if not torch.cuda.is_available():
+        assert "skipped" in rows["cutlass"], out
+
+
+def test_a_wrong_backend_result_fails_with_exit_1(monkeypatch, capsys):
+    real = selfcheck._run_layer
+
+    def off_by_a_little(model, x, gates, idx, dy, backend):
+        got = real(model, x, gates, idx, dy, backend)
+        if backend == "torch" and x.dtype != torch.float64:  # the backend under test, not the float64 reference
+            got["w_out"] = got["w_out"] * (1 + 1e-3)
+        return got
+
+    monkeypatch.setattr(selfcheck, "_run_layer", off_by_a_little)
+    assert selfcheck.main([*SMALL, "--backend", "torch"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out or "fail" in out, out
+
+
+def test_bfloat16_on_the_cpu_skips_triton_with_its_reason(capsys):
+    assert selfcheck.main([*SMALL, "--dtype", "bfloat16", "--backend", "all"]) == 0
+    out = capsys.readouterr().out
+    triton = next(line for line in out.splitlines() if line.startswith("triton"))
+    assert "skipped" in triton and "bfloat16" in triton, out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-k", "5", "--experts", "4"], "--top-k 5: expected at most --experts (4)"),
+    (["--tokens", "0"], "argument --tokens: expected a positive integer"),
+    (["--seed", "18446744073709551616"], "argument --seed: expected an integer in [0, 2**63)"),
+    (["--device", "mps"], "--device: expected cpu or cuda[:N]"),
+    (["--backend", "cutlass", "--device", "cpu", "--tokens", "4"], "--backend cutlass"),
+    (["--tokens", "100000000000000", "--backend", "torch", "--device", "cpu"], "too large for this machine's memory"),
+], ids=["k_above_E", "no_tokens", "seed_overflow", "bad_device", "cutlass_on_cpu", "too_large"])
+def test_usage_errors_are_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        selfcheck.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and message in err[-1] and "Traceback" not in "\n".join(err), err
