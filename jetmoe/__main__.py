@@ -148,17 +148,12 @@ def backend_note(backend: str, device: torch.device) -> str:
     return f"backend: {backend} (scattermoe kernels on {device})"
 
 
-def _dtype(name: str) -> Optional[torch.dtype]:
-    return None if name == "auto" else {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                        "float16": torch.float16}[name]
-
-
 def load_dtype(ckpt: Path, name: str, device: torch.device) -> torch.dtype:
     """The dtype to load a checkpoint in: --dtype, else as stored on CUDA (bf16 for JetMoE-8B), float32 on the
     CPU. Read from the files' headers, so that it is known (and checked against the backend) before loading."""
-    from .checkpoint import stored_dtype, weight_files
+    from .checkpoint import _as_dtype, stored_dtype, weight_files
 
-    return _dtype(name) or (stored_dtype(weight_files(ckpt)) if device.type == "cuda" else torch.float32)
+    return _as_dtype(name) or (stored_dtype(weight_files(ckpt)) if device.type == "cuda" else torch.float32)
 
 
 def corpus_label(data: Optional[List[str]]) -> str:

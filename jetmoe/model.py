@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import scattermoe
+from scattermoe._validate import positive_int
 from scattermoe.routing import flatten_sort_count, load_balancing_loss, router_z_loss, topk_gating
 
 LAYER_NORM_EPS = 1e-6  # the per-layer norms of JetMoE hard-code 1e-6; only model.norm reads rms_norm_eps
@@ -498,11 +498,7 @@ class JetMoEForCausalLM(nn.Module):
         with a CUDA graph, capture_s: the part of decode_s spent on the first step's eager run and capture).
         ``cuda_graph=True`` (CUDA only) runs the decode steps as replays of one CUDA graph (``StaticDecoder``):
         the same tokens, without a Python and launch cost per kernel; the first decode step captures it."""
-        if isinstance(max_new_tokens, bool) or not hasattr(type(max_new_tokens), "__index__"):  # numpy ints too
-            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-        max_new_tokens = operator.index(max_new_tokens)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)  # numpy ints too; not floats or bools
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids: expected a [batch, sequence] tensor of token ids, got "
                              + (f"shape {tuple(input_ids.shape)} (add a batch dimension: input_ids[None])"

@@ -192,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and "triton" in backends:
         print("Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1): correctness only, no timings")
         work, default_work = T * K * D * F, CPU_DEFAULT[0] * CPU_DEFAULT[4] * CPU_DEFAULT[1] * CPU_DEFAULT[2]
-        if work > 8 * default_work and "triton" in backends:
+        if work > 8 * default_work:
             print(f"note: {work / default_work:.0f}x the default shape's work; the interpreter may take minutes",
                   file=sys.stderr)
     print()

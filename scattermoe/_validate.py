@@ -129,7 +129,7 @@ def check_parallel_linear(
     check_not_meta("x", x)
     device = x.device
     check_dtype_like_x("expert_weights", expert_weights, x)
-    check_tensor("expert_weights", expert_weights, dim=3, dtypes=(x.dtype,), device=device)
+    check_tensor("expert_weights", expert_weights, dim=3, device=device)
     num_experts, d_in, d_out = expert_weights.shape
     if 0 in (num_experts, d_in, d_out):
         raise ValueError(f"expert_weights: expected non-empty [E, d_in, d_out], got shape {shape(expert_weights)}")
@@ -157,7 +157,7 @@ def check_parallel_linear(
                          f"got shape {shape(expert_offsets)}")
     if expert_biases is not None:
         check_dtype_like_x("expert_biases", expert_biases, x)
-        check_tensor("expert_biases", expert_biases, dim=2, dtypes=(x.dtype,), device=device)
+        check_tensor("expert_biases", expert_biases, dim=2, device=device)
         if shape(expert_biases) != (num_experts, d_out):
             raise ValueError(f"expert_biases: expected shape ({num_experts}, {d_out}), got {shape(expert_biases)}")
     if grouped_in:
@@ -234,8 +234,8 @@ def check_glu_moe(x, w_in, w_out, gates, b_out) -> None:
     check_not_meta("x", x)
     check_dtype_like_x("w_in", w_in, x)
     check_dtype_like_x("w_out", w_out, x)
-    check_tensor("w_in", w_in, dim=3, dtypes=(x.dtype,), device=x.device)
-    check_tensor("w_out", w_out, dim=3, dtypes=(x.dtype,), device=x.device)
+    check_tensor("w_in", w_in, dim=3, device=x.device)
+    check_tensor("w_out", w_out, dim=3, device=x.device)
     num_experts, d_in, width = w_in.shape
     if x.size(1) != d_in:
         raise ValueError(f"x: expected {d_in} features (w_in is {shape(w_in)}), got shape {shape(x)}")
@@ -247,7 +247,7 @@ def check_glu_moe(x, w_in, w_out, gates, b_out) -> None:
                          f"the input's), got {shape(w_out)}")
     if b_out is not None:
         check_dtype_like_x("b_out", b_out, x)
-        check_tensor("b_out", b_out, dim=2, dtypes=(x.dtype,), device=x.device)
+        check_tensor("b_out", b_out, dim=2, device=x.device)
         if shape(b_out) != (num_experts, x.size(1)):
             raise ValueError(f"b_out: expected shape {(num_experts, x.size(1))}, got {shape(b_out)}")
     check_tensor("gates", gates, dim=2, dtypes=_FLOAT_DTYPES, device=x.device)

@@ -23,21 +23,14 @@ BACKENDS = ("auto", "triton", "cutlass", "torch")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, what: str = "backend") -> str:
     if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
+        raise ValueError(f"{what}: expected one of {', '.join(BACKENDS)}, got {name!r}")
     return name
 
 
-def _from_environment() -> str:
-    name = os.environ.get("SCATTERMOE_BACKEND", "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"the environment variable SCATTERMOE_BACKEND: expected one of {', '.join(BACKENDS)}, "
-                         f"got {name!r}")
-    return name
-
-
-_current = _from_environment()
+_current = _check_name(os.environ.get("SCATTERMOE_BACKEND", "auto"),
+                       "the environment variable SCATTERMOE_BACKEND")
 
 
 def set_backend(name: str) -> None:

@@ -193,7 +193,7 @@ def __getattr__(name: str) -> type:
     """ScatterMoE<Class> of a supported family, built on first use: how pickle (``torch.save(model)``, process
     spawning) finds a patched block's class in a process that has not patched anything yet."""
     for family, (_, classes) in _FAMILIES.items():
-        for cls_name, methods in classes.items():
+        for cls_name in classes:
             if name == f"ScatterMoE{cls_name}":
                 for _, found_name, original, found_methods in _family_classes(family):
                     if found_name == cls_name:

@@ -128,16 +128,18 @@ def scatter2scatter(
         check_out(out, (sorted_scattered_idxs.numel(), W.size(-1)), X)
     backend = backends.resolve(X)
     with torch.no_grad():
-        if backend == "torch" or (out is not None and _shares_memory(out, X, W, b)):
-            # (the kernels write rows while other programs still read X: an out over the inputs gets a
-            # temporary, as the torch backend always does)
+        if backend == "torch":
             y = reference.parallel_linear(X, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets, b,
-                                          None, x_grouped, y_grouped) if backend == "torch" else \
-                backends.kernels(backend).scatter2scatter(X, W, b, sorted_scattered_idxs, expert_offsets, k,
+                                          None, x_grouped, y_grouped)
+        elif out is not None and _shares_memory(out, X, W, b):
+            # The kernels write rows while other programs still read X: an out over the inputs gets a
+            # temporary, as the torch backend always does.
+            y = backends.kernels(backend).scatter2scatter(X, W, b, sorted_scattered_idxs, expert_offsets, k,
                                                           x_grouped, y_grouped)
-            return out.copy_(y) if out is not None else y
-        return backends.kernels(backend).scatter2scatter(
-            X, W, b, sorted_scattered_idxs, expert_offsets, k, x_grouped, y_grouped, out=out)
+        else:
+            return backends.kernels(backend).scatter2scatter(
+                X, W, b, sorted_scattered_idxs, expert_offsets, k, x_grouped, y_grouped, out=out)
+        return out.copy_(y) if out is not None else y
 
 
 def group(A: torch.Tensor, sorted_expert_idxs: torch.Tensor, coeff: Optional[torch.Tensor] = None,

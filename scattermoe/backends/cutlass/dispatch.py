@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._validate import env_flag
+from ..._validate import env_flag, flag
 from . import glu_grad, grouped_gemm, scatter_gemm
 from . import weight_grad as wgrad
 
@@ -34,9 +34,7 @@ _strict = env_flag("SCATTERMOE_CUTLASS_STRICT")
 def set_strict(enabled: bool = True) -> None:
     """Raise NotImplementedError instead of falling back to Triton."""
     global _strict
-    if enabled not in (True, False) or isinstance(enabled, str):  # "no" would otherwise mean True
-        raise ValueError(f"enabled: expected True or False, got {enabled!r}")
-    _strict = bool(enabled)
+    _strict = flag("enabled", enabled)  # ("no" would otherwise mean True)
 
 
 def _not_cuda(t: torch.Tensor) -> Optional[str]:
@@ -56,8 +54,9 @@ def scatter2scatter_fallback_reason(
 
 def _plan(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out, row_scale, out, glu, pre_activation):
     """The TMA grouped GEMM when rows are grouped both ways, ungated and without GLU, else the scatter GEMM."""
-    if _not_cuda(x):
-        return _not_cuda(x)
+    not_cuda = _not_cuda(x)
+    if not_cuda:
+        return not_cuda
     if pre_activation is not None and not glu:
         return "pre_activation without glu"
     if grouped_in and grouped_out and row_scale is None and not glu:
