@@ -57,14 +57,19 @@ def _number(kind, name: str, low=None, high=None, low_open=False, high_open=Fals
     return parse
 
 
+def _nearest_existing(path: Path) -> Path:
+    """path, or its nearest ancestor that exists: where making the missing folders would start."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """--out must be (or become) a directory; an existing checkpoint there is continued or replaced, never by
     accident."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: exists and is not a directory")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
+    parent = _nearest_existing(out)
     if not parent.is_dir():
         raise CLIError(f"--out {out}: {parent} is a file, so the directory cannot be made")
     from .train import TRAINER_STATE
@@ -88,9 +93,7 @@ def check_output_file(flag: str, path: Path) -> None:
     """A file the command will write at its end: refused now, not after the work, if it cannot be."""
     if path.is_dir():
         raise CLIError(f"{flag} {path}: is a directory")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _nearest_existing(path.parent)
     if not parent.is_dir():
         raise CLIError(f"{flag} {path}: {parent} is a file, so the folder cannot be made")
     if not os.access(parent, os.W_OK):
