@@ -86,8 +86,13 @@ def check_dtype_like_x(name: str, t, x: torch.Tensor) -> None:
 def flag(name: str, value) -> bool:
     """value as a bool (numpy and 0-d tensor bools, 0 and 1 too), or a ValueError naming the argument: a
     string such as "no" would otherwise count as True."""
-    if isinstance(value, str) or value not in (True, False):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    try:  # a tensor or array of several values raises on the comparison: caught, so the message names `name`
+        ok = not isinstance(value, str) and value in (True, False)
+    except (RuntimeError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        got = f"a {type(value).__name__} of shape {tuple(value.shape)}" if hasattr(value, "shape") else repr(value)
+        raise ValueError(f"{name}: expected True or False, got {got}")
     return bool(value)
 
 

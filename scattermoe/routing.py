@@ -66,29 +66,33 @@ def _use_fused_topk(router_logits: torch.Tensor) -> bool:
     return fused_topk_fits(router_logits.size(1))
 
 
-def _check_logits(router_logits) -> None:
-    check_tensor("router_logits", router_logits, dim=2, dtypes=_FLOAT_DTYPES)
-    if router_logits.size(1) == 0:
-        raise ValueError(f"router_logits: expected [T, E] with E >= 1, got shape {tuple(router_logits.shape)}")
+def _logits_rows(router_logits) -> torch.Tensor:
+    """router_logits [..., E] checked and seen as rows [T, E] (T the product of the leading dims)."""
+    check_tensor("router_logits", router_logits, dtypes=_FLOAT_DTYPES)
+    if router_logits.dim() == 0 or router_logits.size(-1) == 0:
+        raise ValueError(f"router_logits: expected [..., E] with E >= 1, got shape {tuple(router_logits.shape)}")
+    return router_logits.reshape(-1, router_logits.size(-1))
 
 
 def topk_gating(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """JetMoE's router: top-k of the raw logits, then softmax over those k only (in float32).
 
-    router_logits: [T, E]. Returns (gates [T, K] float32, expert_idxs [T, K] int64).
-    Cast the gates to the model dtype at the call site if needed. On CUDA, when no gradient is needed
-    (inference), this is one Triton launch (backends/triton/routing.py) instead of three; it breaks ties
-    between equal logits towards the lower expert id (torch.topk promises no order, so the two paths may
-    pick different experts among exactly equal logits).
+    router_logits: [..., E] (e.g. [T, E] or [B, S, E]). Returns (gates [..., K] float32, expert_idxs [..., K]
+    int64), the shapes the layers take beside x [..., D]. Cast the gates to the model dtype at the call site if
+    needed. On CUDA, when no gradient is needed (inference), this is one Triton launch
+    (backends/triton/routing.py) instead of three; it breaks ties between equal logits towards the lower expert
+    id (torch.topk promises no order, so the two paths may pick different experts among exactly equal logits).
     """
-    _check_logits(router_logits)
+    rows = _logits_rows(router_logits)
     top_k = positive_int("top_k", top_k)
-    if top_k > router_logits.size(-1):
-        raise ValueError(f"top_k: expected 1 <= top_k <= E={router_logits.size(-1)}, got {top_k}")
-    if _use_fused_topk(router_logits):
+    if top_k > rows.size(-1):
+        raise ValueError(f"top_k: expected 1 <= top_k <= E={rows.size(-1)}, got {top_k}")
+    out_shape = (*router_logits.shape[:-1], top_k)
+    if _use_fused_topk(rows):
         from .backends.triton.routing import topk_softmax
 
-        return topk_softmax(router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous(), top_k)
+        gates, expert_idxs = topk_softmax(rows if rows.stride(-1) == 1 else rows.contiguous(), top_k)
+        return gates.view(out_shape), expert_idxs.view(out_shape)
     top_logits, expert_idxs = torch.topk(router_logits.float(), top_k, dim=-1)
     return torch.softmax(top_logits, dim=-1), expert_idxs
 
@@ -99,19 +103,21 @@ def load_balancing_loss(router_logits: torch.Tensor, expert_idxs: torch.Tensor, 
     P_e: mean over tokens of the full softmax probability of expert e;
     f_e: share of the T*K top-k assignments that went to expert e (normalised to sum to 1),
     as in JetMoE's training code. Equals 1 for a perfectly uniform router.
-    router_logits: [T, E]; expert_idxs: [T, K].
+    router_logits: [..., E]; expert_idxs: [..., K], the same leading dims (the tokens).
     """
-    _check_logits(router_logits)
+    rows = _logits_rows(router_logits)
     num_experts = positive_int("num_experts", num_experts)
-    if router_logits.size(1) != num_experts:
-        raise ValueError(f"router_logits: expected [T, E={num_experts}], got shape {tuple(router_logits.shape)}")
+    if rows.size(1) != num_experts:
+        raise ValueError(f"router_logits: expected [..., E={num_experts}], got shape {tuple(router_logits.shape)}")
     check_expert_idxs(expert_idxs, num_experts)
     if expert_idxs.device != router_logits.device:
         raise ValueError(f"expert_idxs: expected a tensor on {router_logits.device} (router_logits' device), "
                          f"got one on {expert_idxs.device}")
-    if expert_idxs.dim() != 2 or expert_idxs.size(0) != router_logits.size(0):
-        raise ValueError(f"expert_idxs: expected [T={router_logits.size(0)}, K] like router_logits' tokens, "
+    lead = tuple(router_logits.shape[:-1])
+    if expert_idxs.dim() != router_logits.dim() or tuple(expert_idxs.shape[:-1]) != lead:
+        raise ValueError(f"expert_idxs: expected [{', '.join(map(str, lead + ('K',)))}], router_logits' tokens, "
                          f"got shape {tuple(expert_idxs.shape)}")
+    router_logits = rows
     if router_logits.size(0) == 0:
         return router_logits.float().sum()  # no tokens, no imbalance: 0, still attached to the graph
     probs = torch.softmax(router_logits.float(), dim=-1)
@@ -122,8 +128,9 @@ def load_balancing_loss(router_logits: torch.Tensor, expert_idxs: torch.Tensor, 
 
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss, mean_t logsumexp(logits_t)^2 (Zoph et al. 2022, eq. 5); 0 for no tokens."""
-    _check_logits(router_logits)
+    """ST-MoE router z-loss, mean_t logsumexp(logits_t)^2 (Zoph et al. 2022, eq. 5); 0 for no tokens.
+    router_logits: [..., E], the mean taken over every token."""
+    router_logits = _logits_rows(router_logits)
     if router_logits.size(0) == 0:
         return router_logits.float().sum()
     return torch.logsumexp(router_logits.float(), dim=-1).square().mean()

@@ -148,8 +148,12 @@ def test_topk_gating_cuda(T, E, K, dtype, device, monkeypatch):
     assert launches == [1]
     assert torch.equal(logits.float().gather(1, idx), values)  # ties may be ordered differently
     torch.testing.assert_close(gates, torch.softmax(values, -1), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # leading dims [2, T, E]: the one launch on the rows, its results shaped back
+        gates2, idx2 = scattermoe.topk_gating(torch.stack([logits, logits]), K)
+    assert launches == [1, 1] and gates2.shape == idx2.shape == (2, T, K)
+    assert torch.equal(idx2[1], idx) and torch.equal(gates2[1], gates)
     gates, idx = scattermoe.topk_gating(logits.requires_grad_(), K)
-    assert launches == [1] and gates.requires_grad, "a gradient must take the torch path"
+    assert launches == [1, 1] and gates.requires_grad, "a gradient must take the torch path"
 
 
 def _decode_step(layer, x, logits):

@@ -117,11 +117,35 @@ def test_topk_gating_is_not_a_renormalised_full_softmax_of_a_low_precision_cast(
 
 def test_topk_gating_rejects_bad_arguments():
     with pytest.raises(ValueError, match="router_logits"):
-        scattermoe.topk_gating(torch.randn(2, 3, 4), 2)
+        scattermoe.topk_gating(torch.randn(2, 3, 0), 2)
     with pytest.raises(ValueError, match="top_k"):
         scattermoe.topk_gating(torch.randn(5, 4), 5)
     with pytest.raises(ValueError, match="top_k"):
         scattermoe.topk_gating(torch.randn(5, 4), 0)
+
+
+def test_routing_takes_any_leading_shape_like_the_layers():
+    """Logits [B, S, E] (a router on x [B, S, D]) give gates and ids [B, S, K], which the layer takes beside x, and
+    the same values, losses and gradients as the tokens flattened to [B*S, E]."""
+    B, S, D, F, E, K = 2, 3, 8, 12, 5, 2
+    logits = torch.randn(B, S, E, requires_grad=True)
+    gates, idx = scattermoe.topk_gating(logits, K)
+    flat_gates, flat_idx = scattermoe.topk_gating(logits.detach().reshape(B * S, E), K)
+    assert gates.shape == idx.shape == (B, S, K)
+    assert torch.equal(idx.reshape(-1, K), flat_idx) and torch.equal(gates.detach().reshape(-1, K), flat_gates)
+    assert scattermoe.topk_gating(logits[0, 0], K)[1].shape == (K,)  # one token, no leading dims
+    flat = logits.detach().reshape(-1, E).requires_grad_()
+    for loss, flat_loss in ((scattermoe.load_balancing_loss(logits, idx, E),
+                             scattermoe.load_balancing_loss(flat, flat_idx, E)),
+                            (scattermoe.router_z_loss(logits), scattermoe.router_z_loss(flat))):
+        assert_close(loss, flat_loss.detach(), 1e-6)
+        (grad,) = torch.autograd.grad(loss, logits)
+        (flat_grad,) = torch.autograd.grad(flat_loss, flat)
+        assert_close(grad.reshape(-1, E), flat_grad, 1e-6)
+    moe = scattermoe.GLUMLP(D, F, E, K)
+    x = torch.randn(B, S, D)
+    y = moe(x, gates, idx)
+    assert_close(y.reshape(-1, D), moe(x.reshape(-1, D), flat_gates, flat_idx).detach(), 1e-6)
 
 
 def _switch_loss_by_hand(logits_TE: torch.Tensor, idx_TK: torch.Tensor, E: int) -> torch.Tensor:

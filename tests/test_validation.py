@@ -58,6 +58,9 @@ BAD_INPUTS = {
     "k_float": ({"k": 2.0}, ValueError, r"^k: "),
     "grouped_out_a_string": ({"grouped_out": "no"}, ValueError, r"^grouped_out: expected True or False"),
     "grouped_in_none": ({"grouped_in": None}, ValueError, r"^grouped_in: expected True or False"),
+    # A tensor where the flag goes (2024's positional order, plus expert_biases): named, not bool()'s error.
+    "grouped_in_a_tensor": ({"grouped_in": torch.ones(T, K)}, ValueError,
+                            rf"^grouped_in: expected True or False, got a Tensor of shape \({T}, {K}\)"),
     "routing_shorter_than_T_times_k": (
         {"sorted_expert_idxs": lambda a: a["sorted_expert_idxs"][:-2],
          "sorted_scattered_idxs": lambda a: a["sorted_scattered_idxs"][:-2]},
@@ -300,15 +303,17 @@ def test_topk_gating_rejects_bad_arguments():
         scattermoe.topk_gating(logits.tolist(), K)
     with pytest.raises(TypeError, match=r"^router_logits: .*dtype"):
         scattermoe.topk_gating(logits > 0, K)
-    with pytest.raises(ValueError, match=r"^router_logits: .*2-d"):
-        scattermoe.topk_gating(logits[0], K)
+    for no_experts in (torch.randn(()), torch.randn(T, 0)):
+        with pytest.raises(ValueError, match=r"^router_logits: expected \[\.\.\., E\] with E >= 1"):
+            scattermoe.topk_gating(no_experts, K)
 
 
 def test_aux_losses_check_their_inputs_and_are_zero_without_tokens():
     logits = torch.randn(T, E)
     idx = scattermoe.topk_gating(logits, K)[1]
     bad = {
-        "3-d logits": ((logits.view(2, T // 2, E), idx.view(2, T // 2, K), E), ValueError, r"^router_logits: "),
+        "idx with other leading dims": ((logits.view(2, T // 2, E), idx, E), ValueError,
+                                        rf"^expert_idxs: expected \[2, {T // 2}, K\]"),
         "fewer tokens in idx": ((logits, idx[:3], E), ValueError, r"^expert_idxs: "),
         "E mismatch": ((torch.randn(T, 1), torch.zeros(T, 1, dtype=torch.long), E), ValueError, r"^router_logits: "),
         "id out of range": ((logits, idx.clamp(max=E - 1).index_fill(0, torch.tensor([0]), E), E), ValueError,
