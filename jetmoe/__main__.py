@@ -226,8 +226,9 @@ def run_generation(model, tokenizer, prompts: List[str], args, device: torch.dev
     gbs = model.decode_step_weight_bytes() * tok_s / 1e9
     graph = (f" (CUDA graph: its first step and capture took {stats['capture_s'] * 1e3:.0f} ms of it)"
              if "capture_s" in stats else "")
+    warm = f" | {args.warmup} warm-up run{'s' * (args.warmup > 1)}: {warm_s:.2f} s, timed apart" if args.warmup else ""
     print(f"prefill {width} tokens x {len(rows)}: {stats['prefill_s'] * 1e3:.1f} ms | decode {steps} steps: "
-          f"{tok_s:.1f} tokens/s per sequence{graph}, {gbs:.2f} GB/s of weights | warm-up {warm_s:.2f} s apart | "
+          f"{tok_s:.1f} tokens/s per sequence{graph}, {gbs:.2f} GB/s of weights{warm} | "
           f"peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
 
 
@@ -381,7 +382,9 @@ def _train(args, demo: bool) -> None:
         raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
     device = pick_device(args.device)
     backend = pick_backend(args.backend, device, torch.float32)
-    check_out_dir(Path(args.out), args.resume, demo or args.overwrite)  # the demo's folder is its cache
+    # The demo's default folder is its cache, replaced by each run; any other --out is kept as train keeps it.
+    replace = args.overwrite or (demo and Path(args.out) == default_out_dir("tiny"))
+    check_out_dir(Path(args.out), args.resume, replace)
     rank, world = init_distributed(device)  # under torchrun: join the process group before anything else
     rank0 = rank == 0
     tokenizer, config, build = _training_setup(args, device, rank0)
@@ -432,7 +435,7 @@ def _train(args, demo: bool) -> None:
         n = max(1, min(10, len(records) // 4))
         end = sum(r["loss"] for r in records[-n:]) / n
         print(f"loss {records[0]['loss']:.3f} at step {records[0]['step']} -> {end:.3f} (mean of the last {n} "
-              f"steps) after {len(records)} steps in {records[-1]['elapsed_s']:.0f} s")
+              f"step{'s' * (n > 1)}) after {len(records)} steps in {records[-1]['elapsed_s']:.0f} s")
         if "val_loss" in records[-1]:
             print(f"held-out loss {records[-1]['val_loss']:.3f} (perplexity {records[-1]['val_perplexity']:.2f}) on "
                   f"the last {100 * cfg.val_fraction:g}% of the corpus, never trained on")
@@ -519,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a preset from scratch or fine-tune a checkpoint")
     t.add_argument("--model", default="tiny", help="tiny (a preset, trained from scratch with a byte tokenizer) "
-                   "or a checkpoint directory to fine-tune")
+                   "or a checkpoint directory or Hub id to fine-tune")
     t.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run already")
     common(t)
     training(t, default_out_dir("train"), None, 16, 128, None)
@@ -551,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     training(d, default_out_dir("tiny"), 100.0, 16, 128, None, log_every=5,  # a few seconds a step on a CPU
              val_fraction=0.005)
+    d.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run or a checkpoint (the default --out is replaced "
+                   "by each demo run)")
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens", 1), default=300)
     return p

@@ -38,8 +38,11 @@ class HFTokenizer:
     """transformers.AutoTokenizer behind the ByteTokenizer interface (JetMoE-8B: SentencePiece BPE, BOS 1)."""
 
     def __init__(self, path: Union[str, Path]) -> None:
-        from transformers import AutoTokenizer
-
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as exc:  # a ValueError, so the CLI says it in one line
+            raise ValueError(f"the tokenizer in {path} is read by transformers, which cannot be imported ({exc}): "
+                             "pip install transformers") from None
         self.tok = AutoTokenizer.from_pretrained(str(path))
         self.bos_token_id, self.eos_token_id = self.tok.bos_token_id, self.tok.eos_token_id
         # JetMoE-8B has no pad token; its generation_config pads with eos (2), and so do we.

@@ -6,6 +6,8 @@ and a left-padded batch must generate what each row generates alone.
 
 import dataclasses
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -432,3 +434,12 @@ def test_tokenizers_bytes_and_autotokenizer(tmp_path):
     assert hf.pad_token_id == hf.eos_token_id == 2  # no pad token: padded with eos, as JetMoE-8B's config
     with pytest.raises(ValueError, match="no tokenizer in"):
         load_tokenizer(tmp_path / "nothing", vocab_size=32000)
+
+
+def test_a_checkpoint_tokenizer_without_transformers_says_what_to_install(tmp_path, monkeypatch):
+    from jetmoe import load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when it is absent
+    with pytest.raises(ValueError, match=rf"^the tokenizer in {re.escape(str(tmp_path))} .*pip install transformers"):
+        load_tokenizer(tmp_path)

@@ -388,6 +388,11 @@ def test_cli_train_guards_its_output_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds a checkpoint (config.json, model-00001-of-" in err and "--overwrite" in err, err
     assert sorted(p.name for p in ckpt.iterdir()) == files
+    # The demo replaces its own default folder (its cache), but another --out only as train would.
+    assert main(["demo", "--out", str(ckpt), "--seconds", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint (config.json, model-00001-of-" in err and "--overwrite" in err, err
+    assert sorted(p.name for p in ckpt.iterdir()) == files
     assert (run / "trainer_state.pt").read_bytes() == b"", "the existing run was touched"
     assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--steps", "1", "--device", "cpu"]) == 2
     assert "nothing to resume" in capsys.readouterr().err and not (tmp_path / "none").exists()
@@ -403,10 +408,13 @@ def test_cli_generate_streams_and_reports(tiny_ckpt, capsys):
     out, err = capsys.readouterr()
     assert out.startswith("def f")
     assert "tokens/s" in err and "peak memory" in err and "backend: torch" in err
+    assert "warm-up" not in err, err  # none on the CPU by default: not reported as if there had been
     assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "a", "--prompt", "def g(x):",
-                 "--max-new-tokens", "4", "--temperature", "0.7", "--top-p", "0.9", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
+                 "--max-new-tokens", "4", "--temperature", "0.7", "--top-p", "0.9", "--device", "cpu",
+                 "--warmup", "2"]) == 0
+    out, err = capsys.readouterr()
     assert "--- [0]\na" in out and "--- [1]\ndef g(x):" in out
+    assert re.search(r"\| 2 warm-up runs: \d+\.\d+ s, timed apart \|", err), err
 
 
 def test_plot_train_log_says_why_when_there_is_nothing_to_draw(tmp_path):
@@ -449,10 +457,15 @@ def test_cli_eval_matches_transformers_and_says_when_it_does_not(tiny_ckpt, tmp_
     assert "--backend cutlass:" in capsys.readouterr().err
 
 
-def test_cli_demo_smoke(tmp_path, capsys):
-    """The README's command with a 3-second budget: trains on the stdlib, saves the HF layout, samples."""
-    assert main(["demo", "--seconds", "3", "--out", str(tmp_path / "demo"), "--max-new-tokens", "8",
-                 "--no-progress", "--device", "cpu"]) == 0
+def test_cli_demo_smoke(tmp_path, capsys, monkeypatch):
+    """The README's command with a 3-second budget: trains on the stdlib, saves the HF layout, samples; in its
+    default folder (~/.cache/jetmoe/tiny), replacing the run an earlier demo left there."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    demo = tmp_path / "jetmoe" / "tiny"
+    demo.mkdir(parents=True)
+    for stale in ("trainer_state.pt", "config.json"):
+        (demo / stale).write_text("an earlier demo's")
+    assert main(["demo", "--seconds", "3", "--max-new-tokens", "8", "--no-progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "backend: torch" in out and "loss " in out and "sample:" in out
     assert re.search(r"held-out loss \d+\.\d+ \(perplexity \d+\.\d+\)", out), out
@@ -461,10 +474,11 @@ def test_cli_demo_smoke(tmp_path, capsys):
     except ImportError:
         assert "matplotlib is not installed: no loss curve drawn" in out
     else:
-        png = tmp_path / "demo" / "train_log.png"
+        png = demo / "train_log.png"
         assert f"loss curve: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"config.json", "model.safetensors", "byte_tokenizer.json", "trainer_state.pt", TRAIN_LOG} <= {
-        p.name for p in (tmp_path / "demo").iterdir()}
+        p.name for p in demo.iterdir()}
+    assert json.loads((demo / "config.json").read_text())["hidden_size"] > 0  # the earlier run's files replaced
 
 
 def _cli_calls_to(monkeypatch, module, name):

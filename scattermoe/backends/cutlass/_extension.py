@@ -20,8 +20,9 @@ from types import ModuleType
 from typing import Optional, Tuple
 
 CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
-BUILD_HINT = (f"build it with SCATTERMOE_BUILD_CUDA=1 pip install --no-build-isolation . "
-              f"(needs nvcc and `pip install --no-deps {CUTLASS_PIN} pybind11`)")
+# The README's steps; -e, as the README installs the package (a plain `.` would replace an editable install).
+BUILD_HINT = (f"build it with `pip install pybind11 && pip install --no-deps {CUTLASS_PIN}`, then "
+              "`SCATTERMOE_BUILD_CUDA=1 pip install --no-build-isolation -e .` (needs nvcc, CUDA >= 12.3)")
 
 
 def _load_from_path(path: str) -> ModuleType:
