@@ -434,3 +434,25 @@ def test_plot_draws_each_implementation_and_the_roofline(tmp_path, monkeypatch):
     assert list(roof[0]) == [16, 1024]
     assert list(roof[1]) == pytest.approx([t * 1e8 / 0.5 / 1e9 for t in (16, 1024)])  # FLOPs / roofline time
     assert "scattermoe_triton" in [label for label, _ in drawn]
+
+
+def test_checks_table_reads_the_merged_checks_of_each_group():
+    """The .md's correctness table from checks as run.merge_checks stores them (per group under "groups"): each
+    tensor's worst error over the groups, routing's exact match, a failure said (it read 'ok | differs' for all)."""
+    from bench.run import merge_checks
+
+    def group(y, dx, ok=True):
+        return {"rel_err": {"y": y, "dx": dx}, "ok": ok, "tol": 2e-2}
+    gemm = merge_checks({"T=1 uniform": {"scattermoe_triton": group(1e-3, 4e-3), "reference": group(2e-4, 1e-4)},
+                         "T=512 zipf": {"scattermoe_triton": group(3e-3, 1e-3), "reference": group(5e-2, 1e-4, False)}})
+    routing = merge_checks({"T=1 uniform": {"scattermoe": {"exact": True, "ok": True},
+                                            "torch_sort": {"exact": True, "ok": True}},
+                            "T=512 zipf": {"scattermoe": {"exact": True, "ok": True},
+                                           "torch_sort": {"exact": False, "ok": False}}})
+    lines = report.checks_table({"checks": {"jetmoe_moe": gemm, "routing": routing}}).splitlines()
+    cells = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]: [c.strip() for c in line.strip("|").split("|")]
+             for line in lines[2:]}
+    assert cells[("jetmoe_moe", "scattermoe_triton")][2:] == ["ok", "y 3.0e-03, dx 4.0e-03 (worst of 2 checks)"]
+    assert cells[("jetmoe_moe", "reference")][2:] == ["FAIL", "y 5.0e-02, dx 1.0e-04 (worst of 2 checks)"]
+    assert cells[("routing", "scattermoe")][2:] == ["ok", "exact match in all 2 checks"]
+    assert cells[("routing", "torch_sort")][2:] == ["FAIL", "differs in 1 of 2 checks"]
