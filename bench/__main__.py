@@ -32,8 +32,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="run the JetMoE end-to-end suite instead (python -m bench --e2e -h for its options)")
     p.add_argument("--out", type=Path, default=None, help="folder for the result files (default: bench/results/)")
     p.add_argument("--suite", default="full", choices=("full", "quick", "headline"),
-                   help="full: every case (default); quick: T=4096 and T=1 of each shape, a sanity run "
-                        "(files get _quick); headline: JetMoE MoE, its first GEMM alone and routing at T=16384")
+                   help="full: every case (default); quick: a sanity run, the MoE layer at T=4096 (uniform, "
+                        "Zipf) and T=1, routing, MoA and E=64 at T=4096 (files get _quick); headline: JetMoE MoE, "
+                        "its first GEMM alone and routing at T=16384")
     p.add_argument("--impls", default=None, help=f"comma-separated subset of: {','.join(IMPLS)}")
     p.add_argument("--shapes", default=None, help=f"comma-separated subset of: {','.join(SHAPES)}")
     p.add_argument("--tokens", default=None, help="comma-separated T values (replaces the suite's)")

@@ -34,13 +34,13 @@
 # Time: the whole script is meant to finish within ~9 minutes on an H100. GPU_CHECK_BUDGET_S
 # (default 540) is the total; the tests get at most GPU_CHECK_TEST_BUDGET_S (default 240); the
 # benchmark gets what is left, as a soft budget (it skips, and records, what it has no time
-# for) inside a hard timeout. BENCH_ARGS adds arguments to python -m bench (e.g. --quick).
+# for) inside a hard timeout. BENCH_ARGS adds arguments to python -m bench (e.g. --suite quick).
 #
-# Exit status: 0 all passed; 1 the tests failed (or errored, or a part other than the CPU tests
-# timed out);
+# Exit status: 0 all passed; 1 the tests or the csrc memcheck failed (or errored, or a part other than
+# the CPU tests timed out);
 # 2 the tests passed but the kernel or e2e benchmark failed (a scattermoe provider failed its correctness
 # check, errored, or the run timed out); 3 only the install failed (the tests and the
-# benchmark ran from the source tree); 64 usage.
+# benchmark ran from the source tree); 64 usage. The hf step never changes the status.
 
 set -u -o pipefail
 

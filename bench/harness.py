@@ -1,7 +1,7 @@
 """What every benchmark here shares: timing, memory, the run's environment, and result files.
 
 Timing (DESIGN.md section 7): CUDA events around each call, a warm-up first, the L2
-flushed before every timed call (a memset of a buffer larger than the L2), inputs
+flushed before every timed call (a read of a buffer of max(256 MB, 4 x L2)), inputs
 rotated over several sets, every repeat kept. The number of repeats adapts to the
 time one call takes, within [min_rep, max_rep], so a slow provider does not eat
 the run's time budget.

@@ -326,7 +326,7 @@ def build(out_dir: str, temp_dir: Optional[str] = None, jobs: Optional[int] = No
 def cached_build(cache_root: str, verbose: bool = True) -> Dict:
     """``build()`` into ``cache_root/<hash of csrc and toolchain>/`` unless that build exists.
 
-    For tests and CI: the first call of a session compiles (~65 s on 2 cores), later calls and
+    For tests and CI: the first call of a session compiles (~150-200 s on 2 cores), later calls and
     later sessions with unchanged sources reuse the module. Returns build()'s info dict.
     """
     home = cuda_home()
