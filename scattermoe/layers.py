@@ -106,13 +106,18 @@ def _stack_linears(name: str, linears: Sequence, shape: Optional[Tuple[int, int]
     with torch.no_grad():
         weight = torch.stack([w.detach() for w in weights])
         bias = torch.stack([b.detach().to(weight.dtype) for b in biases]) if all(has_bias) else None
+    # Frozen experts stay frozen (a router-only fine-tune must not start training them): a stack is trainable
+    # when any expert's tensor was.
+    weight.requires_grad_(any(w.requires_grad for w in weights))
+    if bias is not None:
+        bias.requires_grad_(any(b.requires_grad for b in biases))
     return weight, bias
 
 
 def _load_experts(target: "ParallelExperts", weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """Put weight (and bias) into target's parameters, which take their dtype and device."""
-    target.weight = nn.Parameter(weight)
-    target.bias = nn.Parameter(bias) if bias is not None else None
+    """Put weight (and bias) into target's parameters, which take their dtype, device and requires_grad."""
+    target.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    target.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad) if bias is not None else None
 
 
 class MLP(nn.Module):
@@ -138,8 +143,8 @@ class MLP(nn.Module):
         """The layer holding the weights of E separate experts, each ``down(act(up(x)))`` (GELU unless
         ``activation`` says otherwise) with ``nn.Linear`` (or weight tensors [out, in]) ``up[e]`` D -> F and
         ``down[e]`` F -> D: what a loop over an ``nn.ModuleList`` of experts computes, in one fused op. The
-        weights are copied (stacked to [E, out, in]); the layer takes their dtype and device. Biases: all
-        experts' or none."""
+        weights are copied (stacked to [E, out, in]); the layer takes their dtype, device and requires_grad (a
+        stack trainable if any expert's tensor was). Biases: all experts' or none."""
         w1, b1 = _stack_linears("up", up)
         f, d = w1.shape[1:]
         w2, b2 = _stack_linears("down", down, shape=(d, f))
@@ -201,8 +206,10 @@ class GLUMLP(MLP):
         ``down(act(gate(x)) * up(x))`` (Llama, Mixtral, Qwen MoE; SiLU unless ``activation`` says otherwise),
         with ``nn.Linear`` (or weight tensors [out, in]) ``gate[e]``, ``up[e]`` D -> F and ``down[e]`` F -> D:
         what a loop over an ``nn.ModuleList`` of experts computes, in one fused op. The weights are copied
-        (``experts.weight[e]`` is ``[gate; up]``, so ``activate_first=True``); the layer takes their dtype
-        and device. Biases: all experts' or none."""
+        (``experts.weight[e]`` is ``[gate; up]``, so ``activate_first=True``: a state_dict saved from this layer
+        loads into ``GLUMLP(..., activate_first=True)``, not the default, which activates the other half); the
+        layer takes their dtype, device and requires_grad (a stack trainable if any expert's tensor was).
+        Biases: all experts' or none."""
         wg, bg = _stack_linears("gate", gate)
         f, d = wg.shape[1:]
         wu, bu = _stack_linears("up", up, shape=(f, d))

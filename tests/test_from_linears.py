@@ -115,6 +115,28 @@ def test_from_linears_copies_and_takes_dtype_from_the_weights():
     assert all(prm.requires_grad and prm.device.type == "cpu" for prm in layer.parameters())
 
 
+def test_from_linears_keeps_frozen_experts_frozen():
+    """A router-only fine-tune freezes the experts before converting: the layer must not train them. Each stack
+    is trainable when any expert's tensor was (here: only the gates' weights train)."""
+    experts = nn.ModuleList(SwiGLUExpert(8, 12, True) for _ in range(3)).requires_grad_(False)
+    def build():
+        return scattermoe.GLUMLP.from_linears([m.gate_proj for m in experts], [m.up_proj for m in experts],
+                                              [m.down_proj for m in experts], top_k=2)
+    assert not any(prm.requires_grad for prm in build().parameters())
+    experts[1].gate_proj.weight.requires_grad_(True)
+    layer = build()
+    trainable = {name for name, prm in layer.named_parameters() if prm.requires_grad}
+    assert trainable == {"experts.weight"}, trainable
+    plain = nn.ModuleList(PlainExpert(8, 12, False) for _ in range(3)).requires_grad_(False)
+    mlp = scattermoe.MLP.from_linears([m.fc1 for m in plain], [m.fc2 for m in plain], top_k=2)
+    assert not any(prm.requires_grad for prm in mlp.parameters())
+    # The frozen layer still differentiates x (an adapter upstream trains through it).
+    x = torch.randn(5, 8, requires_grad=True)
+    gates, idx = scattermoe.topk_gating(torch.randn(5, 3), 2)
+    mlp(x, gates, idx).sum().backward()
+    assert x.grad is not None and mlp.experts.weight.grad is None
+
+
 def test_from_linears_takes_weight_tensors_or_a_stacked_one():
     torch.manual_seed(0)
     up, down = torch.randn(4, 10, 6), torch.randn(4, 6, 10)
