@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validate import check_features, positive_int
+from ._validate import _FLOAT_DTYPES, _INDEX_DTYPES, check_features, check_tensor, positive_int
 from .kernels._compat import accepts_padded_block_idxs
 from .ops import glu_moe, parallel_linear
 from .routing import flatten_sort_count
@@ -55,14 +55,23 @@ class ParallelExperts(nn.Module):
 
 
 def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int) -> None:
+    """The layers' arguments, told by the names the caller passed (the ops below call them otherwise)."""
     check_features("x", x)
     lead = tuple(x.shape[:-1])
-    for name, t in (("expert_p", expert_p), ("expert_idxs", expert_idxs)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name, t, dtypes in (("expert_p", expert_p, _FLOAT_DTYPES), ("expert_idxs", expert_idxs, _INDEX_DTYPES)):
+        check_tensor(name, t, dtypes=dtypes)
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got one on {t.device}")
         if tuple(t.shape) != lead + (top_k,):
             raise ValueError(f"{name}: expected shape {lead + (top_k,)} (x's leading dims, top_k), "
                              f"got {tuple(t.shape)}")
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] as rows [T, D] the kernels read (unit stride along D: a transposed x is copied, as a loop's
+    matmul would; the ops themselves refuse it)."""
+    rows = x.reshape(-1, x.size(-1))
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _stack_linears(name: str, linears: Sequence, shape: Optional[Tuple[int, int]] = None
@@ -172,7 +181,7 @@ class MLP(nn.Module):
         """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
         _check_routing(x, expert_p, expert_idxs, self.top_k)
         x_shape = x.shape
-        x = x.reshape(-1, x_shape[-1])
+        x = _token_rows(x)
         sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
             expert_idxs, num_experts=self.num_experts)
         h = self._hidden(x, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)
@@ -248,7 +257,7 @@ class GLUMLP(MLP):
         # SiLU: one fused op (GLU in the first GEMM's epilogue, G recomputed in backward).
         _check_routing(x, expert_p, expert_idxs, self.top_k)
         routing = flatten_sort_count(expert_idxs, num_experts=self.num_experts)
-        y = glu_moe(x.reshape(-1, x.size(-1)), self.experts.weight.permute(0, 2, 1),
+        y = glu_moe(_token_rows(x), self.experts.weight.permute(0, 2, 1),
                     self.output_experts.weight.permute(0, 2, 1), expert_p.reshape(-1, self.top_k), routing,
                     self.experts.bias, self.output_experts.bias, self.activate_first)
         return y.view(*x.shape[:-1], y.size(-1))
@@ -297,7 +306,7 @@ class MoA(nn.Module):
         _check_routing(x, expert_p, expert_idxs, self.top_k)
         lead = x.shape[:-1]
         routing = MoARouting(expert_p.reshape(-1, self.top_k), *flatten_sort_count(expert_idxs, self.num_experts))
-        q = self.input_linear(x.reshape(-1, x.size(-1)), self.top_k, *routing[1:])  # [T*K, H*Dh], slot order
+        q = self.input_linear(_token_rows(x), self.top_k, *routing[1:])  # [T*K, H*Dh], slot order
         # (token, slot, head) -> (token, head, slot): one copy of q, so SDPA's GQA grouping matches.
         q = q.view(-1, self.top_k, self.num_heads, self.head_dim).transpose(1, 2)
         return q.reshape(*lead, self.num_heads * self.top_k, self.head_dim), routing

@@ -7,6 +7,7 @@ so the compiled graph calls the very same kernels and must match eager to float3
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -37,9 +38,12 @@ def _compare_compiled_to_eager(module, compile_backend, shapes):
     for B, L in shapes:
         x, p, idx = _layer_case(B, L, module.num_experts, module.top_k, module.input_size)
         leaves = [x, p] + list(module.parameters())
-        with scattermoe.use_backend("triton"):
+        with scattermoe.use_backend("triton"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             y_c, dy, grads_c = _forward_backward(compiled, leaves, (x, p, idx))
             y_e, _, grads_e = _forward_backward(module, leaves, (x, p, idx), dy)
+        # Nothing of ours for Dynamo to warn about (an lru_cache'd probe made it warn on every compile).
+        assert not [str(w.message) for w in caught if "Dynamo" in str(w.message)]
         assert_all_close([f"{n} (B={B}, L={L})" for n in names], (y_c,) + grads_c, (y_e,) + grads_e,
                          TOL[torch.float32])
 

@@ -189,6 +189,35 @@ def test_layers_reject_out_of_range_expert_ids(layer):
         forward(torch.randn(B, L, D), torch.rand(B, L, K), idx)
 
 
+@pytest.mark.parametrize("layer", list(LAYER_FACTORIES))
+def test_layers_name_routing_of_another_device_or_dtype_by_their_own_arguments(layer):
+    """Said with the layer's argument names (the ops below call them sorted_expert_idxs and gates)."""
+    forward = LAYER_FACTORIES[layer]()
+    x, p, idx = torch.randn(B, L, D), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K)
+    for args, error, message in (((x, p, idx.to("meta")), ValueError, r"^expert_idxs: expected a tensor on cpu"),
+                                 ((x, p.to("meta"), idx), ValueError, r"^expert_p: expected a tensor on cpu"),
+                                 ((x, p, idx.float()), TypeError, r"^expert_idxs: expected dtype"),
+                                 ((x, idx, idx), TypeError, r"^expert_p: expected dtype")):
+        with pytest.raises(error, match=message):
+            forward(*args)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+@pytest.mark.parametrize("layer", list(LAYER_FACTORIES))
+def test_layers_take_x_transposed_as_a_loop_would(layer, backend):
+    """A drop-in takes what the loop took: x [T, D] with its features not contiguous (a transpose) gives the result
+    of x.contiguous() (the ops refuse it: a copy is the layer's to make)."""
+    forward = LAYER_FACTORIES[layer]()
+    x = torch.randn(D, B * L).t()
+    assert x.stride(-1) != 1
+    p, idx = torch.rand(B * L, K), make_expert_idxs(B * L, E, K)
+    with scattermoe.use_backend(backend):
+        got, want = forward(x, p, idx), forward(x.contiguous(), p, idx)
+    for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
+        if isinstance(g, torch.Tensor):
+            assert torch.equal(g, w)
+
+
 def test_moa_reduce_rejects_attention_output_of_wrong_shape():
     moa = scattermoe.MoA(D, 4, 2, E, K)
     _, routing = moa.map(torch.randn(B, L, D), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))

@@ -90,13 +90,21 @@ def _triton_interpreting() -> bool:
     return INTERPRET
 
 
-@functools.lru_cache(maxsize=None)
-def triton_importable() -> bool:
+def _probe_triton() -> bool:
     try:  # an import, not find_spec: a broken install must fall back to torch, not fail at the first launch
         import triton  # noqa: F401
     except Exception:
         return False
     return True
+
+
+# Probed once at import (~0.1 s), so that torch.compile reads a constant: through an lru_cache'd probe Dynamo
+# warned on every compile that it traced past the cache.
+_TRITON_IMPORTABLE = _probe_triton()
+
+
+def triton_importable() -> bool:
+    return _TRITON_IMPORTABLE
 
 
 def triton_unsupported_reason(x: torch.Tensor):
