@@ -90,20 +90,19 @@ def _triton_interpreting() -> bool:
     return INTERPRET
 
 
-def _probe_triton() -> bool:
-    try:  # an import, not find_spec: a broken install must fall back to torch, not fail at the first launch
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-# Probed once at import (~0.1 s), so that torch.compile reads a constant: through an lru_cache'd probe Dynamo
-# warned on every compile that it traced past the cache.
-_TRITON_IMPORTABLE = _probe_triton()
+_TRITON_IMPORTABLE: Optional[bool] = None  # probed at the first call, not at import (an import of triton, ~0.1 s)
 
 
 def triton_importable() -> bool:
+    # A module global, not an lru_cache: Dynamo warned on every torch.compile that it traced past the cache.
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        try:  # an import, not find_spec: a broken install must fall back to torch, not fail at the first launch
+            import triton  # noqa: F401
+        except Exception:
+            _TRITON_IMPORTABLE = False
+        else:
+            _TRITON_IMPORTABLE = True
     return _TRITON_IMPORTABLE
 
 
