@@ -155,3 +155,43 @@ def test_glu_backward_kernel_writes_every_element(dev):
     assert _rel(dh, dh_ref, "dh") < 1e-5
     assert _rel(g, g_ref * scale.double()[:, None], "g") < 1e-5  # stored gate-scaled: the dW2 GEMM's operand
     assert _rel(dot, (dg.double() * g_ref).sum(-1), "dot") < 1e-5
+
+
+GRAD_ALONE = [  # (op, the one input that requires grad): a router-only or bias-only fine-tune
+    ("parallel_linear_glu", "x"), ("parallel_linear_glu", "w"), ("parallel_linear_glu", "b"),
+    ("glu_moe", "x"), ("glu_moe", "w_in"), ("glu_moe", "b_in"), ("glu_moe", "w_out"), ("glu_moe", "b_out"),
+    ("glu_moe", "gates"),
+]
+
+
+@pytest.mark.parametrize("op, alone", GRAD_ALONE, ids=[f"{op}-{name}" for op, name in GRAD_ALONE])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_grad_of_one_input_alone_matches_reference(op, alone, dev):
+    """Only one input requires grad (frozen experts, trainable router; or only a bias): the kernel op must
+    still keep the pre-activation its backward needs, and that one gradient must match the reference."""
+    T, E, K, D, F_ = 13, 4, 2, 24, 20
+    logits = torch.randn(T, E, device=dev)
+    gates, idx = scattermoe.topk_gating(logits, K)
+    routing = scattermoe.flatten_sort_count(idx, E)
+    if op == "parallel_linear_glu":
+        t = {"x": torch.randn(T, D, device=dev), "w": torch.randn(E, D, 2 * F_, device=dev) / D**0.5,
+             "b": torch.randn(E, 2 * F_, device=dev)}
+    else:
+        t = {"x": torch.randn(T, D, device=dev), "w_in": torch.randn(E, D, 2 * F_, device=dev) / D**0.5,
+             "w_out": torch.randn(E, F_, D, device=dev) / F_**0.5, "gates": gates,
+             "b_in": torch.randn(E, 2 * F_, device=dev), "b_out": torch.randn(E, D, device=dev)}
+    t[alone] = t[alone].clone().requires_grad_()
+
+    def run(tensors, backend):
+        with scattermoe.use_backend(backend):
+            if op == "parallel_linear_glu":
+                return scattermoe.parallel_linear_glu(tensors["x"], tensors["w"], K, *routing, tensors["b"])
+            return scattermoe.glu_moe(tensors["x"], tensors["w_in"], tensors["w_out"], tensors["gates"], routing,
+                                      tensors["b_in"], tensors["b_out"])
+
+    y = run(t, "triton")
+    dy = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, t[alone], dy)
+    ref = {name: v.detach().double().requires_grad_(name == alone) for name, v in t.items()}
+    (want,) = torch.autograd.grad(run(ref, "torch"), ref[alone], dy.double())
+    assert _rel(grad, want, f"d{alone}") < 1e-5

@@ -405,3 +405,48 @@ def test_apply_names_a_bad_families_argument():
         integrations.apply_scattermoe(_build("mixtral"), families=[3])
     model = integrations.apply_scattermoe(_build("mixtral"), families={"mixtral": 1}.keys())  # any iterable
     assert _scattermoe_classes(model) == {"ScatterMoEMixtralExperts"}
+
+
+def _assert_same_loss_and_grads(model, ref, ids):
+    out, grads = _loss_and_grads(model, ids)
+    ref_out, ref_grads = _loss_and_grads(ref, ids)
+    assert _rel(out.logits, ref_out.logits) < TOL
+    for name, ref_grad in ref_grads.items():
+        if ref_grad is not None and ref_grad.abs().max() > 0:
+            assert _rel(grads[name], ref_grad) < TOL, name
+
+
+def test_jetmoe_with_another_activation_runs_its_own_glu():
+    """JetMoE's MoE with an activation other than SiLU leaves the fused GLU op: act(first half) * second half."""
+    config = _tiny("jetmoe")
+    config.activation_function = "gelu"
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.normal_(0.0, 0.25)
+            if "norm" in name:
+                p.add_(1.0)
+    ref = ref.float().eval()
+    model = integrations.apply_scattermoe(copy.deepcopy(ref))
+    assert not transformers_moe._is_silu(model.model.layers[0].mlp.activation)  # the unfused path is what runs
+    with scattermoe.use_backend("torch"):
+        _assert_same_loss_and_grads(model, ref, _ids())
+
+
+def test_expert_parallel_experts_run_their_own_loop(monkeypatch):
+    """Under expert parallelism transformers sends sentinel expert ids >= E, which scattermoe's routing refuses:
+    such a block runs the class's own loop (and still computes what the unpatched block does)."""
+    ref = _build("mixtral")
+    model = integrations.apply_scattermoe(copy.deepcopy(ref))
+    for m in (model, ref):
+        for block in m.modules():
+            if hasattr(block, "gate_up_proj"):
+                block._is_expert_parallel = True
+
+    def no_scattermoe_routing(*args, **kwargs):
+        raise AssertionError("scattermoe's routing ran on an expert-parallel block")
+
+    monkeypatch.setattr(transformers_moe, "flatten_sort_count", no_scattermoe_routing)
+    with scattermoe.use_backend("torch"):
+        _assert_same_loss_and_grads(model, ref, _ids())

@@ -316,3 +316,18 @@ def test_fused_topk_softmax_picks_distinct_valid_experts_whatever_the_logits():
     assert gates[1].isnan().all()  # a NaN logit gives NaN gates, as on the torch path
     assert idx[2].tolist() == [1, 2, 4]  # the lowest index first among equals
     torch.testing.assert_close(gates[2], torch.full((3,), 1 / 3))
+
+
+def test_fused_topk_is_only_taken_without_a_gradient(monkeypatch):
+    """The one-launch top-k kernel has no backward: a router being trained must keep torch's path (else its
+    logits get no gradient on CUDA). The CUDA condition is faked so that the choice itself is checked here."""
+    from scattermoe import routing
+    from scattermoe.backends.triton import routing as triton_routing
+
+    monkeypatch.setattr(routing, "_triton_routing_allowed", lambda t: True)
+    monkeypatch.setattr(triton_routing, "fused_topk_fits", lambda num_experts: True)
+    logits = torch.randn(4, 8)
+    assert routing._use_fused_topk(logits)  # inference: the fused kernel
+    assert not routing._use_fused_topk(logits.requires_grad_())  # training: torch's differentiable path
+    with torch.no_grad():
+        assert routing._use_fused_topk(logits)  # no graph is built: nothing to differentiate

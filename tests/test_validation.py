@@ -71,6 +71,8 @@ BAD_INPUTS = {
                                     ValueError, r"^sorted_scattered_idxs: "),
     "routing_float": ({"sorted_expert_idxs": lambda a: a["sorted_expert_idxs"].float()}, TypeError,
                       r"^sorted_expert_idxs: .*dtype"),
+    "routing_not_contiguous": ({"sorted_scattered_idxs": lambda a: torch.stack([a["sorted_scattered_idxs"]] * 2, 1)[:, 0]},
+                               ValueError, r"^sorted_scattered_idxs: expected a contiguous"),
     "routing_2d": ({"sorted_scattered_idxs": lambda a: a["sorted_scattered_idxs"].view(T, K)}, ValueError,
                    r"^sorted_scattered_idxs: .*1-d"),
     "expert_offsets_wrong_length": ({"expert_offsets": lambda a: a["expert_offsets"][:-1]}, ValueError,
@@ -112,6 +114,8 @@ ROUTING_INCONSISTENT = {
     # id -> (sorted_expert_idxs, sorted_scattered_idxs, expert_offsets, argument named); T=4, K=1, E=2
     "slot_ids_not_a_permutation": ([0, 0, 1, 1], [0, 0, 2, 3], [2, 4], "sorted_scattered_idxs"),
     "offsets_disagree_with_sorted_expert_idxs": ([0, 0, 1, 1], [0, 1, 2, 3], [1, 4], "expert_offsets"),
+    # right counts and a permutation, but the ids not grouped: each expert's rows would be read from the wrong slots
+    "expert_ids_not_sorted": ([0, 1, 0, 1], [0, 1, 2, 3], [2, 4], "sorted_expert_idxs"),
 }
 
 
@@ -123,6 +127,14 @@ def test_parallel_linear_rejects_inconsistent_routing_on_the_cpu(case, backend):
     with scattermoe.use_backend(backend), pytest.raises(ValueError, match=rf"^{name}: "):
         scattermoe.parallel_linear(torch.randn(4, D), torch.randn(2, D, F), 1, torch.tensor(sorted_expert_idxs),
                                    torch.tensor(sorted_scattered_idxs), torch.tensor(expert_offsets))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+def test_parallel_linear_rejects_offsets_past_zero_rows(backend):
+    """No routed rows (T=0) but offsets that give an expert rows: refused, not read as rows that do not exist."""
+    empty = torch.empty(0, dtype=torch.long)
+    with scattermoe.use_backend(backend), pytest.raises(ValueError, match=r"^expert_offsets: expected all zeros"):
+        scattermoe.parallel_linear(torch.randn(0, D), torch.randn(3, D, F), 1, empty, empty, torch.tensor([0, 1, 1]))
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
@@ -269,6 +281,9 @@ def test_glu_moe_names_the_argument_at_fault():
         scattermoe.glu_moe(torch.randn(T, D + 1), torch.randn(E, D, 2 * F), torch.randn(E, F, D), gates, routing)
     with pytest.raises(ValueError, match=r"^w_in: .*even"):
         scattermoe.glu_moe(x, torch.randn(E, D, 2 * F + 1), torch.randn(E, F, D), gates, routing)
+    with pytest.raises(ValueError, match=rf"^b_out: expected shape \({E}, {D}\)"):
+        scattermoe.glu_moe(x, torch.randn(E, D, 2 * F), torch.randn(E, F, D), gates, routing, None,
+                           torch.randn(E, D + 1))
     for bad in (routing[:2], routing[0]):
         with pytest.raises(TypeError, match=r"^expert_idxs_sorted: "):
             scattermoe.glu_moe(x, torch.randn(E, D, 2 * F), torch.randn(E, F, D), gates, bad)
@@ -522,3 +537,20 @@ def test_triton_launchers_run_on_their_tensors_gpu(monkeypatch):
     assert launcher(3, on_gpu1) == "launched" and entered == [torch.device("cuda", 1)]
     assert launcher(on_gpu0) == "launched" and len(entered) == 1  # already current: no switch
     assert launcher(torch.zeros(1)) == "launched" and len(entered) == 1  # CPU (interpreter): nothing to switch
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ((3, 6), (2, 4), True),   # Triton 3.6's interpreter does int() of a 1-element array: an error from numpy 2.4
+    ((3, 6), (2, 3), False),
+    ((3, 7), (2, 4), False),  # fixed in 3.7
+    ((3, 6), (3, 0), True),
+])
+def test_interpreter_problem_names_the_numpy_pin(monkeypatch, triton_version, numpy_version, broken):
+    versions = {"triton": triton_version, "numpy": numpy_version}
+    monkeypatch.setattr(backends, "_version_tuple", lambda dist: versions[dist])
+    monkeypatch.setattr(backends.importlib.metadata, "version", lambda dist: ".".join(map(str, versions[dist])))
+    problem = backends.interpreter_problem()
+    if broken:
+        assert problem is not None and 'numpy<2.4' in problem and "numpy %d.%d" % numpy_version in problem, problem
+    else:
+        assert problem is None
