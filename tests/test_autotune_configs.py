@@ -120,5 +120,8 @@ def test_decode_configs_are_pruned_above_the_decode_row_count():
     small = config_mod.prune_by_rows(configs, {"M_BUCKET": 2})
     large = config_mod.prune_by_rows(configs, {"M_BUCKET": 32768})
     assert small == configs
+    # the edge: M_BUCKET is a power-of-two bucket, so the next one up is the first without decode configs
+    assert config_mod.prune_by_rows(configs, {"M_BUCKET": config_mod.DECODE_MAX_ROWS}) == configs
+    assert config_mod.prune_by_rows(configs, {"M_BUCKET": 2 * config_mod.DECODE_MAX_ROWS}) == large
     assert large and not any(c in large for c in decode) and len(large) == len(configs) - len(decode)
     assert config_mod.prune_by_rows(decode, {"M_BUCKET": 32768}) == decode  # never an empty space

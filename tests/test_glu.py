@@ -85,15 +85,20 @@ def test_glu_inference_skips_pre_activation_and_matches_training_output(dev):
 
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("glu", [1, 2])
-def test_glu_kernel_writes_every_output_and_pre_activation_element(glu, dev):
+@pytest.mark.parametrize("w_layout", ["n_major", "k_major"])  # two accumulators, or one [a | b] tile
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_glu_kernel_writes_every_output_and_pre_activation_element(glu, dev, w_layout, bias):
     T, E, K, D, F_ = 29, 5, 2, 24, 36
     se, ss, off = scattermoe.flatten_sort_count(torch.randint(0, E - 1, (T, K), device=dev), E)  # expert E-1 empty
-    x, w = torch.randn(T, D, device=dev), torch.randn(E, D, 2 * F_, device=dev)
+    x = torch.randn(T, D, device=dev)
+    w = (torch.randn(E, D, 2 * F_, device=dev) if w_layout == "n_major"
+         else torch.randn(E, 2 * F_, D, device=dev).permute(0, 2, 1))
+    b = torch.randn(E, 2 * F_, device=dev) if bias else None
     out = torch.full((T * K, F_), float("nan"), device=dev)
     pre = torch.full((T * K, 2 * F_), float("nan"), device=dev)
-    scatter2scatter(x, w, None, ss, off, K, False, False, out=out, glu=glu, pre_activation=pre)
+    scatter2scatter(x, w, b, ss, off, K, False, False, out=out, glu=glu, pre_activation=pre)
     assert not out.isnan().any() and not pre.isnan().any(), "kernel left poisoned elements unwritten"
-    h = reference.parallel_linear(x.double(), w.double(), K, se, ss, off)
+    h = reference.parallel_linear(x.double(), w.double(), K, se, ss, off, b.double() if bias else None)
     assert _rel(pre, h, "pre-activation") < 1e-5
     assert _rel(out, reference.glu(h, F.silu, glu == 1), "glu output") < 1e-5
 

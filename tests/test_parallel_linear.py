@@ -327,3 +327,45 @@ def test_kernel_backends_refuse_double_backward_by_name(op):
         dx, = torch.autograd.grad(run().square().sum(), x, create_graph=True)
         dx.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+# Offsets that disagree with N (CUDA checks them only in debug mode): (expert_offsets, rows of each expert once
+# the kernels clamp every end to [0, N] and every start to [0, its end]), N = 4 grouped rows, E = 2.
+INCONSISTENT_OFFSETS = {
+    "end_past_N": ([2, 70], [(0, 2), (2, 4)]),
+    "negative": ([-3, 2], [(0, 0), (0, 2)]),
+    "decreasing": ([3, 1], [(0, 3), (1, 1)]),
+}
+
+
+@pytest.mark.parametrize("dev", [pytest.param("cpu", marks=pytest.mark.interpreter),
+                                 pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("case", list(INCONSISTENT_OFFSETS))
+def test_kernels_stay_in_bounds_under_inconsistent_offsets(case, dev):
+    """The kernels clamp the offsets they read, so bad offsets can cost wrong rows, never memory outside the
+    tensors: every operand is a view inside a larger buffer, whose rows around the view must stay untouched
+    (an unclamped kernel reads the neighbours, valid slot ids, and writes past the output's end)."""
+    from scattermoe.backends.triton import group_bwd_w
+
+    offsets, expert_rows = INCONSISTENT_OFFSETS[case]
+    offsets = torch.tensor(offsets, device=dev)
+    N, E, D, F_, pad = 4, 2, 8, 8, 80
+    slot_buf = torch.zeros(2 * pad, dtype=torch.long, device=dev)  # slot 0 past the view: an overrun reads data
+    slot_buf[pad:pad + N] = torch.arange(N)
+    slots = slot_buf[pad:pad + N]
+    x_buf, dy_buf = torch.randn(2 * pad, D, device=dev), torch.randn(2 * pad, F_, device=dev)
+    x, dy = x_buf[pad:pad + N], dy_buf[pad:pad + N]
+    w = torch.randn(E, D, F_, device=dev)
+    y_buf = torch.full((2 * pad, F_), float("nan"), device=dev)
+    y = y_buf[pad:pad + N]
+    scatter2scatter(x, w, None, slots, offsets, 1, True, True, out=y)
+    assert y_buf[:pad].isnan().all() and y_buf[pad + N:].isnan().all(), "rows outside the output were written"
+    written = torch.zeros(N, dtype=torch.bool, device=dev)
+    for e, (start, end) in enumerate(expert_rows):
+        assert_close(y[start:end], x[start:end] @ w[e], 1e-5, f"y rows {start}:{end} of expert {e}")
+        written[start:end] = True
+    assert y[~written].isnan().all(), "rows that no clamped expert owns were written"
+
+    dw, _ = group_bwd_w(x, dy, slots, offsets, w, 1, 1, True, True)
+    for e, (start, end) in enumerate(expert_rows):
+        assert_close(dw[e], x[start:end].T @ dy[start:end], 1e-5, f"dW of expert {e}")

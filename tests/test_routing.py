@@ -318,6 +318,20 @@ def test_fused_topk_softmax_picks_distinct_valid_experts_whatever_the_logits():
     torch.testing.assert_close(gates[2], torch.full((3,), 1 / 3))
 
 
+@ignore_padding_lane_warnings
+def test_fused_topk_softmax_is_stable_at_extreme_logits_and_flags_a_nan_among_finite_ones():
+    from scattermoe.backends.triton.routing import topk_softmax
+
+    logits = torch.tensor([[1000.0, 999.0, -3.0, 0.0],          # exp would overflow without the max taken out
+                           [-1000.0, -1001.0, -2000.0, -5000.0],  # and underflow to 0/0 here
+                           [3.0, 1.0, float("nan"), 0.0]])       # a NaN the top-k passes over: still NaN gates
+    gates, idx = topk_softmax(logits, 2)
+    values = torch.topk(logits[:2], 2, dim=-1).values
+    torch.testing.assert_close(gates[:2], torch.softmax(values, -1), rtol=1e-6, atol=1e-6)
+    assert gates[2].isnan().all()
+    assert torch.softmax(torch.topk(logits[2:], 2, dim=-1).values, -1).isnan().all()  # torch's path agrees
+
+
 def test_fused_topk_is_only_taken_without_a_gradient(monkeypatch):
     """The one-launch top-k kernel has no backward: a router being trained must keep torch's path (else its
     logits get no gradient on CUDA). The CUDA condition is faked so that the choice itself is checked here."""
