@@ -603,3 +603,95 @@ def test_a_save_cut_short_is_not_resumable(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run" / "trainer_state.pt").exists()
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--device", "cpu"]) == 2
     assert "a checkpoint whose save was cut short" in capsys.readouterr().err
+
+
+# ---- the numbers inside a step, the schedule and the CLI's flags (a mutation run found each unchecked: the
+# tests above compare two runs of the same code, where a wrong scale, schedule or flag cancels out) ----
+
+def test_learning_rate_schedule_warms_up_then_decays_to_its_floor():
+    from jetmoe.train import lr_at
+
+    cfg = TrainConfig(out_dir="unused", lr=1.0, warmup_steps=4, steps=14, min_lr_ratio=0.1)
+    assert [lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear, reaching lr at the last warm-up
+    assert lr_at(4, cfg) == pytest.approx(1.0)  # cosine from its top ...
+    assert lr_at(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # ... half way (t = 5/10) ...
+    assert lr_at(14, cfg) == pytest.approx(0.1) and lr_at(20, cfg) == pytest.approx(0.1)  # ... to lr * min_lr_ratio
+    timed = TrainConfig(out_dir="unused", lr=1.0, warmup_steps=0, steps=None, min_lr_ratio=0.1)
+    assert lr_at(0, timed, 0.5) == pytest.approx(0.55)  # a run bounded by time decays over its time fraction
+    assert lr_at(0, timed, 1.0) == pytest.approx(0.1)
+
+
+def test_weight_decay_spares_norms_and_biases():
+    model = JetMoEForCausalLM(BYTES)
+    opt = make_optimizer(model, TrainConfig(out_dir="unused", weight_decay=0.1))
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    spared = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert id(p) in (decay if p.dim() >= 2 else spared), name
+    assert len(decay) + len(spared) == len(list(model.parameters()))
+
+
+class _GradSpy(torch.optim.SGD):
+    """SGD with lr 0 that keeps a copy of the gradients it was asked to apply."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.seen = None
+
+    def step(self, closure=None):
+        self.seen = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
+def test_train_step_averages_loss_and_aux_over_micro_batches_and_clips():
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(BYTES)
+    cfg = TrainConfig(out_dir="unused", batch_size=2, seq_len=12, grad_accum=2)
+    micro = [get_batch(tokens(), 0, a, 0, 1, cfg) for a in range(2)]
+    params = list(model.parameters())
+    want = [torch.zeros_like(p) for p in params]
+    for x in micro:  # the mean over micro-batches of d(loss + aux loss), each computed alone
+        out = model(x, labels=x)
+        for w, g in zip(want, torch.autograd.grad(out.loss + out.aux_loss, params, allow_unused=True)):
+            if g is not None:
+                w += g / len(micro)
+    spy = _GradSpy(params)
+    train_step(model, spy, micro, grad_clip=0.0)  # no clipping
+    for name, got, w in zip([n for n, _ in model.named_parameters()], spy.seen, want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-8, msg=name)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w) for w in want]))
+    assert total > 1e-3 * 10  # so that the clip below bites
+    train_step(model, spy, micro, grad_clip=1e-3)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in spy.seen]))
+    assert clipped == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_cli_generate_passes_its_flags_and_a_left_padded_batch(tiny_ckpt, capsys, monkeypatch):
+    calls = []
+    real = JetMoEForCausalLM.generate
+
+    def spy(self, input_ids, max_new_tokens, **kwargs):
+        calls.append((input_ids.clone(), max_new_tokens, kwargs))
+        return real(self, input_ids, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(JetMoEForCausalLM, "generate", spy)
+    argv = ["generate", "--model", str(tiny_ckpt), "--prompt", "a", "--prompt", "def", "--max-new-tokens", "5",
+            "--temperature", "0.7", "--top-p", "0.9", "--device", "cpu"]
+    assert main(argv) == 0
+    ids, n, kwargs = calls[-1]
+    tok = ByteTokenizer()
+    bos, pad = tok.bos_token_id, tok.pad_token_id
+    assert n == 5 and kwargs["temperature"] == 0.7 and kwargs["top_p"] == 0.9
+    assert kwargs["eos_token_id"] == tok.eos_token_id  # stops at the tokenizer's eos unless --ignore-eos
+    assert ids.tolist() == [[pad, pad, bos, ord("a")], [bos, ord("d"), ord("e"), ord("f")]]  # left-padded
+    assert kwargs["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert main(argv + ["--ignore-eos"]) == 0
+    assert calls[-1][2]["eos_token_id"] is None
+    capsys.readouterr()
+
+
+def test_byte_tokenizer_adds_one_bos_and_round_trips_every_byte():
+    tok = ByteTokenizer()
+    assert tok.encode("ab") == [tok.bos_token_id, 97, 98]
+    assert tok.encode("ab", add_bos=False) == [97, 98]
+    assert tok.decode([tok.bos_token_id, 0, 97, tok.eos_token_id]) == "\x00a"  # specials dropped, NUL kept
