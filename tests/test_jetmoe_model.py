@@ -390,11 +390,38 @@ def test_bad_config_values_are_named(change, message):
 def test_from_pretrained_takes_dtype_names(tmp_path):
     JetMoEForCausalLM(TINY).save_pretrained(tmp_path)
     for name, want in (("bfloat16", torch.bfloat16), ("torch.float16", torch.float16), ("auto", torch.float32),
-                       (None, torch.float32), (torch.float64, torch.float64)):
+                       (None, torch.float32), (torch.float64, torch.float64), ("bf16", torch.bfloat16),
+                       ("fp16", torch.float16), ("half", torch.float16), ("fp32", torch.float32),
+                       ("float", torch.float32), ("fp64", torch.float64), ("double", torch.float64)):
         assert JetMoEForCausalLM.from_pretrained(tmp_path, dtype=name).lm_head.weight.dtype == want, name
     for bad in ("bfloat17", torch.int8, 3):
         with pytest.raises(ValueError, match="dtype: expected a floating torch.dtype"):
             JetMoEForCausalLM.from_pretrained(tmp_path, dtype=bad)
+
+
+def test_a_bf16_checkpoint_says_so_and_loads_as_bf16(tmp_path):
+    model = JetMoEForCausalLM(TINY).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"  # what transformers reads
+    loaded = JetMoEForCausalLM.from_pretrained(tmp_path)  # dtype None: the stored one
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_saving_again_into_a_folder_replaces_its_shards(tmp_path):
+    """A sharded save, then a single-file save of other weights into the same folder: no shard or index of the
+    first may remain (an index left behind would be read first, and load the old weights)."""
+    first = JetMoEForCausalLM(TINY)
+    first.save_pretrained(tmp_path, max_shard_size=20_000)
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("model-0*"))) > 1
+    torch.manual_seed(1)
+    second = JetMoEForCausalLM(TINY)
+    second.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    loaded = JetMoEForCausalLM.from_pretrained(tmp_path)
+    for (name, p), q in zip(second.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
