@@ -695,3 +695,24 @@ def test_byte_tokenizer_adds_one_bos_and_round_trips_every_byte():
     assert tok.encode("ab") == [tok.bos_token_id, 97, 98]
     assert tok.encode("ab", add_bos=False) == [97, 98]
     assert tok.decode([tok.bos_token_id, 0, 97, tok.eos_token_id]) == "\x00a"  # specials dropped, NUL kept
+
+
+def test_cli_train_passes_its_flags_to_the_training_config(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """What reaches TrainConfig from the command line (the training itself is replaced by a spy)."""
+    import jetmoe.train as jt
+
+    seen = []
+    monkeypatch.setattr(jt, "train", lambda model, tokens, cfg, tokenizer, log=None: seen.append(cfg) or [])
+    corpus = str(tiny_ckpt.parent / "corpus.py")
+    common = ["--data", corpus, "--steps", "7", "--device", "cpu", "--seq-len", "16", "--batch-size", "2"]
+    assert main(["train", "--out", str(tmp_path / "a"), "--warmup", "3", "--seed", "5", "--grad-accum", "2",
+                 "--save-every", "4", *common]) == 0
+    cfg = seen[-1]
+    assert (cfg.steps, cfg.warmup_steps, cfg.seed, cfg.grad_accum, cfg.save_every) == (7, 3, 5, 2, 4)
+    assert (cfg.seq_len, cfg.batch_size) == (16, 2)
+    assert cfg.lr == 4e-3  # a preset trained from scratch
+    assert main(["train", "--model", str(tiny_ckpt), "--out", str(tmp_path / "b"), *common]) == 0
+    assert seen[-1].lr == 2e-5  # fine-tuning a checkpoint: a small default rate
+    assert main(["train", "--model", str(tiny_ckpt), "--out", str(tmp_path / "c"), "--lr", "1e-3", *common]) == 0
+    assert seen[-1].lr == 1e-3
+    capsys.readouterr()
