@@ -409,6 +409,20 @@ def test_a_bf16_checkpoint_says_so_and_loads_as_bf16(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_tensors_the_model_lacks_are_ignored_with_a_warning_naming_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = JetMoEForCausalLM(TINY)
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"ignoring 1 tensors this model does not have: model\.layers\.0\.extra"):
+        loaded = JetMoEForCausalLM.from_pretrained(tmp_path)
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
 def test_saving_again_into_a_folder_replaces_its_shards(tmp_path):
     """A sharded save, then a single-file save of other weights into the same folder: no shard or index of the
     first may remain (an index left behind would be read first, and load the old weights)."""
@@ -459,6 +473,13 @@ def test_tokenizers_bytes_and_autotokenizer(tmp_path):
     assert isinstance(hf, HFTokenizer)
     assert hf.encode("def f ( ) :") == [1, 3, 4, 5, 6, 7]  # BOS first, as JetMoE-8B's tokenizer adds it
     assert hf.pad_token_id == hf.eos_token_id == 2  # no pad token: padded with eos, as JetMoE-8B's config
+    assert hf.decode([1, 3, 4, 2]) == "def f"  # special tokens dropped
+    # A Llama-style tokenizer whose post-processor adds BOS itself (JetMoE-8B's does): still one BOS.
+    from tokenizers import processors
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>").save_pretrained(tmp_path / "llama_style")
+    assert load_tokenizer(tmp_path / "llama_style").encode("def f ( ) :") == [1, 3, 4, 5, 6, 7]
     with pytest.raises(ValueError, match="no tokenizer in"):
         load_tokenizer(tmp_path / "nothing", vocab_size=32000)
 
