@@ -89,9 +89,12 @@ _FUSED_EXPERTS_CONFIGS = {
 }
 
 
-def _build(family, seed=0):
+def _build(family, seed=0, **config_changes):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(_tiny(family), attn_implementation="eager")
+    config = _tiny(family)
+    for name, value in config_changes.items():
+        setattr(config, name, value)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0.0, 0.25)
@@ -122,24 +125,14 @@ def _scattermoe_classes(model):
     return {type(m).__name__ for m in model.modules() if getattr(type(m), "_scattermoe_original", None)}
 
 
-FAMILIES = list(integrations.SUPPORTED_FAMILIES)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_patched_matches_unpatched(family, tmp_path):
-    ref = _build(family)
-    model = integrations.apply_scattermoe(copy.deepcopy(ref))
-    assert _scattermoe_classes(model), "no block was patched"
-    assert _scattermoe_classes(ref) == set()
-    # Parameters are the same tensors under the same names (nothing copied by the patch).
-    assert list(model.state_dict()) == list(ref.state_dict())
-    ids = _ids()
-
+def _assert_same_loss_and_grads(model, ref, ids):
+    """The patched model (run on the torch backend) against the unpatched one: logits, loss (with the router's aux
+    loss), aux loss and every gradient. Returns the unpatched model's output."""
     with scattermoe.use_backend("torch"):
         out, grads = _loss_and_grads(model, ids)
     ref_out, ref_grads = _loss_and_grads(ref, ids)
     err = _rel(out.logits, ref_out.logits)
-    print(f"{family}: logits rel err {err:.2e}, loss {out.loss.item():.6f} vs {ref_out.loss.item():.6f}")
+    print(f"logits rel err {err:.2e}, loss {out.loss.item():.6f} vs {ref_out.loss.item():.6f}")
     assert err < TOL
     assert _rel(out.loss, ref_out.loss) < TOL  # includes the router aux loss (output_router_logits)
     if getattr(ref_out, "aux_loss", None) is not None:
@@ -154,6 +147,22 @@ def test_patched_matches_unpatched(family, tmp_path):
             assert grad.abs().max() < 1e-6, name
         else:
             assert _rel(grad, ref_grad) < TOL, f"{name}: grad rel err {_rel(grad, ref_grad):.2e}"
+    return ref_out
+
+
+FAMILIES = list(integrations.SUPPORTED_FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_matches_unpatched(family, tmp_path):
+    ref = _build(family)
+    model = integrations.apply_scattermoe(copy.deepcopy(ref))
+    assert _scattermoe_classes(model), "no block was patched"
+    assert _scattermoe_classes(ref) == set()
+    # Parameters are the same tensors under the same names (nothing copied by the patch).
+    assert list(model.state_dict()) == list(ref.state_dict())
+    ids = _ids()
+    ref_out = _assert_same_loss_and_grads(model, ref, ids)
 
     with torch.no_grad(), scattermoe.use_backend("torch"):
         gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -407,31 +416,12 @@ def test_apply_names_a_bad_families_argument():
     assert _scattermoe_classes(model) == {"ScatterMoEMixtralExperts"}
 
 
-def _assert_same_loss_and_grads(model, ref, ids):
-    out, grads = _loss_and_grads(model, ids)
-    ref_out, ref_grads = _loss_and_grads(ref, ids)
-    assert _rel(out.logits, ref_out.logits) < TOL
-    for name, ref_grad in ref_grads.items():
-        if ref_grad is not None and ref_grad.abs().max() > 0:
-            assert _rel(grads[name], ref_grad) < TOL, name
-
-
 def test_jetmoe_with_another_activation_runs_its_own_glu():
     """JetMoE's MoE with an activation other than SiLU leaves the fused GLU op: act(first half) * second half."""
-    config = _tiny("jetmoe")
-    config.activation_function = "gelu"
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            p.normal_(0.0, 0.25)
-            if "norm" in name:
-                p.add_(1.0)
-    ref = ref.float().eval()
+    ref = _build("jetmoe", activation_function="gelu")
     model = integrations.apply_scattermoe(copy.deepcopy(ref))
     assert not transformers_moe._is_silu(model.model.layers[0].mlp.activation)  # the unfused path is what runs
-    with scattermoe.use_backend("torch"):
-        _assert_same_loss_and_grads(model, ref, _ids())
+    _assert_same_loss_and_grads(model, ref, _ids())
 
 
 def test_expert_parallel_experts_run_their_own_loop(monkeypatch):
@@ -448,5 +438,4 @@ def test_expert_parallel_experts_run_their_own_loop(monkeypatch):
         raise AssertionError("scattermoe's routing ran on an expert-parallel block")
 
     monkeypatch.setattr(transformers_moe, "flatten_sort_count", no_scattermoe_routing)
-    with scattermoe.use_backend("torch"):
-        _assert_same_loss_and_grads(model, ref, _ids())
+    _assert_same_loss_and_grads(model, ref, _ids())
