@@ -399,14 +399,22 @@ def test_from_pretrained_takes_dtype_names(tmp_path):
             JetMoEForCausalLM.from_pretrained(tmp_path, dtype=bad)
 
 
+def _assert_same_weights(loaded, saved):
+    """Every tensor of the loaded model equal, bit for bit, to the saved model's, under the same names."""
+    want = saved.state_dict()
+    got = loaded.state_dict()
+    assert list(got) == list(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
 def test_a_bf16_checkpoint_says_so_and_loads_as_bf16(tmp_path):
     model = JetMoEForCausalLM(TINY).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"  # what transformers reads
     loaded = JetMoEForCausalLM.from_pretrained(tmp_path)  # dtype None: the stored one
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(p, q), name
+    _assert_same_weights(loaded, model)
 
 
 def test_tensors_the_model_lacks_are_ignored_with_a_warning_naming_them(tmp_path):
@@ -419,8 +427,7 @@ def test_tensors_the_model_lacks_are_ignored_with_a_warning_naming_them(tmp_path
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.warns(UserWarning, match=r"ignoring 1 tensors this model does not have: model\.layers\.0\.extra"):
         loaded = JetMoEForCausalLM.from_pretrained(tmp_path)
-    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(p, q), name
+    _assert_same_weights(loaded, model)
 
 
 def test_saving_again_into_a_folder_replaces_its_shards(tmp_path):
@@ -434,8 +441,7 @@ def test_saving_again_into_a_folder_replaces_its_shards(tmp_path):
     second.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
     loaded = JetMoEForCausalLM.from_pretrained(tmp_path)
-    for (name, p), q in zip(second.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(p, q), name
+    _assert_same_weights(loaded, second)
 
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
