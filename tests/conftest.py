@@ -70,3 +70,23 @@ def device(request) -> torch.device:
     if request.node.get_closest_marker("gpu") is not None:
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+@pytest.fixture
+def plotted_lines(monkeypatch) -> list:
+    """The matplotlib lines (Line2D) every Axes.plot call of the test draws, on the Agg backend; skips without
+    matplotlib."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    lines = []
+    real = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        drawn = real(self, *args, **kwargs)
+        lines.extend(drawn)
+        return drawn
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    return lines

@@ -5,6 +5,8 @@ Legend: T tokens, K experts per token, N = T*K routed rows, E experts, D input f
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -129,3 +131,16 @@ def load_an_expert_weight_wrongly(monkeypatch) -> None:
         return model
 
     monkeypatch.setattr(ck, "load_pretrained", wrong)
+
+
+def write_kernel_result(folder: Path, name: str, created: str, ms: dict, smoke: bool = False) -> Path:
+    """A kernel-suite result file with one jetmoe_moe_fwd_bwd row at T=16384 per implementation (ms: impl -> ms),
+    as the README's performance section reads them."""
+    rows = [{"case": "jetmoe_moe_fwd_bwd", "tokens": 16384, "routing": "uniform", "dtype": "bfloat16", "impl": impl,
+             "ms": v, "tflops": 6.8e12 / v / 1e9, "peak_mem_gb": 10.0} for impl, v in ms.items()]
+    payload = {"benchmark": "kernels", "smoke_only": smoke, "device": "NVIDIA H100 80GB HBM3", "commit": "a" * 40,
+               "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "created": created, "rows": rows,
+               "checks": {}, "limits": None}
+    path = folder / name
+    path.write_text(json.dumps(payload))
+    return path

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import write_kernel_result
+
 from bench import __main__ as bench_main
 from bench import e2e, report, thirdparty
 
@@ -189,17 +191,6 @@ def test_markdown_report_has_every_case_and_the_targets(smoke_payload):
     assert all(t["met"] is None for t in report.targets(smoke_payload))
 
 
-def _synthetic(tmp_path: Path, name: str, created: str, ms: dict, smoke: bool = False) -> Path:
-    rows = [{"case": "jetmoe_moe_fwd_bwd", "tokens": 16384, "routing": "uniform", "dtype": "bfloat16", "impl": impl,
-             "ms": v, "tflops": 6.8e12 / v / 1e9, "peak_mem_gb": 10.0} for impl, v in ms.items()]
-    payload = {"benchmark": "kernels", "smoke_only": smoke, "device": "NVIDIA H100 80GB HBM3", "commit": "a" * 40,
-               "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "created": created, "rows": rows,
-               "checks": {}, "limits": None}
-    path = tmp_path / name
-    path.write_text(json.dumps(payload))
-    return path
-
-
 def test_readme_section_comes_from_the_newest_result(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
@@ -211,11 +202,11 @@ def test_readme_section_comes_from_the_newest_result(tmp_path):
     assert "9000" not in text and "No GPU result file" in text
     assert text.startswith("intro\n\n<!-- bench:start -->") and text.endswith("<!-- bench:end -->\n\noutro\n")
 
-    _synthetic(tmp_path / "results", "old.json", "2026-01-01T00:00:00+00:00",
+    write_kernel_result(tmp_path / "results", "old.json", "2026-01-01T00:00:00+00:00",
                {"scattermoe_triton": 20.0, "torch_grouped_mm": 21.0})
-    _synthetic(tmp_path / "results", "smoke.json", "2027-01-01T00:00:00+00:00",
+    write_kernel_result(tmp_path / "results", "smoke.json", "2027-01-01T00:00:00+00:00",
                {"scattermoe_triton": 1.0, "torch_grouped_mm": 99.0}, smoke=True)  # never used
-    _synthetic(tmp_path / "results", "new.json", "2026-06-01T00:00:00+00:00",
+    write_kernel_result(tmp_path / "results", "new.json", "2026-06-01T00:00:00+00:00",
                {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0, "dense_same_flops": 7.0})
     assert report.main(["--readme", str(readme), "--results-dir", str(results)]) == 0
     text = readme.read_text()
@@ -270,9 +261,9 @@ def test_device_limits_match_whole_words_and_know_what_they_do_not_know():
 def test_a_subset_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    _synthetic(results, "whole.json", "2026-06-01T00:00:00+00:00",
+    write_kernel_result(results, "whole.json", "2026-06-01T00:00:00+00:00",
                {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
-    subset = _synthetic(results, "subset.json", "2026-07-01T00:00:00+00:00", {"scattermoe_triton": 99.0})
+    subset = write_kernel_result(results, "subset.json", "2026-07-01T00:00:00+00:00", {"scattermoe_triton": 99.0})
     payload = json.loads(subset.read_text())
     subset.write_text(json.dumps({**payload, "suite": "full-subset"}))
     assert report.newest_result(results).name == "whole.json"
@@ -280,7 +271,7 @@ def test_a_subset_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path
 
 @pytest.mark.parametrize("ms", [float("nan"), 0.0, -1.0, None], ids=["nan", "zero", "negative", "none"])
 def test_a_row_without_a_valid_time_is_not_measured_anywhere(tmp_path, ms):
-    path = _synthetic(tmp_path, "r.json", "2026-06-01T00:00:00+00:00", {"scattermoe_triton": 10.0,
+    path = write_kernel_result(tmp_path, "r.json", "2026-06-01T00:00:00+00:00", {"scattermoe_triton": 10.0,
                                                                        "torch_grouped_mm": 15.0})
     payload = json.loads(path.read_text())
     payload["rows"][0]["ms"] = ms
@@ -295,7 +286,7 @@ def test_a_row_without_a_valid_time_is_not_measured_anywhere(tmp_path, ms):
 def test_report_and_plot_refuse_malformed_files_in_one_line(tmp_path, capsys):
     from bench import plot
 
-    good = json.loads(_synthetic(tmp_path, "g.json", "2026-06-01T00:00:00+00:00",
+    good = json.loads(write_kernel_result(tmp_path, "g.json", "2026-06-01T00:00:00+00:00",
                                  {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0}).read_text())
     duplicate = {**good, "rows": good["rows"] + good["rows"][:1]}
     cases = {"dup.json": (duplicate, "two rows for"), "list.json": ([good], "no 'rows' list"),
@@ -411,29 +402,17 @@ def test_decode_as_a_graph_replay_is_a_second_line_not_a_replacement():
     assert [t["met"] for t in report.targets({"rows": rows}) if t["target"].startswith("decode")] == [False, False]
 
 
-def test_plot_draws_each_implementation_and_the_roofline(tmp_path, monkeypatch):
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    from matplotlib.axes import Axes
-
+def test_plot_draws_each_implementation_and_the_roofline(tmp_path, plotted_lines):
     from bench.plot import plot
 
-    drawn = []
-    real = Axes.plot
-
-    def spy(self, *a, **kw):
-        drawn.append((kw.get("label"), a))
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(Axes, "plot", spy)
     rows = [dict(case="moe_fwd", tokens=t, routing="uniform", impl="scattermoe_triton", ms=1.0, tflops=t / 10.0,
                  flops=t * 1e8, roofline_ms=0.5) for t in (16, 1024)]
     assert plot({"rows": rows, "device": "test", "commit": "0" * 40}, tmp_path / "p.png") is None
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-    (roof,) = [a for label, a in drawn if label == "roofline (datasheet)"]
-    assert list(roof[0]) == [16, 1024]
-    assert list(roof[1]) == pytest.approx([t * 1e8 / 0.5 / 1e9 for t in (16, 1024)])  # FLOPs / roofline time
-    assert "scattermoe_triton" in [label for label, _ in drawn]
+    (roof,) = [ln for ln in plotted_lines if ln.get_label() == "roofline (datasheet)"]
+    assert list(roof.get_xdata()) == [16, 1024]
+    assert list(roof.get_ydata()) == pytest.approx([t * 1e8 / 0.5 / 1e9 for t in (16, 1024)])  # FLOPs / roofline
+    assert "scattermoe_triton" in [ln.get_label() for ln in plotted_lines]
 
 
 def test_checks_table_reads_the_merged_checks_of_each_group():

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_bench_smoke import _synthetic  # the synthetic kernel-suite result file the README tests use
+from helpers import write_kernel_result
 
 from bench import harness, report
 
@@ -145,7 +145,7 @@ def test_a_ratio_exactly_at_its_target_is_met(target, baseline, want_ms):
 
 
 def test_readme_table_is_the_forward_backward_case(tmp_path):
-    path = _synthetic(tmp_path, "r.json", "2026-06-01T00:00:00+00:00",
+    path = write_kernel_result(tmp_path, "r.json", "2026-06-01T00:00:00+00:00",
                       {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
     payload = json.loads(path.read_text())
     # A forward-only row with a time found nowhere else: the README's table must not be this case's.
@@ -161,29 +161,16 @@ def test_readme_table_is_the_forward_backward_case(tmp_path):
 # ---------------------------------------------------------------- plot
 
 
-def test_plot_draws_zipf_dashed_beside_uniform_and_skips_a_row_without_a_time(tmp_path, monkeypatch):
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    from matplotlib.axes import Axes
-
+def test_plot_draws_zipf_dashed_beside_uniform_and_skips_a_row_without_a_time(tmp_path, plotted_lines):
     from bench.plot import plot
 
-    lines = []
-    real = Axes.plot
-
-    def spy(self, *a, **kw):
-        out = real(self, *a, **kw)
-        lines.extend(out)
-        return out
-
-    monkeypatch.setattr(Axes, "plot", spy)
     # Routing has no FLOPs: drawn as ms. One implementation, both routings, one Zipf row without a valid time.
     rows = ([_row("routing", "scattermoe", t, "uniform", ms=t / 1000) for t in (16, 256, 4096)]
             + [_row("routing", "scattermoe", t, "zipf", ms=t / 500) for t in (16, 4096)]
             + [_row("routing", "scattermoe", 256, "zipf", ms=math.nan)])
     assert plot({"rows": rows, "device": "test", "commit": "0" * 40}, tmp_path / "p.png") is None
-    by_style = {ln.get_linestyle(): ln for ln in lines}
-    assert set(by_style) == {"-", "--"}, [ln.get_linestyle() for ln in lines]
+    by_style = {ln.get_linestyle(): ln for ln in plotted_lines}
+    assert set(by_style) == {"-", "--"}, [ln.get_linestyle() for ln in plotted_lines]
     uniform, zipf = by_style["-"], by_style["--"]
     assert list(uniform.get_xdata()) == [16, 256, 4096]
     assert list(uniform.get_ydata()) == pytest.approx([0.016, 0.256, 4.096])
