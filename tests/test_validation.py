@@ -71,8 +71,9 @@ BAD_INPUTS = {
                                     ValueError, r"^sorted_scattered_idxs: "),
     "routing_float": ({"sorted_expert_idxs": lambda a: a["sorted_expert_idxs"].float()}, TypeError,
                       r"^sorted_expert_idxs: .*dtype"),
-    "routing_not_contiguous": ({"sorted_scattered_idxs": lambda a: torch.stack([a["sorted_scattered_idxs"]] * 2, 1)[:, 0]},
-                               ValueError, r"^sorted_scattered_idxs: expected a contiguous"),
+    "routing_not_contiguous": (  # every other element of a twice-as-long tensor
+        {"sorted_scattered_idxs": lambda a: a["sorted_scattered_idxs"].repeat_interleave(2)[::2]},
+        ValueError, r"^sorted_scattered_idxs: expected a contiguous"),
     "routing_2d": ({"sorted_scattered_idxs": lambda a: a["sorted_scattered_idxs"].view(T, K)}, ValueError,
                    r"^sorted_scattered_idxs: .*1-d"),
     "expert_offsets_wrong_length": ({"expert_offsets": lambda a: a["expert_offsets"][:-1]}, ValueError,
