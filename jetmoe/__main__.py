@@ -381,7 +381,8 @@ def _train(args, demo: bool) -> None:
     if args.eval_every and not args.val_fraction:  # before any work
         raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
     device = pick_device(args.device)
-    backend = pick_backend(args.backend, device, torch.float32)
+    amp = args.amp if args.amp is not None else device.type == "cuda"
+    backend = pick_backend(args.backend, device, torch.bfloat16 if amp else torch.float32)
     # The demo's default folder is its cache, replaced by each run; any other --out is kept as train keeps it.
     replace = args.overwrite or (demo and Path(args.out) == default_out_dir("tiny"))
     check_out_dir(Path(args.out), args.resume, replace)
@@ -398,7 +399,7 @@ def _train(args, demo: bool) -> None:
                       save_every=args.save_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
                       progress=not args.no_progress, fsdp=getattr(args, "fsdp", False),
                       grad_checkpoint=getattr(args, "grad_checkpoint", False), val_fraction=args.val_fraction,
-                      eval_every=args.eval_every, eval_windows=args.eval_windows)
+                      eval_every=args.eval_every, eval_windows=args.eval_windows, amp=amp)
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
     split_corpus(tokens, cfg)  # a corpus too short for --seq-len / --val-fraction: told before the model is built
@@ -409,7 +410,7 @@ def _train(args, demo: bool) -> None:
         c = model.config
         print(f"JetMoE {model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
               f"d={c.hidden_size}, {c.num_local_experts} experts top-{c.num_experts_per_tok} in attention and MLP) "
-              f"on {device}; "
+              f"on {device}{' (bfloat16 autocast)' if amp else ''}; "
               f"{backend_note(backend, device)}")
         if world > 1:
             how = "FSDP2 (fully_shard, one unit per decoder layer)" if cfg.fsdp else "DistributedDataParallel"
@@ -508,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps between held-out losses (0: at the end only)")
         sp.add_argument("--eval-windows", type=_number(int, "eval-windows", 1), default=32,
                         help="windows of --seq-len held-out tokens per evaluation")
+        sp.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast over float32 weights (default: on CUDA, off on the CPU); with "
+                        "--fsdp the decoder layers' weights are also gathered in bfloat16")
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (directory or Hub id)")
     checkpoint(g)
@@ -528,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     training(t, default_out_dir("train"), None, 16, 128, None)
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
-                   "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 128 GB), "
-                   "with --grad-checkpoint")
+                   "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 128 GB); "
+                   "under --amp the decoder layers are gathered in bfloat16")
     t.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each decoder layer's activations in the backward instead of keeping them "
                    "(less memory for one more forward's compute)")

@@ -13,6 +13,10 @@ DDP keeps a whole replica per process: fp32 weights, gradients and two Adam mome
 (FSDP2 ``fully_shard``, each decoder layer a unit: 16 GB per GPU over 8), with the same losses: FSDP's
 reduce-scatter averages gradients as DDP's all-reduce does. Checkpoints are the same files either way (HF
 layout and one full optimizer state, gathered to rank 0), so a run can resume in the other mode.
+
+Under bf16 autocast, FSDP gathers each decoder layer's weights in bf16 (a MixedPrecisionPolicy; gradients are
+reduce-scattered in fp32 into the fp32 shards): half the traffic of fp32, and the forward keeps no bf16 copy of
+the weights for the backward, which autocast alone makes and keeps (17 GB a GPU for JetMoE-8B under DDP).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_weights
@@ -251,11 +255,23 @@ def make_optimizer(model: JetMoEForCausalLM, cfg: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def shard_model(model: JetMoEForCausalLM) -> None:
+def shard_model(model: JetMoEForCausalLM, param_dtype: Optional[torch.dtype] = None) -> None:
     """FSDP2 in place: each decoder layer its own unit (its weights gathered just before it runs and freed
-    after), the embeddings, final norm and head in the root's. Needs the default process group."""
+    after), the embeddings, final norm and head in the root's. Needs the default process group.
+
+    ``param_dtype`` (the autocast dtype, or None): the layers' weights are gathered in it and their gradients
+    reduce-scattered in fp32 into the fp32 shards. Autocast would cast the gathered fp32 weights to it anyway,
+    and keep those copies for the backward (every layer's, all at once: the whole model in bf16); gathered in
+    it, the weights the backward needs are FSDP's own, freed after the forward and gathered again. The layers'
+    inputs are not cast (the residual stream stays fp32, as under autocast alone); the root keeps fp32. What
+    changes against autocast alone: the norms' weights and the biases, added in bf16 and their gradients
+    rounded to it.
+    """
+    policy = MixedPrecisionPolicy()
+    if param_dtype is not None:
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for layer in model.model.layers:
-        fully_shard(layer)
+        fully_shard(layer, mp_policy=policy)
     fully_shard(model)
 
 
@@ -444,11 +460,12 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     if cfg.grad_checkpoint:
         model.gradient_checkpointing_enable()
     if sharded:
-        shard_model(model)  # before the optimizer: it must hold the shards, not the whole parameters
+        shard_model(model, amp_dtype)  # before the optimizer: it must hold the shards, not the whole parameters
         if rank == 0:
             local = sum(p.to_local().numel() for p in model.parameters())
+            gathered = f"; the decoder layers gathered in {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else ""
             print(f"fsdp: rank 0 holds {local:,} of the model's {sum(p.numel() for p in model.parameters()):,} "
-                  "parameter elements", flush=True)
+                  f"parameter elements{gathered}", flush=True)
     optimizer = make_optimizer(model, cfg)
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"], sharded)  # sharded: read on rank 0 only

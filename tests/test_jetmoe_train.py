@@ -325,6 +325,88 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
             assert_close(got[name], p, 1e-5, f"{d.name}: {name}")
 
 
+def test_fsdp_under_bf16_autocast_trains_as_one_process_does(tiny_ckpt):
+    """--amp: FSDP over 2 processes gathers the decoder layers in bf16 and reduce-scatters fp32 gradients into fp32
+    shards; 3 steps agree with one process under autocast alone (which keeps fp32 weights throughout) to bf16
+    rounding: the norms' weights and the biases are added in bf16 there. The checkpoint is fp32."""
+    common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"), "--steps", "3",
+              "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--warmup", "2", "--no-progress",
+              "--device", "cpu", "--amp"]
+    one, two = tiny_ckpt.parent / "one", tiny_ckpt.parent / "two"
+    r = _run([sys.executable, "-m", "jetmoe", *common, "--grad-accum", "2", "--out", str(one)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(bfloat16 autocast)" in r.stdout, r.stdout
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jetmoe",
+              *common, "--fsdp", "--out", str(two)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "parameter elements; the decoder layers gathered in bfloat16" in r.stdout, r.stdout
+    logs = [[json.loads(line) for line in (d / TRAIN_LOG).read_text().splitlines()] for d in (one, two)]
+    print([[round(rec["loss"], 6) for rec in log] for log in logs])
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        assert abs(a["loss"] - b["loss"]) <= 1e-3 * a["loss"], (a, b)
+    want, got = (JetMoEForCausalLM.from_pretrained(d).state_dict() for d in (one, two))
+    for name, p in want.items():
+        assert got[name].dtype == torch.float32, name
+        # Adam's first steps move each weight by about lr whatever its gradient's size, so where rounding flips a
+        # small gradient's sign that weight lands 2 lr away: a loose bound (a shard saved in the wrong place is ~1)
+        assert_close(got[name], p, 5e-2, name)
+
+
+def _saved_bytes_and_grads(model: torch.nn.Module, x: torch.Tensor):
+    """One bf16-autocast step: (bytes the autograd graph holds between forward and backward: every storage a saved
+    tensor lives in, at its size after the forward; the loss; each parameter's whole gradient)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x)
+    held = sum(s.nbytes() for s in storages.values())  # FSDP's gathered weights are freed (size 0) by now
+    (out.loss + out.aux_loss).backward()
+    grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()}
+    return held, out.loss.item(), grads
+
+
+def test_fsdp_gathers_the_layers_in_bf16_and_keeps_no_copy_of_their_weights_for_the_backward(tmp_path):
+    """shard_model(param_dtype=bf16), as train() does under autocast, on one process: the same loss and the same
+    matrices' gradients as autocast alone (its bf16 copies are what the layers now gather), fp32 shards and
+    gradients, and the forward keeps no bf16 copy of the layers' weights for the backward: FSDP's gathered
+    weights are freed after each layer and gathered again in the backward. The norms' weights and biases are
+    added in bf16: their gradients are rounded to it."""
+    import copy
+
+    import torch.distributed as dist
+
+    from jetmoe.train import shard_model
+
+    torch.manual_seed(0)
+    base = JetMoEForCausalLM(BYTES)  # norms at 1 and biases at 0: the same forward in bf16 as in fp32
+    x = torch.randint(0, 256, (2, 16))
+    held_ref, loss_ref, grads_ref = _saved_bytes_and_grads(copy.deepcopy(base), x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        fp32, bf16 = copy.deepcopy(base), copy.deepcopy(base)
+        shard_model(fp32)
+        shard_model(bf16, torch.bfloat16)
+        held_fp32, loss_fp32, _ = _saved_bytes_and_grads(fp32, x)
+        held_bf16, loss_bf16, grads = _saved_bytes_and_grads(bf16, x)
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in bf16.parameters())
+    finally:
+        dist.destroy_process_group()
+    assert loss_bf16 == loss_fp32 == loss_ref
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], 0 if g.dim() > 1 else 1e-2, name)
+    layer_matrices = sum(2 * p.numel() for n, p in base.named_parameters() if n.startswith("model.layers.")
+                         and p.dim() > 1)
+    print(f"held between forward and backward: {held_ref} bytes unsharded, {held_fp32} fp32-gathered, "
+          f"{held_bf16} bf16-gathered; the layers' matrices are {layer_matrices} bytes in bf16")
+    assert abs(held_ref - held_fp32) < 0.05 * layer_matrices  # autocast's copies, gathered fp32 or not
+    assert held_fp32 - held_bf16 == layer_matrices
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -715,4 +797,10 @@ def test_cli_train_passes_its_flags_to_the_training_config(tiny_ckpt, tmp_path, 
     assert seen[-1].lr == 2e-5  # fine-tuning a checkpoint: a small default rate
     assert main(["train", "--model", str(tiny_ckpt), "--out", str(tmp_path / "c"), "--lr", "1e-3", *common]) == 0
     assert seen[-1].lr == 1e-3
+    assert seen[-1].amp is False  # autocast: off by default on the CPU
+    assert main(["train", "--out", str(tmp_path / "d"), "--amp", *common]) == 0
+    assert seen[-1].amp is True
+    assert "(bfloat16 autocast)" in capsys.readouterr().out
+    assert main(["train", "--out", str(tmp_path / "e"), "--no-amp", *common]) == 0
+    assert seen[-1].amp is False
     capsys.readouterr()
