@@ -327,8 +327,9 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
 
 def test_fsdp_under_bf16_autocast_trains_as_one_process_does(tiny_ckpt):
     """--amp: FSDP over 2 processes gathers the decoder layers in bf16 and reduce-scatters fp32 gradients into fp32
-    shards; 3 steps agree with one process under autocast alone (which keeps fp32 weights throughout) to bf16
-    rounding: the norms' weights and the biases are added in bf16 there. The checkpoint is fp32."""
+    shards, and recomputes the layers from them in the backward; 3 steps agree with one process under autocast
+    alone (which keeps fp32 weights throughout) to bf16 rounding: the norms' weights and the biases are added in
+    bf16 there. The checkpoint is fp32."""
     common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"), "--steps", "3",
               "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--warmup", "2", "--no-progress",
               "--device", "cpu", "--amp"]
@@ -337,7 +338,7 @@ def test_fsdp_under_bf16_autocast_trains_as_one_process_does(tiny_ckpt):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(bfloat16 autocast)" in r.stdout, r.stdout
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jetmoe",
-              *common, "--fsdp", "--out", str(two)])
+              *common, "--fsdp", "--grad-checkpoint", "--out", str(two)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "parameter elements; the decoder layers gathered in bfloat16" in r.stdout, r.stdout
     logs = [[json.loads(line) for line in (d / TRAIN_LOG).read_text().splitlines()] for d in (one, two)]
