@@ -540,6 +540,48 @@ def test_cli_eval_matches_transformers_and_says_when_it_does_not(tiny_ckpt, tmp_
     assert "--backend cutlass:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("loss_rel, logits_rel, status", [
+    (0.9e-4, 0.9e-4, 0),  # both within float32's bounds (1e-4 each)
+    (1.1e-4, 0.0, 1),  # the loss beyond its bound alone
+    (0.0, 1.1e-4, 1),  # the logits beyond theirs alone
+], ids=["both_within", "loss_beyond", "logits_beyond"])
+def test_cli_eval_agrees_only_when_the_loss_and_the_logits_are_both_within_their_bounds(
+        tiny_ckpt, capsys, monkeypatch, loss_rel, logits_rel, status):
+    """The rule `eval --compare-transformers` exits by, at float32's bounds, on evaluations made up here: the two
+    models' results replaced by ones apart by exactly the given relative differences."""
+    pytest.importorskip("transformers")
+    import jetmoe.train as jt
+
+    logits = torch.randn(4, 31, 259, dtype=torch.float64)
+    noise = torch.randn_like(logits)
+    ours = logits + noise * (logits_rel * logits.norm() / noise.norm())
+    results = iter([(2.0, ours), (2.0 / (1 + loss_rel), logits)])  # jetmoe's, then transformers'
+
+    def made_up(model, windows, batch_size, **kwargs):
+        loss, first_logits = next(results)
+        return {"loss": loss, "perplexity": 2.718 ** loss, "tokens": 6 * 31, "windows": 6,
+                "window_losses": [loss] * 6, "first_logits": first_logits}
+
+    monkeypatch.setattr(jt, "evaluate", made_up)
+    argv = ["eval", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"), "--seq-len", "32",
+            "--windows", "6", "--device", "cpu", "--no-progress", "--compare-transformers"]
+    assert main(argv) == status
+    out = capsys.readouterr().out
+    assert ("DISAGREE" in out) == bool(status), out
+
+
+def test_peak_memory_is_in_gigabytes_on_cuda_and_on_the_cpu(monkeypatch):
+    """generate's "peak memory ... GB": 10^9 bytes, from CUDA's allocator or the process's peak RSS (KiB on Linux)."""
+    from jetmoe.__main__ import peak_memory_gb
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    assert peak_memory_gb(torch.device("cuda")) == pytest.approx(3 * 1.073741824)
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert kib / 1e6 <= peak_memory_gb(torch.device("cpu")) <= kib / 1e6 + 0.1  # the peak only grows
+
+
 def test_cli_demo_smoke(tmp_path, capsys, monkeypatch):
     """The README's command with a 3-second budget: trains on the stdlib, saves the HF layout, samples; in its
     default folder (~/.cache/jetmoe/tiny), replacing the run an earlier demo left there."""
@@ -702,6 +744,28 @@ def test_learning_rate_schedule_warms_up_then_decays_to_its_floor():
     timed = TrainConfig(out_dir="unused", lr=1.0, warmup_steps=0, steps=None, min_lr_ratio=0.1)
     assert lr_at(0, timed, 0.5) == pytest.approx(0.55)  # a run bounded by time decays over its time fraction
     assert lr_at(0, timed, 1.0) == pytest.approx(0.1)
+
+
+def test_a_run_bounded_by_seconds_decays_over_the_time_it_has_spent(tmp_path, monkeypatch):
+    """train() with --seconds only hands lr_at the fraction of the budget spent before each step: on a clock that
+    moves 1 s a step, a 4 s budget runs 4 steps at fractions 0, 1/4, 1/2, 3/4 (the training itself replaced)."""
+    import jetmoe.train as jt
+
+    clock = [100.0]
+    monkeypatch.setattr(jt.time, "perf_counter", lambda: clock[0])
+
+    def one_second_step(*args, **kwargs):
+        clock[0] += 1.0
+        return 0.0, 0.0
+
+    monkeypatch.setattr(jt, "train_step", one_second_step)
+    monkeypatch.setattr(jt, "_save", lambda *args: None)
+    cfg = TrainConfig(out_dir=str(tmp_path / "t"), seconds=4.0, lr=1.0, warmup_steps=0, min_lr_ratio=0.1,
+                      batch_size=2, seq_len=16, progress=False)
+    records = jt.train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    assert [r["elapsed_s"] for r in records] == [1.0, 2.0, 3.0, 4.0]
+    assert [r["lr"] for r in records] == pytest.approx([jt.lr_at(0, cfg, f) for f in (0, 0.25, 0.5, 0.75)])
+    assert records[1]["lr"] < records[0]["lr"]  # decaying, not the constant rate of a fraction stuck at 0
 
 
 def test_weight_decay_spares_norms_and_biases():
