@@ -225,6 +225,35 @@ def test_left_padded_batch_generates_like_one_by_one(backend):
     assert torch.equal(batched, torch.stack(alone))
 
 
+def test_left_padding_leaves_every_query_a_key_to_attend(monkeypatch):
+    """The masks SDPA gets for a left-padded batch, prefill and decode: real tokens never see padding keys, and
+    every query row, a padding position's included, keeps at least one key (itself). A row with none is NaN on
+    some SDPA backends (the CPU's gives zeros, so the generation tests could not tell)."""
+    import jetmoe.model as jm
+
+    masks = []
+    sdpa = jm.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(jm.F, "scaled_dot_product_attention", spy)
+    model = random_model()
+    x = torch.randint(3, TINY.vocab_size, (2, 5))
+    x[0, :3] = TINY.pad_token_id
+    pad = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    with scattermoe.use_backend("torch"):
+        model.generate(x, 3, attention_mask=pad)
+    assert len(masks) == 3 * TINY.num_hidden_layers  # prefill, then 2 decode steps
+    for mask in masks:
+        assert mask is not None and mask.dtype == torch.bool
+        keys = mask.size(-1)
+        assert mask.any(-1).all(), "a query row with no key to attend"
+        assert not mask[0, 0, -1, :3].any(), "a real token attends to padding"
+        assert mask[1, 0, -1, :keys].all()  # the unpadded row's newest token sees every key so far
+
+
 def test_eos_stops_rows_and_streams_to_the_callback():
     model = random_model()
     x = torch.randint(3, TINY.vocab_size, (2, 4))
