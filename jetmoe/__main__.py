@@ -167,7 +167,7 @@ def corpus_label(data: Optional[List[str]]) -> str:
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: the process's peak RSS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux: the process's peak RSS
 
 
 class Streamer:
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
 
     def training(sp, out: Path, seconds: Optional[float], batch: int, seq: int, lr: Optional[float],
-                 log_every: int = 25, val_fraction: float = 0.0):
+                 log_every: int = 25, val_fraction: float = 0.0, fsdp: bool = False):
         data(sp)
         sp.add_argument("--out", type=Path, default=out, help=f"checkpoint directory (default {out})")
         sp.add_argument("--steps", type=_number(int, "steps", 1), default=None,
@@ -510,8 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--eval-windows", type=_number(int, "eval-windows", 1), default=32,
                         help="windows of --seq-len held-out tokens per evaluation")
         sp.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bfloat16 autocast over float32 weights (default: on CUDA, off on the CPU); with "
-                        "--fsdp the decoder layers' weights are also gathered in bfloat16")
+                        help="bfloat16 autocast over float32 weights (default: on CUDA, off on the CPU)"
+                        + ("; with --fsdp the decoder layers' weights are also gathered in bfloat16" if fsdp else ""))
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (directory or Hub id)")
     checkpoint(g)
@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a checkpoint directory or Hub id to fine-tune")
     t.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run already")
     common(t)
-    training(t, default_out_dir("train"), None, 16, 128, None)
+    training(t, default_out_dir("train"), None, 16, 128, None, fsdp=True)
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
                    "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 128 GB); "

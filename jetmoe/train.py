@@ -15,8 +15,9 @@ reduce-scatter averages gradients as DDP's all-reduce does. Checkpoints are the 
 layout and one full optimizer state, gathered to rank 0), so a run can resume in the other mode.
 
 Under bf16 autocast, FSDP gathers each decoder layer's weights in bf16 (a MixedPrecisionPolicy; gradients are
-reduce-scattered in fp32 into the fp32 shards): half the traffic of fp32, and the forward keeps no bf16 copy of
-the weights for the backward, which autocast alone makes and keeps (17 GB a GPU for JetMoE-8B under DDP).
+reduce-scattered in fp32 into the fp32 shards): half the all-gather traffic of fp32, and, without recomputation,
+the forward keeps no bf16 copy of every layer's weights for the backward, as autocast alone does (16.9 GB for
+JetMoE-8B).
 """
 
 from __future__ import annotations
@@ -264,8 +265,9 @@ def shard_model(model: JetMoEForCausalLM, param_dtype: Optional[torch.dtype] = N
     and keep those copies for the backward (every layer's, all at once: the whole model in bf16); gathered in
     it, the weights the backward needs are FSDP's own, freed after the forward and gathered again. The layers'
     inputs are not cast (the residual stream stays fp32, as under autocast alone); the root keeps fp32. What
-    changes against autocast alone: the norms' weights and the biases, added in bf16 and their gradients
-    rounded to it.
+    changes against autocast alone: the norms' weights are rounded to bf16 (their products stay fp32), the
+    MoE and MoA output biases are added in bf16, and the gradients of all of these are rounded to bf16. A model
+    sharded so runs only under autocast to ``param_dtype``: outside it, fp32 activations meet bf16 weights.
     """
     policy = MixedPrecisionPolicy()
     if param_dtype is not None:
@@ -414,7 +416,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     """Train in place until cfg.steps or cfg.seconds; save to cfg.out_dir; return the per-step records.
 
     Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, or sharded in place with
-    FSDP2 (cfg.fsdp: the model stays sharded after this returns; its checkpoint in out_dir is whole); every rank
+    FSDP2 (cfg.fsdp: the model stays sharded after this returns, and under amp runs only inside bf16 autocast,
+    see shard_model; its checkpoint in out_dir is whole, fp32); every rank
     must call this with the same tokens and config. ``cfg.resume`` reloads weights, optimizer and step from
     out_dir. Ctrl-C in a one-process run ends it after the step under way, saved as at the end.
     Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s; with

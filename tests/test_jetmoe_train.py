@@ -327,10 +327,10 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
 
 def test_fsdp_under_bf16_autocast_trains_as_one_process_does(tiny_ckpt):
     """--amp: FSDP over 2 processes gathers the decoder layers in bf16 and reduce-scatters fp32 gradients into fp32
-    shards, and recomputes the layers from them in the backward; 3 steps agree with one process under autocast
-    alone (which keeps fp32 weights throughout) to bf16 rounding: the norms' weights and the biases are added in
-    bf16 there. The checkpoint is fp32."""
-    common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"), "--steps", "3",
+    shards, and recomputes the layers from them in the backward; 2 steps agree with one process under autocast
+    alone (which keeps fp32 weights throughout) to bf16 rounding: the norms' weights are rounded to bf16 there
+    and the output biases added in it. The checkpoint is fp32."""
+    common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"), "--steps", "2",
               "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--warmup", "2", "--no-progress",
               "--device", "cpu", "--amp"]
     one, two = tiny_ckpt.parent / "one", tiny_ckpt.parent / "two"
@@ -343,15 +343,16 @@ def test_fsdp_under_bf16_autocast_trains_as_one_process_does(tiny_ckpt):
     assert "parameter elements; the decoder layers gathered in bfloat16" in r.stdout, r.stdout
     logs = [[json.loads(line) for line in (d / TRAIN_LOG).read_text().splitlines()] for d in (one, two)]
     print([[round(rec["loss"], 6) for rec in log] for log in logs])
-    assert len(logs[0]) == len(logs[1]) == 3
+    assert len(logs[0]) == len(logs[1]) == 2
     for a, b in zip(*logs):
         assert abs(a["loss"] - b["loss"]) <= 1e-3 * a["loss"], (a, b)
     want, got = (JetMoEForCausalLM.from_pretrained(d).state_dict() for d in (one, two))
     for name, p in want.items():
         assert got[name].dtype == torch.float32, name
         # Adam's first steps move each weight by about lr whatever its gradient's size, so where rounding flips a
-        # small gradient's sign that weight lands 2 lr away: a loose bound (a shard saved in the wrong place is ~1)
-        assert_close(got[name], p, 5e-2, name)
+        # small gradient's sign that weight lands 2 lr away (measured: at most 2.2e-3 after 2 steps, 2.7e-2 after
+        # 3): a loose bound, against ~1 for a shard saved in the wrong place
+        assert_close(got[name], p, 2e-2, name)
 
 
 def _saved_bytes_and_grads(model: torch.nn.Module, x: torch.Tensor):
@@ -375,8 +376,8 @@ def test_fsdp_gathers_the_layers_in_bf16_and_keeps_no_copy_of_their_weights_for_
     """shard_model(param_dtype=bf16), as train() does under autocast, on one process: the same loss and the same
     matrices' gradients as autocast alone (its bf16 copies are what the layers now gather), fp32 shards and
     gradients, and the forward keeps no bf16 copy of the layers' weights for the backward: FSDP's gathered
-    weights are freed after each layer and gathered again in the backward. The norms' weights and biases are
-    added in bf16: their gradients are rounded to it."""
+    weights are freed after each layer and gathered again in the backward. The vectors (norms' weights, output
+    biases) are bf16 too: their gradients are rounded to it."""
     import copy
 
     import torch.distributed as dist
@@ -578,8 +579,8 @@ def test_peak_memory_is_in_gigabytes_on_cuda_and_on_the_cpu(monkeypatch):
     assert peak_memory_gb(torch.device("cuda")) == pytest.approx(3 * 1.073741824)
     import resource
 
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert kib / 1e6 <= peak_memory_gb(torch.device("cpu")) <= kib / 1e6 + 0.1  # the peak only grows
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    assert kib * 1024 / 1e9 <= peak_memory_gb(torch.device("cpu")) <= kib * 1024 / 1e9 + 0.1  # the peak only grows
 
 
 def test_cli_demo_smoke(tmp_path, capsys, monkeypatch):
@@ -751,8 +752,10 @@ def test_a_run_bounded_by_seconds_decays_over_the_time_it_has_spent(tmp_path, mo
     moves 1 s a step, a 4 s budget runs 4 steps at fractions 0, 1/4, 1/2, 3/4 (the training itself replaced)."""
     import jetmoe.train as jt
 
+    from types import SimpleNamespace
+
     clock = [100.0]
-    monkeypatch.setattr(jt.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(jt, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # train.py's clock only
 
     def one_second_step(*args, **kwargs):
         clock[0] += 1.0
