@@ -376,13 +376,13 @@ def _training_setup(args, device: torch.device, rank0: bool = True):
 
 
 def _train(args, demo: bool) -> None:
-    from .train import TrainConfig, init_distributed, load_corpus, split_corpus, tokenize, train
+    from .train import TrainConfig, amp_dtype_for, init_distributed, load_corpus, split_corpus, tokenize, train
 
     if args.eval_every and not args.val_fraction:  # before any work
         raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
     device = pick_device(args.device)
-    amp = args.amp if args.amp is not None else device.type == "cuda"
-    backend = pick_backend(args.backend, device, torch.bfloat16 if amp else torch.float32)
+    amp_dtype = amp_dtype_for(args.amp, device)
+    backend = pick_backend(args.backend, device, amp_dtype or torch.float32)
     # The demo's default folder is its cache, replaced by each run; any other --out is kept as train keeps it.
     replace = args.overwrite or (demo and Path(args.out) == default_out_dir("tiny"))
     check_out_dir(Path(args.out), args.resume, replace)
@@ -399,7 +399,7 @@ def _train(args, demo: bool) -> None:
                       save_every=args.save_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
                       progress=not args.no_progress, fsdp=getattr(args, "fsdp", False),
                       grad_checkpoint=getattr(args, "grad_checkpoint", False), val_fraction=args.val_fraction,
-                      eval_every=args.eval_every, eval_windows=args.eval_windows, amp=amp)
+                      eval_every=args.eval_every, eval_windows=args.eval_windows, amp=amp_dtype is not None)
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
     split_corpus(tokens, cfg)  # a corpus too short for --seq-len / --val-fraction: told before the model is built
@@ -410,7 +410,7 @@ def _train(args, demo: bool) -> None:
         c = model.config
         print(f"JetMoE {model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
               f"d={c.hidden_size}, {c.num_local_experts} experts top-{c.num_experts_per_tok} in attention and MLP) "
-              f"on {device}{' (bfloat16 autocast)' if amp else ''}; "
+              f"on {device}{' (bfloat16 autocast)' if amp_dtype else ''}; "
               f"{backend_note(backend, device)}")
         if world > 1:
             how = "FSDP2 (fully_shard, one unit per decoder layer)" if cfg.fsdp else "DistributedDataParallel"

@@ -136,6 +136,11 @@ def get_batch(tokens: torch.Tensor, step: int, micro: int, rank: int, world: int
     return torch.stack([tokens[s:s + cfg.seq_len] for s in mine.tolist()]).long()
 
 
+def amp_dtype_for(amp: Optional[bool], device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype training runs under: bf16 when ``amp`` (None: on CUDA, off elsewhere), else None."""
+    return torch.bfloat16 if (amp if amp is not None else device.type == "cuda") else None
+
+
 def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
     """autocast to amp_dtype on the device's type, or nothing for None."""
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -434,7 +439,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     if val_windows is not None and val_windows.shape[0] < world:  # now, not after the last step's training
         raise ValueError(f"the held-out part has {val_windows.shape[0]} windows of seq_len {cfg.seq_len}, fewer than "
                          f"the {world} processes that share them: give a larger val_fraction or more text")
-    amp_dtype = torch.bfloat16 if (cfg.amp if cfg.amp is not None else device.type == "cuda") else None
+    amp_dtype = amp_dtype_for(cfg.amp, device)
     sharded = cfg.fsdp and world > 1
     step = 0
     state_path = Path(cfg.out_dir) / TRAINER_STATE
