@@ -203,11 +203,11 @@ def test_readme_section_comes_from_the_newest_result(tmp_path):
     assert text.startswith("intro\n\n<!-- bench:start -->") and text.endswith("<!-- bench:end -->\n\noutro\n")
 
     write_kernel_result(tmp_path / "results", "old.json", "2026-01-01T00:00:00+00:00",
-               {"scattermoe_triton": 20.0, "torch_grouped_mm": 21.0})
+                        {"scattermoe_triton": 20.0, "torch_grouped_mm": 21.0})
     write_kernel_result(tmp_path / "results", "smoke.json", "2027-01-01T00:00:00+00:00",
-               {"scattermoe_triton": 1.0, "torch_grouped_mm": 99.0}, smoke=True)  # never used
+                        {"scattermoe_triton": 1.0, "torch_grouped_mm": 99.0}, smoke=True)  # never used
     write_kernel_result(tmp_path / "results", "new.json", "2026-06-01T00:00:00+00:00",
-               {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0, "dense_same_flops": 7.0})
+                        {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0, "dense_same_flops": 7.0})
     assert report.main(["--readme", str(readme), "--results-dir", str(results)]) == 0
     text = readme.read_text()
     assert "bench/results/new.json" in text and "old.json" not in text and "99.000" not in text
@@ -262,7 +262,7 @@ def test_a_subset_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path
     results = tmp_path / "results"
     results.mkdir()
     write_kernel_result(results, "whole.json", "2026-06-01T00:00:00+00:00",
-               {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
+                        {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
     subset = write_kernel_result(results, "subset.json", "2026-07-01T00:00:00+00:00", {"scattermoe_triton": 99.0})
     payload = json.loads(subset.read_text())
     subset.write_text(json.dumps({**payload, "suite": "full-subset"}))
@@ -271,8 +271,8 @@ def test_a_subset_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path
 
 @pytest.mark.parametrize("ms", [float("nan"), 0.0, -1.0, None], ids=["nan", "zero", "negative", "none"])
 def test_a_row_without_a_valid_time_is_not_measured_anywhere(tmp_path, ms):
-    path = write_kernel_result(tmp_path, "r.json", "2026-06-01T00:00:00+00:00", {"scattermoe_triton": 10.0,
-                                                                       "torch_grouped_mm": 15.0})
+    path = write_kernel_result(tmp_path, "r.json", "2026-06-01T00:00:00+00:00",
+                               {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
     payload = json.loads(path.read_text())
     payload["rows"][0]["ms"] = ms
     payload = json.loads(json.dumps(payload))
@@ -287,7 +287,7 @@ def test_report_and_plot_refuse_malformed_files_in_one_line(tmp_path, capsys):
     from bench import plot
 
     good = json.loads(write_kernel_result(tmp_path, "g.json", "2026-06-01T00:00:00+00:00",
-                                 {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0}).read_text())
+                                          {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0}).read_text())
     duplicate = {**good, "rows": good["rows"] + good["rows"][:1]}
     cases = {"dup.json": (duplicate, "two rows for"), "list.json": ([good], "no 'rows' list"),
              "nocreated.json": ({**good, "created": None}, "missing created"),

@@ -750,9 +750,9 @@ def test_learning_rate_schedule_warms_up_then_decays_to_its_floor():
 def test_a_run_bounded_by_seconds_decays_over_the_time_it_has_spent(tmp_path, monkeypatch):
     """train() with --seconds only hands lr_at the fraction of the budget spent before each step: on a clock that
     moves 1 s a step, a 4 s budget runs 4 steps at fractions 0, 1/4, 1/2, 3/4 (the training itself replaced)."""
-    import jetmoe.train as jt
-
     from types import SimpleNamespace
+
+    import jetmoe.train as jt
 
     clock = [100.0]
     monkeypatch.setattr(jt, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # train.py's clock only
