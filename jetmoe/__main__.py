@@ -380,6 +380,9 @@ def _train(args, demo: bool) -> None:
 
     if args.eval_every and not args.val_fraction:  # before any work
         raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
+    if getattr(args, "sharded_optimizer_state", False) and not args.fsdp:
+        raise CLIError("--sharded-optimizer-state: needs --fsdp (under DDP every process holds the whole optimizer "
+                       "state, so there are no shards to write)")
     device = pick_device(args.device)
     amp_dtype = amp_dtype_for(args.amp, device)
     backend = pick_backend(args.backend, device, amp_dtype or torch.float32)
@@ -398,6 +401,7 @@ def _train(args, demo: bool) -> None:
                       seq_len=args.seq_len, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup,
                       save_every=args.save_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
                       progress=not args.no_progress, fsdp=getattr(args, "fsdp", False),
+                      sharded_optimizer_state=getattr(args, "sharded_optimizer_state", False),
                       grad_checkpoint=getattr(args, "grad_checkpoint", False), val_fraction=args.val_fraction,
                       eval_every=args.eval_every, eval_windows=args.eval_windows, amp=amp_dtype is not None)
     if cfg.steps is None and cfg.seconds is None:
@@ -534,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
                    "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 128 GB); "
                    "under --amp the decoder layers are gathered in bfloat16")
+    t.add_argument("--sharded-optimizer-state", action="store_true",
+                   help="with --fsdp: each process writes its own shards of the optimizer state "
+                   "(torch.distributed.checkpoint, in OUT/optimizer_dcp) instead of gathering it to rank 0 "
+                   "(JetMoE-8B: 68 GB); the weights are still gathered into the HF layout. Any mode and process "
+                   "count resumes from it")
     t.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each decoder layer's activations in the backward instead of keeping them "
                    "(less memory for one more forward's compute)")

@@ -12,7 +12,11 @@ DDP keeps a whole replica per process: fp32 weights, gradients and two Adam mome
 128 GB for JetMoE-8B, more than a GPU holds. ``fsdp=True`` shards all four over the processes instead
 (FSDP2 ``fully_shard``, each decoder layer a unit: 16 GB per GPU over 8), with the same losses: FSDP's
 reduce-scatter averages gradients as DDP's all-reduce does. Checkpoints are the same files either way (HF
-layout and one full optimizer state, gathered to rank 0), so a run can resume in the other mode.
+layout and one full optimizer state, gathered to rank 0), so a run can resume in the other mode. With
+``sharded_optimizer_state`` (FSDP only) each rank writes its own shards of the optimizer state instead
+(torch.distributed.checkpoint, in out_dir/optimizer_dcp): rank 0 no longer holds all of it (JetMoE-8B: 68 GB
+on the host, besides the 34 GB of gathered weights), and any mode and process count resumes from it (DCP
+reshards on load).
 
 Under bf16 autocast, FSDP gathers each decoder layer's weights in bf16 (a MixedPrecisionPolicy; gradients are
 reduce-scattered in fp32 into the fp32 shards): half the all-gather traffic of fp32, and, without recomputation,
@@ -28,6 +32,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import sysconfig
@@ -40,6 +45,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -54,6 +60,7 @@ from .model import JetMoEForCausalLM
 from .tokenizer import Tokenizer
 
 TRAINER_STATE = "trainer_state.pt"
+OPTIMIZER_DCP = "optimizer_dcp"  # with sharded_optimizer_state: the optimizer's shards (a DCP checkpoint directory)
 TRAIN_LOG = "train_log.jsonl"
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 
@@ -79,6 +86,7 @@ class TrainConfig:
     amp: Optional[bool] = None  # bf16 autocast; None: on for CUDA
     progress: bool = True  # tqdm bar on rank 0
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
+    sharded_optimizer_state: bool = False  # with fsdp: save the optimizer state shard by shard, not gathered to rank 0
     grad_checkpoint: bool = False  # recompute each decoder layer's activations in the backward
     val_fraction: float = 0.0  # hold out the token stream's last fraction: a validation loss on text never trained on
     eval_every: int = 0  # steps between validation losses (0: at the end only); needs val_fraction
@@ -313,6 +321,26 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
+def save_sharded_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Every rank writes its own part of the optimizer state (its shards under FSDP) to the directory ``path``
+    (torch.distributed.checkpoint); nothing is gathered. A collective when distributed; a directory left there
+    by a save cut short is replaced."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()  # no rank writes before the old files are gone
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=path)
+
+
+def load_sharded_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Inverse of save_sharded_optimizer_state, in any mode and process count: each rank reads what its
+    parameters hold (its shards under FSDP, the whole state otherwise). A collective when distributed."""
+    # The current layout to fill in (an optimizer that has not stepped gets its Adam moments made, zero, first).
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)  # in place: into the optimizer's own tensors (or copies of them)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])  # and the param groups
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor],
                grad_clip: float, amp_dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
     """One optimizer step over A micro-batches [B, S] (loss + aux loss, averaged over them).
@@ -362,23 +390,35 @@ def init_distributed(device: torch.device) -> Tuple[int, int]:
 
 def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
                     tokenizer: Optional[Tokenizer] = None, sharded: bool = False) -> None:
-    """HF layout in out_dir (loadable by transformers) plus trainer_state.pt (optimizer, step) beside it.
-    Every rank calls it when ``sharded`` (weights and optimizer state are gathered to rank 0, which writes);
-    otherwise only the rank that writes."""
+    """HF layout in out_dir (loadable by transformers) plus trainer_state.pt (optimizer, step) beside it, or,
+    with cfg.sharded_optimizer_state, the optimizer state in out_dir/optimizer_dcp, written by every rank.
+    Every rank calls it when ``sharded`` (the weights, and the optimizer state unless it is saved sharded, are
+    gathered to rank 0, which writes them); otherwise only the rank that writes."""
+    out = Path(cfg.out_dir)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
         if sharded else None
-    optimizer_sd = optimizer_state(model, optimizer, sharded)
-    if optimizer_sd is None:  # not rank 0
-        return
-    out = Path(cfg.out_dir)
+    optimizer_sd = None
+    if cfg.sharded_optimizer_state:  # beside the last checkpoint, which stays whole until this one is written
+        save_sharded_optimizer_state(model, optimizer, out / (OPTIMIZER_DCP + ".tmp"))
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+    else:
+        optimizer_sd = optimizer_state(model, optimizer, sharded)
+        if optimizer_sd is None:  # not rank 0
+            return
     # The weights are replaced file by file: a save cut short (killed, out of disk) would leave new and old
     # shards beside the old step's optimizer state. Without trainer_state.pt until the end it is not resumable.
     (out / TRAINER_STATE).unlink(missing_ok=True)
     model.save_pretrained(out, state_dict=weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    shutil.rmtree(out / OPTIMIZER_DCP, ignore_errors=True)  # the last checkpoint's, whichever format this one has
+    if cfg.sharded_optimizer_state:
+        os.replace(out / (OPTIMIZER_DCP + ".tmp"), out / OPTIMIZER_DCP)
     tmp = out / (TRAINER_STATE + ".tmp")
-    torch.save({"step": step, "optimizer": optimizer_sd, "train_config": dataclasses.asdict(cfg)}, tmp)
+    torch.save({"step": step, "optimizer": optimizer_sd,
+                "optimizer_dir": OPTIMIZER_DCP if cfg.sharded_optimizer_state else None,
+                "train_config": dataclasses.asdict(cfg)}, tmp)
     os.replace(tmp, out / TRAINER_STATE)
 
 
@@ -433,6 +473,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         raise ValueError("train: give steps or seconds (or both)")
     if cfg.eval_every and not cfg.val_fraction:
         raise ValueError("train: eval_every needs a held-out part (val_fraction > 0)")
+    if cfg.sharded_optimizer_state and not cfg.fsdp:  # under DDP every rank holds the whole state: nothing to shard
+        raise ValueError("train: sharded_optimizer_state needs fsdp")
     tokens, val_windows = split_corpus(tokens, cfg)  # before any output, not at the first step
     device = next(model.parameters()).device
     rank, world = init_distributed(device)
@@ -453,7 +495,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     if cfg.resume:
         load_weights(model, cfg.out_dir, progress=None if rank == 0 else False)  # every rank, before any sharding
         # Sharded: memory-mapped on the host, so that only rank 0, which broadcasts it, reads the optimizer
-        # state (JetMoE-8B's is 64 GB); the others take the step.
+        # state (JetMoE-8B's is 68 GB); the others take the step.
         state = torch.load(state_path, map_location="cpu" if sharded else device, weights_only=True, mmap=sharded)
         step = state["step"]
         if cfg.steps is None and rank == 0:
@@ -476,7 +518,10 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                   f"parameter elements{gathered}", flush=True)
     optimizer = make_optimizer(model, cfg)
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"], sharded)  # sharded: read on rank 0 only
+        if state.get("optimizer_dir"):  # saved shard by shard: each rank reads its part
+            load_sharded_optimizer_state(model, optimizer, Path(cfg.out_dir) / state["optimizer_dir"])
+        else:
+            load_optimizer_state(model, optimizer, state["optimizer"], sharded)  # sharded: read on rank 0 only
         state = None
         if rank == 0:
             done = cfg.steps is not None and step >= cfg.steps

@@ -24,7 +24,9 @@ import scattermoe
 from jetmoe import ByteTokenizer, JetMoEConfig, JetMoEForCausalLM
 from jetmoe.__main__ import main
 from jetmoe.train import (
+    OPTIMIZER_DCP,
     TRAIN_LOG,
+    TRAINER_STATE,
     TrainConfig,
     eval_windows,
     evaluate,
@@ -277,7 +279,9 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
     resume to 4. The checkpoints are the same files either way (weights gathered into the HF layout, the
     optimizer state into the unsharded format), so each mode resumes the other's: one process from FSDP's step
     2, FSDP from one process's. Recomputation (--grad-checkpoint) on in the FSDP run, off in the cross resume.
-    A held-out loss every 2 steps, the sharded model's windows split over the ranks, matches one process's."""
+    With --sharded-optimizer-state each rank writes its own shard of the optimizer state instead (DCP), and FSDP
+    and one process resume from those files too. A held-out loss every 2 steps, the sharded model's windows split
+    over the ranks, matches one process's."""
     common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"),
               "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--warmup", "2", "--no-progress",
               "--device", "cpu", "--val-fraction", "0.2", "--eval-every", "2", "--eval-windows", "4"]
@@ -285,8 +289,8 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
     fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jetmoe",
             *common, "--fsdp", "--grad-accum", "2"]
     root = tiny_ckpt.parent
-    plain, sharded, fsdp_then_one, one_then_fsdp = (root / n for n in ("plain", "sharded", "fsdp_then_one",
-                                                                       "one_then_fsdp"))
+    plain, sharded, fsdp_then_one, one_then_fsdp, dcp, dcp_then_one = (
+        root / n for n in ("plain", "sharded", "fsdp_then_one", "one_then_fsdp", "dcp", "dcp_then_one"))
 
     def run(cmd, out, steps, *extra):
         r = _run([*cmd, "--steps", steps, "--out", str(out), *extra])
@@ -306,10 +310,25 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
     run(fsdp, sharded, "4", "--grad-checkpoint", "--resume")
     run(one, fsdp_then_one, "4", "--resume")
     run(fsdp, one_then_fsdp, "4", "--resume")
+
+    run(fsdp, dcp, "2", "--sharded-optimizer-state")
+    state = torch.load(dcp / TRAINER_STATE, weights_only=True)
+    assert state["step"] == 2 and state["optimizer"] is None and state["optimizer_dir"] == OPTIMIZER_DCP, state
+    shards = sorted(p.name for p in (dcp / OPTIMIZER_DCP).iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
+    sizes = [(dcp / OPTIMIZER_DCP / n).stat().st_size for n in shards[1:]]
+    assert max(sizes) < 0.7 * sum(sizes), sizes  # each rank wrote its own part, not the whole state
+    assert not (dcp / (OPTIMIZER_DCP + ".tmp")).exists()
+    shutil.copytree(dcp, dcp_then_one)
+    run(fsdp, dcp, "4", "--sharded-optimizer-state", "--resume")
+    run(one, dcp_then_one, "4", "--resume")  # saved gathered this time: the sharded files go
+    assert not (dcp_then_one / OPTIMIZER_DCP).exists()
+    assert torch.load(dcp_then_one / TRAINER_STATE, weights_only=True)["optimizer_dir"] is None
+
     logs = {d.name: [json.loads(line) for line in (d / TRAIN_LOG).read_text().splitlines()]
-            for d in (plain, sharded, fsdp_then_one, one_then_fsdp)}
+            for d in (plain, sharded, fsdp_then_one, one_then_fsdp, dcp, dcp_then_one)}
     print({name: [round(r["loss"], 6) for r in log] for name, log in logs.items()})
-    for name in ("sharded", "fsdp_then_one", "one_then_fsdp"):
+    for name in ("sharded", "fsdp_then_one", "one_then_fsdp", "dcp", "dcp_then_one"):
         assert [r["step"] for r in logs[name]] == [1, 2, 3, 4], (name, logs[name])
         for a, b in zip(logs["plain"], logs[name]):
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (name, a, b)
@@ -319,7 +338,7 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
             if "val_loss" in a:
                 assert abs(a["val_loss"] - b["val_loss"]) <= 1e-5 * a["val_loss"], (name, a, b)
     want = JetMoEForCausalLM.from_pretrained(plain).state_dict()
-    for d in (sharded, fsdp_then_one, one_then_fsdp):
+    for d in (sharded, fsdp_then_one, one_then_fsdp, dcp, dcp_then_one):
         got = JetMoEForCausalLM.from_pretrained(d).state_dict()
         for name, p in want.items():
             assert_close(got[name], p, 1e-5, f"{d.name}: {name}")
@@ -442,6 +461,7 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     (["train", "--model", "jetmoe-8b", "--steps", "1", "--device", "cpu"], "needs a 32000-token tokenizer"),
     (["train", "--model", "no_such_preset", "--steps", "1", "--device", "cpu"], "not a preset (jetmoe-8b, tiny)"),
     (["train", "--eval-every", "5", "--steps", "1", "--device", "cpu"], "--eval-every: needs a held-out part"),
+    (["train", "--sharded-optimizer-state", "--steps", "1"], "--sharded-optimizer-state: needs --fsdp"),
     (["train", "--val-fraction", "1", "--steps", "1"], "argument --val-fraction: expected a value >= 0 and < 1"),
     (["eval", "--seq-len", "1"], "argument --seq-len: expected a value >= 2"),
     (["train", "--seq-len", "1", "--steps", "1"], "argument --seq-len: expected a value >= 2"),  # nothing to predict
