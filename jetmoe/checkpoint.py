@@ -255,18 +255,23 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], pr
 
 
 def save_pretrained(model: JetMoEForCausalLM, out_dir: Union[str, os.PathLike],
-                    max_shard_size: int = 5 * 1024 ** 3, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+                    max_shard_size: int = 5 * 1024 ** 3, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                    write: bool = True) -> None:
     """Write config.json and the weights (shards of at most max_shard_size bytes + index when bigger).
 
     Tensors go to the host one shard at a time. Each file is written under a temporary name and renamed;
     then weight files of an earlier save in the same directory are removed (a stale index would win).
-    state_dict: the weights to write (names as model.state_dict()'s), e.g. gathered from an FSDP-sharded
-    model, whose own are shards; default: model.state_dict().
+    state_dict: the weights to write (names as model.state_dict()'s); default: model.state_dict(). Those of
+    an FSDP2-sharded model are DTensors: each is gathered whole as its file is written, so the writing rank
+    holds one file's tensors at a time, not the whole model. Gathering is a collective: then every rank calls
+    this, with ``write`` true on the one that writes.
     """
     from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     state = dict(state_dict) if state_dict is not None else model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers' layout: tied weights stored once
@@ -283,12 +288,20 @@ def save_pretrained(model: JetMoEForCausalLM, out_dir: Union[str, os.PathLike],
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
     for shard, file in zip(shards, names):
-        host = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
+        host = {}
+        for k, v in shard.items():
+            whole = v.full_tensor() if isinstance(v, DTensor) else v  # a DTensor's: a collective, on every rank
+            if write:
+                host[k] = whole.detach().to("cpu").contiguous()
+        if not write:
+            continue
         save_file(host, str(out / (file + ".tmp")), metadata={"format": "pt"})
         os.replace(out / (file + ".tmp"), out / file)
         weight_map.update(dict.fromkeys(shard, file))
         total += sum(v.numel() * v.element_size() for v in host.values())
         del host
+    if not write:
+        return
     if len(shards) > 1:
         _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     for stale in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:  # after the new files are in place

@@ -12,11 +12,11 @@ DDP keeps a whole replica per process: fp32 weights, gradients and two Adam mome
 128 GB for JetMoE-8B, more than a GPU holds. ``fsdp=True`` shards all four over the processes instead
 (FSDP2 ``fully_shard``, each decoder layer a unit: 16 GB per GPU over 8), with the same losses: FSDP's
 reduce-scatter averages gradients as DDP's all-reduce does. Checkpoints are the same files either way (HF
-layout and one full optimizer state, gathered to rank 0), so a run can resume in the other mode. With
-``sharded_optimizer_state`` (FSDP only) each rank writes its own shards of the optimizer state instead
-(torch.distributed.checkpoint, in out_dir/optimizer_dcp): rank 0 no longer holds all of it (JetMoE-8B: 68 GB
-on the host, besides the 34 GB of gathered weights), and any mode and process count resumes from it (DCP
-reshards on load).
+layout and one full optimizer state, gathered to rank 0), so a run can resume in the other mode. FSDP
+gathers the weights to rank 0 one file (at most 5 GB) at a time, but the optimizer state whole (JetMoE-8B: 68
+GB of host memory). With ``sharded_optimizer_state`` each rank writes its own shards of it instead
+(torch.distributed.checkpoint, in out_dir/optimizer_dcp), and any mode and process count resumes from them
+(DCP reshards on load).
 
 Under bf16 autocast, FSDP gathers each decoder layer's weights in bf16 (a MixedPrecisionPolicy; gradients are
 reduce-scattered in fp32 into the fp32 shards): half the all-gather traffic of fp32, and, without recomputation,
@@ -48,14 +48,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import load_weights
+from .checkpoint import load_weights, save_pretrained
 from .model import JetMoEForCausalLM
 from .tokenizer import Tokenizer
 
@@ -392,24 +391,32 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
                     tokenizer: Optional[Tokenizer] = None, sharded: bool = False) -> None:
     """HF layout in out_dir (loadable by transformers) plus trainer_state.pt (optimizer, step) beside it, or,
     with cfg.sharded_optimizer_state, the optimizer state in out_dir/optimizer_dcp, written by every rank.
-    Every rank calls it when ``sharded`` (the weights, and the optimizer state unless it is saved sharded, are
-    gathered to rank 0, which writes them); otherwise only the rank that writes."""
+    Every rank calls it when ``sharded``: the weights are gathered to rank 0 one file (at most 5 GB) at a time,
+    and the optimizer state, unless saved sharded, whole; rank 0 writes them. Otherwise only the rank that
+    writes calls it."""
     out = Path(cfg.out_dir)
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-        if sharded else None
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if sharded:
+        # FSDP keeps the root's parameters gathered after a forward without a backward (an evaluation just
+        # before this save): the state dicts below need the shards, which the optimizer's state is keyed by.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
     optimizer_sd = None
     if cfg.sharded_optimizer_state:  # beside the last checkpoint, which stays whole until this one is written
         save_sharded_optimizer_state(model, optimizer, out / (OPTIMIZER_DCP + ".tmp"))
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
     else:
-        optimizer_sd = optimizer_state(model, optimizer, sharded)
-        if optimizer_sd is None:  # not rank 0
-            return
+        optimizer_sd = optimizer_state(model, optimizer, sharded)  # None off rank 0
     # The weights are replaced file by file: a save cut short (killed, out of disk) would leave new and old
     # shards beside the old step's optimizer state. Without trainer_state.pt until the end it is not resumable.
-    (out / TRAINER_STATE).unlink(missing_ok=True)
-    model.save_pretrained(out, state_dict=weights)
+    if rank0:
+        (out / TRAINER_STATE).unlink(missing_ok=True)
+    if sharded:  # every rank gathers the weights, one file's worth at a time; rank 0 writes them
+        save_pretrained(model, out, state_dict=model.state_dict(), write=rank0)
+    elif rank0:
+        model.save_pretrained(out)
+    if not rank0:
+        return
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     shutil.rmtree(out / OPTIMIZER_DCP, ignore_errors=True)  # the last checkpoint's, whichever format this one has

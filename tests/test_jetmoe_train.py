@@ -428,6 +428,38 @@ def test_fsdp_gathers_the_layers_in_bf16_and_keeps_no_copy_of_their_weights_for_
     assert held_fp32 - held_bf16 == layer_matrices
 
 
+def test_a_sharded_model_is_saved_one_file_at_a_time_as_the_unsharded_one_is(tmp_path):
+    """save_pretrained of an FSDP2-sharded model (its parameters DTensors, each gathered as its file is written,
+    so the writing rank holds one file's tensors at a time) writes the same bytes, files and index as the
+    unsharded model, here split into several files; on a rank that does not write (write=False), nothing."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from jetmoe.checkpoint import save_pretrained
+    from jetmoe.train import shard_model
+
+    base = JetMoEForCausalLM(BYTES)
+    save_pretrained(base, tmp_path / "plain", max_shard_size=40_000)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = copy.deepcopy(base)
+        shard_model(model)
+        state = model.state_dict()
+        assert all(isinstance(state[n], DTensor) for n, _ in model.named_parameters())
+        save_pretrained(model, tmp_path / "not_written", max_shard_size=40_000, state_dict=state, write=False)
+        save_pretrained(model, tmp_path / "sharded", max_shard_size=40_000, state_dict=state)
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "not_written").exists()
+    files = sorted(f.name for f in (tmp_path / "plain").iterdir())
+    assert sum(f.endswith(".safetensors") for f in files) >= 4 and "model.safetensors.index.json" in files, files
+    assert sorted(f.name for f in (tmp_path / "sharded").iterdir()) == files
+    for f in files:
+        assert (tmp_path / "sharded" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
+
+
 # ---------------------------------------------------------------- CLI
 
 
