@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --fsdp: each process writes its own shards of the optimizer state "
                    "(torch.distributed.checkpoint, in OUT/optimizer_dcp) instead of gathering it to rank 0 "
                    "(JetMoE-8B: 68 GB); the weights are still gathered into the HF layout. Any mode and process "
-                   "count resumes from it")
+                   "count resumes from it. Over several nodes, OUT must be a filesystem they all share")
     t.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each decoder layer's activations in the backward instead of keeping them "
                    "(less memory for one more forward's compute)")

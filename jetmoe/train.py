@@ -370,7 +370,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
 
 
 # Rank 0 writes a checkpoint (JetMoE-8B: 34 GB of weights, 68 GB of optimizer state) while the others wait at
-# a barrier: more than the default 10 minutes on slow storage.
+# a barrier (under FSDP they first take part in gathering it): more than the default 10 minutes on slow storage.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 
 
@@ -419,9 +419,17 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
         return
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    shutil.rmtree(out / OPTIMIZER_DCP, ignore_errors=True)  # the last checkpoint's, whichever format this one has
+    # The last checkpoint's sharded optimizer state, whichever format this one has, and the leftovers of a save
+    # cut short: moved aside first, so that a directory rmtree cannot empty (e.g. NFS's .nfs files of a file
+    # still open) never blocks the new one's rename.
+    dcp_dir, new_dcp, old_dcp = (out / (OPTIMIZER_DCP + suffix) for suffix in ("", ".tmp", ".old"))
+    shutil.rmtree(old_dcp, ignore_errors=True)
+    if dcp_dir.exists():
+        os.replace(dcp_dir, old_dcp)
     if cfg.sharded_optimizer_state:
-        os.replace(out / (OPTIMIZER_DCP + ".tmp"), out / OPTIMIZER_DCP)
+        os.replace(new_dcp, dcp_dir)
+    for leftover in (old_dcp, new_dcp):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = out / (TRAINER_STATE + ".tmp")
     torch.save({"step": step, "optimizer": optimizer_sd,
                 "optimizer_dir": OPTIMIZER_DCP if cfg.sharded_optimizer_state else None,

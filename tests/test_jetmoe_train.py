@@ -279,8 +279,8 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
     resume to 4. The checkpoints are the same files either way (weights gathered into the HF layout, the
     optimizer state into the unsharded format), so each mode resumes the other's: one process from FSDP's step
     2, FSDP from one process's. Recomputation (--grad-checkpoint) on in the FSDP run, off in the cross resume.
-    With --sharded-optimizer-state each rank writes its own shard of the optimizer state instead (DCP), and FSDP
-    and one process resume from those files too. A held-out loss every 2 steps, the sharded model's windows split
+    With --sharded-optimizer-state each rank writes its own shard of the optimizer state instead (DCP), and FSDP,
+    DDP and one process resume from those files too. A held-out loss every 2 steps, the sharded model's windows split
     over the ranks, matches one process's."""
     common = ["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"),
               "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--warmup", "2", "--no-progress",
@@ -289,8 +289,10 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
     fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jetmoe",
             *common, "--fsdp", "--grad-accum", "2"]
     root = tiny_ckpt.parent
-    plain, sharded, fsdp_then_one, one_then_fsdp, dcp, dcp_then_one = (
-        root / n for n in ("plain", "sharded", "fsdp_then_one", "one_then_fsdp", "dcp", "dcp_then_one"))
+    ddp = [a for a in fsdp if a != "--fsdp"]
+    plain, sharded, fsdp_then_one, one_then_fsdp, dcp, dcp_then_one, dcp_then_ddp = (
+        root / n for n in ("plain", "sharded", "fsdp_then_one", "one_then_fsdp", "dcp", "dcp_then_one",
+                           "dcp_then_ddp"))
 
     def run(cmd, out, steps, *extra):
         r = _run([*cmd, "--steps", steps, "--out", str(out), *extra])
@@ -320,15 +322,18 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
     assert max(sizes) < 0.7 * sum(sizes), sizes  # each rank wrote its own part, not the whole state
     assert not (dcp / (OPTIMIZER_DCP + ".tmp")).exists()
     shutil.copytree(dcp, dcp_then_one)
+    shutil.copytree(dcp, dcp_then_ddp)
+    (dcp_then_one / (OPTIMIZER_DCP + ".tmp")).mkdir()  # as a save cut short would leave it
     run(fsdp, dcp, "4", "--sharded-optimizer-state", "--resume")
-    run(one, dcp_then_one, "4", "--resume")  # saved gathered this time: the sharded files go
-    assert not (dcp_then_one / OPTIMIZER_DCP).exists()
+    run(one, dcp_then_one, "4", "--resume")  # saved gathered this time: the sharded files go, leftovers too
+    assert not any(p.name.startswith(OPTIMIZER_DCP) for p in dcp_then_one.iterdir())
     assert torch.load(dcp_then_one / TRAINER_STATE, weights_only=True)["optimizer_dir"] is None
+    run(ddp, dcp_then_ddp, "4", "--resume")  # dcp.load under a process group, into whole (unsharded) tensors
 
     logs = {d.name: [json.loads(line) for line in (d / TRAIN_LOG).read_text().splitlines()]
-            for d in (plain, sharded, fsdp_then_one, one_then_fsdp, dcp, dcp_then_one)}
+            for d in (plain, sharded, fsdp_then_one, one_then_fsdp, dcp, dcp_then_one, dcp_then_ddp)}
     print({name: [round(r["loss"], 6) for r in log] for name, log in logs.items()})
-    for name in ("sharded", "fsdp_then_one", "one_then_fsdp", "dcp", "dcp_then_one"):
+    for name in ("sharded", "fsdp_then_one", "one_then_fsdp", "dcp", "dcp_then_one", "dcp_then_ddp"):
         assert [r["step"] for r in logs[name]] == [1, 2, 3, 4], (name, logs[name])
         for a, b in zip(logs["plain"], logs[name]):
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (name, a, b)
@@ -338,7 +343,7 @@ def test_fsdp_two_processes_match_one_process_and_resume_in_either_mode(tiny_ckp
             if "val_loss" in a:
                 assert abs(a["val_loss"] - b["val_loss"]) <= 1e-5 * a["val_loss"], (name, a, b)
     want = JetMoEForCausalLM.from_pretrained(plain).state_dict()
-    for d in (sharded, fsdp_then_one, one_then_fsdp, dcp, dcp_then_one):
+    for d in (sharded, fsdp_then_one, one_then_fsdp, dcp, dcp_then_one, dcp_then_ddp):
         got = JetMoEForCausalLM.from_pretrained(d).state_dict()
         for name, p in want.items():
             assert_close(got[name], p, 1e-5, f"{d.name}: {name}")
