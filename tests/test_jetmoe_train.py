@@ -433,36 +433,47 @@ def test_fsdp_gathers_the_layers_in_bf16_and_keeps_no_copy_of_their_weights_for_
     assert held_fp32 - held_bf16 == layer_matrices
 
 
-def test_a_sharded_model_is_saved_one_file_at_a_time_as_the_unsharded_one_is(tmp_path):
-    """save_pretrained of an FSDP2-sharded model (its parameters DTensors, each gathered as its file is written,
-    so the writing rank holds one file's tensors at a time) writes the same bytes, files and index as the
-    unsharded model, here split into several files; on a rank that does not write (write=False), nothing."""
-    import copy
+SAVE_SHARDED = """
+import sys
+from pathlib import Path
 
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
+from jetmoe import JetMoEForCausalLM
+from jetmoe.checkpoint import save_pretrained
+from jetmoe.train import shard_model
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = JetMoEForCausalLM.from_pretrained(sys.argv[1])
+shard_model(model)
+state = model.state_dict()
+assert all(isinstance(state[n], DTensor) for n, _ in model.named_parameters())
+save_pretrained(model, Path(sys.argv[2]) / f"rank{rank}", max_shard_size=40_000, state_dict=state, write=rank == 0)
+dist.destroy_process_group()
+"""
+
+
+def test_a_sharded_model_is_saved_one_file_at_a_time_as_the_unsharded_one_is(tiny_ckpt):
+    """save_pretrained of an FSDP2-sharded model over 2 processes (its parameters DTensors, each gathered as its
+    file is written, so the writing rank holds one file's tensors at a time) writes the same bytes, files and
+    index as the unsharded model, here split into several files; the rank that does not write (write=False)
+    takes part in the gathers and writes nothing."""
     from jetmoe.checkpoint import save_pretrained
-    from jetmoe.train import shard_model
 
-    base = JetMoEForCausalLM(BYTES)
-    save_pretrained(base, tmp_path / "plain", max_shard_size=40_000)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        model = copy.deepcopy(base)
-        shard_model(model)
-        state = model.state_dict()
-        assert all(isinstance(state[n], DTensor) for n, _ in model.named_parameters())
-        save_pretrained(model, tmp_path / "not_written", max_shard_size=40_000, state_dict=state, write=False)
-        save_pretrained(model, tmp_path / "sharded", max_shard_size=40_000, state_dict=state)
-    finally:
-        dist.destroy_process_group()
-    assert not (tmp_path / "not_written").exists()
-    files = sorted(f.name for f in (tmp_path / "plain").iterdir())
+    root = tiny_ckpt.parent
+    save_pretrained(JetMoEForCausalLM.from_pretrained(tiny_ckpt), root / "plain", max_shard_size=40_000)
+    (root / "save_sharded.py").write_text(SAVE_SHARDED)
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              str(root / "save_sharded.py"), str(tiny_ckpt), str(root / "sharded")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (root / "sharded" / "rank1").exists()
+    files = sorted(f.name for f in (root / "plain").iterdir())
     assert sum(f.endswith(".safetensors") for f in files) >= 4 and "model.safetensors.index.json" in files, files
-    assert sorted(f.name for f in (tmp_path / "sharded").iterdir()) == files
+    assert sorted(f.name for f in (root / "sharded" / "rank0").iterdir()) == files
     for f in files:
-        assert (tmp_path / "sharded" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
+        assert (root / "sharded" / "rank0" / f).read_bytes() == (root / "plain" / f).read_bytes(), f
 
 
 # ---------------------------------------------------------------- CLI
