@@ -434,6 +434,7 @@ def test_fsdp_gathers_the_layers_in_bf16_and_keeps_no_copy_of_their_weights_for_
 
 
 SAVE_SHARDED = """
+import gc
 import sys
 from pathlib import Path
 
@@ -451,6 +452,11 @@ shard_model(model)
 state = model.state_dict()
 assert all(isinstance(state[n], DTensor) for n, _ in model.named_parameters())
 save_pretrained(model, Path(sys.argv[2]) / f"rank{rank}", max_shard_size=40_000, state_dict=state, write=rank == 0)
+# As jetmoe's CLI does: FSDP's hooks hold the group through reference cycles, and a gloo group still alive at
+# interpreter teardown can abort the process ("terminate called without an active exception").
+del model, state
+gc.collect()
+dist.barrier()
 dist.destroy_process_group()
 """
 
