@@ -128,7 +128,8 @@ def _router_aux_and_moe(x, router, w_in, w_out):
 # Measured on torch 2.13.0 (CPU): inductor schedules the kernel that adds the aux losses' gradient to the top-k
 # backward's scattered gate gradient before the scatter that writes the latter, so the router's weight gets
 # the aux losses' gradient alone (its gates' part, most of it, is lost). Not ours: the same graph in plain
-# torch (without scattermoe) does it too, and torch 2.14.1 compiles both right. The README says so.
+# torch (without scattermoe) does it too, and torch 2.11.0, 2.12.1 and 2.14.1 compile both right (this test
+# passes on each, CPU, 2026-12-01). The README says so.
 @pytest.mark.xfail(torch.__version__.startswith("2.13."), strict=True, raises=AssertionError,
                    reason="torch 2.13's inductor drops the router's gate gradient beside the aux losses")
 def test_inductor_keeps_the_router_gate_gradient_beside_the_aux_losses():
