@@ -13,6 +13,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before scattermoe imports Triton
 
+import contextlib
 import copy
 
 import pytest
@@ -150,6 +151,27 @@ def _assert_same_loss_and_grads(model, ref, ids):
     return ref_out
 
 
+@contextlib.contextmanager
+def _skipped_where_transformers_fails_unpatched(ref, ids):
+    """An exception inside skips the test when transformers' own, unpatched model raises the same on the same
+    calls (a training forward with labels, then generate): nothing to compare then. Seen with transformers
+    5.17.0, the GPU image's (2026-12-01): Mixtral-style load_balancing_loss_func breaks in generate's decode
+    steps (one token's router logits against the whole attention mask), and GraniteMoe records no router
+    logits (its aux loss comes back as the int 0). The pinned 5.23.0 has neither."""
+    try:
+        yield
+    except Exception as exc:
+        try:
+            ref(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        except Exception as ref_exc:  # noqa: BLE001 - compared with exc's type just below
+            if type(ref_exc) is type(exc):
+                pytest.skip(f"transformers {transformers.__version__}'s own unpatched model fails the same way: "
+                            f"{type(ref_exc).__name__}: {ref_exc}")
+        raise
+
+
 FAMILIES = list(integrations.SUPPORTED_FAMILIES)
 
 
@@ -162,10 +184,10 @@ def test_patched_matches_unpatched(family, tmp_path):
     # Parameters are the same tensors under the same names (nothing copied by the patch).
     assert list(model.state_dict()) == list(ref.state_dict())
     ids = _ids()
-    ref_out = _assert_same_loss_and_grads(model, ref, ids)
-
-    with torch.no_grad(), scattermoe.use_backend("torch"):
-        gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with _skipped_where_transformers_fails_unpatched(ref, ids):
+        ref_out = _assert_same_loss_and_grads(model, ref, ids)
+        with torch.no_grad(), scattermoe.use_backend("torch"):
+            gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         ref_gen = ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(gen, ref_gen)

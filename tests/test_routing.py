@@ -221,6 +221,7 @@ def test_router_z_loss_of_zero_logits_is_log_E_squared():
 
 # ---- the one-launch counting sort flatten_sort_count uses on CUDA for few rows (Triton, interpreted here) ----
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, E, K, case", [s for s in ROUTING_SHAPES if s[0] > 0] + [
     (1024, 8, 2, "random"),   # the largest JetMoE N that fits (N * E = 16384), BLOCK = N
     (23, 64, 8, "random"),    # fine-grained: most experts hold a row or two, N not a power of two
@@ -239,6 +240,7 @@ def test_fused_sort_by_expert_matches_reference(T, E, K, case, index_dtype, monk
         assert g.dtype == torch.int64 and torch.equal(g, w), f"{name}: {g.tolist()} != reference {w.tolist()}"
 
 
+@pytest.mark.interpreter
 def test_fused_sort_by_expert_places_out_of_range_ids_after_every_expert(monkeypatch):
     # On CUDA ids are range-checked only in debug mode; a bad id must still leave every output written and
     # no expert's range holding it (the GEMMs then never read its row).
@@ -285,6 +287,7 @@ def test_flatten_sort_count_takes_the_fused_path_only_on_cuda(monkeypatch):
 ignore_padding_lane_warnings = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
+@pytest.mark.interpreter
 @ignore_padding_lane_warnings
 @pytest.mark.parametrize("T, E, K", [(1, 8, 2), (7, 3, 3), (300, 8, 2), (5, 1, 1), (33, 64, 8), (9, 128, 8),
                                      (3, 100, 4), (0, 8, 2)])
@@ -302,6 +305,7 @@ def test_fused_topk_softmax_matches_torch(T, E, K, dtype):
     torch.testing.assert_close(gates, torch.softmax(values, -1), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.interpreter
 @ignore_padding_lane_warnings
 def test_fused_topk_softmax_picks_distinct_valid_experts_whatever_the_logits():
     from scattermoe.backends.triton.routing import topk_softmax
@@ -318,6 +322,7 @@ def test_fused_topk_softmax_picks_distinct_valid_experts_whatever_the_logits():
     torch.testing.assert_close(gates[2], torch.full((3,), 1 / 3))
 
 
+@pytest.mark.interpreter
 @ignore_padding_lane_warnings
 def test_fused_topk_softmax_is_stable_at_extreme_logits_and_flags_a_nan_among_finite_ones():
     from scattermoe.backends.triton.routing import topk_softmax

@@ -491,11 +491,15 @@ def test_auto_prefers_cutlass_only_on_gpus_measured_faster(monkeypatch):
 
 
 def test_auto_resolves_per_dtype_on_the_cpu():
-    """DESIGN.md: on the CPU 'auto' is the reference unless TRITON_INTERPRET=1 (set by conftest); the
-    interpreter's broken bf16 and float64 (no Triton kernel) go to the reference."""
+    """DESIGN.md: on the CPU 'auto' is the reference unless TRITON_INTERPRET=1 (set by conftest without CUDA;
+    on a GPU machine it is off, and CPU tensors then always go to the reference); the interpreter's broken bf16
+    and float64 (no Triton kernel) go to the reference."""
+    from scattermoe.backends.triton.config import INTERPRET
+
     with scattermoe.use_backend("auto"):
-        assert backends.resolve(torch.empty(1, dtype=torch.float32)) == "triton"
-        assert backends.resolve(torch.empty(1, dtype=torch.float16)) == "triton"
+        on_cpu = "triton" if INTERPRET else "torch"
+        assert backends.resolve(torch.empty(1, dtype=torch.float32)) == on_cpu
+        assert backends.resolve(torch.empty(1, dtype=torch.float16)) == on_cpu
         assert backends.resolve(torch.empty(1, dtype=torch.bfloat16)) == "torch"
         assert backends.resolve(torch.empty(1, dtype=torch.float64)) == "torch"
     with scattermoe.use_backend("triton"):
