@@ -314,16 +314,19 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{r['tflops']:.0f}" if r.get("tflops") else "",
               f"{r['gb_s']:.0f}" if r.get("gb_s") else "",
               f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else ""] for r in res["rows"]])
-        logits_errs = ", ".join(f"{k.removeprefix('jetmoe_vs_transformers_logits_rel_err').lstrip('_') or 'triton'} "
-                                f"{v:.2e}" for k, v in res["checks"].items() if k.startswith("jetmoe_vs"))
+        logits_errs = ", ".join(
+            f"jetmoe ({k.removeprefix('jetmoe_vs_transformers_logits_rel_err').lstrip('_') or 'triton'}) {v:.2e}"
+            if k.startswith("jetmoe_vs") else f"transformers + apply_scattermoe {v:.2e}"
+            for k, v in res["checks"].items() if k.endswith("_logits_rel_err") or "_logits_rel_err_" in k
+        ) or "not checked (no implementation compared ran)"
         smoke = "> CPU SMOKE RUN: a tiny float32 model; timings mean nothing.\n\n" if args.cpu_smoke else ""
         partial = "" if final else "> PARTIAL: the run stopped before every implementation was timed.\n\n"
         md = (f"# JetMoE end to end — {payload['device']}\n\n{smoke}{partial}{payload['created'][:10]}, commit "
               f"`{payload['commit'][:7]}`; torch {payload['torch']}, triton {payload['triton']}. {args.layers} of "
               f"JetMoE-8B's 24 blocks{'' if args.cpu_smoke else ' at full width'}, random {dtype} "
               f"weights; prefill and train step at {args.batch} x {args.seq} tokens; decode: ms per new token "
-              f"(batch 1, {args.prompt}-token prompt, {args.new_tokens} new). jetmoe vs transformers logits, "
-              f"relative error: {logits_errs}.\n\n{table}\n")
+              f"(batch 1, {args.prompt}-token prompt, {args.new_tokens} new). Logits against transformers' "
+              f"JetMoeForCausalLM, relative error: {logits_errs}.\n\n{table}\n")
         write_text(out_dir / f"{base}.md", md)
         if final:
             print(md)

@@ -353,6 +353,12 @@ def test_e2e_smoke(tmp_path, monkeypatch):
     (cutlass,) = [r for r in p["rows"] if r["impl"] == "jetmoe_scattermoe_cutlass"]
     assert cutlass["status"].startswith("unavailable: ") and cutlass["ms"] is None, cutlass
     assert "jetmoe_vs_transformers_logits_rel_err_cutlass" not in p["checks"]  # not checked where it cannot run
+    # The .md names both checks with their errors (the patched model's was left out before).
+    (md,) = tmp_path.glob("*.md")
+    ours, patched = (p["checks"][f"{k}_vs_transformers_logits_rel_err"]
+                     for k in ("jetmoe", "transformers_apply_scattermoe"))
+    md = md.read_text()
+    assert f"jetmoe (triton) {ours:.2e}" in md and f"transformers + apply_scattermoe {patched:.2e}" in md, md
 
 
 def test_report_names_the_pieces_cutlass_rows_ran_on_triton():
