@@ -1,0 +1,114 @@
+"""python -m bench.ingest on hand-made GPU-run archives: what is copied, what is refused, what is reported."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from helpers import write_kernel_result
+
+from bench import ingest
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="2" failures="1">
+<testcase classname="tests.test_gpu" name="test_ok[bf16]"/>
+<testcase classname="tests.test_gpu" name="test_broken[bf16]">
+<failure message="AssertionError: rel err 3e-1 &gt; 2e-2&#10;second line">trace</failure></testcase>
+</testsuite></testsuites>"""
+
+
+def _run_folder(root: Path, ms: dict, name: str = "2026-12-01_h100_abcdef0") -> Path:
+    """The files of one gpu_check.sh run, as its archive holds them."""
+    run = root / "run"
+    run.mkdir()
+    write_kernel_result(run, f"{name}.json", "2026-12-01T10:00:00+00:00", ms)
+    (run / f"{name}.md").write_text("# kernel table\n")
+    (run / f"{name}.png").write_bytes(b"\x89PNG fake")
+    (run / f"{name}_e2e.json").write_text(json.dumps({"benchmark": "e2e", "device": "H100", "rows": []}))
+    (run / f"{name}_e2e.md").write_text("# e2e\n")
+    write_kernel_result(run, "2026-12-01_cpu_abcdef0_cpu-smoke.json", "2026-12-01T09:00:00+00:00", ms, smoke=True)
+    (run / "hf_patch.json").write_text(json.dumps({"device": "H100", "rows": [{"impl": "x"}]}))
+    (run / "junit_gpu.xml").write_text(JUNIT)
+    (run / "junit_cpu.xml").write_text("<testsuites><testsuite")  # a part killed while writing
+    (run / "gpu_check_summary.txt").write_text("pytest_gpu_rc=1\nbench_rc=0\n")
+    return run
+
+
+def _archive(run: Path, path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(run, arcname=".")
+    return path
+
+
+def _layout(tmp_path):
+    results, runs, readme = tmp_path / "results", tmp_path / "runs", tmp_path / "README.md"
+    results.mkdir()
+    readme.write_text("intro\n<!-- bench:start -->\nold section\n<!-- bench:end -->\n")
+    return results, runs, readme
+
+
+def _ingest(archive, results, runs, readme):
+    return ingest.main([str(archive), "--results-dir", str(results), "--runs-dir", str(runs), "--readme", str(readme)])
+
+
+def test_copies_the_suites_results_and_reports_failures_and_the_csrc_verdict(tmp_path, capsys):
+    results, runs, readme = _layout(tmp_path)
+    ms = {"scattermoe_triton": 10.0, "scattermoe_cutlass": 8.0, "torch_grouped_mm": 15.0, "dense_same_flops": 9.0}
+    archive = _archive(_run_folder(tmp_path, ms), tmp_path / "gpu_check.tgz")
+    assert _ingest(archive, results, runs, readme) == 0
+    out = capsys.readouterr().out
+    assert sorted(f.name for f in results.iterdir()) == sorted([
+        "2026-12-01_h100_abcdef0.json", "2026-12-01_h100_abcdef0.md", "2026-12-01_h100_abcdef0.png",
+        "2026-12-01_h100_abcdef0_e2e.json", "2026-12-01_h100_abcdef0_e2e.md"])  # no smoke run, no hf_patch.json
+    assert (runs / "gpu_check" / "hf_patch.json").exists()  # the whole archive stays unpacked beside
+    assert "pytest_gpu_rc=1" in out
+    assert "failed or errored tests: 2" in out
+    assert "gpu: failure: tests.test_gpu::test_broken[bf16]: AssertionError: rel err 3e-1 > 2e-2" in out
+    assert "second line" not in out and "cpu: junit_cpu.xml is not readable XML" in out
+    assert ("scattermoe_cutlass 8.000 ms vs scattermoe_triton 10.000 ms: add 'NVIDIA H100 80GB HBM3' to "
+            "scattermoe.backends.CUTLASS_PREFERRED_DEVICES, citing 2026-12-01_h100_abcdef0.json") in out
+    text = readme.read_text()
+    assert "old section" not in text and "2026-12-01_h100_abcdef0.json" in text
+
+
+def test_a_taken_name_gets_a_suffix_and_the_same_file_is_not_copied_twice(tmp_path, capsys):
+    results, runs, readme = _layout(tmp_path)
+    write_kernel_result(results, "2026-12-01_h100_abcdef0.json", "2026-12-01T08:00:00+00:00",
+                        {"scattermoe_triton": 1.0})
+    ms = {"scattermoe_triton": 10.0, "scattermoe_cutlass": 12.0}
+    archive = _archive(_run_folder(tmp_path, ms), tmp_path / "gpu_check.tgz")
+    assert _ingest(archive, results, runs, readme) == 0
+    assert json.loads((results / "2026-12-01_h100_abcdef0.json").read_text())["rows"][0]["ms"] == 1.0  # kept
+    assert json.loads((results / "2026-12-01_h100_abcdef0-2.json").read_text())["rows"][0]["ms"] == 10.0
+    assert (results / "2026-12-01_h100_abcdef0-2.md").exists() and (results / "2026-12-01_h100_abcdef0-2.png").exists()
+    assert "Triton stays the default there" in capsys.readouterr().out
+    before = sorted(f.name for f in results.iterdir())
+    assert _ingest(archive, results, runs, readme) == 0  # the same archive again: nothing new
+    assert sorted(f.name for f in results.iterdir()) == before
+    assert "already in the results folder" in capsys.readouterr().out
+    assert sorted(d.name for d in runs.iterdir()) == ["gpu_check", "gpu_check-2"]  # each unpacking kept apart
+
+
+def test_refuses_archives_that_escape_or_hold_no_result(tmp_path, capsys):
+    results, runs, readme = _layout(tmp_path)
+    evil = tmp_path / "evil.tgz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../outside.json")
+        data = b"{}"
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert _ingest(evil, results, runs, readme) == 2
+    assert "'../outside.json' is not a plain file inside the archive" in capsys.readouterr().err
+    assert not (tmp_path / "outside.json").exists()
+
+    empty_run = tmp_path / "empty"
+    empty_run.mkdir()
+    (empty_run / "gpu_check_summary.txt").write_text("csrc_build_rc=1\n")
+    assert _ingest(_archive(empty_run, tmp_path / "empty.tgz"), results, runs, readme) == 1
+    assert "no kernel or e2e result file" in capsys.readouterr().err
+    assert list(results.iterdir()) == []
+
+    (tmp_path / "junk.tgz").write_bytes(b"not a tar")
+    assert _ingest(tmp_path / "junk.tgz", results, runs, readme) == 2
+    assert "not a readable .tgz" in capsys.readouterr().err
