@@ -220,6 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # scattermoe's "scattermoe backend 'x' cannot run here: <reason>": not for this machine
                 if args.backend != "all":
                     _die(f"--backend {name}: {e}")
+                print(f"[{name}] skipped: it cannot run here (the table says why)", file=sys.stderr, flush=True)
                 rows.append([name, str(device), dtype_name, f"skipped: {str(e).split('cannot run here: ', 1)[1]}"])
                 continue
             sys.stdout.flush()
