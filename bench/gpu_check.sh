@@ -16,7 +16,8 @@
 #                 steps, then compute-sanitizer memcheck over every csrc kernel
 #                 (python -m bench.csrc_memcheck);
 # 3. tests:       python -m pytest in four parts, most telling first: -m gpu; tests/test_cutlass_gpu.py;
-#                 tests/test_autotune_configs.py; -m 'not gpu' (the CPU tests, with the time left);
+#                 tests/test_autotune_configs.py (these three over GPU_CHECK_TEST_WORKERS xdist workers,
+#                 default 8); -m 'not gpu' (the CPU tests, in one process, with the time left);
 #                 JUnit XML into OUTDIR/junit_<part>.xml;
 # 4. bench:       python -m bench --out OUTDIR, the kernel suite (result .json / .md, .png if
 #                 matplotlib is there), most important cases first, within the time left;
@@ -61,6 +62,17 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step() { printf '\n===== %s (t=%ss) =====\n' "$1" "$SECONDS"; }
 
+# Test workers (pytest-xdist, which the GPU image has): the GPU tests' time goes mostly to Triton compiling
+# each dtype x flag x alignment specialisation, on one CPU core per process; the machine has 16. The
+# workers share the GPU (small shapes), and a CUDA fault (a never-run csrc kernel's illegal address)
+# poisons only its own worker's context instead of the rest of the part. GPU_CHECK_TEST_WORKERS=1: one
+# process, as before.
+WORKERS="${GPU_CHECK_TEST_WORKERS:-8}"
+XDIST=()
+if [ "$WORKERS" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "$WORKERS")
+fi
+
 # "$@" on the GPU (the compiled kernels: never the Triton interpreter), stopped after $1 seconds.
 gpu_run() {
     local seconds="$1"
@@ -80,12 +92,14 @@ run_if_time() {
     fi
 }
 
-# pytest NAME FLOOR ARGS...: one part of the tests, within what is left of the test budget but given at
-# least FLOOR seconds (0: skipped when under a minute is left); JUnit XML into OUT/junit_NAME.xml.
+# pytest NAME FLOOR WORKERS ARGS...: one part of the tests, within what is left of the test budget but given
+# at least FLOOR seconds (0: skipped when under a minute is left), over the xdist workers above when WORKERS
+# is "workers", in one process when it is "serial"; JUnit XML into OUT/junit_NAME.xml.
 # PART_RC: pytest's status, 124 when stopped by the timeout, or "skipped".
 test_part() {
-    local name="$1" floor="$2"
-    shift 2
+    local name="$1" floor="$2" parallel=()
+    [ "$3" = workers ] && parallel=(${XDIST[@]+"${XDIST[@]}"})
+    shift 3
     local left=$(( TEST_BUDGET - (SECONDS - TEST_START) ))
     [ "$left" -lt "$floor" ] && left=$floor
     if [ "$left" -lt 60 ]; then
@@ -94,7 +108,8 @@ test_part() {
         return
     fi
     step "tests: $name (at most ${left}s)"
-    gpu_run "$left" "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/junit_$name.xml" "$@"
+    gpu_run "$left" "$PY" -m pytest -q -rs -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} \
+        --junitxml="$OUT/junit_$name.xml" "$@"
     PART_RC=$?
     [ "$PART_RC" -eq 124 ] && echo "tests ($name): stopped after ${left}s"
     echo "pytest ($name) exit status: $PART_RC"
@@ -209,18 +224,19 @@ EOF
     CPU_TEST_RC=skipped
     if want tests; then
         # What only this machine can check comes first, within GPU_CHECK_TEST_BUDGET_S: the GPU tests,
-        # then those of the never-run csrc kernels in their own process (a fault there, an illegal
+        # then those of the never-run csrc kernels in their own processes (a fault there, an illegal
         # address, poisons the CUDA context and must not take the other results with it), then every
         # autotune config compiled and checked, then the CPU tests (CI runs those on every commit) with
         # what is left.
         TEST_START=$SECONDS
-        test_part gpu 60 tests -m gpu --ignore=tests/test_cutlass_gpu.py
+        test_part gpu 60 workers tests -m gpu --ignore=tests/test_cutlass_gpu.py
         TEST_RC=$PART_RC
-        test_part csrc 60 tests/test_cutlass_gpu.py
+        test_part csrc 60 workers tests/test_cutlass_gpu.py
         CSRC_TEST_RC=$PART_RC
-        test_part autotune 0 tests/test_autotune_configs.py
+        test_part autotune 0 workers tests/test_autotune_configs.py
         AUTOTUNE_TEST_RC=$PART_RC
-        test_part cpu 0 tests -m "not gpu" --ignore=tests/test_cutlass_gpu.py --ignore=tests/test_autotune_configs.py
+        # Serial: its csrc build tests share build/csrc-cache/, which two workers would fill at once.
+        test_part cpu 0 serial tests -m "not gpu" --ignore=tests/test_cutlass_gpu.py --ignore=tests/test_autotune_configs.py
         CPU_TEST_RC=$PART_RC
     fi
 
