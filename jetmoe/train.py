@@ -289,12 +289,17 @@ def shard_model(model: JetMoEForCausalLM, param_dtype: Optional[torch.dtype] = N
     fully_shard(model)
 
 
+def _on_rank0() -> bool:
+    """Whether this process is rank 0, or the only one."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> Optional[dict]:
     """The optimizer's state as ``optimizer.state_dict()`` gives it unsharded (parameters numbered in
     make_optimizer's order), whether the model is sharded or not: on rank 0, None on the others. Sharded,
     it is gathered (a collective: every rank calls this)."""
     if not sharded:
-        return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else None
+        return optimizer.state_dict() if _on_rank0() else None
     full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
@@ -324,7 +329,7 @@ def save_sharded_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.
     """Every rank writes its own part of the optimizer state (its shards under FSDP) to the directory ``path``
     (torch.distributed.checkpoint); nothing is gathered. A collective when distributed; a directory left there
     by a save cut short is replaced."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _on_rank0():
         shutil.rmtree(path, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()  # no rank writes before the old files are gone
@@ -395,7 +400,7 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
     and the optimizer state, unless saved sharded, whole; rank 0 writes them. Otherwise only the rank that
     writes calls it."""
     out = Path(cfg.out_dir)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = _on_rank0()
     if sharded:
         # FSDP keeps the root's parameters gathered after a forward without a backward (an evaluation just
         # before this save): the state dicts below need the shards, which the optimizer's state is keyed by.
