@@ -35,11 +35,11 @@ MAX_FAILURES_SHOWN = 40
 def unpack(archive: Path, runs_dir: Path) -> Path:
     """The archive's files in a new folder of runs_dir named after it; members that would land outside it
     (absolute paths, '..', links) are refused, as tarfile's 'data' filter does."""
-    dest = runs_dir / archive.name.removesuffix(".tgz").removesuffix(".tar.gz")
-    n = 1
+    stem = archive.name.removesuffix(".tgz").removesuffix(".tar.gz")
+    dest, n = runs_dir / stem, 1
     while dest.exists():
         n += 1
-        dest = runs_dir / f"{archive.name.removesuffix('.tgz').removesuffix('.tar.gz')}-{n}"
+        dest = runs_dir / f"{stem}-{n}"
     try:
         with tarfile.open(archive) as tar:
             for m in tar.getmembers():
@@ -142,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"python -m bench.ingest: error: {exc}", file=sys.stderr)
         return 2
 
-    copied = []
+    copied, found = [], 0
     for run in runs:
         print(f"== {run}")
         for summary in sorted(run.rglob("gpu_check_summary.txt")):
@@ -154,11 +154,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if len(failures) > MAX_FAILURES_SHOWN:
             print(f"  ... and {len(failures) - MAX_FAILURES_SHOWN} more (the JUnit files in {run})")
         for path in result_files(run):
+            found += 1
             target = copy_result(path, args.results_dir)
             print(f"{path.name}: " + (f"copied to {target}" if target else "already in the results folder"))
             if target:
                 copied.append(target)
-    if not copied and not any(result_files(run) for run in runs):
+    if not found:
         print("python -m bench.ingest: no kernel or e2e result file in these archives", file=sys.stderr)
         return 1
 
