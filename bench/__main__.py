@@ -7,7 +7,8 @@ for every implementation present, side by side in one run. Writes
 rows, and the raw timings), ``.md`` (tables, targets) and ``.png`` (TFLOP/s against tokens) into
 --out (default bench/results/), then prints the tables. Exit status: 0; 1 if a scattermoe
 implementation failed its correctness check or errored; 2 if it cannot run here (no CUDA,
-bad arguments).
+bad arguments); 3 if one implementation's step hung (--hang-s: the files hold what ran before it, and
+that row marked hung; --hang-file names what a rerun should leave out with --skip-impls).
 
 ``--cpu-smoke`` (hidden) runs the same pipeline at tiny shapes on the CPU to exercise the code
 paths and file writing. It is not a benchmark: its timings mean nothing and it never writes
@@ -45,6 +46,15 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                         "would exceed this (default 1000)")
     p.add_argument("--time-budget", type=_positive(float), default=None,
                    help="seconds; once spent, the remaining measurements are skipped and recorded as such")
+    p.add_argument("--hang-s", type=_positive(float), default=150.0,
+                   help="seconds one implementation's check or timing at one size may take; past it the run "
+                        "writes its files, with that row marked hung, and exits with status 3 (a kernel that "
+                        "never finishes would otherwise block the process for good; default 150)")
+    p.add_argument("--hang-file", type=Path, default=None,
+                   help="on a hang, write there the implementations a rerun should leave out (for --skip-impls)")
+    p.add_argument("--skip-impls", default=None, metavar="NAMES[:REASON]",
+                   help="run these implementations nowhere; their rows stay in the files as unavailable, with "
+                        "REASON (the run is still a whole suite)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the .png")
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     return p.parse_known_args(argv)
@@ -105,6 +115,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     impls = _names(args.impls, kernels.IMPLS, "impl") if args.impls else list(kernels.IMPLS)
     if impls is None:
         return 2
+    skip_impls = {}
+    if args.skip_impls:
+        names, _, reason = args.skip_impls.partition(":")
+        skipped = _names(names, kernels.IMPLS, "impl")
+        if skipped is None:
+            return 2
+        skip_impls = dict.fromkeys(skipped, reason.strip() or "left out by --skip-impls")
     groups = kernels.suite("smoke" if args.cpu_smoke else args.suite)
     if args.shapes:
         names = _names(args.shapes, kernels.SHAPES, "shape")
@@ -155,7 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     base = unique_basename(out_dir, result_basename(env, suffix))
     json_path, md_path, png_path = (out_dir / f"{base}{ext}" for ext in (".json", ".md", ".png"))
     cfg = RunConfig(device=device, groups=groups, impls=impls, plan=plan, n_sets=n_sets, check_tokens=check_tokens,
-                    max_call_ms=args.max_call_ms, time_budget_s=args.time_budget, limits=limits)
+                    max_call_ms=args.max_call_ms, time_budget_s=args.time_budget, limits=limits,
+                    hang_s=args.hang_s, skip_impls=skip_impls)
     log(f"[bench] {env['device']['name']}, torch {env['torch']}, triton {env['triton']}, "
         f"commit {env['git']['short']}; {len(groups)} groups x modes x {len(impls)} impls; writing {json_path}")
 
@@ -175,10 +193,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             "config": {"groups": [kernels.group_record(g) for g in groups], "impls": impls,
                        "timing": plan.__dict__, "input_sets": n_sets, "check_tokens": check_tokens,
                        "max_call_ms": args.max_call_ms, "time_budget_s": args.time_budget,
+                       "hang_s": args.hang_s, "skip_impls": skip_impls,
                        "argv": sys.argv[1:] if argv is None else argv},
             "elapsed_s": results.get("elapsed_s"),
             "grouped_mm": results.get("grouped_mm"),
             "notes": results.get("notes", []),
+            "hung": results.get("hung"),
             "checks": results.get("checks", {}),
             "loads": results.get("loads", []),
             "rows": results.get("rows", []),
@@ -188,7 +208,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_json(json_path, payload(results))
         write_text(md_path, report.markdown(payload(results)))
 
-    results = run(cfg, save)
+    def write_hang_file(results) -> None:
+        if args.hang_file is not None:
+            args.hang_file.write_text(",".join(kernels.skipped_after_hang(results["hung"]["impl"])) + "\n")
+
+    results = run(cfg, save, on_hang=write_hang_file)
     if results["grouped_mm"].get("probe"):
         results["notes"].append(f"torch._grouped_mm probe: {results['grouped_mm']['probe']} "
                                 f"(runs as: {results['grouped_mm'].get('impl') or 'unavailable'})")

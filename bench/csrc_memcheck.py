@@ -29,6 +29,15 @@ def _routing(counts, device):
     return sorted_expert.to(device), scattered.to(device), torch.tensor(counts).cumsum(0).to(device)
 
 
+class _Progress(dict):
+    """The results, each said as it lands (its error needed the device's result, so the kernel finished): if a
+    kernel never finishes, the log names the last case before it."""
+
+    def __setitem__(self, name, err):
+        super().__setitem__(name, err)
+        print(f"csrc_memcheck: finished {name}", flush=True)
+
+
 def _rel(out, ref):
     out, ref = out.double().cpu(), ref.double().cpu()
     return float("inf") if torch.isnan(out).any() else ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -82,7 +91,7 @@ def main() -> int:
     b = torch.randn(len(counts), 200, generator=g).to(dev, dt)
     gates = torch.rand(n // k, k, generator=g).to(dev)
     rows = scattered.cpu() // k
-    results = {}
+    results = _Progress()
 
     # Scatter GEMM: gathered in, scattered out, gated, with bias.
     y = cutlass.scatter2scatter(x_tok, w, b, scattered, offsets, k, False, False, row_scale=gates)

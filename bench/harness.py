@@ -9,6 +9,7 @@ the run's time budget.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,57 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 def log(msg: str) -> None:
     """Progress goes to stderr, so stdout holds only the result table."""
     print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- hangs
+
+HANG_EXIT = 3  # python -m bench's exit status when HangWatch ended it
+
+
+class HangWatch:
+    """Ends the process when one watched step has run longer than ``limit_s``.
+
+    A kernel that never finishes (a never-run csrc kernel waiting on a barrier that never completes) leaves the
+    host in a CUDA synchronize forever, and nothing in the process can stop it: the GPU protocol's hard timeout
+    would then kill the run with nothing written for the group under way or any after it. A thread polls the
+    step under way; past the limit it calls ``on_hang(impl, what)`` (write what there is) and ends the process
+    with HANG_EXIT, so the caller can run again without that implementation (``--skip-impls``). The synchronize
+    calls release the GIL, so the thread runs while the main thread waits on the device.
+    """
+
+    def __init__(self, limit_s: float, on_hang: Callable[[str, str], None], exit: Callable[[int], None] = os._exit):
+        self.limit_s, self.on_hang, self._exit = limit_s, on_hang, exit
+        self._step: Optional[tuple] = None  # (impl, what, started)
+        self._thread: Optional[threading.Thread] = None
+
+    @contextlib.contextmanager
+    def watch(self, impl: str, what: str):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._poll, name="bench-hang-watch", daemon=True)
+            self._thread.start()
+        self._step = (impl, what, time.monotonic())
+        try:
+            yield
+        finally:
+            self._step = None
+
+    def _poll(self) -> None:
+        period = min(0.5, self.limit_s / 5)
+        while True:
+            time.sleep(period)
+            step = self._step
+            if step is None or time.monotonic() - step[2] <= self.limit_s:
+                continue
+            impl, what, _ = step
+            log(f"[bench] HUNG: {impl}: {what} has not finished after {self.limit_s:g} s (--hang-s); "
+                f"writing the results so far and ending the run (exit status {HANG_EXIT})")
+            try:
+                self.on_hang(impl, what)
+            except BaseException as exc:  # the exit below must happen whatever the writing does
+                log(f"[bench] writing the results after the hang failed: {type(exc).__name__}: {exc}")
+            sys.stdout.flush()
+            self._exit(HANG_EXIT)
+            return
 
 
 # ---------------------------------------------------------------- timing

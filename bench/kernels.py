@@ -42,7 +42,7 @@ import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch._dynamo  # (config.patch for the original ScatterMoE's compiled routing)
@@ -59,6 +59,17 @@ IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "scattermoe_cutlass_persiste
 CSRC_VARIANTS = {"scattermoe_cutlass": {"persistent": False, "weight_tma": False},
                  "scattermoe_cutlass_persistent": {"persistent": True, "weight_tma": False},
                  "scattermoe_cutlass_tma": {"persistent": True, "weight_tma": True}}
+
+
+def skipped_after_hang(impl: str) -> List[str]:
+    """What a rerun should leave out after ``impl`` hung: it, and the csrc variants after it (each adds to the
+    kernels of the one before: a hang in the plain one would recur in all three)."""
+    if impl not in CSRC_VARIANTS:
+        return [impl]
+    variants = list(CSRC_VARIANTS)
+    return variants[variants.index(impl):]
+
+
 BACKEND_OF = {"scattermoe_triton": "triton", "reference": "torch", **{impl: "cutlass" for impl in CSRC_VARIANTS}}
 TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)
 ROUTINGS = ("uniform", "zipf")
@@ -301,9 +312,11 @@ class Workload:
     one set of weights (copied into the peers' layouts) and the same inputs."""
 
     def __init__(self, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int,
-                 mm: Optional[grouped_mm_moe.GroupedMM], mm_unavailable: Optional[str]) -> None:
+                 mm: Optional[grouped_mm_moe.GroupedMM], mm_unavailable: Optional[str],
+                 skipped: Optional[Dict[str, str]] = None) -> None:
         self.shape, self.device, self.dtype = shape, device, dtype
         self.mm, self.mm_unavailable = mm, mm_unavailable
+        self.skipped = dict(skipped or {})  # impl -> why it is not run (python -m bench --skip-impls)
         self.layer: Optional[torch.nn.Module] = None
         self._peers: Dict[str, Tuple[Optional[torch.nn.Module], Optional[str]]] = {}
         torch.manual_seed(seed)
@@ -320,6 +333,8 @@ class Workload:
     # -- which implementations run here
 
     def unavailable(self, impl: str, x: torch.Tensor) -> Optional[str]:
+        if impl in self.skipped:
+            return self.skipped[impl]
         kind = self.shape.kind
         if kind == "routing":
             return None if impl in ("scattermoe", "torch_sort", "reference") else "not a routing implementation"
@@ -624,9 +639,12 @@ def _rel_err(out: Optional[torch.Tensor], ref: torch.Tensor) -> float:
     return err if math.isfinite(err) else float("inf")
 
 
-def check(work: Workload, impls: List[str], group: Group, seed: int) -> Dict[str, Dict]:
+def check(work: Workload, impls: List[str], group: Group, seed: int,
+          watch: Callable[[str, str], ContextManager] = lambda impl, what: contextlib.nullcontext()
+          ) -> Dict[str, Dict]:
     """Per impl: {"unavailable": why}, {"error": what, "ok": False} (it raised), or {"rel_err": {tensor: err},
-    "ok": bool} against the oracle.
+    "ok": bool} against the oracle. Each impl's call and comparison run inside ``watch(impl, what)``
+    (harness.HangWatch: the comparison is where the host waits for the device).
     Routing must match exactly; SonicMoE routes with its own router, so it is not compared."""
     inp = make_inputs(group, 1, work.device, seed, dense=False)[0]
     refs = work.oracle(inp)
@@ -641,19 +659,20 @@ def check(work: Workload, impls: List[str], group: Group, seed: int) -> Dict[str
         if impl == "sonicmoe":
             results[impl] = {"not_compared": "SonicMoE routes with its own router"}
             continue
-        try:
-            outs = work.outputs(impl, inp)
-        except Exception as exc:  # a crash is a finding for the table, not the end of the run
-            results[impl] = {"error": f"{type(exc).__name__}: {first_line(exc)}", "ok": False}
-            continue
-        if work.shape.kind == "routing":  # the indices exactly, the gates to float32 rounding
-            ok = all(torch.equal(outs[k].cpu(), refs[k].cpu()) for k in ROUTING_OUTPUTS[1:]) and bool(
-                torch.allclose(outs["gates"].cpu(), refs["gates"].cpu(), rtol=1e-6, atol=1e-6))
-            results[impl] = {"exact": ok, "ok": ok}
-        else:
-            errors = {k: _rel_err(outs[k], refs[k]) for k in refs}
-            results[impl] = {"T": group.T, "tol": CHECK_TOL, "rel_err": errors,
-                             "ok": all(e < CHECK_TOL for e in errors.values())}
+        with watch(impl, f"its check at T={group.T} {group.routing}"):
+            try:
+                outs = work.outputs(impl, inp)
+            except Exception as exc:  # a crash is a finding for the table, not the end of the run
+                results[impl] = {"error": f"{type(exc).__name__}: {first_line(exc)}", "ok": False}
+                continue
+            if work.shape.kind == "routing":  # the indices exactly, the gates to float32 rounding
+                ok = all(torch.equal(outs[k].cpu(), refs[k].cpu()) for k in ROUTING_OUTPUTS[1:]) and bool(
+                    torch.allclose(outs["gates"].cpu(), refs["gates"].cpu(), rtol=1e-6, atol=1e-6))
+                results[impl] = {"exact": ok, "ok": ok}
+            else:
+                errors = {k: _rel_err(outs[k], refs[k]) for k in refs}
+                results[impl] = {"T": group.T, "tol": CHECK_TOL, "rel_err": errors,
+                                 "ok": all(e < CHECK_TOL for e in errors.values())}
     return results
 
 

@@ -292,11 +292,20 @@ def fallback_summary(rows: List[Dict]) -> str:
         f"- {case}: {'; '.join(sorted(pieces))}" for case, pieces in per_case.items())
 
 
+def hang_note(payload: Dict) -> str:
+    hung = payload.get("hung")
+    if not hung:
+        return ""
+    return (f"> ENDED BY A HANG: {hung['impl']} ({hung['what']}) had not finished after {hung['after_s']:g} s; the "
+            "run stopped there, so the cases after it are missing from this file.\n\n")
+
+
 def markdown(payload: Dict) -> str:
     """The whole report of one kernel-suite result file."""
     rows = payload["rows"]
     smoke = "> CPU SMOKE RUN: a code-path check at tiny shapes. Its timings mean nothing.\n\n" \
         if payload.get("smoke_only") else ""
+    smoke += hang_note(payload)
     parts = [f"# scattermoe kernel benchmark — {payload['device']}", smoke + header(payload),
              "Cells: median ms (useful TFLOP/s, or GB/s of compulsory traffic where the case is memory-bound at "
              "the datasheet rates; then the % of the roofline reached) over the repeats, L2 flushed before each "
@@ -350,8 +359,10 @@ def newest_result(results_dir: Path = RESULTS_DIR) -> Optional[Path]:
             except ValueError as exc:
                 print(f"python -m bench.report: skipping {exc}", file=sys.stderr)
                 continue
-            # A full suite before any partial one (quick, headline, a subset): the targets need every case.
-            found.append((payload.get("suite", "full") == "full", str(payload.get("created") or ""), path.name, path))
+            # A full suite before any partial one (quick, headline, a subset, one ended by a hang): the targets
+            # need every case.
+            whole = payload.get("suite", "full") == "full" and not payload.get("hung")
+            found.append((whole, str(payload.get("created") or ""), path.name, path))
     return max(found)[-1] if found else None
 
 
@@ -363,7 +374,7 @@ def readme_section(result: Optional[Path]) -> str:
     payload = json.loads(result.read_text())
     md = result.with_suffix(".md").name
     return "\n\n".join([
-        f"From [`bench/results/{result.name}`](bench/results/{result.name}) (full tables: "
+        hang_note(payload) + f"From [`bench/results/{result.name}`](bench/results/{result.name}) (full tables: "
         f"[`{md}`](bench/results/{md})): " + header(payload),
         targets_table(payload),
         *([targets_table(payload, csrc_targets)] if csrc_targets(payload) else []),

@@ -14,14 +14,15 @@ once at the device's datasheet bandwidth), ``bytes`` (kernels.useful_bytes: comp
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import grouped_mm_moe
-from .harness import Timer, TimingPlan, cutlass_fallbacks, fallbacks_since, log
+from .harness import HangWatch, Timer, TimingPlan, cutlass_fallbacks, fallbacks_since, log
 from .kernels import (INFER_MAX_TOKENS, INFER_MODES, Group, Shape, Workload, check, expert_load, first_line, flops,
                       impls_for, make_inputs, useful_bytes, weight_bytes)
 
@@ -38,6 +39,8 @@ class RunConfig:
     time_budget_s: Optional[float]
     limits: Optional[Dict] = None
     seed: int = 0
+    hang_s: Optional[float] = None  # a check or timing step running longer ends the run (harness.HangWatch)
+    skip_impls: Dict[str, str] = field(default_factory=dict)  # impl -> why its rows read unavailable
 
 
 def setup_grouped_mm(device: torch.device, allow_loop: bool) -> Tuple[Optional[grouped_mm_moe.GroupedMM], Dict]:
@@ -76,20 +79,38 @@ def merge_checks(by_group: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict]:
     return merged
 
 
-def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
-    """Checks, then rows. ``on_update(results)`` after each group so a run cut short leaves files."""
+def run(cfg: RunConfig, on_update: Callable[[Dict], None],
+        on_hang: Callable[[Dict], None] = lambda results: None) -> Dict:
+    """Checks, then rows. ``on_update(results)`` after each group so a run cut short leaves files. With
+    ``cfg.hang_s``, a step that hangs is recorded (its row's or check's status, ``results["hung"]``), passed to
+    ``on_update`` and ``on_hang``, and the process ends (harness.HangWatch)."""
     start = time.perf_counter()
     timer = Timer(cfg.device)
     mm, mm_note = setup_grouped_mm(cfg.device, allow_loop=cfg.device.type == "cpu")
     results: Dict = {"checks": {}, "loads": [], "rows": [], "notes": [], "grouped_mm": mm_note}
     workloads: Dict[Tuple[Shape, str], Workload] = {}
     last_ms: Dict[Tuple, Tuple[int, float]] = {}  # (case, routing, impl) -> (T, ms) of the last size timed
+    under_way: Dict = {"shape": None, "row": None}  # what a hang is recorded against
+
+    def record_hang(impl: str, what: str) -> None:
+        why = f"hung: no result after {cfg.hang_s:g} s ({what}); the run was ended there"
+        if under_way["row"] is not None:
+            under_way["row"]["status"] = f"error: {why}"
+        else:
+            results["checks"].setdefault(under_way["shape"], {})[impl] = {"error": why, "ok": False}
+        results["hung"] = {"impl": impl, "what": what, "after_s": cfg.hang_s}
+        results["elapsed_s"] = time.perf_counter() - start
+        on_update(results)
+        on_hang(results)
+
+    watch = (HangWatch(cfg.hang_s, record_hang).watch if cfg.hang_s
+             else lambda impl, what: contextlib.nullcontext())
 
     def workload(shape: Shape, dtype: str) -> Workload:
         if (shape, dtype) not in workloads:
             workloads.clear()  # one shape's weights resident at a time
             workloads[shape, dtype] = Workload(shape, cfg.device, getattr(torch, dtype), cfg.seed, mm,
-                                               mm_note.get("unavailable"))
+                                               mm_note.get("unavailable"), skipped=cfg.skip_impls)
         return workloads[shape, dtype]
 
     for group in cfg.groups:
@@ -102,6 +123,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                                                 status=f"skipped: time budget ({cfg.time_budget_s:.0f} s) spent"))
             continue
         work = workload(shape, group.dtype)
+        under_way.update(shape=shape.name, row=None)
         if shape.name not in results["checks"]:
             check_t = min(cfg.check_tokens, max(g.T for g in cfg.groups if g.shape == shape))
             # Decode (T=1: the small-row kernel configs), a mid size, and skewed routing at that size.
@@ -109,7 +131,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                             for t, r in dict.fromkeys(((1, "uniform"), (check_t, "uniform"), (check_t, "zipf")))]
             log(f"[bench] {shape.name}: checking every implementation against the torch backend (fp32) at "
                 + ", ".join(f"T={g.T} {g.routing}" for g in check_groups) + " ...")
-            checks = merge_checks({g.label: check(work, impls_for(shape, cfg.impls), g, cfg.seed + 1000 + i)
+            checks = merge_checks({g.label: check(work, impls_for(shape, cfg.impls), g, cfg.seed + 1000 + i, watch)
                                    for i, g in enumerate(check_groups)})
             results["checks"][shape.name] = checks
             for impl, c in checks.items():
@@ -168,15 +190,19 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None]) -> Dict:
                     continue
                 log(f"[bench] {group.label:<34} {mode:<8} {impl} ...")
                 fallbacks_before = cutlass_fallbacks() if impl.startswith("scattermoe_cutlass") else None
+                under_way["row"] = row
                 try:
-                    fn, prepare = work.call(impl, sets, mode)
-                    timing = timer.measure(fn, cfg.n_sets, cfg.plan, prepare)
-                    memory = timer.peak_memory(fn, prepare)
+                    with watch(impl, f"{group.label} {mode}"):
+                        fn, prepare = work.call(impl, sets, mode)
+                        timing = timer.measure(fn, cfg.n_sets, cfg.plan, prepare)
+                        memory = timer.peak_memory(fn, prepare)
                 except Exception as exc:  # recorded in the row; the run goes on with the next one
                     row["status"] = f"error: {type(exc).__name__}: {first_line(exc)}"
                     log(f"[bench]   {row['status']}")
                     work.release()
                     continue
+                finally:
+                    under_way["row"] = None
                 if memory["extra_gb"] is not None:
                     # The harness holds every implementation's weights and operands at once; a row's peak is its
                     # own: its weights and inputs, what prepare left for it (a timed backward's activations) and what

@@ -250,7 +250,9 @@ def test_bad_arguments_exit_2():
     assert bench_main.main(["--shapes", "nope", "--cpu-smoke"]) == 2
     assert bench_main.main(["--tokens", "0", "--cpu-smoke"]) == 2
     assert bench_main.main(["--impls", ",", "--cpu-smoke"]) == 2  # names nothing: would time nothing
-    for flag, value in (("--sets", "-1"), ("--sets", "0"), ("--max-call-ms", "-5"), ("--time-budget", "nan")):
+    assert bench_main.main(["--skip-impls", "nope:why", "--cpu-smoke"]) == 2
+    for flag, value in (("--sets", "-1"), ("--sets", "0"), ("--max-call-ms", "-5"), ("--time-budget", "nan"),
+                        ("--hang-s", "0")):
         with pytest.raises(SystemExit) as info:  # argparse's usage error
             bench_main.main([flag, value, "--cpu-smoke"])
         assert info.value.code == 2, (flag, value)
@@ -277,6 +279,56 @@ def test_a_subset_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path
     payload = json.loads(subset.read_text())
     subset.write_text(json.dumps({**payload, "suite": "full-subset"}))
     assert report.newest_result(results).name == "whole.json"
+
+
+def test_a_run_ended_by_a_hang_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    write_kernel_result(results, "whole.json", "2026-06-01T00:00:00+00:00",
+                        {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
+    hung = write_kernel_result(results, "hung.json", "2026-07-01T00:00:00+00:00", {"scattermoe_triton": 99.0})
+    hang = {"impl": "scattermoe_cutlass", "what": "jetmoe_moe T=16384 uniform fwd_bwd", "after_s": 150.0}
+    hung.write_text(json.dumps({**json.loads(hung.read_text()), "hung": hang}))
+    assert report.newest_result(results).name == "whole.json"
+    (results / "whole.json").unlink()
+    assert report.newest_result(results).name == "hung.json"  # better than nothing, and it says so
+    assert "ENDED BY A HANG: scattermoe_cutlass" in report.readme_section(results / "hung.json")
+
+
+@pytest.mark.interpreter
+def test_a_hung_step_ends_the_run_with_its_files_and_a_rerun_leaves_it_out(tmp_path):
+    """--hang-s that the first check cannot meet stands in for a kernel that never finishes: the process ends
+    (status 3) from the watch thread, with the files written and the step marked; the rerun with --skip-impls
+    from --hang-file keeps that implementation's rows, as unavailable with the reason given."""
+    from bench.kernels import skipped_after_hang
+
+    first, skip_file = tmp_path / "first", tmp_path / "skip.txt"
+    args = ["--cpu-smoke", "--no-plot", "--impls", "scattermoe_triton,reference", "--shapes", "jetmoe_moe"]
+    proc = subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(first), "--hang-s", "0.05",
+                           "--hang-file", str(skip_file)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "HUNG: scattermoe_triton" in proc.stderr
+    payload = _only_json(first)
+    assert payload["hung"]["impl"] == "scattermoe_triton"
+    assert payload["checks"]["jetmoe_moe"]["scattermoe_triton"]["error"].startswith("hung: no result after 0.05 s")
+    assert "ENDED BY A HANG" in next(first.glob("*.md")).read_text()
+    assert skip_file.read_text().strip() == "scattermoe_triton"
+
+    second = tmp_path / "second"
+    assert bench_main.main([*args, "--out", str(second),
+                            "--skip-impls", skip_file.read_text().strip() + ":it hung in the first run"]) == 0
+    payload = _only_json(second)
+    assert payload["suite"] == "smoke" and payload["hung"] is None
+    rows = [r for r in payload["rows"] if r["impl"] == "scattermoe_triton"]
+    assert rows and all(r["status"] == "unavailable: it hung in the first run" for r in rows)
+    assert all(r["status"] == "ok" for r in payload["rows"] if r["impl"] == "reference" and "graph" not in r["case"])
+
+    # A hang in one csrc variant leaves out those that build on its kernels.
+    assert skipped_after_hang("scattermoe_cutlass") == [
+        "scattermoe_cutlass", "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma"]
+    assert skipped_after_hang("scattermoe_cutlass_persistent") == [
+        "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma"]
+    assert skipped_after_hang("torch_grouped_mm") == ["torch_grouped_mm"]
 
 
 @pytest.mark.parametrize("ms", [float("nan"), 0.0, -1.0, None], ids=["nan", "zero", "negative", "none"])

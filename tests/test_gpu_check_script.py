@@ -1,0 +1,67 @@
+"""bench/gpu_check.sh's control flow on the CPU, with a stand-in for ``python -m bench`` (the real one needs CUDA).
+
+What is checked is the shell logic that only a GPU session would otherwise exercise: after the kernel suite
+hangs (exit status 3, --hang-file naming what to leave out) the script runs it once more with --skip-impls,
+keeps csrc out of the later steps when the plain csrc implementation hung, records the hang in its summary and
+exits 2 even though the rerun passed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Stands in for the interpreter: `-m bench` hangs the first time (writing HUNG into --hang-file) and passes
+# after; `-m pip` succeeds at once; anything else goes to the real interpreter.
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-m" ] && [ "$2" = "bench" ]; then
+    printf '%s\\n' "$*" >> "$FAKE_LOG"
+    echo "SCATTERMOE_CSRC_MODULE=${SCATTERMOE_CSRC_MODULE:-}" >> "$FAKE_LOG"
+    if [ ! -e "$FAKE_STATE" ]; then
+        touch "$FAKE_STATE"
+        while [ $# -gt 0 ]; do
+            if [ "$1" = "--hang-file" ]; then echo "$HUNG" > "$2"; fi
+            shift
+        done
+        exit 3
+    fi
+    exit 0
+fi
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then exit 0; fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+@pytest.mark.parametrize("hung", ["scattermoe_cutlass,scattermoe_cutlass_persistent,scattermoe_cutlass_tma",
+                                  "torch_grouped_mm"])
+def test_a_hung_benchmark_is_run_again_without_what_hung(tmp_path, hung):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log, out = tmp_path / "bench_calls.log", tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(log),
+           "FAKE_STATE": str(tmp_path / "hung_once"), "HUNG": hung, "GPU_CHECK_STEPS": "bench",
+           "GPU_CHECK_BUDGET_S": "400"}
+    env.pop("SCATTERMOE_CSRC_MODULE", None)
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:]  # the rerun passed; the hang is still a failure
+
+    calls = log.read_text().splitlines()
+    assert len(calls) == 4, calls  # two runs: the arguments, then the csrc module each saw
+    first, second = calls[0], calls[2]
+    assert "--skip-impls" not in first and "--hang-file" in first
+    assert f"--skip-impls {hung}:hung in this GPU check's first benchmark run" in second
+    csrc_disabled = calls[3].endswith("csrc-disabled-after-a-bench-hang")
+    assert csrc_disabled == hung.startswith("scattermoe_cutlass,"), calls[3]
+
+    summary = (out / "gpu_check_summary.txt").read_text()
+    assert "bench_rc=0" in summary and f"bench_hung={hung}" in summary
