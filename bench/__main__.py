@@ -18,7 +18,6 @@ into bench/results/.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -101,8 +100,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"python -m bench: CUDA is not available ({why}, torch {torch.__version__}); "
                   f"this benchmark times GPU kernels and does not run on the CPU.", file=sys.stderr)
             return 2
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            print("python -m bench: TRITON_INTERPRET=1 is set: the Triton kernels would run in the interpreter; "
+        from scattermoe.backends.triton.config import INTERPRET  # as Triton reads it (1, true, on...)
+
+        if INTERPRET:
+            print("python -m bench: TRITON_INTERPRET is set: the Triton kernels would run in the interpreter; "
                   "unset it to benchmark.", file=sys.stderr)
             return 2
 

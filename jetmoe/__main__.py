@@ -376,10 +376,14 @@ def _training_setup(args, device: torch.device, rank0: bool = True):
 
 
 def _train(args, demo: bool) -> None:
+    from .model import unknown_compile_backend
     from .train import TrainConfig, amp_dtype_for, init_distributed, load_corpus, split_corpus, tokenize, train
 
     if args.eval_every and not args.val_fraction:  # before any work
         raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
+    compile_backend = getattr(args, "compile", None)
+    if compile_backend is not None and unknown_compile_backend(compile_backend):
+        raise CLIError(f"--compile: {unknown_compile_backend(compile_backend)}")
     if getattr(args, "sharded_optimizer_state", False) and not args.fsdp:
         raise CLIError("--sharded-optimizer-state: needs --fsdp (under DDP every process holds the whole optimizer "
                        "state, so there are no shards to write)")
@@ -403,7 +407,8 @@ def _train(args, demo: bool) -> None:
                       progress=not args.no_progress, fsdp=getattr(args, "fsdp", False),
                       sharded_optimizer_state=getattr(args, "sharded_optimizer_state", False),
                       grad_checkpoint=getattr(args, "grad_checkpoint", False), val_fraction=args.val_fraction,
-                      eval_every=args.eval_every, eval_windows=args.eval_windows, amp=amp_dtype is not None)
+                      eval_every=args.eval_every, eval_windows=args.eval_windows, amp=amp_dtype is not None,
+                      compile=compile_backend)
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
     split_corpus(tokens, cfg)  # a corpus too short for --seq-len / --val-fraction: told before the model is built
@@ -546,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each decoder layer's activations in the backward instead of keeping them "
                    "(less memory for one more forward's compute)")
+    t.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the decoder layers (one graph shared by all; the embedding, head and losses "
+                   "stay eager): BACKEND inductor (the default) or another torch.compile backend, e.g. aot_eager")
 
     e = sub.add_parser("eval", help="cross entropy and perplexity of a checkpoint on text, optionally beside "
                        "transformers' implementation")
@@ -576,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .train import TrainingDiverged
+
     try:
         args = build_parser().parse_args(argv)
         if args.command == "generate":
@@ -589,6 +599,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CLIError, OSError, ValueError) as exc:  # CheckpointError is a ValueError; OSError: files, folders
         print(f"jetmoe: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingDiverged as exc:
+        print(f"jetmoe: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:

@@ -236,6 +236,16 @@ class MoE(nn.Module):
         return (y + self.bias).view_as(x_BSD), logits, idxs
 
 
+def unknown_compile_backend(backend: str) -> Optional[str]:
+    """Why ``backend`` is not a torch.compile backend here, or None."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())  # the debug ones (eager, aot_eager) too
+    if backend in known:
+        return None
+    return f"unknown torch.compile backend {backend!r}; expected one of {', '.join(known)}"
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: JetMoEConfig) -> None:
         super().__init__()
@@ -243,9 +253,15 @@ class DecoderLayer(nn.Module):
         self.self_attention = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, LAYER_NORM_EPS)
         self.mlp = MoE(cfg)
+        self.compiled_layer_forward: Optional[Callable] = None  # JetMoEForCausalLM.compile_decoder_layers
 
     def forward(self, x, rope, mask, kv_cache, start):
         """x [B, S, D] -> (x [B, S, D], [(router logits [T, E], expert_idxs [T, K])] for MoA and MoE)."""
+        if self.compiled_layer_forward is not None:
+            return self.compiled_layer_forward(self, x, rope, mask, kv_cache, start)
+        return self.layer_forward(x, rope, mask, kv_cache, start)
+
+    def layer_forward(self, x, rope, mask, kv_cache, start):
         h, attn_logits, attn_idxs = self.self_attention(self.input_layernorm(x), rope, mask, kv_cache, start)
         x = x + h
         h, mlp_logits, mlp_idxs = self.mlp(self.post_attention_layernorm(x))
@@ -405,6 +421,23 @@ class JetMoEForCausalLM(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
 
+    def compile_decoder_layers(self, backend: str = "inductor", **options) -> "JetMoEForCausalLM":
+        """``torch.compile`` (fullgraph) the decoder layers' forward, in place; the embedding, the head and the
+        losses stay eager. All layers share one graph (their parameters are its inputs; a new one only for a new
+        input shape or grad mode), so compiling takes one layer's time, not 24. Per layer rather than the whole
+        model, as torchtitan does: FSDP's per-layer gather hooks and gradient checkpointing stay outside the graph,
+        the parameter and ``state_dict`` names do not change, and the router's aux losses, computed outside it,
+        keep the gate gradient that torch 2.13's inductor drops when they share a graph with the gates (README,
+        torch.compile; tests/test_compile.py checks this model's every gradient under inductor). ``options``
+        go to torch.compile (e.g. ``mode="max-autotune-no-cudagraphs"``)."""
+        why = unknown_compile_backend(backend)
+        if why:
+            raise ValueError(f"backend: {why}")
+        compiled = torch.compile(DecoderLayer.layer_forward, backend=backend, fullgraph=True, **options)
+        for layer in self.model.layers:
+            layer.compiled_layer_forward = compiled
+        return self
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -430,10 +463,18 @@ class JetMoEForCausalLM(nn.Module):
         labels [B, S] (next-token targets are labels[:, 1:]; -100 ignored); position_ids [B, S] or None
         (then counted from the mask, so left padding does not shift positions); cache: see ``generate``."""
         cfg = self.config
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids: expected integer token ids [B, S], got "
-                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+                or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError("input_ids: expected integer token ids [B, S], got "
+                             + (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
+                                if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
         B, S = input_ids.shape
+        for name, t, shapes in (("labels", labels, [(B, S)]), ("position_ids", position_ids, [(B, S), (1, S)])):
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) not in shapes
+                                  or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+                raise ValueError(f"{name}: expected integer ids of shape {' or '.join(map(str, shapes))} (input_ids' "
+                                 "batch and length), got " + (f"{t.dtype} of shape {tuple(t.shape)}"
+                                                              if isinstance(t, torch.Tensor) else type(t).__name__))
         if S == 0:
             raise ValueError("input_ids: expected at least one token per row, got shape "
                              f"{tuple(input_ids.shape)}")

@@ -87,10 +87,15 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
     sharded_optimizer_state: bool = False  # with fsdp: save the optimizer state shard by shard, not gathered to rank 0
     grad_checkpoint: bool = False  # recompute each decoder layer's activations in the backward
+    compile: Optional[str] = None  # a torch.compile backend for the decoder layers (compile_decoder_layers)
     val_fraction: float = 0.0  # hold out the token stream's last fraction: a validation loss on text never trained on
     eval_every: int = 0  # steps between validation losses (0: at the end only); needs val_fraction
     eval_windows: int = 32  # windows of seq_len held-out tokens per validation, spread evenly over the held-out part
     # (under torchrun rounded down to a multiple of the process count, which shares them)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops there, and its last saved checkpoint stays as it was."""
 
 
 def default_corpus_files() -> List[Path]:
@@ -103,9 +108,12 @@ def default_corpus_files() -> List[Path]:
 def load_corpus(paths: Optional[Sequence[Union[str, Path]]] = None) -> List[str]:
     """Documents from text files and directories (recursively: .py, .txt, .md, .rst); default: the stdlib."""
     files: List[Path] = []
+    found_in_dirs = set()
     for p in map(Path, paths) if paths else []:
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
+            found = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
+            files += found
+            found_in_dirs.update(found)
         elif p.is_file():
             with open(p, "rb") as f:
                 if b"\0" in f.read(8192):  # a text corpus has no NUL bytes; an executable or archive does
@@ -114,7 +122,17 @@ def load_corpus(paths: Optional[Sequence[Union[str, Path]]] = None) -> List[str]
         else:
             raise FileNotFoundError(f"corpus path not found: {p}")
     files = files if paths else default_corpus_files()
-    docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    docs, binary = [], []
+    for f in files:
+        data = f.read_bytes()
+        if f in found_in_dirs and b"\0" in data:  # named by suffix only: a binary file among the text is skipped
+            binary.append(f)
+            continue
+        # As read_text would: universal newlines (a CRLF file reads as LF).
+        docs.append(data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n"))
+    if binary:
+        warnings.warn(f"corpus: skipped {len(binary)} file(s) with NUL bytes, binary, not text: "
+                      f"{', '.join(map(str, binary[:3]))}{', ...' if len(binary) > 3 else ''}")
     if not any(docs):
         raise ValueError(f"the corpus is empty ({len(files)} files; in directories only "
                          f"{', '.join(TEXT_SUFFIXES)} files are read)")
@@ -536,6 +554,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             gathered = f"; the decoder layers gathered in {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else ""
             print(f"fsdp: rank 0 holds {local:,} of the model's {sum(p.numel() for p in model.parameters()):,} "
                   f"parameter elements{gathered}", flush=True)
+    if cfg.compile:
+        model.compile_decoder_layers(cfg.compile)
     optimizer = make_optimizer(model, cfg)
     if state is not None:
         if state.get("optimizer_dir"):  # saved shard by shard: each rank reads its part
@@ -581,6 +601,12 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                 dist.all_reduce(losses)
                 dist.all_reduce(clock, op=dist.ReduceOp.MAX)
                 (loss, aux), elapsed = losses.tolist(), clock.item()
+            if not (math.isfinite(loss) and math.isfinite(aux)):  # every rank: the losses are all-reduced above
+                if bar is not None:
+                    bar.close()
+                raise TrainingDiverged(
+                    f"step {step}: the loss is {loss} (aux loss {aux}): training diverged (a smaller --lr, a longer "
+                    f"--warmup?); stopped without saving these weights, {cfg.out_dir}'s last checkpoint is kept")
             stop = (cfg.seconds is not None and elapsed >= cfg.seconds) or interrupt.requested
             rec = {"step": step, "loss": loss, "aux_loss": aux, "lr": optimizer.param_groups[0]["lr"],
                    "tokens_per_s": tokens_per_step / max(now - last, 1e-9), "elapsed_s": elapsed}

@@ -189,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"GLUMLP (SiLU GLU), forward + backward: T={T} tokens, D={D}, F={F}, E={E} experts, top-k={K}")
     print(f"reference: the torch backend in float64 on {device}; "
           "error = ||out - ref|| / ||ref|| per tensor, bound per dtype (float32 1e-5, float16 3e-3, bfloat16 2e-2)")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and "triton" in backends:
+    if device.type == "cpu" and "triton" in backends and scattermoe.backends._triton_interpreting():
         print("Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1): correctness only, no timings")
         work, default_work = T * K * D * F, CPU_DEFAULT[0] * CPU_DEFAULT[4] * CPU_DEFAULT[1] * CPU_DEFAULT[2]
         if work > 8 * default_work:

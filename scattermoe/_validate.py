@@ -15,9 +15,20 @@ from typing import Optional
 
 import torch
 
-def env_flag(name: str) -> bool:
-    """A switch from the environment: on unless unset, empty, 0 or false."""
-    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+_ON, _OFF = ("1", "true", "yes", "on", "y"), ("0", "false", "no", "off", "n", "")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A switch from the environment: 1/true/yes/on or 0/false/no/off (any case; empty is off), ``default`` when
+    unset; anything else a ValueError naming the variable, rather than a guess ("no" once read as on)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.strip().lower() in _ON:
+        return True
+    if value.strip().lower() in _OFF:
+        return False
+    raise ValueError(f"the environment variable {name}={value!r}: expected 1 or 0 (or true/false, yes/no, on/off)")
 
 
 _DEBUG = env_flag("SCATTERMOE_DEBUG")
@@ -29,7 +40,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def set_debug(enabled: bool = True) -> None:
     """Check index values on the device too (costs a device sync per call)."""
     global _DEBUG
-    _DEBUG = bool(enabled)
+    _DEBUG = flag("enabled", enabled)
 
 
 def debug_enabled() -> bool:
@@ -233,8 +244,9 @@ def check_out(out, shape_: tuple, like: torch.Tensor) -> None:
                          f"got strides {out.stride()}")
 
 
-def check_glu_moe(x, w_in, w_out, gates, b_out) -> None:
-    """The second projection and the gates of ops.glu_moe (the first is checked like parallel_linear)."""
+def check_glu_moe(x, w_in, w_out, gates, b_in, b_out, sorted_expert_idxs) -> None:
+    """The second projection, the biases and the gates of ops.glu_moe, by glu_moe's names (the first projection
+    is then checked like parallel_linear's)."""
     check_tensor("x", x, dim=2, dtypes=_FLOAT_DTYPES)
     check_not_meta("x", x)
     check_dtype_like_x("w_in", w_in, x)
@@ -250,11 +262,17 @@ def check_glu_moe(x, w_in, w_out, gates, b_out) -> None:
     if shape(w_out) != expected:
         raise ValueError(f"w_out: expected shape {expected} to follow w_in {shape(w_in)} (half its width back to "
                          f"the input's), got {shape(w_out)}")
-    if b_out is not None:
-        check_dtype_like_x("b_out", b_out, x)
-        check_tensor("b_out", b_out, dim=2, device=x.device)
-        if shape(b_out) != (num_experts, x.size(1)):
-            raise ValueError(f"b_out: expected shape {(num_experts, x.size(1))}, got {shape(b_out)}")
+    for name, bias, width_ in (("b_in", b_in, width), ("b_out", b_out, x.size(1))):
+        if bias is not None:
+            check_dtype_like_x(name, bias, x)
+            check_tensor(name, bias, dim=2, device=x.device)
+            if shape(bias) != (num_experts, width_):
+                raise ValueError(f"{name}: expected shape {(num_experts, width_)}, got {shape(bias)}")
     check_tensor("gates", gates, dim=2, dtypes=_FLOAT_DTYPES, device=x.device)
     if gates.size(0) != x.size(0):
         raise ValueError(f"gates: expected [T={x.size(0)}, k], got shape {shape(gates)}")
+    if isinstance(sorted_expert_idxs, torch.Tensor) and sorted_expert_idxs.dim() == 1 \
+            and sorted_expert_idxs.numel() != gates.numel():
+        raise ValueError(f"gates: shape {shape(gates)} gives {gates.numel()} routed rows, but expert_idxs_sorted "
+                         f"holds {sorted_expert_idxs.numel()}: the gates and the routing must come from the same "
+                         "top-k")

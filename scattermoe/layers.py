@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validate import _FLOAT_DTYPES, _INDEX_DTYPES, check_features, check_tensor, positive_int
+from ._validate import _FLOAT_DTYPES, _INDEX_DTYPES, check_features, check_tensor, flag, positive_int
 from .kernels._compat import accepts_padded_block_idxs
 from .ops import glu_moe, parallel_linear
 from .routing import flatten_sort_count
@@ -54,9 +54,13 @@ class ParallelExperts(nn.Module):
                                gates=gates, grouped_in=grouped_in, grouped_out=grouped_out)
 
 
-def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int) -> None:
+def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int,
+                   input_size: int) -> None:
     """The layers' arguments, told by the names the caller passed (the ops below call them otherwise)."""
     check_features("x", x)
+    if x.size(-1) != input_size:
+        raise ValueError(f"x: expected {input_size} features (the layer's input_size) in its last dimension, got "
+                         f"shape {tuple(x.shape)}")
     lead = tuple(x.shape[:-1])
     for name, t, dtypes in (("expert_p", expert_p, _FLOAT_DTYPES), ("expert_idxs", expert_idxs, _INDEX_DTYPES)):
         check_tensor(name, t, dtypes=dtypes)
@@ -91,6 +95,9 @@ def _stack_linears(name: str, linears: Sequence, shape: Optional[Tuple[int, int]
     weights, biases = [], []
     for e, lin in enumerate(linears):
         if isinstance(lin, nn.Linear):
+            if type(lin).forward is not nn.Linear.forward:  # only the weights are copied: that forward would be lost
+                raise TypeError(f"{name}[{e}]: {type(lin).__name__} overrides nn.Linear.forward; from_linears copies "
+                                "only the weight and bias, so what that forward adds would be silently lost")
             w, b = lin.weight, lin.bias
         elif isinstance(lin, torch.Tensor):
             w, b = lin, None
@@ -99,6 +106,8 @@ def _stack_linears(name: str, linears: Sequence, shape: Optional[Tuple[int, int]
                             f"got {type(lin).__name__}")
         if w.dim() != 2:
             raise ValueError(f"{name}[{e}]: expected a weight [out, in], got shape {tuple(w.shape)}")
+        if not w.is_floating_point():
+            raise TypeError(f"{name}[{e}]: expected a floating-point weight, got {str(w.dtype).replace('torch.', '')}")
         first = weights[0] if weights else w
         want = shape if shape is not None else tuple(first.shape)
         if tuple(w.shape) != want:
@@ -138,6 +147,10 @@ class MLP(nn.Module):
         num_experts = positive_int("num_experts", num_experts)
         input_size, hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
         top_k = positive_int("top_k", top_k)
+        bias = flag("bias", bias)
+        if activation is not None and not callable(activation):
+            raise TypeError(f"activation: expected a callable (e.g. torch.nn.GELU() or torch.nn.functional.gelu), "
+                            f"got {activation!r}")
         self.num_experts = num_experts
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -179,7 +192,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
         """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
-        _check_routing(x, expert_p, expert_idxs, self.top_k)
+        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
         x_shape = x.shape
         x = _token_rows(x)
         sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
@@ -203,7 +216,7 @@ class GLUMLP(MLP):
         super().__init__(input_size, hidden_size, num_experts, top_k, bias=bias,
                          activation=activation if activation is not None else nn.SiLU())
         self.experts = ParallelExperts(num_experts, input_size, 2 * hidden_size, bias=bias)
-        self.activate_first = activate_first
+        self.activate_first = flag("activate_first", activate_first)
 
     def extra_repr(self) -> str:
         return f"k={self.top_k}, activate_first={self.activate_first}"
@@ -247,7 +260,9 @@ class GLUMLP(MLP):
                    for m in (self.experts, self.output_experts))
 
     def _hidden(self, x: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
-        a, b = self.experts(x, self.top_k, *routing, grouped_out=True).chunk(2, dim=-1)
+        h = self.experts(x, self.top_k, *routing, grouped_out=True)
+        # Two narrow views, not chunk's pair: an in-place activation (nn.ReLU(inplace=True)) may write into one.
+        a, b = h.narrow(-1, 0, self.hidden_size), h.narrow(-1, self.hidden_size, self.hidden_size)
         return self.activation(a) * b if self.activate_first else a * self.activation(b)
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
@@ -255,7 +270,7 @@ class GLUMLP(MLP):
         if not self._fusable():
             return super().forward(x, expert_p, expert_idxs)
         # SiLU: one fused op (GLU in the first GEMM's epilogue, G recomputed in backward).
-        _check_routing(x, expert_p, expert_idxs, self.top_k)
+        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
         routing = flatten_sort_count(expert_idxs, num_experts=self.num_experts)
         y = glu_moe(_token_rows(x), self.experts.weight.permute(0, 2, 1),
                     self.output_experts.weight.permute(0, 2, 1), expert_p.reshape(-1, self.top_k), routing,
@@ -269,6 +284,11 @@ class MoARouting(NamedTuple):
     sorted_expert_idxs: torch.Tensor
     sorted_scattered_idxs: torch.Tensor
     expert_offsets: torch.Tensor
+    token_shape: Tuple[int, ...] = ()  # x's leading dims in map: reduce's attn_out must have them (or be flat)
+
+    @property
+    def indices(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.sorted_expert_idxs, self.sorted_scattered_idxs, self.expert_offsets
 
 
 class MoA(nn.Module):
@@ -303,10 +323,11 @@ class MoA(nn.Module):
     def map(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor
             ) -> Tuple[torch.Tensor, MoARouting]:
         """x [..., D]; expert_p, expert_idxs [..., K] -> (queries [..., H*K, Dh], routing for reduce)."""
-        _check_routing(x, expert_p, expert_idxs, self.top_k)
+        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
         lead = x.shape[:-1]
-        routing = MoARouting(expert_p.reshape(-1, self.top_k), *flatten_sort_count(expert_idxs, self.num_experts))
-        q = self.input_linear(_token_rows(x), self.top_k, *routing[1:])  # [T*K, H*Dh], slot order
+        routing = MoARouting(expert_p.reshape(-1, self.top_k), *flatten_sort_count(expert_idxs, self.num_experts),
+                             token_shape=tuple(lead))
+        q = self.input_linear(_token_rows(x), self.top_k, *routing.indices)  # [T*K, H*Dh], slot order
         # (token, slot, head) -> (token, head, slot): one copy of q, so SDPA's GQA grouping matches.
         q = q.view(-1, self.top_k, self.num_heads, self.head_dim).transpose(1, 2)
         return q.reshape(*lead, self.num_heads * self.top_k, self.head_dim), routing
@@ -326,9 +347,14 @@ class MoA(nn.Module):
             raise ValueError(f"routing: made by map for {routing.expert_p.size(0)} tokens, but attn_out holds "
                              f"{tokens} (shape {tuple(attn_out.shape)}): pass the routing map returned for these "
                              "tokens")
+        # Same count, other layout (e.g. [L, B] for map's [B, L]: tokens would be paired with other tokens' routing).
+        if len(lead) > 1 and len(routing.token_shape) > 1 and tuple(lead) != routing.token_shape:
+            raise ValueError(f"attn_out: expected leading dims {routing.token_shape} (x's in map) or one flat token "
+                             f"dim, got shape {tuple(attn_out.shape)}: were the attention output's dims left "
+                             "transposed?")
         o = attn_out.reshape(-1, self.num_heads, self.top_k, self.head_dim).transpose(1, 2)
         o = o.reshape(-1, self.num_heads * self.head_dim)  # [T*K, H*Dh], slot order
-        y = self.output_linear(o, 1, *routing[1:], gates=routing.expert_p)
+        y = self.output_linear(o, 1, *routing.indices, gates=routing.expert_p)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.input_size)

@@ -447,7 +447,7 @@ def glu_moe(
     sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = expert_idxs_sorted
     x, w_in, w_out, b_in, b_out = _under_autocast(x, w_in, w_out, b_in, b_out)
     activate_first = flag("activate_first", activate_first)
-    check_glu_moe(x, w_in, w_out, gates, b_out)
+    check_glu_moe(x, w_in, w_out, gates, b_in, b_out, sorted_expert_idxs)
     k = gates.size(1)
     check_parallel_linear(x, w_in, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
                           b_in, None, False, True)

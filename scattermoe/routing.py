@@ -117,6 +117,8 @@ def load_balancing_loss(router_logits: torch.Tensor, expert_idxs: torch.Tensor, 
     if expert_idxs.dim() != router_logits.dim() or tuple(expert_idxs.shape[:-1]) != lead:
         raise ValueError(f"expert_idxs: expected [{', '.join(map(str, lead + ('K',)))}], router_logits' tokens, "
                          f"got shape {tuple(expert_idxs.shape)}")
+    if expert_idxs.size(-1) == 0:  # f_e would be 0/0
+        raise ValueError(f"expert_idxs: expected K >= 1 experts per token, got shape {tuple(expert_idxs.shape)}")
     router_logits = rows
     if router_logits.size(0) == 0:
         return router_logits.float().sum()  # no tokens, no imbalance: 0, still attached to the graph

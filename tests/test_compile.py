@@ -115,6 +115,44 @@ def test_compiled_jetmoe_training_step_matches_eager_aot_eager():
     assert_all_close(names, runs[0], runs[1], TOL[torch.float32])
 
 
+def test_jetmoe_decoder_layers_compiled_by_inductor_match_eager_in_one_graph(monkeypatch):
+    """compile_decoder_layers (train --compile): under inductor, the loss, aux loss, logits and every gradient,
+    the routers' among them, equal eager's, on every torch (2.13 included: the aux losses sit outside the
+    graph, see the next test); and both layers run one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    from jetmoe import JetMoEConfig, JetMoEForCausalLM
+
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_key_value_heads=2,
+                                           kv_channels=4, intermediate_size=12, num_local_experts=4,
+                                           num_experts_per_tok=2, bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    ids = torch.randint(3, 64, (2, 7))
+    # As in a fresh process, where the first trace meets the Triton probe unset (once Dynamo guarded on it, and the
+    # second call compiled again).
+    monkeypatch.setattr(scattermoe.backends, "_TRITON_IMPORTABLE", None)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    runs = []
+    for compiled in (True, False):
+        for layer in model.model.layers:
+            layer.compiled_layer_forward = None
+        if compiled:
+            model.compile_decoder_layers("inductor")
+        model.zero_grad(set_to_none=True)
+        with scattermoe.use_backend("triton"):
+            out = model(ids, labels=ids)
+            (out.loss + out.aux_loss).backward()
+        runs.append([out.loss, out.aux_loss, out.logits] + [p.grad for p in model.parameters()])
+        if compiled:
+            assert counters["stats"]["unique_graphs"] - graphs == 1
+    names = ["loss", "aux_loss", "logits"] + [f"d{n}" for n, _ in model.named_parameters()]
+    assert any("router" in n for n in names)
+    assert_all_close(names, runs[0], runs[1], TOL[torch.float32])
+    with pytest.raises(ValueError, match="backend: unknown torch.compile backend 'nope'"):
+        model.compile_decoder_layers("nope")
+
+
 def _router_aux_and_moe(x, router, w_in, w_out):
     """A MoE layer's training terms: its output and its router's load-balancing + 0.1 z-loss, both from the
     same logits (the top-k gates and the aux losses)."""

@@ -286,6 +286,11 @@ def test_eos_stops_rows_and_streams_to_the_callback():
     (lambda m, x: m(x, cache=KVCache(TINY, 2, 3, "cpu", torch.float32)), "cache: holds 3 positions"),
     (lambda m, x: m(x, cache=KVCache(TINY, 1, 8, "cpu", torch.float32)), "of a batch of 1"),
     (lambda m, x: m(x.float()), "input_ids: expected integer token ids"),
+    (lambda m, x: m(x > 5), "input_ids: expected integer token ids .*got torch.bool"),
+    (lambda m, x: m(x, labels=x[:, :3]), r"labels: expected integer ids of shape \(2, 4\)"),
+    (lambda m, x: m(x, labels=x.float()), r"labels: expected integer ids .*got torch.float32"),
+    (lambda m, x: m(x, position_ids=torch.arange(3)[None]), r"position_ids: expected integer ids of shape \(2, 4\) "
+     r"or \(1, 4\)"),
     # A mask of another shape than the prompt would be broadcast over the rows: refused, as forward refuses it.
     (lambda m, x: m.generate(x, 3, attention_mask=torch.tensor([0, 1, 1, 1])), r"attention_mask: expected input_ids' "
      r"shape \(2, 4\)"),
@@ -294,7 +299,8 @@ def test_eos_stops_rows_and_streams_to_the_callback():
     (lambda m, x: m.generate(x[0], 3), r"input_ids: expected a \[batch, sequence\] tensor.*input_ids\[None\]"),
     (lambda m, x: m.generate(x, 2.0), "max_new_tokens: expected an int >= 1, got 2.0"),
 ], ids=["empty_prompt", "nan_temperature", "right_padding", "eos_a_string", "cache_too_short", "cache_batch",
-        "float_ids", "mask_1d", "mask_one_row", "mask_shorter", "ids_1d", "float_max_new_tokens"])
+        "float_ids", "bool_ids", "labels_shorter", "float_labels", "position_ids_shorter",
+        "mask_1d", "mask_one_row", "mask_shorter", "ids_1d", "float_max_new_tokens"])
 def test_generate_and_forward_refuse_bad_arguments_by_name(call, message):
     model = random_model()
     x = torch.randint(3, TINY.vocab_size, (2, 4))
@@ -528,3 +534,14 @@ def test_a_checkpoint_tokenizer_without_transformers_says_what_to_install(tmp_pa
     monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when it is absent
     with pytest.raises(ValueError, match=rf"^the tokenizer in {re.escape(str(tmp_path))} .*pip install transformers"):
         load_tokenizer(tmp_path)
+
+
+def test_position_ids_of_one_row_are_broadcast_over_the_batch():
+    """transformers' convention, position_ids [1, S] for every row, is taken (forward checks its shape)."""
+    model = random_model()
+    x = torch.randint(3, TINY.vocab_size, (2, 5))
+    with scattermoe.use_backend("torch"):
+        one_row = model(x, position_ids=torch.arange(2, 7)[None]).logits
+        per_row = model(x, position_ids=torch.arange(2, 7).expand(2, 5)).logits
+        default = model(x).logits
+    assert torch.equal(one_row, per_row) and not torch.equal(one_row, default)

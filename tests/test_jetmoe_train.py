@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from helpers import assert_close, load_an_expert_weight_wrongly
 
 import scattermoe
@@ -28,9 +29,11 @@ from jetmoe.train import (
     TRAIN_LOG,
     TRAINER_STATE,
     TrainConfig,
+    TrainingDiverged,
     eval_windows,
     evaluate,
     get_batch,
+    load_corpus,
     make_optimizer,
     split_validation,
     train,
@@ -114,6 +117,68 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(backend):
     assert torch.equal(loss, loss_ckpt) and torch.equal(aux, aux_ckpt)
     for name, g in grads.items():
         assert_close(grads_ckpt[name], g, 1e-6, name)
+
+
+def test_compiled_layers_train_as_eager_ones_do(tmp_path):
+    """train(compile=...) with recomputation: the same losses and weights as eager, two steps on, and the same
+    parameter names in the saved checkpoint (the layers are compiled in place, not wrapped)."""
+    scattermoe.set_backend("torch")
+    cfg = dict(steps=2, batch_size=2, seq_len=16, warmup_steps=1, progress=False, grad_checkpoint=True)
+    models, records = [], []
+    for name, backend in (("eager", None), ("compiled", "aot_eager")):
+        torch.manual_seed(0)
+        models.append(JetMoEForCausalLM(BYTES))
+        records.append(train(models[-1], tokens(), TrainConfig(out_dir=str(tmp_path / name), compile=backend, **cfg)))
+    assert models[0].model.layers[0].compiled_layer_forward is None
+    assert models[1].model.layers[0].compiled_layer_forward is not None
+    assert_close(torch.tensor([r["loss"] for r in records[1]]), torch.tensor([r["loss"] for r in records[0]]), 1e-6,
+                 "losses")
+    eager, compiled = models[0].state_dict(), models[1].state_dict()
+    assert list(compiled) == list(eager)
+    for name, p in compiled.items():
+        assert_close(p, eager[name], 1e-6, name)
+    saved = {name: sorted(k for f in (tmp_path / name).glob("*.safetensors") for k in load_file(f))
+             for name in ("eager", "compiled")}
+    assert saved["compiled"] == saved["eager"] and saved["eager"]
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_checkpoint(tmp_path, capsys):
+    """A NaN loss stops training at that step (no NaN weights saved, no NaN in the log, whose JSON would not be
+    strict); the checkpoint saved before stays as it was; the CLI exits 1 saying so."""
+    scattermoe.set_backend("torch")
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(BYTES)
+    out = tmp_path / "run"
+    cfg = TrainConfig(out_dir=str(out), steps=2, batch_size=2, seq_len=16, warmup_steps=0, progress=False)
+    train(model, tokens(), cfg)
+    saved = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    with pytest.raises(TrainingDiverged, match=r"^step 4: the loss is nan"):  # step 3's update made it NaN
+        train(model, tokens(), dataclasses.replace(cfg, steps=6, lr=float("inf"), resume=True))
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != TRAIN_LOG} == \
+        {name: data for name, data in saved.items() if name != TRAIN_LOG}
+    log = (out / TRAIN_LOG).read_text()
+    assert "NaN" not in log and [json.loads(line)["step"] for line in log.splitlines()] == [1, 2, 3]
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 40)
+    argv = ["train", "--data", str(corpus), "--out", str(tmp_path / "cli"), "--steps", "4", "--lr", "1e30",
+            "--warmup", "0", "--seq-len", "16", "--batch-size", "2", "--no-progress", "--device", "cpu",
+            "--backend", "torch"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jetmoe: error: step ") and "training diverged" in err, err
+
+
+def test_a_binary_file_among_a_folders_text_is_skipped_with_a_warning(tmp_path):
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "a.py").write_text("x = 1\r\n")
+    (folder / "blob.py").write_bytes(b"\x7fELF\0\0" + bytes(range(256)))  # a .py by name only
+    with pytest.warns(UserWarning, match=r"corpus: skipped 1 file\(s\) with NUL bytes.*blob\.py"):
+        docs = load_corpus([folder])
+    assert docs == ["x = 1\n"]  # universal newlines, as read_text gives
+    with pytest.raises(ValueError, match=r"looks binary"):  # named by the user: refused, not skipped
+        load_corpus([folder / "blob.py"])
 
 
 def test_training_lowers_the_loss_and_resume_continues_exactly(tmp_path):
@@ -516,6 +581,7 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     (["train", "--model", "no_such_preset", "--steps", "1", "--device", "cpu"], "not a preset (jetmoe-8b, tiny)"),
     (["train", "--eval-every", "5", "--steps", "1", "--device", "cpu"], "--eval-every: needs a held-out part"),
     (["train", "--sharded-optimizer-state", "--steps", "1"], "--sharded-optimizer-state: needs --fsdp"),
+    (["train", "--compile", "nope", "--steps", "1"], "--compile: unknown torch.compile backend 'nope'"),
     (["train", "--val-fraction", "1", "--steps", "1"], "argument --val-fraction: expected a value >= 0 and < 1"),
     (["eval", "--seq-len", "1"], "argument --seq-len: expected a value >= 2"),
     (["train", "--seq-len", "1", "--steps", "1"], "argument --seq-len: expected a value >= 2"),  # nothing to predict

@@ -559,3 +559,137 @@ def test_interpreter_problem_names_the_numpy_pin(monkeypatch, triton_version, nu
         assert problem is not None and 'numpy<2.4' in problem and "numpy %d.%d" % numpy_version in problem, problem
     else:
         assert problem is None
+
+
+# ---- found by an adversarial review of the public API (2026-12-01) ----
+
+@pytest.mark.parametrize("layer", list(LAYER_FACTORIES))
+@pytest.mark.parametrize("width", [0, D - 1])
+def test_layers_name_x_of_the_wrong_width(layer, width):
+    """Told by the layer, with its input_size: a width of 0 used to fail inside torch's reshape."""
+    forward = LAYER_FACTORIES[layer]()
+    with pytest.raises(ValueError, match=rf"^x: expected {D} features \(the layer's input_size\)"):
+        forward(torch.randn(B, L, width), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: scattermoe.GLUMLP(D, F, E, K, activate_first="no"), ValueError, r"^activate_first: expected True or"),
+    (lambda: scattermoe.GLUMLP(D, F, E, K, activation=torch.nn.GELU(), activate_first="no"), ValueError,
+     r"^activate_first: expected True or"),
+    (lambda: scattermoe.MLP(D, F, E, K, bias="no"), ValueError, r"^bias: expected True or False"),
+    (lambda: scattermoe.GLUMLP(D, F, E, K, bias=None), ValueError, r"^bias: expected True or False"),
+    (lambda: scattermoe.MLP(D, F, E, K, activation="gelu"), TypeError, r"^activation: expected a callable"),
+], ids=["glu_activate_first_string", "glu_gelu_activate_first_string", "mlp_bias_string", "glu_bias_none",
+        "mlp_activation_string"])
+def test_layers_check_their_flags_and_activation_when_built(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_from_linears_refuses_what_copying_the_weights_would_lose():
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    ups, downs = [torch.nn.Linear(D, F, bias=False) for _ in range(E)], [torch.nn.Linear(F, D, bias=False)
+                                                                        for _ in range(E)]
+    with pytest.raises(TypeError, match=r"^gate\[1\]: Doubled overrides nn.Linear.forward"):
+        scattermoe.GLUMLP.from_linears([ups[0], Doubled(D, F, bias=False), ups[2]], ups, downs, K)
+    with pytest.raises(TypeError, match=r"^up\[0\]: expected a floating-point weight, got int64"):
+        scattermoe.MLP.from_linears([torch.ones(F, D, dtype=torch.long)] * E, downs, K)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+def test_glu_layer_takes_an_in_place_activation(backend):
+    """nn.ReLU(inplace=True), as the loop it replaces takes it: the same output and gradients as nn.ReLU()."""
+    torch.manual_seed(0)
+    layers = [scattermoe.GLUMLP(D, F, E, K, activation=act, activate_first=first)
+              for first in (True, False) for act in (torch.nn.ReLU(inplace=True), torch.nn.ReLU())]
+    for pair in (layers[:2], layers[2:]):
+        pair[1].load_state_dict(pair[0].state_dict())
+        x, p, idx = torch.randn(T, D), torch.rand(T, K), make_expert_idxs(T, E, K)
+        results = []
+        for layer in pair:
+            xx = x.clone().requires_grad_()
+            with scattermoe.use_backend(backend):
+                y = layer(xx, p, idx)
+                y.backward(torch.ones_like(y))
+            results.append((y.detach(), xx.grad, layer.experts.weight.grad))
+        for got, want in zip(*results):
+            assert torch.equal(got, want)
+
+
+def test_moa_reduce_refuses_attention_output_left_transposed():
+    """Same token count, other layout ([L, B] for map's [B, L]): each token would take another's routing."""
+    moa = scattermoe.MoA(D, 4, 2, E, K)
+    q, routing = moa.map(torch.randn(B, L, D), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
+    with pytest.raises(ValueError, match=rf"^attn_out: expected leading dims \({B}, {L}\)"):
+        moa.reduce(q.transpose(0, 1), routing)
+    flat = moa.reduce(q.reshape(B * L, *q.shape[2:]), routing)  # one flat token dim: the same tokens, in order
+    assert torch.equal(flat.view(B, L, D), moa.reduce(q, routing))
+
+
+def test_load_balancing_loss_refuses_no_experts_per_token():
+    with pytest.raises(ValueError, match=r"^expert_idxs: expected K >= 1"):
+        scattermoe.load_balancing_loss(torch.randn(T, E), torch.zeros(T, 0, dtype=torch.long), E)
+
+
+def test_glu_moe_names_its_own_arguments():
+    x, gates = torch.randn(T, D), torch.rand(T, K)
+    w_in, w_out = torch.randn(E, D, 2 * F), torch.randn(E, F, D)
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    with pytest.raises(ValueError, match=rf"^b_in: expected shape \({E}, {2 * F}\)"):
+        scattermoe.glu_moe(x, w_in, w_out, gates, routing, b_in=torch.randn(E, F))
+    with pytest.raises(ValueError, match=rf"^gates: shape \({T}, {K + 1}\) gives {T * (K + 1)} routed rows, but "
+                                         rf"expert_idxs_sorted holds {T * K}"):
+        scattermoe.glu_moe(x, w_in, w_out, torch.rand(T, K + 1), routing)
+
+
+@pytest.mark.parametrize("value, want", [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False),
+                                         ("false", False), ("off", False), ("no", False), ("", False),
+                                         (None, "default"), ("maybe", ValueError)])
+def test_switches_from_the_environment_are_read_strictly(monkeypatch, value, want):
+    from scattermoe._validate import env_flag
+
+    if value is None:
+        monkeypatch.delenv("SCATTERMOE_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("SCATTERMOE_TEST_SWITCH", value)
+    if want is ValueError:  # "no" once read as on: a value neither on nor off is an error, not a guess
+        with pytest.raises(ValueError, match=r"SCATTERMOE_TEST_SWITCH='maybe': expected 1 or 0"):
+            env_flag("SCATTERMOE_TEST_SWITCH")
+    elif want == "default":
+        assert env_flag("SCATTERMOE_TEST_SWITCH") is False and env_flag("SCATTERMOE_TEST_SWITCH", True) is True
+    else:
+        assert env_flag("SCATTERMOE_TEST_SWITCH", default=not want) is want
+
+
+def test_set_debug_takes_a_bool_only():
+    with pytest.raises(ValueError, match=r"^enabled: expected True or False, got 'no'"):
+        scattermoe.set_debug("no")
+    assert not scattermoe._validate.debug_enabled()
+
+
+def test_triton_interpret_is_read_as_triton_reads_it():
+    """TRITON_INTERPRET=true interprets the kernels (Triton's reading); scattermoe once required exactly "1" and
+    sent such a run to the torch backend, saying the variable was not set."""
+    code = ("import torch, scattermoe; from scattermoe.backends.triton.config import INTERPRET; "
+            "print(INTERPRET, scattermoe.backends.resolve(torch.randn(2)))")
+    env = {**os.environ, "TRITON_INTERPRET": "true"}
+    env.pop("SCATTERMOE_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "triton" if backends.interpreter_problem() is None else "torch"]
+
+
+def test_the_original_kernel_api_checks_before_it_computes():
+    from scattermoe.kernels import ops
+
+    x, w = torch.randn(T, D), torch.randn(E, D, F)
+    sorted_expert_idxs, sorted_scattered_idxs = ops.flatten_and_sort(make_expert_idxs(T, E, K))
+    with pytest.raises(ValueError, match=r"^sorted_expert_idxs: expected a 1-d tensor, got shape \(6, 2\)"):
+        ops.scatter2scatter(x, w, sorted_expert_idxs.view(T, K), sorted_scattered_idxs, K)
+    with pytest.raises(TypeError, match=r"^W: expected a torch.Tensor, got list"):
+        ops.scatter2scatter(x, [w], sorted_expert_idxs, sorted_scattered_idxs, K)
+    with pytest.raises(TypeError, match=r"^expert_idxs: expected dtype in \(int32, int64\), got float32"):
+        ops.flatten_and_sort(make_expert_idxs(T, E, K).float())

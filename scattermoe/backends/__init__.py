@@ -93,8 +93,10 @@ def _triton_interpreting() -> bool:
 _TRITON_IMPORTABLE: Optional[bool] = None  # probed at the first call, not at import (an import of triton, ~0.1 s)
 
 
+@torch.compiler.assume_constant_result  # for Dynamo, a constant: no guard on the global, which the first call sets
 def triton_importable() -> bool:
-    # A module global, not an lru_cache: Dynamo warned on every torch.compile that it traced past the cache.
+    # A module global, not an lru_cache: Dynamo warned on every torch.compile that it traced past the cache. Traced
+    # as is, the first compile would guard on the global being None and the second call would compile again.
     global _TRITON_IMPORTABLE
     if _TRITON_IMPORTABLE is None:
         try:  # an import, not find_spec: a broken install must fall back to torch, not fail at the first launch

@@ -65,6 +65,7 @@ def flatten_and_sort(expert_idxs: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
 
     ``sorted_scattered_idxs[i]`` is the slot t*K + j of the i-th row in expert order.
     """
+    check_tensor("expert_idxs", expert_idxs, dtypes=_INDEX_DTYPES)
     return torch.sort(expert_idxs.flatten(), stable=True)
 
 
@@ -121,6 +122,9 @@ def scatter2scatter(
     del padded_block_idxs  # the 2024 block list: not needed, rows are located from the expert offsets
     if _is_index_tensor(b):  # 2024 positional layout: (..., k, padded_block_idxs, x_grouped, y_grouped, out)
         b = None
+    # The offsets are computed before the full check below: what they read is checked first.
+    check_tensor("W", W, dim=3)
+    check_tensor("sorted_expert_idxs", sorted_expert_idxs, dim=1, dtypes=_INDEX_DTYPES, device=W.device)
     expert_offsets = _offsets_from_sorted(sorted_expert_idxs, W.size(0))
     check_parallel_linear(X, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets, b, None,
                           x_grouped, y_grouped)

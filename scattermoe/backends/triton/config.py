@@ -16,8 +16,13 @@ import os
 import torch
 import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-AUTOTUNE = os.environ.get("SCATTERMOE_AUTOTUNE", "1") != "0"
+from ..._validate import env_flag
+
+# Read as Triton reads it (its knob: 1, true, yes, on...), which decides when the kernels are defined whether
+# they are interpreted; a stricter reading here once sent TRITON_INTERPRET=true to the torch backend.
+INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
+    os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = env_flag("SCATTERMOE_AUTOTUNE", default=True)
 
 # Honoured by every kernel for float32 inputs (ScatterMoE's switch; kernels.ops.ALLOW_TF32 forwards here).
 ALLOW_TF32 = False
