@@ -270,29 +270,21 @@ def test_device_limits_match_whole_words_and_know_what_they_do_not_know():
                       "NVIDIA A100-SXM4-80GB": None}
 
 
-def test_a_subset_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path):
+HANG = {"impl": "scattermoe_cutlass", "what": "jetmoe_moe T=16384 uniform fwd_bwd", "after_s": 150.0}
+
+
+@pytest.mark.parametrize("partial", [{"suite": "full-subset"}, {"hung": HANG}], ids=["subset", "ended_by_a_hang"])
+def test_a_partial_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path, partial):
     results = tmp_path / "results"
     results.mkdir()
     write_kernel_result(results, "whole.json", "2026-06-01T00:00:00+00:00",
                         {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
-    subset = write_kernel_result(results, "subset.json", "2026-07-01T00:00:00+00:00", {"scattermoe_triton": 99.0})
-    payload = json.loads(subset.read_text())
-    subset.write_text(json.dumps({**payload, "suite": "full-subset"}))
-    assert report.newest_result(results).name == "whole.json"
-
-
-def test_a_run_ended_by_a_hang_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path):
-    results = tmp_path / "results"
-    results.mkdir()
-    write_kernel_result(results, "whole.json", "2026-06-01T00:00:00+00:00",
-                        {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
-    hung = write_kernel_result(results, "hung.json", "2026-07-01T00:00:00+00:00", {"scattermoe_triton": 99.0})
-    hang = {"impl": "scattermoe_cutlass", "what": "jetmoe_moe T=16384 uniform fwd_bwd", "after_s": 150.0}
-    hung.write_text(json.dumps({**json.loads(hung.read_text()), "hung": hang}))
+    newer = write_kernel_result(results, "newer.json", "2026-07-01T00:00:00+00:00", {"scattermoe_triton": 99.0})
+    newer.write_text(json.dumps({**json.loads(newer.read_text()), **partial}))
     assert report.newest_result(results).name == "whole.json"
     (results / "whole.json").unlink()
-    assert report.newest_result(results).name == "hung.json"  # better than nothing, and it says so
-    assert "ENDED BY A HANG: scattermoe_cutlass" in report.readme_section(results / "hung.json")
+    assert report.newest_result(results).name == "newer.json"  # with no whole suite, the newest partial one
+    assert ("ENDED BY A HANG: scattermoe_cutlass" in report.readme_section(newer)) == ("hung" in partial)
 
 
 @pytest.mark.interpreter
