@@ -556,6 +556,9 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                   f"parameter elements{gathered}", flush=True)
     if cfg.compile:
         model.compile_decoder_layers(cfg.compile)
+        if rank == 0:
+            print(f"torch.compile ({cfg.compile}): the decoder layers share one graph, compiled in the first step",
+                  flush=True)
     optimizer = make_optimizer(model, cfg)
     if state is not None:
         if state.get("optimizer_dir"):  # saved shard by shard: each rank reads its part
