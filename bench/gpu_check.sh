@@ -123,21 +123,27 @@ test_part() {
     echo "pytest ($name) exit status: $PART_RC"
 }
 
-# bench_run RAISE_TO SKIP_BELOW ARGS...: the kernel suite in what is left of the budget, raised to RAISE_TO
-# seconds, or not run if under SKIP_BELOW; --hang-file OUT/bench_hung.txt (exit status 3: an implementation
-# hung). BENCH_RC: its status (unchanged if not run).
+# bench_run RAISE_TO SKIP_BELOW ARGS...: the kernel suite in what is left of the budget, raised to at least
+# RAISE_TO seconds; not run if that is under SKIP_BELOW. --hang-file OUT/bench_hung.txt (exit status 3: an
+# implementation hung). BENCH_RC: its status (unchanged if not run).
 bench_run() {
     local raise_to="$1" skip_below="$2"
     shift 2
     local left=$(( BUDGET - SECONDS - reserve ))
+    [ "$left" -lt "$raise_to" ] && left=$raise_to
     if [ "$left" -lt "$skip_below" ]; then
         echo "benchmark: ${left}s left of the budget; not run"
         return
     fi
-    [ "$left" -lt "$raise_to" ] && left=$raise_to
+    # A step hung past a third of the window (60 to 150 s), so that the files are written, and a rerun has time,
+    # before the hard timeout. Triton's autotuning is spread over the checks' steps (T=1, then 512): the
+    # longest real step is estimated at under a minute (bench/NOTES.md).
+    local hang_s=$(( left / 3 ))
+    [ "$hang_s" -lt 60 ] && hang_s=60
+    [ "$hang_s" -gt 150 ] && hang_s=150
     # Soft budget under the hard one, so the run ends by itself and writes its files.
     # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
-    gpu_run "$left" "$PY" -m bench --out "$OUT" --hang-file "$OUT/bench_hung.txt" \
+    gpu_run "$left" "$PY" -m bench --out "$OUT" --hang-s "$hang_s" --hang-file "$OUT/bench_hung.txt" \
         --time-budget $(( left > 150 ? left - 45 : left * 2 / 3 )) "$@" ${BENCH_ARGS:-}
     BENCH_RC=$?
     [ "$BENCH_RC" -eq 124 ] && echo "benchmark: stopped after ${left}s; files hold the cases finished before"
@@ -278,7 +284,7 @@ EOF
     if want bench; then
         step "kernel benchmark"
         bench_run 90 0  # the benchmark is the point of the run: at least 90 s
-        if [ "$BENCH_RC" -eq 3 ] && [ -s "$OUT/bench_hung.txt" ]; then
+        if [ "$BENCH_RC" = 3 ] && [ -s "$OUT/bench_hung.txt" ]; then
             # An implementation hung (python -m bench --hang-s): the files hold what ran before it. Run again
             # without it (and, if the plain csrc one hung, without csrc for the e2e step too).
             BENCH_HUNG="$(tr -d '[:space:]' < "$OUT/bench_hung.txt")"

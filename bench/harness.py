@@ -50,12 +50,16 @@ class HangWatch:
     would then kill the run with nothing written for the group under way or any after it. A thread polls the
     step under way; past the limit it calls ``on_hang(impl, what)`` (write what there is) and ends the process
     with HANG_EXIT, so the caller can run again without that implementation (``--skip-impls``). The synchronize
-    calls release the GIL, so the thread runs while the main thread waits on the device.
+    calls release the GIL, so the thread runs while the main thread waits on the device. One lock orders the two:
+    a step that ends while the thread is deciding waits (and the process ends) before the main thread goes on to
+    change the results the thread is writing, or starts another step the hang would be blamed on.
     """
 
     def __init__(self, limit_s: float, on_hang: Callable[[str, str], None], exit: Callable[[int], None] = os._exit):
         self.limit_s, self.on_hang, self._exit = limit_s, on_hang, exit
         self._step: Optional[tuple] = None  # (impl, what, started)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     @contextlib.contextmanager
@@ -63,29 +67,35 @@ class HangWatch:
         if self._thread is None:
             self._thread = threading.Thread(target=self._poll, name="bench-hang-watch", daemon=True)
             self._thread.start()
-        self._step = (impl, what, time.monotonic())
+        with self._lock:
+            self._step = (impl, what, time.monotonic())
         try:
             yield
         finally:
-            self._step = None
+            with self._lock:
+                self._step = None
+
+    def stop(self) -> None:
+        """End the thread (the run is over: nothing more to watch)."""
+        self._stopped.set()
 
     def _poll(self) -> None:
         period = min(0.5, self.limit_s / 5)
-        while True:
-            time.sleep(period)
-            step = self._step
-            if step is None or time.monotonic() - step[2] <= self.limit_s:
-                continue
-            impl, what, _ = step
-            log(f"[bench] HUNG: {impl}: {what} has not finished after {self.limit_s:g} s (--hang-s); "
-                f"writing the results so far and ending the run (exit status {HANG_EXIT})")
-            try:
-                self.on_hang(impl, what)
-            except BaseException as exc:  # the exit below must happen whatever the writing does
-                log(f"[bench] writing the results after the hang failed: {type(exc).__name__}: {exc}")
-            sys.stdout.flush()
-            self._exit(HANG_EXIT)
-            return
+        while not self._stopped.wait(period):
+            with self._lock:
+                step = self._step
+                if step is None or time.monotonic() - step[2] <= self.limit_s:
+                    continue
+                impl, what, _ = step
+                log(f"[bench] HUNG: {impl}: {what} has not finished after {self.limit_s:g} s (--hang-s); "
+                    f"writing the results so far and ending the run (exit status {HANG_EXIT})")
+                try:
+                    self.on_hang(impl, what)
+                except BaseException as exc:  # the exit below must happen whatever the writing does
+                    log(f"[bench] writing the results after the hang failed: {type(exc).__name__}: {exc}")
+                sys.stdout.flush()
+                self._exit(HANG_EXIT)
+                return
 
 
 # ---------------------------------------------------------------- timing

@@ -151,12 +151,15 @@ def _in_variant(impl: str, fn: Callable[[int], object]) -> Callable[[int], objec
     return run
 
 
+ROUTING_IMPLS = ("scattermoe", "torch_sort")  # the routing rows' own names (beside "reference")
+
+
 def impls_for(shape: Shape, impls: List[str]) -> List[str]:
     """The implementations a shape runs: routing has the library's own (one launch for few rows on CUDA), the
     library's torch.sort path (``torch_sort``, what it uses for more rows) and the reference."""
     if shape.kind != "routing":
         return list(impls)
-    mine = ["scattermoe", "torch_sort"] if any(i.startswith("scattermoe_") for i in impls) else []
+    mine = list(ROUTING_IMPLS) if any(i.startswith("scattermoe_") for i in impls) else []
     return mine + (["reference"] if "reference" in impls else [])
 
 
@@ -337,7 +340,7 @@ class Workload:
             return self.skipped[impl]
         kind = self.shape.kind
         if kind == "routing":
-            return None if impl in ("scattermoe", "torch_sort", "reference") else "not a routing implementation"
+            return None if impl in (*ROUTING_IMPLS, "reference") else "not a routing implementation"
         if impl == "scattermoe_triton":
             return scattermoe.backends.triton_unsupported_reason(x)
         if impl.startswith("scattermoe_cutlass"):

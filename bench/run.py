@@ -100,11 +100,13 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None],
             results["checks"].setdefault(under_way["shape"], {})[impl] = {"error": why, "ok": False}
         results["hung"] = {"impl": impl, "what": what, "after_s": cfg.hang_s}
         results["elapsed_s"] = time.perf_counter() - start
-        on_update(results)
-        on_hang(results)
+        try:
+            on_update(results)
+        finally:  # the hang file, which the caller's rerun reads, whatever writing the results did
+            on_hang(results)
 
-    watch = (HangWatch(cfg.hang_s, record_hang).watch if cfg.hang_s
-             else lambda impl, what: contextlib.nullcontext())
+    hang_watch = HangWatch(cfg.hang_s, record_hang) if cfg.hang_s else None
+    watch = hang_watch.watch if hang_watch else lambda impl, what: contextlib.nullcontext()
 
     def workload(shape: Shape, dtype: str) -> Workload:
         if (shape, dtype) not in workloads:
@@ -230,5 +232,7 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None],
                     row["vs_dense"] = dense_ms / row["ms"]
         del sets
         on_update(results)
+    if hang_watch is not None:
+        hang_watch.stop()
     results["elapsed_s"] = time.perf_counter() - start
     return results

@@ -255,9 +255,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg)
         self.compiled_layer_forward: Optional[Callable] = None  # JetMoEForCausalLM.compile_decoder_layers
 
+    def __getstate__(self):
+        # torch.save(model) pickles the modules, and a compiled function does not pickle: a saved (or deep-copied)
+        # model is eager until compile_decoder_layers is called on it again.
+        return {**self.__dict__, "compiled_layer_forward": None}
+
     def forward(self, x, rope, mask, kv_cache, start):
         """x [B, S, D] -> (x [B, S, D], [(router logits [T, E], expert_idxs [T, K])] for MoA and MoE)."""
-        if self.compiled_layer_forward is not None:
+        # Compiled for the forwards without a KV cache (training, evaluation, prefill-free scoring); generation's
+        # steps stay eager: their changing `start` would make Dynamo's later graphs symbolic in it (SDPA's is_causal
+        # then a SymBool it refuses) and each decode shape a new graph.
+        if self.compiled_layer_forward is not None and kv_cache is None:
             return self.compiled_layer_forward(self, x, rope, mask, kv_cache, start)
         return self.layer_forward(x, rope, mask, kv_cache, start)
 
@@ -421,16 +429,19 @@ class JetMoEForCausalLM(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
 
-    def compile_decoder_layers(self, backend: str = "inductor", **options) -> "JetMoEForCausalLM":
-        """``torch.compile`` (fullgraph) the decoder layers' forward, in place; the embedding, the head and the
-        losses stay eager. All layers share one graph (their parameters are its inputs; a new one only for a new
-        input shape or grad mode), so compiling takes one layer's time, not 24. Per layer rather than the whole
-        model, as torchtitan does: FSDP's per-layer gather hooks and gradient checkpointing stay outside the graph,
-        the parameter and ``state_dict`` names do not change, and the router's aux losses, computed outside it,
-        keep the gate gradient that torch 2.13's inductor drops when they share a graph with the gates (README,
-        torch.compile; tests/test_compile.py checks this model's every gradient under inductor). ``options``
-        go to torch.compile (e.g. ``mode="max-autotune-no-cudagraphs"``)."""
-        why = unknown_compile_backend(backend)
+    def compile_decoder_layers(self, backend: Union[str, Callable] = "inductor", **options) -> "JetMoEForCausalLM":
+        """``torch.compile`` (fullgraph) the decoder layers' forward, in place, for calls without a KV cache
+        (training, evaluation; ``generate`` stays eager); the embedding, the head and the losses stay eager.
+
+        All layers share each graph (their parameters are its inputs; Dynamo adds one per input shape, grad mode
+        or train/eval mode, within its recompile limit), so compiling takes one layer's time, not 24. Per layer
+        rather than the whole model, as torchtitan does: FSDP's per-layer gather hooks and gradient checkpointing
+        stay outside the graph, the parameter and ``state_dict`` names do not change, and the router's aux losses,
+        computed outside it, keep the gate gradient that torch 2.13's inductor drops when they share a graph with
+        the gates (README, torch.compile; tests/test_compile.py checks every gradient under inductor).
+        ``backend``: a torch.compile backend's name or a callable one; ``options`` go to torch.compile (e.g.
+        ``mode="max-autotune-no-cudagraphs"``). A pickled or deep-copied model comes back eager."""
+        why = None if callable(backend) else unknown_compile_backend(backend)
         if why:
             raise ValueError(f"backend: {why}")
         compiled = torch.compile(DecoderLayer.layer_forward, backend=backend, fullgraph=True, **options)

@@ -15,14 +15,14 @@ from typing import Optional
 
 import torch
 
-_ON, _OFF = ("1", "true", "yes", "on", "y"), ("0", "false", "no", "off", "n", "")
+_ON, _OFF = ("1", "true", "yes", "on", "y"), ("0", "false", "no", "off", "n")
 
 
 def env_flag(name: str, default: bool = False) -> bool:
-    """A switch from the environment: 1/true/yes/on or 0/false/no/off (any case; empty is off), ``default`` when
-    unset; anything else a ValueError naming the variable, rather than a guess ("no" once read as on)."""
+    """A switch from the environment: 1/true/yes/on or 0/false/no/off (any case), ``default`` when unset or
+    empty; anything else a ValueError naming the variable, rather than a guess ("no" once read as on)."""
     value = os.environ.get(name)
-    if value is None:
+    if value is None or not value.strip():
         return default
     if value.strip().lower() in _ON:
         return True

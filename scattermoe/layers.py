@@ -147,7 +147,7 @@ class MLP(nn.Module):
         num_experts = positive_int("num_experts", num_experts)
         input_size, hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
         top_k = positive_int("top_k", top_k)
-        bias = flag("bias", bias)
+        bias = False if bias is None else flag("bias", bias)  # None: no bias, as nn.Linear reads it
         if activation is not None and not callable(activation):
             raise TypeError(f"activation: expected a callable (e.g. torch.nn.GELU() or torch.nn.functional.gelu), "
                             f"got {activation!r}")
@@ -280,15 +280,10 @@ class GLUMLP(MLP):
 
 class MoARouting(NamedTuple):
     """What MoA.map hands to MoA.reduce for the same tokens."""
-    expert_p: torch.Tensor  # [T, K] gates
+    expert_p: torch.Tensor  # [..., K] gates, with x's leading dims (reduce checks attn_out's against them)
     sorted_expert_idxs: torch.Tensor
     sorted_scattered_idxs: torch.Tensor
     expert_offsets: torch.Tensor
-    token_shape: Tuple[int, ...] = ()  # x's leading dims in map: reduce's attn_out must have them (or be flat)
-
-    @property
-    def indices(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.sorted_expert_idxs, self.sorted_scattered_idxs, self.expert_offsets
 
 
 class MoA(nn.Module):
@@ -325,9 +320,8 @@ class MoA(nn.Module):
         """x [..., D]; expert_p, expert_idxs [..., K] -> (queries [..., H*K, Dh], routing for reduce)."""
         _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
         lead = x.shape[:-1]
-        routing = MoARouting(expert_p.reshape(-1, self.top_k), *flatten_sort_count(expert_idxs, self.num_experts),
-                             token_shape=tuple(lead))
-        q = self.input_linear(_token_rows(x), self.top_k, *routing.indices)  # [T*K, H*Dh], slot order
+        routing = MoARouting(expert_p, *flatten_sort_count(expert_idxs, self.num_experts))
+        q = self.input_linear(_token_rows(x), self.top_k, *routing[1:])  # [T*K, H*Dh], slot order
         # (token, slot, head) -> (token, head, slot): one copy of q, so SDPA's GQA grouping matches.
         q = q.view(-1, self.top_k, self.num_heads, self.head_dim).transpose(1, 2)
         return q.reshape(*lead, self.num_heads * self.top_k, self.head_dim), routing
@@ -342,19 +336,21 @@ class MoA(nn.Module):
         expected = (self.num_heads * self.top_k, self.head_dim)
         if tuple(attn_out.shape[-2:]) != expected:
             raise ValueError(f"attn_out: expected [..., {expected[0]}, {expected[1]}], got {tuple(attn_out.shape)}")
-        tokens = math.prod(lead)
-        if tokens != routing.expert_p.size(0):
-            raise ValueError(f"routing: made by map for {routing.expert_p.size(0)} tokens, but attn_out holds "
+        tokens, mapped = math.prod(lead), routing.expert_p.numel() // self.top_k
+        if tokens != mapped:
+            raise ValueError(f"routing: made by map for {mapped} tokens, but attn_out holds "
                              f"{tokens} (shape {tuple(attn_out.shape)}): pass the routing map returned for these "
                              "tokens")
         # Same count, other layout (e.g. [L, B] for map's [B, L]: tokens would be paired with other tokens' routing).
-        if len(lead) > 1 and len(routing.token_shape) > 1 and tuple(lead) != routing.token_shape:
-            raise ValueError(f"attn_out: expected leading dims {routing.token_shape} (x's in map) or one flat token "
+        # One flat token dim, or dims of size 1 added or dropped, keep the order.
+        token_shape = tuple(routing.expert_p.shape[:-1])
+        if len(lead) > 1 and len(token_shape) > 1 and [d for d in lead if d != 1] != [d for d in token_shape if d != 1]:
+            raise ValueError(f"attn_out: expected leading dims {token_shape} (x's in map) or one flat token "
                              f"dim, got shape {tuple(attn_out.shape)}: were the attention output's dims left "
                              "transposed?")
         o = attn_out.reshape(-1, self.num_heads, self.top_k, self.head_dim).transpose(1, 2)
         o = o.reshape(-1, self.num_heads * self.head_dim)  # [T*K, H*Dh], slot order
-        y = self.output_linear(o, 1, *routing.indices, gates=routing.expert_p)
+        y = self.output_linear(o, 1, *routing[1:], gates=routing.expert_p.reshape(-1, self.top_k))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.input_size)

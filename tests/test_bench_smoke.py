@@ -315,6 +315,12 @@ def test_a_hung_step_ends_the_run_with_its_files_and_a_rerun_leaves_it_out(tmp_p
     assert rows and all(r["status"] == "unavailable: it hung in the first run" for r in rows)
     assert all(r["status"] == "ok" for r in payload["rows"] if r["impl"] == "reference" and "graph" not in r["case"])
 
+    # A routing row's own name (what the hang file holds if one of those hangs) is taken too.
+    third = tmp_path / "third"
+    assert bench_main.main(["--cpu-smoke", "--no-plot", "--impls", "scattermoe_triton,reference", "--shapes",
+                            "routing", "--out", str(third), "--skip-impls", "torch_sort:hung before"]) == 0
+    assert {r["status"] for r in _only_json(third)["rows"] if r["impl"] == "torch_sort"} == {"unavailable: hung before"}
+
     # A hang in one csrc variant leaves out those that build on its kernels.
     assert skipped_after_hang("scattermoe_cutlass") == [
         "scattermoe_cutlass", "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma"]

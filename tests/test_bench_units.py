@@ -177,3 +177,23 @@ def test_plot_draws_zipf_dashed_beside_uniform_and_skips_a_row_without_a_time(tm
     assert list(zipf.get_xdata()) == [16, 4096]  # the NaN row at T=256 adds no point
     assert list(zipf.get_ydata()) == pytest.approx([0.032, 8.192])
     assert zipf.get_color() == uniform.get_color()  # one implementation, one colour
+
+
+def test_hang_watch_fires_once_for_the_step_that_hangs_and_stops_when_told():
+    import threading
+
+    fired, exits, done = [], [], threading.Event()
+
+    def exit_(code):
+        exits.append(code)
+        done.set()
+
+    watch = harness.HangWatch(0.2, lambda impl, what: fired.append((impl, what)), exit=exit_)
+    with watch.watch("fast", "a quick step"):
+        pass
+    with watch.watch("slow", "a step that hangs"):
+        assert done.wait(5)  # the thread fires while the step is under way
+    assert fired == [("slow", "a step that hangs")] and exits == [harness.HANG_EXIT]
+    watch.stop()
+    watch._thread.join(5)
+    assert not watch._thread.is_alive()

@@ -39,29 +39,46 @@ exec "$REAL_PYTHON" "$@"
 """
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
-@pytest.mark.parametrize("hung", ["scattermoe_cutlass,scattermoe_cutlass_persistent,scattermoe_cutlass_tma",
-                                  "torch_grouped_mm"])
-def test_a_hung_benchmark_is_run_again_without_what_hung(tmp_path, hung):
+def _run_gpu_check(tmp_path, hung: str, budget_s: int):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     log, out = tmp_path / "bench_calls.log", tmp_path / "out"
     env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(log),
            "FAKE_STATE": str(tmp_path / "hung_once"), "HUNG": hung, "GPU_CHECK_STEPS": "bench",
-           "GPU_CHECK_BUDGET_S": "400"}
+           "GPU_CHECK_BUDGET_S": str(budget_s)}
     env.pop("SCATTERMOE_CSRC_MODULE", None)
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], env=env, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 2, proc.stdout[-3000:]  # the rerun passed; the hang is still a failure
+    return proc, log.read_text().splitlines(), (out / "gpu_check_summary.txt").read_text()
 
-    calls = log.read_text().splitlines()
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and timeout")
+
+
+@needs_bash
+@pytest.mark.parametrize("hung", ["scattermoe_cutlass,scattermoe_cutlass_persistent,scattermoe_cutlass_tma",
+                                  "torch_grouped_mm"])
+def test_a_hung_benchmark_is_run_again_without_what_hung(tmp_path, hung):
+    proc, calls, summary = _run_gpu_check(tmp_path, hung, 400)
+    assert proc.returncode == 2, proc.stdout[-3000:]  # the rerun passed; the hang is still a failure
     assert len(calls) == 4, calls  # two runs: the arguments, then the csrc module each saw
     first, second = calls[0], calls[2]
     assert "--skip-impls" not in first and "--hang-file" in first
+    assert "--hang-s 13" in first  # a third of the ~400 s left (60 to 150)
     assert f"--skip-impls {hung}:hung in this GPU check's first benchmark run" in second
     csrc_disabled = calls[3].endswith("csrc-disabled-after-a-bench-hang")
     assert csrc_disabled == hung.startswith("scattermoe_cutlass,"), calls[3]
-
-    summary = (out / "gpu_check_summary.txt").read_text()
     assert "bench_rc=0" in summary and f"bench_hung={hung}" in summary
+
+
+@needs_bash
+def test_the_benchmark_runs_even_when_the_budget_is_spent_but_is_not_rerun(tmp_path):
+    """Earlier steps past the budget: the suite still gets its 90 s (the point of the run), with --hang-s at its
+    60 s floor; after a hang there is no time for a rerun, and the status says so (2), not 0."""
+    proc, calls, summary = _run_gpu_check(tmp_path, "torch_grouped_mm", 10)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert len(calls) == 2 and "--hang-s 60 " in calls[0], calls
+    assert "not run" in proc.stdout
+    assert "bench_rc=3" in summary and "bench_hung=torch_grouped_mm" in summary

@@ -545,3 +545,38 @@ def test_position_ids_of_one_row_are_broadcast_over_the_batch():
         per_row = model(x, position_ids=torch.arange(2, 7).expand(2, 5)).logits
         default = model(x).logits
     assert torch.equal(one_row, per_row) and not torch.equal(one_row, default)
+
+
+def test_compiled_decoder_layers_leave_generation_eager_and_pickle_as_eager():
+    """After a compiled training step, generate (its decode steps eager: a changing `start` once made Dynamo's
+    next graphs symbolic in it and SDPA refuse them) and a no-grad forward give the eager model's results; a
+    pickled or deep-copied model comes back eager (a compiled function does not pickle); a callable backend is
+    taken."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = random_model()
+    eager = copy.deepcopy(model)
+    model.compile_decoder_layers("aot_eager")
+    x = torch.randint(3, TINY.vocab_size, (2, 9))
+    with scattermoe.use_backend("torch"):
+        model.train()
+        out = model(x, labels=x)
+        (out.loss + out.aux_loss).backward()
+        model.eval()
+        assert torch.equal(model.generate(x[:, :4], 5), eager.generate(x[:, :4], 5))
+        with torch.no_grad():
+            want = eager(x).logits
+            assert_close(model(x).logits, want, 1e-5, "no-grad forward after generate")
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        for back in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+            assert all(layer.compiled_layer_forward is None for layer in back.model.layers)
+        assert all(layer.compiled_layer_forward is not None for layer in model.model.layers)
+        calls = []
+        model.compile_decoder_layers(lambda gm, example_inputs: calls.append(1) or gm.forward)
+        with torch.no_grad():
+            assert_close(model(x).logits, want, 1e-5, "callable backend")
+        assert calls

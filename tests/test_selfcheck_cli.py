@@ -56,3 +56,20 @@ def test_usage_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and message in err[-1] and "Traceback" not in "\n".join(err), err
+
+
+def test_without_triton_the_check_runs_the_other_backends_and_says_why_not_triton():
+    """A machine without Triton (macOS, Windows, a CPU-only install): the table, triton's row skipped with the reason,
+    exit 0; not an ImportError (reading the interpreter flag once imported the Triton config)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['triton'] = None\n"  # as if not installed: `import triton` raises ImportError
+            "from scattermoe.__main__ import main\n"
+            "sys.exit(main(['--tokens', '8', '--hidden', '8', '--ffn', '8', '--experts', '2', '--top-k', '1']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipped: triton is not installed" in proc.stdout
+    assert any(line.startswith("torch ") and line.endswith("pass") for line in proc.stdout.splitlines())

@@ -577,13 +577,17 @@ def test_layers_name_x_of_the_wrong_width(layer, width):
     (lambda: scattermoe.GLUMLP(D, F, E, K, activation=torch.nn.GELU(), activate_first="no"), ValueError,
      r"^activate_first: expected True or"),
     (lambda: scattermoe.MLP(D, F, E, K, bias="no"), ValueError, r"^bias: expected True or False"),
-    (lambda: scattermoe.GLUMLP(D, F, E, K, bias=None), ValueError, r"^bias: expected True or False"),
+    (lambda: scattermoe.GLUMLP(D, F, E, K, bias=1.5), ValueError, r"^bias: expected True or False"),
     (lambda: scattermoe.MLP(D, F, E, K, activation="gelu"), TypeError, r"^activation: expected a callable"),
-], ids=["glu_activate_first_string", "glu_gelu_activate_first_string", "mlp_bias_string", "glu_bias_none",
+], ids=["glu_activate_first_string", "glu_gelu_activate_first_string", "mlp_bias_string", "glu_bias_float",
         "mlp_activation_string"])
 def test_layers_check_their_flags_and_activation_when_built(build, error, message):
     with pytest.raises(error, match=message):
         build()
+
+
+def test_bias_none_means_no_bias_as_nn_linear_takes_it():
+    assert scattermoe.GLUMLP(D, F, E, K, bias=None).experts.bias is None
 
 
 def test_from_linears_refuses_what_copying_the_weights_would_lose():
@@ -627,6 +631,10 @@ def test_moa_reduce_refuses_attention_output_left_transposed():
         moa.reduce(q.transpose(0, 1), routing)
     flat = moa.reduce(q.reshape(B * L, *q.shape[2:]), routing)  # one flat token dim: the same tokens, in order
     assert torch.equal(flat.view(B, L, D), moa.reduce(q, routing))
+    # A batch of one, seq-first ([L, 1] for map's [1, L]): the same order, taken.
+    q, routing = moa.map(torch.randn(1, L, D), torch.rand(1, L, K), make_expert_idxs(L, E, K).view(1, L, K))
+    assert torch.equal(moa.reduce(q.transpose(0, 1), routing).transpose(0, 1), moa.reduce(q, routing))
+    assert len(routing) == 4  # map's routing is still the 4-tuple it was (code unpacks it)
 
 
 def test_load_balancing_loss_refuses_no_experts_per_token():
@@ -646,7 +654,7 @@ def test_glu_moe_names_its_own_arguments():
 
 
 @pytest.mark.parametrize("value, want", [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False),
-                                         ("false", False), ("off", False), ("no", False), ("", False),
+                                         ("false", False), ("off", False), ("no", False), ("", "default"),
                                          (None, "default"), ("maybe", ValueError)])
 def test_switches_from_the_environment_are_read_strictly(monkeypatch, value, want):
     from scattermoe._validate import env_flag

@@ -84,6 +84,9 @@ _INTERPRETER_PROBLEM = interpreter_problem()
 
 
 def _triton_interpreting() -> bool:
+    """Whether the Triton kernels run in the interpreter (False without Triton: nothing to interpret)."""
+    if not triton_importable():
+        return False
     # Read from the kernels' config: Triton fixes interpreter mode when the kernels are defined.
     from .triton.config import INTERPRET
 

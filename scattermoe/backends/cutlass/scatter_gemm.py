@@ -35,8 +35,8 @@ _persistent: Union[bool, int] = env_flag("SCATTERMOE_CUTLASS_PERSISTENT")
 
 def set_persistent(ctas: Union[bool, int] = True) -> None:
     """Run the csrc scatter GEMM as the persistent kernel (True: one CTA per SM; an int: that many CTAs)
-    or, with False, as one CTA per tile. Also ``SCATTERMOE_CUTLASS_PERSISTENT=1`` (any value but 0, false
-    or empty means True, one CTA per SM: the variable does not take a count)."""
+    or, with False, as one CTA per tile. Also ``SCATTERMOE_CUTLASS_PERSISTENT=1`` (a switch, read as
+    ``_validate.env_flag`` reads them: on means one CTA per SM; the variable does not take a count)."""
     global _persistent
     if isinstance(ctas, bool):
         _persistent = ctas
