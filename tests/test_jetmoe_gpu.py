@@ -96,6 +96,31 @@ def test_autocast_train_step_on_cuda(tmp_path):
         assert abs(lt - lk) <= 2e-2 * lt
 
 
+@pytest.mark.parametrize("backend", ["triton", "cutlass"])
+def test_compiled_decoder_layers_train_as_eager_ones_under_autocast_on_cuda(backend, tmp_path):
+    """train --compile on the GPU: inductor's graph of the decoder layers, the scattermoe kernels opaque inside it,
+    gives eager's bf16-autocast losses over three steps (within bf16 rounding: inductor fuses the norms)."""
+    if backend == "cutlass":
+        from scattermoe.backends import cutlass
+        reason = cutlass.unsupported_reason(torch.empty(1, device="cuda", dtype=torch.bfloat16))
+        if reason:
+            pytest.skip(reason)
+    hf = hf_model("k2_of_4")
+    hf.save_pretrained(tmp_path)
+    x = torch.randint(0, hf.config.vocab_size, (4, 32), device="cuda")
+    losses = {}
+    for compiled in (False, True):
+        model = JetMoEForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device="cuda")
+        if compiled:
+            model.compile_decoder_layers("inductor")
+        opt = make_optimizer(model, TrainConfig(out_dir="unused", lr=1e-3))
+        with scattermoe.use_backend(backend):
+            losses[compiled] = [train_step(model, opt, [x], 1.0, amp_dtype=torch.bfloat16) for _ in range(3)]
+    print(losses)
+    for (le, ae), (lc, ac) in zip(losses[False], losses[True]):
+        assert abs(le - lc) <= 2e-2 * le and abs(ae - ac) <= 5e-2 * ae
+
+
 @pytest.mark.skipif(not os.environ.get("JETMOE_8B"), reason="set JETMOE_8B to a local jetmoe/jetmoe-8b directory")
 def test_real_jetmoe_8b_matches_transformers_integration_values():
     """transformers' integration test values (DESIGN.md section 9), bf16."""
