@@ -15,7 +15,10 @@ Implementations (``impl``): ``jetmoe_scattermoe_triton`` (jetmoe/, Triton backen
 ``jetmoe_scattermoe_cutlass`` (jetmoe/, the csrc kernels, Triton where they do not reach: the rows'
 ``triton_fallbacks`` name those pieces; ``unavailable: why`` without the extension or an sm_90 GPU,
 which is not a failure), ``transformers`` (as it comes, SDPA attention), ``transformers_apply_scattermoe``
-(the same transformers model after ``scattermoe.integrations.apply_scattermoe``). Each jetmoe backend's
+(the same transformers model after ``scattermoe.integrations.apply_scattermoe``),
+``jetmoe_scattermoe_triton_compiled`` (jetmoe/ on Triton with ``compile_decoder_layers("inductor")``, what
+``train --compile`` runs: prefill and train step only, its decode being eager; the compile happens in the
+warm-up calls, outside the timing; ``aot_eager`` on the CPU smoke run). Each jetmoe backend's
 logits are checked against transformers' first. FLOPs are 2 (prefill) or 6 (train) x active
 non-embedding parameters x tokens, attention scores not counted.
 """
@@ -32,7 +35,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 JETMOE_BACKENDS = ("triton", "cutlass")
-IMPLS = (*(f"jetmoe_scattermoe_{b}" for b in JETMOE_BACKENDS), "transformers", "transformers_apply_scattermoe")
+COMPILED = "jetmoe_scattermoe_triton_compiled"  # the Triton backend, decoder layers under torch.compile (inductor)
+IMPLS = (*(f"jetmoe_scattermoe_{b}" for b in JETMOE_BACKENDS), COMPILED, "transformers",
+         "transformers_apply_scattermoe")
 WIDTH = dict(vocab_size=32000, hidden_size=2048, num_key_value_heads=16, kv_channels=128, intermediate_size=5632,
              num_local_experts=8, num_experts_per_tok=2)
 SMOKE_WIDTH = dict(vocab_size=64, hidden_size=32, num_key_value_heads=2, kv_channels=8, intermediate_size=48,
@@ -133,6 +138,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
     unavailable = {b: _backend_unavailable(b, batches[0]) for b in JETMOE_BACKENDS}
     probe = batches[0][:1, :256]
     checks: Dict = {"ok": True}
+    check_labels: Dict[str, str] = {}  # check key -> what was compared (the .md's words)
     with torch.no_grad():
         ref = hf(input_ids=probe).logits.float()
 
@@ -141,6 +147,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         with torch.no_grad():
             err = ((model(probe).logits.float() - ref).norm() / ref.norm()).item()
         checks[key] = err
+        check_labels[key] = what
         checks["ok"] = checks["ok"] and err < CHECK_TOL
         log(f"[e2e] {what} vs transformers logits: rel err {err:.2e} ({'ok' if err < CHECK_TOL else 'FAIL'})")
 
@@ -171,7 +178,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         log(f"[e2e] {case:<16} {impl:<30} {ms:9.3f} ms" + (f"  {row['tflops']:6.1f} TFLOP/s" if flops else "")
             + (f"  {row['peak_mem_gb']:6.1f} GB" if row["peak_mem_gb"] is not None else ""))
 
-    def measure(impl: str, model, forward: Callable, generate: Callable,
+    def measure(impl: str, model, forward: Callable, generate: Optional[Callable],
                 graph_generate: Optional[Callable] = None) -> None:
         tokens = batch * seq
         first = len(rows)
@@ -190,18 +197,19 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
             add("e2e_train_step", impl, tokens, _time(step, 2, repeats, lambda: model.zero_grad(set_to_none=True)),
                 6 * active * tokens)
             model.eval()
-            _reset_peak()
-            with torch.no_grad():
-                # ms per new token: (prompt + n tokens) - (prompt + 1 token), so the prefill cancels.
-                long = _time(lambda i: generate(prompts[i], new_tokens), 2, max(3, repeats // 2))
-                short = _time(lambda i: generate(prompts[i], 1), 2, max(3, repeats // 2))
-            add("e2e_decode", impl, 1, [t - _median(short) for t in long], None, per=new_tokens - 1)
-            if graph_generate is not None and new_tokens >= 3:
+            if generate is not None:  # (compiled layers: their decode is the eager one)
                 _reset_peak()
-                with torch.no_grad():  # two tokens: the prefill, the eager first step and the capture
-                    long = _time(lambda i: graph_generate(prompts[i], new_tokens), 2, max(3, repeats // 2))
-                    two = _time(lambda i: graph_generate(prompts[i], 2), 2, max(3, repeats // 2))
-                add("e2e_decode_graph", impl, 1, [t - _median(two) for t in long], None, per=new_tokens - 2)
+                with torch.no_grad():
+                    # ms per new token: (prompt + n tokens) - (prompt + 1 token), so the prefill cancels.
+                    long = _time(lambda i: generate(prompts[i], new_tokens), 2, max(3, repeats // 2))
+                    short = _time(lambda i: generate(prompts[i], 1), 2, max(3, repeats // 2))
+                add("e2e_decode", impl, 1, [t - _median(short) for t in long], None, per=new_tokens - 1)
+                if graph_generate is not None and new_tokens >= 3:
+                    _reset_peak()
+                    with torch.no_grad():  # two tokens: the prefill, the eager first step and the capture
+                        long = _time(lambda i: graph_generate(prompts[i], new_tokens), 2, max(3, repeats // 2))
+                        two = _time(lambda i: graph_generate(prompts[i], 2), 2, max(3, repeats // 2))
+                    add("e2e_decode_graph", impl, 1, [t - _median(two) for t in long], None, per=new_tokens - 2)
         except Exception as exc:  # one implementation failing must not lose the others' rows
             rows.append({"case": "e2e", "tokens": tokens, "routing": "model", "dtype": dtype_name, "impl": impl,
                          "ms": None, "tflops": None, "peak_mem_gb": None,
@@ -212,7 +220,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         if impl == "jetmoe_scattermoe_cutlass":
             for row in rows[first:]:
                 row["triton_fallbacks"] = fallbacks_since(fallbacks_before)
-        on_update({"rows": rows, "checks": checks, "active_params": active})
+        on_update({"rows": rows, "checks": checks, "active_params": active, "check_labels": check_labels})
 
     other_bytes = hf_bytes  # transformers' model stays resident while jetmoe's backends are timed
     for backend in JETMOE_BACKENDS:
@@ -237,8 +245,12 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         graphs = torch.cuda.is_available() and ours.lm_head.weight.is_cuda
         measure(impl, ours, ours_forward, ours_generate,
                 (lambda ids, n, backend=backend: ours_generate(ids, n, backend, True)) if graphs else None)
-    ours = None  # free its weights before transformers is timed
-    other_bytes = 0
+    # Free jetmoe's weights before transformers is timed, unless its compiled layers are still to be timed: last,
+    # so that a slow compile (inductor's, in the warm-up) cannot cost the transformers rows under a time limit.
+    ours_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    if COMPILED not in impls:
+        ours = None
+    other_bytes = ours_bytes if ours is not None else 0
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -256,7 +268,23 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         check_logits("transformers_apply_scattermoe_vs_transformers_logits_rel_err", "transformers + apply_scattermoe",
                      lambda ids: hf(input_ids=ids))
         measure("transformers_apply_scattermoe", hf, hf_forward, hf_generate)
-    return {"rows": rows, "checks": checks, "active_params": active}
+    other_bytes = hf_bytes
+    if COMPILED in impls:
+        if unavailable["triton"]:
+            rows.append({"case": "e2e", "tokens": batch * seq, "routing": "model", "dtype": dtype_name,
+                         "impl": COMPILED, "ms": None, "tflops": None, "peak_mem_gb": None,
+                         "status": f"unavailable: {unavailable['triton']}"})
+        else:
+            ours.compile_decoder_layers("aot_eager" if smoke else "inductor")
+
+            def compiled_forward(ids, labels=False):
+                with scattermoe.use_backend("triton"):
+                    out = ours(ids, labels=ids if labels else None)
+                return (out.loss, out.aux_loss) if labels else out.logits
+            with scattermoe.use_backend("triton"):
+                check_logits("jetmoe_compiled_vs_transformers_logits_rel_err", "jetmoe (triton, compiled layers)", ours)
+            measure(COMPILED, ours, compiled_forward, None)
+    return {"rows": rows, "checks": checks, "active_params": active, "check_labels": check_labels}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -303,7 +331,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "commit": env["git"]["commit"], "torch": env["torch"], "triton": env["triton"],
                    "cuda": env["torch_cuda"], "created": env["timestamp_utc"], "environment": env,
                    "config": vars(args) | {"out": str(out_dir)}, "model": dict(width, num_hidden_layers=args.layers),
-                   "active_params": res["active_params"], "checks": res["checks"], "complete": final,
+                   "active_params": res["active_params"], "checks": res["checks"],
+                   "check_labels": res.get("check_labels", {}), "complete": final,
                    "elapsed_s": time.perf_counter() - t0, "rows": res["rows"]}
         dtype = payload["rows"][0]["dtype"] if payload["rows"] else ""
         write_json(out_dir / f"{base}.json", payload)
@@ -314,11 +343,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{r['tflops']:.0f}" if r.get("tflops") else "",
               f"{r['gb_s']:.0f}" if r.get("gb_s") else "",
               f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else ""] for r in res["rows"]])
-        logits_errs = ", ".join(
-            f"jetmoe ({k.removeprefix('jetmoe_vs_transformers_logits_rel_err').lstrip('_') or 'triton'}) {v:.2e}"
-            if k.startswith("jetmoe_vs") else f"transformers + apply_scattermoe {v:.2e}"
-            for k, v in res["checks"].items() if k != "ok"  # the rest are check_logits's errors
-        ) or "not checked (no implementation compared ran)"
+        labels = res.get("check_labels", {})
+        logits_errs = ", ".join(f"{labels.get(k, k)} {v:.2e}" for k, v in res["checks"].items()
+                                if k != "ok"  # the rest are check_logits's errors
+                                ) or "not checked (no implementation compared ran)"
         smoke = "> CPU SMOKE RUN: a tiny float32 model; timings mean nothing.\n\n" if args.cpu_smoke else ""
         partial = "" if final else "> PARTIAL: the run stopped before every implementation was timed.\n\n"
         md = (f"# JetMoE end to end — {payload['device']}\n\n{smoke}{partial}{payload['created'][:10]}, commit "

@@ -387,15 +387,16 @@ def test_e2e_smoke(tmp_path, monkeypatch):
     rc = e2e.main(["--cpu-smoke", "--out", str(tmp_path), "--layers", "1", "--batch", "1", "--seq", "8",
                    "--prompt", "4", "--new-tokens", "2", "--repeats", "1"])
     assert rc == 0
-    assert [c for c, _ in written] == [False] * 3 + [True], written  # 3 timed implementations, then the end
+    assert [c for c, _ in written] == [False] * 4 + [True], written  # 4 timed implementations, then the end
     assert [n for _, n in written] == sorted(n for _, n in written) and written[0][1] == 3, written
     p = _only_json(tmp_path)
     assert p["complete"]
     assert p["checks"]["ok"] and p["checks"]["jetmoe_vs_transformers_logits_rel_err"] < 1e-4  # float32
     assert p["checks"]["transformers_apply_scattermoe_vs_transformers_logits_rel_err"] < 1e-4  # the patched model
     got = {(r["case"], r["impl"]) for r in p["rows"] if r["status"] == "ok" and r["ms"] is not None}
-    timed = [i for i in e2e.IMPLS if i != "jetmoe_scattermoe_cutlass"]  # the csrc kernels need an sm_90 GPU
-    assert got == {(c, i) for c in ("e2e_prefill", "e2e_train_step", "e2e_decode") for i in timed}
+    timed = [i for i in e2e.IMPLS if i not in ("jetmoe_scattermoe_cutlass", e2e.COMPILED)]  # csrc needs sm_90
+    assert got == {(c, i) for c in ("e2e_prefill", "e2e_train_step", "e2e_decode") for i in timed} | {
+        ("e2e_prefill", e2e.COMPILED), ("e2e_train_step", e2e.COMPILED)}  # compiled layers: their decode is eager
     # decode's GB/s: the same weight bytes per step for every implementation, over its own time; none elsewhere
     step_bytes = {round(r["gb_s"] * r["ms"] * 1e6) for r in p["rows"] if r["case"] == "e2e_decode" and r["ms"]}
     assert len(step_bytes) == 1 and step_bytes.pop() > 0
@@ -405,10 +406,11 @@ def test_e2e_smoke(tmp_path, monkeypatch):
     assert "jetmoe_vs_transformers_logits_rel_err_cutlass" not in p["checks"]  # not checked where it cannot run
     # The .md names both checks with their errors (the patched model's was left out before).
     (md,) = tmp_path.glob("*.md")
-    ours, patched = (p["checks"][f"{k}_vs_transformers_logits_rel_err"]
-                     for k in ("jetmoe", "transformers_apply_scattermoe"))
+    ours, patched, compiled = (p["checks"][f"{k}_vs_transformers_logits_rel_err"]
+                               for k in ("jetmoe", "transformers_apply_scattermoe", "jetmoe_compiled"))
     md = md.read_text()
     assert f"jetmoe (triton) {ours:.2e}" in md and f"transformers + apply_scattermoe {patched:.2e}" in md, md
+    assert f"jetmoe (triton, compiled layers) {compiled:.2e}" in md and compiled < 1e-4, md
 
 
 def test_report_names_the_pieces_cutlass_rows_ran_on_triton():
