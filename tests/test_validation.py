@@ -701,3 +701,6 @@ def test_the_original_kernel_api_checks_before_it_computes():
         ops.scatter2scatter(x, [w], sorted_expert_idxs, sorted_scattered_idxs, K)
     with pytest.raises(TypeError, match=r"^expert_idxs: expected dtype in \(int32, int64\), got float32"):
         ops.flatten_and_sort(make_expert_idxs(T, E, K).float())
+    offsets = torch.bincount(sorted_expert_idxs, minlength=E).cumsum(0)
+    with pytest.raises(ValueError, match=r"^has_bias: expected True or False, got 'no'"):
+        ops.group_bwd_W(torch.randn(T * K, F), torch.randn(T * K, D), offsets, E, has_bias="no")

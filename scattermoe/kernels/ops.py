@@ -38,7 +38,7 @@ import reference
 from .. import backends
 from .. import ops as _ops  # may be partly initialised here (scattermoe.ops can import this module); used at call time
 from .._validate import (_FLOAT_DTYPES, _INDEX_DTYPES, check_expert_idxs, check_expert_offsets_values,
-                         check_index_range, check_out, check_parallel_linear, check_tensor, positive_int)
+                         check_index_range, check_out, check_parallel_linear, check_tensor, flag, positive_int)
 from ._compat import _is_index_tensor, accepts_padded_block_idxs
 
 __all__ = [  # noqa: F822 (ALLOW_TF32 is a property of the module class below)
@@ -183,7 +183,7 @@ def group_bwd_W(DY: torch.Tensor, X: torch.Tensor, expert_offsets: torch.Tensor,
     original. Returns dW (2024 signature, ``has_bias`` not passed) or ``(dW, db)`` with
     db [E, F] = per-expert row sums of DY, or None when ``has_bias`` is False (0.3.0).
     """
-    with_bias = bool(has_bias) if has_bias is not _UNSET else False
+    with_bias = flag("has_bias", has_bias) if has_bias is not _UNSET else False
     check_tensor("X", X, dim=2, dtypes=_FLOAT_DTYPES)
     check_tensor("DY", DY, dim=2, dtypes=(X.dtype,), device=X.device)
     if DY.size(0) != X.size(0):
