@@ -654,3 +654,48 @@ def test_cpu_tensors_never_reach_a_csrc_plan_and_fall_back_by_name(monkeypatch):
     for bad in ("no", None, 2):
         with pytest.raises(ValueError, match="enabled: expected True or False"):
             cutlass.set_strict(bad)
+
+
+def test_glu_backward_gives_the_kernel_row_strides_it_accepts_and_falls_back_on_overlapping_rows(monkeypatch):
+    """One routed row: autograd may hand dG back with strides (1, 1) (torch ignores a size-1 dim's stride); the
+    kernel refuses a row stride under the row's width (its SMOE_CHECK), so the launcher passes the width, which
+    it never reads with one row. Rows that overlap (an expanded dG) go to Triton instead."""
+    calls = []
+
+    class Module:  # the extension's glu_backward, with the argument checks of csrc/glu_backward/ (run())
+        @staticmethod
+        def glu_backward(**kw):
+            f = kw["f"]
+            if kw["stride_pm"] < 2 * f or kw["stride_dgm"] < f or kw["stride_dhm"] < 2 * f:
+                raise ValueError(f"the kernel refuses these strides: {kw}")
+            calls.append(kw)
+
+    monkeypatch.setattr(_extension, "load", lambda: (Module, None))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pre = torch.randn(1, 16, dtype=torch.bfloat16)
+    dg = torch.randn(8, 1, dtype=torch.bfloat16).t()
+    assert dg.shape == (1, 8) and dg.stride() == (1, 1)
+    assert glu_grad.plan(pre, dg) is None
+    glu_grad.launch(pre, dg, True, None, True, True)
+    assert calls and calls[0]["stride_dgm"] == 8
+    expanded = torch.randn(1, 8, dtype=torch.bfloat16).expand(4, 8)
+    assert "rows overlap" in glu_grad.plan(torch.randn(4, 16, dtype=torch.bfloat16), expanded)
+
+
+def test_the_registered_grouped_gemm_op_checks_shapes_before_the_kernel():
+    bf16 = torch.bfloat16
+    x, w = torch.randn(6, 8, dtype=bf16), torch.randn(3, 8, 16, dtype=bf16)
+    offsets = torch.tensor([2, 4, 6])
+    for args, message in (((x, w, None, offsets[:2]), r"^expert_offsets: expected \[E=3\]"),
+                          ((x, w, torch.randn(16, dtype=bf16), offsets), r"^bias: expected a 2-d tensor"),
+                          ((x, w, torch.randn(3, 8, dtype=bf16), offsets), r"^bias: expected shape \(3, 16\)"),
+                          ((x[:, :4], w, None, offsets), r"^x: expected \[N, 8\]")):
+        with pytest.raises(ValueError, match=message):
+            gg.grouped_gemm_op(*args)
+
+
+def test_the_dw_plan_refuses_an_empty_weight():
+    x, dy = torch.randn(4, 8, dtype=torch.bfloat16)[:, :0], torch.randn(4, 8, dtype=torch.bfloat16)
+    like = torch.empty(2, 0, 8, dtype=torch.bfloat16)
+    assert "an empty weight" in wg.plan(x, dy, torch.tensor([2, 4]), like, 4, None)

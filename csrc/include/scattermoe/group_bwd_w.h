@@ -27,7 +27,7 @@ namespace scattermoe {
 struct GroupBwdWParams {
   const void* x = nullptr;
   int64_t stride_xm = 0;
-  int64_t x_rows = 0;                     // rows of X (bounds the gathered index)
+  int64_t x_rows = 0;                     // rows of X: host-side size checks only (ids trusted on the device)
   const void* dy = nullptr;
   int64_t stride_dym = 0;
   int64_t dy_rows = 0;

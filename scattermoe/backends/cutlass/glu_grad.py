@@ -16,6 +16,12 @@ from . import _extension
 from .grouped_gemm import DTYPES, INT32_MAX
 
 
+def row_stride(t: torch.Tensor) -> int:
+    """t's row stride as the kernel reads it: with one row, torch may give any (autograd hands such gradients
+    back with strides (1, 1)); it is never used then, so the row's width stands in."""
+    return t.stride(0) if t.size(0) > 1 else t.size(-1)
+
+
 def plan(pre: torch.Tensor, dg: torch.Tensor) -> Union[str, None]:
     """None when the csrc kernel takes these tensors, else why not."""
     if pre.dtype not in DTYPES:
@@ -24,6 +30,10 @@ def plan(pre: torch.Tensor, dg: torch.Tensor) -> Union[str, None]:
         return "mixed dtypes: pre and dg must share one dtype"
     if pre.stride(-1) != 1 or dg.stride(-1) != 1:
         return f"pre (strides {pre.stride()}) and dg (strides {dg.stride()}) need a unit column stride"
+    if pre.size(-1) < 2:
+        return f"pre [*, {pre.size(-1)}]: an empty GLU (the kernel needs F >= 1)"
+    if row_stride(pre) < pre.size(-1) or row_stride(dg) < dg.size(-1):  # rows overlapping (e.g. expanded)
+        return f"pre (strides {pre.stride()}) or dg (strides {dg.stride()}): rows overlap"
     if pre.size(0) > INT32_MAX:
         return f"{pre.size(0)} rows: more than the kernel's 32-bit row count"
     return None
@@ -45,8 +55,8 @@ def launch(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_scale:
     scale = row_scale.reshape(-1).to(torch.float32).contiguous() if row_scale is not None else None
     device = pre.device.index if pre.device.index is not None else torch.cuda.current_device()
     module.glu_backward(
-        dtype=DTYPES[pre.dtype], pre=pre.data_ptr(), stride_pm=pre.stride(0), dg=dg.data_ptr(),
-        stride_dgm=dg.stride(0), scale=scale.data_ptr() if scale is not None else 0,
+        dtype=DTYPES[pre.dtype], pre=pre.data_ptr(), stride_pm=row_stride(pre), dg=dg.data_ptr(),
+        stride_dgm=row_stride(dg), scale=scale.data_ptr() if scale is not None else 0,
         dh=dh.data_ptr(), stride_dhm=dh.stride(0), g=g.data_ptr() if g is not None else 0,
         stride_gm=g.stride(0) if g is not None else 0, dot=dot.data_ptr() if dot is not None else 0,
         num_rows=num_rows, f=f, activate_first=activate_first, device=device,

@@ -146,12 +146,32 @@ def launch(p: GroupedGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[
     return y
 
 
+def _check_grouped_gemm_args(x, w, bias, expert_offsets) -> None:
+    from ..._validate import _INDEX_DTYPES, check_tensor
+
+    check_tensor("x", x, dim=2)
+    check_tensor("w", w, dim=3, device=x.device)
+    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=x.device)
+    num_experts, k_in, n_out = w.shape
+    if x.size(1) != k_in:
+        raise ValueError(f"x: expected [N, {k_in}] (w is {tuple(w.shape)}), got {tuple(x.shape)}")
+    if expert_offsets.numel() != num_experts:
+        raise ValueError(f"expert_offsets: expected [E={num_experts}], got shape {tuple(expert_offsets.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dim=2, device=x.device)
+        if tuple(bias.shape) != (num_experts, n_out):
+            raise ValueError(f"bias: expected shape {(num_experts, n_out)}, got {tuple(bias.shape)}")
+
+
 @torch.library.custom_op("scattermoe::cutlass_grouped_gemm", mutates_args=())
 def grouped_gemm_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
                     expert_offsets: torch.Tensor) -> torch.Tensor:
     """y [N, F] = x[rows of e] @ w[e] (+ bias[e]) per expert; x [N, K] grouped by expert, w [E, K, F],
     bias [E, F] or None, expert_offsets [E] cumulative counts. bf16/fp16 on sm_90; raises ValueError
-    when the layout does not suit the kernel (see ``plan``)."""
+    when the layout does not suit the kernel (see ``plan``). Called directly
+    (``torch.ops.scattermoe.cutlass_grouped_gemm``), it checks the shapes and devices that
+    scattermoe.parallel_linear checks before calling it (not the offsets' values)."""
+    _check_grouped_gemm_args(x, w, bias, expert_offsets)
     p = plan(x, w, bias, expert_offsets, x.size(0))
     if isinstance(p, str):
         raise ValueError(f"cutlass grouped GEMM cannot take these tensors: {p}")

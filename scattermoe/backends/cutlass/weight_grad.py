@@ -57,6 +57,8 @@ def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_w
         return f"{num_experts} experts: more than the kernel's grid allows (65535)"
     if k_in % ALIGN_ELEMENTS or n_out % ALIGN_ELEMENTS:
         return f"K={k_in}, F={n_out}: cp.async copies 16 bytes, so both must be multiples of {ALIGN_ELEMENTS}"
+    if k_in == 0 or n_out == 0:
+        return f"K={k_in}, F={n_out}: an empty weight (the kernel needs both >= 1)"
     if x.size(-1) != k_in or dy.size(-1) != n_out:
         return f"x [*, {x.size(-1)}] and dy [*, {dy.size(-1)}] do not match the weight [E, {k_in}, {n_out}]"
     if not rows_ok(x) or not rows_ok(dy):
