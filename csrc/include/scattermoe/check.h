@@ -20,11 +20,26 @@ struct CudaError : std::runtime_error {
   CudaError(const std::string& message, int code_) : std::runtime_error(message), code(code_) {}
 };
 
+// Errors a kernel's fault leaves on the context: every later call reports them, whichever call it is.
+inline bool is_sticky(cudaError_t err) {
+  switch (err) {
+    case cudaErrorIllegalAddress: case cudaErrorLaunchFailure: case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress: case cudaErrorHardwareStackError: case cudaErrorAssert:
+    case cudaErrorInvalidPc: case cudaErrorInvalidAddressSpace: case cudaErrorLaunchTimeout:
+      return true;
+    default:
+      return false;
+  }
+}
+
 [[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* call, const char* file, int line) {
   cudaGetLastError();  // clear a non-sticky error so the next call starts clean
   std::ostringstream os;
   os << call << " failed: " << cudaGetErrorName(err) << " (CUDA error " << static_cast<int>(err)
      << "): " << cudaGetErrorString(err) << " [" << file << ":" << line << "]";
+  if (is_sticky(err))
+    os << "; this error outlives the kernel that caused it, so it may come from an earlier kernel on this device,"
+          " not from this call (CUDA_LAUNCH_BLOCKING=1 reports it at the kernel that faulted)";
   throw CudaError(os.str(), static_cast<int>(err));
 }
 
