@@ -45,10 +45,11 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                         "would exceed this (default 1000)")
     p.add_argument("--time-budget", type=_positive(float), default=None,
                    help="seconds; once spent, the remaining measurements are skipped and recorded as such")
-    p.add_argument("--hang-s", type=_positive(float), default=150.0,
+    p.add_argument("--hang-s", type=_positive(float), default=None,
                    help="seconds one implementation's check or timing at one size may take; past it the run "
                         "writes its files, with that row marked hung, and exits with status 3 (a kernel that "
-                        "never finishes would otherwise block the process for good; default 150)")
+                        "never finishes would otherwise block the process for good; default 150 on a GPU, off "
+                        "for --cpu-smoke, whose interpreted steps are slow)")
     p.add_argument("--hang-file", type=Path, default=None,
                    help="on a hang, write there the implementations a rerun should leave out (for --skip-impls)")
     p.add_argument("--skip-impls", default=None, metavar="NAMES[:REASON]",
@@ -57,6 +58,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true", help="do not draw the .png")
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     return p.parse_known_args(argv)
+
+
+DEFAULT_HANG_S = 150.0
 
 
 def _positive(kind):
@@ -174,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     json_path, md_path, png_path = (out_dir / f"{base}{ext}" for ext in (".json", ".md", ".png"))
     cfg = RunConfig(device=device, groups=groups, impls=impls, plan=plan, n_sets=n_sets, check_tokens=check_tokens,
                     max_call_ms=args.max_call_ms, time_budget_s=args.time_budget, limits=limits,
-                    hang_s=args.hang_s, skip_impls=skip_impls)
+                    hang_s=args.hang_s if args.hang_s or args.cpu_smoke else DEFAULT_HANG_S, skip_impls=skip_impls)
     log(f"[bench] {env['device']['name']}, torch {env['torch']}, triton {env['triton']}, "
         f"commit {env['git']['short']}; {len(groups)} groups x modes x {len(impls)} impls; writing {json_path}")
 
@@ -194,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "config": {"groups": [kernels.group_record(g) for g in groups], "impls": impls,
                        "timing": plan.__dict__, "input_sets": n_sets, "check_tokens": check_tokens,
                        "max_call_ms": args.max_call_ms, "time_budget_s": args.time_budget,
-                       "hang_s": args.hang_s, "skip_impls": skip_impls,
+                       "hang_s": cfg.hang_s, "skip_impls": skip_impls,
                        "argv": sys.argv[1:] if argv is None else argv},
             "elapsed_s": results.get("elapsed_s"),
             "grouped_mm": results.get("grouped_mm"),
