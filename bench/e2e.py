@@ -26,6 +26,7 @@ non-embedding parameters x tokens, attention scores not counted.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -178,6 +179,10 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
         log(f"[e2e] {case:<16} {impl:<30} {ms:9.3f} ms" + (f"  {row['tflops']:6.1f} TFLOP/s" if flops else "")
             + (f"  {row['peak_mem_gb']:6.1f} GB" if row["peak_mem_gb"] is not None else ""))
 
+    def untimed_row(impl: str, status: str) -> None:
+        rows.append({"case": "e2e", "tokens": batch * seq, "routing": "model", "dtype": dtype_name, "impl": impl,
+                     "ms": None, "tflops": None, "peak_mem_gb": None, "status": status})
+
     def measure(impl: str, model, forward: Callable, generate: Optional[Callable],
                 graph_generate: Optional[Callable] = None) -> None:
         tokens = batch * seq
@@ -211,9 +216,7 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
                         two = _time(lambda i: graph_generate(prompts[i], 2), 2, max(3, repeats // 2))
                     add("e2e_decode_graph", impl, 1, [t - _median(two) for t in long], None, per=new_tokens - 2)
         except Exception as exc:  # one implementation failing must not lose the others' rows
-            rows.append({"case": "e2e", "tokens": tokens, "routing": "model", "dtype": dtype_name, "impl": impl,
-                         "ms": None, "tflops": None, "peak_mem_gb": None,
-                         "status": f"error: {type(exc).__name__}: {str(exc).strip()[:300]}"})
+            untimed_row(impl, f"error: {type(exc).__name__}: {str(exc).strip()[:300]}")
             log(f"[e2e] {impl}: error: {type(exc).__name__}: {exc}")
         finally:
             model.zero_grad(set_to_none=True)
@@ -222,29 +225,28 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
                 row["triton_fallbacks"] = fallbacks_since(fallbacks_before)
         on_update({"rows": rows, "checks": checks, "active_params": active, "check_labels": check_labels})
 
+    def ours_forward(ids, labels=False, backend="triton"):
+        with scattermoe.use_backend(backend):
+            out = ours(ids, labels=ids if labels else None)
+        return (out.loss, out.aux_loss) if labels else out.logits
+
+    def ours_generate(ids, n, backend="triton", cuda_graph=False):
+        with scattermoe.use_backend(backend):
+            return ours.generate(ids, max_new_tokens=n, cuda_graph=cuda_graph)
+
     other_bytes = hf_bytes  # transformers' model stays resident while jetmoe's backends are timed
     for backend in JETMOE_BACKENDS:
         impl = f"jetmoe_scattermoe_{backend}"
         if impl not in impls:
             continue
         if unavailable[backend]:
-            rows.append({"case": "e2e", "tokens": batch * seq, "routing": "model", "dtype": dtype_name, "impl": impl,
-                         "ms": None, "tflops": None, "peak_mem_gb": None,
-                         "status": f"unavailable: {unavailable[backend]}"})
+            untimed_row(impl, f"unavailable: {unavailable[backend]}")
             log(f"[e2e] {impl}: unavailable: {unavailable[backend]}")
             continue
-
-        def ours_forward(ids, labels=False, backend=backend):
-            with scattermoe.use_backend(backend):
-                out = ours(ids, labels=ids if labels else None)
-            return (out.loss, out.aux_loss) if labels else out.logits
-
-        def ours_generate(ids, n, backend=backend, cuda_graph=False):
-            with scattermoe.use_backend(backend):
-                return ours.generate(ids, max_new_tokens=n, cuda_graph=cuda_graph)
         graphs = torch.cuda.is_available() and ours.lm_head.weight.is_cuda
-        measure(impl, ours, ours_forward, ours_generate,
-                (lambda ids, n, backend=backend: ours_generate(ids, n, backend, True)) if graphs else None)
+        measure(impl, ours, functools.partial(ours_forward, backend=backend),
+                functools.partial(ours_generate, backend=backend),
+                functools.partial(ours_generate, backend=backend, cuda_graph=True) if graphs else None)
     # Free jetmoe's weights before transformers is timed, unless its compiled layers are still to be timed: last,
     # so that a slow compile (inductor's, in the warm-up) cannot cost the transformers rows under a time limit.
     ours_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
@@ -271,19 +273,12 @@ def run(layers: int, batch: int, seq: int, prompt: int, new_tokens: int, repeats
     other_bytes = hf_bytes
     if COMPILED in impls:
         if unavailable["triton"]:
-            rows.append({"case": "e2e", "tokens": batch * seq, "routing": "model", "dtype": dtype_name,
-                         "impl": COMPILED, "ms": None, "tflops": None, "peak_mem_gb": None,
-                         "status": f"unavailable: {unavailable['triton']}"})
+            untimed_row(COMPILED, f"unavailable: {unavailable['triton']}")
         else:
             ours.compile_decoder_layers("aot_eager" if smoke else "inductor")
-
-            def compiled_forward(ids, labels=False):
-                with scattermoe.use_backend("triton"):
-                    out = ours(ids, labels=ids if labels else None)
-                return (out.loss, out.aux_loss) if labels else out.logits
             with scattermoe.use_backend("triton"):
                 check_logits("jetmoe_compiled_vs_transformers_logits_rel_err", "jetmoe (triton, compiled layers)", ours)
-            measure(COMPILED, ours, compiled_forward, None)
+            measure(COMPILED, ours, ours_forward, None)  # ours_forward: on the triton backend
     return {"rows": rows, "checks": checks, "active_params": active, "check_labels": check_labels}
 
 
