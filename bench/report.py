@@ -305,8 +305,7 @@ def markdown(payload: Dict) -> str:
     rows = payload["rows"]
     smoke = "> CPU SMOKE RUN: a code-path check at tiny shapes. Its timings mean nothing.\n\n" \
         if payload.get("smoke_only") else ""
-    smoke += hang_note(payload)
-    parts = [f"# scattermoe kernel benchmark — {payload['device']}", smoke + header(payload),
+    parts = [f"# scattermoe kernel benchmark — {payload['device']}", smoke + hang_note(payload) + header(payload),
              "Cells: median ms (useful TFLOP/s, or GB/s of compulsory traffic where the case is memory-bound at "
              "the datasheet rates; then the % of the roofline reached) over the repeats, L2 flushed before each "
              "call, input sets rotated. 'roofline' is the time of the slower of the useful FLOPs at the datasheet "

@@ -382,8 +382,9 @@ def _train(args, demo: bool) -> None:
     if args.eval_every and not args.val_fraction:  # before any work
         raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
     compile_backend = getattr(args, "compile", None)
-    if compile_backend is not None and unknown_compile_backend(compile_backend):
-        raise CLIError(f"--compile: {unknown_compile_backend(compile_backend)}")
+    why = unknown_compile_backend(compile_backend) if compile_backend is not None else None
+    if why:
+        raise CLIError(f"--compile: {why}")
     if getattr(args, "sharded_optimizer_state", False) and not args.fsdp:
         raise CLIError("--sharded-optimizer-state: needs --fsdp (under DDP every process holds the whole optimizer "
                        "state, so there are no shards to write)")

@@ -408,6 +408,15 @@ class StaticDecoder:
         return logits
 
 
+def _integer_ids(t) -> bool:
+    """A tensor of integer ids (not float, complex or bool)."""
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _described(t) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 class JetMoEForCausalLM(nn.Module):
     """JetMoE on scattermoe's MoA and GLU MoE layers; ``state_dict`` names are transformers' JetMoe names."""
 
@@ -474,18 +483,13 @@ class JetMoEForCausalLM(nn.Module):
         labels [B, S] (next-token targets are labels[:, 1:]; -100 ignored); position_ids [B, S] or None
         (then counted from the mask, so left padding does not shift positions); cache: see ``generate``."""
         cfg = self.config
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-                or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise ValueError("input_ids: expected integer token ids [B, S], got "
-                             + (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
-                                if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
+        if not _integer_ids(input_ids) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected integer token ids [B, S], got {_described(input_ids)}")
         B, S = input_ids.shape
         for name, t, shapes in (("labels", labels, [(B, S)]), ("position_ids", position_ids, [(B, S), (1, S)])):
-            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) not in shapes
-                                  or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            if t is not None and (not _integer_ids(t) or tuple(t.shape) not in shapes):
                 raise ValueError(f"{name}: expected integer ids of shape {' or '.join(map(str, shapes))} (input_ids' "
-                                 "batch and length), got " + (f"{t.dtype} of shape {tuple(t.shape)}"
-                                                              if isinstance(t, torch.Tensor) else type(t).__name__))
+                                 f"batch and length), got {_described(t)}")
         if S == 0:
             raise ValueError("input_ids: expected at least one token per row, got shape "
                              f"{tuple(input_ids.shape)}")

@@ -22,11 +22,12 @@ def env_flag(name: str, default: bool = False) -> bool:
     """A switch from the environment: 1/true/yes/on or 0/false/no/off (any case), ``default`` when unset or
     empty; anything else a ValueError naming the variable, rather than a guess ("no" once read as on)."""
     value = os.environ.get(name)
-    if value is None or not value.strip():
+    word = (value or "").strip().lower()
+    if not word:
         return default
-    if value.strip().lower() in _ON:
+    if word in _ON:
         return True
-    if value.strip().lower() in _OFF:
+    if word in _OFF:
         return False
     raise ValueError(f"the environment variable {name}={value!r}: expected 1 or 0 (or true/false, yes/no, on/off)")
 
