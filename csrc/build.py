@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -331,6 +332,37 @@ def cached_build(cache_root: str, verbose: bool = True) -> Dict:
     """
     home = cuda_home()
     key = source_hash(extra=f"{home}|{cutlass_include()}|{sys.version_info[:2]}|{GENCODE}")
+    os.makedirs(cache_root, exist_ok=True)
+    # One build at a time per cache: a second caller (CI builds in the background while the tests run, and the
+    # tests' fixture then asks for the same build) waits for the first and reuses its module.
+    with _cache_lock(os.path.join(cache_root, ".lock"), verbose):
+        return _cached_build_locked(cache_root, key, verbose)
+
+
+@contextlib.contextmanager
+def _cache_lock(path: str, verbose: bool):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, concurrent builds each use their own temporary folder
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if verbose:
+                print(f"csrc build: waiting for another process's build in {os.path.dirname(path)}", flush=True)
+            start = time.monotonic()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if verbose:
+                print(f"csrc build: waited {time.monotonic() - start:.0f} s", flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached_build_locked(cache_root: str, key: str, verbose: bool) -> Dict:
     out_dir = os.path.join(cache_root, key)
     info_path = os.path.join(out_dir, "build_info.json")
     if os.path.exists(info_path):
@@ -342,9 +374,7 @@ def cached_build(cache_root: str, verbose: bool = True) -> Dict:
     tmp_dir = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     info = build(tmp_dir, verbose=verbose)
-    if os.path.exists(out_dir):  # another process finished first: keep its build
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        return cached_build(cache_root, verbose)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a build dir without its module (an interrupted copy)
     os.rename(tmp_dir, out_dir)
     for name in os.listdir(cache_root):  # drop builds of older sources (~2 MB module, ~10 MB objects each)
         stale = os.path.join(cache_root, name)

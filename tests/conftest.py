@@ -5,8 +5,9 @@
   no effect. The Triton kernels then run on the CPU (slowly: keep their shapes small).
   With CUDA it is left unset: the GPU tests must run the compiled kernels (the interpreter would run them
   on the host, very slowly, and its bf16 dot is wrong), and then the ``interpreter`` cases are skipped.
-- Markers: ``gpu`` (skipped, with a reason, when CUDA is absent) and ``interpreter`` (small Triton cases
-  run on the CPU under TRITON_INTERPRET=1; skipped, with a reason, when the interpreter is off).
+- Markers: ``gpu`` (skipped, with a reason, when CUDA is absent), ``interpreter`` (small Triton cases
+  run on the CPU under TRITON_INTERPRET=1; skipped, with a reason, when the interpreter is off) and
+  ``csrc_build`` (needs the compiled csrc module: run last, see ``pytest_collection_modifyitems``).
 - Every test is seeded from its node id, so a failure reproduces with the same inputs.
 - Shared helpers (tolerances, ``rel_err``, routing generators) live in ``tests/helpers.py``.
 """
@@ -34,11 +35,16 @@ import scattermoe  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason when none is present")
     config.addinivalue_line("markers", "interpreter: small Triton cases run on the CPU under TRITON_INTERPRET=1")
+    config.addinivalue_line("markers", "csrc_build: needs the compiled csrc extension; run after every other test")
 
 
 def pytest_collection_modifyitems(config, items):
     from scattermoe.backends.triton.config import INTERPRET  # the mode the kernels were defined in
 
+    # The tests that need the csrc module last (a stable sort: the rest keep their order). Its first build
+    # takes minutes, so CI runs it in the background beside the other tests and these wait for it (on the
+    # build cache's lock) only at the end; run alone, they build it themselves.
+    items.sort(key=lambda item: item.get_closest_marker("csrc_build") is not None)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")
     skip_interpreter = pytest.mark.skip(reason="Triton interpreter cases: TRITON_INTERPRET=1 is not set")
     for item in items:
