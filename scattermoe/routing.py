@@ -10,7 +10,7 @@ from typing import Tuple
 import torch
 
 from . import backends
-from ._validate import _FLOAT_DTYPES, check_expert_idxs, check_tensor, positive_int
+from ._validate import _FLOAT_DTYPES, _values_checkable, check_expert_idxs, check_tensor, positive_int
 
 
 @torch.no_grad()
@@ -23,19 +23,53 @@ def flatten_sort_count(expert_idxs: torch.Tensor, num_experts: int) -> Tuple[tor
       sorted_scattered_idxs [N] int64: its slot t*K + j (token t = slot // K);
       expert_offsets [E] int64: end of each expert's rows (cumulative counts).
     The sort is stable, so within an expert rows keep token order (deterministic).
-    Ids are range-checked where that costs no device sync (CPU tensors, or debug mode).
+    Ids are range-checked with a ValueError where that costs no device sync (CPU tensors, or debug mode);
+    elsewhere on CUDA by a device-side assert queued before any kernel reads the result (no sync), so a bad
+    id stops the stream instead of sending its row to no expert or past the weights.
     """
     check_expert_idxs(expert_idxs, num_experts)
     flat = expert_idxs.reshape(-1)
     if _use_fused_routing(flat, num_experts):
         from .backends.triton.routing import sort_by_expert
 
-        return sort_by_expert(flat.contiguous(), num_experts)
+        routing = sort_by_expert(flat.contiguous(), num_experts)
+        if _needs_device_assert(flat):
+            assert_ids_in_range_async(*routing, num_experts, negative_ids_sort_first=False)
+        return routing
     sorted_expert_idxs, sorted_scattered_idxs = torch.sort(flat, stable=True)
     # searchsorted instead of bincount: bincount syncs on CUDA to size its output.
     bounds = torch.arange(num_experts, device=flat.device, dtype=sorted_expert_idxs.dtype)
     expert_offsets = torch.searchsorted(sorted_expert_idxs, bounds, right=True)
-    return sorted_expert_idxs.long(), sorted_scattered_idxs, expert_offsets
+    routing = sorted_expert_idxs.long(), sorted_scattered_idxs, expert_offsets
+    if _needs_device_assert(flat):
+        assert_ids_in_range_async(*routing, num_experts, negative_ids_sort_first=True)
+    return routing
+
+
+def _needs_device_assert(flat: torch.Tensor) -> bool:
+    # Not where check_expert_idxs read the values already (CPU, debug mode), nor under torch.compile (its
+    # graph would need the assert as a functional op: left out, as the value checks are there).
+    return (flat.numel() > 0 and flat.device.type == "cuda" and not torch.compiler.is_compiling()
+            and not _values_checkable(flat))
+
+
+def assert_ids_in_range_async(sorted_expert_idxs: torch.Tensor, sorted_scattered_idxs: torch.Tensor,
+                              expert_offsets: torch.Tensor, num_experts: int, *,
+                              negative_ids_sort_first: bool) -> None:
+    """Queue a device-side assert that every routed id was in [0, num_experts): no host sync.
+
+    Read off the sorted result in one or two scalar comparisons: ids >= E sort after expert E-1's rows, so the
+    last offset falls short of N; negative ids sort first under torch.sort (the fused kernel places them after
+    every expert, with the ids >= E). On CUDA a failure is "device-side assert triggered", with this message
+    printed by the kernel; on the CPU (tests) a RuntimeError.
+    """
+    del sorted_scattered_idxs  # the same contract as flatten_sort_count's result, which is passed whole
+    n = sorted_expert_idxs.numel()
+    ok = expert_offsets[-1:] == n
+    if negative_ids_sort_first:
+        ok &= sorted_expert_idxs[:1] >= 0
+    torch._assert_async(ok.squeeze(0), f"scattermoe: expert ids must lie in [0, num_experts={num_experts}); "
+                        "some do not (SCATTERMOE_DEBUG=1 raises a ValueError that names them)")
 
 
 def _triton_routing_allowed(t: torch.Tensor) -> bool:

@@ -132,6 +132,36 @@ def test_flatten_sort_count_cuda(T, E, K, device, monkeypatch):
     assert len(launches) == int(triton_routing.fused_routing_fits(T * K, E)), "the torch backend must not launch Triton"
 
 
+@pytest.mark.parametrize("T", [1, 2048], ids=["fused_routing", "torch_sort"])
+@pytest.mark.parametrize("bad", [8, -1], ids=["id_E", "negative_id"])
+def test_out_of_range_expert_id_stops_the_stream_without_debug_mode(T, bad):
+    # Outside debug mode the ids are not read on the host; a device-side assert must stop the layer instead of
+    # a silently wrong output (or a read past the weights). It poisons the CUDA context: a subprocess.
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import torch, scattermoe
+layer = scattermoe.GLUMLP(64, 128, num_experts=8, top_k=2).cuda()
+x = torch.randn({T}, 64, device="cuda")
+gates = torch.full(({T}, 2), 0.5, device="cuda")
+ids = torch.randint(0, 8, ({T}, 2), device="cuda")
+y = layer(x, gates, ids)
+torch.cuda.synchronize()
+print("valid ids: ok", flush=True)
+ids[{T} - 1, 1] = {bad}
+y = layer(x, gates, ids)
+torch.cuda.synchronize()
+print("bad ids: no error", flush=True)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "SCATTERMOE_DEBUG"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert "valid ids: ok" in result.stdout, result.stderr[-3000:]
+    assert result.returncode != 0 and "bad ids: no error" not in result.stdout, result.stdout
+    assert "device-side assert" in result.stderr or "expert ids must lie" in result.stderr, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("T, E, K", [(1, 8, 2), (4096, 8, 2), (77, 128, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_topk_gating_cuda(T, E, K, dtype, device, monkeypatch):

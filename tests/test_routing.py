@@ -254,6 +254,51 @@ def test_fused_sort_by_expert_places_out_of_range_ids_after_every_expert(monkeyp
     assert offsets.tolist() == [2, 2, 3, 4]
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bad", [None, -1, 4, 9], ids=["valid", "negative", "E", "beyond_E"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_kernel", "torch_sort"])
+def test_device_assert_fails_exactly_when_an_id_is_out_of_range(bad, fused):
+    # On CUDA outside debug mode, flatten_sort_count queues assert_ids_in_range_async on its result (no sync).
+    # Its test is read off the sorted result, so it is checked here on both routings' real outputs (the
+    # assert raises a RuntimeError on the CPU; on CUDA it is a device-side assert, tests/test_gpu.py).
+    from scattermoe.backends.triton import routing as triton_routing
+    from scattermoe.routing import assert_ids_in_range_async
+
+    E = 4
+    for trial in range(3):
+        ids = torch.randint(0, E, (7,))
+        if bad is not None:
+            ids[torch.randint(0, 7, ()).item()] = bad
+        if fused:
+            routing = triton_routing.sort_by_expert(ids, E)
+        else:
+            # flatten_sort_count's torch path (on the CPU it checks the values first, so it is spelled out)
+            sorted_ids, slots = torch.sort(ids, stable=True)
+            routing = sorted_ids, slots, torch.searchsorted(sorted_ids, torch.arange(E), right=True)
+        if bad is None:
+            assert_ids_in_range_async(*routing, E, negative_ids_sort_first=not fused)
+        else:
+            with pytest.raises(RuntimeError, match=r"expert ids must lie in \[0, num_experts=4\)"):
+                assert_ids_in_range_async(*routing, E, negative_ids_sort_first=not fused)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_kernel", "torch_sort"])
+def test_flatten_sort_count_queues_the_device_assert_where_values_go_unread(fused, monkeypatch):
+    # CUDA outside debug mode, simulated on the CPU: the value check skipped, the assert queued on the result.
+    from scattermoe import routing
+
+    monkeypatch.setattr(routing, "check_expert_idxs", lambda ids, e: None)
+    monkeypatch.setattr(routing, "_needs_device_assert", lambda flat: True)
+    monkeypatch.setattr(routing, "_use_fused_routing", lambda flat, e: fused)
+    got = routing.flatten_sort_count(torch.tensor([[1, 0], [2, 1]]), 3)
+    for g, w in zip(got, reference.flatten_sort_count(torch.tensor([[1, 0], [2, 1]]), 3)):
+        assert torch.equal(g, w)
+    for bad in (3, -2):
+        with pytest.raises(RuntimeError, match="expert ids must lie in"):
+            routing.flatten_sort_count(torch.tensor([[1, 0], [bad, 1]]), 3)
+
+
 def test_fused_routing_limits():
     from scattermoe.backends.triton.routing import (FUSED_ROUTING_MAX_EXPERTS, FUSED_ROUTING_MAX_ROWS,
                                                     FUSED_ROUTING_MAX_WORK, fused_routing_fits)
