@@ -32,9 +32,10 @@ def flatten_sort_count(expert_idxs: torch.Tensor, num_experts: int) -> Tuple[tor
     if _use_fused_routing(flat, num_experts):
         from .backends.triton.routing import sort_by_expert
 
-        routing = sort_by_expert(flat.contiguous(), num_experts)
+        ids_ok = torch.empty(1, dtype=torch.bool, device=flat.device)
+        routing = sort_by_expert(flat.contiguous(), num_experts, ids_ok)
         if _needs_device_assert(flat):
-            assert_ids_in_range_async(*routing, num_experts, negative_ids_sort_first=False)
+            _assert_async(ids_ok, num_experts)  # the kernel's own verdict: one launch, the assert's
         return routing
     sorted_expert_idxs, sorted_scattered_idxs = torch.sort(flat, stable=True)
     # searchsorted instead of bincount: bincount syncs on CUDA to size its output.
@@ -42,7 +43,7 @@ def flatten_sort_count(expert_idxs: torch.Tensor, num_experts: int) -> Tuple[tor
     expert_offsets = torch.searchsorted(sorted_expert_idxs, bounds, right=True)
     routing = sorted_expert_idxs.long(), sorted_scattered_idxs, expert_offsets
     if _needs_device_assert(flat):
-        assert_ids_in_range_async(*routing, num_experts, negative_ids_sort_first=True)
+        assert_ids_in_range_async(*routing, num_experts)
     return routing
 
 
@@ -54,20 +55,21 @@ def _needs_device_assert(flat: torch.Tensor) -> bool:
 
 
 def assert_ids_in_range_async(sorted_expert_idxs: torch.Tensor, sorted_scattered_idxs: torch.Tensor,
-                              expert_offsets: torch.Tensor, num_experts: int, *,
-                              negative_ids_sort_first: bool) -> None:
-    """Queue a device-side assert that every routed id was in [0, num_experts): no host sync.
+                              expert_offsets: torch.Tensor, num_experts: int) -> None:
+    """Queue a device-side assert that every id sorted by torch.sort was in [0, num_experts): no host sync.
 
-    Read off the sorted result in one or two scalar comparisons: ids >= E sort after expert E-1's rows, so the
-    last offset falls short of N; negative ids sort first under torch.sort (the fused kernel places them after
-    every expert, with the ids >= E). On CUDA a failure is "device-side assert triggered", with this message
-    printed by the kernel; on the CPU (tests) a RuntimeError.
+    Read off the sorted result: ids >= E sort after expert E-1's rows, so the last offset falls short of N;
+    negative ids sort first. (The fused counting sort reports its own verdict instead.)
     """
     del sorted_scattered_idxs  # the same contract as flatten_sort_count's result, which is passed whole
-    n = sorted_expert_idxs.numel()
-    ok = expert_offsets[-1:] == n
-    if negative_ids_sort_first:
-        ok &= sorted_expert_idxs[:1] >= 0
+    ok = expert_offsets[-1:] == sorted_expert_idxs.numel()
+    ok &= sorted_expert_idxs[:1] >= 0
+    _assert_async(ok, num_experts)
+
+
+def _assert_async(ok: torch.Tensor, num_experts: int) -> None:
+    # On CUDA a failure is "device-side assert triggered", this message printed by the kernel where torch's CUDA
+    # build passes it on (older ones print a generic one); on the CPU (tests) a RuntimeError.
     torch._assert_async(ok.squeeze(0), f"scattermoe: expert ids must lie in [0, num_experts={num_experts}); "
                         "some do not (SCATTERMOE_DEBUG=1 raises a ValueError that names them)")
 

@@ -256,12 +256,26 @@ def test_fused_sort_by_expert_places_out_of_range_ids_after_every_expert(monkeyp
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("bad", [None, -1, 4, 9], ids=["valid", "negative", "E", "beyond_E"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_kernel", "torch_sort"])
-def test_device_assert_fails_exactly_when_an_id_is_out_of_range(bad, fused):
-    # On CUDA outside debug mode, flatten_sort_count queues assert_ids_in_range_async on its result (no sync).
-    # Its test is read off the sorted result, so it is checked here on both routings' real outputs (the
-    # assert raises a RuntimeError on the CPU; on CUDA it is a device-side assert, tests/test_gpu.py).
+def test_fused_sort_reports_whether_every_id_was_in_range(bad):
+    # The verdict flatten_sort_count's device-side assert reads on CUDA for few rows, written by the kernel.
     from scattermoe.backends.triton import routing as triton_routing
+
+    E = 4
+    for trial in range(3):
+        ids = torch.randint(0, E, (7,))
+        if bad is not None:
+            ids[torch.randint(0, 7, ()).item()] = bad
+        ids_ok = torch.tensor([bad is not None])  # poisoned: the opposite of the right answer
+        triton_routing.sort_by_expert(ids, E, ids_ok)
+        assert ids_ok.item() == (bad is None), ids.tolist()
+    with pytest.raises(ValueError, match="ids_ok: expected a \\[1\\] bool tensor"):
+        triton_routing.sort_by_expert(ids, E, torch.ones(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bad", [None, -1, 4, 9], ids=["valid", "negative", "E", "beyond_E"])
+def test_device_assert_on_torch_sort_fails_exactly_when_an_id_is_out_of_range(bad):
+    # On CUDA outside debug mode, flatten_sort_count's torch path queues assert_ids_in_range_async on its
+    # result (no sync); it raises a RuntimeError on the CPU (on CUDA a device-side assert, tests/test_gpu.py).
     from scattermoe.routing import assert_ids_in_range_async
 
     E = 4
@@ -269,17 +283,14 @@ def test_device_assert_fails_exactly_when_an_id_is_out_of_range(bad, fused):
         ids = torch.randint(0, E, (7,))
         if bad is not None:
             ids[torch.randint(0, 7, ()).item()] = bad
-        if fused:
-            routing = triton_routing.sort_by_expert(ids, E)
-        else:
-            # flatten_sort_count's torch path (on the CPU it checks the values first, so it is spelled out)
-            sorted_ids, slots = torch.sort(ids, stable=True)
-            routing = sorted_ids, slots, torch.searchsorted(sorted_ids, torch.arange(E), right=True)
+        # flatten_sort_count's torch path (on the CPU it checks the values first, so it is spelled out)
+        sorted_ids, slots = torch.sort(ids, stable=True)
+        routing = sorted_ids, slots, torch.searchsorted(sorted_ids, torch.arange(E), right=True)
         if bad is None:
-            assert_ids_in_range_async(*routing, E, negative_ids_sort_first=not fused)
+            assert_ids_in_range_async(*routing, E)
         else:
             with pytest.raises(RuntimeError, match=r"expert ids must lie in \[0, num_experts=4\)"):
-                assert_ids_in_range_async(*routing, E, negative_ids_sort_first=not fused)
+                assert_ids_in_range_async(*routing, E)
 
 
 @pytest.mark.interpreter

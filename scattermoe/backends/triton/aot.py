@@ -114,7 +114,7 @@ def compile_routing_sm90() -> list:
     for ids in ("*i64", "*i32"):
         for block, warps in ((2, 1), (256, 1), (4096, 4)):
             signature = {"ids_ptr": ids, "sorted_expert_ptr": "*i64", "sorted_slot_ptr": "*i64",
-                         "offsets_ptr": "*i64", "N": "i32", "E": "i32", "BLOCK": "constexpr"}
+                         "offsets_ptr": "*i64", "ids_ok_ptr": "*i1", "N": "i32", "E": "i32", "BLOCK": "constexpr"}
             cases.append((f"sort_by_expert-{ids[1:]}-{block}", _sort_by_expert_kernel, signature,
                           {"BLOCK": block}, warps))
     for logits in ("*bf16", "*fp32"):

@@ -22,7 +22,7 @@ written and no expert's range holds them.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -45,6 +45,7 @@ def _sort_by_expert_kernel(
     sorted_expert_ptr,    # [N] int64 out: expert of each row, in expert order
     sorted_slot_ptr,      # [N] int64 out: slot of each row, in expert order
     offsets_ptr,          # [E] int64 out: end of each expert's rows
+    ids_ok_ptr,           # [1] bool out: every id in [0, E) (the routing's device-side assert reads it)
     N, E,
     BLOCK: tl.constexpr,
 ):
@@ -64,6 +65,7 @@ def _sort_by_expert_kernel(
     position = end + tl.cumsum(stray.to(tl.int32), axis=0) - 1
     tl.store(sorted_expert_ptr + position, ids, mask=stray)
     tl.store(sorted_slot_ptr + position, slots.to(tl.int64), mask=stray)
+    tl.store(ids_ok_ptr, tl.sum(stray.to(tl.int32), axis=0) == 0)
 
 
 def _new_index(n: int, device: torch.device) -> torch.Tensor:
@@ -77,10 +79,13 @@ def fused_routing_fits(num_rows: int, num_experts: int) -> bool:
 
 
 @on_tensor_device
-def sort_by_expert(flat_ids: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sort_by_expert(flat_ids: torch.Tensor, num_experts: int,
+                   ids_ok: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """flatten_sort_count's three outputs (int64) from flat contiguous ids [N], in one launch.
 
-    The caller checks the ids (dtype, range where affordable) and that fused_routing_fits(N, E).
+    The caller checks the ids (dtype, range where affordable) and that fused_routing_fits(N, E). ids_ok, a
+    one-element bool tensor on the ids' device if given, receives whether every id was in [0, E), with no
+    launch of its own (flatten_sort_count's device-side assert on CUDA reads it).
     """
     n = flat_ids.numel()
     if not fused_routing_fits(n, num_experts):
@@ -89,8 +94,13 @@ def sort_by_expert(flat_ids: torch.Tensor, num_experts: int) -> Tuple[torch.Tens
                          f"N * E <= {FUSED_ROUTING_MAX_WORK})")
     sorted_expert, sorted_slot = _new_index(n, flat_ids.device), _new_index(n, flat_ids.device)
     offsets = _new_index(num_experts, flat_ids.device)
+    if ids_ok is None:
+        ids_ok = torch.empty(1, dtype=torch.bool, device=flat_ids.device)
+    elif ids_ok.shape != (1,) or ids_ok.dtype != torch.bool or ids_ok.device != flat_ids.device:
+        raise ValueError(f"ids_ok: expected a [1] bool tensor on {flat_ids.device}, got {tuple(ids_ok.shape)} "
+                         f"{ids_ok.dtype} on {ids_ok.device}")
     block = triton.next_power_of_2(n)
-    _sort_by_expert_kernel[(1,)](flat_ids, sorted_expert, sorted_slot, offsets, n, num_experts,
+    _sort_by_expert_kernel[(1,)](flat_ids, sorted_expert, sorted_slot, offsets, ids_ok, n, num_experts,
                                  BLOCK=block, num_warps=1 if block <= 256 else 4)
     return sorted_expert, sorted_slot, offsets
 
