@@ -8,7 +8,7 @@ Backends: ``scattermoe.set_backend("auto" | "triton" | "cutlass" | "torch")``.
 """
 
 from . import backends, kernels, ops, routing
-from ._validate import set_debug
+from ._validate import set_debug, set_device_asserts
 from .backends import get_backend, set_backend, use_backend
 from .layers import GLUMLP, MLP, MoA, MoARouting, ParallelExperts
 from .ops import glu_moe, parallel_linear, parallel_linear_glu
@@ -20,5 +20,5 @@ __all__ = [
     "GLUMLP", "MLP", "MoA", "MoARouting", "ParallelExperts",
     "backends", "kernels", "ops", "routing",
     "flatten_sort_count", "get_backend", "glu_moe", "load_balancing_loss", "parallel_linear", "parallel_linear_glu",
-    "router_z_loss", "set_backend", "set_debug", "topk_gating", "use_backend",
+    "router_z_loss", "set_backend", "set_debug", "set_device_asserts", "topk_gating", "use_backend",
 ]

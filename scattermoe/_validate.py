@@ -4,7 +4,8 @@ Shapes, dtypes, devices and contiguity are always checked: they are host-side
 metadata and cost nothing. Index *values* (expert ids in [0, E), slot ids in
 [0, N)) live on the device; reading them would add a device sync on the hot
 path, so they are checked only where the tensor is already on the host (CPU) or
-in debug mode (``scattermoe.set_debug(True)`` or ``SCATTERMOE_DEBUG=1``).
+in debug mode (``scattermoe.set_debug(True)`` or ``SCATTERMOE_DEBUG=1``). Outside it, on CUDA, the routing
+queues a device-side assert on the expert ids instead (no sync; ``set_device_asserts``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def env_flag(name: str, default: bool = False) -> bool:
 
 
 _DEBUG = env_flag("SCATTERMOE_DEBUG")
+_DEVICE_ASSERTS = env_flag("SCATTERMOE_DEVICE_ASSERTS", default=True)
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -46,6 +48,18 @@ def set_debug(enabled: bool = True) -> None:
 
 def debug_enabled() -> bool:
     return _DEBUG
+
+
+def set_device_asserts(enabled: bool = True) -> None:
+    """On CUDA outside debug mode, queue a device-side assert on the expert ids of each routing (the default:
+    no sync, one tiny kernel per flatten_sort_count at decode sizes). Off, an id outside [0, E) goes unchecked
+    there: for the last few percent of decode speed once the routing is known to be right."""
+    global _DEVICE_ASSERTS
+    _DEVICE_ASSERTS = flag("enabled", enabled)
+
+
+def device_asserts_enabled() -> bool:
+    return _DEVICE_ASSERTS
 
 
 def _values_checkable(t: torch.Tensor) -> bool:

@@ -10,7 +10,8 @@ from typing import Tuple
 import torch
 
 from . import backends
-from ._validate import _FLOAT_DTYPES, _values_checkable, check_expert_idxs, check_tensor, positive_int
+from ._validate import (_FLOAT_DTYPES, _values_checkable, check_expert_idxs, check_tensor, device_asserts_enabled,
+                        positive_int)
 
 
 @torch.no_grad()
@@ -49,9 +50,10 @@ def flatten_sort_count(expert_idxs: torch.Tensor, num_experts: int) -> Tuple[tor
 
 def _needs_device_assert(flat: torch.Tensor) -> bool:
     # Not where check_expert_idxs read the values already (CPU, debug mode), nor under torch.compile (its
-    # graph would need the assert as a functional op: left out, as the value checks are there).
-    return (flat.numel() > 0 and flat.device.type == "cuda" and not torch.compiler.is_compiling()
-            and not _values_checkable(flat))
+    # graph would need the assert as a functional op: left out, as the value checks are there), nor when
+    # switched off (set_device_asserts).
+    return (flat.numel() > 0 and flat.device.type == "cuda" and device_asserts_enabled()
+            and not torch.compiler.is_compiling() and not _values_checkable(flat))
 
 
 def assert_ids_in_range_async(sorted_expert_idxs: torch.Tensor, sorted_scattered_idxs: torch.Tensor,

@@ -310,6 +310,29 @@ def test_flatten_sort_count_queues_the_device_assert_where_values_go_unread(fuse
             routing.flatten_sort_count(torch.tensor([[1, 0], [bad, 1]]), 3)
 
 
+def test_device_assert_is_queued_only_on_cuda_outside_debug_mode_unless_switched_off(monkeypatch):
+    # A stand-in for CUDA ids (no GPU needed): the decision reads the device type, the size and the switches.
+    import types
+
+    from scattermoe import _validate, routing
+
+    def ids(device_type, n=4):
+        return types.SimpleNamespace(numel=lambda: n, device=types.SimpleNamespace(type=device_type))
+
+    monkeypatch.setattr(_validate, "_DEBUG", False)
+    monkeypatch.setattr(_validate, "_DEVICE_ASSERTS", True)
+    assert routing._needs_device_assert(ids("cuda"))
+    assert not routing._needs_device_assert(ids("cpu"))        # values checked on the host instead
+    assert not routing._needs_device_assert(ids("cuda", n=0))  # nothing routed
+    scattermoe.set_debug(True)                                 # values read on the host: a ValueError instead
+    assert not routing._needs_device_assert(ids("cuda"))
+    scattermoe.set_debug(False)
+    scattermoe.set_device_asserts(False)
+    assert not routing._needs_device_assert(ids("cuda"))
+    with pytest.raises(ValueError, match=r"^enabled: expected True or False, got 'off'"):
+        scattermoe.set_device_asserts("off")
+
+
 def test_fused_routing_limits():
     from scattermoe.backends.triton.routing import (FUSED_ROUTING_MAX_EXPERTS, FUSED_ROUTING_MAX_ROWS,
                                                     FUSED_ROUTING_MAX_WORK, fused_routing_fits)

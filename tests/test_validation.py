@@ -678,6 +678,14 @@ def test_set_debug_takes_a_bool_only():
     assert not scattermoe._validate.debug_enabled()
 
 
+def test_device_asserts_switch_is_read_from_the_environment_at_import():
+    code = "import scattermoe; print(scattermoe._validate.device_asserts_enabled())"
+    for value, want in (("0", "False"), ("", "True")):
+        env = {**os.environ, "SCATTERMOE_DEVICE_ASSERTS": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.split() == [want], (value, out.stdout, out.stderr[-2000:])
+
+
 def test_triton_interpret_is_read_as_triton_reads_it():
     """TRITON_INTERPRET=true interprets the kernels (Triton's reading); scattermoe once required exactly "1" and
     sent such a run to the torch backend, saying the variable was not set."""
