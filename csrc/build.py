@@ -343,7 +343,7 @@ def cached_build(cache_root: str, verbose: bool = True) -> Dict:
 def _cache_lock(path: str, verbose: bool):
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock, concurrent builds each use their own temporary folder
+    except ImportError:  # not POSIX (the module is built for Linux only): no lock
         yield
         return
     with open(path, "a") as handle:
@@ -356,6 +356,11 @@ def _cache_lock(path: str, verbose: bool):
             fcntl.flock(handle, fcntl.LOCK_EX)
             if verbose:
                 print(f"csrc build: waited {time.monotonic() - start:.0f} s", flush=True)
+        except OSError as error:  # a filesystem without flock (some network mounts): build unlocked
+            print(f"csrc build: WARNING: cannot lock {path} ({error}); concurrent builds are not serialised",
+                  flush=True)
+            yield
+            return
         try:
             yield
         finally:
@@ -374,7 +379,11 @@ def _cached_build_locked(cache_root: str, key: str, verbose: bool) -> Dict:
     tmp_dir = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     info = build(tmp_dir, verbose=verbose)
-    shutil.rmtree(out_dir, ignore_errors=True)  # a build dir without its module (an interrupted copy)
+    if os.path.exists(info_path):  # without the lock, another process finished first: keep its build
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with open(info_path) as f:
+            return {**json.load(f), "cached": True}
+    shutil.rmtree(out_dir, ignore_errors=True)  # a build dir without its record (an interrupted copy)
     os.rename(tmp_dir, out_dir)
     for name in os.listdir(cache_root):  # drop builds of older sources (~2 MB module, ~10 MB objects each)
         stale = os.path.join(cache_root, name)

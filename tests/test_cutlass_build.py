@@ -112,6 +112,26 @@ def test_concurrent_cached_builds_compile_once_and_share_the_module(monkeypatch,
     assert sorted(r["cached"] for r in results) == [False, True]
 
 
+def test_a_filesystem_without_flock_builds_unlocked_with_a_warning(monkeypatch, tmp_path, capsys):
+    import errno
+    import fcntl
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    def fake_build(out_dir, verbose=True, **_):
+        os.makedirs(out_dir)
+        open(os.path.join(out_dir, "_C.so"), "w").close()
+        return {"module": os.path.join(out_dir, "_C.so")}
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(csrc_build, "build", fake_build)
+    info = csrc_build.cached_build(str(tmp_path))
+    assert os.path.exists(info["module"]) and info["cached"] is False
+    assert "cannot lock" in capsys.readouterr().out
+    assert csrc_build.cached_build(str(tmp_path))["cached"] is True
+
+
 @pytest.fixture(scope="session")
 def cuobjdump():
     path = find_cuobjdump()

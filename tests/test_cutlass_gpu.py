@@ -22,7 +22,7 @@ from helpers import per_expert_wgrad
 
 import reference
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.csrc_build]  # csrc_build: after the other tests (conftest)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}  # DESIGN.md section 5

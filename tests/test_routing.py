@@ -255,14 +255,15 @@ def test_fused_sort_by_expert_places_out_of_range_ids_after_every_expert(monkeyp
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("bad", [None, -1, 4, 9], ids=["valid", "negative", "E", "beyond_E"])
-def test_fused_sort_reports_whether_every_id_was_in_range(bad):
+def test_fused_sort_reports_whether_every_id_was_in_range(bad, index_dtype):
     # The verdict flatten_sort_count's device-side assert reads on CUDA for few rows, written by the kernel.
     from scattermoe.backends.triton import routing as triton_routing
 
     E = 4
     for trial in range(3):
-        ids = torch.randint(0, E, (7,))
+        ids = torch.randint(0, E, (7,), dtype=index_dtype)
         if bad is not None:
             ids[torch.randint(0, 7, ()).item()] = bad
         ids_ok = torch.tensor([bad is not None])  # poisoned: the opposite of the right answer
