@@ -14,7 +14,8 @@ Shapes (case names are ``<shape>_<mode>``, and ``routing``):
                     (issue 3's kernel target: at least 80% of dense_same_flops, one [N, D] x [D, 2F] matmul)
   routing           the router after its linear layer: topk_gating then flatten_sort_count (top-k,
                     softmax, sort, counts, offsets), E=8, K=2, no gradient: impls ``scattermoe`` (the
-                    library's: on CUDA one Triton launch each, the sort up to N * E = 16384),
+                    library's: on CUDA one Triton launch each, the sort up to N * E = 16384, and the
+                    device-side id assert), ``scattermoe_no_assert`` (the same without that assert),
                     ``torch_sort`` (the same functions on the torch path) and ``reference``
 Each at T in {1, 16, 128, 1024, 4096, 16384, 32768}, uniform and Zipf-skewed routing, bf16.
 
@@ -151,7 +152,9 @@ def _in_variant(impl: str, fn: Callable[[int], object]) -> Callable[[int], objec
     return run
 
 
-ROUTING_IMPLS = ("scattermoe", "torch_sort")  # the routing rows' own names (beside "reference")
+# The routing rows' own names (beside "reference"); scattermoe_no_assert: the same without the device-side id
+# assert (set_device_asserts(False)), so the pair measures that assert's cost (NOTES.md 22).
+ROUTING_IMPLS = ("scattermoe", "scattermoe_no_assert", "torch_sort")
 
 
 def impls_for(shape: Shape, impls: List[str]) -> List[str]:
@@ -426,9 +429,14 @@ class Workload:
 
             def route(inp: Inputs):
                 # torch_sort: the torch backend, which never launches the one-launch Triton kernels.
-                with torch.no_grad(), scattermoe.use_backend("torch" if impl == "torch_sort" else "auto"):
-                    gates, idx = scattermoe.topk_gating(inp.logits, s.K)
-                    return (gates, idx, *scattermoe.flatten_sort_count(idx, s.E))
+                asserts = scattermoe._validate.device_asserts_enabled()
+                scattermoe.set_device_asserts(impl != "scattermoe_no_assert")
+                try:
+                    with torch.no_grad(), scattermoe.use_backend("torch" if impl == "torch_sort" else "auto"):
+                        gates, idx = scattermoe.topk_gating(inp.logits, s.K)
+                        return (gates, idx, *scattermoe.flatten_sort_count(idx, s.E))
+                finally:
+                    scattermoe.set_device_asserts(asserts)
             return route
         if s.kind == "glu_gemm":
             return self._glu_gemm(impl)

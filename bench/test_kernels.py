@@ -28,7 +28,7 @@ def _workload(shape: kernels.Shape) -> kernels.Workload:
     return _resident[shape]
 
 
-@pytest.mark.parametrize("impl", kernels.IMPLS + ("scattermoe", "torch_sort"))
+@pytest.mark.parametrize("impl", kernels.IMPLS + kernels.ROUTING_IMPLS)
 @pytest.mark.parametrize("shape_name,mode,T", CASES, ids=[f"{s}_{m}_T{t}" for s, m, t in CASES])
 def test_kernel(benchmark, shape_name, mode, T, impl):
     shape = kernels.SHAPES[shape_name]

@@ -197,3 +197,24 @@ def test_hang_watch_fires_once_for_the_step_that_hangs_and_stops_when_told():
     watch.stop()
     watch._thread.join(5)
     assert not watch._thread.is_alive()
+
+
+@pytest.mark.parametrize("impl, want", [("scattermoe", True), ("scattermoe_no_assert", False)])
+def test_routing_rows_time_the_library_with_and_without_its_device_assert(impl, want, monkeypatch):
+    # The pair of rows measures the assert's cost: the switch must be set during the timed call, and put back.
+    from bench import kernels
+    from scattermoe import routing
+
+    seen = []
+    real = routing.flatten_sort_count
+    monkeypatch.setattr(routing, "flatten_sort_count", lambda *a: seen.append(routing.device_asserts_enabled())
+                        or real(*a))
+    monkeypatch.setattr(kernels.scattermoe, "flatten_sort_count", routing.flatten_sort_count)
+    shape = kernels.Shape("routing", "routing", modes=("fwd",), D=64, E=4, K=2)
+    group = kernels.Group(shape, 8)
+    work = kernels.Workload(shape, torch.device("cpu"), torch.float32, 0, None, None)
+    inputs = kernels.make_inputs(group, 1, torch.device("cpu"), 0, dense=False)[0]
+    before = routing.device_asserts_enabled()
+    out = work.forward(impl)(inputs)
+    assert seen == [want] and routing.device_asserts_enabled() == before
+    assert torch.equal(out[2], torch.sort(out[1].reshape(-1), stable=True).values)
