@@ -38,14 +38,19 @@ def flatten_sort_count(expert_idxs: torch.Tensor, num_experts: int) -> Tuple[tor
         if _needs_device_assert(flat):
             _assert_async(ids_ok, num_experts)  # the kernel's own verdict: one launch, the assert's
         return routing
+    routing = _sort_count_torch(flat, num_experts)
+    if _needs_device_assert(flat):
+        assert_ids_in_range_async(routing[0], routing[2], num_experts)
+    return routing
+
+
+def _sort_count_torch(flat: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flatten_sort_count's result by torch.sort, ids unchecked (a stable sort, then the offsets)."""
     sorted_expert_idxs, sorted_scattered_idxs = torch.sort(flat, stable=True)
     # searchsorted instead of bincount: bincount syncs on CUDA to size its output.
     bounds = torch.arange(num_experts, device=flat.device, dtype=sorted_expert_idxs.dtype)
     expert_offsets = torch.searchsorted(sorted_expert_idxs, bounds, right=True)
-    routing = sorted_expert_idxs.long(), sorted_scattered_idxs, expert_offsets
-    if _needs_device_assert(flat):
-        assert_ids_in_range_async(*routing, num_experts)
-    return routing
+    return sorted_expert_idxs.long(), sorted_scattered_idxs, expert_offsets
 
 
 def _needs_device_assert(flat: torch.Tensor) -> bool:
@@ -56,14 +61,13 @@ def _needs_device_assert(flat: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and not _values_checkable(flat))
 
 
-def assert_ids_in_range_async(sorted_expert_idxs: torch.Tensor, sorted_scattered_idxs: torch.Tensor,
-                              expert_offsets: torch.Tensor, num_experts: int) -> None:
+def assert_ids_in_range_async(sorted_expert_idxs: torch.Tensor, expert_offsets: torch.Tensor,
+                              num_experts: int) -> None:
     """Queue a device-side assert that every id sorted by torch.sort was in [0, num_experts): no host sync.
 
     Read off the sorted result: ids >= E sort after expert E-1's rows, so the last offset falls short of N;
     negative ids sort first. (The fused counting sort reports its own verdict instead.)
     """
-    del sorted_scattered_idxs  # the same contract as flatten_sort_count's result, which is passed whole
     ok = expert_offsets[-1:] == sorted_expert_idxs.numel()
     ok &= sorted_expert_idxs[:1] >= 0
     _assert_async(ok, num_experts)

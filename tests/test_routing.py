@@ -277,21 +277,20 @@ def test_fused_sort_reports_whether_every_id_was_in_range(bad, index_dtype):
 def test_device_assert_on_torch_sort_fails_exactly_when_an_id_is_out_of_range(bad):
     # On CUDA outside debug mode, flatten_sort_count's torch path queues assert_ids_in_range_async on its
     # result (no sync); it raises a RuntimeError on the CPU (on CUDA a device-side assert, tests/test_gpu.py).
-    from scattermoe.routing import assert_ids_in_range_async
+    from scattermoe.routing import _sort_count_torch, assert_ids_in_range_async
 
     E = 4
     for trial in range(3):
         ids = torch.randint(0, E, (7,))
         if bad is not None:
             ids[torch.randint(0, 7, ()).item()] = bad
-        # flatten_sort_count's torch path (on the CPU it checks the values first, so it is spelled out)
-        sorted_ids, slots = torch.sort(ids, stable=True)
-        routing = sorted_ids, slots, torch.searchsorted(sorted_ids, torch.arange(E), right=True)
+        # flatten_sort_count's torch path, without the value check it makes first on the CPU
+        sorted_ids, _, offsets = _sort_count_torch(ids, E)
         if bad is None:
-            assert_ids_in_range_async(*routing, E)
+            assert_ids_in_range_async(sorted_ids, offsets, E)
         else:
             with pytest.raises(RuntimeError, match=r"expert ids must lie in \[0, num_experts=4\)"):
-                assert_ids_in_range_async(*routing, E)
+                assert_ids_in_range_async(sorted_ids, offsets, E)
 
 
 @pytest.mark.interpreter
