@@ -78,6 +78,20 @@ def built():
     return info
 
 
+def _fake_build(calls: list, seconds: float = 0.0):
+    """A stand-in for csrc_build.build: records its output folder, takes `seconds`, writes an empty module."""
+    import time
+
+    def build(out_dir, verbose=True, **_):
+        calls.append(out_dir)
+        time.sleep(seconds)
+        os.makedirs(out_dir)
+        module = os.path.join(out_dir, "_C.so")
+        open(module, "w").close()
+        return {"module": module, "wall_seconds": seconds}
+    return build
+
+
 def test_concurrent_cached_builds_compile_once_and_share_the_module(monkeypatch, tmp_path):
     """CI builds in the background while the tests run; the tests' fixture then asks for the same build. The
     second caller must wait for the first (the cache's lock) and reuse its module, not compile it again."""
@@ -85,16 +99,7 @@ def test_concurrent_cached_builds_compile_once_and_share_the_module(monkeypatch,
     import time
 
     calls = []
-
-    def fake_build(out_dir, verbose=True, **_):
-        calls.append(out_dir)
-        time.sleep(0.5)  # long enough for the other thread to reach the lock
-        os.makedirs(out_dir)
-        module = os.path.join(out_dir, "_C.so")
-        open(module, "w").close()
-        return {"module": module, "wall_seconds": 0.5}
-
-    monkeypatch.setattr(csrc_build, "build", fake_build)
+    monkeypatch.setattr(csrc_build, "build", _fake_build(calls, seconds=0.5))  # the other thread reaches the lock
     results = [None, None]
 
     def call(i):
@@ -119,13 +124,8 @@ def test_a_filesystem_without_flock_builds_unlocked_with_a_warning(monkeypatch, 
     def no_flock(*args):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    def fake_build(out_dir, verbose=True, **_):
-        os.makedirs(out_dir)
-        open(os.path.join(out_dir, "_C.so"), "w").close()
-        return {"module": os.path.join(out_dir, "_C.so")}
-
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    monkeypatch.setattr(csrc_build, "build", fake_build)
+    monkeypatch.setattr(csrc_build, "build", _fake_build([]))
     info = csrc_build.cached_build(str(tmp_path))
     assert os.path.exists(info["module"]) and info["cached"] is False
     assert "cannot lock" in capsys.readouterr().out
