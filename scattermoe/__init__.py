@@ -9,7 +9,7 @@ Backends: ``scattermoe.set_backend("auto" | "triton" | "cutlass" | "torch")``.
 
 from . import backends, kernels, ops, routing
 from ._validate import set_debug, set_device_asserts
-from .backends import get_backend, set_backend, use_backend
+from .backends import get_backend, get_topk_combine, set_backend, set_topk_combine, use_backend, use_topk_combine
 from .layers import GLUMLP, MLP, MoA, MoARouting, ParallelExperts
 from .ops import glu_moe, parallel_linear, parallel_linear_glu
 from .routing import flatten_sort_count, load_balancing_loss, router_z_loss, topk_gating
@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "GLUMLP", "MLP", "MoA", "MoARouting", "ParallelExperts",
     "backends", "kernels", "ops", "routing",
-    "flatten_sort_count", "get_backend", "glu_moe", "load_balancing_loss", "parallel_linear", "parallel_linear_glu",
-    "router_z_loss", "set_backend", "set_debug", "set_device_asserts", "topk_gating", "use_backend",
+    "flatten_sort_count", "get_backend", "get_topk_combine", "glu_moe", "load_balancing_loss", "parallel_linear",
+    "parallel_linear_glu",
+    "router_z_loss", "set_backend", "set_debug", "set_device_asserts", "set_topk_combine", "topk_gating",
+    "use_backend", "use_topk_combine",
 ]

@@ -128,6 +128,41 @@ def _(pre, dg, row_scale, activate_first, store_g, store_dot, backend):
     return torch.empty_like(pre), g, dot
 
 
+@torch.library.custom_op("scattermoe::gather_sum", mutates_args=())
+def gather_sum_op(
+    rows: torch.Tensor,
+    row_of_slot: torch.Tensor,
+    gates_flat: Optional[torch.Tensor],
+    fan_out: int,
+    backend: str,
+) -> torch.Tensor:
+    """[T, F] = sum_j gates[t*K + j] * rows[row_of_slot[t*K + j]] in fp32 (a plain sum without gates): the "gather"
+    top-k combine."""
+    return backends.kernels(backend).gather_sum(rows, row_of_slot, gates_flat, fan_out)
+
+
+@gather_sum_op.register_fake
+def _(rows, row_of_slot, gates_flat, fan_out, backend):
+    return rows.new_empty(rows.size(0) // fan_out, rows.size(1))
+
+
+def _gather_combine(fan: int) -> bool:
+    """Whether the K rows of each token are summed by a gather pass (``set_topk_combine("gather")``, K > 1)."""
+    return fan > 1 and backends.get_topk_combine() == "gather"
+
+
+def _gated_rows_combined(x, w, bias, gates_flat, fan, sorted_scattered_idxs, expert_offsets, x_fan_out, grouped_in,
+                         backend):
+    """[T, F] = sum_j gates[t, j] * (X W_e + b_e)[slot t*K + j], the gather way: the GEMM writes its rows grouped by
+    expert and ungated, then one pass per token gathers, gates and sums them (fp32)."""
+    rows = scatter2scatter_op(x, w, bias, sorted_scattered_idxs, expert_offsets, None, x_fan_out, grouped_in, True,
+                              backend)
+    row_of_slot = torch.empty_like(sorted_scattered_idxs)
+    row_of_slot[sorted_scattered_idxs] = torch.arange(sorted_scattered_idxs.numel(), device=rows.device,
+                                                      dtype=sorted_scattered_idxs.dtype)
+    return gather_sum_op(rows, row_of_slot, gates_flat, fan, backend)
+
+
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[M] = sum_j a[m, j] * b[m, j], without an [M, D] temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
@@ -222,11 +257,15 @@ class ParallelLinear(torch.autograd.Function):
     def forward(ctx, x, w, bias, gates, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
                 grouped_in, grouped_out, backend):
         gates_flat = gates.reshape(-1).contiguous() if gates is not None else None
-        y = scatter2scatter_op(x, w, bias, sorted_scattered_idxs, expert_offsets, gates_flat,
-                               k, grouped_in, grouped_out and gates is None, backend)
-        if gates is not None:
-            num_tokens, fan = gates.shape
-            y = y.view(num_tokens, fan, y.size(-1)).sum(1) if fan > 1 else y
+        if gates is not None and _gather_combine(gates.size(1)):
+            y = _gated_rows_combined(x, w, bias, gates_flat, gates.size(1), sorted_scattered_idxs, expert_offsets,
+                                     k, grouped_in, backend)
+        else:
+            y = scatter2scatter_op(x, w, bias, sorted_scattered_idxs, expert_offsets, gates_flat,
+                                   k, grouped_in, grouped_out and gates is None, backend)
+            if gates is not None:
+                num_tokens, fan = gates.shape
+                y = y.view(num_tokens, fan, y.size(-1)).sum(1) if fan > 1 else y
         ctx.save_for_backward(x, w, bias, gates, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)
         ctx.k, ctx.grouped_in, ctx.grouped_out, ctx.backend = k, grouped_in, grouped_out, backend
         return y
@@ -386,9 +425,13 @@ class GLUMoE(torch.autograd.Function):
         g, pre = scatter2scatter_glu_op(x, w_in, b_in, sorted_scattered_idxs, expert_offsets, k, False, True,
                                         activate_first, keep, backend)
         gates_flat = gates.reshape(-1).contiguous()
-        y = scatter2scatter_op(g, w_out, b_out, sorted_scattered_idxs, expert_offsets, gates_flat,
-                               1, True, False, backend)
-        y = y.view(gates.size(0), gates.size(1), y.size(-1)).sum(1) if gates.size(1) > 1 else y
+        if _gather_combine(k):
+            y = _gated_rows_combined(g, w_out, b_out, gates_flat, k, sorted_scattered_idxs, expert_offsets, 1, True,
+                                     backend)
+        else:
+            y = scatter2scatter_op(g, w_out, b_out, sorted_scattered_idxs, expert_offsets, gates_flat,
+                                   1, True, False, backend)
+            y = y.view(gates.size(0), gates.size(1), y.size(-1)).sum(1) if gates.size(1) > 1 else y
         ctx.save_for_backward(x, w_in, b_in, w_out, b_out, gates, pre, sorted_expert_idxs, sorted_scattered_idxs,
                               expert_offsets)
         ctx.k, ctx.activate_first, ctx.backend = k, activate_first, backend

@@ -79,3 +79,14 @@ def test_paired_glu_runs_one_full_width_wgmma_where_two_accumulators_run_two_hal
                     and d == "bf16")
     assert default("scatter2scatter_glu_paired").wgmma_shapes == ("m64n128k16",)
     assert default("scatter2scatter_glu").wgmma_shapes == ("m64n64k16",)
+
+
+def test_gather_sum_reads_and_writes_16_byte_vectors_without_spills():
+    # The "gather" top-k combine (backends/triton/gather_sum.py): its row loads are gathered by index, and still
+    # must be 16-byte vectors (v4.b32 = 8 bf16) along D, or the pass would not run at the bandwidth it is counted at.
+    reports = aot.compile_in_subprocess("gather_sum")
+    assert len(reports) == 4
+    for name, registers, stack, local, loads, stores in reports:
+        assert stack == 0 and local == 0, f"{name}: registers spill ({registers} registers, stack {stack})"
+        assert "ld.global.v4.b32" in loads, f"{name}: row loads are not 16-byte vectors: {loads}"
+        assert stores == ["st.global.v4.b32"], f"{name}: stores are not 16-byte vectors: {stores}"

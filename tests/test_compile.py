@@ -72,6 +72,18 @@ def test_compiled_layers_match_eager_across_token_counts_aot_eager():
     _compare_compiled_to_eager(glu, "aot_eager", [(1, 4), (2, 9)])
 
 
+def test_compiled_glumlp_in_gather_mode_matches_eager_aot_eager(monkeypatch):
+    """set_topk_combine("gather") traces too: the gather pass is a custom op with a fake impl, and the compiled
+    forward runs it (once per forward, compiled and eager alike)."""
+    from test_topk_combine import spy_gather_sum
+
+    calls = spy_gather_sum(monkeypatch)
+    glu = _with_biases(scattermoe.GLUMLP(16, 12, 3, 2, bias=True))
+    with scattermoe.use_topk_combine("gather"):
+        _compare_compiled_to_eager(glu, "aot_eager", [(2, 5)])
+    assert len(calls) == 2
+
+
 def test_compiled_moa_map_reduce_matches_eager_aot_eager():
     B, L, D, H, Dh, E, K = 2, 4, 16, 2, 8, 4, 2
     moa = _with_biases(scattermoe.MoA(D, Dh, H, E, K, bias=True))
@@ -247,3 +259,11 @@ def test_opcheck_scatter2scatter_glu(activate_first, keep_pre_activation):
 def test_opcheck_glu_backward():
     args = (torch.randn(N, 2 * F), torch.randn(N, F), torch.rand(N), True, True, True, "triton")
     _check(torch.ops.scattermoe.glu_backward.default, args)
+
+
+def test_opcheck_gather_sum():
+    _, sorted_scattered_idxs, _ = _routing()
+    row_of_slot = torch.empty_like(sorted_scattered_idxs)
+    row_of_slot[sorted_scattered_idxs] = torch.arange(N)
+    for gates in (torch.rand(N), None):
+        _check(torch.ops.scattermoe.gather_sum.default, (torch.randn(N, D), row_of_slot, gates, K, "triton"))

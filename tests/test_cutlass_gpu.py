@@ -523,6 +523,26 @@ def test_mlp_layers_on_cutlass(cutlass_with_fallbacks, layer_name, bias, dtype):
     assert not cutlass_with_fallbacks, dict(cutlass_with_fallbacks)  # dW, db and the GLU backward included
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_glumlp_gather_combine_runs_its_second_gemm_on_the_grouped_gemm(cutlass_with_fallbacks, monkeypatch, dtype):
+    """set_topk_combine("gather"): the second GEMM is grouped in and out and ungated, so the TMA grouped GEMM runs it
+    (the scatter mode's GLUMLP never launches it); the gather pass then sums each token's rows. Forward and
+    backward against float64, nothing on a fallback."""
+    from test_layers import check_mlp_layer
+
+    import scattermoe
+    from scattermoe.backends.cutlass import grouped_gemm
+
+    launches = []
+    real = grouped_gemm.launch
+    monkeypatch.setattr(grouped_gemm, "launch", lambda *a: launches.append(1) or real(*a))
+    with scattermoe.use_topk_combine("gather"):
+        check_mlp_layer("glu_silu_first", 4, 250, 256, 384, 8, 2, True, "cutlass", dtype=dtype, device="cuda",
+                        per_token=False)
+    assert launches, "the gather mode's second GEMM did not run on the grouped GEMM"
+    assert not cutlass_with_fallbacks, dict(cutlass_with_fallbacks)
+
+
 @pytest.mark.parametrize("variant", ["persistent", "weight_tma", "persistent_weight_tma"])
 @pytest.mark.parametrize("layer_name", ["mlp_gelu", "glu_silu_first"])
 def test_mlp_layers_on_cutlass_with_the_scatter_gemm_variants(cutlass_with_fallbacks, layer_name, variant):

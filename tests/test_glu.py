@@ -119,10 +119,12 @@ GLU_MOE_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("combine", ["scatter", "gather"])
 @pytest.mark.parametrize("T, E, K, D, F_, bias, activate_first", GLU_MOE_SHAPES)
 @pytest.mark.parametrize("dev, dtype", DEVICE_DTYPES)
-def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activate_first, dev, dtype):
-    """GLUMLP with SiLU runs ops.glu_moe (fused GLU, G recomputed in backward): every gradient, gates included."""
+def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activate_first, dev, dtype, combine):
+    """GLUMLP with SiLU runs ops.glu_moe (fused GLU, G recomputed in backward): every gradient, gates included,
+    with either top-k combine (scattermoe.set_topk_combine)."""
     layer = scattermoe.GLUMLP(D, F_, E, K, bias=bias, activate_first=activate_first).to(dev, dtype)
     if bias:
         with torch.no_grad():
@@ -131,7 +133,7 @@ def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activat
     x = torch.randn(T, D, dtype=dtype, device=dev, requires_grad=True)
     p, idx = scattermoe.topk_gating(torch.randn(T, E, device=dev), K)
     p = p.to(dtype).requires_grad_()
-    with scattermoe.use_backend("triton"):
+    with scattermoe.use_backend("triton"), scattermoe.use_topk_combine(combine):
         y = layer(x, p, idx)
     dy = torch.randn_like(y)
     inputs = [x, p] + list(layer.parameters())

@@ -59,6 +59,48 @@ def use_backend(name: str) -> Iterator[None]:
         _current = previous
 
 
+# How the K rows of a token become its output on the kernel backends (DESIGN.md 4: try both; NOTES.md 19).
+#   scatter: the GEMM applies the gates in its epilogue (fp32) and stores each row at its slot t*K + j; a sum
+#            over K follows (the default).
+#   gather:  the GEMM stores its rows grouped by expert and ungated (on the cutlass backend, the grouped GEMM's
+#            TMA stores); one pass per token then gathers its K rows, applies the gates in fp32 and sums them.
+# The same bytes either way; which is faster is for the benchmark's *_gather rows to say. With K = 1 both are
+# the scatter (there is nothing to sum). The torch backend ignores the choice.
+TOPK_COMBINES = ("scatter", "gather")
+
+
+def _check_combine(mode: str, what: str = "mode") -> str:
+    if mode not in TOPK_COMBINES:
+        raise ValueError(f"{what}: expected one of {', '.join(TOPK_COMBINES)}, got {mode!r}")
+    return mode
+
+
+_combine = _check_combine(os.environ.get("SCATTERMOE_TOPK_COMBINE", "scatter"),
+                          "the environment variable SCATTERMOE_TOPK_COMBINE")
+
+
+def set_topk_combine(mode: str) -> None:
+    """How the kernel backends sum each token's K expert rows: "scatter" (default) or "gather" (see above).
+    Process-wide, like ``set_backend``; also ``SCATTERMOE_TOPK_COMBINE``."""
+    global _combine
+    _combine = _check_combine(mode)
+
+
+def get_topk_combine() -> str:
+    return _combine
+
+
+@contextlib.contextmanager
+def use_topk_combine(mode: str) -> Iterator[None]:
+    """Run the enclosed block with another top-k combine, then restore the previous one."""
+    global _combine
+    previous, _combine = _combine, _check_combine(mode)
+    try:
+        yield
+    finally:
+        _combine = previous
+
+
 def _version_tuple(dist: str) -> Optional[tuple]:
     """(major, minor) of an installed distribution, read without importing it; None if absent."""
     try:

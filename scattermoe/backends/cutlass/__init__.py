@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 from . import _extension
-from .dispatch import FALLBACKS, glu_backward, group_bwd_w, scatter2scatter, scatter2scatter_fallback_reason, set_strict
+from .dispatch import (FALLBACKS, gather_sum, glu_backward, group_bwd_w, scatter2scatter,
+                       scatter2scatter_fallback_reason, set_strict)
 from .grouped_gemm import grouped_gemm_op
 from .scatter_gemm import persistent, set_persistent, set_weight_tma, weight_tma
 
@@ -29,7 +30,8 @@ CSRC_DTYPES = (torch.bfloat16, torch.float16)
 SM90 = (9, 0)
 
 __all__ = [
-    "FALLBACKS", "extension", "glu_backward", "group_bwd_w", "grouped_gemm_op", "persistent", "scatter2scatter",
+    "FALLBACKS", "extension", "gather_sum", "glu_backward", "group_bwd_w", "grouped_gemm_op", "persistent",
+    "scatter2scatter",
     "scatter2scatter_fallback_reason", "set_persistent", "set_strict", "set_weight_tma", "unsupported_reason",
     "weight_tma",
 ]

@@ -12,6 +12,8 @@ rows, gates, the GLU epilogue) to the cp.async scatter GEMM (scatter_gemm.plan).
 group_bwd_w (with or without a row scale and a bias gradient) goes to the csrc dW kernel
 (weight_grad.plan),
 glu_backward to the csrc GLU backward pass (glu_grad.plan).
+gather_sum (the "gather" top-k combine) is Triton's pass on both backends: it reads rows and sums, no GEMM, so
+it is not a csrc piece missing and is not counted in FALLBACKS (nor refused in strict mode).
 """
 
 from __future__ import annotations
@@ -155,3 +157,10 @@ def glu_backward(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_
     if reason is not None:
         return _to_triton(pre, reason).glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)
     return glu_grad.launch(pre, dg, activate_first, row_scale, store_g, store_dot)
+
+
+def gather_sum(rows: torch.Tensor, row_of_slot: torch.Tensor, gates: Optional[torch.Tensor], fan_out: int,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """See scattermoe.backends.triton.gather_sum: that pass, on both backends (module docstring)."""
+    _check_triton(rows, "gather_sum runs on Triton")
+    return _triton().gather_sum(rows, row_of_slot, gates, fan_out, out)

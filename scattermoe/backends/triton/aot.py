@@ -136,6 +136,34 @@ def compile_routing_sm90() -> list:
     return reports
 
 
+def compile_gather_sum_sm90() -> list:
+    """The gather-combine pass (gather_sum.py) for sm_90 as launched on the GPU (D = 2048), bf16 rows, int64 and int32
+    row indices, with and without gates: [(name, registers, stack_bytes, local_bytes, ld.global forms,
+    st.global forms)]. Its loads are gathered rows, so whether they stay 16-byte vectors is the point."""
+    from .gather_sum import _gather_sum_kernel, block_sizes
+
+    block_t, block_d, warps = block_sizes(2048)
+    aligned = ("Y_ptr", "stride_ym", "row_of_slot_ptr", "gates_ptr", "OUT_ptr", "stride_om", "D")
+    reports = []
+    for ids in ("*i64", "*i32"):
+        for gates in (True, False):
+            signature = {"Y_ptr": "*bf16", "stride_ym": "i32", "row_of_slot_ptr": ids, "gates_ptr": "*fp32",
+                         "OUT_ptr": "*bf16", "stride_om": "i32", "num_tokens": "i32", "num_rows": "i32", "D": "i32",
+                         "K": "i32",
+                         "HAS_GATES": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+            names = list(signature)
+            attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+            source = ASTSource(fn=_gather_sum_kernel, signature=signature, attrs=attrs,
+                               constexprs={"HAS_GATES": gates, "BLOCK_T": block_t, "BLOCK_D": block_d})
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            ptx, usage = compiled.asm["ptx"], _resource_usage(compiled.asm["cubin"])
+            reports.append((f"gather_sum-{ids[1:]}-{'gated' if gates else 'plain'}", usage.get("REG", 0),
+                            usage.get("STACK", 0), usage.get("LOCAL", 0),
+                            sorted(set(re.findall(r"ld\.global[.\w]*", ptx))),
+                            sorted(set(re.findall(r"st\.global[.\w]*", ptx)))))
+    return reports
+
+
 def autotune_space(kernel: str) -> list:
     """The GPU autotune space of a kernel (what runs on the H100), whatever this process's mode."""
     return gpu_space(kernel)
@@ -156,7 +184,7 @@ def compile_in_subprocess(cases: list) -> list:
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"AOT compilation failed:\n{result.stderr[-4000:]}")
-    if cases == "routing":
+    if cases in ("routing", "gather_sum"):
         return [tuple(report) for report in json.loads(result.stdout)]
     return [CompileReport(**{**report, "config": tuple(report["config"]),
                              "wgmma_shapes": tuple(report["wgmma_shapes"])}) for report in json.loads(result.stdout)]
@@ -167,8 +195,8 @@ if __name__ == "__main__":
     import sys
 
     cases = json.load(sys.stdin)
-    if cases == "routing":
-        json.dump(compile_routing_sm90(), sys.stdout)
+    if cases in ("routing", "gather_sum"):
+        json.dump(compile_routing_sm90() if cases == "routing" else compile_gather_sum_sm90(), sys.stdout)
         sys.exit(0)
     reports = [compile_sm90(kernel, tuple(config), dtype, **flags) for kernel, config, dtype, flags in cases]
     json.dump([dataclasses.asdict(report) for report in reports], sys.stdout)
