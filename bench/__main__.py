@@ -236,7 +236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # unusable on a GPU (on the CPU smoke run it may be: no interpreter there).
     # (Only ours: scattermoe_original, the peer, starts with "scattermoe" too.)
     # Left out on purpose (--skip-impls: a rerun after a hang) is not a failure of this run.
-    ours = tuple(i for i in ("scattermoe", "scattermoe_no_assert", "scattermoe_triton", *kernels.CSRC_VARIANTS)
+    ours = tuple(i for i in ("scattermoe", "scattermoe_no_assert", "scattermoe_triton", *kernels.CSRC_VARIANTS,
+                             *kernels.GATHER_IMPLS)
                  if i not in skip_impls)
     bad = sorted({f"{shape}:{impl}" for shape, per in results["checks"].items() for impl, c in per.items()
                   if impl in ours and (c.get("ok") is False or (

@@ -25,6 +25,10 @@ Implementations (``impl``):
                        kernel (one CTA per SM; csrc/README.md), forward and backward
   scattermoe_cutlass_tma          the same, with the scatter GEMM's weight tiles loaded by TMA
                        instead of cp.async (against the row above: what TMA for W gives)
+  scattermoe_triton_gather, scattermoe_cutlass_gather   the GLU layer on that backend with the "gather" top-k
+                       combine (scattermoe.set_topk_combine): the second GEMM writes grouped, ungated rows (on
+                       csrc by the TMA grouped GEMM), a pass per token gates and sums them; against the plain
+                       row (the scatter combine), what DESIGN.md 4 asks to try (NOTES.md 19)
   reference            the same layer on the ``torch`` backend (reference/: a loop over experts)
   torch_grouped_mm     the layer written with torch._grouped_mm (bench/grouped_mm_moe.py)
   dense_same_flops     plain cuBLAS matmuls with the same useful FLOPs and no routing: the ceiling
@@ -54,6 +58,7 @@ from reference import ops as reference_ops
 from . import grouped_mm_moe, thirdparty
 
 IMPLS = ("scattermoe_triton", "scattermoe_cutlass", "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma",
+         "scattermoe_triton_gather", "scattermoe_cutlass_gather",
          "reference", "torch_grouped_mm", "dense_same_flops", "scattermoe_original", "sonicmoe")
 # The cutlass backend's kernel variants (csrc/README.md), set around everything an implementation runs (the
 # plain row too, so that SCATTERMOE_CUTLASS_* in the environment cannot change what it measures).
@@ -62,23 +67,33 @@ CSRC_VARIANTS = {"scattermoe_cutlass": {"persistent": False, "weight_tma": False
                  "scattermoe_cutlass_tma": {"persistent": True, "weight_tma": True}}
 
 
+# The "gather" top-k combine (scattermoe.set_topk_combine, NOTES.md 19) on a backend, beside its plain row (the
+# default scatter combine): the second MoE GEMM writes grouped, ungated rows (on csrc the TMA grouped GEMM) and a
+# pass per token sums them. GLU shapes only: the second GEMM's store is what the mode changes. impl -> plain row.
+GATHER_IMPLS = {"scattermoe_triton_gather": "scattermoe_triton", "scattermoe_cutlass_gather": "scattermoe_cutlass"}
+
+
 def skipped_after_hang(impl: str) -> List[str]:
-    """What a rerun should leave out after ``impl`` hung: it, and the csrc variants after it (each adds to the
-    kernels of the one before: a hang in the plain one would recur in all three)."""
+    """What a rerun should leave out after ``impl`` hung: it, the csrc variants after it (each adds to the
+    kernels of the one before: a hang in the plain one would recur in all three), and the gather rows of a plain
+    row that hung (the same kernels but the second GEMM's)."""
     if impl not in CSRC_VARIANTS:
-        return [impl]
-    variants = list(CSRC_VARIANTS)
-    return variants[variants.index(impl):]
+        skipped = [impl]
+    else:
+        variants = list(CSRC_VARIANTS)
+        skipped = variants[variants.index(impl):]
+    return skipped + [gather for gather, plain in GATHER_IMPLS.items() if plain in skipped]
 
 
-BACKEND_OF = {"scattermoe_triton": "triton", "reference": "torch", **{impl: "cutlass" for impl in CSRC_VARIANTS}}
+BACKEND_OF = {"scattermoe_triton": "triton", "reference": "torch", **{impl: "cutlass" for impl in CSRC_VARIANTS},
+              "scattermoe_triton_gather": "triton", "scattermoe_cutlass_gather": "cutlass"}
 TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)
 ROUTINGS = ("uniform", "zipf")
 ZIPF_S = 1.2
 CHECK_TOL = 2e-2  # bf16 bound of DESIGN.md section 5
 INFER_MAX_TOKENS = 128  # the inference-forward rows are decode and small-batch serving sizes
 INFER_MODES = ("infer", "infer_graph")
-GRAPH_IMPLS = ("scattermoe_triton", *CSRC_VARIANTS)
+GRAPH_IMPLS = ("scattermoe_triton", *CSRC_VARIANTS, *GATHER_IMPLS)
 ROUTING_OUTPUTS = ("gates", "expert_idxs", "sorted_expert_idxs", "sorted_scattered_idxs", "expert_offsets")
 
 
@@ -132,18 +147,21 @@ class Group:
 @contextlib.contextmanager
 def _kernel_variant(impl: str):
     """A context for everything an implementation runs, backward included: the cutlass backend's kernel
-    variant of CSRC_VARIANTS (nothing for the other implementations)."""
-    variant = CSRC_VARIANTS.get(impl)
-    if variant is None:
-        yield
-        return
-    from scattermoe.backends import cutlass
-    with cutlass.persistent(variant["persistent"]), cutlass.weight_tma(variant["weight_tma"]):
+    variant of CSRC_VARIANTS, the gather combine of GATHER_IMPLS (nothing for the other implementations; the
+    run pins the scatter combine for the plain rows: bench.run)."""
+    variant = CSRC_VARIANTS.get(GATHER_IMPLS.get(impl, impl))
+    with contextlib.ExitStack() as stack:
+        if impl in GATHER_IMPLS:
+            stack.enter_context(scattermoe.use_topk_combine("gather"))
+        if variant is not None:
+            from scattermoe.backends import cutlass
+            stack.enter_context(cutlass.persistent(variant["persistent"]))
+            stack.enter_context(cutlass.weight_tma(variant["weight_tma"]))
         yield
 
 
 def _in_variant(impl: str, fn: Callable[[int], object]) -> Callable[[int], object]:
-    if impl not in CSRC_VARIANTS:
+    if impl not in CSRC_VARIANTS and impl not in GATHER_IMPLS:
         return fn
 
     def run(i: int) -> object:
@@ -344,7 +362,9 @@ class Workload:
         kind = self.shape.kind
         if kind == "routing":
             return None if impl in (*ROUTING_IMPLS, "reference") else "not a routing implementation"
-        if impl == "scattermoe_triton":
+        if impl in GATHER_IMPLS and kind != "glu":
+            return "the gather combine rows are for the GLU layers (what it changes is the second MoE GEMM)"
+        if impl in ("scattermoe_triton", "scattermoe_triton_gather"):
             return scattermoe.backends.triton_unsupported_reason(x)
         if impl.startswith("scattermoe_cutlass"):
             from scattermoe.backends import cutlass

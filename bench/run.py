@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+import scattermoe
+
 from . import grouped_mm_moe
 from .harness import HangWatch, Timer, TimingPlan, cutlass_fallbacks, fallbacks_since, log
 from .kernels import (INFER_MAX_TOKENS, INFER_MODES, Group, Shape, Workload, check, expert_load, first_line, flops,
@@ -83,7 +85,14 @@ def run(cfg: RunConfig, on_update: Callable[[Dict], None],
         on_hang: Callable[[Dict], None] = lambda results: None) -> Dict:
     """Checks, then rows. ``on_update(results)`` after each group so a run cut short leaves files. With
     ``cfg.hang_s``, a step that hangs is recorded (its row's or check's status, ``results["hung"]``), passed to
-    ``on_update`` and ``on_hang``, and the process ends (harness.HangWatch)."""
+    ``on_update`` and ``on_hang``, and the process ends (harness.HangWatch).
+    The library's plain rows run the scatter top-k combine whatever SCATTERMOE_TOPK_COMBINE says; the *_gather
+    rows the gather one (kernels.GATHER_IMPLS)."""
+    with scattermoe.use_topk_combine("scatter"):
+        return _run(cfg, on_update, on_hang)
+
+
+def _run(cfg: RunConfig, on_update: Callable[[Dict], None], on_hang: Callable[[Dict], None]) -> Dict:
     start = time.perf_counter()
     timer = Timer(cfg.device)
     mm, mm_note = setup_grouped_mm(cfg.device, allow_loop=cfg.device.type == "cpu")

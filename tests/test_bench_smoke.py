@@ -305,7 +305,7 @@ def test_a_hung_step_ends_the_run_with_its_files_and_a_rerun_leaves_it_out(tmp_p
     assert payload["hung"]["impl"] == "scattermoe_triton"
     assert payload["checks"]["jetmoe_moe"]["scattermoe_triton"]["error"].startswith("hung: no result after 0.05 s")
     assert "ENDED BY A HANG" in next(first.glob("*.md")).read_text()
-    assert skip_file.read_text().strip() == "scattermoe_triton"
+    assert skip_file.read_text().strip() == "scattermoe_triton,scattermoe_triton_gather"  # its gather row too
 
     second = tmp_path / "second"
     assert bench_main.main([*args, "--out", str(second),
@@ -322,11 +322,12 @@ def test_a_hung_step_ends_the_run_with_its_files_and_a_rerun_leaves_it_out(tmp_p
                             "routing", "--out", str(third), "--skip-impls", "torch_sort:hung before"]) == 0
     assert {r["status"] for r in _only_json(third)["rows"] if r["impl"] == "torch_sort"} == {"unavailable: hung before"}
 
-    # A hang in one csrc variant leaves out those that build on its kernels.
+    # A hang in one csrc variant leaves out those that build on its kernels; in a plain row, its gather row too.
     assert skipped_after_hang("scattermoe_cutlass") == [
-        "scattermoe_cutlass", "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma"]
+        "scattermoe_cutlass", "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma", "scattermoe_cutlass_gather"]
     assert skipped_after_hang("scattermoe_cutlass_persistent") == [
         "scattermoe_cutlass_persistent", "scattermoe_cutlass_tma"]
+    assert skipped_after_hang("scattermoe_cutlass_gather") == ["scattermoe_cutlass_gather"]
     assert skipped_after_hang("torch_grouped_mm") == ["torch_grouped_mm"]
 
 
