@@ -169,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"\n{target.name}: issue 5's targets\n{report.targets_table(payload)}")
             print(f"\n{target.name}: csrc\n{report.targets_table(payload, report.csrc_targets)}")
             print(cutlass_verdict(payload, target.name))
+            combine = report.combine_table(payload)
+            print(f"\n{target.name}: top-k combine (NOTES.md 23)\n{combine or 'no scatter/gather pair timed'}")
     print()
     rc = report.main(["--readme", str(args.readme), "--results-dir", str(args.results_dir)])
     print("review, then commit the results folder and the README (and NOTES.md's Outcomes)")

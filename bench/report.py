@@ -164,6 +164,28 @@ def csrc_targets(payload: Dict) -> List[Dict]:
     return out
 
 
+# The gather top-k combine's rows against their plain (scatter) rows (bench/kernels.py GATHER_IMPLS, NOTES.md 23).
+COMBINE_PAIRS = (("scattermoe_triton", "scattermoe_triton_gather"), ("scattermoe_cutlass", "scattermoe_cutlass_gather"))
+COMBINE_CASES = (("jetmoe_moe_fwd", HEADLINE_T), ("jetmoe_moe_fwd_bwd", HEADLINE_T), ("jetmoe_moe_infer", 1),
+                 ("finegrained_e64_fwd_bwd", HEADLINE_T))
+
+
+def combine_table(payload: Dict) -> Optional[str]:
+    """Scatter against gather combine, per backend and case (uniform routing), where both rows were timed; None
+    when no pair was. speedup > 1: gather is faster."""
+    rows, out = payload["rows"], []
+    for plain, gather in COMBINE_PAIRS:
+        for case, tokens in COMBINE_CASES:
+            a, b = _find(rows, case, plain, tokens), _find(rows, case, gather, tokens)
+            if a and b:
+                note = " (a check FAILED)" if _failed(a) or _failed(b) else ""
+                out.append([plain, case, str(tokens), f"{a['ms']:.3f}", f"{b['ms']:.3f}",
+                            f"{a['ms'] / b['ms']:.2f}x{note}"])
+    if not out:
+        return None
+    return markdown_table(["backend", "case", "T", "scatter ms", "gather ms", "gather speedup"], out)
+
+
 def _verdict(met: Optional[bool]) -> str:
     return "not measured" if met is None else ("met" if met else "NOT met")
 
@@ -318,6 +340,9 @@ def markdown(payload: Dict) -> str:
              "## Targets (issue 5)", targets_table(payload)]
     if csrc_targets(payload):
         parts += ["## Targets of the csrc kernels (issue 3)", targets_table(payload, csrc_targets)]
+    combine = combine_table(payload)
+    if combine:
+        parts += ["## The top-k combine: scatter (default) or gather (NOTES.md 23)", combine]
     for case in dict.fromkeys(r["case"] for r in rows):
         parts += [f"## {case}", case_table(rows, case, limits=payload.get("limits"))]
     loads = [ld for ld in payload.get("loads", []) if ld["routing"] == "zipf" and ld["tokens"] >= 1024]

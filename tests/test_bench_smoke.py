@@ -129,6 +129,22 @@ def test_csrc_targets_are_judged_per_variant_from_the_rows():
          "created": "2026-11-30", "checks": {}})
 
 
+def test_combine_table_pairs_each_gather_row_with_its_plain_row():
+    """NOTES.md 23's readout: scatter ms, gather ms and their ratio per backend and case, only where both rows
+    were timed; a failed check is flagged."""
+    def row(case, impl, ms, tokens=16384, **extra):
+        return dict(case=case, impl=impl, ms=ms, tokens=tokens, routing="uniform", **extra)
+    rows = [row("jetmoe_moe_fwd", "scattermoe_triton", 3.0), row("jetmoe_moe_fwd", "scattermoe_triton_gather", 2.5),
+            row("jetmoe_moe_fwd", "scattermoe_cutlass", 2.0), row("jetmoe_moe_fwd", "scattermoe_cutlass_gather", None),
+            row("jetmoe_moe_infer", "scattermoe_triton", 0.09, tokens=1),
+            row("jetmoe_moe_infer", "scattermoe_triton_gather", 0.1, tokens=1, check="FAIL")]
+    table = report.combine_table({"rows": rows})
+    lines = [line for line in table.splitlines() if line.startswith("| scattermoe")]
+    assert lines == ["| scattermoe_triton | jetmoe_moe_fwd | 16384 | 3.000 | 2.500 | 1.20x |",
+                     "| scattermoe_triton | jetmoe_moe_infer | 1 | 0.090 | 0.100 | 0.90x (a check FAILED) |"]
+    assert report.combine_table({"rows": rows[2:4]}) is None  # the cutlass gather row has no time
+
+
 @pytest.mark.interpreter
 def test_row_numbers_agree(smoke_run):
     """tflops = useful FLOPs / ms, with the FLOPs counted here from the shapes (not by the harness)."""
