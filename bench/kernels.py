@@ -28,7 +28,7 @@ Implementations (``impl``):
   scattermoe_triton_gather, scattermoe_cutlass_gather   the GLU layer on that backend with the "gather" top-k
                        combine (scattermoe.set_topk_combine): the second GEMM writes grouped, ungated rows (on
                        csrc by the TMA grouped GEMM), a pass per token gates and sums them; against the plain
-                       row (the scatter combine), what DESIGN.md 4 asks to try (NOTES.md 19)
+                       row (the scatter combine), what DESIGN.md 4 asks to try (NOTES.md 23)
   reference            the same layer on the ``torch`` backend (reference/: a loop over experts)
   torch_grouped_mm     the layer written with torch._grouped_mm (bench/grouped_mm_moe.py)
   dense_same_flops     plain cuBLAS matmuls with the same useful FLOPs and no routing: the ceiling
@@ -67,7 +67,7 @@ CSRC_VARIANTS = {"scattermoe_cutlass": {"persistent": False, "weight_tma": False
                  "scattermoe_cutlass_tma": {"persistent": True, "weight_tma": True}}
 
 
-# The "gather" top-k combine (scattermoe.set_topk_combine, NOTES.md 19) on a backend, beside its plain row (the
+# The "gather" top-k combine (scattermoe.set_topk_combine, NOTES.md 23) on a backend, beside its plain row (the
 # default scatter combine): the second MoE GEMM writes grouped, ungated rows (on csrc the TMA grouped GEMM) and a
 # pass per token sums them. GLU shapes only: the second GEMM's store is what the mode changes. impl -> plain row.
 GATHER_IMPLS = {"scattermoe_triton_gather": "scattermoe_triton", "scattermoe_cutlass_gather": "scattermoe_cutlass"}

@@ -472,6 +472,43 @@ def test_offsets_beyond_the_rows_are_clamped_not_read_out_of_bounds(cutlass):
     assert y.shape == (32, 64) and not torch.isnan(y).any()
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_rows_whose_slot_is_out_of_range_are_skipped(cutlass, gated):
+    """As the Triton kernels (test_parallel_linear.py): a slot outside [0, N) (hand-made routing) is neither read
+    nor written by the scatter GEMM and adds nothing to dW (strict mode: on csrc, no fallback); the memory around
+    each operand, a view inside a NaN buffer, stays untouched, and 2**40 is not truncated to a valid slot."""
+    N, E, D, F_, fan, pad = 4, 2, 64, 64, 2, 64
+    offsets = torch.tensor([2, 4], device="cuda")               # rows 0-1 on expert 0, rows 2-3 on expert 1
+    slots = torch.tensor([3, -7, 0, 2**40], device="cuda")      # rows 1 and 3 carry bad slots
+    valid = [(3, 0), (0, 1)]                                    # (slot, expert)
+    x_buf = torch.full((2 * pad, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    x = x_buf[pad:pad + N // fan]
+    x.copy_(torch.randn(N // fan, D))
+    w = torch.randn(E, F_, D, device="cuda").to(torch.bfloat16).permute(0, 2, 1)  # [E, D, F], K-major
+    scale = torch.rand(N, device="cuda") if gated else None
+    y_buf = torch.full((2 * pad, F_), float("nan"), device="cuda", dtype=torch.bfloat16)
+    y = y_buf[pad:pad + N]
+    cutlass.scatter2scatter(x, w, None, slots, offsets, fan, False, False, row_scale=scale, out=y)
+    torch.cuda.synchronize()
+    assert y_buf[:pad].isnan().all() and y_buf[pad + N:].isnan().all(), "rows outside the output were written"
+    assert y[[1, 2]].isnan().all(), "rows of no valid slot were written"
+    for slot, e in valid:
+        want = x[slot // fan].double() @ w[e].double() * (scale[slot].double() if gated else 1.0)
+        err = ((y[slot].double() - want).norm() / want.norm()).item()
+        assert err < TOLERANCE[torch.bfloat16], f"y row of slot {slot}: rel err {err:.2e}"
+
+    dy_buf = torch.full((2 * pad, F_), float("nan"), device="cuda", dtype=torch.bfloat16)
+    dy = dy_buf[pad:pad + N // fan]
+    dy.copy_(torch.randn(N // fan, F_))
+    dw, _ = cutlass.group_bwd_w(x, dy, slots, offsets, w, fan, fan, False, False, row_scale=scale)
+    torch.cuda.synchronize()
+    for slot, e in valid:
+        s = scale[slot].double() if gated else 1.0
+        want = torch.outer(x[slot // fan].double(), dy[slot // fan].double()) * s
+        err = ((dw[e].double() - want).norm() / want.norm()).item()
+        assert err < TOLERANCE[torch.bfloat16], f"dW of expert {e}: rel err {err:.2e}"
+
+
 def test_through_parallel_linear_when_the_backend_is_wired(cutlass):
     import scattermoe
     from scattermoe import backends

@@ -369,3 +369,39 @@ def test_kernels_stay_in_bounds_under_inconsistent_offsets(case, dev):
     dw, _ = group_bwd_w(x, dy, slots, offsets, w, 1, 1, True, True)
     for e, (start, end) in enumerate(expert_rows):
         assert_close(dw[e], x[start:end].T @ dy[start:end], 1e-5, f"dW of expert {e}")
+
+
+@pytest.mark.parametrize("dev", [pytest.param("cpu", marks=pytest.mark.interpreter),
+                                 pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["plain", "row_scale"])
+def test_kernels_skip_rows_whose_slot_is_out_of_range(dev, with_scale):
+    """Slot ids outside [0, N) (hand-made routing; checked on CUDA only in debug mode): the kernels neither read
+    nor write those rows, so the memory around every operand stays untouched (each is a view inside a larger
+    buffer) and the valid rows are exact; the rows nobody owns stay as they were."""
+    from scattermoe.backends.triton import group_bwd_w
+
+    N, E, D, F_, fan, pad = 4, 2, 8, 8, 2, 80
+    offsets = torch.tensor([2, 4], device=dev)              # rows 0-1 on expert 0, rows 2-3 on expert 1
+    slots = torch.tensor([3, -7, 0, 2**40], device=dev)     # rows 1 and 3 carry bad slots
+    valid = [(0, 3, 0), (2, 0, 1)]                          # (row, slot, expert)
+    x_buf = torch.full((2 * pad, D), float("nan"), device=dev)  # NaN around x: a read outside x poisons sums
+    x = x_buf[pad:pad + N // fan]
+    x.copy_(torch.randn(N // fan, D))
+    w = torch.randn(E, D, F_, device=dev)
+    scale = torch.rand(N, device=dev) if with_scale else None
+    y_buf = torch.full((2 * pad, F_), float("nan"), device=dev)
+    y = y_buf[pad:pad + N]
+    scatter2scatter(x, w, None, slots, offsets, fan, False, False, out=y, row_scale=scale)
+    assert y_buf[:pad].isnan().all() and y_buf[pad + N:].isnan().all(), "rows outside the output were written"
+    for row, slot, e in valid:
+        want = x[slot // fan] @ w[e] * (scale[slot] if with_scale else 1.0)
+        assert_close(y[slot], want, 1e-5, f"y row of slot {slot}")
+    assert y[[1, 2]].isnan().all(), "rows of no valid slot were written"  # slots 1 and 2 are nobody's
+
+    dy_buf = torch.full((2 * pad, F_), float("nan"), device=dev)
+    dy = dy_buf[pad:pad + N // fan]
+    dy.copy_(torch.randn(N // fan, F_))
+    dw, _ = group_bwd_w(x, dy, slots, offsets, w, fan, fan, False, False, row_scale=scale)
+    for _, slot, e in valid:
+        s = scale[slot] if with_scale else 1.0
+        assert_close(dw[e], torch.outer(x[slot // fan], dy[slot // fan]) * s, 1e-5, f"dW of expert {e}")

@@ -155,7 +155,10 @@ __global__ void __launch_bounds__(G::kThreads, 1) group_bwd_w_kernel(const __gri
         const int64_t row = row_start + static_cast<int64_t>(kt) * kBK + t / kChunks + i * kRowsPerPass;
         ok[i] = row < row_end;
         const bool need_slot = ok[i] && (scaled || !(p.x_grouped && p.dy_grouped));  // db needs none
-        const int slot = need_slot ? static_cast<int>(p.sorted_scattered_idxs[row]) : 0;
+        const int64_t slot64 = need_slot ? p.sorted_scattered_idxs[row] : 0;
+        // A slot outside [0, N) (hand-made routing, unchecked on CUDA outside debug mode) adds nothing: not read.
+        ok[i] = ok[i] && slot64 >= 0 && slot64 < p.num_rows;
+        const int slot = static_cast<int>(slot64);
         // 32-bit division (num_rows < 2^31 is checked): the 64-bit one is a subroutine call
         x_row[i] = !ok[i] ? 0 : (p.x_grouped ? row : slot / p.x_fan_out);
         dy_row[i] = !ok[i] ? 0 : (p.dy_grouped ? row : slot / p.dy_fan_out);

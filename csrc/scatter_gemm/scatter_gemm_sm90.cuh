@@ -249,8 +249,15 @@ CUTE_DEVICE void load_tile(const ScatterGemmParams& p, const TileInfo& tile, int
     const int m = t / kChunksK + i * kRowsPerPass;
     a_ok[i] = m < rows_here;
     const int64_t row = tile.row_start + (a_ok[i] ? m : 0);   // a valid row either way
-    // 32-bit division (num_rows < 2^31 is checked): the 64-bit one is a subroutine call
-    const int64_t x_row = p.x_grouped ? row : static_cast<int>(p.sorted_scattered_idxs[row]) / p.fan_out;
+    int64_t x_row = row;
+    if (!p.x_grouped) {
+      // A slot outside [0, N) (hand-made routing, unchecked on CUDA outside debug mode) is not read (zero-filled)
+      // and its row not stored (epilogue): wrong rows at worst, never memory outside the tensors.
+      const int64_t slot = p.sorted_scattered_idxs[row];
+      a_ok[i] = a_ok[i] && slot >= 0 && slot < p.num_rows;
+      // 32-bit division (num_rows < 2^31 is checked): the 64-bit one is a subroutine call
+      x_row = a_ok[i] ? static_cast<int>(slot) / p.fan_out : 0;
+    }
     a_src[i] = x + x_row * p.stride_xm + ck * kVec;
   }
   const bool glu = p.glu != 0;
@@ -330,6 +337,8 @@ CUTE_DEVICE void store_tile(const ScatterGemmParams& p, const TileInfo& tile, in
     const int count = cute::min(8, p.n_out - col);
     const int64_t row = tile.row_start + m;
     const int64_t slot = p.sorted_scattered_idxs[row];
+    // As the Triton kernel: where the slot is used at all, one outside [0, N) leaves its row unwritten.
+    if ((!p.x_grouped || !p.y_grouped || gates != nullptr) && (slot < 0 || slot >= p.num_rows)) continue;
     const int64_t y_row = p.y_grouped ? row : slot;
     float a[8], b[8];
     CUTLASS_PRAGMA_UNROLL

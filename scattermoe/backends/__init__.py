@@ -62,8 +62,9 @@ def use_backend(name: str) -> Iterator[None]:
 # How the K rows of a token become its output on the kernel backends (DESIGN.md 4: try both; NOTES.md 19).
 #   scatter: the GEMM applies the gates in its epilogue (fp32) and stores each row at its slot t*K + j; a sum
 #            over K follows (the default).
-#   gather:  the GEMM stores its rows grouped by expert and ungated (on the cutlass backend, the grouped GEMM's
-#            TMA stores); one pass per token then gathers its K rows, applies the gates in fp32 and sums them.
+#   gather:  the GEMM stores its rows grouped by expert and ungated (on the cutlass backend with grouped input,
+#            GLUMLP's second GEMM and MoA's reduce, the grouped GEMM's TMA stores); one pass per token then
+#            gathers its K rows, applies the gates in fp32 and sums them.
 # The same bytes either way; which is faster is for the benchmark's *_gather rows to say. With K = 1 both are
 # the scatter (there is nothing to sum). The torch backend ignores the choice.
 TOPK_COMBINES = ("scatter", "gather")

@@ -9,7 +9,8 @@
 //   db[e] = sum_{r in [s_e, t_e)} c(r) dY[dy(r), :]                     [N_out], if db is given
 //
 // An expert with no rows gets dW[e] = 0 (written, not skipped). Expert boundaries come from
-// expert_offsets ON THE DEVICE, clamped to [0, num_rows] like the Triton kernel.
+// expert_offsets ON THE DEVICE, clamped to [0, num_rows] like the Triton kernel; where a row's slot is
+// read, a slot outside [0, num_rows) makes that row add nothing (not read), as in the Triton kernel.
 // Layouts: X [*, K_in] and dY [*, N_out] row-major (row strides stride_xm, stride_dym; K_in and N_out
 // multiples of 8, rows 16-byte aligned: cp.async); dW [E, K_in, N_out] with strides (stride_dwe,
 // stride_dwk, stride_dwn), one of stride_dwk / stride_dwn equal to 1 (the weight's own layout).

@@ -17,6 +17,8 @@
 // like the Triton kernel). Legend and layouts as grouped_gemm.h: X [*, K] (row stride stride_xm),
 // W [E, K, F] K-major or F-major (stride_we, stride_w_ld), bias [E, F] (stride_be), Y [*, F]
 // (row stride stride_ym), gates [N] float32 indexed by slot (nullptr: none), sorted_scattered_idxs [N] int64.
+// Where a row's slot is used (gathered X, scattered Y or gates), a slot outside [0, num_rows) leaves that row
+// unread and unwritten, as the Triton kernel does.
 #pragma once
 
 #include <cstddef>
@@ -47,7 +49,7 @@ struct ScatterGemmParams {
   int fan_out = 1;                        // k when X holds tokens (x_grouped=false), else 1
   int num_experts = 0;
   int64_t num_rows = 0;                   // N = T * k routed rows
-  int64_t x_rows = 0;                     // rows of X: host-side size checks only; slot ids are not bounded
+  int64_t x_rows = 0;                     // rows of X: host-side size checks only (slots: see above)
   int64_t y_rows = 0;                     // rows of Y: likewise (on the device, ids are trusted: debug mode checks)
   int k_in = 0;
   int n_out = 0;                          // columns of Y (F); W and bias have 2F columns with glu

@@ -58,6 +58,36 @@ def block_sizes(width: int) -> tuple:
     return 4, min(1024, max(64, triton.next_power_of_2(width))), 4
 
 
+def _check_inputs(rows, row_of_slot, gates, fan_out, out) -> None:
+    """The layout the kernel assumes (it is reachable as torch.ops.scattermoe.gather_sum): a wrong one raises."""
+    if rows.dim() != 2 or (rows.stride(1) != 1 and rows.size(1) > 1):
+        raise ValueError(f"gather_sum: rows must be [N, D] with a unit column stride, got shape {tuple(rows.shape)} "
+                         f"strides {rows.stride()}")
+    if isinstance(fan_out, bool) or not isinstance(fan_out, int) or fan_out < 1:
+        raise ValueError(f"gather_sum: fan_out must be a positive int, got {fan_out!r}")
+    num_rows = rows.size(0)
+    if num_rows % fan_out:
+        raise ValueError(f"gather_sum: {num_rows} rows are not whole tokens of fan_out={fan_out}")
+    for name, t in (("row_of_slot", row_of_slot), ("gates", gates)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.numel() != num_rows or (num_rows > 1 and t.stride(0) != 1):
+            raise ValueError(f"gather_sum: {name} must be contiguous [{num_rows}], got shape {tuple(t.shape)} "
+                             f"strides {t.stride()}")
+        if t.device != rows.device:
+            raise ValueError(f"gather_sum: {name} is on {t.device}, rows on {rows.device}")
+    if row_of_slot.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"gather_sum: row_of_slot must be int32 or int64, got {row_of_slot.dtype}")
+    if gates is not None and not gates.is_floating_point():
+        raise ValueError(f"gather_sum: gates must be floating point, got {gates.dtype}")
+    if out is not None:
+        want = (num_rows // fan_out, rows.size(1))
+        if tuple(out.shape) != want or out.dtype != rows.dtype or out.device != rows.device or (
+                want[1] > 1 and out.stride(1) != 1):
+            raise ValueError(f"gather_sum: out must be {list(want)} {rows.dtype} on {rows.device} with a unit column "
+                             f"stride, got shape {tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}")
+
+
 @on_tensor_device
 def gather_sum(
     rows: torch.Tensor,
@@ -71,6 +101,7 @@ def gather_sum(
     rows: [N, D] with a unit column stride; row_of_slot: [N] (the inverse of sorted_scattered_idxs);
     gates: [N] flat (any float dtype) or None (a plain sum); out: [T, D] to write into, or None.
     """
+    _check_inputs(rows, row_of_slot, gates, fan_out, out)
     num_rows, width = rows.shape
     num_tokens = num_rows // fan_out
     y = out if out is not None else rows.new_empty(num_tokens, width)

@@ -72,6 +72,8 @@ def _group_bwd_w_kernel(
         rows = row0 + tl.arange(0, BLOCK_M)
         row_mask = rows < end
         slots = tl.load(sorted_scattered_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        if (not X_GROUPED) or (not DY_GROUPED) or HAS_SCALE:
+            row_mask = row_mask & (slots >= 0) & (slots < num_rows)  # a slot outside [0, N) adds nothing
         if X_GROUPED:
             x_rows = rows.to(tl.int64)
         else:

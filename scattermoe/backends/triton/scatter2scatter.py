@@ -88,6 +88,10 @@ def _scatter2scatter(
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     slots = tl.load(sorted_scattered_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    if (not X_GROUPED) or (not Y_GROUPED) or HAS_SCALE:
+        # A row whose slot lies outside [0, N) (hand-made routing, unchecked on CUDA outside debug mode) is
+        # neither read nor written: wrong rows at worst, never memory outside the tensors.
+        row_mask = row_mask & (slots >= 0) & (slots < num_rows)
     if X_GROUPED:
         x_rows = rows.to(tl.int64)
     else:
