@@ -59,7 +59,7 @@ def use_backend(name: str) -> Iterator[None]:
         _current = previous
 
 
-# How the K rows of a token become its output on the kernel backends (DESIGN.md 4: try both; NOTES.md 19).
+# How the K rows of a token become its output on the kernel backends (DESIGN.md 4: try both; NOTES.md 19 and 23).
 #   scatter: the GEMM applies the gates in its epilogue (fp32) and stores each row at its slot t*K + j; a sum
 #            over K follows (the default).
 #   gather:  the GEMM stores its rows grouped by expert and ungated (on the cutlass backend with grouped input,
