@@ -96,20 +96,22 @@ def test_gather_sum_rejects_inputs_it_cannot_read_by_name():
     """Reachable as torch.ops.scattermoe.gather_sum: a layout the kernel does not read raises, naming it."""
     rows, slots, gates = torch.randn(6, 8), torch.randperm(6), torch.rand(6)
     bad = [
-        (dict(rows=torch.randn(8, 6).t()), "rows must be \\[N, D\\] with a unit column stride"),
-        (dict(fan_out=0), "fan_out must be a positive int"),
-        (dict(fan_out=4), "6 rows are not whole tokens of fan_out=4"),
-        (dict(row_of_slot=torch.randperm(12)[::2]), "row_of_slot must be contiguous \\[6\\]"),
-        (dict(row_of_slot=torch.randperm(5)), "row_of_slot must be contiguous"),
-        (dict(row_of_slot=slots.float()), "row_of_slot must be int32 or int64"),
-        (dict(gates=torch.rand(3)), "gates must be contiguous \\[6\\]"),
-        (dict(gates=torch.ones(6, dtype=torch.long)), "gates must be floating point"),
-        (dict(out=torch.empty(3, 8, dtype=torch.float16)), "out must be \\[3, 8\\] torch.float32"),
-        (dict(out=torch.empty(8, 3).t()), "out must be .* with a unit column stride"),
+        (dict(rows=torch.randn(8, 6).t()), ValueError, "rows: expected a unit column stride"),
+        (dict(rows=torch.randn(6, 8, 1)), ValueError, "rows: expected a 2-d tensor"),
+        (dict(fan_out=0), ValueError, "fan_out: expected an int >= 1, got 0"),
+        (dict(fan_out=4), ValueError, "rows: 6 rows are not whole tokens of fan_out=4"),
+        (dict(row_of_slot=torch.randperm(12)[::2]), ValueError, "row_of_slot: expected a contiguous \\[6\\]"),
+        (dict(row_of_slot=torch.randperm(5)), ValueError, "row_of_slot: expected a contiguous \\[6\\]"),
+        (dict(row_of_slot=slots.float()), TypeError, "row_of_slot: expected dtype in \\(int32, int64\\)"),
+        (dict(gates=torch.rand(3)), ValueError, "gates: expected a contiguous \\[6\\]"),
+        (dict(gates=torch.ones(6, dtype=torch.long)), TypeError, "gates: expected dtype in \\(float16"),
+        (dict(out=torch.empty(3, 8, dtype=torch.float16)), TypeError, "out: expected dtype in \\(float32\\)"),
+        (dict(out=torch.empty(4, 8)), ValueError, "out: expected shape \\(3, 8\\)"),
+        (dict(out=torch.empty(8, 3).t()), ValueError, "out: expected a unit column stride"),
     ]
-    for change, message in bad:
+    for change, error, message in bad:
         args = dict(rows=rows, row_of_slot=slots, gates=gates, fan_out=2, out=None) | change
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(error, match=message):
             triton_kernels.gather_sum(args["rows"], args["row_of_slot"], args["gates"], args["fan_out"], args["out"])
 
 

@@ -50,7 +50,7 @@ struct ScatterGemmParams {
   int num_experts = 0;
   int64_t num_rows = 0;                   // N = T * k routed rows
   int64_t x_rows = 0;                     // rows of X: host-side size checks only (slots: see above)
-  int64_t y_rows = 0;                     // rows of Y: likewise (on the device, ids are trusted: debug mode checks)
+  int64_t y_rows = 0;                     // rows of Y: likewise
   int k_in = 0;
   int n_out = 0;                          // columns of Y (F); W and bias have 2F columns with glu
   int glu = 0;                            // 0: none; 1: silu(first half) * second; 2: first * silu(second)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._validate import _FLOAT_DTYPES, _INDEX_DTYPES, check_out, check_tensor, positive_int
 from .config import INTERPRET, on_tensor_device
 
 
@@ -59,33 +60,26 @@ def block_sizes(width: int) -> tuple:
 
 
 def _check_inputs(rows, row_of_slot, gates, fan_out, out) -> None:
-    """The layout the kernel assumes (it is reachable as torch.ops.scattermoe.gather_sum): a wrong one raises."""
-    if rows.dim() != 2 or (rows.stride(1) != 1 and rows.size(1) > 1):
-        raise ValueError(f"gather_sum: rows must be [N, D] with a unit column stride, got shape {tuple(rows.shape)} "
-                         f"strides {rows.stride()}")
-    if isinstance(fan_out, bool) or not isinstance(fan_out, int) or fan_out < 1:
-        raise ValueError(f"gather_sum: fan_out must be a positive int, got {fan_out!r}")
+    """The layout the kernel assumes (it is reachable as torch.ops.scattermoe.gather_sum): a wrong one raises.
+    The library's checks (_validate), plus the unit strides the kernel's pointer arithmetic takes for granted."""
+    check_tensor("rows", rows, dim=2)
+    if rows.size(1) > 1 and rows.stride(1) != 1:
+        raise ValueError(f"rows: expected a unit column stride, got strides {rows.stride()}")
+    fan_out = positive_int("fan_out", fan_out)
     num_rows = rows.size(0)
     if num_rows % fan_out:
-        raise ValueError(f"gather_sum: {num_rows} rows are not whole tokens of fan_out={fan_out}")
-    for name, t in (("row_of_slot", row_of_slot), ("gates", gates)):
-        if t is None:
+        raise ValueError(f"rows: {num_rows} rows are not whole tokens of fan_out={fan_out}")
+    for name, t, dtypes in (("row_of_slot", row_of_slot, _INDEX_DTYPES), ("gates", gates, _FLOAT_DTYPES)):
+        if t is None and name == "gates":
             continue
-        if t.dim() != 1 or t.numel() != num_rows or (num_rows > 1 and t.stride(0) != 1):
-            raise ValueError(f"gather_sum: {name} must be contiguous [{num_rows}], got shape {tuple(t.shape)} "
+        check_tensor(name, t, dim=1, dtypes=dtypes, device=rows.device)
+        if t.numel() != num_rows or (num_rows > 1 and t.stride(0) != 1):
+            raise ValueError(f"{name}: expected a contiguous [{num_rows}], got shape {tuple(t.shape)} "
                              f"strides {t.stride()}")
-        if t.device != rows.device:
-            raise ValueError(f"gather_sum: {name} is on {t.device}, rows on {rows.device}")
-    if row_of_slot.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"gather_sum: row_of_slot must be int32 or int64, got {row_of_slot.dtype}")
-    if gates is not None and not gates.is_floating_point():
-        raise ValueError(f"gather_sum: gates must be floating point, got {gates.dtype}")
     if out is not None:
-        want = (num_rows // fan_out, rows.size(1))
-        if tuple(out.shape) != want or out.dtype != rows.dtype or out.device != rows.device or (
-                want[1] > 1 and out.stride(1) != 1):
-            raise ValueError(f"gather_sum: out must be {list(want)} {rows.dtype} on {rows.device} with a unit column "
-                             f"stride, got shape {tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}")
+        check_out(out, (num_rows // fan_out, rows.size(1)), rows)
+        if rows.size(1) > 1 and out.stride(1) != 1:
+            raise ValueError(f"out: expected a unit column stride, got strides {out.stride()}")
 
 
 @on_tensor_device
