@@ -39,7 +39,7 @@ class CheckpointError(ValueError):
 
 
 def config_from_dict(d: dict) -> JetMoEConfig:
-    """JetMoEConfig from a config.json dict in either spelling (missing keys take the jetmoe-8b values).
+    """JetMoEConfig from a config.json dict in either spelling (missing keys: as transformers reads them).
 
     When both spellings are present they must agree: a transformers-saved copy of an original-spelling
     config carries the original key *and* transformers' default, and silently picking one could build
@@ -60,6 +60,9 @@ def config_from_dict(d: dict) -> JetMoEConfig:
             values[name] = d[name]
         elif alias in d:
             values[name] = d[alias]
+    # Missing keys take the jetmoe-8b values, which equal transformers' defaults but for this one: a file
+    # without it gets transformers' 1e-6 (jetmoe-8b's own file states its 1e-5).
+    values.setdefault("rms_norm_eps", 1e-6)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise CheckpointError(f"config.json: rope_parameters/rope_scaling: expected an object, got {rope!r}")
@@ -206,13 +209,16 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], pr
     ckpt_dir = Path(ckpt_dir)
     files = weight_files(ckpt_dir)
     params = dict(model.state_dict(keep_vars=True))
+    stored_head = None  # a tied model's lm_head.weight, when the checkpoint holds one too
     if model.config.tie_word_embeddings:
-        params.pop("lm_head.weight")  # tied: the checkpoint holds only model.embed_tokens.weight
+        params.pop("lm_head.weight")  # tied: the checkpoint normally holds only model.embed_tokens.weight
+        if "lm_head.weight" in files:
+            stored_head = params["lm_head.weight"] = torch.empty_like(model.model.embed_tokens.weight)
     by_file = defaultdict(list)
     unexpected = []
     for name, file in files.items():
         (by_file[file] if name in params else unexpected).append(name)
-    if unexpected and unexpected != ["lm_head.weight"]:
+    if unexpected:
         warnings.warn(f"{ckpt_dir}: ignoring {len(unexpected)} tensors this model does not have: "
                       f"{', '.join(sorted(unexpected)[:5])}{' ...' if len(unexpected) > 5 else ''}")
     missing = sorted(set(params) - {n for names in by_file.values() for n in names})
@@ -252,6 +258,14 @@ def load_weights(model: JetMoEForCausalLM, ckpt_dir: Union[str, os.PathLike], pr
                     bar.update(tensor.numel() * tensor.element_size())
     if bar is not None:
         bar.close()
+    embed = model.model.embed_tokens.weight
+    if stored_head is not None and not torch.equal(stored_head, embed):
+        # As transformers does: a stored head that differs from the embedding unties them.
+        warnings.warn(f"{ckpt_dir}: config.json ties lm_head.weight to model.embed_tokens.weight, but the "
+                      "checkpoint holds both with different values; loading them untied (as transformers "
+                      "does). Set tie_word_embeddings=false in config.json to silence this.")
+        model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+        model.lm_head.weight = torch.nn.Parameter(stored_head, requires_grad=embed.requires_grad)
 
 
 def save_pretrained(model: JetMoEForCausalLM, out_dir: Union[str, os.PathLike],

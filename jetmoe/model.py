@@ -47,6 +47,7 @@ class JetMoEConfig:
     tie_word_embeddings: bool = True
     aux_loss_coef: float = 0.01
     initializer_range: float = 0.01
+    attention_dropout: float = 0.0  # on the attention weights, while training (transformers' field)
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[Union[int, List[int]]] = 2
     pad_token_id: Optional[int] = None
@@ -64,6 +65,8 @@ class JetMoEConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout: expected a probability in [0, 1), got {self.attention_dropout}")
         if self.kv_channels % 2:
             raise ValueError(f"kv_channels: expected an even head size (rotary embeddings rotate pairs of "
                              f"dimensions), got {self.kv_channels}")
@@ -203,7 +206,8 @@ class Attention(nn.Module):
             kv_cache[1][:, :, start:start + S] = v
             k, v = kv_cache[0][:, :, :start + S], kv_cache[1][:, :, :start + S]
         causal = mask is None and S > 1 and isinstance(start, int) and start == 0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True,
+                                           dropout_p=self.cfg.attention_dropout if self.training else 0.0)
         y = self.experts.reduce(o.transpose(1, 2), routing)  # [B, S, D]
         return y, logits, idxs
 
@@ -548,7 +552,7 @@ class JetMoEForCausalLM(nn.Module):
         [B, S + n], n <= max_new_tokens. One prefill over the prompt, then one position per step against a
         static KV cache (the prompt is never rerun). ``callback(tokens [B])`` gets each step's tokens (streaming).
         ``eos_token_id`` (an id or several): a row stops at it, and then produces the config's pad_token_id (or,
-        without one, the eos it produced) as transformers does; generation ends once all rows have. None (the
+        without one, the first eos id) as transformers does; generation ends once all rows have. None (the
         default) never stops early: pass ``model.config.eos_token_id`` to stop where transformers would.
         ``stats`` (a dict), if given, receives prefill_s (prompt and first token), decode_s, new_tokens (and,
         with a CUDA graph, capture_s: the part of decode_s spent on the first step's eager run and capture).
@@ -584,9 +588,11 @@ class JetMoEForCausalLM(nn.Module):
             eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"eos_token_id: expected an id or a sequence of ids, got {eos_token_id!r}") from None
+        # What a finished row produces: the pad id, else the first eos id (transformers' open-end fill).
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else (
+            int(eos[0]) if eos.numel() else None)
         eos = eos.to(device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        after_eos = torch.full((B,), -1, dtype=torch.long, device=device)  # what a finished row produces
         was_training = self.training
         self.eval()
         _sync(device)
@@ -598,11 +604,8 @@ class JetMoEForCausalLM(nn.Module):
         for step in range(max_new_tokens):
             tokens = sample(logits, temperature, top_p, generator)
             if eos.numel():
-                tokens = torch.where(finished, after_eos, tokens)
-                newly = ~finished & torch.isin(tokens, eos)
-                pad = self.config.pad_token_id
-                after_eos = torch.where(newly, tokens if pad is None else torch.full_like(tokens, pad), after_eos)
-                finished |= newly
+                tokens = tokens.masked_fill(finished, pad)
+                finished |= torch.isin(tokens, eos)
             new_tokens.append(tokens)
             if callback is not None:
                 callback(tokens)

@@ -269,7 +269,7 @@ def test_eos_stops_rows_and_streams_to_the_callback():
     assert torch.equal(out[0, :first + 1], free[0, :first + 1]) and out[0, first] == eos, (out, free)
     assert (out[0, first + 1:] == TINY.pad_token_id).all(), out
     assert [list(col) for col in zip(*out.tolist())] == streamed
-    # Without a pad id, the eos it produced; eos given as a tensor works too.
+    # Without a pad id, the first eos id (here the one it produced); eos given as a tensor works too.
     model.config = dataclasses.replace(TINY, pad_token_id=None)
     with scattermoe.use_backend("torch"):
         out = model.generate(x, 6, eos_token_id=torch.tensor([eos, 47]))[:, 4:]

@@ -11,7 +11,9 @@ router logits that transformers' own routers produce (captured with forward hook
 Its MoA tiles K/V with ``repeat`` (query head i reads KV head i mod H), the fixed behaviour of PR #41423.
 """
 
+import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from helpers import assert_close
 import scattermoe
 
 transformers = pytest.importorskip("transformers")
-from jetmoe import JetMoEForCausalLM  # noqa: E402
+from jetmoe import JetMoEConfig, JetMoEForCausalLM, config_from_dict  # noqa: E402
 
 TOL = 1e-4  # fp32 end to end; the two models sum experts and heads in different orders
 
@@ -158,6 +160,73 @@ def test_greedy_generation_matches(pair, backend):
         out = ours.generate(x, steps, attention_mask=mask)
     print("transformers:", ref[:, 7:].tolist(), "jetmoe:", out[:, 7:].tolist())
     assert torch.equal(out, ref)
+
+
+def test_several_eos_ids_without_a_pad_id_match(pair):
+    """A row stopped by the second of two eos ids is filled as transformers fills it: with the first id."""
+    hf, ours, _ = pair
+    x = torch.randint(3, hf.config.vocab_size, (3, 5))
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        free = ours.generate(x, 6)[:, 5:]
+    stop = int(free[0, 1])  # row 0 stops at it (at step 1, or at 0 if it came then too)
+    first = next(i for i in range(3, hf.config.vocab_size) if i not in free[0, :2].tolist())
+    eos = [first, stop]
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = eos, None
+    ours.config = dataclasses.replace(ours.config, pad_token_id=None)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: "Setting pad_token_id to eos_token_id"
+        ref = hf.generate(x, max_new_tokens=6, do_sample=False)
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        out = ours.generate(x, 6, eos_token_id=eos)
+    print("transformers:", ref[:, 5:].tolist(), "jetmoe:", out[:, 5:].tolist())
+    assert (out[0, 5:] == first).any()  # the fill was exercised
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same_values", "different_values"])
+def test_tied_config_with_a_stored_head_loads_as_transformers_does(tmp_path, same):
+    """tie_word_embeddings=true and a stored lm_head.weight: equal to the embedding, the model stays tied; different,
+    transformers unties them with a warning and uses the stored head, and so does jetmoe."""
+    from safetensors.torch import load_file, save_file
+    hf_model("k2_of_4").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embed.clone() if same else 0.3 * torch.randn_like(embed)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    theirs = transformers.JetMoeForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = JetMoEForCausalLM.from_pretrained(tmp_path)
+    untie_warnings = [w for w in caught if "untied" in str(w.message)]
+    assert len(untie_warnings) == (0 if same else 1), [str(w.message) for w in caught]
+    tied = ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert tied == same == ours.config.tie_word_embeddings
+    assert tied == (theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr())
+    x = torch.randint(0, theirs.config.vocab_size, (2, 6))
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        assert_close(ours(x).logits, theirs(x).logits, TOL, "logits")
+    if not same:  # saved untied, it reloads the same
+        ours.save_pretrained(tmp_path / "again")
+        again = JetMoEForCausalLM.from_pretrained(tmp_path / "again")
+        assert torch.equal(again.lm_head.weight, ours.lm_head.weight) and not again.config.tie_word_embeddings
+
+
+def test_config_keys_missing_from_the_file_read_as_transformers_reads_them(tmp_path):
+    hf_model("k2_of_4", attention_dropout=0.25, rms_norm_eps=1e-4).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert config_from_dict(saved).attention_dropout == 0.25
+    checked = []
+    for field in dataclasses.fields(JetMoEConfig):
+        # (Without num_hidden_layers transformers builds its default 12 layers; jetmoe takes 24, whose tensors the
+        # checkpoint then lacks: a CheckpointError, not a model of another depth.)
+        if field.name not in saved or field.name == "num_hidden_layers":
+            continue
+        d = {k: v for k, v in saved.items() if k != field.name}
+        want = getattr(transformers.JetMoeConfig.from_dict(d), field.name)
+        assert getattr(config_from_dict(d), field.name) == want, field.name
+        checked.append(field.name)
+    assert {"rms_norm_eps", "attention_dropout", "intermediate_size", "tie_word_embeddings"} <= set(checked)
 
 
 def test_checkpoint_saved_here_loads_in_transformers(pair, tmp_path):

@@ -119,6 +119,38 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(backend):
         assert_close(grads_ckpt[name], g, 1e-6, name)
 
 
+def test_attention_dropout_trains_and_recomputes_the_same_mask():
+    """config.attention_dropout drops attention weights in training only; a recomputed layer (gradient
+    checkpointing) draws the same mask, so loss and gradients equal the stored-activation run's."""
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(dataclasses.replace(BYTES, attention_dropout=0.5))
+    x = tokens()[:48].view(2, 24)
+
+    def run(seed):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        with scattermoe.use_backend("torch"):
+            out = model(x, labels=x)
+            out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = run(1)
+    assert not torch.equal(loss, run(2)[0])  # another mask, another loss
+    model.eval()
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        evaluated = model(x, labels=x).loss
+        no_dropout = dataclasses.replace(BYTES, attention_dropout=0.0)
+        plain = JetMoEForCausalLM(no_dropout).eval()
+        plain.load_state_dict(model.state_dict())
+        assert torch.equal(evaluated, plain(x, labels=x).loss)  # eval: no dropout
+    model.train()
+    model.gradient_checkpointing_enable()
+    loss_ckpt, grads_ckpt = run(1)
+    assert torch.equal(loss, loss_ckpt)
+    for name, g in grads.items():
+        assert_close(grads_ckpt[name], g, 1e-6, name)
+
+
 def test_compiled_layers_train_as_eager_ones_do(tmp_path):
     """train(compile=...) with recomputation: the same losses and weights as eager, two steps on, and the same
     parameter names in the saved checkpoint (the layers are compiled in place, not wrapped)."""
