@@ -635,6 +635,50 @@ def test_dw_launch_passes_the_largest_first_order_only_when_there_is_one(monkeyp
     assert orders[1] is None and "expert_order" not in without
 
 
+def test_one_row_with_any_row_stride_runs_on_csrc_and_the_kernels_get_the_row_width(monkeypatch, cpu_launch):
+    """T=1, k=1: a [1, K] tensor may come with strides (1, 1) (autograd's gradients, kept by .contiguous()).
+    The planners take it (it used to fall back to Triton) and every launcher passes the row's width as its row
+    stride, which the kernels' checks (row stride >= width, a multiple of 8) accept and never read."""
+    calls = []
+
+    class Module:  # the row-stride checks of csrc/*/run()
+        @staticmethod
+        def check(kw, names):
+            for name, width in names:
+                if kw[name] < width or kw[name] % 8:
+                    raise ValueError(f"the kernel refuses {name}={kw[name]} (width {width})")
+            calls.append(kw)
+
+        def scatter_gemm(self, **kw):
+            self.check(kw, [("stride_xm", kw["k_in"]), ("stride_ym", kw["n_out"])])
+            return False
+
+        def group_bwd_w(self, **kw):
+            self.check(kw, [("stride_xm", kw["k_in"]), ("stride_dym", kw["n_out"])])
+
+        def grouped_gemm(self, **kw):
+            self.check(kw, [("stride_xm", kw["k_in"]), ("stride_ym", kw["n_out"])])
+
+    monkeypatch.setattr(_extension, "load", lambda: (Module(), None))
+    monkeypatch.setattr(gg, "_sm_count", lambda device: 132)  # (both cached: patched, not called with a fake)
+    monkeypatch.setattr(gg, "_workspace_bytes", lambda *args: 0)
+    one_row = lambda n: torch.zeros(n, 1, dtype=torch.bfloat16).t()  # noqa: E731
+    x, dy, y = one_row(64), one_row(32), one_row(32)
+    assert x.is_contiguous() and x.stride() == (1, 1) and x.contiguous().stride() == (1, 1)
+    w = torch.zeros(2, 32, 64, dtype=torch.bfloat16).permute(0, 2, 1)  # [E, K, F], K-major
+    offsets, idx = torch.tensor([0, 1]), torch.tensor([0])
+    p = sg.plan(x, w, None, offsets, 1, y)
+    assert isinstance(p, sg.ScatterGemmPlan), p
+    sg.launch(p, x, w, None, idx, offsets, 1, False, False, None, y)
+    p = wg.plan(x, dy, offsets, w, 1, None)
+    assert isinstance(p, wg.GroupBwdWPlan), p
+    wg.launch(p, x, dy, idx, offsets, 1, 1, True, True, torch.empty_like(w))
+    p = gg.plan(x, w, None, offsets, 1, y)
+    assert not isinstance(p, str), p
+    gg.launch(p, x, w, None, offsets, y)
+    assert [(kw["stride_xm"], kw.get("stride_ym", kw.get("stride_dym"))) for kw in calls] == [(64, 32)] * 3
+
+
 def test_cpu_tensors_never_reach_a_csrc_plan_and_fall_back_by_name(monkeypatch):
     """Without the emulator: CPU tensors are refused by every planner (they would reach a CUDA stream), the
     fallback is counted only once it can run, and strict mode is a real bool."""

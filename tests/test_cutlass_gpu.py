@@ -560,6 +560,17 @@ def test_mlp_layers_on_cutlass(cutlass_with_fallbacks, layer_name, bias, dtype):
     assert not cutlass_with_fallbacks, dict(cutlass_with_fallbacks)  # dW, db and the GLU backward included
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("layer_name", ["mlp_gelu", "glu_silu_first"])
+def test_one_token_layers_run_wholly_on_cutlass(cutlass_with_fallbacks, layer_name, k):
+    """T=1: autograd may hand the one-row gradients back with strides (1, 1); they still run on csrc."""
+    from test_layers import check_mlp_layer
+
+    check_mlp_layer(layer_name, 1, 1, 256, 384, 8, k, True, "cutlass", dtype=torch.bfloat16, device="cuda",
+                    per_token=False)
+    assert not cutlass_with_fallbacks, dict(cutlass_with_fallbacks)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_glumlp_gather_combine_runs_its_second_gemm_on_the_grouped_gemm(cutlass_with_fallbacks, monkeypatch, dtype):
     """set_topk_combine("gather"): the second GEMM is grouped in and out and ungated, so the TMA grouped GEMM runs it

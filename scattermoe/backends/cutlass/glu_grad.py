@@ -13,13 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _extension
-from .grouped_gemm import DTYPES, INT32_MAX
-
-
-def row_stride(t: torch.Tensor) -> int:
-    """t's row stride as the kernel reads it: with one row, torch may give any (autograd hands such gradients
-    back with strides (1, 1)); it is never used then, so the row's width stands in."""
-    return t.stride(0) if t.size(0) > 1 else t.size(-1)
+from .grouped_gemm import DTYPES, INT32_MAX, row_stride
 
 
 def plan(pre: torch.Tensor, dg: torch.Tensor) -> Union[str, None]:
@@ -57,8 +51,8 @@ def launch(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_scale:
     module.glu_backward(
         dtype=DTYPES[pre.dtype], pre=pre.data_ptr(), stride_pm=row_stride(pre), dg=dg.data_ptr(),
         stride_dgm=row_stride(dg), scale=scale.data_ptr() if scale is not None else 0,
-        dh=dh.data_ptr(), stride_dhm=dh.stride(0), g=g.data_ptr() if g is not None else 0,
-        stride_gm=g.stride(0) if g is not None else 0, dot=dot.data_ptr() if dot is not None else 0,
+        dh=dh.data_ptr(), stride_dhm=row_stride(dh), g=g.data_ptr() if g is not None else 0,
+        stride_gm=row_stride(g) if g is not None else 0, dot=dot.data_ptr() if dot is not None else 0,
         num_rows=num_rows, f=f, activate_first=activate_first, device=device,
         stream=torch.cuda.current_stream(pre.device).cuda_stream,
     )

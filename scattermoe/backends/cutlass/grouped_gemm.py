@@ -45,10 +45,17 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % ALIGN_BYTES == 0
 
 
+def row_stride(t: torch.Tensor) -> int:
+    """t's row stride as the kernels read it: with one row, torch may give any (autograd hands such gradients
+    back with strides (1, 1), and .contiguous() keeps them); it is never used then, so the row's width stands in."""
+    return t.stride(0) if t.size(0) > 1 else t.size(-1)
+
+
 def rows_ok(t: torch.Tensor) -> bool:
     """[rows, cols] row-major, rows 16-byte aligned and not overlapping (an expanded x has row stride 0):
     what cp.async and TMA take, and what the kernels' own argument checks require."""
-    return t.stride(-1) == 1 and t.stride(0) % ALIGN_ELEMENTS == 0 and t.stride(0) >= t.size(-1) and _aligned(t)
+    ld = row_stride(t)
+    return t.stride(-1) == 1 and ld % ALIGN_ELEMENTS == 0 and ld >= t.size(-1) and _aligned(t)
 
 
 def weight_layout(w: torch.Tensor) -> Union[Tuple[bool, int, int], str]:
@@ -134,10 +141,10 @@ def launch(p: GroupedGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)  # caching allocator: 512-byte aligned
     module.grouped_gemm(
         dtype=p.dtype, w_k_major=p.w_k_major,
-        x=x.data_ptr(), stride_xm=x.stride(0),
+        x=x.data_ptr(), stride_xm=row_stride(x),
         w=w.data_ptr(), stride_we=p.stride_we, stride_w_ld=p.stride_w_ld,
         bias=bias.data_ptr() if bias is not None else 0, stride_be=bias.stride(0) if bias is not None else 0,
-        y=y.data_ptr(), stride_ym=y.stride(0),
+        y=y.data_ptr(), stride_ym=row_stride(y),
         expert_offsets=expert_offsets.data_ptr(), offsets_int64=expert_offsets.dtype == torch.int64,
         num_experts=p.num_experts, num_rows=p.num_rows, k_in=p.k_in, n_out=p.n_out,
         workspace=workspace.data_ptr(), workspace_bytes=nbytes,

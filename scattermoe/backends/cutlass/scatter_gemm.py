@@ -24,7 +24,7 @@ import torch
 
 from ..._validate import env_flag
 from . import _extension
-from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, _sm_count, rows_ok, weight_layout
+from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, _sm_count, row_stride, rows_ok, weight_layout
 
 # Which scatter GEMM kernel runs: False, one CTA per tile (the default); True, the persistent kernel on
 # one CTA per SM; an int, the persistent kernel on that many CTAs (tests use a few, so that each CTA
@@ -141,7 +141,7 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
     if isinstance(layout, str):
         return layout
     w_k_major, ld, stride_we = layout
-    if out is not None and out.stride(0) < n_out:
+    if out is not None and row_stride(out) < n_out:
         return f"out (strides {out.stride()}) has overlapping rows (an expanded tensor)"
     if bias is not None and bias.stride(-1) != 1:
         return "bias must have a unit column stride"
@@ -165,17 +165,17 @@ def launch(p: ScatterGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[
     global last_weight_load
     used_tma = module.scatter_gemm(
         dtype=p.dtype, w_k_major=p.w_k_major,
-        x=x.data_ptr(), stride_xm=x.stride(0), x_rows=x.size(0),
+        x=x.data_ptr(), stride_xm=row_stride(x), x_rows=x.size(0),
         w=w.data_ptr(), stride_we=p.stride_we, stride_w_ld=p.stride_w_ld,
         bias=bias.data_ptr() if bias is not None else 0, stride_be=bias.stride(0) if bias is not None else 0,
-        y=y.data_ptr(), stride_ym=y.stride(0), y_rows=y.size(0),
+        y=y.data_ptr(), stride_ym=row_stride(y), y_rows=y.size(0),
         gates=gates.data_ptr() if gates is not None else 0,
         sorted_scattered_idxs=idx.data_ptr(), expert_offsets=offsets.data_ptr(),
         offsets_int64=offsets.dtype == torch.int64, x_grouped=grouped_in, y_grouped=grouped_out,
         fan_out=fan_out if not grouped_in else 1, num_experts=p.num_experts, num_rows=p.num_rows,
         k_in=p.k_in, n_out=p.n_out, glu=p.glu,
         pre=pre_activation.data_ptr() if pre_activation is not None else 0,
-        stride_pm=pre_activation.stride(0) if pre_activation is not None else 0, num_ctas=num_ctas(device),
+        stride_pm=row_stride(pre_activation) if pre_activation is not None else 0, num_ctas=num_ctas(device),
         w_tma=_weight_tma, device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
     )
     last_weight_load = "tma" if used_tma else "cp.async"

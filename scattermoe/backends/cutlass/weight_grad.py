@@ -23,7 +23,7 @@ import torch
 
 from .._schedule import largest_experts_first
 from . import _extension
-from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, rows_ok
+from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, row_stride, rows_ok
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +92,8 @@ def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered
     # expert_order only when there is one: an extension built before it existed still runs the rest.
     extra = {"expert_order": order.data_ptr()} if order is not None else {}
     module.group_bwd_w(
-        dtype=p.dtype, x=x.data_ptr(), stride_xm=x.stride(0), x_rows=x.size(0),
-        dy=dy.data_ptr(), stride_dym=dy.stride(0), dy_rows=dy.size(0),
+        dtype=p.dtype, x=x.data_ptr(), stride_xm=row_stride(x), x_rows=x.size(0),
+        dy=dy.data_ptr(), stride_dym=row_stride(dy), dy_rows=dy.size(0),
         dw=dw.data_ptr(), stride_dwe=dw.stride(0), stride_dwk=dw.stride(1), stride_dwn=dw.stride(2),
         sorted_scattered_idxs=idx.data_ptr(), expert_offsets=offsets.data_ptr(),
         offsets_int64=offsets.dtype == torch.int64, x_grouped=x_grouped, dy_grouped=dy_grouped,
