@@ -163,9 +163,20 @@ def _gated_rows_combined(x, w, bias, gates_flat, fan, sorted_scattered_idxs, exp
     return gather_sum_op(rows, row_of_slot, gates_flat, fan, backend)
 
 
-def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[M] = sum_j a[m, j] * b[m, j], without an [M, D] temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
+# aten::bmm.dtype (torch >= 2.8): half-precision operands, float32 product, on CUDA.
+_BMM_FP32_OUT = "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def _gate_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[M, R] = sum_d a[m, r, d] * b[m, d] for a [M, R, D], b [M, D]: the gates' gradient, in float32 for half
+    operands as the reference has it (the dot of two float16 rows in range can pass 65504), without an
+    [M, R, D] float32 temporary on CUDA."""
+    b = b.unsqueeze(-1)
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda and _BMM_FP32_OUT:
+            return torch.bmm(a, b, out_dtype=torch.float32).squeeze(-1)
+        a, b = a.float(), b.float()
+    return torch.bmm(a, b).squeeze(-1)
 
 
 def _ungated_backward(dy, x, w, has_bias, k, sorted_scattered_idxs, expert_offsets, grouped_in, grouped_out,
@@ -288,7 +299,7 @@ class ParallelLinear(torch.autograd.Function):
         dx_raw = scatter2scatter_op(dy, w.transpose(1, 2), None, sorted_scattered_idxs, expert_offsets, None,
                                     fan, False, grouped_in, backend)  # dY W_e^T, ungated
         if grouped_in or k == 1:  # x rows pair one-to-one with dx_raw rows
-            dgate_rows = _rowwise_dot(dx_raw, x)
+            dgate_rows = _gate_dots(dx_raw.unsqueeze(1), x).view(-1)
             row_gates = gates_flat[sorted_scattered_idxs] if grouped_in else gates_flat
             dx = dx_raw * row_gates.unsqueeze(-1).to(dx_raw.dtype)
             dgates_flat = dgate_rows.new_empty(gates_flat.shape)
@@ -298,7 +309,7 @@ class ParallelLinear(torch.autograd.Function):
                 dgates_flat = dgate_rows
         else:  # x is [T, D], fanned out to the K slots of each token
             dx_raw = dx_raw.view(num_tokens, fan, dx_raw.size(-1))
-            dgates_flat = torch.bmm(dx_raw, x.unsqueeze(-1)).view(-1)
+            dgates_flat = _gate_dots(dx_raw, x).view(-1)
             dx = torch.bmm(gates.unsqueeze(1).to(dx_raw.dtype), dx_raw).squeeze(1)
         dgates_flat = dgates_flat.float()
         if has_bias:

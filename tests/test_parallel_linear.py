@@ -123,6 +123,30 @@ def test_triton_fp32_gates_beside_fp16_x(mode):
                             gates_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dev", [pytest.param("cpu", marks=pytest.mark.interpreter),
+                                 pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode", ["gated_from_tokens", "gated_from_grouped", "gated_from_slot_rows"])
+def test_fp16_gate_gradient_beyond_the_fp16_range(dev, mode):
+    """d(gates) = <dY W_e^T, x> sums D products: with every operand in float16's range it can pass 65504 (here
+    ~82000, as a loss-scaled dY gives). The gates are float32, and so is their gradient: finite, as the
+    reference's, not inf."""
+    T, E, K, D, F = 6, 3, 2, 64, 64
+    routing, leaves, kw = _make_inputs(T, E, K, D, F, "random", mode, False, torch.float16, dev, torch.float32)
+    with torch.no_grad():
+        leaves["x"].copy_(4 + 0.1 * torch.randn_like(leaves["x"]))
+        leaves["weight"].copy_(0.25 + 0.01 * torch.randn_like(leaves["weight"]))
+    with scattermoe.use_backend("triton"):
+        y = _call(scattermoe.parallel_linear, routing, leaves, kw)
+    dy = (20 + torch.randn_like(y, dtype=torch.float32)).to(y.dtype)
+    names = list(leaves)
+    grads = torch.autograd.grad(y, [leaves[n] for n in names], dy)
+    ref_leaves = dict(zip(names, float64_leaves([leaves[n] for n in names])))
+    y_ref = _call(reference.parallel_linear, [r.cpu() for r in routing], ref_leaves, kw)
+    ref_grads = torch.autograd.grad(y_ref, [ref_leaves[n] for n in names], dy.double().cpu())
+    assert float(ref_grads[names.index("gates")].abs().min()) > 65504  # the case is the one it claims
+    assert_all_close(["y"] + [f"d{n}" for n in names], (y,) + grads, (y_ref,) + ref_grads, TOL[torch.float16])
+
+
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
 @pytest.mark.parametrize("mode", ["scatter_to_grouped", "gated_from_grouped", "gated_from_tokens"])
 def test_strided_operands(backend, mode):
