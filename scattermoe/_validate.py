@@ -204,7 +204,7 @@ def check_parallel_linear(
             raise ValueError("gates: a gate-weighted sum returns token order, so grouped_out must be False")
         if gates.numel() != num_rows:
             raise ValueError(f"gates: expected [T, k] with T*k = {num_rows} entries, got shape {shape(gates)}")
-        if not grouped_in and k not in (1, gates.size(1)):
+        if not grouped_in and k != 1 and k != gates.size(1):  # (not `k not in (...)`: Dynamo misreads it, a dynamic k)
             raise ValueError(f"gates: expected [T, k={k}] (or k=1 with x holding the N slot rows), "
                              f"got shape {shape(gates)}")
     if num_rows and _values_checkable(sorted_expert_idxs):

@@ -84,6 +84,24 @@ def test_compiled_glumlp_in_gather_mode_matches_eager_aot_eager(monkeypatch):
     assert len(calls) == 2
 
 
+def test_parallel_linear_compiled_with_a_dynamic_k_matches_eager():
+    """dynamic=True with k an argument: one graph called with k=1 (grouped rows in) and then k=2 (tokens fanned
+    out) takes both, as eager does (a `k not in (1, K)` check once raised inside Dynamo's trace)."""
+    T, E, K, D, F = 5, 3, 2, 9, 10
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    w, gates = torch.randn(E, D, F), torch.rand(T, K)
+
+    def f(x, w, gates, k, grouped_in):
+        return scattermoe.parallel_linear(x, w, k, *routing, gates=gates, grouped_in=grouped_in)
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager", dynamic=True)
+    with scattermoe.use_backend("torch"):
+        for k, grouped_in in ((1, True), (K, False)):
+            x = torch.randn(T * K if grouped_in else T, D)
+            assert_all_close([f"y (k={k})"], [compiled(x, w, gates, k, grouped_in)], [f(x, w, gates, k, grouped_in)],
+                             TOL[torch.float32])
+
+
 def test_compiled_moa_map_reduce_matches_eager_aot_eager():
     B, L, D, H, Dh, E, K = 2, 4, 16, 2, 8, 4, 2
     moa = _with_biases(scattermoe.MoA(D, Dh, H, E, K, bias=True))

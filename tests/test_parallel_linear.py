@@ -125,6 +125,33 @@ def test_triton_fp32_gates_beside_fp16_x(mode):
 
 @pytest.mark.parametrize("dev", [pytest.param("cpu", marks=pytest.mark.interpreter),
                                  pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_registered_ops_take_strided_index_scale_and_gradient_tensors(dev):
+    """torch.ops.scattermoe.* are reachable without the public functions' checks: a strided slot-id, offsets or
+    row_scale tensor, or a column-major dG, gives what its contiguous copy gives."""
+    T, K, E, D, F = 9, 2, 3, 24, 20
+    _, scattered, offsets = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K, "random", dev), E)
+    x, w = torch.randn(T, D, device=dev), torch.randn(E, D, F, device=dev)
+    scale, dy = torch.rand(T * K, device=dev), torch.randn(T * K, F, device=dev)
+    pre, dg = torch.randn(T * K, 2 * F, device=dev), torch.randn(T * K, F, device=dev)
+
+    def strided(t):  # the same values at stride 2
+        return torch.stack([t, torch.zeros_like(t)], 1).reshape(-1)[::2]
+
+    ops = torch.ops.scattermoe
+    calls = {
+        "scatter2scatter": lambda s, o, r, g: (ops.scatter2scatter(x, w, None, s, o, r, K, False, False, "triton"),),
+        "group_bwd_w": lambda s, o, r, g: ops.group_bwd_w(x, dy, s, o, w, r, K, 1, False, False, True, "triton"),
+        "glu_backward": lambda s, o, r, g: ops.glu_backward(pre, g, r, True, True, True, "triton"),
+    }
+    for name, call in calls.items():
+        want = call(scattered, offsets, scale, dg)
+        got = call(strided(scattered), strided(offsets), strided(scale), dg.t().contiguous().t())
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, 1e-6, f"{name} output {i}")
+
+
+@pytest.mark.parametrize("dev", [pytest.param("cpu", marks=pytest.mark.interpreter),
+                                 pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode", ["gated_from_tokens", "gated_from_grouped", "gated_from_slot_rows"])
 def test_fp16_gate_gradient_beyond_the_fp16_range(dev, mode):
     """d(gates) = <dY W_e^T, x> sums D products: with every operand in float16's range it can pass 65504 (here

@@ -86,9 +86,13 @@ def glu_backward(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dH [N, 2F] in pre's dtype, G [N, F] or None, rowwise <dg, G> [N] fp32 or None).
 
-    pre and dg need a unit column stride (checked by the caller); row_scale is [N] or None.
-    With a row_scale, the stored G is scaled by it (row by row) and dot is not.
+    row_scale is [N] or None. With a row_scale, the stored G is scaled by it (row by row) and dot is not.
     """
+    # The kernel reads rows with a unit column stride and row_scale as contiguous: a copy only where they are not
+    # (torch.ops.scattermoe.glu_backward reaches here without the public functions' checks).
+    pre = pre if pre.stride(-1) == 1 else pre.contiguous()
+    dg = dg if dg.stride(-1) == 1 else dg.contiguous()
+    row_scale = row_scale.contiguous() if row_scale is not None else None
     num_rows, width = pre.shape
     f = width // 2
     dh = torch.empty_like(pre)

@@ -118,6 +118,9 @@ def group_bwd_w(
     """Returns (dW shaped and strided like ``like_weight`` [E, K_IN, N_OUT], db [E, N_OUT] or None)."""
     num_experts, k_in, n_out = like_weight.shape
     num_rows = sorted_scattered_idxs.numel()
+    # Read as contiguous by the kernel (no copy when they are; see scatter2scatter).
+    sorted_scattered_idxs, expert_offsets = sorted_scattered_idxs.contiguous(), expert_offsets.contiguous()
+    row_scale = row_scale.contiguous() if row_scale is not None else None
     dw = torch.empty_like(like_weight)
     db = like_weight.new_empty(num_experts, n_out) if with_bias else None
     db_arg = db if db is not None else dw[0]

@@ -197,6 +197,10 @@ def scatter2scatter(
     num_rows = sorted_scattered_idxs.numel()
     num_experts, k_in, w_out = w.shape
     n_out = w_out // 2 if glu else w_out
+    # The kernel reads these 1-D tensors as contiguous (no copy when they are): torch.ops.scattermoe.* reach here
+    # without the public functions' checks.
+    sorted_scattered_idxs, expert_offsets = sorted_scattered_idxs.contiguous(), expert_offsets.contiguous()
+    row_scale = row_scale.contiguous() if row_scale is not None else None
     y = out if out is not None else x.new_empty(num_rows, n_out)
     if num_rows == 0:
         return y
