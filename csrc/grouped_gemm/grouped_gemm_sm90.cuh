@@ -202,13 +202,20 @@ size_t workspace_bytes(int num_experts, int sm_count) {
 
 inline const char* status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
 
-// A failed CUTLASS step: report the CUTLASS status and whatever CUDA error caused it.
+// A failed CUTLASS step: report the CUTLASS status and whatever CUDA error caused it. CUTLASS's run() and
+// initialize() read (and so clear) a non-sticky launch error themselves; then none is pending here and the
+// message says so rather than naming none.
 [[noreturn]] inline void throw_cutlass_error(const char* step, cutlass::Status status, const char* file, int line) {
   cudaError_t err = cudaGetLastError();
   std::ostringstream os;
   os << step << " failed: " << status_name(status);
   if (err != cudaSuccess) {
     os << "; " << cudaGetErrorName(err) << " (CUDA error " << static_cast<int>(err) << "): " << cudaGetErrorString(err);
+    if (is_sticky(err))
+      os << "; this error outlives the kernel that caused it, so it may come from an earlier kernel on this device";
+  } else if (status == cutlass::Status::kErrorInternal) {
+    os << "; CUTLASS consumed the CUDA error (a failed launch or cudaFuncSetAttribute): rerun with "
+          "CUDA_LAUNCH_BLOCKING=1 or under compute-sanitizer to name it";
   }
   os << " [" << file << ":" << line << "]";
   throw CudaError(os.str(), static_cast<int>(err));
