@@ -201,8 +201,8 @@ def run_generation(model, tokenizer, prompts: List[str], args, device: torch.dev
     warn_past_context("the prompt and --max-new-tokens,", width + args.max_new_tokens, model.config)
     eos = None if args.ignore_eos else tokenizer.eos_token_id
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    kwargs = dict(temperature=args.temperature, top_p=args.top_p, eos_token_id=eos, attention_mask=mask,
-                  generator=gen, cuda_graph=getattr(args, "cuda_graph", False))
+    kwargs = dict(temperature=args.temperature, top_p=args.top_p, top_k=getattr(args, "top_k", 0), eos_token_id=eos,
+                  attention_mask=mask, generator=gen, cuda_graph=getattr(args, "cuda_graph", False))
     warm_s = 0.0
     for _ in range(args.warmup):  # JIT compilation and allocator warm-up, timed apart
         t = time.perf_counter()
@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--temperature", type=_number(float, "temperature", 0), default=0.0, help="0 = greedy")
         sp.add_argument("--top-p", type=_number(float, "top-p", 0, 1, low_open=True), default=1.0,
                         help="nucleus sampling: keep the smallest set of tokens with this much probability (0, 1]")
+        sp.add_argument("--top-k", type=_number(int, "top-k", 0), default=0,
+                        help="sample from the k most likely tokens only (0 = all; applied before --top-p)")
         sp.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
 
     def training(sp, out: Path, seconds: Optional[float], batch: int, seq: int, lr: Optional[float],

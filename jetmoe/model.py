@@ -319,13 +319,17 @@ class KVCache:
 
 
 def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next tokens [B]: greedy when temperature <= 0, else nucleus (top_p) sampling at that temperature."""
+           generator: Optional[torch.Generator] = None, top_k: int = 0) -> torch.Tensor:
+    """Next tokens [B]: greedy when temperature <= 0, else sampling at that temperature from the top_k most likely
+    tokens (0: all; ties with the k-th kept) and of those the nucleus (top_p), in transformers' order."""
     if temperature <= 0:
         return logits_BV.argmax(-1)
     logits = logits_BV.float()
     # Shifted so the largest is 0 first: a tiny temperature then gives -inf for the rest, not inf - inf = nan.
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
+    if 0 < top_k < probs.size(-1):
+        probs = probs.masked_fill(probs < probs.topk(top_k, dim=-1).values[..., -1:], 0)
+        probs = probs / probs.sum(-1, keepdim=True)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0  # keep the smallest set whose mass reaches top_p
@@ -547,7 +551,7 @@ class JetMoEForCausalLM(nn.Module):
                  attention_mask: Optional[torch.Tensor] = None,
                  callback: Optional[Callable[[torch.Tensor], None]] = None,
                  generator: Optional[torch.Generator] = None, stats: Optional[dict] = None,
-                 cuda_graph: bool = False) -> torch.Tensor:
+                 cuda_graph: bool = False, top_k: int = 0) -> torch.Tensor:
         """input_ids [B, S] (left-padded when rows differ in length, with attention_mask [B, S]) ->
         [B, S + n], n <= max_new_tokens. One prefill over the prompt, then one position per step against a
         static KV cache (the prompt is never rerun). ``callback(tokens [B])`` gets each step's tokens (streaming).
@@ -557,7 +561,9 @@ class JetMoEForCausalLM(nn.Module):
         ``stats`` (a dict), if given, receives prefill_s (prompt and first token), decode_s, new_tokens (and,
         with a CUDA graph, capture_s: the part of decode_s spent on the first step's eager run and capture).
         ``cuda_graph=True`` (CUDA only) runs the decode steps as replays of one CUDA graph (``StaticDecoder``):
-        the same tokens, without a Python and launch cost per kernel; the first decode step captures it."""
+        the same tokens, without a Python and launch cost per kernel; the first decode step captures it.
+        Sampling (``temperature`` > 0) keeps the ``top_k`` most likely tokens (0: all), then the ``top_p`` nucleus
+        of those, as transformers' warpers do (whose generation_config defaults top_k to 50; here it is off)."""
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)  # numpy ints too; not floats or bools
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids: expected a [batch, sequence] tensor of token ids, got "
@@ -568,6 +574,8 @@ class JetMoEForCausalLM(nn.Module):
                              f"prompt token, 1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k: expected an int >= 0 (0: no top-k filter), got {top_k!r}")
         if not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature: expected a finite value >= 0 (0: greedy), got {temperature}")
         if attention_mask is not None and bool(
@@ -602,7 +610,7 @@ class JetMoEForCausalLM(nn.Module):
         new_tokens: List[torch.Tensor] = []
         t1 = t0
         for step in range(max_new_tokens):
-            tokens = sample(logits, temperature, top_p, generator)
+            tokens = sample(logits, temperature, top_p, generator, top_k)
             if eos.numel():
                 tokens = tokens.masked_fill(finished, pad)
                 finished |= torch.isin(tokens, eos)

@@ -280,6 +280,8 @@ def test_eos_stops_rows_and_streams_to_the_callback():
 @pytest.mark.parametrize("call, message", [
     (lambda m, x: m.generate(x[:, :0], 3), "at least one token"),
     (lambda m, x: m.generate(x, 3, temperature=float("nan")), "temperature"),
+    (lambda m, x: m.generate(x, 3, temperature=1.0, top_k=-1), "top_k"),
+    (lambda m, x: m.generate(x, 3, temperature=1.0, top_k=2.5), "top_k"),
     (lambda m, x: m.generate(x, 3, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])),
      "pad prompts on the left"),
     (lambda m, x: m.generate(x, 3, eos_token_id="</s>"), "eos_token_id"),
@@ -298,7 +300,8 @@ def test_eos_stops_rows_and_streams_to_the_callback():
     (lambda m, x: m.generate(x, 3, attention_mask=torch.ones(2, 3, dtype=torch.long)), "attention_mask: expected"),
     (lambda m, x: m.generate(x[0], 3), r"input_ids: expected a \[batch, sequence\] tensor.*input_ids\[None\]"),
     (lambda m, x: m.generate(x, 2.0), "max_new_tokens: expected an int >= 1, got 2.0"),
-], ids=["empty_prompt", "nan_temperature", "right_padding", "eos_a_string", "cache_too_short", "cache_batch",
+], ids=["empty_prompt", "nan_temperature", "negative_top_k", "float_top_k", "right_padding", "eos_a_string",
+        "cache_too_short", "cache_batch",
         "float_ids", "bool_ids", "labels_shorter", "float_labels", "position_ids_shorter",
         "mask_1d", "mask_one_row", "mask_shorter", "ids_1d", "float_max_new_tokens"])
 def test_generate_and_forward_refuse_bad_arguments_by_name(call, message):

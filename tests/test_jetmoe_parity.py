@@ -229,6 +229,33 @@ def test_config_keys_missing_from_the_file_read_as_transformers_reads_them(tmp_p
     assert {"rms_norm_eps", "attention_dropout", "intermediate_size", "tie_word_embeddings"} <= set(checked)
 
 
+def test_sampling_keeps_the_tokens_transformers_warpers_keep(monkeypatch):
+    """temperature, then top_k (ties with the k-th kept), then top_p: the tokens sample() can draw, and their
+    probabilities, are those of transformers' Temperature, TopK and TopP warpers in that order."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from jetmoe import model as jetmoe_model
+    drawn_from = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n, generator=None: drawn_from.append(p) or real(p, n))
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        logits = 3 * torch.randn(4, 40, generator=g)
+        temperature = 0.2 + 1.5 * torch.rand(1, generator=g).item()
+        top_p = 0.05 + 0.95 * torch.rand(1, generator=g).item()
+        top_k = [0, 1, 5, 20, 40, 7][trial % 6]
+        if trial % 6 == 5:  # ties at the k-th value (rounded logits), without top_p (whose ties either may break)
+            logits, top_p = logits.round(), 1.0
+        warped = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            warped = TopKLogitsWarper(top_k)(None, warped)
+        warped = TopPLogitsWarper(top_p)(None, warped)
+        jetmoe_model.sample(logits, temperature, top_p, top_k=top_k)
+        ours = drawn_from[-1] / drawn_from[-1].sum(-1, keepdim=True)
+        assert torch.equal(ours > 0, torch.isfinite(warped)), (trial, top_k, top_p)
+        assert_close(ours, torch.softmax(warped, -1), 1e-5, f"trial {trial}")
+
+
 def test_checkpoint_saved_here_loads_in_transformers(pair, tmp_path):
     hf, ours, _ = pair
     x = torch.randint(0, hf.config.vocab_size, (2, 6))

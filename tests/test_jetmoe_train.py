@@ -1003,12 +1003,12 @@ def test_cli_generate_passes_its_flags_and_a_left_padded_batch(tiny_ckpt, capsys
 
     monkeypatch.setattr(JetMoEForCausalLM, "generate", spy)
     argv = ["generate", "--model", str(tiny_ckpt), "--prompt", "a", "--prompt", "def", "--max-new-tokens", "5",
-            "--temperature", "0.7", "--top-p", "0.9", "--device", "cpu"]
+            "--temperature", "0.7", "--top-p", "0.9", "--top-k", "12", "--device", "cpu"]
     assert main(argv) == 0
     ids, n, kwargs = calls[-1]
     tok = ByteTokenizer()
     bos, pad = tok.bos_token_id, tok.pad_token_id
-    assert n == 5 and kwargs["temperature"] == 0.7 and kwargs["top_p"] == 0.9
+    assert n == 5 and kwargs["temperature"] == 0.7 and kwargs["top_p"] == 0.9 and kwargs["top_k"] == 12
     assert kwargs["eos_token_id"] == tok.eos_token_id  # stops at the tokenizer's eos unless --ignore-eos
     assert ids.tolist() == [[pad, pad, bos, ord("a")], [bos, ord("d"), ord("e"), ord("f")]]  # left-padded
     assert kwargs["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
