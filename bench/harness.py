@@ -176,6 +176,9 @@ class Timer:
             for r, (start, end) in enumerate(events):
                 prepare(r % n_sets)
                 self.flush_l2()
+                # The host waits out the flush: else it queues fn's launches while the GPU still flushes, and an
+                # eager call's host cost (launch-bound at small T) hides behind the flush instead of being timed.
+                self.sync()
                 start.record()
                 fn(r % n_sets)
                 end.record()

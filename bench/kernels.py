@@ -377,8 +377,10 @@ class Workload:
             return f"{impl} has no MoA layer" if kind == "moa" else self._peer(impl)[1]
         return None
 
-    def mode_unavailable(self, impl: str, mode: str) -> Optional[str]:
-        """Why impl has no row in this mode (beyond ``unavailable``), or None."""
+    def mode_unavailable(self, impl: str, mode: str, routing: str = "uniform") -> Optional[str]:
+        """Why impl has no row in this mode and routing (beyond ``unavailable``), or None."""
+        if impl == "sonicmoe" and routing != "uniform":
+            return f"SonicMoE routes with its own router (near uniform), so it has no {routing} row"
         if mode == "infer_graph":
             if self.device.type != "cuda":
                 return "CUDA graphs need a CUDA device"
@@ -417,8 +419,12 @@ class Workload:
     def own_bytes(self, impl: str, inp: Inputs, mode: str) -> int:
         """What one call of impl needs resident: its weights and the inputs it reads (the harness also holds
         other implementations' weights and operands, which are not this implementation's memory)."""
-        if impl == "dense_same_flops":
-            tensors = list(inp.dense.values()) + ([self.w1] if self.shape.kind == "glu_gemm" else [self.w1, self.w2])
+        if impl == "dense_same_flops":  # what its matmuls read in this mode (_dense_call)
+            if self.shape.kind == "glu_gemm":
+                tensors = [inp.dense["a"], self.w1]
+            else:
+                names = {"bwd": ("a", "h", "dh", "dy"), "fwd_bwd": ("a", "h", "dh", "dy")}.get(mode, ("a", "h"))
+                tensors = [inp.dense[n] for n in names] + [self.w1, self.w2]
         elif self.shape.kind == "routing":
             tensors = [inp.logits]
         elif self.shape.kind == "glu_gemm":
@@ -525,9 +531,12 @@ class Workload:
         return _in_variant(impl, fn), _in_variant(impl, prepare)
 
     def _call(self, impl: str, sets: List[Inputs], mode: str) -> Tuple[Call, Prepare]:
+        self._reset = None
         if impl == "dense_same_flops":
             return self._dense_call(sets, mode), lambda i: None
         forward = self.forward(impl)
+        if impl == "sonicmoe":  # its serving path (no pre-activation kept, no aux loss) runs when not training
+            self._peer(impl)[0].train(mode not in ("infer", "infer_graph"))
         if self.shape.kind == "glu_gemm":
             return (lambda i: forward(sets[i])), lambda i: None
         grads = self.params(impl) + [t for s in sets for t in (s.x, s.gates)]
@@ -539,7 +548,7 @@ class Workload:
 
         # After an error: drop grads and a pending forward without running anything (the forward
         # itself may be what failed), so the next row starts from the same memory.
-        self._release = lambda: (clear(), pending.clear())
+        self._release = self._reset = lambda: (clear(), pending.clear())
 
         if mode == "fwd":
             return (lambda i: forward(sets[i])), lambda i: clear()
@@ -587,6 +596,12 @@ class Workload:
             if not torch.equal(outs[0], eager):
                 raise RuntimeError("the CUDA-graph replay differs from the eager forward")
         return lambda i: graphs[i].replay()
+
+    def reset(self) -> None:
+        """Drop the grads and the pending forward that the last ``call``'s prepare left, keeping the call usable:
+        the memory baseline of a row is then its weights and inputs alone."""
+        if getattr(self, "_reset", None) is not None:
+            self._reset()
 
     def release(self) -> None:
         """Free what the last ``call`` left behind (grads, a pending forward); never raises."""

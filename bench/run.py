@@ -66,6 +66,16 @@ def empty_row(group: Group, mode: str, impl: str) -> Dict:
             "impl": impl, "ms": None, "tflops": None, "peak_mem_gb": None, "flops": flops(group, mode)}
 
 
+def predicted_ms(timed: Dict[int, float], tokens: int) -> Optional[Tuple[int, float]]:
+    """(T', ms scaled linearly from T' to ``tokens``) from the largest size T' < tokens already timed, or None when
+    there is none or a size >= tokens was timed (the suite is not in size order: the headline T comes first, and a
+    T=1 time, all latency, says nothing of T=4096's)."""
+    if not timed or max(timed) >= tokens:
+        return None
+    below = max(t for t in timed if t < tokens)
+    return below, timed[below] * tokens / below
+
+
 def merge_checks(by_group: Dict[str, Dict[str, Dict]]) -> Dict[str, Dict]:
     """One verdict per impl over several check groups: the first error or unavailability, else ok only if every
     group was; the per-group results kept under "groups"."""
@@ -98,7 +108,7 @@ def _run(cfg: RunConfig, on_update: Callable[[Dict], None], on_hang: Callable[[D
     mm, mm_note = setup_grouped_mm(cfg.device, allow_loop=cfg.device.type == "cpu")
     results: Dict = {"checks": {}, "loads": [], "rows": [], "notes": [], "grouped_mm": mm_note}
     workloads: Dict[Tuple[Shape, str], Workload] = {}
-    last_ms: Dict[Tuple, Tuple[int, float]] = {}  # (case, routing, impl) -> (T, ms) of the last size timed
+    timed_ms: Dict[Tuple, Dict[int, float]] = {}  # (case, routing, impl) -> {T: ms} of the sizes timed so far
     under_way: Dict = {"shape": None, "row": None}  # what a hang is recorded against
 
     def record_hang(impl: str, what: str) -> None:
@@ -136,10 +146,14 @@ def _run(cfg: RunConfig, on_update: Callable[[Dict], None], on_hang: Callable[[D
         work = workload(shape, group.dtype)
         under_way.update(shape=shape.name, row=None)
         if shape.name not in results["checks"]:
-            check_t = min(cfg.check_tokens, max(g.T for g in cfg.groups if g.shape == shape))
-            # Decode (T=1: the small-row kernel configs), a mid size, and skewed routing at that size.
-            check_groups = [Group(shape, t, r, dtype=group.dtype)
-                            for t, r in dict.fromkeys(((1, "uniform"), (check_t, "uniform"), (check_t, "zipf")))]
+            max_t = max(g.T for g in cfg.groups if g.shape == shape)
+            check_t = min(cfg.check_tokens, max_t)
+            # Decode (T=1: the small-row kernel configs), a mid size, and skewed routing at that size; on a GPU also
+            # the largest size timed, whose autotuned configs (keyed on the row count's bucket) and routing path
+            # (torch.sort past a size) the smaller checks do not reach.
+            sizes = [(1, "uniform"), (check_t, "uniform"), (check_t, "zipf")]
+            sizes += [(max_t, "uniform")] if cfg.device.type == "cuda" else []
+            check_groups = [Group(shape, t, r, dtype=group.dtype) for t, r in dict.fromkeys(sizes)]
             log(f"[bench] {shape.name}: checking every implementation against the torch backend (fp32) at "
                 + ", ".join(f"T={g.T} {g.routing}" for g in check_groups) + " ...")
             checks = merge_checks({g.label: check(work, impls_for(shape, cfg.impls), g, cfg.seed + 1000 + i, watch)
@@ -183,7 +197,7 @@ def _run(cfg: RunConfig, on_update: Callable[[Dict], None], on_hang: Callable[[D
                 why = c.get("unavailable")
                 if impl == "dense_same_flops":  # not in the checks: nothing to compare
                     why = work.unavailable(impl, sets[0].x)
-                why = why or work.mode_unavailable(impl, mode)
+                why = why or work.mode_unavailable(impl, mode, group.routing)
                 if why:
                     row["status"] = f"unavailable: {why}"
                     continue
@@ -191,10 +205,10 @@ def _run(cfg: RunConfig, on_update: Callable[[Dict], None], on_hang: Callable[[D
                     row.update(status=f"error: in the check: {c['error']}", check="FAIL")
                     continue
                 row["check"] = "n/a" if (not c or "not_compared" in c) else ("ok" if c["ok"] else "FAIL")
-                prev = last_ms.get((case, group.routing, impl))
-                if prev is not None and prev[1] * group.T / prev[0] > cfg.max_call_ms:
-                    row["status"] = (f"skipped: too slow (~{prev[1] * group.T / prev[0]:.0f} ms/call predicted "
-                                     f"from T={prev[0]}; --max-call-ms {cfg.max_call_ms:g})")
+                predicted = predicted_ms(timed_ms.get((case, group.routing, impl), {}), group.T)
+                if predicted is not None and predicted[1] > cfg.max_call_ms:
+                    row["status"] = (f"skipped: too slow (~{predicted[1]:.0f} ms/call predicted "
+                                     f"from T={predicted[0]}; --max-call-ms {cfg.max_call_ms:g})")
                     continue
                 if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
                     row["status"] = f"skipped: time budget ({cfg.time_budget_s:.0f} s) spent"
@@ -206,6 +220,9 @@ def _run(cfg: RunConfig, on_update: Callable[[Dict], None], on_hang: Callable[[D
                     with watch(impl, f"{group.label} {mode}"):
                         fn, prepare = work.call(impl, sets, mode)
                         timing = timer.measure(fn, cfg.n_sets, cfg.plan, prepare)
+                        # measure() ends with prepare(0): for a timed backward that is a forward, whose activations
+                        # must count as the row's (prepared_gb), not as the baseline before it.
+                        work.reset()
                         memory = timer.peak_memory(fn, prepare)
                 except Exception as exc:  # recorded in the row; the run goes on with the next one
                     row["status"] = f"error: {type(exc).__name__}: {first_line(exc)}"
@@ -232,7 +249,7 @@ def _run(cfg: RunConfig, on_update: Callable[[Dict], None], on_hang: Callable[[D
                     row["gb_s"] = row["bytes"] / ms / 1e6
                 if roofline_ms and impl != "dense_same_flops":  # the MoE's roofline is not the dense GEMM's
                     row["roofline_frac"] = roofline_ms / ms
-                last_ms[(case, group.routing, impl)] = (group.T, ms)
+                timed_ms.setdefault((case, group.routing, impl), {})[group.T] = ms
                 log(f"[bench]   {ms:9.4f} ms" + (f"  {row['tflops']:7.1f} TFLOP/s" if row["tflops"] else "")
                     + f"  first call {timing['first_call_ms']:.0f} ms  x{timing['repeats']}")
             dense_ms = next((r["ms"] for r in mode_rows if r["impl"] == "dense_same_flops" and r["ms"]), None)

@@ -218,3 +218,90 @@ def test_routing_rows_time_the_library_with_and_without_its_device_assert(impl, 
     out = work.forward(impl)(inputs)
     assert seen == [want] and routing.device_asserts_enabled() == before
     assert torch.equal(out[2], torch.sort(out[1].reshape(-1), stable=True).values)
+
+
+def test_a_size_is_skipped_only_on_a_prediction_from_a_smaller_size_timed():
+    # The suite times T=16384 and T=1 before T=4096: T=1's latency, scaled by 4096, must not skip T=4096.
+    from bench.run import predicted_ms
+
+    assert predicted_ms({}, 4096) is None
+    assert predicted_ms({16384: 10.0, 1: 0.3}, 4096) is None  # a larger size was timed: it fits
+    assert predicted_ms({1: 0.3, 1024: 2.0}, 4096) == (1024, 8.0)  # from the largest smaller size
+    assert predicted_ms({1: 0.3}, 4096) == (1, 0.3 * 4096)
+
+
+class _Allocator:
+    """torch.cuda's allocation counters, as a counter the test drives (bytes)."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def alloc(self, n):
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+    def free(self, n):
+        self.now -= n
+
+
+def test_a_timed_backward_counts_its_forwards_activations_in_its_peak(monkeypatch):
+    """bwd rows: measure() ends with prepare(0), a forward; Workload.reset() drops it before peak_memory, so the
+    forward's activations read as prepared for the call (not as the baseline) and count in peak_mem_gb."""
+    from bench import kernels
+
+    mem = _Allocator()
+    for name, fn in (("memory_allocated", lambda device=None: mem.now),
+                     ("max_memory_allocated", lambda device=None: mem.peak),
+                     ("reset_peak_memory_stats", lambda device=None: setattr(mem, "peak", mem.now)),
+                     ("synchronize", lambda device=None: None)):
+        monkeypatch.setattr(torch.cuda, name, fn)
+    timer = harness.Timer(torch.device("cpu"))
+    timer.cuda, timer.sync = True, lambda: None
+    pending = []
+
+    def prepare(i):  # the bwd prepare: drop the last forward, run a new one (10 GB of activations)
+        for n in pending:
+            mem.free(n)
+        pending.clear()
+        mem.alloc(10e9)
+        pending.append(10e9)
+
+    def bwd(i):  # frees the activations, allocates 2 GB of gradients on the way
+        mem.alloc(2e9)
+        mem.free(2e9 + pending.pop())
+
+    work = kernels.Workload.__new__(kernels.Workload)
+    work._reset = lambda: [mem.free(pending.pop()) for _ in list(pending)]
+    prepare(0)  # what measure() leaves
+    before_reset = timer.peak_memory(bwd, prepare)
+    assert before_reset["prepared_gb"] == 0  # the forward read as the baseline: the bug this guards against
+    prepare(0)
+    work.reset()
+    memory = timer.peak_memory(bwd, prepare)
+    assert memory["prepared_gb"] == pytest.approx(10) and memory["extra_gb"] == pytest.approx(2)
+
+
+def test_dense_same_flops_rows_count_only_what_their_matmuls_read():
+    from bench import kernels
+
+    shape = kernels.Shape("glu", "glu", modes=("fwd", "bwd", "fwd_bwd"), D=16, F=24, E=4, K=2)
+    group = kernels.Group(shape, 8)
+    work = kernels.Workload(shape, torch.device("cpu"), torch.float32, 0, None, None)
+    inp = kernels.make_inputs(group, 1, torch.device("cpu"), 0, dense=True)[0]
+    nbytes = {name: t.numel() * t.element_size() for name, t in inp.dense.items()}
+    weights = sum(w.numel() * w.element_size() for w in (work.w1, work.w2))
+    assert work.own_bytes("dense_same_flops", inp, "fwd") == nbytes["a"] + nbytes["h"] + weights
+    assert work.own_bytes("dense_same_flops", inp, "infer") == nbytes["a"] + nbytes["h"] + weights
+    assert work.own_bytes("dense_same_flops", inp, "bwd") == sum(nbytes.values()) + weights
+
+
+def test_sonicmoe_has_no_row_for_routing_it_does_not_follow():
+    from bench import kernels
+
+    shape = kernels.SHAPES["jetmoe_moe"]
+    work = kernels.Workload.__new__(kernels.Workload)
+    work.device = torch.device("cpu")
+    assert "own router" in work.mode_unavailable("sonicmoe", "fwd", "zipf")
+    assert work.mode_unavailable("sonicmoe", "fwd", "uniform") is None
+    assert work.mode_unavailable("scattermoe_triton", "fwd", "zipf") is None
+    assert shape.kind == "glu"
