@@ -372,7 +372,7 @@ def test_experts_with_parametrized_weights_are_patched_and_train_their_parametri
         return model
 
     ref, model = build(), integrations.apply_scattermoe(build())
-    assert _scattermoe_classes(model) == {"ScatterMoEParametrizedMixtralExperts"}
+    assert _scattermoe_classes(model) == {"ParametrizedScatterMoEMixtralExperts"}
     ids = _ids()
     with scattermoe.use_backend("torch"):
         out_ref, grads_ref = _loss_and_grads(ref, ids)
@@ -382,6 +382,44 @@ def test_experts_with_parametrized_weights_are_patched_and_train_their_parametri
     assert len(lora) == 2 * 3 and all(grads_ref[n].abs().sum() > 0 for n in lora)
     for name in lora:
         assert _rel(grads[name], grads_ref[name]) < TOL, name
+    # Merging them (a LoRA merge: remove_parametrizations, leaving the merged weight) leaves the block patched.
+    for m in (ref, model):
+        for layer in m.model.layers:
+            for name in list(layer.mlp.experts.parametrizations):
+                parametrize.remove_parametrizations(layer.mlp.experts, name, leave_parametrized=True)
+    assert _scattermoe_classes(model) == {"ScatterMoEMixtralExperts"}
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        assert _rel(model(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL
+
+
+def test_experts_behind_accelerate_style_hooks_are_patched(monkeypatch):
+    """accelerate's hooks (device_map offloading) set an instance ``forward`` calling ``module._old_forward``, which
+    shadowed the patched class: the patch ran nowhere, silently. It is rebound now; another instance forward is
+    left to run and said so."""
+    model, ref = _build("mixtral"), _build("mixtral")
+    hooked = []
+    for layer in model.model.layers:  # accelerate's add_hook_to_module, reduced to what matters here
+        experts = layer.mlp.experts
+        experts._old_forward = experts.forward
+        experts.forward = lambda *a, _m=experts, **k: hooked.append(1) or _m._old_forward(*a, **k)
+    calls = []
+    for op in ("parallel_linear", "glu_moe"):
+        fn = getattr(transformers_moe, op)
+        monkeypatch.setattr(transformers_moe, op, lambda *a, _fn=fn, **k: calls.append(1) or _fn(*a, **k))
+    integrations.apply_scattermoe(model)
+    ids = _ids()
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        out = model(input_ids=ids).logits
+    layers = len(model.model.layers)
+    assert len(hooked) == len(calls) == layers, (hooked, calls)
+    with torch.no_grad():
+        assert _rel(out, ref(input_ids=ids).logits) < TOL
+    other = _build("mixtral")
+    plain = other.model.layers[0].mlp.experts
+    plain.forward = plain.forward  # an instance forward of no known hook: left alone, with a warning
+    with pytest.warns(UserWarning, match=r"1 MoE blocks keep their own code.*layers.0.mlp.experts \(its instance"):
+        integrations.apply_scattermoe(other)
+    assert type(plain).__name__ == "MixtralExperts"
 
 
 def test_experts_subclasses_with_their_own_forward_are_left_alone_and_said_so():

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
 
 from ..ops import glu_moe, parallel_linear
 from ..routing import flatten_sort_count
@@ -189,6 +191,19 @@ def _scattermoe_class(original: type, methods: Dict[str, Callable]) -> type:
     return _subclasses[original]
 
 
+def _patched_class(module: nn.Module, methods: Dict[str, Callable]) -> type:
+    """The class to give ``module``: ScatterMoE<its class>; for a module torch.nn.utils.parametrize has given a
+    class of its own (Parametrized<X>, holding the parametrized weights' properties), that class rebuilt over
+    ScatterMoE<X>, so that removing the parametrizations (which deletes the properties from the module's class and
+    then goes back to its first base) leaves ScatterMoE<X>, still patched."""
+    cls = type(module)
+    if not parametrize.is_parametrized(module):
+        return _scattermoe_class(cls, methods)
+    base = _scattermoe_class(cls.__bases__[0], methods)
+    attrs = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    return type(f"Parametrized{base.__name__}", (base,), attrs)
+
+
 def __getattr__(name: str) -> type:
     """ScatterMoE<Class> of a supported family, built on first use: how pickle (``torch.save(model)``, process
     spawning) finds a patched block's class in a process that has not patched anything yet."""
@@ -279,7 +294,15 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
         if any(getattr(cls, m) is not getattr(base, m) for m in methods):  # its own code: left to run it
             kept.append(f"{path} ({cls.__name__} overrides {base.__name__}.{'/'.join(methods)})")
             continue
-        module.__class__ = _scattermoe_class(cls, methods)
+        # accelerate's hooks (offloading, device maps) set an instance ``forward`` that calls ``_old_forward``,
+        # bound to the class's forward when hooked: rebound to ours, else the class swap would never run.
+        shadowed = [m for m in methods if m in vars(module)]
+        if shadowed and shadowed != ["forward"] or shadowed and "_old_forward" not in vars(module):
+            kept.append(f"{path} (its instance attribute {'/'.join(shadowed)} would bypass the patch)")
+            continue
+        module.__class__ = _patched_class(module, methods)
+        if shadowed:
+            module._old_forward = types.MethodType(module.__class__.forward, module)
         swapped += 1
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if swapped == 0 and kept:
@@ -290,7 +313,8 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
         raise _unsupported(f"no supported MoE block found in {type(model).__name__} (model_type={model_type!r})")
     if kept:
         warnings.warn(f"scattermoe: {len(kept)} MoE blocks keep their own code (their class overrides what "
-                      f"scattermoe replaces): {'; '.join(kept[:3])}" + ("; ..." if len(kept) > 3 else ""))
+                      f"scattermoe replaces, or an instance attribute shadows it): {'; '.join(kept[:3])}"
+                      + ("; ..." if len(kept) > 3 else ""))
     return model
 
 
