@@ -73,3 +73,22 @@ def test_without_triton_the_check_runs_the_other_backends_and_says_why_not_trito
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped: triton is not installed" in proc.stdout
     assert any(line.startswith("torch ") and line.endswith("pass") for line in proc.stdout.splitlines())
+
+
+def test_the_command_runs_triton_in_the_interpreter_without_the_variable_set():
+    """`python -m scattermoe` as the README gives it, on a machine without a GPU and without TRITON_INTERPRET: the
+    package's import has already imported Triton's language (compiled mode), so the command runs itself again with
+    the variable set first. Before, the triton row failed ("Cannot call @triton.jit'd outside of the scope of a
+    kernel") and the command exited 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the command runs the compiled kernels on the GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "scattermoe", *SMALL], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert any(line.startswith("triton ") and line.endswith("pass") for line in proc.stdout.splitlines()), proc.stdout
