@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     training(t, default_out_dir("train"), None, 16, 128, None, fsdp=True)
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
-                   "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 128 GB); "
+                   "instead of a whole replica on each (DDP); JetMoE-8B needs it (16 bytes a parameter, 136 GB); "
                    "under --amp the decoder layers are gathered in bfloat16")
     t.add_argument("--sharded-optimizer-state", action="store_true",
                    help="with --fsdp: each process writes its own shards of the optimizer state "

@@ -9,8 +9,8 @@ groups and give the same losses and gradients (DDP averages gradients exactly as
 resumed run continues with the batches the uninterrupted run would have seen.
 
 DDP keeps a whole replica per process: fp32 weights, gradients and two Adam moments, 16 bytes a parameter,
-128 GB for JetMoE-8B, more than a GPU holds. ``fsdp=True`` shards all four over the processes instead
-(FSDP2 ``fully_shard``, each decoder layer a unit: 16 GB per GPU over 8), with the same losses: FSDP's
+136 GB for JetMoE-8B, more than a GPU holds. ``fsdp=True`` shards all four over the processes instead
+(FSDP2 ``fully_shard``, each decoder layer a unit: 17 GB per GPU over 8), with the same losses: FSDP's
 reduce-scatter averages gradients as DDP's all-reduce does. Checkpoints are the same files either way (HF
 layout and one full optimizer state, gathered to rank 0), so a run can resume in the other mode. FSDP
 gathers the weights to rank 0 one file (at most 5 GB) at a time, but the optimizer state whole (JetMoE-8B: 68
