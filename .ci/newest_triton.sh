@@ -5,7 +5,7 @@
 # so `pip install -e .` on a fresh machine gets the newest Triton, and with it numpy 2.4. This leg runs
 # the interpreter tests of every kernel (parallel_linear forward and backward, GLU, routing, dW order, the original API)
 # and the ahead-of-time sm_90 compile (wgmma, shared memory, spills per autotune config) under that
-# Triton, in a venv of its own from the source tree: ~1 minute to build the venv, ~3 of tests on 2 cores.
+# Triton, in a venv of its own from the source tree: ~1 minute to build the venv, ~4 of tests on 2 cores (230 s beside the first leg, 2026-12-02).
 #
 # Usage: bash .ci/newest_triton.sh [VENV_DIR] (default: a fresh temporary folder). Exit status: pytest's;
 # when the venv cannot be built (no network for the wheel), 1 under CI=true, else 0 with a warning.

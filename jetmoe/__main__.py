@@ -401,7 +401,12 @@ def _train(args, demo: bool) -> None:
     docs = load_corpus(args.data)
     tokens = tokenize(docs, tokenizer)
     from .model import PRESETS
-    lr = args.lr if args.lr is not None else (4e-3 if args.model in PRESETS else 2e-5)
+    from .train import saved_train_config
+    lr = args.lr
+    if lr is None and args.resume:  # the run's own: --model's default would be a preset's (4e-3) after a fine-tune
+        lr = saved_train_config(args.out).get("lr")
+    if lr is None:
+        lr = 4e-3 if args.model in PRESETS else 2e-5
     cfg = TrainConfig(out_dir=str(args.out), steps=args.steps, seconds=args.seconds, batch_size=args.batch_size,
                       seq_len=args.seq_len, grad_accum=args.grad_accum, lr=lr, warmup_steps=args.warmup,
                       save_every=args.save_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
@@ -505,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--grad-accum", type=_number(int, "grad-accum", 1), default=1)
         sp.add_argument("--lr", type=_number(float, "lr", 0, low_open=True), default=lr,
                         help="peak learning rate (default: 4e-3 for a preset trained from scratch, 2e-5 to "
-                        "fine-tune a checkpoint)")
+                        "fine-tune a checkpoint, the run's own with --resume)")
         sp.add_argument("--warmup", type=_number(int, "warmup", 0), default=20, help="warm-up steps")
         sp.add_argument("--save-every", type=_number(int, "save-every", 0), default=0,
                         help="steps between checkpoints (0: at the end)")

@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_weights, save_pretrained
@@ -92,6 +93,19 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation losses (0: at the end only); needs val_fraction
     eval_windows: int = 32  # windows of seq_len held-out tokens per validation, spread evenly over the held-out part
     # (under torchrun rounded down to a multiple of the process count, which shares them)
+
+
+# What must stay as it was for a resumed run to continue the one it resumes (val_fraction: warned about apart).
+RESUME_SETTINGS = ("lr", "warmup_steps", "seed", "batch_size", "seq_len", "grad_accum", "grad_clip")
+
+
+def saved_train_config(out_dir: Union[str, Path]) -> dict:
+    """The TrainConfig (as a dict) of the checkpoint in out_dir, or {} without one. Memory-mapped: the optimizer
+    state beside it (68 GB for JetMoE-8B) is not read."""
+    path = Path(out_dir) / TRAINER_STATE
+    if not path.is_file():
+        return {}
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("train_config", {})
 
 
 class TrainingDiverged(RuntimeError):
@@ -140,9 +154,11 @@ def load_corpus(paths: Optional[Sequence[Union[str, Path]]] = None) -> List[str]
 
 
 def tokenize(docs: Sequence[str], tokenizer: Tokenizer) -> torch.Tensor:
-    """One stream [N] of every document's ids (BOS first), int16/int32 to keep a big corpus small in memory."""
+    """One stream [N] of every document's ids, BOS first and EOS last (so that a model learns where a text ends,
+    and generation stops at EOS), int16/int32 to keep a big corpus small in memory."""
     dtype = torch.int16 if tokenizer.vocab_size <= 32767 else torch.int32
-    return torch.cat([torch.tensor(tokenizer.encode(doc), dtype=dtype) for doc in docs])
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return torch.cat([torch.tensor(tokenizer.encode(doc) + eos, dtype=dtype) for doc in docs])
 
 
 def _check_corpus_length(tokens: torch.Tensor, seq_len: int) -> None:
@@ -156,7 +172,7 @@ def get_batch(tokens: torch.Tensor, step: int, micro: int, rank: int, world: int
     _check_corpus_length(tokens, cfg.seq_len)
     per_step = cfg.batch_size * cfg.grad_accum * world
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    starts = torch.randint(0, tokens.numel() - cfg.seq_len, (per_step,), generator=g)
+    starts = torch.randint(0, tokens.numel() - cfg.seq_len + 1, (per_step,), generator=g)  # the last window too
     mine = starts[(micro * world + rank) * cfg.batch_size:][:cfg.batch_size]
     return torch.stack([tokens[s:s + cfg.seq_len] for s in mine.tolist()]).long()
 
@@ -384,8 +400,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                 loss = (out.loss + out.aux_loss) / len(micro_batches)
             loss.backward()
         sums.append(torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()]))
+    # The gradients' norm (clipped to grad_clip, when > 0): a non-finite one would make every weight NaN (clipping
+    # multiplies by 0), so the run stops before the update. One host sync, once the backward is done.
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if not bool(torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        ce, aux = (torch.stack(sums).sum(0) / len(micro_batches)).tolist()
+        raise TrainingDiverged(f"the loss is {ce} (aux loss {aux})" if not (math.isfinite(ce) and math.isfinite(aux))
+                               else f"the gradients' norm is {norm.item()} (loss {ce})")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ce_sum, aux_sum = torch.stack(sums).sum(0).tolist()  # after the step's kernels are all queued
@@ -540,7 +566,13 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             warnings.warn(f"resuming at step {step} with a --seconds budget only: the learning-rate schedule (a "
                           "cosine over this run's seconds) starts again from its peak, without warm-up; give --steps "
                           "(the whole run's step count) to continue one schedule across resumes")
-        saved_fraction = state.get("train_config", {}).get("val_fraction", 0.0)
+        saved_cfg = state.get("train_config", {})
+        changed = [f"{k} {saved_cfg[k]} -> {getattr(cfg, k)}" for k in RESUME_SETTINGS
+                   if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
+        if changed and rank == 0:
+            warnings.warn(f"resuming a run trained with other settings ({', '.join(changed)}): its batches or its "
+                          "learning-rate schedule differ from here on from an uninterrupted run's")
+        saved_fraction = saved_cfg.get("val_fraction", 0.0)
         if saved_fraction != cfg.val_fraction and rank == 0:  # the training part moved: other batches from here on
             warnings.warn(f"resuming a run trained with val_fraction {saved_fraction} with val_fraction "
                           f"{cfg.val_fraction}: the held-out tail, and so the training batches, differ from the "
@@ -594,7 +626,17 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, elapsed / cfg.seconds if cfg.seconds else 0.0)
             batches = [get_batch(tokens, step, a, rank, world, cfg) for a in range(cfg.grad_accum)]
-            loss, aux = train_step(ddp, optimizer, batches, cfg.grad_clip, amp_dtype)
+            # Dropout (config.attention_dropout) draws from a seed of the step's own: a resumed run draws what an
+            # uninterrupted one would.
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
+            try:
+                loss, aux = train_step(ddp, optimizer, batches, cfg.grad_clip, amp_dtype)
+            except TrainingDiverged as exc:  # found before the update: the weights are the last step's
+                if bar is not None:
+                    bar.close()
+                raise TrainingDiverged(f"step {step + 1}: {exc}: training diverged (a smaller --lr, a longer "
+                                       f"--warmup?); stopped before this step's update, without saving; "
+                                       f"{cfg.out_dir}'s last checkpoint is kept") from None
             step += 1
             now = time.perf_counter()
             elapsed = now - start
@@ -631,8 +673,12 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                 if log is not None and (step % cfg.log_every == 0 or step == 1 or "val_loss" in rec):
                     log(rec)
             if cfg.save_every and step % cfg.save_every == 0 and not stop:
+                saving = time.perf_counter()
                 _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
-            if stop:
+                # Saving is not training time either (JetMoE-8B: minutes): off the clock, as evaluation is.
+                start += time.perf_counter() - saving
+                last = time.perf_counter()
+            if stop or interrupt.requested:  # a Ctrl-C during the log, an evaluation or a save: no further step
                 break
     if bar is not None:
         bar.close()
@@ -689,6 +735,15 @@ def plot_train_log(out_dir: Union[str, Path]) -> Optional[str]:
 
 
 def _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded) -> None:
+    # An update can make the weights non-finite with a finite loss and gradients (an infinite learning rate):
+    # such weights are never saved over the last checkpoint.
+    finite = torch.stack([torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
+                          for p in model.parameters()]).all().float()
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        raise TrainingDiverged(f"step {step}: the weights are not finite after this step's update: training diverged "
+                               f"(a smaller --lr?); not saved, {cfg.out_dir}'s last checkpoint is kept")
     if rank == 0 or sharded:  # sharded: every rank takes part in gathering the state to rank 0
         save_checkpoint(model, optimizer, step, cfg, tokenizer, sharded)
     if world > 1:
