@@ -37,6 +37,7 @@ _DEBUG = env_flag("SCATTERMOE_DEBUG")
 _DEVICE_ASSERTS = env_flag("SCATTERMOE_DEVICE_ASSERTS", default=True)
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+MAX_EXPERTS = 2**31 - 1  # expert ids and offsets are read as 32-bit ints by the kernels
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -86,16 +87,17 @@ def check_tensor(name: str, t, *, dim: Optional[int] = None, dtypes=None, device
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
 
 
-def positive_int(name: str, value, *, minimum: int = 1) -> int:
+def positive_int(name: str, value, *, minimum: int = 1, maximum: Optional[int] = None) -> int:
     """value as an int (numpy ints too), or a ValueError naming the argument; bools and floats are refused."""
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     try:
         if isinstance(value, bool):
             raise TypeError
         number = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}") from None
-    if number < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {number}")
+        raise ValueError(f"{name}: expected an int {bounds}, got {value!r}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        raise ValueError(f"{name}: expected an int {bounds}, got {number}")
     return number
 
 
@@ -147,7 +149,7 @@ def check_index_range(name: str, t: torch.Tensor, bound: int, what: str) -> None
 
 def check_expert_idxs(expert_idxs: torch.Tensor, num_experts: int) -> None:
     check_tensor("expert_idxs", expert_idxs, dtypes=_INDEX_DTYPES)
-    positive_int("num_experts", num_experts)
+    positive_int("num_experts", num_experts, maximum=MAX_EXPERTS)
     check_index_range("expert_idxs", expert_idxs, num_experts, "expert ids")
 
 

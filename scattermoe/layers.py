@@ -341,6 +341,9 @@ class MoA(nn.Module):
             raise ValueError(f"routing: made by map for {mapped} tokens, but attn_out holds "
                              f"{tokens} (shape {tuple(attn_out.shape)}): pass the routing map returned for these "
                              "tokens")
+        if routing.expert_offsets.numel() != self.num_experts:
+            raise ValueError(f"routing: made by a map over {routing.expert_offsets.numel()} experts, but this layer "
+                             f"has {self.num_experts}: pass the routing of this layer's own map")
         # Same count, other layout (e.g. [L, B] for map's [B, L]: tokens would be paired with other tokens' routing).
         # One flat token dim, or dims of size 1 added or dropped, keep the order.
         token_shape = tuple(routing.expert_p.shape[:-1])

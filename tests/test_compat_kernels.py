@@ -40,6 +40,10 @@ def test_allow_tf32_is_the_triton_switch():
         kops.ALLOW_TF32 = False
         assert triton_config.ALLOW_TF32 is False and kops.ALLOW_TF32 is False
         assert triton_config.input_precision(torch.float32) == "ieee"
+        for bad in ("no", "False", None, 2):  # bool("no") would have turned TF32 on
+            with pytest.raises(ValueError, match="^ALLOW_TF32: expected True or False"):
+                kops.ALLOW_TF32 = bad
+            assert triton_config.ALLOW_TF32 is False
     finally:
         triton_config.ALLOW_TF32 = before
 

@@ -392,6 +392,12 @@ def test_experts_with_parametrized_weights_are_patched_and_train_their_parametri
         assert _rel(model(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL
 
 
+def test_register_experts_implementation_refuses_a_name_that_is_not_a_str():
+    for bad in (3, None, ""):  # transformers would hold a key no experts_implementation= can select
+        with pytest.raises(TypeError, match="^name: expected a non-empty str"):
+            integrations.register_experts_implementation(bad)
+
+
 def test_experts_behind_accelerate_style_hooks_are_patched(monkeypatch):
     """accelerate's hooks (device_map offloading) set an instance ``forward`` calling ``module._old_forward``, which
     shadowed the patched class: the patch ran nowhere, silently. It is rebound now; another instance forward is

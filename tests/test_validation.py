@@ -386,6 +386,20 @@ def test_flatten_sort_count_rejects_a_bool_expert_count():
         scattermoe.flatten_sort_count(torch.zeros(2, 1, dtype=torch.long), True)
 
 
+@pytest.mark.parametrize("num_experts", [2**31, 2**40, 2**63, 2**64])
+def test_flatten_sort_count_names_an_expert_count_past_32_bits(num_experts):
+    # (it reached torch.arange: an allocation failure or an int64 overflow, naming no argument)
+    with pytest.raises(ValueError, match=r"^num_experts: expected an int in \[1, 2147483647\]"):
+        scattermoe.flatten_sort_count(torch.zeros(2, 1, dtype=torch.long), num_experts)
+
+
+def test_moa_reduce_rejects_routing_made_by_a_layer_with_other_experts():
+    other = scattermoe.MoA(D, 4, 2, E + 1, K)
+    q, routing = other.map(torch.randn(B, L, D), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
+    with pytest.raises(ValueError, match=rf"^routing: made by a map over {E + 1} experts, but this layer has {E}"):
+        scattermoe.MoA(D, 4, 2, E, K).reduce(q, routing)
+
+
 # ---- backend selection ----
 
 def test_set_backend_rejects_unknown_names():

@@ -326,6 +326,8 @@ def register_experts_implementation(name: str = "scattermoe") -> None:
     patching at all. JetMoE's blocks are not experts classes of that interface: use
     ``apply_scattermoe`` or ``apply_scattermoe_to_jetmoe`` there.
     """
+    if not isinstance(name, str) or not name:  # another key could never be selected by experts_implementation=
+        raise TypeError(f"name: expected a non-empty str, got {name!r}")
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     ALL_EXPERTS_FUNCTIONS.register(name, _fused_experts_forward)

@@ -236,6 +236,7 @@ class _KernelOpsModule(types.ModuleType):
     @ALLOW_TF32.setter
     def ALLOW_TF32(self, value: bool) -> None:
         global _allow_tf32_without_triton
+        value = flag("ALLOW_TF32", value)  # "no" would otherwise turn TF32 on
         config = _triton_config()
         if config is not None:
             config.ALLOW_TF32 = bool(value)
