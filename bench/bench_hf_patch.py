@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -83,8 +83,10 @@ def _time_step(model, batches: List[torch.Tensor], repeats: int) -> List[float]:
     return times
 
 
-def run(quick: bool = False, batch: int = 4, seq: int = 2048, log=print) -> List[Dict]:
-    """The rows (bench JSON schema) for every family: impl 'transformers' and 'transformers_scattermoe'."""
+def run(quick: bool = False, batch: int = 4, seq: int = 2048, log=print,
+        on_family: Callable[[List[Dict]], None] = lambda rows: None) -> List[Dict]:
+    """The rows (bench JSON schema) for every family: impl 'transformers' and 'transformers_scattermoe'.
+    ``on_family(rows so far)`` after each family."""
     from scattermoe.integrations import apply_scattermoe
 
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -123,6 +125,7 @@ def run(quick: bool = False, batch: int = 4, seq: int = 2048, log=print) -> List
             rows.append(dict(base, impl="transformers_scattermoe", ms=None, tflops=None, peak_mem_gb=None,
                              status="error", error=f"{type(exc).__name__}: {exc}"))
             log(f"{base['case']:<28} error: {type(exc).__name__}: {exc}")
+        on_family(rows)
     return rows
 
 
@@ -134,12 +137,16 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench.bench_hf_patch: needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    rows = run(args.quick)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        created = time.strftime("%Y-%m-%dT%H:%M:%S")
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "created": created, "rows": rows},
-                                       indent=1))
+    created = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    def write(rows) -> None:  # after each family: a run stopped by the clock keeps the families it finished
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"device": torch.cuda.get_device_name(), "created": created, "rows": rows}
+            args.out.write_text(json.dumps(payload, indent=1))
+
+    rows = run(args.quick, on_family=write)
+    write(rows)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

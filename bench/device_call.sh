@@ -7,21 +7,50 @@
 # 8 from $OUT. So everything goes to a scratch folder, then into $OUT/gpu_check.tgz, with the summary
 # (each step's exit status) beside it. Unpack here into a folder and copy the results to bench/results/.
 #
+# The tool returns only what is in $OUT when the command ends, and kills it at its timeout_s: a run that
+# overruns its budget would bring nothing back. So a snapshot of the scratch folder goes to $OUT at
+# budget + 30 s (DEVICE_CALL_SNAPSHOT_S), gpu_check.sh is stopped at budget + 45 s (DEVICE_CALL_KILL_S), and
+# the archive is written after it ends either way.
+#
 # Arguments: the steps (GPU_CHECK_STEPS) and the budget in seconds (GPU_CHECK_BUDGET_S). Exit status:
-# gpu_check.sh's.
+# gpu_check.sh's (124 when stopped), or 65 when what bench/prepare_gpu_carry.sh makes was not carried
+# (DEVICE_CALL_WITHOUT_CARRY=1 runs anyway: no csrc module, no original ScatterMoE, commit unknown).
 set -u
 STEPS="${1:-csrc tests bench e2e hf}"
 BUDGET="${2:-540}"
 DEST="${OUT:?device_call.sh runs on the device machine, where OUT names the folder that comes back}"
+here="$(dirname "${BASH_SOURCE[0]}")"
+carried="$here/../third_party/carried_commit"
+if [ ! -f "$carried" ] && [ "${DEVICE_CALL_WITHOUT_CARRY:-0}" != 1 ]; then
+    # Minutes of device time would go to a run without the csrc module and with no commit named: stop now.
+    echo "device_call: third_party/ was not carried (run bash bench/prepare_gpu_carry.sh in this checkout, then" \
+         "call with carry=[\"third_party\"]; DEVICE_CALL_WITHOUT_CARRY=1 runs without it)" | tee "$DEST/gpu_check_summary.txt" >&2
+    exit 65
+fi
 scratch="$(mktemp -d /tmp/gpu_check.XXXXXX)"
 # The copy has no .git: take the commit prepare_gpu_carry.sh recorded (re-run it after committing).
-carried="$(dirname "${BASH_SOURCE[0]}")/../third_party/carried_commit"
 if [ -z "${BENCH_COMMIT:-}" ] && [ -f "$carried" ]; then
     export BENCH_COMMIT="$(head -n 1 "$carried")" BENCH_DIRTY="$(tail -n 1 "$carried")"
 fi
+pack() {  # the scratch folder into $DEST/$1, written aside and renamed, so a reader never sees half of it
+    tar czf "$DEST/.$1.tmp" -C "$scratch" . 2>/dev/null && mv -f "$DEST/.$1.tmp" "$DEST/$1"
+    cp "$scratch/gpu_check_summary.txt" "$DEST/" 2>/dev/null
+}
+# (What is under $OUT comes back even when the tool kills the command at its timeout.)
+(
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    sleep "${DEVICE_CALL_SNAPSHOT_S:-$(( BUDGET + 30 ))}" &
+    nap=$!
+    wait "$nap" && pack gpu_check.partial.tgz
+) &
+snapshot=$!
 GPU_CHECK_STEPS="$STEPS" GPU_CHECK_BUDGET_S="$BUDGET" PYTHONUNBUFFERED=1 \
-    bash "$(dirname "${BASH_SOURCE[0]}")/gpu_check.sh" "$scratch"
+    timeout --signal=INT --kill-after=5 "${DEVICE_CALL_KILL_S:-$(( BUDGET + 45 ))}" \
+    bash "$here/gpu_check.sh" "$scratch"
 rc=$?
-tar czf "$DEST/gpu_check.tgz" -C "$scratch" .
-cp "$scratch/gpu_check_summary.txt" "$DEST/" 2>/dev/null
+kill "$snapshot" 2>/dev/null
+wait "$snapshot" 2>/dev/null
+[ "$rc" -eq 124 ] && echo "device_call: gpu_check.sh stopped after ${DEVICE_CALL_KILL_S:-$(( BUDGET + 45 ))} s" >&2
+pack gpu_check.tgz
+rm -f "$DEST/gpu_check.partial.tgz" "$DEST/.gpu_check.partial.tgz.tmp"
 exit "$rc"

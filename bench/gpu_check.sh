@@ -15,16 +15,17 @@
 #                 the GPU image has no internet); export SCATTERMOE_CSRC_MODULE for the later
 #                 steps, then compute-sanitizer memcheck over every csrc kernel
 #                 (python -m bench.csrc_memcheck);
-# 3. tests:       python -m pytest in four parts, most telling first: -m gpu; tests/test_cutlass_gpu.py;
-#                 tests/test_autotune_configs.py (these three over GPU_CHECK_TEST_WORKERS xdist workers,
-#                 default 8; with pytest-timeout, a test past GPU_CHECK_TEST_TIMEOUT_S, default 120, ends
-#                 its worker and fails); -m 'not gpu' (the CPU tests, in one process, with the time left);
-#                 JUnit XML into OUTDIR/junit_<part>.xml;
+# 3. tests:       python -m pytest in three parts, most telling first: -m gpu; tests/test_cutlass_gpu.py;
+#                 tests/test_autotune_configs.py (over GPU_CHECK_TEST_WORKERS xdist workers, default 8; with
+#                 pytest-timeout, a test past GPU_CHECK_TEST_TIMEOUT_S, default 120, ends its worker and
+#                 fails); JUnit XML into OUTDIR/junit_<part>.xml;
 # 4. bench:       python -m bench --out OUTDIR, the kernel suite (result .json / .md, .png if
 #                 matplotlib is there), most important cases first, within the time left; if an
 #                 implementation hangs (--hang-s), once more without it in the time left;
 # 5. e2e:         python -m bench --e2e --out OUTDIR (JetMoE vs transformers), if time is left;
-# 6. hf:          python -m bench.bench_hf_patch --quick (transformers models patched), if time is left.
+# 6. hf:          python -m bench.bench_hf_patch --quick (transformers models patched), if time is left;
+# 7. cputests:    -m 'not gpu' (the CPU tests, in one process, with the time left): not a default step, since
+#                 CI runs them on every commit; name it to run them under the image's versions.
 #
 # GPU_CHECK_STEPS picks steps (default "csrc tests bench e2e hf"). With 15 minutes of device time
 # (the machine's start included): "csrc tests bench" in one call, then "csrc e2e hf" with
@@ -257,12 +258,12 @@ EOF
     CSRC_TEST_RC=skipped
     AUTOTUNE_TEST_RC=skipped
     CPU_TEST_RC=skipped
+    TEST_START=$SECONDS
     if want tests; then
         # What only this machine can check comes first, within GPU_CHECK_TEST_BUDGET_S: the GPU tests,
         # then those of the never-run csrc kernels in their own processes (a fault there, an illegal
         # address, poisons the CUDA context and must not take the other results with it), then every
-        # autotune config compiled and checked, then the CPU tests (CI runs those on every commit) with
-        # what is left.
+        # autotune config compiled and checked. (The CPU tests are the cputests step's, after the benchmarks.)
         TEST_START=$SECONDS
         test_part gpu 60 workers tests -m gpu --ignore=tests/test_cutlass_gpu.py
         TEST_RC=$PART_RC
@@ -270,9 +271,6 @@ EOF
         CSRC_TEST_RC=$PART_RC
         test_part autotune 0 workers tests/test_autotune_configs.py
         AUTOTUNE_TEST_RC=$PART_RC
-        # Serial: its csrc build tests share build/csrc-cache/, which two workers would fill at once.
-        test_part cpu 0 serial tests -m "not gpu" --ignore=tests/test_cutlass_gpu.py --ignore=tests/test_autotune_configs.py
-        CPU_TEST_RC=$PART_RC
     fi
 
     # e2e and hf are short and fixed (~2-3 min together); the kernel suite takes what is left.
@@ -310,6 +308,13 @@ EOF
         step "transformers models, unpatched vs apply_scattermoe (issue 6)"
         run_if_time "$PY" -m bench.bench_hf_patch --quick --out "$OUT/hf_patch.json"
         HF_RC=$LAST_RC
+    fi
+
+    if want cputests; then  # last: CI runs these on every commit; here only for the image's versions
+        TEST_START=$SECONDS TEST_BUDGET=$(( BUDGET - SECONDS ))
+        # Serial: its csrc build tests share build/csrc-cache/, which two workers would fill at once.
+        test_part cpu 0 serial tests -m "not gpu" --ignore=tests/test_cutlass_gpu.py --ignore=tests/test_autotune_configs.py
+        CPU_TEST_RC=$PART_RC
     fi
 
     step "summary"

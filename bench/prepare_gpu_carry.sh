@@ -45,7 +45,7 @@ if [ ! -d third_party/scattermoe ]; then
         || echo "prepare: could not clone the original ScatterMoE; its benchmark rows will read unavailable"
 fi
 # The device's copy of the tree has no .git: the commit the result files name travels here (device_call.sh reads it).
-{ git rev-parse HEAD; if [ -n "$(git status --porcelain --untracked-files=no)" ]; then echo dirty; else echo clean; fi; } \
+{ git rev-parse HEAD; if [ -n "$(git status --porcelain --untracked-files=normal)" ]; then echo dirty; else echo clean; fi; } \
     > third_party/carried_commit
 echo "prepare: result files will name commit $(head -n 1 third_party/carried_commit) ($(tail -n 1 third_party/carried_commit))"
 du -sh third_party/* | sed 's/^/prepare: carry /'

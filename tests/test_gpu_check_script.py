@@ -82,3 +82,47 @@ def test_the_benchmark_runs_even_when_the_budget_is_spent_but_is_not_rerun(tmp_p
     assert len(calls) == 2 and "--hang-s 60 " in calls[0], calls
     assert "not run" in proc.stdout
     assert "bench_rc=3" in summary and "bench_hung=torch_grouped_mm" in summary
+
+
+# A stand-in interpreter whose `-m pip` (the install step, the first that runs python) never ends.
+SLOW_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then sleep 120; exit 0; fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def _device_call(tmp_path, env_extra, budget="1"):
+    fake = tmp_path / "python"
+    fake.write_text(SLOW_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "OUT"
+    out.mkdir()
+    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "OUT": str(out), **env_extra}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "device_call.sh"), "bench", budget], env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, out
+
+
+@needs_bash
+def test_device_call_brings_files_back_from_a_run_that_overruns(tmp_path):
+    """The device tool returns only what is in $OUT: a run past its budget is snapshotted there, then stopped and
+    archived, instead of bringing nothing back."""
+    import tarfile
+
+    proc, out = _device_call(tmp_path, {"DEVICE_CALL_WITHOUT_CARRY": "1", "DEVICE_CALL_SNAPSHOT_S": "2",
+                                        "DEVICE_CALL_KILL_S": "6"})
+    assert proc.returncode == 124, proc.stderr[-2000:]
+    assert "stopped after 6 s" in proc.stderr
+    with tarfile.open(out / "gpu_check.tgz") as tar:
+        names = {m.name.removeprefix("./") for m in tar.getmembers()}
+    assert "gpu_check.log" in names, names  # what the run printed until it was stopped
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tgz"]  # the partial snapshot replaced
+
+
+@needs_bash
+def test_device_call_refuses_in_seconds_when_third_party_was_not_carried(tmp_path):
+    if (REPO / "third_party" / "carried_commit").exists():
+        pytest.skip("this checkout has third_party/ prepared")
+    proc, out = _device_call(tmp_path, {})
+    assert proc.returncode == 65, proc.stderr[-2000:]
+    assert "third_party/ was not carried" in (out / "gpu_check_summary.txt").read_text()
