@@ -186,8 +186,9 @@ def test_a_diverged_run_stops_and_keeps_its_last_checkpoint(tmp_path, capsys):
     cfg = TrainConfig(out_dir=str(out), steps=2, batch_size=2, seq_len=16, warmup_steps=0, progress=False)
     train(model, tokens(), cfg)
     saved = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
-    with pytest.raises(TrainingDiverged, match=r"^step 4: the loss is nan"):  # step 3's update made it NaN
-        train(model, tokens(), dataclasses.replace(cfg, steps=6, lr=float("inf"), resume=True))
+    with pytest.raises(TrainingDiverged, match=r"^step 4: the loss is nan"), \
+            pytest.warns(UserWarning, match=r"resuming a run trained with other settings \(lr 0.004 -> inf\)"):
+        train(model, tokens(), dataclasses.replace(cfg, steps=6, lr=float("inf"), resume=True))  # step 3 made NaN
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != TRAIN_LOG} == \
         {name: data for name, data in saved.items() if name != TRAIN_LOG}
     log = (out / TRAIN_LOG).read_text()
@@ -195,7 +196,7 @@ def test_a_diverged_run_stops_and_keeps_its_last_checkpoint(tmp_path, capsys):
 
     # An update that leaves the weights non-finite while its loss was finite (the run ends right after it): not
     # saved either.
-    with pytest.raises(TrainingDiverged, match=r"^step 3: the weights are not finite"):
+    with pytest.raises(TrainingDiverged, match=r"^step 3: the weights are not finite"), pytest.warns(UserWarning):
         train(model, tokens(), dataclasses.replace(cfg, steps=3, lr=float("inf"), resume=True))
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != TRAIN_LOG} == \
         {name: data for name, data in saved.items() if name != TRAIN_LOG}
