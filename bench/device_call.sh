@@ -44,13 +44,13 @@ pack() {  # the scratch folder into $DEST/$1, written aside and renamed, so a re
     wait "$nap" && pack gpu_check.partial.tgz
 ) &
 snapshot=$!
+kill_s="${DEVICE_CALL_KILL_S:-$(( BUDGET + 45 ))}"
 GPU_CHECK_STEPS="$STEPS" GPU_CHECK_BUDGET_S="$BUDGET" PYTHONUNBUFFERED=1 \
-    timeout --signal=INT --kill-after=5 "${DEVICE_CALL_KILL_S:-$(( BUDGET + 45 ))}" \
-    bash "$here/gpu_check.sh" "$scratch"
+    timeout --signal=INT --kill-after=5 "$kill_s" bash "$here/gpu_check.sh" "$scratch"
 rc=$?
 kill "$snapshot" 2>/dev/null
 wait "$snapshot" 2>/dev/null
-[ "$rc" -eq 124 ] && echo "device_call: gpu_check.sh stopped after ${DEVICE_CALL_KILL_S:-$(( BUDGET + 45 ))} s" >&2
+[ "$rc" -eq 124 ] && echo "device_call: gpu_check.sh stopped after $kill_s s" >&2
 pack gpu_check.tgz
 rm -f "$DEST/gpu_check.partial.tgz" "$DEST/.gpu_check.partial.tgz.tmp"
 exit "$rc"

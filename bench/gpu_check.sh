@@ -258,7 +258,6 @@ EOF
     CSRC_TEST_RC=skipped
     AUTOTUNE_TEST_RC=skipped
     CPU_TEST_RC=skipped
-    TEST_START=$SECONDS
     if want tests; then
         # What only this machine can check comes first, within GPU_CHECK_TEST_BUDGET_S: the GPU tests,
         # then those of the never-run csrc kernels in their own processes (a fault there, an illegal

@@ -423,7 +423,7 @@ class Workload:
             if self.shape.kind == "glu_gemm":
                 tensors = [inp.dense["a"], self.w1]
             else:
-                names = {"bwd": ("a", "h", "dh", "dy"), "fwd_bwd": ("a", "h", "dh", "dy")}.get(mode, ("a", "h"))
+                names = ("a", "h", "dh", "dy") if "bwd" in mode else ("a", "h")
                 tensors = [inp.dense[n] for n in names] + [self.w1, self.w2]
         elif self.shape.kind == "routing":
             tensors = [inp.logits]

@@ -401,21 +401,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
             loss.backward()
         sums.append(torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()]))
     # The gradients' norm (clipped to grad_clip, when > 0): a non-finite one would make every weight NaN (clipping
-    # multiplies by 0), so the run stops before the update. One host sync, once the backward is done.
+    # multiplies by 0), so the run stops before the update.
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-    if not bool(torch.isfinite(norm)):
+    finite = bool(torch.isfinite(norm))  # the sync: the backward, and so every micro-step's loss, is done
+    ce_sum, aux_sum = torch.stack(sums).sum(0).tolist()
+    ce, aux = ce_sum / len(micro_batches), aux_sum / len(micro_batches)
+    if not finite:
         optimizer.zero_grad(set_to_none=True)
-        ce, aux = (torch.stack(sums).sum(0) / len(micro_batches)).tolist()
         raise TrainingDiverged(f"the loss is {ce} (aux loss {aux})" if not (math.isfinite(ce) and math.isfinite(aux))
                                else f"the gradients' norm is {norm.item()} (loss {ce})")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ce_sum, aux_sum = torch.stack(sums).sum(0).tolist()  # after the step's kernels are all queued
-    return ce_sum / len(micro_batches), aux_sum / len(micro_batches)
+    return ce, aux
 
 
 # Rank 0 writes a checkpoint (JetMoE-8B: 34 GB of weights, 68 GB of optimizer state) while the others wait at

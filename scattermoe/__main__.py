@@ -120,19 +120,18 @@ def _time_cuda_ms(model, x, gates, idx, dy, backend: str, repeats: int = 10) -> 
     return sorted(times)[len(times) // 2]
 
 
-def _rerun_with_interpreter() -> bool:
+def _rerun_with_interpreter() -> None:
     """Replace this process by `python -m scattermoe <same arguments>` with TRITON_INTERPRET=1 set before any
-    import; False where that cannot be done (then the caller reports why Triton's row cannot run)."""
+    import; returns only where that cannot be done (then the caller reports why Triton's row cannot run)."""
     if os.environ.get("_SCATTERMOE_SELFCHECK_RERUN"):  # once only: never a loop
-        return False
+        return
     env = dict(os.environ, TRITON_INTERPRET="1", _SCATTERMOE_SELFCHECK_RERUN="1")
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execve(sys.executable, [sys.executable, "-m", "scattermoe", *sys.argv[1:]], env)
     except OSError:
-        return False
-    return True
+        return
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -166,8 +165,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             # language: too late to set the variable here. As a command, run again with it set first.
             late = "TRITON_INTERPRET" not in os.environ and (
                 "triton.language" in sys.modules or "scattermoe.backends.triton" in sys.modules)
-            if late and argv is None and _rerun_with_interpreter():
-                return 0  # unreachable: the process was replaced
+            if late and argv is None:
+                _rerun_with_interpreter()
             if late:
                 interpreter_problem = "Triton was imported before TRITON_INTERPRET=1 could be set (set it first)"
             os.environ.setdefault("TRITON_INTERPRET", "1")

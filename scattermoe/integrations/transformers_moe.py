@@ -297,7 +297,8 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
         # accelerate's hooks (offloading, device maps) set an instance ``forward`` that calls ``_old_forward``,
         # bound to the class's forward when hooked: rebound to ours, else the class swap would never run.
         shadowed = [m for m in methods if m in vars(module)]
-        if shadowed and shadowed != ["forward"] or shadowed and "_old_forward" not in vars(module):
+        hooked = shadowed == ["forward"] and "_old_forward" in vars(module)
+        if shadowed and not hooked:
             kept.append(f"{path} (its instance attribute {'/'.join(shadowed)} would bypass the patch)")
             continue
         module.__class__ = _patched_class(module, methods)

@@ -239,8 +239,8 @@ class _KernelOpsModule(types.ModuleType):
         value = flag("ALLOW_TF32", value)  # "no" would otherwise turn TF32 on
         config = _triton_config()
         if config is not None:
-            config.ALLOW_TF32 = bool(value)
-        _allow_tf32_without_triton = bool(value)
+            config.ALLOW_TF32 = value
+        _allow_tf32_without_triton = value
 
 
 sys.modules[__name__].__class__ = _KernelOpsModule
