@@ -221,6 +221,9 @@ def test_kernel_ops_reject_bad_input_by_name(backend):
         (lambda: kops.group_bwd_W(DY, xg, offsets.diff(prepend=offsets.new_zeros(1)), E), ValueError,
          r"^expert_offsets: "),  # counts, not cumulative counts
         (lambda: kops.group_bwd_W(DY, xg, offsets.flip(0), E), ValueError, r"^expert_offsets: "),
+        # Ending short of N: the rows past the last offset would belong to no expert's dW.
+        (lambda: kops.group_bwd_W(DY, xg, torch.minimum(offsets, offsets.new_tensor(T * K - 2)), E), ValueError,
+         rf"^expert_offsets: .*up to N={T * K}"),
         (lambda: kops.group_bwd_W(DY, xg, offsets.float(), E), TypeError, r"^expert_offsets: "),
         (lambda: kops.group_bwd_W(DY.half(), xg, offsets, E), TypeError, r"^DY: .*dtype"),
         (lambda: kops.group_bwd_W(DY, xg, offsets, 0), ValueError, r"^E: "),

@@ -110,26 +110,30 @@ def test_glu_rejects_odd_width():
 
 
 GLU_MOE_SHAPES = [
-    # (T, E, K, D, F, bias, activate_first)
-    (23, 5, 2, 24, 20, True, True),    # odd sizes, with biases, JetMoE's half order
-    (1, 4, 2, 16, 16, False, False),   # T=1, ScatterMoE's half order
-    (19, 3, 3, 40, 36, True, False),   # k=E
-    (25, 6, 1, 24, 20, True, True),    # k=1
-    (21, 1, 1, 24, 20, False, True),   # E=1
+    # (T, E, K, D, F, biases, activate_first); biases: both, none, or one alone (b_in and b_out are independent)
+    (23, 5, 2, 24, 20, "both", True),   # odd sizes, with biases, JetMoE's half order
+    (1, 4, 2, 16, 16, "none", False),   # T=1, ScatterMoE's half order
+    (19, 3, 3, 40, 36, "both", False),  # k=E
+    (25, 6, 1, 24, 20, "both", True),   # k=1
+    (21, 1, 1, 24, 20, "none", True),   # E=1
+    (23, 5, 2, 24, 20, "in", True),     # the first GEMM's bias alone
+    (19, 3, 3, 40, 36, "out", False),   # the second GEMM's bias alone
 ]
 
 
 @pytest.mark.parametrize("combine", ["scatter", "gather"])
-@pytest.mark.parametrize("T, E, K, D, F_, bias, activate_first", GLU_MOE_SHAPES)
+@pytest.mark.parametrize("T, E, K, D, F_, biases, activate_first", GLU_MOE_SHAPES)
 @pytest.mark.parametrize("dev, dtype", DEVICE_DTYPES)
-def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activate_first, dev, dtype, combine):
+def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, biases, activate_first, dev, dtype, combine):
     """GLUMLP with SiLU runs ops.glu_moe (fused GLU, G recomputed in backward): every gradient, gates included,
     with either top-k combine (scattermoe.set_topk_combine)."""
-    layer = scattermoe.GLUMLP(D, F_, E, K, bias=bias, activate_first=activate_first).to(dev, dtype)
-    if bias:
+    layer = scattermoe.GLUMLP(D, F_, E, K, bias=biases != "none", activate_first=activate_first).to(dev, dtype)
+    if biases != "none":
         with torch.no_grad():
             for b in (layer.experts.bias, layer.output_experts.bias):
                 b.normal_()
+        if biases != "both":
+            (layer.output_experts if biases == "in" else layer.experts).bias = None
     x = torch.randn(T, D, dtype=dtype, device=dev, requires_grad=True)
     p, idx = scattermoe.topk_gating(torch.randn(T, E, device=dev), K)
     p = p.to(dtype).requires_grad_()
@@ -139,7 +143,9 @@ def test_glu_moe_layer_matches_per_token_reference(T, E, K, D, F_, bias, activat
     inputs = [x, p] + list(layer.parameters())
     grads = torch.autograd.grad(y, inputs, dy)
     ref = [t.detach().double().requires_grad_() for t in inputs]
-    w_in, b_in, w_out, b_out = (ref[2], ref[3], ref[4], ref[5]) if bias else (ref[2], None, ref[3], None)
+    params = dict(zip([n for n, _ in layer.named_parameters()], ref[2:]))
+    w_in, w_out = params["experts.weight"], params["output_experts.weight"]
+    b_in, b_out = params.get("experts.bias"), params.get("output_experts.bias")
     y_ref = reference.moe_mlp_per_token(ref[0], ref[1], idx.cpu(), w_in, w_out, b_in, b_out, F.silu, activate_first)
     ref_grads = torch.autograd.grad(y_ref, ref, dy.double())
     names = ["y", "dx", "dgates"] + [f"d{n}" for n, _ in layer.named_parameters()]

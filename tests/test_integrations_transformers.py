@@ -505,3 +505,36 @@ def test_expert_parallel_experts_run_their_own_loop(monkeypatch):
 
     monkeypatch.setattr(transformers_moe, "flatten_sort_count", no_scattermoe_routing)
     _assert_same_loss_and_grads(model, ref, _ids())
+
+
+def test_fused_experts_with_another_activation_run_their_own_gate():
+    """A fused-experts family configured with GELU leaves the fused SiLU GLU op: act(first half) * second half."""
+    ref = _build("mixtral", hidden_act="gelu")
+    model = integrations.apply_scattermoe(copy.deepcopy(ref))
+    assert _scattermoe_classes(model) == {"ScatterMoEMixtralExperts"}
+    _assert_same_loss_and_grads(model, ref, _ids())
+
+
+def test_experts_with_a_post_expert_norm_run_their_own_loop():
+    """A post-expert norm (transformers' has_post_expert_norm: a norm between each expert's output and its gate)
+    is not in scattermoe's ops: experts_implementation="scattermoe" then runs the class's own loop, norm included."""
+    muse = pytest.importorskip("transformers.models.muse_spark.modeling_muse_spark")
+    integrations.register_experts_implementation()
+    config = muse.MuseSparkTextConfig(hidden_size=32, moe_hidden_size=32, moe_intermediate_size=16,
+                                      num_local_experts=4, num_experts_per_tok=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    torch.manual_seed(0)
+    experts = muse.MuseSparkExperts(config).float()
+    with torch.no_grad():
+        for name, p in experts.named_parameters():
+            p.normal_(0.0, 0.3) if "proj" in name else p.normal_(1.0, 0.3)
+    assert experts.has_post_expert_norm
+    T = 7
+    h, w = torch.randn(T, 32), torch.rand(T, 2)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(T)])
+    config._experts_implementation = "eager"
+    want = experts(h, idx, w)
+    config._experts_implementation = "scattermoe"
+    with scattermoe.use_backend("torch"):
+        got = experts(h, idx, w)
+    assert _rel(got, want) < TOL

@@ -95,6 +95,23 @@ def test_rmsnorm_eps_quirk():
     assert {layer.post_attention_layernorm.eps for layer in model.model.layers} == {1e-6}
 
 
+def test_init_is_transformers_init():
+    """N(0, initializer_range) matrices, zero biases, unit norms, and a zero padding row (nn.Embedding's padding_idx,
+    which init_weights' redraw must not undo: a pad token would otherwise carry a random vector)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, vocab_size=4096, initializer_range=0.05)
+    model = JetMoEForCausalLM(cfg)
+    embed = model.model.embed_tokens.weight
+    assert bool((embed[cfg.pad_token_id] == 0).all())
+    others = torch.cat([embed[:cfg.pad_token_id], embed[cfg.pad_token_id + 1:]])
+    assert abs(others.std().item() - 0.05) < 0.002 and abs(others.mean().item()) < 0.002
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert bool((p == 1).all()), name
+        elif p.dim() == 1:
+            assert bool((p == 0).all()), name
+
+
 def test_aux_loss_drops_padding_tokens():
     model = random_model()
     x = torch.randint(3, TINY.vocab_size, (2, 7))

@@ -267,8 +267,9 @@ def test_glumlp_runs_a_silu_subclass_as_written(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_glumlp_with_silu_honours_hooks_and_subclassed_experts(backend):
-    """The fused SiLU op reads both weights directly; a forward hook on an expert module, or an expert module
-    whose class has its own forward (an adapter), must still take effect: the layer then runs them as modules."""
+    """The fused SiLU op reads both weights directly; a forward hook or pre-hook (FSDP2's unshard is one) on an
+    expert module, or an expert module whose class has its own forward (an adapter), must still take effect: the
+    layer then runs them as modules."""
     T, D, F_, E, K = 9, 16, 12, 4, 2
     torch.manual_seed(4)
     layer = scattermoe.GLUMLP(D, F_, E, K)
@@ -280,7 +281,10 @@ def test_glumlp_with_silu_honours_hooks_and_subclassed_experts(backend):
         handle = layer.output_experts.register_forward_hook(lambda module, args, out: out * 0.5)
         hooked = layer(x, p, idx)
         handle.remove()
-        assert torch.equal(layer(x, p, idx), plain)  # hook removed: the fused op again
+        handle = layer.output_experts.register_forward_pre_hook(lambda module, args: (0.5 * args[0],) + args[1:])
+        pre_hooked = layer(x, p, idx)
+        handle.remove()
+        assert torch.equal(layer(x, p, idx), plain)  # hooks removed: the fused op again
 
         class Doubled(scattermoe.ParallelExperts):
             def forward(self, *args, **kwargs):
@@ -291,6 +295,7 @@ def test_glumlp_with_silu_honours_hooks_and_subclassed_experts(backend):
         layer.experts = doubled
         subclassed = layer(x, p, idx)
     torch.testing.assert_close(hooked, 0.5 * plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pre_hooked, 0.5 * plain, rtol=1e-5, atol=1e-6)  # the second GEMM is linear
     # GLU(2h) with silu(a) * b: silu(2a) * 2b, not 2 * GLU(h); so compare to the reference with doubled weights
     want = reference.moe_mlp_per_token(x.double(), p.double(), idx, 2 * layer.experts.weight.double(),
                                        layer.output_experts.weight.double(), None, None, F.silu, False)

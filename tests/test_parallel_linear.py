@@ -127,7 +127,7 @@ def test_triton_fp32_gates_beside_fp16_x(mode):
                                  pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_registered_ops_take_strided_index_scale_and_gradient_tensors(dev):
     """torch.ops.scattermoe.* are reachable without the public functions' checks: a strided slot-id, offsets or
-    row_scale tensor, or a column-major dG, gives what its contiguous copy gives."""
+    row_scale tensor, or a column-major dG or pre-activation, gives what its contiguous copy gives."""
     T, K, E, D, F = 9, 2, 3, 24, 20
     _, scattered, offsets = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K, "random", dev), E)
     x, w = torch.randn(T, D, device=dev), torch.randn(E, D, F, device=dev)
@@ -142,6 +142,8 @@ def test_registered_ops_take_strided_index_scale_and_gradient_tensors(dev):
         "scatter2scatter": lambda s, o, r, g: (ops.scatter2scatter(x, w, None, s, o, r, K, False, False, "triton"),),
         "group_bwd_w": lambda s, o, r, g: ops.group_bwd_w(x, dy, s, o, w, r, K, 1, False, False, True, "triton"),
         "glu_backward": lambda s, o, r, g: ops.glu_backward(pre, g, r, True, True, True, "triton"),
+        "glu_backward (column-major pre)": lambda s, o, r, g: ops.glu_backward(
+            pre if s.is_contiguous() else pre.t().contiguous().t(), g, r, True, True, True, "triton"),
     }
     for name, call in calls.items():
         want = call(scattered, offsets, scale, dg)

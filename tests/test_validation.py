@@ -85,6 +85,9 @@ BAD_INPUTS = {
     "gates_with_grouped_out": ({"gates": torch.rand(T, K), "grouped_out": True}, ValueError, r"^gates: .*grouped_out"),
     "gates_wrong_width": ({"gates": torch.rand(T, K + 1)}, ValueError, r"^gates: "),
     "gates_wrong_length": ({"gates": torch.rand(T - 1, K)}, ValueError, r"^gates: "),
+    # T*k entries in another [T', k'] shape: the count alone would pass, and slots of other tokens would be summed.
+    "gates_T_times_k_entries_of_another_width": ({"gates": torch.rand(N // (K + 1), K + 1)}, ValueError,
+                                                 rf"^gates: expected \[T, k={K}\]"),
     "gates_1d": ({"gates": torch.rand(N)}, ValueError, r"^gates: .*2-d"),
     "gates_int": ({"gates": torch.ones(T, K, dtype=torch.long)}, TypeError, r"^gates: .*dtype"),
     "grouped_in_with_T_rows": ({"grouped_in": True, "k": 1}, ValueError, rf"^x: .*N={N}"),
@@ -316,6 +319,8 @@ def test_layers_take_numpy_ints_and_clamp_top_k_to_the_experts_like_the_original
 
     layer = scattermoe.GLUMLP(np.int64(D), np.int64(F), np.int64(E), np.int64(E + 2))
     assert layer.top_k == E and type(layer.top_k) is int
+    for other in (scattermoe.MLP(D, F, E, np.int64(E + 2)), scattermoe.MoA(D, 4, 2, E, np.int64(E + 2))):
+        assert other.top_k == E and type(other.top_k) is int, type(other).__name__
 
 
 @pytest.mark.parametrize("layer", list(LAYER_FACTORIES))
