@@ -521,3 +521,5 @@ def test_checks_table_reads_the_merged_checks_of_each_group():
     assert cells[("jetmoe_moe", "reference")][2:] == ["FAIL", "y 5.0e-02, dx 1.0e-04 (worst of 2 checks)"]
     assert cells[("routing", "scattermoe")][2:] == ["ok", "exact match in all 2 checks"]
     assert cells[("routing", "torch_sort")][2:] == ["FAIL", "differs in 1 of 2 checks"]
+    # A failure in an earlier group stays a failure whatever the later groups say.
+    assert merge_checks({"T=1": {"x": group(5e-2, 1e-4, False)}, "T=512": {"x": group(1e-3, 1e-3)}})["x"]["ok"] is False

@@ -48,12 +48,15 @@ def test_allow_tf32_is_the_triton_switch():
         triton_config.ALLOW_TF32 = before
 
 
-@pytest.mark.parametrize("T, E, K", [(13, 4, 2), (1, 3, 1), (9, 3, 3)])
+@pytest.mark.parametrize("T, E, K", [(13, 4, 2), (1, 3, 1), (9, 3, 3), (300, 4, 2)])
 def test_flatten_and_sort_and_padded_block_indices(T, E, K):
     idx = _routing(T, E, K, seed=T)
     sorted_expert_idxs, sorted_scattered_idxs = kops.flatten_and_sort(idx)
     assert torch.equal(idx.reshape(-1)[sorted_scattered_idxs], sorted_expert_idxs)
     assert torch.equal(sorted_scattered_idxs.sort().values, torch.arange(T * K))  # a permutation
+    for e in range(E):  # stable: token order within each expert (an unstable CPU sort reorders from ~100 rows)
+        slots = sorted_scattered_idxs[sorted_expert_idxs == e]
+        assert bool((slots.diff() > 0).all()), f"expert {e}: slots out of order"
     for block in (4, 128):
         padded_block_idxs, expert_offsets = kops.padded_block_indices(sorted_expert_idxs, E, N_BLOCK_SIZE=block)
         counts = torch.bincount(idx.reshape(-1), minlength=E)

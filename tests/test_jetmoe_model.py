@@ -67,6 +67,7 @@ def test_both_spellings_and_round_trip():
     original.update(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2, num_layers=2,
                     n_positions=TINY.max_position_embeddings, rope_theta=TINY.rope_theta)
     assert config_from_dict(original) == TINY
+    assert config_from_dict({**original, "n_positions": 1024}).max_position_embeddings == 1024  # not the default
 
 
 def test_disagreeing_spellings_are_an_error():
@@ -484,6 +485,20 @@ def test_tensors_the_model_lacks_are_ignored_with_a_warning_naming_them(tmp_path
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.warns(UserWarning, match=r"ignoring 1 tensors this model does not have: model\.layers\.0\.extra"):
         loaded = JetMoEForCausalLM.from_pretrained(tmp_path)
+    _assert_same_weights(loaded, model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_checkpoint_loads_in_its_stored_dtype_bit_for_bit_and_its_index_counts_its_bytes(dtype, tmp_path):
+    """dtype None keeps what the file stores (F16 as float16, not bf16); a sharded save's index states the bytes of
+    its tensors as transformers writes it (metadata.total_size)."""
+    model = random_model().to(dtype)
+    model.save_pretrained(tmp_path, max_shard_size=4096)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    stored = {k: t for k, t in model.state_dict().items() if k in index["weight_map"]}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
+    loaded = JetMoEForCausalLM.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
     _assert_same_weights(loaded, model)
 
 

@@ -8,6 +8,7 @@ accumulation are the same sum, so the losses agree to float rounding.
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -71,6 +72,8 @@ def test_batches_are_split_the_same_across_ranks_and_micro_steps():
         one_process = [get_batch(t, step, a, 0, 1, cfg1) for a in range(2)]
         two_ranks = [get_batch(t, step, 0, r, 2, cfg2) for r in range(2)]
         assert all(torch.equal(a, b) for a, b in zip(one_process, two_ranks))
+    other_seed = dataclasses.replace(cfg1, seed=1)
+    assert not torch.equal(get_batch(t, 0, 0, 0, 1, cfg1), get_batch(t, 0, 0, 0, 1, other_seed))
 
 
 @pytest.mark.interpreter
@@ -329,6 +332,13 @@ def test_tokenize_ends_every_document_with_eos_and_batches_reach_the_last_window
     cfg = TrainConfig(out_dir="unused", batch_size=64, seq_len=4)
     starts = {tuple(row.tolist()) for step in range(20) for row in get_batch(torch.arange(6), step, 0, 0, 1, cfg)}
     assert starts == {(0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5)}  # every window of 4 in 6 tokens, the last too
+
+    class BigVocab:  # ids past int16's 32767 (a 50k vocabulary) must survive the compact stream
+        vocab_size, eos_token_id = 50000, 49999
+
+        def encode(self, text):
+            return [40000, 1, 32768]
+    assert tokenize(["x"], BigVocab()).tolist() == [40000, 1, 32768, 49999]
 
 
 def test_eval_windows_are_aligned_disjoint_and_spread_over_the_text():
@@ -905,13 +915,14 @@ def test_cli_checks_text_and_output_before_loading_weights(tiny_ckpt, tmp_path, 
 
 
 def test_cli_generate_samples_do_not_depend_on_warmup(tiny_ckpt, capsys):
-    argv = ["generate", "--model", str(tiny_ckpt), "--prompt", "def f", "--max-new-tokens", "12", "--ignore-eos",
-            "--temperature", "1.0", "--seed", "3", "--device", "cpu", "--no-stream"]
-    outs = []
-    for warmup in ("0", "2"):
-        assert main([*argv, "--warmup", warmup]) == 0
-        outs.append(capsys.readouterr().out)
-    assert outs[0] == outs[1]
+    def sample(seed, warmup):
+        assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "def f", "--max-new-tokens", "12",
+                     "--ignore-eos", "--temperature", "1.0", "--seed", seed, "--device", "cpu", "--no-stream",
+                     "--warmup", warmup]) == 0
+        return capsys.readouterr().out
+
+    assert sample("3", "0") == sample("3", "2")
+    assert sample("4", "2") != sample("3", "2")  # the seed does reach the sampler
 
 
 def test_cli_warns_past_the_models_context(tmp_path, capsys):
@@ -1043,6 +1054,8 @@ def test_weight_decay_spares_norms_and_biases():
     for name, p in model.named_parameters():
         assert id(p) in (decay if p.dim() >= 2 else spared), name
     assert len(decay) + len(spared) == len(list(model.parameters()))
+    opt = make_optimizer(model, TrainConfig(out_dir="unused", betas=(0.8, 0.9)))
+    assert [g["betas"] for g in opt.param_groups] == [(0.8, 0.9)] * len(opt.param_groups)
 
 
 class _GradSpy(torch.optim.SGD):
@@ -1125,6 +1138,11 @@ def test_cli_train_passes_its_flags_to_the_training_config(tiny_ckpt, tmp_path, 
     cfg = seen[-1]
     assert (cfg.steps, cfg.warmup_steps, cfg.seed, cfg.grad_accum, cfg.save_every) == (7, 3, 5, 2, 4)
     assert (cfg.seq_len, cfg.batch_size) == (16, 2)
+    assert main(["train", "--out", str(tmp_path / "s"), "--data", corpus, "--device", "cpu", "--seq-len", "16",
+                 "--batch-size", "2", "--seconds", "7.5", "--log-every", "3", "--val-fraction", "0.3",
+                 "--eval-windows", "5"]) == 0
+    cfg = seen[-1]
+    assert (cfg.seconds, cfg.steps, cfg.log_every, cfg.val_fraction, cfg.eval_windows) == (7.5, None, 3, 0.3, 5)
     assert cfg.lr == 4e-3  # a preset trained from scratch
     assert main(["train", "--model", str(tiny_ckpt), "--out", str(tmp_path / "b"), *common]) == 0
     assert seen[-1].lr == 2e-5  # fine-tuning a checkpoint: a small default rate
@@ -1137,3 +1155,90 @@ def test_cli_train_passes_its_flags_to_the_training_config(tiny_ckpt, tmp_path, 
     assert main(["train", "--out", str(tmp_path / "e"), "--no-amp", *common]) == 0
     assert seen[-1].amp is False
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("setting, value", [("lr", 1e-3), ("warmup_steps", 7), ("seed", 7), ("batch_size", 3),
+                                            ("seq_len", 24), ("grad_accum", 2), ("grad_clip", 0.5)])
+def test_resuming_with_another_setting_says_which(setting, value, tmp_path, monkeypatch):
+    """Each setting that decides the batches or the updates, changed on --resume, is named in a warning."""
+    import jetmoe.train as jt
+
+    monkeypatch.setattr(jt, "train_step", lambda *args, **kwargs: (0.0, 0.0))  # the checks, not the training
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=1, batch_size=2, seq_len=16, progress=False)
+    train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    changed = dataclasses.replace(cfg, steps=2, resume=True, **{setting: value})
+    with pytest.warns(UserWarning, match=rf"other settings \({setting} {getattr(cfg, setting)} -> {value}\)"):
+        train(JetMoEForCausalLM(BYTES), tokens(), changed)
+
+
+def test_tokens_per_second_count_every_micro_batch(tmp_path, monkeypatch):
+    """tokens_per_s = batch_size * seq_len * grad_accum per step over its time (here 1 s per step on a fake clock)."""
+    import types
+
+    import jetmoe.train as jt
+
+    clock = [100.0]
+
+    def one_second_step(*args, **kwargs):
+        clock[0] += 1.0
+        return 0.0, 0.0
+    monkeypatch.setattr(jt, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(jt, "train_step", one_second_step)
+    monkeypatch.setattr(jt, "_save", lambda *args, **kwargs: None)
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=2, batch_size=2, seq_len=16, grad_accum=3, progress=False)
+    records = jt.train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    assert [r["tokens_per_s"] for r in records] == [2 * 16 * 3] * 2
+
+
+def test_perplexity_is_exp_of_the_loss_also_for_a_large_loss():
+    """exp(loss) for a loss of ~20 (a model sure of the wrong token): no clamp below what a real loss reaches."""
+    import types
+
+    class SureOfTokenZero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # evaluate reads the device off a parameter
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, BYTES.vocab_size)
+            logits[..., 0] = 20.0
+            return types.SimpleNamespace(logits=logits)
+
+    r = evaluate(SureOfTokenZero(), eval_windows(torch.arange(1, 200), 16, 4), batch_size=2)
+    assert r["loss"] > 19
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]), rel=1e-9)
+
+
+EVALUATE_ON_TWO_RANKS = """
+import torch, torch.distributed as dist
+import scattermoe
+from jetmoe import JetMoEConfig, JetMoEForCausalLM
+from jetmoe.train import evaluate
+
+dist.init_process_group("gloo")
+scattermoe.set_backend("torch")
+torch.manual_seed(0)
+cfg = JetMoEConfig(vocab_size=259, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
+                   intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, bos_token_id=256,
+                   eos_token_id=257, pad_token_id=258)
+model = JetMoEForCausalLM(cfg)
+windows = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(1))
+r = evaluate(model, windows, 2)
+rank = dist.get_rank()
+dist.destroy_process_group()
+if rank == 0:
+    one = evaluate(model, windows[:4], 2)
+    print("RESULT", r["windows"], r["tokens"], r["loss"], one["loss"])
+"""
+
+
+def test_evaluate_over_two_processes_shares_an_odd_window_count_as_it_says(tmp_path):
+    """5 windows over 2 ranks: the first 4, two each; the all-reduced counts and loss are one process's on those 4."""
+    script = tmp_path / "evaluate_two_ranks.py"
+    script.write_text(EVALUATE_ON_TWO_RANKS)
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
+    _, windows, n_tokens, loss, one_loss = line.split()
+    assert (int(windows), int(n_tokens)) == (4, 4 * 11)
+    assert abs(float(loss) - float(one_loss)) <= 1e-5 * float(one_loss)

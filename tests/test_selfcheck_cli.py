@@ -35,6 +35,43 @@ def test_a_wrong_backend_result_fails_with_exit_1(monkeypatch, capsys):
     assert "FAIL" in out or "fail" in out, out
 
 
+def _spoiled(monkeypatch, spoil):
+    """_run_layer with spoil(result) applied to the torch backend's result (not to the float64 reference's)."""
+    real = selfcheck._run_layer
+
+    def run(model, x, gates, idx, dy, backend):
+        got = real(model, x, gates, idx, dy, backend)
+        if backend == "torch" and x.dtype != torch.float64:
+            spoil(got)
+        return got
+
+    monkeypatch.setattr(selfcheck, "_run_layer", run)
+
+
+def _nan_in_w_in(got):
+    got["w_in"] = got["w_in"].clone()
+    got["w_in"].view(-1)[0] = float("nan")
+
+
+def _raise(got):
+    raise IndexError("a bug in the backend")
+
+
+@pytest.mark.interpreter  # --backend all: the triton row runs (and passes) after the failing torch row
+@pytest.mark.parametrize("argv, spoil", [
+    (["--backend", "all"], lambda got: got.update(w_out=got["w_out"] * (1 + 1e-3))),  # a later pass hides nothing
+    (["--backend", "all"], _raise),  # a backend that crashes fails the run, and the others still run
+    (["--backend", "torch"], _nan_in_w_in),  # NaN in one gradient (max() over errors would skip it)
+    (["--backend", "torch", "--dtype", "bfloat16"], lambda got: got.update(x=got["x"] * 1.05)),  # 5% > bf16's 2e-2
+], ids=["fail_then_pass", "crash", "nan_gradient", "bf16_bound"])
+def test_any_failing_backend_makes_the_exit_status_1(argv, spoil, monkeypatch, capsys):
+    _spoiled(monkeypatch, spoil)
+    assert selfcheck.main([*SMALL, *argv]) == 1
+    out = capsys.readouterr().out
+    if argv[1] == "all":
+        assert any(line.startswith("triton") for line in out.splitlines()), out
+
+
 def test_bfloat16_on_the_cpu_skips_triton_with_its_reason(capsys):
     assert selfcheck.main([*SMALL, "--dtype", "bfloat16", "--backend", "all"]) == 0
     out = capsys.readouterr().out

@@ -5,6 +5,7 @@ The checks run before any backend is chosen, so each case runs on the triton and
 neither may compute on bad input.
 """
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -578,6 +579,13 @@ def test_interpreter_problem_names_the_numpy_pin(monkeypatch, triton_version, nu
         assert problem is not None and 'numpy<2.4' in problem and "numpy %d.%d" % numpy_version in problem, problem
     else:
         assert problem is None
+
+
+def test_version_tuple_reads_the_installed_distribution():
+    """What interpreter_problem compares (the test above replaces it): (major, minor) of the installed numpy."""
+    major, minor = importlib.metadata.version("numpy").split(".")[:2]
+    assert backends._version_tuple("numpy") == (int(major), int(minor))
+    assert backends._version_tuple("no-such-distribution-scattermoe") is None
 
 
 # ---- found by an adversarial review of the public API (2026-12-01) ----
