@@ -112,3 +112,20 @@ def test_refuses_archives_that_escape_or_hold_no_result(tmp_path, capsys):
     (tmp_path / "junk.tgz").write_bytes(b"not a tar")
     assert _ingest(tmp_path / "junk.tgz", results, runs, readme) == 2
     assert "not a readable .tgz" in capsys.readouterr().err
+
+
+def test_the_csrc_verdict_needs_its_fastest_variant_strictly_faster_than_triton():
+    """Only a csrc variant faster than Triton on the headline case makes the device prefer cutlass; the verdict
+    names the fastest variant, and a tie keeps Triton the default."""
+    from bench import report
+
+    def row(impl, ms):
+        return {"case": "jetmoe_moe_fwd_bwd", "impl": impl, "tokens": report.HEADLINE_T, "routing": "uniform",
+                "ms": ms, "check": "ok", "status": "ok"}
+
+    tie = ingest.cutlass_verdict({"device": "NVIDIA H100", "rows": [row("scattermoe_triton", 5.0),
+                                                                      row("scattermoe_cutlass", 5.0)]}, "f.json")
+    assert "Triton stays the default" in tie, tie
+    rows = [row("scattermoe_triton", 5.0), row("scattermoe_cutlass", 4.0), row("scattermoe_cutlass_persistent", 6.0)]
+    faster = ingest.cutlass_verdict({"device": "NVIDIA H100", "rows": rows}, "f.json")
+    assert "scattermoe_cutlass 4.000 ms" in faster and "CUTLASS_PREFERRED_DEVICES" in faster, faster

@@ -62,6 +62,7 @@ def test_repeats_are_clamped_to_the_plans_bounds():
     res = timer.measure(fn, n_sets=3, plan=plan)
     assert res["repeats"] == 6 and len(res["times_ms"]) == 6
     assert len(fn.sets) == 1 + 2 + 6  # first call, warm-up, timed repeats
+    assert fn.sets[:3] == [0, 1, 2]  # the first call and the warm-up touch every input set before the timing
     # A target far shorter than one call would ask for 1 repeat: raised to min_rep.
     fn = _Counter()
     plan = harness.TimingPlan(warmup=1, target_s=1e-12, min_rep=4, max_rep=50)

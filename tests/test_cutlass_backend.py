@@ -743,3 +743,51 @@ def test_the_dw_plan_refuses_an_empty_weight():
     x, dy = torch.randn(4, 8, dtype=torch.bfloat16)[:, :0], torch.randn(4, 8, dtype=torch.bfloat16)
     like = torch.empty(2, 0, 8, dtype=torch.bfloat16)
     assert "an empty weight" in wg.plan(x, dy, torch.tensor([2, 4]), like, 4, None)
+
+
+def test_the_glu_launch_reads_each_experts_bias_through_the_bias_own_row_stride(monkeypatch, cpu_launch):
+    """With the GLU epilogue a contiguous bias is [E, 2F] (row stride 2F), not [E, F] like y: the integers the kernel
+    gets must lead it to bias[e] for expert e (the emulated launches above read the plan, not these integers)."""
+    seen = {}
+
+    class FakeModule:
+        def scatter_gemm(self, **kwargs):
+            seen.update(kwargs)
+            return False
+
+    E, K, F = 3, 16, 8
+    x = torch.zeros(6, K, dtype=torch.bfloat16)
+    w = torch.zeros(E, 2 * F, K, dtype=torch.bfloat16).permute(0, 2, 1)
+    bias = torch.arange(E * 2 * F, dtype=torch.float32).to(torch.bfloat16).view(E, 2 * F)
+    offsets = torch.tensor([2, 4, 6])
+    p = sg.plan(x, w, bias, offsets, 6, glu=1)
+    assert isinstance(p, sg.ScatterGemmPlan), p
+    monkeypatch.setattr(_extension, "load", lambda: (FakeModule(), None))
+    sg.launch(p, x, w, bias, torch.arange(6), offsets, 1, True, True, None, torch.empty(6, F, dtype=torch.bfloat16))
+    flat = bias.reshape(-1)
+    for e in range(E):
+        assert torch.equal(flat[e * seen["stride_be"]:][:2 * F], bias[e]), (e, seen["stride_be"])
+
+
+@pytest.mark.parametrize("capability, supported", [((9, 0), True), ((8, 0), False), ((10, 0), False),
+                                                    ((12, 0), False)])
+def test_only_sm90_runs_the_sm90a_cubins(monkeypatch, capability, supported):
+    """sm_90a machine code runs on sm_90 alone: an older GPU and a newer one (B200 sm_100, sm_120) are refused."""
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    x = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=torch.bfloat16)
+    reason = cutlass.unsupported_reason(x)
+    assert (reason is None) == supported, reason
+    if not supported:
+        assert f"sm_{capability[0]}{capability[1]}" in reason
+
+
+def test_a_weight_whose_experts_start_off_alignment_falls_back():
+    """TMA (and the 16-byte cp.async loads) need every expert's first element 16-byte aligned: experts 4 elements
+    apart cannot be read, though each row is aligned; both csrc plans must refuse, naming the alignment."""
+    E, K, F = 3, 16, 16
+    w = torch.zeros(E * (K * F + 4), dtype=torch.bfloat16).as_strided((E, K, F), (K * F + 4, F, 1))
+    x, offsets = torch.zeros(6, K, dtype=torch.bfloat16), torch.tensor([2, 4, 6])
+    for p in (gg.plan(x, w, None, offsets, 6), sg.plan(x, w, None, offsets, 6)):
+        assert isinstance(p, str) and "aligned" in p, p

@@ -615,3 +615,56 @@ def test_compiled_decoder_layers_leave_generation_eager_and_pickle_as_eager():
         with torch.no_grad():
             assert_close(model(x).logits, want, 1e-5, "callable backend")
         assert calls
+
+
+def test_a_prompt_fed_in_chunks_through_the_cache_gives_the_full_forwards_logits():
+    """A second multi-token chunk (cache filled, no attention_mask) needs a causal mask among its own tokens."""
+    torch.manual_seed(0)
+    model = random_model()
+    x = torch.randint(3, TINY.vocab_size, (2, 9))
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        full = model(x).logits
+        cache = KVCache(TINY, 2, 9, "cpu", torch.float32)
+        chunks = torch.cat([model(x[:, :4], cache=cache).logits, model(x[:, 4:], cache=cache).logits], 1)
+    assert_close(chunks, full, 1e-5, "logits of two chunks")
+
+
+def test_a_bf16_model_gives_bf16_logits_and_the_float32_loss_of_those_logits():
+    torch.manual_seed(0)
+    model = random_model().to(torch.bfloat16)
+    x = torch.randint(3, TINY.vocab_size, (2, 64))
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        out = model(x, labels=x)
+    assert out.logits.dtype == torch.bfloat16
+    want = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
+    assert out.loss.dtype == torch.float32 and torch.equal(out.loss, want)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_step_weight_bytes_counts_what_one_step_reads(tied):
+    """Every parameter once (the head's matrix too, tied or not), the experts' at K/E, no embedding table (one row
+    per token is looked up)."""
+    cfg = dataclasses.replace(TINY, tie_word_embeddings=tied)
+    model = JetMoEForCausalLM(cfg)
+    share = cfg.num_experts_per_tok / cfg.num_local_experts
+    n = sum(p.numel() * (share if name.endswith("linear.weight") else 1)
+            for name, p in model.named_parameters(remove_duplicate=False) if name != "model.embed_tokens.weight")
+    assert model.decode_step_weight_bytes() == n * 4
+
+
+@pytest.mark.parametrize("theta", [10000.0, 50.0])
+def test_the_static_decoder_uses_the_configs_rope_theta(theta):
+    cfg = dataclasses.replace(TINY, rope_theta=theta)
+    torch.manual_seed(0)
+    model = random_model(cfg)
+    B, S, steps = 2, 5, 4
+    x = torch.randint(3, cfg.vocab_size, (B, S))
+    default, static = (KVCache(cfg, B, S + steps, "cpu", torch.float32) for _ in range(2))
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        want = model(x, cache=default).logits[:, -1]
+        model(x, cache=static)
+        decoder = StaticDecoder(model, static, S, None, graph=False)
+        for step in range(steps):
+            tokens = want.argmax(-1)
+            want = model(tokens[:, None], cache=default).logits[:, -1]
+            assert_close(decoder(tokens), want, 1e-5, f"step {step}")

@@ -300,3 +300,12 @@ def test_glumlp_with_silu_honours_hooks_and_subclassed_experts(backend):
     want = reference.moe_mlp_per_token(x.double(), p.double(), idx, 2 * layer.experts.weight.double(),
                                        layer.output_experts.weight.double(), None, None, F.silu, False)
     assert_all_close(["y (subclassed experts)"], [subclassed], [want], TOL[torch.float32])
+
+
+def test_the_layers_print_their_sizes_and_whether_they_have_biases():
+    assert str(scattermoe.GLUMLP(8, 6, 4, 2, bias=True)).splitlines()[1:3] == [
+        "  k=2, activate_first=False",
+        "  (experts): ParallelExperts(num_experts=4, input_size=8, output_size=12, bias=True)"]
+    assert repr(scattermoe.ParallelExperts(3, 8, 5)) == (
+        "ParallelExperts(num_experts=3, input_size=8, output_size=5, bias=False)")
+    assert str(scattermoe.MoA(8, 4, 2, 3, 2)).splitlines()[1] == "  k=2, num_heads=2, head_dim=4"

@@ -164,6 +164,9 @@ def test_topk_combine_switch_checks_its_value_and_restores():
                 with scattermoe.use_topk_combine("sum"):
                     pass
             assert scattermoe.get_topk_combine() == "gather"
+            with scattermoe.use_topk_combine("scatter"):  # back to what was in force, not to a default
+                assert scattermoe.get_topk_combine() == "scatter"
+            assert scattermoe.get_topk_combine() == "gather"
         assert scattermoe.get_topk_combine() == "scatter"
 
 
