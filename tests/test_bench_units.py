@@ -306,3 +306,24 @@ def test_sonicmoe_has_no_row_for_routing_it_does_not_follow():
     assert work.mode_unavailable("sonicmoe", "fwd", "uniform") is None
     assert work.mode_unavailable("scattermoe_triton", "fwd", "zipf") is None
     assert shape.kind == "glu"
+
+
+def test_bytes_and_the_decode_floor_count_the_experts_used_on_average_over_the_input_sets():
+    """At small T the rotated input sets route to different numbers of experts; the time is a median over all of
+    them, so the bytes (and the HBM floor) are sized by the mean, not by set 0's count."""
+    from bench import kernels, run
+
+    shape = kernels.Shape("tiny_moe", "glu", D=16, F=16, E=32, K=2, modes=("fwd",))
+    group = kernels.Group(shape, 3, "uniform", "float32")
+    cfg = run.RunConfig(device=torch.device("cpu"), groups=[group], impls=["reference"],
+                        plan=harness.TimingPlan(warmup=0, target_s=0.0, min_rep=2, max_rep=2), n_sets=6,
+                        check_tokens=3, max_call_ms=float("inf"), time_budget_s=None,
+                        limits={"bf16_flops": 1e15, "hbm_bytes_s": 4e12})
+    res = run.run(cfg, lambda r: None, lambda r: None)
+    sets = kernels.make_inputs(group, cfg.n_sets, cfg.device, cfg.seed + group.T, dense=False)
+    used = [kernels.expert_load(s.idx, shape.E)["experts_used"] for s in sets]
+    assert len(set(used)) > 1, used  # the case is the one it claims: sets that differ
+    mean = sum(used) / len(used)
+    (row,) = [r for r in res["rows"] if r["impl"] == "reference"]
+    assert row["bytes"] == kernels.useful_bytes(group, "fwd", mean, 4)
+    assert row["hbm_floor_ms"] == kernels.weight_bytes(shape, mean, 4) / 4e12 * 1e3

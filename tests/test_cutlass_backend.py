@@ -791,3 +791,13 @@ def test_a_weight_whose_experts_start_off_alignment_falls_back():
     x, offsets = torch.zeros(6, K, dtype=torch.bfloat16), torch.tensor([2, 4, 6])
     for p in (gg.plan(x, w, None, offsets, 6), sg.plan(x, w, None, offsets, 6)):
         assert isinstance(p, str) and "aligned" in p, p
+
+
+def test_the_dw_plan_takes_up_to_65535_experts_the_grids_limit():
+    x = dy = torch.zeros(4, 8, dtype=torch.bfloat16)
+    for num_experts in (65535, 65536):
+        like = torch.zeros(1, 8, 8, dtype=torch.bfloat16).expand(num_experts, 8, 8)
+        p = wg.plan(x, dy, torch.zeros(num_experts, dtype=torch.int64), like, 4, None)
+        assert isinstance(p, str) == (num_experts > 65535), (num_experts, p)
+        if isinstance(p, str):
+            assert "65535" in p
