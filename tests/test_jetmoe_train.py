@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -1138,12 +1139,12 @@ def test_cli_train_passes_its_flags_to_the_training_config(tiny_ckpt, tmp_path, 
     cfg = seen[-1]
     assert (cfg.steps, cfg.warmup_steps, cfg.seed, cfg.grad_accum, cfg.save_every) == (7, 3, 5, 2, 4)
     assert (cfg.seq_len, cfg.batch_size) == (16, 2)
+    assert cfg.lr == 4e-3  # a preset trained from scratch
     assert main(["train", "--out", str(tmp_path / "s"), "--data", corpus, "--device", "cpu", "--seq-len", "16",
                  "--batch-size", "2", "--seconds", "7.5", "--log-every", "3", "--val-fraction", "0.3",
                  "--eval-windows", "5"]) == 0
     cfg = seen[-1]
     assert (cfg.seconds, cfg.steps, cfg.log_every, cfg.val_fraction, cfg.eval_windows) == (7.5, None, 3, 0.3, 5)
-    assert cfg.lr == 4e-3  # a preset trained from scratch
     assert main(["train", "--model", str(tiny_ckpt), "--out", str(tmp_path / "b"), *common]) == 0
     assert seen[-1].lr == 2e-5  # fine-tuning a checkpoint: a small default rate
     assert main(["train", "--model", str(tiny_ckpt), "--out", str(tmp_path / "c"), "--lr", "1e-3", *common]) == 0
@@ -1173,8 +1174,6 @@ def test_resuming_with_another_setting_says_which(setting, value, tmp_path, monk
 
 def test_tokens_per_second_count_every_micro_batch(tmp_path, monkeypatch):
     """tokens_per_s = batch_size * seq_len * grad_accum per step over its time (here 1 s per step on a fake clock)."""
-    import types
-
     import jetmoe.train as jt
 
     clock = [100.0]
@@ -1192,8 +1191,6 @@ def test_tokens_per_second_count_every_micro_batch(tmp_path, monkeypatch):
 
 def test_perplexity_is_exp_of_the_loss_also_for_a_large_loss():
     """exp(loss) for a loss of ~20 (a model sure of the wrong token): no clamp below what a real loss reaches."""
-    import types
-
     class SureOfTokenZero(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -1210,18 +1207,15 @@ def test_perplexity_is_exp_of_the_loss_also_for_a_large_loss():
 
 
 EVALUATE_ON_TWO_RANKS = """
+import sys
 import torch, torch.distributed as dist
 import scattermoe
-from jetmoe import JetMoEConfig, JetMoEForCausalLM
+from jetmoe import JetMoEForCausalLM
 from jetmoe.train import evaluate
 
 dist.init_process_group("gloo")
 scattermoe.set_backend("torch")
-torch.manual_seed(0)
-cfg = JetMoEConfig(vocab_size=259, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
-                   intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, bos_token_id=256,
-                   eos_token_id=257, pad_token_id=258)
-model = JetMoEForCausalLM(cfg)
+model = JetMoEForCausalLM.from_pretrained(sys.argv[1])
 windows = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(1))
 r = evaluate(model, windows, 2)
 rank = dist.get_rank()
@@ -1232,11 +1226,12 @@ if rank == 0:
 """
 
 
-def test_evaluate_over_two_processes_shares_an_odd_window_count_as_it_says(tmp_path):
+def test_evaluate_over_two_processes_shares_an_odd_window_count_as_it_says(tiny_ckpt):
     """5 windows over 2 ranks: the first 4, two each; the all-reduced counts and loss are one process's on those 4."""
-    script = tmp_path / "evaluate_two_ranks.py"
+    script = tiny_ckpt.parent / "evaluate_two_ranks.py"
     script.write_text(EVALUATE_ON_TWO_RANKS)
-    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)])
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+              str(tiny_ckpt)])
     assert r.returncode == 0, r.stderr[-3000:]
     (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
     _, windows, n_tokens, loss, one_loss = line.split()

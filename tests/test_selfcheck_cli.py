@@ -20,21 +20,6 @@ def test_every_backend_that_runs_passes_and_says_so(capsys):
         assert "skipped" in rows["cutlass"], out
 
 
-def test_a_wrong_backend_result_fails_with_exit_1(monkeypatch, capsys):
-    real = selfcheck._run_layer
-
-    def off_by_a_little(model, x, gates, idx, dy, backend):
-        got = real(model, x, gates, idx, dy, backend)
-        if backend == "torch" and x.dtype != torch.float64:  # the backend under test, not the float64 reference
-            got["w_out"] = got["w_out"] * (1 + 1e-3)
-        return got
-
-    monkeypatch.setattr(selfcheck, "_run_layer", off_by_a_little)
-    assert selfcheck.main([*SMALL, "--backend", "torch"]) == 1
-    out = capsys.readouterr().out
-    assert "FAIL" in out or "fail" in out, out
-
-
 def _spoiled(monkeypatch, spoil):
     """_run_layer with spoil(result) applied to the torch backend's result (not to the float64 reference's)."""
     real = selfcheck._run_layer
@@ -46,6 +31,13 @@ def _spoiled(monkeypatch, spoil):
         return got
 
     monkeypatch.setattr(selfcheck, "_run_layer", run)
+
+
+def test_a_wrong_backend_result_fails_with_exit_1(monkeypatch, capsys):
+    _spoiled(monkeypatch, lambda got: got.update(w_out=got["w_out"] * (1 + 1e-3)))
+    assert selfcheck.main([*SMALL, "--backend", "torch"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out or "fail" in out, out
 
 
 def _nan_in_w_in(got):
