@@ -367,22 +367,28 @@ def _cache_lock(path: str, verbose: bool):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _usable_record(info_path: str) -> Optional[Dict]:
+    """The cached build's record, if it is there and so is the module it names (else None: build again)."""
+    if not os.path.exists(info_path):
+        return None
+    with open(info_path) as f:
+        info = json.load(f)
+    return {**info, "cached": True} if os.path.exists(info["module"]) else None
+
+
 def _cached_build_locked(cache_root: str, key: str, verbose: bool) -> Dict:
     out_dir = os.path.join(cache_root, key)
     info_path = os.path.join(out_dir, "build_info.json")
-    if os.path.exists(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
-        if os.path.exists(info["module"]):
-            info["cached"] = True
-            return info
+    cached = _usable_record(info_path)
+    if cached is not None:
+        return cached
     tmp_dir = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     info = build(tmp_dir, verbose=verbose)
-    if os.path.exists(info_path):  # without the lock, another process finished first: keep its build
+    cached = _usable_record(info_path)  # without the lock, another process may have finished first: keep its build
+    if cached is not None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        with open(info_path) as f:
-            return {**json.load(f), "cached": True}
+        return cached
     shutil.rmtree(out_dir, ignore_errors=True)  # a build dir without its record (an interrupted copy)
     os.rename(tmp_dir, out_dir)
     for name in os.listdir(cache_root):  # drop builds of older sources (~2 MB module, ~10 MB objects each)

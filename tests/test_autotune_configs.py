@@ -125,3 +125,17 @@ def test_decode_configs_are_pruned_above_the_decode_row_count():
     assert config_mod.prune_by_rows(configs, {"M_BUCKET": 2 * config_mod.DECODE_MAX_ROWS}) == large
     assert large and not any(c in large for c in decode) and len(large) == len(configs) - len(decode)
     assert config_mod.prune_by_rows(decode, {"M_BUCKET": 32768}) == decode  # never an empty space
+
+
+def test_autotune_off_pins_each_kernels_default_config(monkeypatch):
+    """SCATTERMOE_AUTOTUNE=0 (what the GPU tests run) pins the default, the first config of each space; on, the
+    whole GPU space is tuned over; the interpreter runs one config whatever the switch."""
+    monkeypatch.setattr(config_mod, "INTERPRET", False)
+    for kernel in KERNELS:
+        space = config_mod.gpu_space(kernel)
+        monkeypatch.setattr(config_mod, "AUTOTUNE", False)
+        assert [config_mod._as_tuple(c) for c in config_mod.autotune_configs(kernel)] == space[:1], kernel
+        monkeypatch.setattr(config_mod, "AUTOTUNE", True)
+        assert [config_mod._as_tuple(c) for c in config_mod.autotune_configs(kernel)] == space, kernel
+    monkeypatch.setattr(config_mod, "INTERPRET", True)
+    assert len(config_mod.autotune_configs("scatter2scatter")) == 1

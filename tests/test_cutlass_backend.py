@@ -801,3 +801,85 @@ def test_the_dw_plan_takes_up_to_65535_experts_the_grids_limit():
         assert isinstance(p, str) == (num_experts > 65535), (num_experts, p)
         if isinstance(p, str):
             assert "65535" in p
+
+
+def test_the_dw_plan_refuses_what_its_16_byte_copies_cannot_read():
+    """The csrc dW copies x and dy rows 16 bytes (8 elements) at a time and writes a dW allocated like the weight:
+    F not a multiple of 8, or a weight of another dtype than x and dy, go to Triton (named), not to the kernel."""
+    x, offsets = torch.zeros(4, 16, dtype=torch.bfloat16), torch.tensor([2, 4])
+    dy, like = torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(2, 16, 16, dtype=torch.bfloat16)
+    assert isinstance(wg.plan(x, dy, offsets, like, 4, None), wg.GroupBwdWPlan)
+    p = wg.plan(x, dy[:, :12], offsets, like[:, :, :12], 4, None)
+    assert isinstance(p, str) and "F=12" in p and "multiples of 8" in p, p
+    p = wg.plan(x, dy, offsets, like.float(), 4, None)
+    assert isinstance(p, str) and "mixed dtypes" in p, p
+
+
+def test_the_gather_combine_on_the_cutlass_backend_says_why_triton_cannot_run_it(monkeypatch):
+    """gather_sum is Triton's pass on the cutlass backend too: where Triton cannot run, the error says so (as a
+    fallback's does) instead of failing inside Triton."""
+    import scattermoe.backends as backends
+
+    monkeypatch.setattr(backends, "triton_unsupported_reason", lambda x: "triton is not installed")
+    with pytest.raises(RuntimeError, match="gather_sum runs on Triton.*triton is not installed"):
+        cutlass.gather_sum(torch.randn(4, 8), torch.arange(4), None, 2)
+
+
+def test_the_dw_plan_checks_dy_rows_as_it_checks_x_rows():
+    """Both dW operands are copied 16 bytes at a time: a dY that is column-major (a transposed gradient) or whose
+    rows start off 16-byte alignment (a slice 1 element in) goes to Triton, named, like such an x."""
+    x, offsets = torch.zeros(4, 16, dtype=torch.bfloat16), torch.tensor([2, 4])
+    like = torch.zeros(2, 16, 16, dtype=torch.bfloat16)
+    transposed = torch.zeros(16, 4, dtype=torch.bfloat16).t()
+    off_alignment = torch.zeros(4 * 16 + 1, dtype=torch.bfloat16)[1:].view(4, 16)
+    for dy in (transposed, off_alignment):
+        p = wg.plan(x, dy, offsets, like, 4, None)
+        assert isinstance(p, str) and "dy (strides" in p, (dy.stride(), p)
+        assert isinstance(wg.plan(dy, x, offsets, like, 4, None), str)  # the same tensor as x: refused too
+
+
+def test_a_bias_without_unit_column_stride_goes_to_triton_on_the_scatter_kernel(fake_launch, fake_triton):
+    """The scatter GEMM's epilogue reads bias[e] as consecutive elements: a bias that is a transposed view ([F, E]
+    stored, .t() passed) is Triton's (it reads any stride), not read wrong by the kernel."""
+    x, w, _, route = make_case([4, 4], 32, 64)
+    bias = torch.randn(64, 2).to(torch.bfloat16).t()
+    p = sg.plan(x, w, bias, route[2], 8)
+    assert isinstance(p, str) and "bias must have a unit column stride" in p, p
+    assert s2s(x, w, bias, route, grouped_out=False) == "triton-result" and not fake_launch
+
+
+def test_a_bias_whose_rows_start_off_alignment_is_copied():
+    """The grouped GEMM reads bias[e] 16 bytes at a time from bias + e * row stride: a bias whose base is aligned
+    but whose row stride is not a multiple of 8 elements (a slice of a wider tensor) is copied, values kept."""
+    bias = torch.randn(3, 68).to(torch.bfloat16)[:, :64]
+    assert bias.data_ptr() % 16 == 0 and bias.stride() == (68, 1)
+    fixed = gg._bias_for_kernel(bias)
+    assert fixed.stride() == (64, 1) and fixed.data_ptr() % 16 == 0 and torch.equal(fixed, bias)
+    one_expert = torch.randn(1, 68).to(torch.bfloat16)[:, :64]  # one row: its stride is never read
+    assert gg._bias_for_kernel(one_expert) is one_expert
+
+
+def test_the_grouped_gemm_launch_reads_each_experts_bias_through_the_bias_own_row_stride(monkeypatch, cpu_launch):
+    """A bias kept as it is (aligned rows, unit column stride) may be a slice of a wider tensor, its row stride
+    not F: the integers the grouped GEMM gets must lead it to bias[e] for expert e."""
+    seen = {}
+
+    class FakeModule:
+        def grouped_gemm(self, **kwargs):
+            seen.update(kwargs)
+
+    E, K, F = 3, 16, 64
+    x = torch.zeros(6, K, dtype=torch.bfloat16)
+    w = torch.zeros(E, F, K, dtype=torch.bfloat16).permute(0, 2, 1)
+    bias = torch.arange(E * 72, dtype=torch.float32).to(torch.bfloat16).view(E, 72)[:, :F]
+    offsets = torch.tensor([2, 4, 6])
+    p = gg.plan(x, w, bias, offsets, 6)
+    assert isinstance(p, gg.GroupedGemmPlan), p
+    monkeypatch.setattr(_extension, "load", lambda: (FakeModule(), None))
+    monkeypatch.setattr(gg, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(gg, "_workspace_bytes", lambda *args: 0)
+    gg.launch(p, x, w, bias, offsets, torch.empty(6, F, dtype=torch.bfloat16))
+    assert seen["bias"] == bias.data_ptr()  # kept, not copied
+    flat = bias.as_strided(((E - 1) * 72 + F,), (1,))  # the bias's memory, first row to last
+    for e in range(E):
+        assert torch.equal(flat[e * seen["stride_be"]:][:F], bias[e]), (e, seen["stride_be"])

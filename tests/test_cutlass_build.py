@@ -132,6 +132,100 @@ def test_a_filesystem_without_flock_builds_unlocked_with_a_warning(monkeypatch, 
     assert csrc_build.cached_build(str(tmp_path))["cached"] is True
 
 
+def test_a_cached_record_whose_module_is_gone_is_built_again(monkeypatch, tmp_path):
+    """A record (build_info.json) left beside a deleted module must not be returned as a cached build: the
+    module it names does not exist. The cache builds again and returns the new module."""
+    calls = []
+    monkeypatch.setattr(csrc_build, "build", _fake_build(calls))
+    first = csrc_build.cached_build(str(tmp_path), verbose=False)
+    os.remove(first["module"])
+    again = csrc_build.cached_build(str(tmp_path), verbose=False)
+    assert len(calls) == 2 and again["cached"] is False and os.path.exists(again["module"])
+    assert csrc_build.cached_build(str(tmp_path), verbose=False)["cached"] is True and len(calls) == 2
+
+
+def test_the_build_switch_is_read_strictly_and_the_setuptools_hook_obeys_it(monkeypatch, capsys):
+    """SCATTERMOE_BUILD_CUDA (module docstring): off skips the extension even where the tools are there, on with a
+    tool missing is an error (not a silent pure-Python install), unset builds only when nothing is missing."""
+    for value, mode in (("", "auto"), ("auto", "auto"), ("0", "off"), ("false", "off"), ("no", "off"), (" OFF ", "off"),
+                        ("1", "on"), ("true", "on"), ("yes", "on"), ("On", "on")):
+        monkeypatch.setenv("SCATTERMOE_BUILD_CUDA", value)
+        assert csrc_build.build_mode() == mode, value
+    monkeypatch.setenv("SCATTERMOE_BUILD_CUDA", "2")
+    with pytest.raises(ValueError, match="SCATTERMOE_BUILD_CUDA"):
+        csrc_build.build_mode()
+    for tools_missing in ([], ["nvcc (CUDA toolkit >= 12.3; set CUDA_HOME)"]):
+        monkeypatch.setattr(csrc_build, "missing_tools", lambda: list(tools_missing))
+        monkeypatch.setenv("SCATTERMOE_BUILD_CUDA", "off")
+        assert csrc_build.cuda_extensions() == []
+        monkeypatch.setenv("SCATTERMOE_BUILD_CUDA", "")
+        assert [e.name for e in csrc_build.cuda_extensions()] == ([] if tools_missing else ["scattermoe._C"])
+        monkeypatch.setenv("SCATTERMOE_BUILD_CUDA", "on")
+        if tools_missing:
+            with pytest.raises(RuntimeError, match="lacks: nvcc"):
+                csrc_build.cuda_extensions()
+        else:
+            assert [e.name for e in csrc_build.cuda_extensions()] == ["scattermoe._C"]
+    assert "for want of: nvcc" in capsys.readouterr().out
+
+
+def test_default_jobs_leaves_each_compiler_4_gib_of_free_memory(monkeypatch):
+    """One CUTLASS translation unit peaks at ~3.4 GB (module docstring): jobs = min(cores, free GiB // 4), at
+    least 1; MAX_JOBS overrides it."""
+    import io
+
+    def meminfo(free_gib):
+        return lambda path, *args, **kwargs: io.StringIO(f"MemTotal: {64 * 2**20} kB\nMemAvailable: "
+                                                         f"{int(free_gib * 2**20)} kB\n")
+
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    monkeypatch.setattr(csrc_build.os, "cpu_count", lambda: 16)
+    for free_gib, jobs in ((10, 2), (63.9, 15), (200, 16), (3, 1)):
+        monkeypatch.setattr(csrc_build, "open", meminfo(free_gib), raising=False)
+        assert csrc_build.default_jobs() == jobs, free_gib
+    monkeypatch.setenv("MAX_JOBS", "5")
+    assert csrc_build.default_jobs() == 5
+
+
+def test_the_cache_key_covers_every_kind_of_source(monkeypatch, tmp_path):
+    """A cached module is reused while source_hash is unchanged: an edit to any .cu, .cuh, .h, .cpp or .py under
+    csrc/ must change it (a header edit reusing a stale module would test old kernels), other files must not."""
+    for name in ("k.cu", "k.cuh", "include/k.h", "bindings.cpp", "build.py", "README.md", "__pycache__/build.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("// v1\n")
+    monkeypatch.setattr(csrc_build, "CSRC", str(tmp_path))
+    before = csrc_build.source_hash()
+    for name, changes in (("k.cu", True), ("k.cuh", True), ("include/k.h", True), ("bindings.cpp", True),
+                          ("build.py", True), ("README.md", False), ("__pycache__/build.py", False)):
+        (tmp_path / name).write_text("// v2\n")
+        assert (csrc_build.source_hash() != before) == changes, name
+        (tmp_path / name).write_text("// v1\n")
+    assert csrc_build.source_hash() == before
+
+
+def test_prebuild_replaces_this_pythons_older_builds_only(monkeypatch, tmp_path):
+    """bench/prepare_gpu_carry.sh keeps one prebuilt module per Python minor version: a new prebuild drops the
+    older builds for its own Python and leaves another Python's alone."""
+    monkeypatch.setattr(csrc_build, "prebuilt_key", lambda python=sys.version_info[:2]: "new-py312")
+    monkeypatch.setattr(csrc_build, "build", _fake_build([]))
+    for name in ("old-py312", "old-py311"):
+        (tmp_path / name).mkdir()
+    csrc_build.prebuild(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["new-py312", "old-py311"]
+
+
+def test_a_new_cached_build_drops_older_sources_builds_but_not_one_in_progress(monkeypatch, tmp_path):
+    """A fresh build drops the cache's builds of older sources, but not another process's build still in its
+    .tmp folder (that process renames it into place next)."""
+    monkeypatch.setattr(csrc_build, "build", _fake_build([]))
+    (tmp_path / "0123456789abcdef").mkdir()  # a build of older sources
+    (tmp_path / "fedcba9876543210.tmp4242").mkdir()  # another process's build in progress
+    info = csrc_build.cached_build(str(tmp_path), verbose=False)
+    assert info["cached"] is False and os.path.exists(info["module"])
+    assert sorted(os.listdir(tmp_path)) == sorted([".lock", os.path.basename(os.path.dirname(info["module"])),
+                                                   "fedcba9876543210.tmp4242"])
+
+
 @pytest.fixture(scope="session")
 def cuobjdump():
     path = find_cuobjdump()

@@ -116,3 +116,26 @@ def test_user_module_written_for_the_original_api_matches_reference(backend):
                                         ref["output_experts.bias"], F.gelu).view(B, L, D)
     ref_grads = torch.autograd.grad(y_ref, [ref[n] for n in names], dy.double())
     assert_all_close(["y"] + [f"d{n}" for n in names], (y,) + grads, (y_ref,) + ref_grads, TOL[torch.float32])
+
+
+def test_a_non_editable_install_ships_every_package(tmp_path):
+    """setup.py's package list (what `pip install .` copies, unlike the editable install the tests run from): the
+    original import paths above, the backends, the torch backend's oracle `reference` and `jetmoe`
+    (`python -m jetmoe`), under the version scattermoe reports."""
+    import os
+    import subprocess
+    import sys
+
+    import scattermoe
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=repo, check=True,
+                   capture_output=True, env=dict(os.environ, SCATTERMOE_BUILD_CUDA="0"))
+    (info,) = tmp_path.glob("*.egg-info")
+    assert (info / "top_level.txt").read_text().split() == ["jetmoe", "reference", "scattermoe"]
+    shipped = set((info / "SOURCES.txt").read_text().split())
+    for module in ("scattermoe/mlp.py", "scattermoe/parallel_experts.py", "scattermoe/kernels/__init__.py",
+                   "scattermoe/backends/triton/__init__.py", "scattermoe/backends/cutlass/dispatch.py",
+                   "scattermoe/integrations/transformers_moe.py", "reference/ops.py", "jetmoe/__main__.py"):
+        assert module in shipped, module
+    assert f"Version: {scattermoe.__version__}\n" in (info / "PKG-INFO").read_text()

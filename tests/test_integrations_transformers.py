@@ -538,3 +538,36 @@ def test_experts_with_a_post_expert_norm_run_their_own_loop():
     with scattermoe.use_backend("torch"):
         got = experts(h, idx, w)
     assert _rel(got, want) < TOL
+
+
+def test_fused_experts_with_their_own_gate_function_keep_it_under_silu():
+    """transformers' experts interface (experts_implementation="scattermoe") reaches any fused-experts class; one that
+    overrides _apply_gate (here SiLU(gate) clamped, then * up) must run its gate, not the fused SiLU GLU op, even
+    though its act_fn is SiLU. Checked per token in float64."""
+    E, D, F, T, K = 3, 8, 6, 5, 2
+
+    class ClampedGateExperts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_experts, self.act_fn = E, torch.nn.SiLU()
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(E, 2 * F, D))  # [E, out, in], as transformers stores
+            self.down_proj = torch.nn.Parameter(torch.randn(E, D, F))
+
+        def _apply_gate(self, h):
+            gate, up = h.chunk(2, dim=-1)
+            return self.act_fn(gate).clamp(max=0.2) * up
+
+    experts = ClampedGateExperts()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, D, generator=g)
+    index = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    weights = torch.rand(T, K, generator=g)
+    with scattermoe.use_backend("torch"), torch.no_grad():
+        y = transformers_moe._fused_experts_forward(experts, x, index, weights)
+    want = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        for j in range(K):
+            e = int(index[t, j])
+            h = experts._apply_gate(x[t].double() @ experts.gate_up_proj[e].detach().double().t())
+            want[t] += weights[t, j].double() * (h @ experts.down_proj[e].detach().double().t())
+    assert _rel(y, want) < TOL

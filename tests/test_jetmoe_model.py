@@ -457,6 +457,14 @@ def test_from_pretrained_takes_dtype_names(tmp_path):
             JetMoEForCausalLM.from_pretrained(tmp_path, dtype=bad)
 
 
+def test_from_pretrained_refuses_the_name_of_a_dtype_that_is_not_floating(tmp_path):
+    """A dtype given by name ("int8", as a CLI passes it) must be a floating one, refused by name like torch.int8."""
+    JetMoEForCausalLM(TINY).save_pretrained(tmp_path)
+    for bad in ("int8", "torch.int64", "bool"):
+        with pytest.raises(ValueError, match="dtype: expected a floating torch.dtype"):
+            JetMoEForCausalLM.from_pretrained(tmp_path, dtype=bad)
+
+
 def _assert_same_weights(loaded, saved):
     """Every tensor of the loaded model equal, bit for bit, to the saved model's, under the same names."""
     want = saved.state_dict()
@@ -560,6 +568,23 @@ def test_tokenizers_bytes_and_autotokenizer(tmp_path):
     assert load_tokenizer(tmp_path / "llama_style").encode("def f ( ) :") == [1, 3, 4, 5, 6, 7]
     with pytest.raises(ValueError, match="no tokenizer in"):
         load_tokenizer(tmp_path / "nothing", vocab_size=32000)
+
+
+def test_an_autotokenizer_without_bos_encodes_without_one(tmp_path):
+    """Tokenizers with no BOS token (GPT-2 or Qwen style) exist: encode then starts with the text's first token, not
+    with a missing id."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers  # a dependency of transformers
+
+    from jetmoe import load_tokenizer
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "def": 2, "f": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(
+        tmp_path)
+    hf = load_tokenizer(tmp_path)
+    assert hf.bos_token_id is None
+    assert hf.encode("def f") == [2, 3] and hf.encode("def f", add_bos=False) == [2, 3]
 
 
 def test_a_checkpoint_tokenizer_without_transformers_says_what_to_install(tmp_path, monkeypatch):

@@ -262,6 +262,19 @@ def test_parallel_linear_triton_without_grad_matches_with_grad():
 
 
 @pytest.mark.interpreter
+def test_one_expert_with_several_column_tiles_gets_every_tile():
+    """The launcher's grid and the kernel's launch order share one row-tile bound, cdiv(N, BLOCK_M) + E
+    (config.num_row_tiles_bound). With one expert nearly every row tile of that bound is real, so a grid one row
+    tile short leaves tiles of the last column block unwritten. y = x @ W[0], k=1, 64 rows, 72 columns."""
+    T, D, F = 64, 24, 72
+    routing = scattermoe.flatten_sort_count(torch.zeros(T, 1, dtype=torch.long), 1)
+    x, w = torch.randn(T, D), torch.randn(1, D, F)
+    with scattermoe.use_backend("triton"):
+        y = scattermoe.parallel_linear(x, w, 1, *routing)
+    assert_close(y, x.double() @ w[0].double(), TOL[torch.float32], "y")
+
+
+@pytest.mark.interpreter
 def test_triton_backend_refuses_bf16_on_the_cpu():
     """The interpreter's bf16 tl.dot is wrong upstream: the CPU triton backend must refuse bf16, not compute."""
     T, E, K, D, F = 4, 2, 1, 8, 8

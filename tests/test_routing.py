@@ -403,6 +403,18 @@ def test_fused_topk_softmax_picks_distinct_valid_experts_whatever_the_logits():
 
 @pytest.mark.interpreter
 @ignore_padding_lane_warnings
+def test_fused_topk_softmax_keeps_the_experts_distinct_on_a_row_of_nans():
+    """A diverged router's row of NaN logits matches no maximum at all: each round then takes the lowest expert not
+    yet taken, so the K experts stay distinct (the gates are NaN, as on the torch path)."""
+    from scattermoe.backends.triton.routing import topk_softmax
+
+    gates, idx = topk_softmax(torch.full((2, 5), float("nan")), 3)
+    assert idx.tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert gates.isnan().all()
+
+
+@pytest.mark.interpreter
+@ignore_padding_lane_warnings
 def test_fused_topk_softmax_is_stable_at_extreme_logits_and_flags_a_nan_among_finite_ones():
     from scattermoe.backends.triton.routing import topk_softmax
 

@@ -64,6 +64,19 @@ def test_gather_sum_clamps_row_indices_that_are_not_a_permutation(dev):
 
 
 @pytest.mark.interpreter
+def test_gather_sum_writes_an_out_with_padded_rows_through_its_row_stride():
+    """out may be any [T, D] with a unit column stride (torch.ops.scattermoe.gather_sum takes it), e.g. the first
+    D columns of a wider buffer: token t lands in out's row t, and the columns beyond D stay untouched."""
+    T, K, D = 5, 2, 40
+    rows, row_of_slot, gates = torch.randn(T * K, D), torch.randperm(T * K), torch.rand(T * K)
+    buffer = torch.full((T, D + 8), float("nan"))
+    out = buffer[:, :D]
+    assert triton_kernels.gather_sum(rows, row_of_slot, gates, K, out=out) is out
+    assert_close(out, _gather_sum_reference(rows, row_of_slot, gates, K), TOL[torch.float32], "padded out")
+    assert buffer[:, D:].isnan().all(), "gather_sum wrote past a row's D columns"
+
+
+@pytest.mark.interpreter
 def test_gather_sum_of_no_tokens_launches_nothing():
     y = triton_kernels.gather_sum(torch.randn(0, 8), torch.zeros(0, dtype=torch.long), None, 2)
     assert y.shape == (0, 8)

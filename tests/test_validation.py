@@ -725,6 +725,22 @@ def test_triton_interpret_is_read_as_triton_reads_it():
     assert out.stdout.split() == ["True", "triton" if backends.interpreter_problem() is None else "torch"]
 
 
+def test_without_the_interpreter_cpu_tensors_go_to_the_reference():
+    """Without TRITON_INTERPRET (a plain CPU install, or CPU tensors on a GPU machine) the Triton kernels cannot run
+    on CPU tensors: 'auto' gives them to the reference, and asking for 'triton' says to set the variable."""
+    code = ("import torch, scattermoe; from scattermoe import backends\n"
+            "print(backends.resolve(torch.randn(2)))\n"
+            "try:\n"
+            "    with scattermoe.use_backend('triton'):\n"
+            "        backends.resolve(torch.randn(2))\n"
+            "except RuntimeError as e:\n"
+            "    print('TRITON_INTERPRET=1' in str(e))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SCATTERMOE_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch", "True"], out.stdout
+
+
 def test_the_original_kernel_api_checks_before_it_computes():
     from scattermoe.kernels import ops
 
