@@ -129,3 +129,45 @@ def test_the_csrc_verdict_needs_its_fastest_variant_strictly_faster_than_triton(
     rows = [row("scattermoe_triton", 5.0), row("scattermoe_cutlass", 4.0), row("scattermoe_cutlass_persistent", 6.0)]
     faster = ingest.cutlass_verdict({"device": "NVIDIA H100", "rows": rows}, "f.json")
     assert "scattermoe_cutlass 4.000 ms" in faster and "CUTLASS_PREFERRED_DEVICES" in faster, faster
+
+
+def test_a_csrc_row_that_failed_its_check_never_wins_the_verdict():
+    """A csrc variant faster than Triton but with a wrong output must not put the device in
+    CUTLASS_PREFERRED_DEVICES; the verdict is the fastest among those that passed (or none)."""
+    from bench import report
+
+    def row(impl, ms, check="ok"):
+        return {"case": "jetmoe_moe_fwd_bwd", "impl": impl, "tokens": report.HEADLINE_T, "routing": "uniform",
+                "ms": ms, "check": check, "status": "ok"}
+
+    rows = [row("scattermoe_triton", 5.0), row("scattermoe_cutlass", 4.0, "FAIL"),
+            row("scattermoe_cutlass_persistent", 6.0)]
+    verdict = ingest.cutlass_verdict({"device": "NVIDIA H100", "rows": rows}, "f.json")
+    assert "scattermoe_cutlass_persistent 6.000 ms" in verdict and "Triton stays the default" in verdict, verdict
+    verdict = ingest.cutlass_verdict({"device": "NVIDIA H100", "rows": rows[:2]}, "f.json")
+    assert "no csrc implementation has a valid headline time" in verdict, verdict
+    rows = [row("scattermoe_triton", 5.0, "FAIL"), row("scattermoe_cutlass", 6.0)]
+    verdict = ingest.cutlass_verdict({"device": "NVIDIA H100", "rows": rows}, "f.json")
+    assert "no valid scattermoe_triton time" in verdict, verdict
+
+
+def test_errored_tests_are_listed_beside_failed_ones(tmp_path):
+    """pytest writes a test that raised outside its body (a fixture, a crashed xdist worker) as <error>, not
+    <failure>: those are failures of the GPU run too."""
+    (tmp_path / "junit_csrc.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="2" errors="1">'
+        '<testcase classname="tests.test_cutlass_gpu" name="test_a"/>'
+        '<testcase classname="tests.test_cutlass_gpu" name="test_b">'
+        '<error message="worker \'gw3\' crashed while running \'test_b\'"/></testcase></testsuite></testsuites>')
+    assert ingest.failed_tests(tmp_path) == [
+        "csrc: error: tests.test_cutlass_gpu::test_b: worker 'gw3' crashed while running 'test_b'"]
+
+
+def test_exit_status_is_2_when_the_readme_cannot_be_rewritten(tmp_path, capsys):
+    """The files are copied, but a README without its markers is not rewritten: the run says so (status 2)."""
+    results, runs, readme = _layout(tmp_path)
+    readme.write_text("no markers here\n")
+    archive = _archive(_run_folder(tmp_path, {"scattermoe_triton": 10.0}), tmp_path / "gpu_check.tgz")
+    assert _ingest(archive, results, runs, readme) == 2
+    assert "expected the markers" in capsys.readouterr().err
+    assert (results / "2026-12-01_h100_abcdef0.json").exists()

@@ -352,6 +352,77 @@ def test_a_hung_step_ends_the_run_with_its_files_and_a_rerun_leaves_it_out(tmp_p
     assert skipped_after_hang("torch_grouped_mm") == ["torch_grouped_mm"]
 
 
+def _main_on_a_pretend_gpu(monkeypatch, out, args, checks=None, rows=()):
+    """python -m bench's own logic (arguments, file name, suite, exit status) as on a GPU, with the environment and
+    the run stood in for (no kernel runs): (exit status, the result file, its name, the run's config)."""
+    import scattermoe.backends
+    from bench import harness
+    from bench import run as bench_run
+
+    configs = []
+
+    def fake_run(cfg, on_update, on_hang=None):
+        configs.append(cfg)
+        return {"checks": checks or {}, "loads": [], "rows": list(rows), "notes": [], "grouped_mm": {},
+                "elapsed_s": 0.0}
+
+    env = {"date": "2026-12-01", "timestamp_utc": "2026-12-01T10:00:00+00:00", "torch": "2.11", "torch_cuda": "13.0",
+           "triton": "3.6", "device": {"name": "NVIDIA H100 80GB HBM3"},
+           "git": {"commit": "abcdef0" + "1" * 33, "short": "abcdef0", "dirty": False}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(scattermoe.backends, "_triton_interpreting", lambda: False)
+    monkeypatch.setattr(harness, "environment", lambda device: env)
+    monkeypatch.setattr(bench_run, "run", fake_run)
+    rc = bench_main.main(["--no-plot", "--out", str(out), *args])
+    (path,) = out.glob("*.json")
+    return rc, json.loads(path.read_text()), path.stem, configs[0]
+
+
+@pytest.mark.parametrize("args, suite", [
+    ([], "full"), (["--suite", "quick"], "quick"), (["--tokens", "1,16384"], "full-subset"),
+    (["--shapes", "routing"], "full-subset"), (["--impls", "scattermoe_triton"], "full-subset"),
+    (["--suite", "headline", "--tokens", "1"], "headline-subset")])
+def test_a_narrowed_run_is_named_and_recorded_as_a_subset(tmp_path, monkeypatch, args, suite):
+    """bench/README.md: a run narrowed by --impls, --shapes or --tokens is "<suite>-subset", its files named
+    "..._<suite>-subset" (never fed to the README while a whole suite exists); a whole full suite has no suffix.
+    On a GPU --hang-s defaults to 150 s."""
+    rc, payload, stem, cfg = _main_on_a_pretend_gpu(monkeypatch, tmp_path, args)
+    assert rc == 0 and payload["suite"] == suite and not payload["smoke_only"]
+    assert stem == "2026-12-01_h100-80gb-hbm3_abcdef0" + ("" if suite == "full" else f"_{suite}")
+    assert cfg.hang_s == 150 and payload["limits"]["label"] == "H100 SXM (datasheet)"
+
+
+def test_exit_status_1_only_when_one_of_the_librarys_implementations_fails_its_check(tmp_path, monkeypatch):
+    """A scattermoe implementation (any backend) failing its check is the run's failure (exit 1); a peer's failure
+    is a finding, not one; an implementation left out by --skip-impls is not checked."""
+    fail, ok = {"ok": False, "groups": {}}, {"ok": True, "groups": {}}
+    for i, (impl, check, args, want) in enumerate((
+            ("scattermoe_triton", ok, [], 0), ("scattermoe_triton", fail, [], 1), ("scattermoe_cutlass", fail, [], 1),
+            ("scattermoe_triton_gather", fail, [], 1), ("scattermoe_original", fail, [], 0),
+            ("scattermoe_cutlass", fail, ["--skip-impls", "scattermoe_cutlass:hung"], 0))):
+        out = tmp_path / str(i)
+        rc = _main_on_a_pretend_gpu(monkeypatch, out, args, {"jetmoe_moe": {impl: check}})[0]
+        assert rc == want, (impl, check, args)
+
+    # A row that raised (after its check passed) fails the run the same way; a peer's error does not.
+    row = {"case": "jetmoe_moe_fwd", "tokens": 16384, "routing": "uniform", "dtype": "bfloat16", "ms": None,
+           "status": "error: RuntimeError: CUDA error: an illegal memory access was encountered"}
+    for i, (impl, want) in enumerate((("scattermoe_cutlass", 1), ("torch_grouped_mm", 0))):
+        rc = _main_on_a_pretend_gpu(monkeypatch, tmp_path / f"row{i}", [], rows=[dict(row, impl=impl)])[0]
+        assert rc == want, impl
+
+
+def test_skip_impls_leaves_out_every_implementation_it_names_with_the_reason(tmp_path, monkeypatch):
+    """gpu_check.sh reruns a hung suite with --skip-impls NAME,NAME,...:REASON (all the csrc variants after the
+    one that hung): each of them must be left out, or the rerun hangs on the next one."""
+    names = "scattermoe_cutlass,scattermoe_cutlass_persistent,scattermoe_cutlass_tma,scattermoe_cutlass_gather"
+    cfg = _main_on_a_pretend_gpu(monkeypatch, tmp_path / "a", ["--skip-impls", f"{names}:hung before"])[3]
+    assert cfg.skip_impls == dict.fromkeys(names.split(","), "hung before")
+    cfg = _main_on_a_pretend_gpu(monkeypatch, tmp_path / "b", ["--skip-impls", "torch_sort"])[3]
+    assert cfg.skip_impls == {"torch_sort": "left out by --skip-impls"}
+
+
 @pytest.mark.parametrize("ms", [float("nan"), 0.0, -1.0, None], ids=["nan", "zero", "negative", "none"])
 def test_a_row_without_a_valid_time_is_not_measured_anywhere(tmp_path, ms):
     path = write_kernel_result(tmp_path, "r.json", "2026-06-01T00:00:00+00:00",
@@ -434,6 +505,20 @@ def test_e2e_smoke(tmp_path, monkeypatch):
     md = md.read_text()
     assert f"jetmoe (triton) {ours:.2e}" in md and f"transformers + apply_scattermoe {patched:.2e}" in md, md
     assert f"jetmoe (triton, compiled layers) {compiled:.2e}" in md and compiled < 1e-4, md
+
+
+def test_e2e_reports_the_median_of_its_repeats():
+    """An e2e row's ms is the median of its repeats (the middle one of an odd count), not the fastest or the mean."""
+    assert e2e._median([30.0, 10.0, 20.0]) == 20.0
+    assert e2e._median([5.0, 1.0, 100.0, 2.0, 3.0]) == 3.0
+
+
+def test_e2e_refuses_fewer_than_two_new_tokens(tmp_path, capsys, monkeypatch):
+    """Decode's ms per token is (n tokens - 1 token) / (n - 1): n = 1 has no step to time."""
+    monkeypatch.setattr(e2e, "run", lambda *args, **kwargs: pytest.fail("the model was built and timed"))
+    assert e2e.main(["--cpu-smoke", "--out", str(tmp_path), "--new-tokens", "1"]) == 2
+    assert "--new-tokens >= 2" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_report_names_the_pieces_cutlass_rows_ran_on_triton():

@@ -84,6 +84,14 @@ def test_the_benchmark_runs_even_when_the_budget_is_spent_but_is_not_rerun(tmp_p
     assert "bench_rc=3" in summary and "bench_hung=torch_grouped_mm" in summary
 
 
+@needs_bash
+def test_the_hang_limit_is_a_third_of_the_time_left_at_most_150_s(tmp_path):
+    """With ~900 s left a third would be 300 s: capped at 150 s, so a hung kernel leaves time for the rerun."""
+    proc, calls, summary = _run_gpu_check(tmp_path, "torch_grouped_mm", 900)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "--hang-s 150 " in calls[0], calls
+
+
 # A stand-in interpreter whose `-m pip` (the install step, the first that runs python) never ends.
 SLOW_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then sleep 120; exit 0; fi
