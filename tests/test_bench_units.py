@@ -516,14 +516,7 @@ def test_a_timed_backward_counts_its_forwards_activations_in_its_peak(monkeypatc
     forward's activations read as prepared for the call (not as the baseline) and count in peak_mem_gb."""
     from bench import kernels
 
-    mem = _Allocator()
-    for name, fn in (("memory_allocated", lambda device=None: mem.now),
-                     ("max_memory_allocated", lambda device=None: mem.peak),
-                     ("reset_peak_memory_stats", lambda device=None: setattr(mem, "peak", mem.now)),
-                     ("synchronize", lambda device=None: None)):
-        monkeypatch.setattr(torch.cuda, name, fn)
-    timer = harness.Timer(torch.device("cpu"))
-    timer.cuda, timer.sync = True, lambda: None
+    mem, timer = _fake_cuda_memory(monkeypatch)
     pending = []
 
     def prepare(i):  # the bwd prepare: drop the last forward, run a new one (10 GB of activations)
