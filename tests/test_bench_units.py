@@ -362,15 +362,21 @@ def test_the_full_suite_times_each_group_once_the_headline_first():
         ("jetmoe_moe", T, "uniform"), ("jetmoe_glu_gemm", T, "uniform"), ("routing", T, "uniform")]
 
 
-def _tiny_run(impls, tokens=(3,), max_call_ms=float("inf"), limits=None, time_budget_s=None):
+def _tiny_config(impls, tokens=(3,), E=4, n_sets=2, max_call_ms=float("inf"), limits=None, time_budget_s=None):
+    """A CPU run of a small GLU shape, forward only, two timed calls per row."""
     from bench import kernels, run
 
-    shape = kernels.Shape("tiny_moe", "glu", D=16, F=16, E=4, K=2, modes=("fwd",))
-    cfg = run.RunConfig(device=torch.device("cpu"), groups=[kernels.Group(shape, t, "uniform", "float32")
-                                                            for t in tokens], impls=impls,
-                        plan=harness.TimingPlan(warmup=0, target_s=0.0, min_rep=2, max_rep=2), n_sets=2,
-                        check_tokens=3, max_call_ms=max_call_ms, time_budget_s=time_budget_s, limits=limits)
-    return run.run(cfg, lambda r: None)["rows"]
+    shape = kernels.Shape("tiny_moe", "glu", D=16, F=16, E=E, K=2, modes=("fwd",))
+    return run.RunConfig(device=torch.device("cpu"), groups=[kernels.Group(shape, t, "uniform", "float32")
+                                                             for t in tokens], impls=impls,
+                         plan=harness.TimingPlan(warmup=0, target_s=0.0, min_rep=2, max_rep=2), n_sets=n_sets,
+                         check_tokens=3, max_call_ms=max_call_ms, time_budget_s=time_budget_s, limits=limits)
+
+
+def _tiny_run(impls, **options):
+    from bench import run
+
+    return run.run(_tiny_config(impls, **options), lambda r: None)["rows"]
 
 
 def test_roofline_is_the_slower_bound_and_rows_give_their_share_of_it_and_of_dense():
@@ -573,12 +579,9 @@ def test_bytes_and_the_decode_floor_count_the_experts_used_on_average_over_the_i
     them, so the bytes (and the HBM floor) are sized by the mean, not by set 0's count."""
     from bench import kernels, run
 
-    shape = kernels.Shape("tiny_moe", "glu", D=16, F=16, E=32, K=2, modes=("fwd",))
-    group = kernels.Group(shape, 3, "uniform", "float32")
-    cfg = run.RunConfig(device=torch.device("cpu"), groups=[group], impls=["reference"],
-                        plan=harness.TimingPlan(warmup=0, target_s=0.0, min_rep=2, max_rep=2), n_sets=6,
-                        check_tokens=3, max_call_ms=float("inf"), time_budget_s=None,
-                        limits={"bf16_flops": 1e15, "hbm_bytes_s": 4e12})
+    cfg = _tiny_config(["reference"], E=32, n_sets=6, limits={"bf16_flops": 1e15, "hbm_bytes_s": 4e12})
+    (group,) = cfg.groups
+    shape = group.shape
     res = run.run(cfg, lambda r: None, lambda r: None)
     sets = kernels.make_inputs(group, cfg.n_sets, cfg.device, cfg.seed + group.T, dense=False)
     used = [kernels.expert_load(s.idx, shape.E)["experts_used"] for s in sets]
