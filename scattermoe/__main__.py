@@ -161,8 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         interpreter_problem = find_interpreter_problem() if importlib.util.find_spec("triton") else None
         if interpreter_problem is None:
             # Triton fixes interpreter mode as its functions are defined, and `python -m scattermoe` has imported the
-            # package, whose import of torch._dynamo (torch.compiler.assume_constant_result) imports Triton's
-            # language: too late to set the variable here. As a command, run again with it set first.
+            # package, whose probe of Triton (scattermoe.backends, at import) imports Triton's language: too late
+            # to set the variable here. As a command, run again with it set first.
             late = "TRITON_INTERPRET" not in os.environ and (
                 "triton.language" in sys.modules or "scattermoe.backends.triton" in sys.modules)
             if late and argv is None:

@@ -139,3 +139,17 @@ def test_a_non_editable_install_ships_every_package(tmp_path):
                    "scattermoe/integrations/transformers_moe.py", "reference/ops.py", "jetmoe/__main__.py"):
         assert module in shipped, module
     assert f"Version: {scattermoe.__version__}\n" in (info / "PKG-INFO").read_text()
+
+
+def test_importing_the_packages_leaves_torch_dynamo_and_the_kernels_unimported():
+    """`import scattermoe` (and jetmoe) costs torch and a probe of Triton, not Dynamo (~2 s more per process: a
+    decorator from torch.compiler once imported it) nor the kernels, which load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, scattermoe, jetmoe; "
+            "print(sorted(m for m in ('torch._dynamo', 'scattermoe.backends.triton', 'transformers') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-2] == "[]", proc.stdout

@@ -136,21 +136,21 @@ def _triton_interpreting() -> bool:
     return INTERPRET
 
 
-_TRITON_IMPORTABLE: Optional[bool] = None  # probed at the first call, not at import (an import of triton, ~0.1 s)
+def _probe_triton() -> bool:
+    try:  # an import, not find_spec: a broken install must fall back to torch, not fail at the first launch
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
-@torch.compiler.assume_constant_result  # for Dynamo, a constant: no guard on the global, which the first call sets
+# Probed once, at import (~0.3 s, the import of Triton): a constant from then on, so torch.compile guards on a
+# value that never changes. (A lazy probe needed torch.compiler.assume_constant_result, whose import of
+# torch._dynamo cost every `import scattermoe` ~2 s.)
+_TRITON_IMPORTABLE: bool = _probe_triton()
+
+
 def triton_importable() -> bool:
-    # A module global, not an lru_cache: Dynamo warned on every torch.compile that it traced past the cache. Traced
-    # as is, the first compile would guard on the global being None and the second call would compile again.
-    global _TRITON_IMPORTABLE
-    if _TRITON_IMPORTABLE is None:
-        try:  # an import, not find_spec: a broken install must fall back to torch, not fail at the first launch
-            import triton  # noqa: F401
-        except Exception:
-            _TRITON_IMPORTABLE = False
-        else:
-            _TRITON_IMPORTABLE = True
     return _TRITON_IMPORTABLE
 
 
