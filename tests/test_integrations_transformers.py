@@ -5,8 +5,8 @@ Each family gets a tiny random config built with transformers and all weights ra
 has it). Checked on the CPU in float32: logits (rel err < 1e-4), loss and every parameter's
 gradient, greedy generation identical, and a checkpoint saved after patching reloads into an
 unpatched model with the same logits.
-Most checks run on the 'torch' backend; one forward+backward per family runs the Triton
-kernels through the interpreter.
+Most checks run on the 'torch' backend; one forward+backward per expert layout (TRITON_FAMILIES)
+runs the Triton kernels through the interpreter.
 """
 
 import os
@@ -220,8 +220,40 @@ def test_family_patch_before_loading(family, tmp_path):
         assert _rel(logits, ref(input_ids=ids).logits) < TOL
 
 
+def _expert_layout(model) -> set:
+    """What decides the scattermoe calls a patched model makes: per fused-experts module, the layout flags that
+    _fused_experts_forward reads (gate, bias, transposed, concatenated, the default gate, SiLU); per JetMoE MoE
+    block, whether its activation is SiLU (the fused GLU) or not."""
+    layouts = set()
+    for m in model.modules():
+        if type(m).__name__ in transformers_moe._FUSED_EXPERTS_CLASSES.values():
+            default_gate = getattr(type(m)._apply_gate, "__name__", "") == "_default_apply_gate"
+            layouts.add(("experts", getattr(m, "has_gate", True), getattr(m, "has_bias", False),
+                         getattr(m, "is_transposed", False), getattr(m, "is_concatenated", True), default_gate,
+                         transformers_moe._is_silu(getattr(m, "act_fn", None))))
+        elif type(m).__name__ == "JetMoeMoE":
+            layouts.add(("jetmoe", transformers_moe._is_silu(m.activation)))
+    return layouts
+
+
+# The Triton kernels run per expert layout, not per family: most families reach the very same glu_moe call (only
+# their routers, which stay the model's own, differ), and every family runs on the torch backend above. mixtral:
+# the fused SwiGLU; qwen2_moe: the same at k=3 of 5 experts; gpt_oss: biases, [E, in, out] weights and its own
+# clamped, interleaved gate (the unfused path); jetmoe: MoE and MoA. The test below keeps this list covering
+# every layout a supported family has.
+TRITON_FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss", "jetmoe"]
+
+
+def test_the_triton_families_cover_every_expert_layout():
+    covered = set().union(*(_expert_layout(_build(family)) for family in TRITON_FAMILIES))
+    for family in FAMILIES:
+        layouts = _expert_layout(_build(family))
+        assert layouts, f"{family}: no expert module found"
+        assert layouts <= covered, f"{family} has an expert layout no Triton family runs: {layouts - covered}"
+
+
 @pytest.mark.interpreter
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TRITON_FAMILIES)
 def test_patched_on_triton_backend(family):
     """The Triton kernels (interpreter, fp32): logits, loss and the expert weights' gradients."""
     ref = _build(family, seed=3)
