@@ -28,6 +28,11 @@ from scattermoe.integrations import transformers_moe  # noqa: E402
 TOL = 1e-4
 
 
+# A family with fused experts outside SUPPORTED_FAMILIES: patched because its experts class is on transformers'
+# fused-experts interface, not because a list names it.
+UNLISTED_FAMILY = "solar_open"
+
+
 def _tiny(family):
     """A tiny config of the family: 2 layers, hidden 32, a handful of experts, k >= 2."""
     common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -60,7 +65,7 @@ def _tiny(family):
                                          num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
                                          output_router_logits=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family in _FUSED_EXPERTS_CONFIGS:  # transformers 5's fused experts class, each family's own router
-        return transformers.AutoConfig.for_model(family, **common, output_router_logits=True,
+        return transformers.AutoConfig.for_model(_TEXT_CONFIG.get(family, family), **common, output_router_logits=True,
                                                  **_FUSED_EXPERTS_CONFIGS[family])
     raise KeyError(family)
 
@@ -69,6 +74,8 @@ _MOE = dict(intermediate_size=48, moe_intermediate_size=24, num_experts_per_tok=
 _GROUPED = dict(_MOE, n_routed_experts=6, n_shared_experts=1, n_group=2, topk_group=1)  # group-limited top-k
 _MLA = dict(num_key_value_heads=4, head_dim=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4,
             qk_nope_head_dim=8, v_head_dim=8)  # multi-head latent attention
+# Multimodal families: the config of their text model.
+_TEXT_CONFIG = {"qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text", "aria": "aria_text"}
 _FUSED_EXPERTS_CONFIGS = {
     "deepseek_v2": dict(_GROUPED, **_MLA, first_k_dense_replace=0),
     "deepseek_v3": dict(_GROUPED, **_MLA, first_k_dense_replace=0),
@@ -87,6 +94,56 @@ _FUSED_EXPERTS_CONFIGS = {
     "hunyuan_v1_moe": dict(_MOE, num_experts=6, num_key_value_heads=2, head_dim=8),
     "flex_olmo": dict(_MOE, num_experts=6, num_key_value_heads=2),
     "granitemoeshared": dict(_MOE, num_local_experts=6, num_key_value_heads=2, shared_intermediate_size=40),
+    "afmoe": dict(_MOE, num_experts=6, num_key_value_heads=2, head_dim=8, num_dense_layers=0,
+                  layer_types=["sliding_attention", "full_attention"]),
+    "cohere2_moe": dict(_MOE, num_experts=6, num_key_value_heads=2, head_dim=8,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "deepseek_v4": dict(_MOE, n_routed_experts=6, num_key_value_heads=2, head_dim=8, q_lora_rank=24, qk_rope_head_dim=4,
+                        layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
+                        mlp_layer_types=["hash_moe", "moe"]),  # its own gate (clamped SwiGLU); hash-routed, then top-k
+    "flint": dict(_MOE, num_experts=6, shared_expert_intermediate_size=40, num_key_value_heads=2, head_dim=8,
+                  decoder_sparse_step=1, mlp_only_layers=[], layer_types=["full_attention", "sliding_attention"]),
+    "granitemoe_swa": dict(_MOE, num_local_experts=6, num_key_value_heads=2,
+                           layer_types=["full_attention", "sliding_attention"]),
+    "hy_v3": dict(_MOE, num_experts=6, num_key_value_heads=2, head_dim=8),
+    "kolibri1": dict(_MOE, num_local_experts=6, shared_expert_intermediate_size=40, num_key_value_heads=2, head_dim=8,
+                     layer_types=["sliding_attention", "full_attention"]),
+    "laguna": dict(_MOE, num_experts=6, shared_expert_intermediate_size=40, num_key_value_heads=2, head_dim=8,
+                   layer_types=["full_attention", "full_attention"]),
+    "mellum": dict(_MOE, num_local_experts=6, num_key_value_heads=2, head_dim=8,
+                   layer_types=["full_attention", "full_attention"]),
+    "mimo_v2_flash": dict(_MOE, n_routed_experts=6, n_group=2, topk_group=1, num_key_value_heads=2, head_dim=8,
+                          v_head_dim=8, layer_types=["full_attention", "sliding_attention"]),
+    "qwen3_5_moe": dict(_MOE, num_experts=6, shared_expert_intermediate_size=40, num_key_value_heads=2, head_dim=8,
+                        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                        linear_conv_kernel_dim=4),
+    "zaya": dict(_MOE, num_experts=6, num_key_value_heads=2, head_dim=8, layer_types=["hybrid", "hybrid"],
+                 num_experts_per_tok=1),  # top-1
+    "gemma4": dict(_MOE, num_experts=6, top_k_experts=2, enable_moe_block=True, num_key_value_heads=2, head_dim=8,
+                   global_head_dim=8, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8, sliding_window=16,
+                   layer_types=["sliding_attention", "full_attention"]),  # GELU-tanh experts beside a dense MLP
+    "nemotron_h": dict(_MOE, n_routed_experts=6, n_shared_experts=1, moe_shared_expert_intermediate_size=24,
+                       num_key_value_heads=2, head_dim=8,
+                       layers_block_type=["full_attention", "moe"]),  # ReLU² experts without a gate
+    "granitemoehybrid": dict(_MOE, num_local_experts=6, shared_intermediate_size=24, num_key_value_heads=2,
+                             layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_state=8, mamba_d_head=16,
+                             mamba_chunk_size=8, mamba_n_groups=1),
+    "lfm2_moe": dict(_MOE, num_experts=6, num_dense_layers=0, num_key_value_heads=2,
+                     layer_types=["conv", "full_attention"]),
+    "glm_moe_dsa": dict(_MOE, n_routed_experts=6, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0,
+                        **_MLA, index_topk=4, index_head_dim=8, index_n_heads=2),  # sparse attention's indexer
+    "deepseek_v32": dict(_MOE, n_routed_experts=6, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0,
+                         **_MLA, index_topk=4, index_head_dim=8, index_n_heads=2),
+    "jamba": dict(_MOE, num_experts=6, num_key_value_heads=2, expert_layer_period=1, expert_layer_offset=0,
+                  attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_expand=2),
+    "kimi_linear": dict(_MOE, num_local_experts=6, n_shared_experts=1, mlp_layer_types=["sparse", "sparse"],
+                        layer_types=["linear_attention", "full_attention"], num_key_value_heads=4, kv_lora_rank=16,
+                        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, linear_head_dim=8, linear_num_heads=4),
+    "aria": dict(_MOE, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=1, num_key_value_heads=2,
+                 head_dim=8),  # [E, in, out] expert weights
+    UNLISTED_FAMILY: dict(_MOE, n_routed_experts=6, n_shared_experts=1, num_key_value_heads=2, head_dim=8,
+                          first_k_dense_replace=0),
 }
 
 
@@ -95,7 +152,9 @@ def _build(family, seed=0, **config_changes):
     config = _tiny(family)
     for name, value in config_changes.items():
         setattr(config, name, value)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # The reference runs each family's own per-expert loop (transformers' default is its grouped_mm implementation).
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                          experts_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0.0, 0.25)
@@ -144,7 +203,7 @@ def _assert_same_loss_and_grads(model, ref, ids):
             assert grad is None or grad.abs().max() == 0, name
             continue
         assert grad is not None, f"{name}: no gradient"
-        if ref_grad.abs().max() == 0:  # e.g. an expert no token chose
+        if ref_grad.abs().max() < 1e-6:  # an expert no token chose; DeepSeek-V4's hash-routed router (fp32 noise)
             assert grad.abs().max() < 1e-6, name
         else:
             assert _rel(grad, ref_grad) < TOL, f"{name}: grad rel err {_rel(grad, ref_grad):.2e}"
@@ -220,17 +279,48 @@ def test_family_patch_before_loading(family, tmp_path):
         assert _rel(logits, ref(input_ids=ids).logits) < TOL
 
 
+def test_a_family_outside_the_list_is_patched_through_the_fused_experts_interface(tmp_path):
+    """Any experts class on transformers' fused-experts interface is patched, by apply_scattermoe and by an
+    apply_scattermoe_to_<family>() built on first use; ScatterMoE<Class> pickles (test_patched_model_pickles...)."""
+    assert UNLISTED_FAMILY not in integrations.SUPPORTED_FAMILIES
+    for family in integrations.SUPPORTED_FAMILIES:  # the tested families' patchers are named (and exported)
+        name = f"apply_scattermoe_to_{family}"
+        assert name in vars(transformers_moe) and name in integrations.__all__, name
+    assert f"apply_scattermoe_to_{UNLISTED_FAMILY}" not in vars(transformers_moe)
+    ref = _build(UNLISTED_FAMILY)
+    model = integrations.apply_scattermoe(copy.deepcopy(ref))
+    assert _scattermoe_classes(model) == {"ScatterMoESolarOpenExperts"}
+    ids = _ids()
+    _assert_same_loss_and_grads(model, ref, ids)
+    ref.save_pretrained(tmp_path)
+    from scattermoe.integrations import apply_scattermoe_to_solar_open  # no such name until asked for
+
+    try:
+        apply_scattermoe_to_solar_open()
+        built = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    finally:
+        integrations.revert_scattermoe_patches()
+    assert _scattermoe_classes(built) == {"ScatterMoESolarOpenExperts"}
+    assert _scattermoe_classes(_build(UNLISTED_FAMILY)) == set(), "revert_scattermoe_patches left the module patched"
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        assert _rel(built(input_ids=ids).logits, ref(input_ids=ids).logits) < TOL
+
+
 def _expert_layout(model) -> set:
-    """What decides the scattermoe calls a patched model makes: per fused-experts module, the layout flags that
-    _fused_experts_forward reads (gate, bias, transposed, concatenated, the default gate, SiLU); per JetMoE MoE
-    block, whether its activation is SiLU (the fused GLU) or not."""
+    """What decides the scattermoe calls a patched model makes: per fused-experts module, whether it takes the fused
+    SiLU GLU op (gate and up concatenated, the default gate, SiLU) or else two parallel_linear calls around its own
+    gate or activation, whether it has biases, and whether its weights are [E, in, out]; per JetMoE MoE block, whether
+    its activation is SiLU (the fused GLU) or not."""
     layouts = set()
+    code = transformers_moe._interface_forward_code()
     for m in model.modules():
-        if type(m).__name__ in transformers_moe._FUSED_EXPERTS_CLASSES.values():
+        if any(transformers_moe._is_interface_class(c, code) for c in type(m).__mro__):
             default_gate = getattr(type(m)._apply_gate, "__name__", "") == "_default_apply_gate"
-            layouts.add(("experts", getattr(m, "has_gate", True), getattr(m, "has_bias", False),
-                         getattr(m, "is_transposed", False), getattr(m, "is_concatenated", True), default_gate,
-                         transformers_moe._is_silu(getattr(m, "act_fn", None))))
+            fused = (getattr(m, "has_gate", True) and getattr(m, "is_concatenated", True) and default_gate
+                     and transformers_moe._is_silu(getattr(m, "act_fn", None)))
+            transposed = getattr(m, "is_transposed", False)  # [E, in, out]: F-major weights, other kernels
+            layouts.add(("experts", "glu_moe", transposed) if fused else
+                        ("experts", getattr(m, "has_bias", False), transposed))
         elif type(m).__name__ == "JetMoeMoE":
             layouts.add(("jetmoe", transformers_moe._is_silu(m.activation)))
     return layouts
@@ -239,9 +329,10 @@ def _expert_layout(model) -> set:
 # The Triton kernels run per expert layout, not per family: most families reach the very same glu_moe call (only
 # their routers, which stay the model's own, differ), and every family runs on the torch backend above. mixtral:
 # the fused SwiGLU; qwen2_moe: the same at k=3 of 5 experts; gpt_oss: biases, [E, in, out] weights and its own
-# clamped, interleaved gate (the unfused path); jetmoe: MoE and MoA. The test below keeps this list covering
-# every layout a supported family has.
-TRITON_FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss", "jetmoe"]
+# clamped, interleaved gate (the unfused path); deepseek_v4: the unfused path without biases, [E, out, in] weights;
+# aria: the fused SwiGLU on [E, in, out] weights; jetmoe: MoE and MoA. The test below keeps this list covering every
+# layout a supported family has.
+TRITON_FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v4", "aria", "jetmoe"]
 
 
 def test_the_triton_families_cover_every_expert_layout():
@@ -265,7 +356,7 @@ def test_patched_on_triton_backend(family):
     assert _rel(out.logits, ref_out.logits) < TOL
     assert _rel(out.loss, ref_out.loss) < TOL
     for name, ref_grad in ref_grads.items():
-        if ref_grad is not None and ref_grad.abs().max() > 0:
+        if ref_grad is not None and ref_grad.abs().max() > 1e-6:  # (as in _assert_same_loss_and_grads)
             assert _rel(grads[name], ref_grad) < TOL, name
 
 
@@ -273,11 +364,13 @@ def test_unknown_architecture_lists_supported():
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match="supported architectures.*mixtral.*jetmoe") as info:
+    with pytest.raises(ValueError, match="fused-experts interface.*tested architectures.*jetmoe.*mixtral") as info:
         integrations.apply_scattermoe(model)
     assert "llama" in str(info.value)
-    with pytest.raises(ValueError, match="unknown family 'llama'"):
+    with pytest.raises(ValueError, match="unknown family 'llama' .its modeling module has no fused-experts class"):
         integrations.apply_scattermoe(model, families=["llama"])
+    with pytest.raises(AttributeError, match="apply_scattermoe_to_llama.*unknown family 'llama'"):
+        getattr(integrations, "apply_scattermoe_to_llama")  # built on first use for families with fused experts
 
 
 def test_apply_checks_its_arguments_and_a_family_patcher_leaves_transformers_alone_on_a_wrong_model():
@@ -296,7 +389,7 @@ def test_apply_checks_its_arguments_and_a_family_patcher_leaves_transformers_alo
     assert dict(vars(mixtral_module)) == before, "transformers' mixtral module was patched before the error"
 
 
-def test_apply_looks_only_at_imported_families_and_names_a_family_transformers_lacks(monkeypatch):
+def test_apply_looks_only_at_the_model_and_names_a_family_transformers_lacks(monkeypatch):
     import sys
 
     ref = _build("mixtral")
@@ -304,15 +397,14 @@ def test_apply_looks_only_at_imported_families_and_names_a_family_transformers_l
     monkeypatch.delitem(sys.modules, unrelated, raising=False)
     integrations.apply_scattermoe(ref)
     assert unrelated not in sys.modules, "apply_scattermoe imported the modeling module of a family not in the model"
-    monkeypatch.setitem(transformers_moe._FAMILIES, "future_moe",
-                        ("transformers.models.future_moe.modeling_future_moe", {"FutureMoeExperts": {}}))
-    with pytest.raises(ValueError, match=r"family 'future_moe' needs FutureMoeExperts .* which transformers \S+ lacks"):
+    with pytest.raises(ValueError, match=r"family 'future_moe' needs transformers.models.future_moe.modeling_future_moe"
+                                         r", which transformers \S+ lacks"):
         integrations.apply_scattermoe(ref, families=["future_moe"])
-    # Not asked for by name: a family whose module is imported but lacks the class is passed over.
-    monkeypatch.setitem(transformers_moe._FAMILIES, "future_moe",
-                        ("transformers.models.mixtral.modeling_mixtral", {"FutureMoeExperts": {}}))
-    monkeypatch.setattr(transformers_moe, "SUPPORTED_FAMILIES", (*transformers_moe.SUPPORTED_FAMILIES, "future_moe"))
-    assert _scattermoe_classes(integrations.apply_scattermoe(_build("mixtral"))) == {"ScatterMoEMixtralExperts"}
+    with pytest.raises(ValueError, match="unknown family '../mixtral'"):  # not a module path either
+        integrations.apply_scattermoe(ref, families=["../mixtral"])
+    # Named, a family restricts the patch to its own blocks.
+    with pytest.raises(ValueError, match="no supported MoE block found in MixtralForCausalLM"):
+        integrations.apply_scattermoe(_build("mixtral"), families=["qwen3_moe"])
 
 
 def test_apply_twice_is_harmless():
@@ -343,35 +435,36 @@ def test_experts_implementation_scattermoe(family, tmp_path, monkeypatch):
     ref_out, ref_grads = _loss_and_grads(ref, ids)
     assert _rel(out.logits, ref_out.logits) < TOL
     for name, ref_grad in ref_grads.items():
-        if ref_grad is not None and ref_grad.abs().max() > 0:
+        if ref_grad is not None and ref_grad.abs().max() > 1e-6:  # (as in _assert_same_loss_and_grads)
             assert _rel(grads[name], ref_grad) < TOL, name
 
 
 def test_patched_model_pickles_whole_and_loads_in_a_fresh_process(tmp_path):
     """torch.save(model) (pickle: also what spawning worker processes does) of a patched model, loaded back here
-    and in a process that never patched anything: the same class, the same logits."""
+    and in a process that never patched anything: the same class, the same logits. Also for a family outside
+    SUPPORTED_FAMILIES, whose ScatterMoE<Class> is found from the class name alone."""
     import subprocess
     import sys
 
     ids = _ids()
-    model = integrations.apply_scattermoe(_build("mixtral"))
-    path = tmp_path / "model.pt"
-    torch.save(model, path)  # (before any forward: transformers then adds hooks of its own that do not pickle)
-    with torch.no_grad(), scattermoe.use_backend("torch"):
-        want = model(input_ids=ids).logits
-    again = torch.load(path, weights_only=False)
-    assert _scattermoe_classes(again) == {"ScatterMoEMixtralExperts"}
-    with torch.no_grad(), scattermoe.use_backend("torch"):
-        assert torch.equal(again(input_ids=ids).logits, want)
     torch.save(ids, tmp_path / "ids.pt")
-    torch.save(want, tmp_path / "want.pt")
-    code = ("import torch; import scattermoe; "
-            f"m = torch.load({str(path)!r}, weights_only=False); ids = torch.load({str(tmp_path / 'ids.pt')!r}); "
-            f"want = torch.load({str(tmp_path / 'want.pt')!r}); "
-            "assert type(m.model.layers[0].mlp.experts).__name__ == 'ScatterMoEMixtralExperts'; "
-            "scattermoe.set_backend('torch'); "
-            "assert torch.equal(m(input_ids=ids).logits.detach(), want), 'logits differ'; print('ok')")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    code = "import torch; import scattermoe; scattermoe.set_backend('torch'); "
+    for family, cls in (("mixtral", "ScatterMoEMixtralExperts"), (UNLISTED_FAMILY, "ScatterMoESolarOpenExperts")):
+        model = integrations.apply_scattermoe(_build(family))
+        path = tmp_path / f"{family}.pt"
+        torch.save(model, path)  # (before any forward: transformers then adds hooks of its own that do not pickle)
+        with torch.no_grad(), scattermoe.use_backend("torch"):
+            want = model(input_ids=ids).logits
+        again = torch.load(path, weights_only=False)
+        assert _scattermoe_classes(again) == {cls}
+        with torch.no_grad(), scattermoe.use_backend("torch"):
+            assert torch.equal(again(input_ids=ids).logits, want)
+        torch.save(want, tmp_path / f"{family}_want.pt")
+        code += (f"m = torch.load({str(path)!r}, weights_only=False); ids = torch.load({str(tmp_path / 'ids.pt')!r}); "
+                 f"want = torch.load({str(tmp_path / f'{family}_want.pt')!r}); "
+                 f"assert type(m.model.layers[0].mlp.experts).__name__ == {cls!r}; "
+                 f"assert torch.equal(m(input_ids=ids).logits.detach(), want), {family + ' logits differ'!r}; ")
+    run = subprocess.run([sys.executable, "-c", code + "print('ok')"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 

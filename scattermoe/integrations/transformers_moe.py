@@ -141,39 +141,93 @@ def _jetmoe_moa_reduce(self, layer_input: torch.Tensor, topo_info) -> torch.Tens
 # ----------------------------------------------------------------------------- families
 
 _EXPERTS = {"forward": _fused_experts_forward}
-
-def _modeling_module(family: str) -> str:
-    """transformers' modeling module of a model_type."""
-    return f"transformers.models.{family}.modeling_{family}"
-
-
-# Families whose experts are a class of transformers 5's fused-experts interface: model_type -> that class, whose
-# forward runs on scattermoe. DeepSeek-V2/V3 (and R1), GLM-4.5 and later, dots.llm1, EXAONE MoE: sigmoid or
-# softmax routers with group-limited top-k, score-correction biases and shared experts, all of it the model's
-# own; only the routed experts change.
-_FUSED_EXPERTS_CLASSES = {
-    "mixtral": "MixtralExperts", "qwen3_moe": "Qwen3MoeExperts", "olmoe": "OlmoeExperts",
-    "qwen2_moe": "Qwen2MoeExperts", "granitemoe": "GraniteMoeExperts", "gpt_oss": "GptOssExperts",
-    "deepseek_v2": "DeepseekV2Experts", "deepseek_v3": "DeepseekV3Experts", "glm4_moe": "Glm4MoeExperts",
-    "glm4_moe_lite": "Glm4MoeLiteExperts", "dots1": "Dots1Experts", "exaone_moe": "ExaoneMoeExperts",
-    "qwen3_next": "Qwen3NextExperts", "phimoe": "PhimoeExperts", "minimax": "MiniMaxExperts",
-    "minimax_m2": "MiniMaxM2Experts", "ernie4_5_moe": "Ernie4_5_MoeExperts", "hunyuan_v1_moe": "HunYuanMoEV1Experts",
-    "flex_olmo": "FlexOlmoExperts", "granitemoeshared": "GraniteMoeSharedExperts",
+_JETMOE_MODULE = "transformers.models.jetmoe.modeling_jetmoe"
+_JETMOE_CLASSES = {
+    "JetMoeMoE": {"forward": _jetmoe_moe_forward},
+    "JetMoeMoA": {"map": _jetmoe_moa_map, "reduce": _jetmoe_moa_reduce},
 }
 
-# family (transformers model_type) -> (modeling module, {class name: methods replaced}).
-_FAMILIES: Dict[str, Tuple[str, Dict[str, Dict[str, Callable]]]] = {
-    **{family: (_modeling_module(family), {cls: _EXPERTS}) for family, cls in _FUSED_EXPERTS_CLASSES.items()},
-    "jetmoe": (_modeling_module("jetmoe"), {
-        "JetMoeMoE": {"forward": _jetmoe_moe_forward},
-        "JetMoeMoA": {"map": _jetmoe_moa_map, "reduce": _jetmoe_moa_reduce},
-    }),
-}
-
-SUPPORTED_FAMILIES: Tuple[str, ...] = tuple(_FAMILIES)
+# Every experts class of transformers 5's fused-experts interface (``@use_experts_implementation``) is patched,
+# whatever its family: the interface fixes what such a class computes (its router stays the model's own), which is
+# what transformers' own grouped_mm and batched_mm experts rely on too. JetMoE's blocks predate the interface and
+# have their own methods above. The families below are the ones tested here, each against its unpatched model
+# (tests/test_integrations_transformers.py); each has an ``apply_scattermoe_to_<family>()`` below, and any other
+# family with fused experts gets one on first use.
+SUPPORTED_FAMILIES: Tuple[str, ...] = (
+    "jetmoe", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe", "gpt_oss", "deepseek_v2", "deepseek_v3",
+    "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "qwen3_next", "phimoe", "minimax", "minimax_m2",
+    "ernie4_5_moe", "hunyuan_v1_moe", "flex_olmo", "granitemoeshared", "afmoe", "cohere2_moe", "deepseek_v4", "flint",
+    "granitemoe_swa", "hy_v3", "kolibri1", "laguna", "mellum", "mimo_v2_flash", "qwen3_5_moe", "zaya", "gemma4",
+    "nemotron_h", "granitemoehybrid", "lfm2_moe", "glm_moe_dsa", "deepseek_v32", "jamba", "kimi_linear", "aria",
+)
 
 _subclasses: Dict[type, type] = {}  # original class -> its scattermoe subclass
 _module_patches: Dict[Tuple[str, str], type] = {}  # (modeling module, class name) -> original class
+_decorated_forward: List[object] = []  # [the code object of the interface's forward], once found
+
+
+def _interface_forward_code() -> Optional[object]:
+    """The code object of the forward that ``@use_experts_implementation`` gives every class it decorates (one code
+    object, although functools.wraps gives each function its class's names), found by decorating a throwaway class.
+    None where the installed transformers has no such interface."""
+    if not _decorated_forward:
+        try:
+            from transformers.integrations.moe import use_experts_implementation
+        except ImportError:
+            return None
+
+        class _Probe(nn.Module):
+            def forward(self, hidden_states, top_k_index, top_k_weights):
+                raise NotImplementedError
+
+        _decorated_forward.append(use_experts_implementation(_Probe).forward.__code__)
+    return _decorated_forward[0]
+
+
+def _is_interface_class(cls: type, code: Optional[object]) -> bool:
+    """True for a class that ``@use_experts_implementation`` decorated itself (not one inheriting its forward)."""
+    return code is not None and getattr(cls.__dict__.get("forward"), "__code__", None) is code
+
+
+def _modeling_module_name(family: str) -> str:
+    """transformers' modeling module of a model_type (a few model_types live in another's module: qwen3_vl_moe_text)."""
+    try:
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+        name = model_type_to_module_name(family)
+    except ImportError:
+        name = family
+    return f"transformers.models.{name}.modeling_{name}"
+
+
+def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Callable]]]:
+    """[(modeling module, class name, original class, methods)] of a family: JetMoE's MoE and MoA blocks, or the
+    fused-experts classes its modeling module defines. A ValueError naming the family when the installed transformers
+    lacks it or it has no MoE block scattermoe can run."""
+    if not isinstance(family, str) or not family.isidentifier():
+        raise _unsupported(f"unknown family {family!r}")
+    module_name = _JETMOE_MODULE if family == "jetmoe" else _modeling_module_name(family)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        import transformers
+
+        raise ValueError(f"scattermoe: family {family!r} needs {module_name}, which transformers "
+                         f"{transformers.__version__} lacks ({exc})") from None
+    if family == "jetmoe":
+        try:
+            found = [(name, getattr(module, name), methods) for name, methods in _JETMOE_CLASSES.items()]
+        except AttributeError as exc:
+            raise ValueError(f"scattermoe: family 'jetmoe' needs {', '.join(_JETMOE_CLASSES)} in {module_name} "
+                             f"({exc})") from None
+    else:
+        code = _interface_forward_code()
+        found = [(name, obj, _EXPERTS) for name, obj in vars(module).items()
+                 if isinstance(obj, type) and _is_interface_class(getattr(obj, "_scattermoe_original", None) or obj,
+                                                                  code)]
+        if not found:
+            raise _unsupported(f"unknown family {family!r} (its modeling module has no fused-experts class)")
+    return [(module, name, getattr(cls, "_scattermoe_original", None) or cls, methods) for name, cls, methods in found]
 
 
 def _scattermoe_class(original: type, methods: Dict[str, Callable]) -> type:
@@ -204,36 +258,47 @@ def _patched_class(module: nn.Module, methods: Dict[str, Callable]) -> type:
     return type(f"Parametrized{base.__name__}", (base,), attrs)
 
 
-def __getattr__(name: str) -> type:
-    """ScatterMoE<Class> of a supported family, built on first use: how pickle (``torch.save(model)``, process
-    spawning) finds a patched block's class in a process that has not patched anything yet."""
-    for family, (_, classes) in _FAMILIES.items():
-        for cls_name in classes:
-            if name == f"ScatterMoE{cls_name}":
-                for _, found_name, original, found_methods in _family_classes(family):
-                    if found_name == cls_name:
-                        return _scattermoe_class(original, found_methods)
+def _families_named_by(class_name: str) -> List[str]:
+    """model_types whose config class's prefix begins ``class_name`` (Qwen3_5MoeExperts: qwen3_5_moe), longest first:
+    where to look for a transformers class known only by name."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return []
+    prefixes = [(config[: -len("Config")], family) for family, config in CONFIG_MAPPING_NAMES.items()
+                if config.endswith("Config") and class_name.startswith(config[: -len("Config")])]
+    return [family for _, family in sorted(prefixes, key=lambda p: -len(p[0]))]
+
+
+def __getattr__(name: str):
+    """Built on first use: ``ScatterMoE<Class>`` of a family's MoE block, which is how pickle (``torch.save(model)``,
+    process spawning) finds a patched block's class in a process that has not patched anything yet; and
+    ``apply_scattermoe_to_<family>`` for a family with fused experts that has no patcher below."""
+    if name.startswith("ScatterMoE"):
+        wanted = name[len("ScatterMoE"):]
+        families = ["jetmoe"] if wanted in _JETMOE_CLASSES else _families_named_by(wanted)
+        for family in families:
+            try:
+                classes = _family_classes(family)
+            except ValueError:
+                continue
+            for _, found_name, original, methods in classes:
+                if found_name == wanted:
+                    return _scattermoe_class(original, methods)
+    elif name.startswith("apply_scattermoe_to_"):
+        family = name[len("apply_scattermoe_to_"):]
+        try:
+            _family_classes(family)
+        except ValueError as exc:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}: {exc}") from None
+        return _family_patcher(family)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Callable]]]:
-    """[(modeling module, class name, original class, methods)] of a family. A ValueError naming the family when
-    the installed transformers lacks it."""
-    module_name, classes = _FAMILIES[family]
-    try:
-        module = importlib.import_module(module_name)
-        found = [(name, getattr(module, name), methods) for name, methods in classes.items()]
-    except (ImportError, AttributeError) as exc:
-        import transformers
-
-        raise ValueError(f"scattermoe: family {family!r} needs {', '.join(classes)} in {module_name}, which "
-                         f"transformers {transformers.__version__} lacks ({exc})") from None
-    return [(module, name, getattr(cls, "_scattermoe_original", None) or cls, methods) for name, cls, methods in found]
-
-
 def _unsupported(what: str) -> ValueError:
-    return ValueError(f"scattermoe: {what}; supported architectures (transformers model_type): "
-                      f"{', '.join(SUPPORTED_FAMILIES)}")
+    return ValueError(f"scattermoe: {what}; supported: JetMoE's MoE and MoA blocks, and the experts of every model on "
+                      f"transformers' fused-experts interface (@use_experts_implementation); tested architectures "
+                      f"(transformers model_type): {', '.join(SUPPORTED_FAMILIES)}")
 
 
 def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> nn.Module:
@@ -241,11 +306,11 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
 
     Each block's class is swapped for a scattermoe subclass: parameters (and their names, so the
     ``state_dict``) stay as they are, no weight is copied, the router is the model's own.
-    ``families``: restrict to these model types (default: those of ``SUPPORTED_FAMILIES`` whose modeling module
-    is imported, which a loaded model's are; one the installed transformers lacks is then passed over, while
-    one named here raises).
-    Returns the model. Raises ValueError, listing the supported architectures, when the model
-    holds no block of a supported family.
+    Supported blocks: every experts class of transformers' fused-experts interface, whatever its family, and
+    JetMoE's MoE and MoA blocks. ``families``: restrict to the blocks of these model types (one the installed
+    transformers lacks, or without such blocks, raises).
+    Returns the model. Raises ValueError, listing the tested architectures, when the model
+    holds no supported block.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a loaded transformers model), got {type(model).__name__}")
@@ -259,38 +324,35 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
         if names is None or not all(isinstance(f, str) for f in names):
             raise TypeError(f"families: expected model_type names (a str or a list of them), got {families!r}")
         families = names
-    named = families is not None
-    if not named:
-        # A loaded model's classes come from modeling modules already imported: look only there, instead of
-        # importing every family's module (slow, and absent from older transformers).
-        families = [f for f in SUPPORTED_FAMILIES if _FAMILIES[f][0] in sys.modules]
-    families = list(families)
-    for family in families:
-        if family not in _FAMILIES:
-            raise _unsupported(f"unknown family {family!r}")
-    targets = {}
-    for family in families:
-        try:
-            classes = _family_classes(family)
-        except ValueError:
-            if named:  # asked for by name: say the installed transformers lacks it
-                raise
-            continue  # an imported module of another transformers version: not this model's family
-        for _, _, original, methods in classes:
-            targets[original] = methods
+    targets: Dict[type, Dict[str, Callable]] = {}  # JetMoE's classes, or those of the families named
+    code = None  # the interface's forward: any class that has it is a target (when no family is named)
+    if families is not None:
+        for family in families:
+            targets.update({original: methods for _, _, original, methods in _family_classes(family)})
+    else:
+        code = _interface_forward_code()
+        if _JETMOE_MODULE in sys.modules:  # a loaded JetMoE model's module is imported; no other is imported here
+            targets.update({original: methods for _, _, original, methods in _family_classes("jetmoe")})
+
+    def target(cls: type) -> Tuple[Optional[type], Dict[str, Callable]]:
+        """The supported class that ``cls`` is or derives from, and the methods that scattermoe replaces."""
+        base = next((t for t in targets if issubclass(cls, t)), None)
+        if base is not None:
+            return base, targets[base]
+        return next(((c, _EXPERTS) for c in cls.__mro__ if _is_interface_class(c, code)), (None, {}))
+
     swapped, kept = 0, []
     for path, module in model.named_modules():
         cls = type(module)
         original = getattr(cls, "_scattermoe_original", None)
-        if original is not None and issubclass(original, tuple(targets)):
+        if original is not None and target(original)[0] is not None:
             swapped += 1  # already patched (e.g. built after apply_scattermoe_to_<family>())
             continue
-        # The family's class, or a subclass of it that leaves the replaced methods alone (e.g. the class
+        # The supported class, or a subclass of it that leaves the replaced methods alone (e.g. the class
         # torch.nn.utils.parametrize gives a module whose expert weights carry a LoRA or weight norm).
-        base = next((t for t in targets if issubclass(cls, t)), None)
+        base, methods = target(cls)
         if base is None:
             continue
-        methods = targets[base]
         if any(getattr(cls, m) is not getattr(base, m) for m in methods):  # its own code: left to run it
             kept.append(f"{path} ({cls.__name__} overrides {base.__name__}.{'/'.join(methods)})")
             continue
@@ -380,3 +442,24 @@ apply_scattermoe_to_ernie4_5_moe = _family_patcher("ernie4_5_moe")
 apply_scattermoe_to_hunyuan_v1_moe = _family_patcher("hunyuan_v1_moe")
 apply_scattermoe_to_flex_olmo = _family_patcher("flex_olmo")
 apply_scattermoe_to_granitemoeshared = _family_patcher("granitemoeshared")
+apply_scattermoe_to_afmoe = _family_patcher("afmoe")
+apply_scattermoe_to_cohere2_moe = _family_patcher("cohere2_moe")
+apply_scattermoe_to_deepseek_v4 = _family_patcher("deepseek_v4")
+apply_scattermoe_to_flint = _family_patcher("flint")
+apply_scattermoe_to_granitemoe_swa = _family_patcher("granitemoe_swa")
+apply_scattermoe_to_hy_v3 = _family_patcher("hy_v3")
+apply_scattermoe_to_kolibri1 = _family_patcher("kolibri1")
+apply_scattermoe_to_laguna = _family_patcher("laguna")
+apply_scattermoe_to_mellum = _family_patcher("mellum")
+apply_scattermoe_to_mimo_v2_flash = _family_patcher("mimo_v2_flash")
+apply_scattermoe_to_qwen3_5_moe = _family_patcher("qwen3_5_moe")
+apply_scattermoe_to_zaya = _family_patcher("zaya")
+apply_scattermoe_to_gemma4 = _family_patcher("gemma4")
+apply_scattermoe_to_nemotron_h = _family_patcher("nemotron_h")
+apply_scattermoe_to_granitemoehybrid = _family_patcher("granitemoehybrid")
+apply_scattermoe_to_lfm2_moe = _family_patcher("lfm2_moe")
+apply_scattermoe_to_glm_moe_dsa = _family_patcher("glm_moe_dsa")
+apply_scattermoe_to_deepseek_v32 = _family_patcher("deepseek_v32")
+apply_scattermoe_to_jamba = _family_patcher("jamba")
+apply_scattermoe_to_kimi_linear = _family_patcher("kimi_linear")
+apply_scattermoe_to_aria = _family_patcher("aria")
