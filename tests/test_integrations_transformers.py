@@ -147,7 +147,21 @@ _FUSED_EXPERTS_CONFIGS = {
 }
 
 
+def _missing(family):
+    """Why the installed transformers cannot run this test family (None when it can): the family was added after
+    it, or its experts are not yet on the fused-experts interface there (transformers 5.17, the GPU image's: Aria).
+    The pinned version has every family."""
+    try:
+        transformers_moe._family_classes(family)
+    except ValueError as exc:
+        return f"transformers {transformers.__version__}: {str(exc).split(';')[0]}"
+    return None
+
+
 def _build(family, seed=0, **config_changes):
+    reason = _missing(family)
+    if reason:
+        pytest.skip(reason)
     torch.manual_seed(seed)
     config = _tiny(family)
     for name, value in config_changes.items():
@@ -337,7 +351,7 @@ TRITON_FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v4", "aria", "je
 
 def test_the_triton_families_cover_every_expert_layout():
     covered = set().union(*(_expert_layout(_build(family)) for family in TRITON_FAMILIES))
-    for family in FAMILIES:
+    for family in [f for f in FAMILIES if not _missing(f)]:
         layouts = _expert_layout(_build(family))
         assert layouts, f"{family}: no expert module found"
         assert layouts <= covered, f"{family} has an expert layout no Triton family runs: {layouts - covered}"
