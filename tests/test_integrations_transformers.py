@@ -381,9 +381,10 @@ def test_unknown_architecture_lists_supported():
     with pytest.raises(ValueError, match="fused-experts interface.*tested architectures.*jetmoe.*mixtral") as info:
         integrations.apply_scattermoe(model)
     assert "llama" in str(info.value)
-    with pytest.raises(ValueError, match="unknown family 'llama' .its modeling module has no fused-experts class"):
+    no_experts = r"family 'llama': transformers.models.llama.modeling_llama of transformers \S+ has no experts class"
+    with pytest.raises(ValueError, match=no_experts):
         integrations.apply_scattermoe(model, families=["llama"])
-    with pytest.raises(AttributeError, match="apply_scattermoe_to_llama.*unknown family 'llama'"):
+    with pytest.raises(AttributeError, match="apply_scattermoe_to_llama.*" + no_experts):
         getattr(integrations, "apply_scattermoe_to_llama")  # built on first use for families with fused experts
 
 
@@ -419,6 +420,38 @@ def test_apply_looks_only_at_the_model_and_names_a_family_transformers_lacks(mon
     # Named, a family restricts the patch to its own blocks.
     with pytest.raises(ValueError, match="no supported MoE block found in MixtralForCausalLM"):
         integrations.apply_scattermoe(_build("mixtral"), families=["qwen3_moe"])
+
+
+def test_quantized_experts_on_an_interface_of_their_own_are_left_alone():
+    """transformers' FP8 quantizer swaps each experts module for FP8Experts, put by the same decorator on an interface
+    of its own (float8 weights with block scales, which scattermoe's ops would run without their scales)."""
+    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    model = _build("mixtral")
+    config = transformers.FineGrainedFP8Config(weight_block_size=(16, 16))
+    fp8.replace_with_fp8_linear(model, quantization_config=config)
+    classes = {type(layer.mlp.experts).__name__ for layer in model.model.layers}
+    assert classes == {"FP8Experts"}
+    with pytest.raises(ValueError, match="no supported MoE block found in MixtralForCausalLM"):
+        integrations.apply_scattermoe(model)
+    assert {type(layer.mlp.experts).__name__ for layer in model.model.layers} == classes
+
+
+def test_an_imported_jetmoe_module_of_another_layout_leaves_other_models_alone(monkeypatch):
+    """A transformers whose JetMoE module lacks the blocks scattermoe patches (moved onto the experts interface, say)
+    must not break apply_scattermoe on the other models of a process that imported it."""
+    import transformers.models.jetmoe.modeling_jetmoe as jetmoe_module
+
+    monkeypatch.delattr(jetmoe_module, "JetMoeMoA")
+    assert _scattermoe_classes(integrations.apply_scattermoe(_build("mixtral"))) == {"ScatterMoEMixtralExperts"}
+    with pytest.raises(ValueError, match="family 'jetmoe' needs JetMoeMoE, JetMoeMoA"):
+        integrations.apply_scattermoe(_build("mixtral"), families=["jetmoe"])
+
+
+def test_without_transformers_a_patcher_is_simply_absent(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed (it is an extra)
+    assert not hasattr(integrations, "apply_scattermoe_to_some_future_moe")
 
 
 def test_apply_twice_is_harmless():

@@ -163,16 +163,16 @@ SUPPORTED_FAMILIES: Tuple[str, ...] = (
 
 _subclasses: Dict[type, type] = {}  # original class -> its scattermoe subclass
 _module_patches: Dict[Tuple[str, str], type] = {}  # (modeling module, class name) -> original class
-_decorated_forward: List[object] = []  # [the code object of the interface's forward], once found
+_interface: List[Tuple[object, object]] = []  # [(code of the interface's forward, ALL_EXPERTS_FUNCTIONS)], once found
 
 
 def _interface_forward_code() -> Optional[object]:
     """The code object of the forward that ``@use_experts_implementation`` gives every class it decorates (one code
     object, although functools.wraps gives each function its class's names), found by decorating a throwaway class.
     None where the installed transformers has no such interface."""
-    if not _decorated_forward:
+    if not _interface:
         try:
-            from transformers.integrations.moe import use_experts_implementation
+            from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
         except ImportError:
             return None
 
@@ -180,13 +180,23 @@ def _interface_forward_code() -> Optional[object]:
             def forward(self, hidden_states, top_k_index, top_k_weights):
                 raise NotImplementedError
 
-        _decorated_forward.append(use_experts_implementation(_Probe).forward.__code__)
-    return _decorated_forward[0]
+        _interface.append((use_experts_implementation(_Probe).forward.__code__, ALL_EXPERTS_FUNCTIONS))
+    return _interface[0][0]
 
 
 def _is_interface_class(cls: type, code: Optional[object]) -> bool:
-    """True for a class that ``@use_experts_implementation`` decorated itself (not one inheriting its forward)."""
-    return code is not None and getattr(cls.__dict__.get("forward"), "__code__", None) is code
+    """True for a class that ``@use_experts_implementation`` decorated itself (not one inheriting its forward), on the
+    plain experts interface: the same decorator puts quantized experts (transformers' FP8Experts, float8 weights with
+    block scales) on interfaces of their own, which scattermoe's ops cannot run."""
+    forward = cls.__dict__.get("forward")
+    if code is None or getattr(forward, "__code__", None) is not code:
+        return False
+    cells = dict(zip(code.co_freevars, forward.__closure__ or ()))
+    return "experts_interface" not in cells or cells["experts_interface"].cell_contents is _interface[0][1]
+
+
+def _transformers_version() -> str:
+    return getattr(sys.modules.get("transformers"), "__version__", "(not installed)")
 
 
 def _modeling_module_name(family: str) -> str:
@@ -210,10 +220,8 @@ def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Call
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        import transformers
-
         raise ValueError(f"scattermoe: family {family!r} needs {module_name}, which transformers "
-                         f"{transformers.__version__} lacks ({exc})") from None
+                         f"{_transformers_version()} lacks ({exc})") from None
     if family == "jetmoe":
         try:
             found = [(name, getattr(module, name), methods) for name, methods in _JETMOE_CLASSES.items()]
@@ -226,7 +234,8 @@ def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Call
                  if isinstance(obj, type) and _is_interface_class(getattr(obj, "_scattermoe_original", None) or obj,
                                                                   code)]
         if not found:
-            raise _unsupported(f"unknown family {family!r} (its modeling module has no fused-experts class)")
+            raise _unsupported(f"family {family!r}: {module_name} of transformers {_transformers_version()} has no "
+                               f"experts class on the fused-experts interface")
     return [(module, name, getattr(cls, "_scattermoe_original", None) or cls, methods) for name, cls, methods in found]
 
 
@@ -332,7 +341,10 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
     else:
         code = _interface_forward_code()
         if _JETMOE_MODULE in sys.modules:  # a loaded JetMoE model's module is imported; no other is imported here
-            targets.update({original: methods for _, _, original, methods in _family_classes("jetmoe")})
+            try:
+                targets.update({original: methods for _, _, original, methods in _family_classes("jetmoe")})
+            except ValueError:
+                pass  # a transformers without JetMoE's own blocks (on the interface, say): not targets here
 
     def target(cls: type) -> Tuple[Optional[type], Dict[str, Callable]]:
         """The supported class that ``cls`` is or derives from, and the methods that scattermoe replaces."""
