@@ -268,8 +268,8 @@ def _patched_class(module: nn.Module, methods: Dict[str, Callable]) -> type:
 
 
 def _families_named_by(class_name: str) -> List[str]:
-    """model_types whose config class's prefix begins ``class_name`` (Qwen3_5MoeExperts: qwen3_5_moe), longest first:
-    where to look for a transformers class known only by name."""
+    """model_types whose config class name, less its "Config", begins ``class_name`` (Qwen3_5MoeExperts: qwen3_5_moe),
+    longest first: where to look for a transformers class known only by name."""
     try:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     except ImportError:
