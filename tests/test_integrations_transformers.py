@@ -326,9 +326,8 @@ def _expert_layout(model) -> set:
     gate or activation, whether it has biases, and whether its weights are [E, in, out]; per JetMoE MoE block, whether
     its activation is SiLU (the fused GLU) or not."""
     layouts = set()
-    code = transformers_moe._interface_forward_code()
     for m in model.modules():
-        if any(transformers_moe._is_interface_class(c, code) for c in type(m).__mro__):
+        if any(transformers_moe._is_interface_class(c) for c in type(m).__mro__):
             default_gate = getattr(type(m)._apply_gate, "__name__", "") == "_default_apply_gate"
             fused = (getattr(m, "has_gate", True) and getattr(m, "is_concatenated", True) and default_gate
                      and transformers_moe._is_silu(getattr(m, "act_fn", None)))

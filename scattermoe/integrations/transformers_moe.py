@@ -184,11 +184,11 @@ def _interface_forward_code() -> Optional[object]:
     return _interface[0][0]
 
 
-def _is_interface_class(cls: type, code: Optional[object]) -> bool:
+def _is_interface_class(cls: type) -> bool:
     """True for a class that ``@use_experts_implementation`` decorated itself (not one inheriting its forward), on the
     plain experts interface: the same decorator puts quantized experts (transformers' FP8Experts, float8 weights with
     block scales) on interfaces of their own, which scattermoe's ops cannot run."""
-    forward = cls.__dict__.get("forward")
+    code, forward = _interface_forward_code(), cls.__dict__.get("forward")
     if code is None or getattr(forward, "__code__", None) is not code:
         return False
     cells = dict(zip(code.co_freevars, forward.__closure__ or ()))
@@ -216,7 +216,7 @@ def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Call
     lacks it or it has no MoE block scattermoe can run."""
     if not isinstance(family, str) or not family.isidentifier():
         raise _unsupported(f"unknown family {family!r}")
-    module_name = _JETMOE_MODULE if family == "jetmoe" else _modeling_module_name(family)
+    module_name = _modeling_module_name(family)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -229,10 +229,8 @@ def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Call
             raise ValueError(f"scattermoe: family 'jetmoe' needs {', '.join(_JETMOE_CLASSES)} in {module_name} "
                              f"({exc})") from None
     else:
-        code = _interface_forward_code()
         found = [(name, obj, _EXPERTS) for name, obj in vars(module).items()
-                 if isinstance(obj, type) and _is_interface_class(getattr(obj, "_scattermoe_original", None) or obj,
-                                                                  code)]
+                 if isinstance(obj, type) and _is_interface_class(getattr(obj, "_scattermoe_original", None) or obj)]
         if not found:
             raise _unsupported(f"family {family!r}: {module_name} of transformers {_transformers_version()} has no "
                                f"experts class on the fused-experts interface")
@@ -334,24 +332,22 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
             raise TypeError(f"families: expected model_type names (a str or a list of them), got {families!r}")
         families = names
     targets: Dict[type, Dict[str, Callable]] = {}  # JetMoE's classes, or those of the families named
-    code = None  # the interface's forward: any class that has it is a target (when no family is named)
+    generic = families is None  # then any class on the fused-experts interface is a target too
     if families is not None:
         for family in families:
             targets.update({original: methods for _, _, original, methods in _family_classes(family)})
-    else:
-        code = _interface_forward_code()
-        if _JETMOE_MODULE in sys.modules:  # a loaded JetMoE model's module is imported; no other is imported here
-            try:
-                targets.update({original: methods for _, _, original, methods in _family_classes("jetmoe")})
-            except ValueError:
-                pass  # a transformers without JetMoE's own blocks (on the interface, say): not targets here
+    elif _JETMOE_MODULE in sys.modules:  # a loaded JetMoE model's module is imported; no other is imported here
+        try:
+            targets.update({original: methods for _, _, original, methods in _family_classes("jetmoe")})
+        except ValueError:
+            pass  # a transformers without JetMoE's own blocks (on the interface, say): not targets here
 
     def target(cls: type) -> Tuple[Optional[type], Dict[str, Callable]]:
         """The supported class that ``cls`` is or derives from, and the methods that scattermoe replaces."""
         base = next((t for t in targets if issubclass(cls, t)), None)
         if base is not None:
             return base, targets[base]
-        return next(((c, _EXPERTS) for c in cls.__mro__ if _is_interface_class(c, code)), (None, {}))
+        return next(((c, _EXPERTS) for c in cls.__mro__ if generic and _is_interface_class(c)), (None, {}))
 
     swapped, kept = 0, []
     for path, module in model.named_modules():
