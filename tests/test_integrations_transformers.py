@@ -75,7 +75,9 @@ _GROUPED = dict(_MOE, n_routed_experts=6, n_shared_experts=1, n_group=2, topk_gr
 _MLA = dict(num_key_value_heads=4, head_dim=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4,
             qk_nope_head_dim=8, v_head_dim=8)  # multi-head latent attention
 # Multimodal families: the config of their text model.
-_TEXT_CONFIG = {"qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text", "aria": "aria_text"}
+_TEXT_CONFIG = {"qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text", "aria": "aria_text",
+                "dots3_note": "dots3_note_text", "inkling": "inkling_text", "inkling2": "inkling2_text",
+                "minimax_m3_vl": "minimax_m3_vl_text", "qwen4_exp": "qwen4_exp_text"}
 _FUSED_EXPERTS_CONFIGS = {
     "deepseek_v2": dict(_GROUPED, **_MLA, first_k_dense_replace=0),
     "deepseek_v3": dict(_GROUPED, **_MLA, first_k_dense_replace=0),
@@ -142,6 +144,43 @@ _FUSED_EXPERTS_CONFIGS = {
                         qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, linear_head_dim=8, linear_num_heads=4),
     "aria": dict(_MOE, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=1, num_key_value_heads=2,
                  head_dim=8),  # [E, in, out] expert weights
+    "axk1": dict(_GROUPED, **_MLA, mlp_layer_types=["sparse", "sparse"]),  # a norm on the MoE block's output
+    "axk2": dict(_GROUPED, **_MLA, mlp_layer_types=["sparse", "sparse"],
+                 index_topk=4, index_head_dim=8, index_n_heads=2, gated_norm_rank=4),  # DSA indexer
+    "bailing_hybrid": dict(_MOE, num_local_experts=6, n_shared_experts=1, n_group=2, topk_group=1,
+                           num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
+                           v_head_dim=8, head_dim=8, first_k_dense_replace=0, layer_group_size=2,
+                           num_mtp_layers=0),  # a KDA (linear attention) layer, then MLA
+    "beam": dict(_MOE, num_experts=6, n_group=2, topk_group=1, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                 layer_types=["sliding_attention", "full_attention"],
+                 mlp_layer_types=["sparse", "sparse"]),  # its own gate (SwiGLU in fp32)
+    "hy_v4": dict(_MOE, **_MLA, n_routed_experts=6, n_shared_experts=1, mlp_layer_types=["sparse", "sparse"],
+                  index_topk=4, index_head_dim=8, index_n_heads=2, hc_mult=2,
+                  swiglu_limit=1.5),  # its own gate (clamped SwiGLU; a low limit so the clamp bites)
+    "dots3_note": dict(_GROUPED, **_MLA, shared_experts_intermediate_size=24, first_k_dense_replace=0,
+                       index_topk=4, index_head_dim=8, index_n_heads=2, sliding_window=4,
+                       layer_types=["indexed_attention", "sliding_attention"], swa_num_attention_heads=4,
+                       swa_num_key_value_heads=4, swa_q_lora_rank=24, swa_kv_lora_rank=16, swa_head_dim=12,
+                       swa_qk_nope_head_dim=8, swa_v_head_dim=8),  # per-layer overrides (SWA layer's MLA)
+    "inkling": dict(_MOE, n_routed_experts=6, n_shared_experts=1, num_key_value_heads=2, head_dim=8,
+                    swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=4,
+                    d_rel=4, rel_extent=8, layer_types=["hybrid_sliding", "hybrid"],
+                    mlp_layer_types=["sparse", "sparse"]),  # shared experts scored by the router (a softmax sink)
+    # intermediate_size is an alias of moe_intermediate_size here: no _MOE
+    "inkling2": dict(moe_intermediate_size=24, num_experts_per_tok=2, n_routed_experts=6, num_key_value_heads=2,
+                     head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+                     sliding_window_size=4, d_rel=4, rel_extent=8, unpadded_vocab_size=64, mlp_gate_softcap=1.0,
+                     mlp_up_softcap=2.0, layer_types=["hybrid_sliding", "hybrid"]),  # its own gate: softcapped SwiGLU
+    "minimax_m3_vl": dict(intermediate_size=24, num_experts_per_tok=2, num_local_experts=6, dense_intermediate_size=48,
+                          shared_intermediate_size=40, num_key_value_heads=2, head_dim=8, swiglu_limit=1.5,
+                          layer_types=["minimax_m3_sparse", "full_attention"], index_n_heads=2, index_head_dim=8,
+                          index_block_size=2, index_topk_blocks=2,
+                          index_local_blocks=1),  # its own gate: clamped SwiGLU-OAI, (up + 1) * glu, not interleaved
+    "qwen4_exp": dict(_MOE, num_experts=6, shared_expert_intermediate_size=40, num_key_value_heads=2, head_dim=8,
+                      layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                      linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                      hc_count=2, hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8,
+                      indexer_budget=4, indexer_compress_ratio=2),  # hyper-connections; an indexed attention layer
     UNLISTED_FAMILY: dict(_MOE, n_routed_experts=6, n_shared_experts=1, num_key_value_heads=2, head_dim=8,
                           first_k_dense_replace=0),
 }

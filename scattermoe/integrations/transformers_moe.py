@@ -159,6 +159,8 @@ SUPPORTED_FAMILIES: Tuple[str, ...] = (
     "ernie4_5_moe", "hunyuan_v1_moe", "flex_olmo", "granitemoeshared", "afmoe", "cohere2_moe", "deepseek_v4", "flint",
     "granitemoe_swa", "hy_v3", "kolibri1", "laguna", "mellum", "mimo_v2_flash", "qwen3_5_moe", "zaya", "gemma4",
     "nemotron_h", "granitemoehybrid", "lfm2_moe", "glm_moe_dsa", "deepseek_v32", "jamba", "kimi_linear", "aria",
+    "axk1", "axk2", "bailing_hybrid", "beam", "hy_v4", "dots3_note", "inkling", "inkling2", "minimax_m3_vl",
+    "qwen4_exp",
 )
 
 _subclasses: Dict[type, type] = {}  # original class -> its scattermoe subclass
@@ -471,3 +473,13 @@ apply_scattermoe_to_deepseek_v32 = _family_patcher("deepseek_v32")
 apply_scattermoe_to_jamba = _family_patcher("jamba")
 apply_scattermoe_to_kimi_linear = _family_patcher("kimi_linear")
 apply_scattermoe_to_aria = _family_patcher("aria")
+apply_scattermoe_to_axk1 = _family_patcher("axk1")
+apply_scattermoe_to_axk2 = _family_patcher("axk2")
+apply_scattermoe_to_bailing_hybrid = _family_patcher("bailing_hybrid")
+apply_scattermoe_to_beam = _family_patcher("beam")
+apply_scattermoe_to_hy_v4 = _family_patcher("hy_v4")
+apply_scattermoe_to_dots3_note = _family_patcher("dots3_note")
+apply_scattermoe_to_inkling = _family_patcher("inkling")
+apply_scattermoe_to_inkling2 = _family_patcher("inkling2")
+apply_scattermoe_to_minimax_m3_vl = _family_patcher("minimax_m3_vl")
+apply_scattermoe_to_qwen4_exp = _family_patcher("qwen4_exp")
