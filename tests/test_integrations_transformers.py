@@ -2,7 +2,8 @@
 
 Each family gets a tiny random config built with transformers and all weights randomised
 (routers and biases included, so routing is non-trivial; group-limited top-k where the family
-has it). Checked on the CPU in float32: logits (rel err < 1e-4), loss and every parameter's
+has it); a family built only as an image-text model gets the smallest vision tower that builds and text-only
+input. Checked on the CPU in float32: logits (rel err < 1e-4), loss and every parameter's
 gradient, greedy generation identical, and a checkpoint saved after patching reloads into an
 unpatched model with the same logits.
 Most checks run on the 'torch' backend; one forward+backward per expert layout (TRITON_FAMILIES)
@@ -33,10 +34,14 @@ TOL = 1e-4
 UNLISTED_FAMILY = "solar_open"
 
 
+_COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 def _tiny(family):
-    """A tiny config of the family: 2 layers, hidden 32, a handful of experts, k >= 2."""
-    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    """A tiny config of the family: 2 layers, hidden 32, a handful of experts, k >= 2 (and, for an image-text
+    family, the smallest vision tower that builds)."""
+    common = _COMMON
     if family == "mixtral":
         return transformers.MixtralConfig(**common, intermediate_size=24, num_key_value_heads=2, num_local_experts=4,
                                           num_experts_per_tok=2, output_router_logits=True)
@@ -65,8 +70,11 @@ def _tiny(family):
                                          num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
                                          output_router_logits=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family in _FUSED_EXPERTS_CONFIGS:  # transformers 5's fused experts class, each family's own router
-        return transformers.AutoConfig.for_model(_TEXT_CONFIG.get(family, family), **common, output_router_logits=True,
+        return transformers.AutoConfig.for_model(_CONFIG_TYPE.get(family, family), **common, output_router_logits=True,
                                                  **_FUSED_EXPERTS_CONFIGS[family])
+    if family in _IMAGE_TEXT_CONFIGS:
+        return transformers.AutoConfig.for_model(_CONFIG_TYPE.get(family, family),
+                                                 **copy.deepcopy(_IMAGE_TEXT_CONFIGS[family]))
     raise KeyError(family)
 
 
@@ -74,10 +82,13 @@ _MOE = dict(intermediate_size=48, moe_intermediate_size=24, num_experts_per_tok=
 _GROUPED = dict(_MOE, n_routed_experts=6, n_shared_experts=1, n_group=2, topk_group=1)  # group-limited top-k
 _MLA = dict(num_key_value_heads=4, head_dim=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4,
             qk_nope_head_dim=8, v_head_dim=8)  # multi-head latent attention
-# Multimodal families: the config of their text model.
-_TEXT_CONFIG = {"qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text", "aria": "aria_text",
+# The config's model_type where it is not the family's: multimodal families' text model, Qwen3-Omni's thinker.
+_CONFIG_TYPE = {"qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text", "aria": "aria_text",
                 "dots3_note": "dots3_note_text", "inkling": "inkling_text", "inkling2": "inkling2_text",
-                "minimax_m3_vl": "minimax_m3_vl_text", "qwen4_exp": "qwen4_exp_text"}
+                "minimax_m3_vl": "minimax_m3_vl_text", "qwen4_exp": "qwen4_exp_text",
+                "qwen3_omni_moe": "qwen3_omni_moe_thinker"}
+_MLA_OWN_HEAD_DIM = {k: v for k, v in _MLA.items() if k != "head_dim"}  # Mistral 4's: qk_nope + qk_rope
+_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=8)  # 64 / 8
 _FUSED_EXPERTS_CONFIGS = {
     "deepseek_v2": dict(_GROUPED, **_MLA, first_k_dense_replace=0),
     "deepseek_v3": dict(_GROUPED, **_MLA, first_k_dense_replace=0),
@@ -186,6 +197,73 @@ _FUSED_EXPERTS_CONFIGS = {
 }
 
 
+# Families built only as image-text models (text-only input here: the special token ids lie past the vocabulary, so
+# the ids fed, 3..63, never hit them). Text models as above; vision and audio towers the smallest that build.
+_TEXT = dict(_COMMON, output_router_logits=True)
+_NO_IMAGE = dict(image_token_id=100, video_token_id=101)
+_GLM_MARKERS = dict(image_start_token_id=102, image_end_token_id=103, video_start_token_id=104, video_end_token_id=105)
+_QWEN_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                    temporal_patch_size=2, out_hidden_size=32)
+_QWEN3_VL_TEXT = dict(_TEXT, **_MOE, num_experts=6, num_key_value_heads=2, head_dim=8,
+                      rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))
+_PIXTRAL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                patch_size=4, image_size=16)
+_SAM = dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
+            window_size=2, global_attn_indexes=[0], mlp_dim=32, downsample_channels=[8, 16])  # DeepSeek-OCR's
+_IMAGE_TEXT_CONFIGS = {
+    "qwen3_vl_moe": dict(text_config=_QWEN3_VL_TEXT,
+                         vision_config=dict(_QWEN_VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                         **_NO_IMAGE, vision_start_token_id=102, vision_end_token_id=103),
+    "glm4v_moe": dict(text_config=dict(_TEXT, **_GROUPED, num_key_value_heads=2, first_k_dense_replace=0,
+                                       rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                            partial_rotary_factor=0.5, mrope_section=[1, 1, 0])),
+                      vision_config=dict(_QWEN_VISION, image_size=16), **_NO_IMAGE, **_GLM_MARKERS),
+    # Its own clamped SwiGLU (a low limit so the clamp bites); a KDA linear-attention layer, then DSA ("full_attention",
+    # which each version renames to its own name for DSA).
+    "glm5_next": dict(text_config=dict(_TEXT, **_MOE, n_routed_experts=6, n_shared_experts=1, num_key_value_heads=4,
+                                       kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=0, qk_nope_head_dim=8,
+                                       v_head_dim=8, index_topk=4, index_kpool=2, index_head_dim=8, index_n_heads=2,
+                                       linear_head_dim=8, linear_num_heads=4, hc_mult=2, hc_sinkhorn_iters=3,
+                                       swiglu_limit=1.5, mlp_layer_types=["sparse", "sparse"],
+                                       layer_types=["linear_attention", "full_attention"]),
+                      vision_config=dict(_QWEN_VISION, image_size=16, projection_intermediate_size=32), **_NO_IMAGE,
+                      **_GLM_MARKERS),
+    # Text and vision experts in every layer (the vision ones idle on text: no gradient).
+    "ernie4_5_vl_moe": dict(text_config=dict(dict(_TEXT, **_MOE), moe_num_experts=6, moe_intermediate_size=[24, 16],
+                                             moe_num_shared_experts=1, num_key_value_heads=2,
+                                             mlp_layer_types=["sparse", "sparse"],
+                                             rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                  mrope_section=[1, 1, 2])),
+                            vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
+                                               spatial_merge_size=2, temporal_merge_size=2),
+                            **_NO_IMAGE, **_GLM_MARKERS),
+    # Text only (Mistral4ForCausalLM), though registered with the image-text auto class alone.
+    "mistral4": dict(_TEXT, **_GROUPED, **_MLA_OWN_HEAD_DIM, rope_parameters=dict(_YARN, llama_4_scaling_beta=0.1)),
+    "mistral_large4": dict(text_config=dict(_TEXT, **_GROUPED, **_MLA_OWN_HEAD_DIM, first_k_dense_replace=0,
+                                            index_topk=4, index_head_dim=8, index_n_heads=2, rope_parameters=_YARN),
+                           vision_config=_PIXTRAL, image_token_index=100),
+    "deepseek_ocr2": dict(text_config=dict(_TEXT, **_GROUPED, topk_method="group_limited_greedy",
+                                           num_key_value_heads=2, mlp_layer_types=["sparse", "sparse"]),
+                          vision_config=dict(sam_config=_SAM, encoder_config=dict(
+                              vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=2)), image_token_id=100),
+    # Its eager attention has no repeat_kv (grouped-query attention fails unpatched): as many KV heads as query heads.
+    "unlimited_ocr": dict(text_config=dict(_TEXT, **_GROUPED, topk_method="group_limited_greedy", num_key_value_heads=4,
+                                           mlp_layer_types=["sparse", "sparse"], sliding_window=4),
+                          vision_config=dict(sam_config=_SAM, encoder_config=dict(
+                              hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=4)), image_token_id=100),
+    # The thinker, Qwen3-Omni's text half (the whole model has generate alone, no forward; its talker is not tested).
+    "qwen3_omni_moe": dict(text_config=dict(_QWEN3_VL_TEXT, norm_topk_prob=True),
+                           vision_config=dict(_QWEN_VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                           audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2,
+                                             encoder_ffn_dim=32, d_model=16, output_dim=32, max_source_positions=64,
+                                             n_window=4, n_window_infer=8, conv_chunksize=8, downsample_hidden_size=8),
+                           **_NO_IMAGE, audio_token_id=102, audio_start_token_id=103,
+                           vision_start_token_id=104),  # generate reads it; the thinker's config class lacks it
+}
+
+
 def _missing(family):
     """Why the installed transformers cannot run this test family (None when it can): the family was added after
     it, or its experts are not yet on the fused-experts interface there (transformers 5.17, the GPU image's: Aria).
@@ -197,6 +275,14 @@ def _missing(family):
     return None
 
 
+def _auto_class(config):
+    """The causal-LM auto class, or for a family built only as an image-text model, that one."""
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise KeyError(type(config).__name__)
+
+
 def _build(family, seed=0, **config_changes):
     reason = _missing(family)
     if reason:
@@ -206,8 +292,7 @@ def _build(family, seed=0, **config_changes):
     for name, value in config_changes.items():
         setattr(config, name, value)
     # The reference runs each family's own per-expert loop (transformers' default is its grouped_mm implementation).
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
-                                                          experts_implementation="eager")
+    model = _auto_class(config).from_config(config, attn_implementation="eager", experts_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0.0, 0.25)
@@ -232,6 +317,16 @@ def _loss_and_grads(model, ids):
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _count_scattermoe_ops(monkeypatch) -> list:
+    """A list that grows by one on each call of a scattermoe op by the patched blocks (a block that fell back to
+    transformers' own loop calls none)."""
+    calls = []
+    for op in ("parallel_linear", "glu_moe"):
+        fn = getattr(transformers_moe, op)
+        monkeypatch.setattr(transformers_moe, op, lambda *a, _fn=fn, _op=op, **k: calls.append(_op) or _fn(*a, **k))
+    return calls
 
 
 def _scattermoe_classes(model):
@@ -288,7 +383,7 @@ FAMILIES = list(integrations.SUPPORTED_FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patched_matches_unpatched(family, tmp_path):
+def test_patched_matches_unpatched(family, tmp_path, monkeypatch):
     ref = _build(family)
     model = integrations.apply_scattermoe(copy.deepcopy(ref))
     assert _scattermoe_classes(model), "no block was patched"
@@ -296,8 +391,10 @@ def test_patched_matches_unpatched(family, tmp_path):
     # Parameters are the same tensors under the same names (nothing copied by the patch).
     assert list(model.state_dict()) == list(ref.state_dict())
     ids = _ids()
+    calls = _count_scattermoe_ops(monkeypatch)
     with _skipped_where_transformers_fails_unpatched(ref, ids):
         ref_out = _assert_same_loss_and_grads(model, ref, ids)
+        assert calls, "the patched blocks ran no scattermoe op"
         with torch.no_grad(), scattermoe.use_backend("torch"):
             gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -306,8 +403,8 @@ def test_patched_matches_unpatched(family, tmp_path):
 
     # A checkpoint saved after patching loads into a plain (unpatched) model.
     model.save_pretrained(tmp_path)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
-    assert _scattermoe_classes(reloaded) == set()
+    reloaded = _auto_class(ref.config).from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    assert type(reloaded) is type(ref) and _scattermoe_classes(reloaded) == set()
     with torch.no_grad():
         assert _rel(reloaded(input_ids=ids).logits, ref_out.logits) < 1e-6
 
@@ -320,7 +417,7 @@ def test_family_patch_before_loading(family, tmp_path):
     patch = getattr(integrations, f"apply_scattermoe_to_{family}")
     try:
         patch()
-        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+        model = _auto_class(ref.config).from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     finally:
         integrations.revert_scattermoe_patches()
     assert _scattermoe_classes(model), "the model was not built with scattermoe blocks"
@@ -510,10 +607,7 @@ def test_experts_implementation_scattermoe(family, tmp_path, monkeypatch):
         tmp_path, attn_implementation="eager", experts_implementation="scattermoe").float().eval()
     assert model.config._experts_implementation == "scattermoe"
     ids = _ids()
-    calls = []
-    for op in ("parallel_linear", "glu_moe"):  # count the scattermoe ops the experts run
-        fn = getattr(transformers_moe, op)
-        monkeypatch.setattr(transformers_moe, op, lambda *a, _fn=fn, **k: calls.append(1) or _fn(*a, **k))
+    calls = _count_scattermoe_ops(monkeypatch)
     with scattermoe.use_backend("triton"):
         out, grads = _loss_and_grads(model, ids)
     assert calls, "the scattermoe experts did not run"

@@ -160,7 +160,8 @@ SUPPORTED_FAMILIES: Tuple[str, ...] = (
     "granitemoe_swa", "hy_v3", "kolibri1", "laguna", "mellum", "mimo_v2_flash", "qwen3_5_moe", "zaya", "gemma4",
     "nemotron_h", "granitemoehybrid", "lfm2_moe", "glm_moe_dsa", "deepseek_v32", "jamba", "kimi_linear", "aria",
     "axk1", "axk2", "bailing_hybrid", "beam", "hy_v4", "dots3_note", "inkling", "inkling2", "minimax_m3_vl",
-    "qwen4_exp",
+    "qwen4_exp", "qwen3_vl_moe", "glm4v_moe", "glm5_next", "ernie4_5_vl_moe", "mistral4",
+    "mistral_large4", "deepseek_ocr2", "unlimited_ocr", "qwen3_omni_moe",
 )
 
 _subclasses: Dict[type, type] = {}  # original class -> its scattermoe subclass
@@ -483,3 +484,12 @@ apply_scattermoe_to_inkling = _family_patcher("inkling")
 apply_scattermoe_to_inkling2 = _family_patcher("inkling2")
 apply_scattermoe_to_minimax_m3_vl = _family_patcher("minimax_m3_vl")
 apply_scattermoe_to_qwen4_exp = _family_patcher("qwen4_exp")
+apply_scattermoe_to_qwen3_vl_moe = _family_patcher("qwen3_vl_moe")
+apply_scattermoe_to_glm4v_moe = _family_patcher("glm4v_moe")
+apply_scattermoe_to_glm5_next = _family_patcher("glm5_next")
+apply_scattermoe_to_ernie4_5_vl_moe = _family_patcher("ernie4_5_vl_moe")
+apply_scattermoe_to_mistral4 = _family_patcher("mistral4")
+apply_scattermoe_to_mistral_large4 = _family_patcher("mistral_large4")
+apply_scattermoe_to_deepseek_ocr2 = _family_patcher("deepseek_ocr2")
+apply_scattermoe_to_unlimited_ocr = _family_patcher("unlimited_ocr")
+apply_scattermoe_to_qwen3_omni_moe = _family_patcher("qwen3_omni_moe")
