@@ -161,7 +161,7 @@ SUPPORTED_FAMILIES: Tuple[str, ...] = (
     "nemotron_h", "granitemoehybrid", "lfm2_moe", "glm_moe_dsa", "deepseek_v32", "jamba", "kimi_linear", "aria",
     "axk1", "axk2", "bailing_hybrid", "beam", "hy_v4", "dots3_note", "inkling", "inkling2", "minimax_m3_vl",
     "qwen4_exp", "qwen3_vl_moe", "glm4v_moe", "glm5_next", "ernie4_5_vl_moe", "mistral4",
-    "mistral_large4", "deepseek_ocr2", "unlimited_ocr", "qwen3_omni_moe",
+    "mistral_large4", "deepseek_ocr2", "unlimited_ocr", "qwen3_omni_moe", "openai_privacy_filter",
 )
 
 _subclasses: Dict[type, type] = {}  # original class -> its scattermoe subclass
@@ -493,3 +493,4 @@ apply_scattermoe_to_mistral_large4 = _family_patcher("mistral_large4")
 apply_scattermoe_to_deepseek_ocr2 = _family_patcher("deepseek_ocr2")
 apply_scattermoe_to_unlimited_ocr = _family_patcher("unlimited_ocr")
 apply_scattermoe_to_qwen3_omni_moe = _family_patcher("qwen3_omni_moe")
+apply_scattermoe_to_openai_privacy_filter = _family_patcher("openai_privacy_filter")
