@@ -4,8 +4,8 @@ Each family gets a tiny random config built with transformers and all weights ra
 (routers and biases included, so routing is non-trivial; group-limited top-k where the family
 has it); a family built only as an image-text model gets the smallest vision tower that builds and text-only
 input. Checked on the CPU in float32: logits (rel err < 1e-4), loss and every parameter's
-gradient, greedy generation identical, and a checkpoint saved after patching reloads into an
-unpatched model with the same logits.
+gradient, greedy generation identical (all but the token classifier generate), the blocks running scattermoe's
+ops, and a checkpoint saved after patching reloads into an unpatched model with the same logits.
 Most checks run on the 'torch' backend; one forward+backward per expert layout (TRITON_FAMILIES)
 runs the Triton kernels through the interpreter.
 """
