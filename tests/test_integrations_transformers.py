@@ -34,43 +34,40 @@ TOL = 1e-4
 UNLISTED_FAMILY = "solar_open"
 
 
-_COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Every family's text model: 2 layers, hidden 32, router logits returned (the loss includes the aux loss).
+_TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2, output_router_logits=True)
 
 
 def _tiny(family):
     """A tiny config of the family: 2 layers, hidden 32, a handful of experts, k >= 2 (and, for an image-text
     family, the smallest vision tower that builds)."""
-    common = _COMMON
     if family == "mixtral":
-        return transformers.MixtralConfig(**common, intermediate_size=24, num_key_value_heads=2, num_local_experts=4,
-                                          num_experts_per_tok=2, output_router_logits=True)
+        return transformers.MixtralConfig(**_TEXT, intermediate_size=24, num_key_value_heads=2, num_local_experts=4,
+                                          num_experts_per_tok=2)
     if family == "qwen3_moe":  # softmax, top-k, renormalised
-        return transformers.Qwen3MoeConfig(**common, intermediate_size=48, moe_intermediate_size=24, head_dim=8,
+        return transformers.Qwen3MoeConfig(**_TEXT, intermediate_size=48, moe_intermediate_size=24, head_dim=8,
                                            num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
-                                           norm_topk_prob=True, output_router_logits=True)
+                                           norm_topk_prob=True)
     if family == "olmoe":  # softmax, top-k, not renormalised
-        return transformers.OlmoeConfig(**common, intermediate_size=24, num_key_value_heads=4, num_experts=5,
-                                        num_experts_per_tok=2, norm_topk_prob=False, output_router_logits=True)
+        return transformers.OlmoeConfig(**_TEXT, intermediate_size=24, num_key_value_heads=4, num_experts=5,
+                                        num_experts_per_tok=2, norm_topk_prob=False)
     if family == "qwen2_moe":  # with its gated shared expert
-        return transformers.Qwen2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=20,
+        return transformers.Qwen2MoeConfig(**_TEXT, intermediate_size=48, moe_intermediate_size=20,
                                            shared_expert_intermediate_size=40, num_key_value_heads=2, num_experts=5,
-                                           num_experts_per_tok=3, output_router_logits=True)
+                                           num_experts_per_tok=3)
     if family == "granitemoe":  # top-k of logits, softmax over the k
-        return transformers.GraniteMoeConfig(**common, intermediate_size=24, num_key_value_heads=2,
-                                             num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
+        return transformers.GraniteMoeConfig(**_TEXT, intermediate_size=24, num_key_value_heads=2,
+                                             num_local_experts=4, num_experts_per_tok=2)
     if family == "gpt_oss":  # interleaved gate/up, clamped SwiGLU (a low limit so the clamp bites), biases
-        return transformers.GptOssConfig(**common, intermediate_size=24, num_key_value_heads=2, head_dim=8,
+        return transformers.GptOssConfig(**_TEXT, intermediate_size=24, num_key_value_heads=2, head_dim=8,
                                          num_local_experts=4, num_experts_per_tok=2, swiglu_limit=1.5,
-                                         sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                                         output_router_logits=True)
+                                         sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     if family == "jetmoe":  # MoE and MoA (attention experts), 2 KV heads x k=2 query heads
-        return transformers.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
-                                         kv_channels=8, num_attention_heads=4, intermediate_size=24,
-                                         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-                                         output_router_logits=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return transformers.JetMoeConfig(**_TEXT, num_key_value_heads=2, kv_channels=8, intermediate_size=24,
+                                         num_local_experts=4, num_experts_per_tok=2)
     if family in _FUSED_EXPERTS_CONFIGS:  # transformers 5's fused experts class, each family's own router
-        return transformers.AutoConfig.for_model(_CONFIG_TYPE.get(family, family), **common, output_router_logits=True,
+        return transformers.AutoConfig.for_model(_CONFIG_TYPE.get(family, family), **_TEXT,
                                                  **_FUSED_EXPERTS_CONFIGS[family])
     if family in _IMAGE_TEXT_CONFIGS:
         return transformers.AutoConfig.for_model(_CONFIG_TYPE.get(family, family),
@@ -201,8 +198,7 @@ _FUSED_EXPERTS_CONFIGS = {
 
 
 # Families built only as image-text models (text-only input here: the special token ids lie past the vocabulary, so
-# the ids fed, 3..63, never hit them). Text models as above; vision and audio towers the smallest that build.
-_TEXT = dict(_COMMON, output_router_logits=True)
+# the ids fed, 3..63, never hit them). Text models on _TEXT as above; vision and audio towers the smallest that build.
 _NO_IMAGE = dict(image_token_id=100, video_token_id=101)
 _GLM_MARKERS = dict(image_start_token_id=102, image_end_token_id=103, video_start_token_id=104, video_end_token_id=105)
 _QWEN_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
