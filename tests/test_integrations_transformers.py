@@ -16,6 +16,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before scattermoe imports Trit
 
 import contextlib
 import copy
+import sys
+import types
 
 import pytest
 import torch
@@ -753,8 +755,101 @@ def test_experts_subclasses_with_their_own_forward_are_left_alone_and_said_so():
     everywhere = _build("mixtral")
     for layer in everywhere.model.layers:
         layer.mlp.experts.__class__ = Custom
-    with pytest.raises(ValueError, match="subclasses with their own forward, which patching would discard"):
+    with pytest.raises(ValueError, match="subclasses with their own forward, which patching would discard.*"
+                                         r"; where such a forward calls the fused-experts interface's, "
+                                         r"register_experts_implementation\(\) and experts_implementation="):
         integrations.apply_scattermoe(everywhere)
+
+
+
+class _DoubledMixtralExperts(transformers.models.mixtral.modeling_mixtral.MixtralExperts):
+    """Experts whose own forward calls the interface's (as transformers' ErgoExperts does: one route per row, then a
+    per-expert norm), here just doubling it."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+
+def test_a_subclass_with_its_own_forward_runs_scattermoe_inside_it_and_its_interface_loop_under_expert_parallelism(
+        monkeypatch):
+    """experts_implementation="scattermoe" reaches experts whose subclass calls the interface's forward from its own:
+    scattermoe runs inside it; under expert parallelism the interface class's own loop runs (the fallback took the
+    subclass's forward for that loop before, and recursed without end)."""
+    integrations.register_experts_implementation()
+    config = _tiny("mixtral")
+    torch.manual_seed(0)
+    experts = _DoubledMixtralExperts(config).float()
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0.0, 0.3)
+    T, E = 7, config.num_local_experts
+    h, w = torch.randn(T, config.hidden_size), torch.rand(T, 2)
+    idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    calls = _count_scattermoe_ops(monkeypatch)
+    for expert_parallel in (False, True):
+        experts._is_expert_parallel = expert_parallel
+        config._experts_implementation = "eager"
+        want = experts(h, idx, w)
+        config._experts_implementation = "scattermoe"
+        with scattermoe.use_backend("torch"):
+            got = experts(h, idx, w)
+        assert _rel(got, want) < TOL, expert_parallel
+        assert calls == ["glu_moe"], calls  # one op call, none under expert parallelism (the eager loop)
+
+
+def _fake_family(monkeypatch, **classes) -> types.ModuleType:
+    """A modeling module of a family 'fake_moe' holding ``classes``, where _family_classes looks for it."""
+    name = transformers_moe._modeling_module_name("fake_moe")
+    module = types.ModuleType(name)
+    for class_name, cls in classes.items():
+        setattr(module, class_name, cls)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_a_family_patch_covers_the_subclasses_its_module_defines_and_refuses_those_with_their_own_forward(
+        monkeypatch):
+    """The module's own subclasses of an experts class were built on the original class, so rebinding that class
+    alone left them unpatched, silently (transformers 5.25's ergo builds only ErgoExperts, a subclass of the class
+    on the interface with its own forward: apply_scattermoe_to_ergo() patched nothing). A subclass that leaves
+    forward alone is patched too; one with its own forward makes the patcher refuse, naming it and the way that
+    works (experts_implementation="scattermoe"), and leave the module as it was."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    class PlainSubExperts(MixtralExperts):
+        pass
+
+    module = _fake_family(monkeypatch, MixtralExperts=MixtralExperts, PlainSubExperts=PlainSubExperts,
+                          DoubledExperts=_DoubledMixtralExperts)
+    patch = integrations.apply_scattermoe_to_fake_moe  # built on first use; refuses when called
+    with pytest.raises(ValueError, match=r"family 'fake_moe': DoubledExperts has its own forward.*"
+                                         r"experts_implementation=\"scattermoe\""):
+        patch()
+    assert (module.MixtralExperts, module.PlainSubExperts) == (MixtralExperts, PlainSubExperts)
+
+    del module.DoubledExperts
+    config = _tiny("mixtral")
+    torch.manual_seed(0)
+    ref = PlainSubExperts(config).float()
+    with torch.no_grad():
+        for p in ref.parameters():  # torch.empty at init
+            p.normal_(0.0, 0.3)
+    try:
+        patch()
+        assert module.MixtralExperts.__name__ == "ScatterMoEMixtralExperts"
+        built = module.PlainSubExperts(config).float()
+    finally:
+        integrations.revert_scattermoe_patches()
+    assert (module.MixtralExperts, module.PlainSubExperts) == (MixtralExperts, PlainSubExperts)
+    assert type(built).__name__ == "ScatterMoEPlainSubExperts"
+    built.load_state_dict(ref.state_dict())
+    T, E = 7, config.num_local_experts
+    h, w = torch.randn(T, config.hidden_size), torch.rand(T, 2)
+    idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    calls = _count_scattermoe_ops(monkeypatch)
+    with scattermoe.use_backend("torch"):
+        got = built(h, idx, w)
+    assert calls and _rel(got, ref(h, idx, w)) < TOL
 
 
 class SubclassedMixtralExperts(transformers.models.mixtral.modeling_mixtral.MixtralExperts):

@@ -61,9 +61,10 @@ def _fused_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
     ``is_concatenated``. Returns [T, D] in hidden_states' dtype.
     """
     if getattr(self, "_is_expert_parallel", False) or getattr(self, "has_post_expert_norm", False):
-        # Expert parallelism sends sentinel ids >= E (and a post-expert norm is not wired here):
-        # the class's own eager loop runs (``__wrapped__``: the forward under transformers' dispatcher).
-        cls = getattr(type(self), "_scattermoe_original", type(self))
+        # Expert parallelism sends sentinel ids >= E (and a post-expert norm is not wired here): the eager loop of
+        # the class on the interface runs (``__wrapped__``: the forward under transformers' dispatcher). Not
+        # type(self)'s forward: a subclass's own forward may be what called the dispatcher (ErgoExperts).
+        cls = next((c for c in type(self).__mro__ if _is_interface_class(c)), type(self))
         eager = getattr(cls.forward, "__wrapped__", cls.forward)
         return eager(self, hidden_states, top_k_index, top_k_weights)
     num_experts = self.num_experts if hasattr(self, "num_experts") else self.down_proj.size(0)
@@ -217,6 +218,11 @@ def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Call
     """[(modeling module, class name, original class, methods)] of a family: JetMoE's MoE and MoA blocks, or the
     fused-experts classes its modeling module defines. A ValueError naming the family when the installed transformers
     lacks it or it has no MoE block scattermoe can run."""
+    return _scan_family(family)[0]
+
+
+def _scan_family(family: str) -> Tuple[List[Tuple[object, str, type, Dict[str, Callable]]], List[str]]:
+    """_family_classes, and the names of the module's subclasses of them with their own forward (not among them)."""
     if not isinstance(family, str) or not family.isidentifier():
         raise _unsupported(f"unknown family {family!r}")
     module_name = _modeling_module_name(family)
@@ -225,6 +231,7 @@ def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Call
     except ImportError as exc:
         raise ValueError(f"scattermoe: family {family!r} needs {module_name}, which transformers "
                          f"{_transformers_version()} lacks ({exc})") from None
+    own = []
     if family == "jetmoe":
         try:
             found = [(name, getattr(module, name), methods) for name, methods in _JETMOE_CLASSES.items()]
@@ -232,12 +239,24 @@ def _family_classes(family: str) -> List[Tuple[object, str, type, Dict[str, Call
             raise ValueError(f"scattermoe: family 'jetmoe' needs {', '.join(_JETMOE_CLASSES)} in {module_name} "
                              f"({exc})") from None
     else:
-        found = [(name, obj, _EXPERTS) for name, obj in vars(module).items()
-                 if isinstance(obj, type) and _is_interface_class(getattr(obj, "_scattermoe_original", None) or obj)]
-        if not found:
+        classes = {name: getattr(obj, "_scattermoe_original", None) or obj for name, obj in vars(module).items()
+                   if isinstance(obj, type)}
+        interface = [cls for cls in classes.values() if _is_interface_class(cls)]
+        if not interface:
             raise _unsupported(f"family {family!r}: {module_name} of transformers {_transformers_version()} has no "
                                f"experts class on the fused-experts interface")
-    return [(module, name, getattr(cls, "_scattermoe_original", None) or cls, methods) for name, cls, methods in found]
+        # The module's subclasses of those were built on the original classes: rebinding the originals alone would
+        # leave them unpatched, so they are patched too, unless they run their own forward (transformers' ergo).
+        found = []
+        for name, cls in classes.items():
+            if issubclass(cls, tuple(interface)):
+                own_forward = cls.forward is not next(c for c in cls.__mro__ if c in interface).forward
+                if own_forward:
+                    own.append(name)
+                else:
+                    found.append((name, cls, _EXPERTS))
+    return [(module, name, getattr(cls, "_scattermoe_original", None) or cls, methods)
+            for name, cls, methods in found], own
 
 
 def _scattermoe_class(original: type, methods: Dict[str, Callable]) -> type:
@@ -382,7 +401,9 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
     if swapped == 0 and kept:
         raise ValueError(f"scattermoe: the MoE blocks of {type(model).__name__} (model_type={model_type!r}) are "
                          f"subclasses with their own forward, which patching would discard: {'; '.join(kept[:3])}"
-                         + ("; ..." if len(kept) > 3 else ""))
+                         + ("; ..." if len(kept) > 3 else "") + "; where such a forward calls the fused-experts "
+                         'interface\'s, register_experts_implementation() and experts_implementation="scattermoe" '
+                         "run the experts on scattermoe inside it")
     if swapped == 0:
         raise _unsupported(f"no supported MoE block found in {type(model).__name__} (model_type={model_type!r})")
     if kept:
@@ -410,7 +431,12 @@ def register_experts_implementation(name: str = "scattermoe") -> None:
 def _apply_to_family(family: str, model: Optional[nn.Module]) -> None:
     if model is not None:  # first: a model of another family raises before transformers is patched
         apply_scattermoe(model, families=[family])
-    for module, name, original, methods in _family_classes(family):
+    classes, own = _scan_family(family)
+    if own:
+        raise ValueError(f"scattermoe: family {family!r}: {', '.join(own)} has its own forward, which patching "
+                         f"would discard; register_experts_implementation() and experts_implementation="
+                         f'"scattermoe" run the experts on scattermoe inside it')
+    for module, name, original, methods in classes:
         _module_patches.setdefault((module.__name__, name), original)
         setattr(module, name, _scattermoe_class(original, methods))
 
