@@ -85,7 +85,7 @@ _MLA = dict(num_key_value_heads=4, head_dim=4, kv_lora_rank=16, q_lora_rank=24, 
 _CONFIG_TYPE = {"qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text", "aria": "aria_text",
                 "dots3_note": "dots3_note_text", "inkling": "inkling_text", "inkling2": "inkling2_text",
                 "minimax_m3_vl": "minimax_m3_vl_text", "qwen4_exp": "qwen4_exp_text",
-                "qwen3_omni_moe": "qwen3_omni_moe_thinker"}
+                "inkling2_loop": "inkling2_loop_text", "qwen3_omni_moe": "qwen3_omni_moe_thinker"}
 _MLA_OWN_HEAD_DIM = {k: v for k, v in _MLA.items() if k != "head_dim"}  # Mistral 4's: qk_nope + qk_rope
 _YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=8)  # 64 / 8
 _FUSED_EXPERTS_CONFIGS = {
@@ -191,6 +191,34 @@ _FUSED_EXPERTS_CONFIGS = {
                       linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
                       hc_count=2, hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8,
                       indexer_budget=4, indexer_compress_ratio=2),  # hyper-connections; an indexed attention layer
+    # Families new in transformers 5.25 (the pinned 5.23 lacks them, and skips them saying so):
+    # Inkling-2 with looped layers (layer 1 runs twice, mixed by message gates): its own gate, softcapped SwiGLU.
+    "inkling2_loop": dict(moe_intermediate_size=24, num_experts_per_tok=2, n_routed_experts=6, num_key_value_heads=2,
+                          head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+                          sliding_window_size=4, d_rel=4, rel_extent=8, unpadded_vocab_size=64, mlp_gate_softcap=1.0,
+                          mlp_up_softcap=2.0, layer_types=["hybrid_sliding", "hybrid"],
+                          n_layers_per_attn_res_block=1, loop_layer_index_start=1, loop_layer_index_end=2,
+                          loop_num_passes=2, loop_gate_rank=4),
+    # A sliding layer, then an indexed (sparse, NVFP4-rounded K/V) attention layer; sigmoid of the top-k logits.
+    "kolibri1_1": dict(_MOE, num_experts=6, shared_expert_intermediate_size=40, num_key_value_heads=2, head_dim=16,
+                       mlp_only_layers=[], sliding_window=4, layer_types=["sliding_attention", "indexed_attention"],
+                       index_topk=4, index_pool_size=8, index_compression=2, index_num_heads=2,
+                       index_num_local_tokens=2, index_num_sink_tokens=1),
+    # Qwen3-Next-like (a gated-delta-net layer, then sliding attention); the shared expert added ungated.
+    "lara_mini": dict(_MOE, num_experts=6, shared_expert_intermediate_size=40, num_key_value_heads=2, head_dim=8,
+                      layer_types=["linear_attention", "sliding_attention"], sliding_window=4,
+                      linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                      linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    # Zero (identity) experts among the routed ones (sent to a real expert with weight 0); MLA; one decoder layer
+    # (num_hidden_layers counts its two attention sublayers), so one MoE block.
+    "longcat_flash": dict(_MOE, n_routed_experts=6, zero_expert_num=2, num_key_value_heads=4, head_dim=4,
+                          kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8),
+    "minicpm5_moe": dict(_GROUPED, num_key_value_heads=2, head_dim=8, mlp_layer_types=["sparse", "sparse"]),
+    # ReLU² experts without a gate, [E, in, out], each expert's output through its own RMSNorm before the gate:
+    # ErgoExperts' own forward around the interface's, so only experts_implementation="scattermoe" reaches them.
+    "ergo": dict(_MOE, num_experts=6, num_key_value_heads=2, shared_intermediate_size=40,
+                 mlp_layer_types=["sparse", "sparse"], sliding_window=4,
+                 layer_types=["sliding_attention", "full_attention"]),
     # A token classifier (GPT-OSS-style experts); as many labels as ids, so the test's labels (its ids) fit.
     "openai_privacy_filter": dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
                                   num_key_value_heads=2, head_dim=8, sliding_window=4, swiglu_limit=1.5, num_labels=64),
@@ -262,13 +290,30 @@ _IMAGE_TEXT_CONFIGS = {
                                              n_window=4, n_window_infer=8, conv_chunksize=8, downsample_hidden_size=8),
                            **_NO_IMAGE, audio_token_id=102, audio_start_token_id=103,
                            vision_start_token_id=104),  # generate reads it; the thinker's config class lacks it
+    # New in transformers 5.25. HY-V4 as an image-text model: its own gate (clamped SwiGLU), group-limited top-k.
+    "hy_v4_vl": dict(text_config=dict(_TEXT, **_MOE, **_MLA, n_routed_experts=6, n_shared_experts=1, n_group=2,
+                                      topk_group=1, mlp_layer_types=["sparse", "sparse"], index_topk=4,
+                                      index_head_dim=8, index_n_heads=2, hc_mult=2, swiglu_limit=1.5,
+                                      rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                           mrope_section=[1, 1, 0])),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, patch_size=4, spatial_merge_size=2, out_hidden_size=32,
+                                        max_image_size=16), **_NO_IMAGE),
+    # Text model_type step3p5: its own gate (SiLU(gate) clamped, up clamped; low per-layer limits so they bite).
+    "step3p7": dict(text_config=dict(_TEXT, **_MOE, n_routed_experts=6, num_key_value_heads=2, head_dim=8,
+                                     share_expert_dim=40, mlp_layer_types=["sparse", "sparse"],
+                                     swiglu_limits=[1.5, 1.5], swiglu_limits_shared=[1.5, 0.0], sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"]),
+                    vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                                       patch_size=4, mlp_ratio=2.0, max_position_embeddings=16),
+                    image_token_id=100),
 }
 
 
 def _missing(family):
     """Why the installed transformers cannot run this test family (None when it can): the family was added after
     it, or its experts are not yet on the fused-experts interface there (transformers 5.17, the GPU image's: Aria).
-    The pinned version has every family."""
+    The pinned version has every family but those new in 5.25."""
     try:
         transformers_moe._family_classes(family)
     except ValueError as exc:
@@ -599,7 +644,7 @@ def test_apply_twice_is_harmless():
 
 
 @pytest.mark.interpreter  # Triton on CPU tensors: with CUDA present the interpreter is off, and this skips
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "ergo"])
 def test_experts_implementation_scattermoe(family, tmp_path, monkeypatch):
     """register_experts_implementation(): transformers' own switch, experts_implementation="scattermoe"."""
     integrations.register_experts_implementation()
@@ -619,6 +664,23 @@ def test_experts_implementation_scattermoe(family, tmp_path, monkeypatch):
         if ref_grad is not None and ref_grad.abs().max() > 1e-6:  # (as in _assert_same_loss_and_grads)
             assert _rel(grads[name], ref_grad) < TOL, name
 
+
+def test_ergo_refuses_the_patch_and_runs_on_scattermoe_through_experts_implementation(tmp_path, monkeypatch):
+    """transformers 5.25's ergo builds ErgoExperts, whose own forward wraps the interface's (one route per row, then
+    each expert's output through its own RMSNorm, then the gated sum): patching would discard it, so both patches
+    refuse; experts_implementation="scattermoe" runs the experts on scattermoe inside it."""
+    ref = _build("ergo")  # skips where transformers lacks it
+    with pytest.raises(ValueError, match=r"family 'ergo': ErgoExperts has its own forward.*experts_implementation="):
+        integrations.apply_scattermoe_to_ergo()
+    with pytest.raises(ValueError, match="subclasses with their own forward"):
+        integrations.apply_scattermoe(copy.deepcopy(ref))
+    integrations.register_experts_implementation()
+    ref.save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", experts_implementation="scattermoe").float().eval()
+    calls = _count_scattermoe_ops(monkeypatch)
+    _assert_same_loss_and_grads(model, ref, _ids())
+    assert calls, "the scattermoe experts did not run"
 
 def test_patched_model_pickles_whole_and_loads_in_a_fresh_process(tmp_path):
     """torch.save(model) (pickle: also what spawning worker processes does) of a patched model, loaded back here

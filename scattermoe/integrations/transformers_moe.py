@@ -163,6 +163,8 @@ SUPPORTED_FAMILIES: Tuple[str, ...] = (
     "axk1", "axk2", "bailing_hybrid", "beam", "hy_v4", "dots3_note", "inkling", "inkling2", "minimax_m3_vl",
     "qwen4_exp", "qwen3_vl_moe", "glm4v_moe", "glm5_next", "ernie4_5_vl_moe", "mistral4",
     "mistral_large4", "deepseek_ocr2", "unlimited_ocr", "qwen3_omni_moe", "openai_privacy_filter",
+    # New in transformers 5.25 (tested with it; the tests skip them under older versions, which lack them):
+    "hy_v4_vl", "inkling2_loop", "kolibri1_1", "lara_mini", "longcat_flash", "minicpm5_moe", "step3p7",
 )
 
 _subclasses: Dict[type, type] = {}  # original class -> its scattermoe subclass
@@ -520,3 +522,10 @@ apply_scattermoe_to_deepseek_ocr2 = _family_patcher("deepseek_ocr2")
 apply_scattermoe_to_unlimited_ocr = _family_patcher("unlimited_ocr")
 apply_scattermoe_to_qwen3_omni_moe = _family_patcher("qwen3_omni_moe")
 apply_scattermoe_to_openai_privacy_filter = _family_patcher("openai_privacy_filter")
+apply_scattermoe_to_hy_v4_vl = _family_patcher("hy_v4_vl")
+apply_scattermoe_to_inkling2_loop = _family_patcher("inkling2_loop")
+apply_scattermoe_to_kolibri1_1 = _family_patcher("kolibri1_1")
+apply_scattermoe_to_lara_mini = _family_patcher("lara_mini")
+apply_scattermoe_to_longcat_flash = _family_patcher("longcat_flash")
+apply_scattermoe_to_minicpm5_moe = _family_patcher("minicpm5_moe")
+apply_scattermoe_to_step3p7 = _family_patcher("step3p7")
