@@ -167,6 +167,9 @@ SUPPORTED_FAMILIES: Tuple[str, ...] = (
     "hy_v4_vl", "inkling2_loop", "kolibri1_1", "lara_mini", "longcat_flash", "minicpm5_moe", "step3p7",
 )
 
+# What reaches experts that a subclass's own forward wraps (patching would discard that forward).
+_RUN_INSIDE_ITS_FORWARD = ('register_experts_implementation() and experts_implementation="scattermoe" run the experts '
+                           "on scattermoe inside it")
 _subclasses: Dict[type, type] = {}  # original class -> its scattermoe subclass
 _module_patches: Dict[Tuple[str, str], type] = {}  # (modeling module, class name) -> original class
 _interface: List[Tuple[object, object]] = []  # [(code of the interface's forward, ALL_EXPERTS_FUNCTIONS)], once found
@@ -403,9 +406,8 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
     if swapped == 0 and kept:
         raise ValueError(f"scattermoe: the MoE blocks of {type(model).__name__} (model_type={model_type!r}) are "
                          f"subclasses with their own forward, which patching would discard: {'; '.join(kept[:3])}"
-                         + ("; ..." if len(kept) > 3 else "") + "; where such a forward calls the fused-experts "
-                         'interface\'s, register_experts_implementation() and experts_implementation="scattermoe" '
-                         "run the experts on scattermoe inside it")
+                         + ("; ..." if len(kept) > 3 else "")
+                         + f"; where such a forward calls the fused-experts interface's, {_RUN_INSIDE_ITS_FORWARD}")
     if swapped == 0:
         raise _unsupported(f"no supported MoE block found in {type(model).__name__} (model_type={model_type!r})")
     if kept:
@@ -431,13 +433,12 @@ def register_experts_implementation(name: str = "scattermoe") -> None:
 
 
 def _apply_to_family(family: str, model: Optional[nn.Module]) -> None:
-    if model is not None:  # first: a model of another family raises before transformers is patched
-        apply_scattermoe(model, families=[family])
     classes, own = _scan_family(family)
     if own:
         raise ValueError(f"scattermoe: family {family!r}: {', '.join(own)} has its own forward, which patching "
-                         f"would discard; register_experts_implementation() and experts_implementation="
-                         f'"scattermoe" run the experts on scattermoe inside it')
+                         f"would discard; {_RUN_INSIDE_ITS_FORWARD}")
+    if model is not None:  # first: a model of another family raises before transformers is patched
+        apply_scattermoe(model, families=[family])
     for module, name, original, methods in classes:
         _module_patches.setdefault((module.__name__, name), original)
         setattr(module, name, _scattermoe_class(original, methods))
