@@ -169,7 +169,7 @@ def check_parallel_linear(
     if x.size(1) != d_in:
         raise ValueError(f"x: expected {d_in} features (expert_weights is [E={num_experts}, {d_in}, {d_out}]), "
                          f"got shape {shape(x)}")
-    if x.stride(-1) != 1:
+    if x.size(-1) > 1 and x.stride(-1) != 1:  # one feature: any stride along it reads the same
         raise ValueError(f"x: expected a row-major tensor (stride 1 along features), got strides {x.stride()}; "
                          "call .contiguous()")
     positive_int("k", k)

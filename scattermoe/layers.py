@@ -352,8 +352,9 @@ class MoA(nn.Module):
                              f"dim, got shape {tuple(attn_out.shape)}: were the attention output's dims left "
                              "transposed?")
         o = attn_out.reshape(-1, self.num_heads, self.top_k, self.head_dim).transpose(1, 2)
-        o = o.reshape(-1, self.num_heads * self.head_dim)  # [T*K, H*Dh], slot order
+        # [T*K, H*Dh], slot order; row-major (with one token and Dh=1 the reshape is a column-major view, not a copy)
+        o = o.reshape(-1, self.num_heads * self.head_dim).contiguous()
         y = self.output_linear(o, 1, *routing[1:], gates=routing.expert_p.reshape(-1, self.top_k))
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)  # under autocast y is in its dtype, as nn.Linear's output with its bias
         return y.view(*lead, self.input_size)

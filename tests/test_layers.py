@@ -219,6 +219,46 @@ def test_moa_reduce_inverts_the_map_order(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_moa_reduce_of_one_token_with_one_channel_per_head(backend):
+    """Decode (one token) with head_dim 1: reshaping attn_out to slot rows gives a column-major view there, not a
+    copy; reduce makes it row-major (it was refused as a non-row-major x the caller never passed)."""
+    D, H, Dh, E, K = 6, 3, 1, 5, 5
+    moa = scattermoe.MoA(D, Dh, H, E, K, bias=True)
+    _reinit(moa)
+    x = torch.randn(1, 1, D)
+    p, idx = _routing(1, 1, E, K)
+    with scattermoe.use_backend(backend), torch.no_grad():
+        q, routing = moa.map(x, p, idx)
+        y = moa.reduce(q, routing)
+    w_q, w_o = moa.input_linear.weight.double(), moa.output_linear.weight.double()
+    want = moa.bias.detach().double().clone()
+    for j in range(K):
+        e = int(idx[0, 0, j])
+        want += p[0, 0, j].double() * (w_o[e] @ (w_q[e] @ x[0, 0].double()))
+    assert_all_close(["y"], [y.view(D)], [want], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moa_follows_autocast_with_its_bias(backend):
+    """Under torch.autocast MoA (with its output bias) computes in the autocast dtype, exactly as a cast copy of it:
+    the bias is added in that dtype, as nn.Linear's is (float32 came out before)."""
+    B, L, D, H, Dh, E, K = 2, 3, 16, 2, 8, 4, 2
+    moa = scattermoe.MoA(D, Dh, H, E, K, bias=True)
+    _reinit(moa)
+    half = scattermoe.MoA(D, Dh, H, E, K, bias=True).half()
+    half.load_state_dict(moa.state_dict())
+    x = torch.randn(B, L, D)
+    p, idx = _routing(B, L, E, K)
+    with scattermoe.use_backend(backend), torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.float16):
+            q, routing = moa.map(x, p, idx)
+            y = moa.reduce(q, routing)
+        q_half, routing_half = half.map(x.half(), p, idx)
+        y_half = half.reduce(q_half, routing_half)
+    assert y.dtype == torch.float16
+    assert torch.equal(y, y_half), f"max diff {(y.float() - y_half.float()).abs().max():.3e}"
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer_name", list(LAYERS))
 def test_layers_follow_autocast(layer_name, backend):
     """Under torch.autocast a float32 layer computes in the autocast dtype, exactly as a cast copy of it

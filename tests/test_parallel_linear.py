@@ -204,6 +204,26 @@ def test_strided_operands(backend, mode):
     assert_all_close(names, (y,) + grads, (y_ref,) + ref_grads, TOL[torch.float32])
 
 
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+def test_one_feature_with_any_stride_along_it(backend):
+    """x [T, 1] made as a transpose ([1, T].t(): strides (1, T)) is row-major all the same, and torch calls it
+    contiguous (.contiguous() returns it as it is): accepted, not refused with advice that cannot help."""
+    T, E, K, F = 9, 4, 2, 12
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    x = torch.randn(1, T).t().requires_grad_()
+    assert x.stride() == (1, T) and x.is_contiguous()
+    w = torch.randn(E, 1, F).requires_grad_()
+    gates = torch.rand(T, K).requires_grad_()
+    with scattermoe.use_backend(backend):
+        y = scattermoe.parallel_linear(x, w, K, *routing, gates=gates)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, w, gates], dy)
+    ref = float64_leaves([x, w, gates])
+    y_ref = reference.parallel_linear(ref[0], ref[1], K, *routing, gates=ref[2])
+    ref_grads = torch.autograd.grad(y_ref, ref, dy.double())
+    assert_all_close(["y", "dx", "dweight", "dgates"], (y,) + grads, (y_ref,) + ref_grads, TOL[torch.float32])
+
 POISON_SHAPES = [
     # (T, E, K, D, F, routing case)
     pytest.param(37, 5, 2, 24, 40, "random", id="odd_sizes-empty_expert"),
