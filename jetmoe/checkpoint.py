@@ -32,6 +32,7 @@ KEY_ALIASES = {
     "num_experts_per_tok": "moe_top_k",
     "num_hidden_layers": "num_layers",
     "max_position_embeddings": "n_positions",
+    "kv_channels": "head_dim",  # transformers' JetMoeConfig reads head_dim as kv_channels (its attribute_map)
 }
 
 class CheckpointError(ValueError):
@@ -154,7 +155,8 @@ def stored_dtype(files: Dict[str, Path]) -> torch.dtype:
     name, file = next(iter(files.items()))
     with safe_open(str(file), framework="pt") as f:
         stored = f.get_slice(name).get_dtype()  # "BF16", "F32", ... read from the header, no data
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
+    floating = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    return floating.get(stored, torch.float32)
 
 
 def _as_dtype(dtype) -> Optional[torch.dtype]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -70,16 +71,19 @@ class JetMoEConfig:
         if self.kv_channels % 2:
             raise ValueError(f"kv_channels: expected an even head size (rotary embeddings rotate pairs of "
                              f"dimensions), got {self.kv_channels}")
+        if self.rms_norm_eps < 0 or self.rope_theta <= 0:
+            raise ValueError(f"rms_norm_eps, rope_theta: expected >= 0 and > 0, got {self.rms_norm_eps} and "
+                             f"{self.rope_theta}")
+        if not isinstance(self.tie_word_embeddings, bool):  # "false" would tie
+            raise ValueError(f"tie_word_embeddings: expected a bool, got {self.tie_word_embeddings!r}")
         eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
-        for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos)):
+        for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos),
+                          ("pad_token_id", [self.pad_token_id])):
             for i in ids:
                 if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size):
                     raise ValueError(f"{name}: expected None or an id in [0, vocab_size={self.vocab_size})"
                                      + (" (or a list of them)" if name == "eos_token_id" else "")
                                      + f", got {getattr(self, name)!r}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id: expected an id in [0, vocab_size={self.vocab_size}), "
-                             f"got {self.pad_token_id}")
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(f"activation_function: expected one of {sorted(ACTIVATIONS)}, "
                              f"got {self.activation_function!r}")
@@ -503,6 +507,13 @@ class JetMoEForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)}")
         start = cache.length if cache is not None else 0
         L = start + S
+        if cache is not None:
+            want = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.kv_channels)
+            got = (cache.k.size(0), cache.k.size(2), cache.k.size(4))
+            if got != want or cache.k.device != input_ids.device:
+                raise ValueError(f"cache: made for {got[0]} layers of {got[1]} heads x {got[2]} on {cache.k.device}; "
+                                 f"this model has {want[0]} layers of {want[1]} heads x {want[2]}, and input_ids are "
+                                 f"on {input_ids.device}")
         if cache is not None and (cache.k.size(1) != B or L > cache.k.size(3)):
             raise ValueError(f"cache: holds {cache.k.size(3)} positions of a batch of {cache.k.size(1)}, "
                              f"{start} filled; got {S} more of a batch of {B}")
@@ -572,6 +583,9 @@ class JetMoEForCausalLM(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)} (one entry per "
                              f"prompt token, 1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name}: expected a number, got {value!r}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -593,9 +607,16 @@ class JetMoEForCausalLM(nn.Module):
         if cuda_graph:  # refused here, before the prefill, off CUDA
             decoder = StaticDecoder(self, cache, S, full_mask[:, :S] if full_mask is not None else None, graph=True)
         try:  # an int, a list, a tensor or a numpy value of ids
-            eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).reshape(-1)
+            eos = torch.as_tensor([] if eos_token_id is None else eos_token_id).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"eos_token_id: expected an id or a sequence of ids, got {eos_token_id!r}") from None
+            eos = None
+        if eos is None or eos.numel() and (eos.dtype.is_floating_point or eos.dtype.is_complex
+                                           or eos.dtype == torch.bool):  # 2.5 would be read as 2
+            raise TypeError(f"eos_token_id: expected an id or a sequence of ids, got {eos_token_id!r}")
+        eos = eos.long()
+        if eos.numel() and not bool(((eos >= 0) & (eos < self.config.vocab_size)).all()):
+            raise ValueError(f"eos_token_id: expected ids in [0, vocab_size={self.config.vocab_size}), got "
+                             f"{eos_token_id!r}")
         # What a finished row produces: the pad id, else the first eos id (transformers' open-end fill).
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (
             int(eos[0]) if eos.numel() else None)

@@ -68,6 +68,9 @@ def test_both_spellings_and_round_trip():
                     n_positions=TINY.max_position_embeddings, rope_theta=TINY.rope_theta)
     assert config_from_dict(original) == TINY
     assert config_from_dict({**original, "n_positions": 1024}).max_position_embeddings == 1024  # not the default
+    # transformers' JetMoeConfig reads head_dim as kv_channels (attribute_map): so does this
+    head_dim = {k: v for k, v in hf_spelling.items() if k != "kv_channels"}
+    assert config_from_dict({**head_dim, "head_dim": TINY.kv_channels}) == TINY
 
 
 def test_disagreeing_spellings_are_an_error():
@@ -303,6 +306,11 @@ def test_eos_stops_rows_and_streams_to_the_callback():
     (lambda m, x: m.generate(x, 3, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])),
      "pad prompts on the left"),
     (lambda m, x: m.generate(x, 3, eos_token_id="</s>"), "eos_token_id"),
+    (lambda m, x: m.generate(x, 3, eos_token_id=2.5), r"eos_token_id: expected an id or a sequence of ids, got 2.5"),
+    (lambda m, x: m.generate(x, 3, eos_token_id=[2, 48]), r"eos_token_id: expected ids in \[0, vocab_size=48\)"),
+    (lambda m, x: m.generate(x, 3, temperature="1"), "temperature: expected a number, got '1'"),
+    (lambda m, x: m(x, cache=KVCache(dataclasses.replace(TINY, kv_channels=4), 2, 8, "cpu", torch.float32)),
+     r"cache: made for 2 layers of 2 heads x 4 on cpu; this model has 2 layers of 2 heads x 8"),
     (lambda m, x: m(x, cache=KVCache(TINY, 2, 3, "cpu", torch.float32)), "cache: holds 3 positions"),
     (lambda m, x: m(x, cache=KVCache(TINY, 1, 8, "cpu", torch.float32)), "of a batch of 1"),
     (lambda m, x: m(x.float()), "input_ids: expected integer token ids"),
@@ -319,8 +327,8 @@ def test_eos_stops_rows_and_streams_to_the_callback():
     (lambda m, x: m.generate(x[0], 3), r"input_ids: expected a \[batch, sequence\] tensor.*input_ids\[None\]"),
     (lambda m, x: m.generate(x, 2.0), "max_new_tokens: expected an int >= 1, got 2.0"),
 ], ids=["empty_prompt", "nan_temperature", "negative_top_k", "float_top_k", "right_padding", "eos_a_string",
-        "cache_too_short", "cache_batch",
-        "float_ids", "bool_ids", "labels_shorter", "float_labels", "position_ids_shorter",
+        "eos_a_float", "eos_out_of_range", "temperature_a_string", "cache_of_another_config", "cache_too_short",
+        "cache_batch", "float_ids", "bool_ids", "labels_shorter", "float_labels", "position_ids_shorter",
         "mask_1d", "mask_one_row", "mask_shorter", "ids_1d", "float_max_new_tokens"])
 def test_generate_and_forward_refuse_bad_arguments_by_name(call, message):
     model = random_model()
@@ -427,14 +435,21 @@ def test_broken_shards_are_refused_before_any_weight_is_written(tmp_path):
      "rope_theta=500.0 and rope_parameters.rope_theta=10000.0 disagree"),
     ({"hidden_size": "32"}, "hidden_size='32', expected int"),
     ({"rms_norm_eps": None}, "rms_norm_eps=None"),
-    ({"pad_token_id": 48}, r"pad_token_id: expected an id in \[0, vocab_size=48\)"),
+    ({"pad_token_id": 48}, r"pad_token_id: expected None or an id in \[0, vocab_size=48\)"),
+    ({"pad_token_id": True}, "pad_token_id: expected None or an id in"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings: expected a bool, got 'false'"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps, rope_theta: expected >= 0 and > 0"),
+    ({"rope_theta": 0.0, "rope_parameters": {"rope_type": "default", "rope_theta": 0.0}},
+     "rms_norm_eps, rope_theta: expected >= 0 and > 0"),
+    ({"head_dim": 16}, "kv_channels=8 and head_dim=16 disagree"),
     ({"num_hidden_layers": 0}, "num_hidden_layers: expected a positive int"),
     ({"kv_channels": 5}, "kv_channels: expected an even head size"),
     ({"eos_token_id": "x"}, "eos_token_id: expected None or an id in"),
     ({"eos_token_id": [2, 48]}, r"eos_token_id: expected None or an id in \[0, vocab_size=48\)"),
     ({"bos_token_id": -1}, "bos_token_id: expected None or an id in"),
-], ids=["legacy_rope_scaling", "rope_theta_disagrees", "string_size", "none_eps", "pad_out_of_range", "no_layers",
-        "odd_head_size", "eos_a_string", "eos_out_of_range", "bos_negative"])
+], ids=["legacy_rope_scaling", "rope_theta_disagrees", "string_size", "none_eps", "pad_out_of_range", "pad_a_bool",
+        "tie_a_string", "negative_eps", "zero_theta", "head_dim_disagrees", "no_layers", "odd_head_size",
+        "eos_a_string", "eos_out_of_range", "bos_negative"])
 def test_bad_config_values_are_named(change, message):
     d = {**config_to_dict(TINY), **change}
     if "rope_scaling" in change:
@@ -496,10 +511,10 @@ def test_tensors_the_model_lacks_are_ignored_with_a_warning_naming_them(tmp_path
     _assert_same_weights(loaded, model)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_a_checkpoint_loads_in_its_stored_dtype_bit_for_bit_and_its_index_counts_its_bytes(dtype, tmp_path):
-    """dtype None keeps what the file stores (F16 as float16, not bf16); a sharded save's index states the bytes of
-    its tensors as transformers writes it (metadata.total_size)."""
+    """dtype None keeps what the file stores (F16 as float16, not bf16; F64 as float64, not float32); a sharded save's
+    index states the bytes of its tensors as transformers writes it (metadata.total_size)."""
     model = random_model().to(dtype)
     model.save_pretrained(tmp_path, max_shard_size=4096)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
