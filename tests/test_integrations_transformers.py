@@ -951,6 +951,27 @@ def test_jetmoe_with_another_activation_runs_its_own_glu():
     _assert_same_loss_and_grads(model, ref, _ids())
 
 
+def test_patched_blocks_take_hidden_states_of_any_strides():
+    """transformers' own loops take hidden states of any strides (here a transposed view): so do the patched blocks
+    (the ops refused them, asking for .contiguous())."""
+    ref = _build("mixtral")
+    model = integrations.apply_scattermoe(copy.deepcopy(ref))
+    T, D, E = 7, ref.config.hidden_size, ref.config.num_local_experts
+    h, w = torch.randn(D, T).t(), torch.rand(T, 2)
+    idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        got = model.model.layers[0].mlp.experts(h, idx, w)
+    with torch.no_grad():
+        assert _rel(got, ref.model.layers[0].mlp.experts(h, idx, w)) < TOL
+    ref = _build("jetmoe")
+    model = integrations.apply_scattermoe(copy.deepcopy(ref))
+    x = torch.randn(1, D, 5).transpose(1, 2)  # [1, 5, D]: its token rows are a (1, 5)-strided view
+    with torch.no_grad(), scattermoe.use_backend("torch"):
+        got = model.model.layers[0].mlp(x)
+    with torch.no_grad():
+        want = ref.model.layers[0].mlp(x)
+    assert _rel(got, want) < TOL
+
 def test_expert_parallel_experts_run_their_own_loop(monkeypatch):
     """Under expert parallelism transformers sends sentinel expert ids >= E, which scattermoe's routing refuses:
     such a block runs the class's own loop (and still computes what the unpatched block does)."""

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
+from ..layers import _token_rows
 from ..ops import glu_moe, parallel_linear
 from ..routing import flatten_sort_count
 
@@ -67,6 +68,7 @@ def _fused_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
         cls = next((c for c in type(self).__mro__ if _is_interface_class(c)), type(self))
         eager = getattr(cls.forward, "__wrapped__", cls.forward)
         return eager(self, hidden_states, top_k_index, top_k_weights)
+    hidden_states = _token_rows(hidden_states)  # the eager loop takes any strides; the ops read row-major rows
     num_experts = self.num_experts if hasattr(self, "num_experts") else self.down_proj.size(0)
     k = top_k_index.size(-1)
     routing = flatten_sort_count(top_k_index, num_experts)
@@ -108,8 +110,8 @@ def _jetmoe_routing(router: nn.Module, x: torch.Tensor):
 
 def _jetmoe_moe_forward(self, layer_input: torch.Tensor) -> torch.Tensor:
     """JetMoeMoE.forward on scattermoe: sum_j g_j W2_e (act(a) * b), [a | b] = W1_e x, plus the shared bias."""
-    bsz, length, emb_size = layer_input.size()
-    x = layer_input.reshape(-1, emb_size)
+    bsz, length, _ = layer_input.shape
+    x = _token_rows(layer_input)
     routing, gates, _ = _jetmoe_routing(self.router, x)
     w_in = self.input_linear.weight.permute(0, 2, 1)  # [E, D, 2F] view of the [E, 2F, D] parameter
     w_out = self.output_linear.weight.permute(0, 2, 1)  # [E, F, D]
@@ -123,8 +125,8 @@ def _jetmoe_moe_forward(self, layer_input: torch.Tensor) -> torch.Tensor:
 
 def _jetmoe_moa_map(self, layer_input: torch.Tensor):
     """JetMoeMoA.map on scattermoe: per-expert query projection, back in slot order [B, L, K, H*Dh]."""
-    bsz, length, emb_size = layer_input.size()
-    x = layer_input.reshape(-1, emb_size)
+    bsz, length, _ = layer_input.shape
+    x = _token_rows(layer_input)
     routing, gates, router_logits = _jetmoe_routing(self.router, x)
     q = parallel_linear(x, self.input_linear.weight.permute(0, 2, 1), self.top_k, *routing)  # [T*K, H*Dh]
     return q.view(bsz, length, self.top_k, -1), router_logits, (routing, gates)
@@ -132,9 +134,9 @@ def _jetmoe_moa_map(self, layer_input: torch.Tensor):
 
 def _jetmoe_moa_reduce(self, layer_input: torch.Tensor, topo_info) -> torch.Tensor:
     """JetMoeMoA.reduce on scattermoe: per-expert output projection, gated sum over the K slots, plus bias."""
-    bsz, length, k, hidden_size = layer_input.size()
+    bsz, length = layer_input.shape[:2]
     routing, gates = topo_info
-    o = layer_input.reshape(-1, hidden_size)  # [T*K, H*Dh], slot order
+    o = _token_rows(layer_input)  # [T*K, H*Dh], slot order
     y = parallel_linear(o, self.output_linear.weight.permute(0, 2, 1), 1, *routing, gates=gates)
     return y.view(bsz, length, self.input_size) + self.bias
 
