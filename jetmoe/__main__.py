@@ -475,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         sp.add_argument("--backend", default="auto", choices=["auto", "triton", "cutlass", "torch"], help=backend_help)
         if seed:  # eval draws nothing at random
-            sp.add_argument("--seed", type=int, default=0)
+            sp.add_argument("--seed", type=_number(int, "seed", 0, 2**32 - 1), default=0)  # train mixes it into
+            # each step's seed (seed * 1000003 + step): within 64 bits
 
     def checkpoint(sp):
         sp.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")
@@ -488,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling(sp, max_new: int):
         sp.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens", 1), default=max_new)
-        sp.add_argument("--temperature", type=_number(float, "temperature", 0), default=0.0, help="0 = greedy")
+        sp.add_argument("--temperature", type=_number(float, "temperature", 0), default=0.0,
+                        help="0 = greedy; > 0 samples (--top-p and --top-k need it)")
         sp.add_argument("--top-p", type=_number(float, "top-p", 0, 1, low_open=True), default=1.0,
                         help="nucleus sampling: keep the smallest set of tokens with this much probability (0, 1]")
         sp.add_argument("--top-k", type=_number(int, "top-k", 0), default=0,
@@ -596,6 +598,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "temperature", None) == 0 and (args.top_p < 1 or args.top_k > 0):
+            raise CLIError("--top-p and --top-k choose among sampled tokens; with --temperature 0 (greedy, the "
+                           "default) nothing is sampled: give --temperature > 0 too")
         if args.command == "generate":
             cmd_generate(args)
         elif args.command == "eval":

@@ -41,7 +41,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -136,6 +136,10 @@ def load_corpus(paths: Optional[Sequence[Union[str, Path]]] = None) -> List[str]
         else:
             raise FileNotFoundError(f"corpus path not found: {p}")
     files = files if paths else default_corpus_files()
+    unique: Dict[Path, Path] = {}
+    for f in files:  # each file once, where paths overlap ("data data/a.py")
+        unique.setdefault(f.resolve(), f)
+    files = list(unique.values())
     docs, binary = [], []
     for f in files:
         data = f.read_bytes()

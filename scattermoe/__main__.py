@@ -49,8 +49,8 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if not 1 <= value < 2**63:  # a size torch takes (larger ones, too large for memory, are said so later)
+        raise argparse.ArgumentTypeError(f"expected a positive integer below 2**63, got {value}")
     return value
 
 
@@ -195,7 +195,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         x64, dy64, gates_TK, idx_TK = (t.to(device) for t in (x64, dy64, gates_TK, idx_TK))
         ref = _run_layer(ref_model, x64, gates_TK.double(), idx_TK, dy64, "torch")
     except (MemoryError, RuntimeError) as exc:  # RuntimeError: torch's allocators ("DefaultCPUAllocator: ...")
-        if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower() and "alloc" not in str(exc).lower():
+        if isinstance(exc, RuntimeError) and not any(
+                word in str(exc).lower() for word in ("memory", "alloc", "storage size calculation overflowed")):
             raise
         _die(f"T={T}, D={D}, F={F}, E={E} is too large for this machine's memory "
              f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")

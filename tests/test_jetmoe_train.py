@@ -224,6 +224,16 @@ def test_a_diverged_run_stops_and_keeps_its_last_checkpoint(tmp_path, capsys):
     assert err.startswith("jetmoe: error: step ") and "training diverged" in err, err
 
 
+def test_overlapping_corpus_paths_read_each_file_once(tmp_path):
+    """A folder named twice, or with one of its files (its held-out tail would copy its training part otherwise)."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "a.py").write_text("a = 1\n")
+    (folder / "b.txt").write_text("b\n")
+    assert load_corpus([folder, folder / "a.py", str(folder), tmp_path / "code" / ".." / "code" / "b.txt"]) == [
+        "a = 1\n", "b\n"]
+
+
 def test_a_binary_file_among_a_folders_text_is_skipped_with_a_warning(tmp_path):
     folder = tmp_path / "code"
     folder.mkdir()
@@ -708,6 +718,9 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     (["generate", "--top-p", "1.5"], "argument --top-p: expected a value > 0 and <= 1"),
     (["generate", "--temperature", "nan"], "argument --temperature: expected a value >= 0"),
     (["generate", "--max-new-tokens", "0"], "argument --max-new-tokens: expected a value >= 1"),
+    (["generate", "--top-p", "0.9"], "--top-p and --top-k choose among sampled tokens; with --temperature 0"),
+    (["generate", "--top-k", "5", "--temperature", "0"], "give --temperature > 0 too"),
+    (["train", "--seed", "20000000000000", "--steps", "1"], "argument --seed: expected a value >= 0 and <= 4294967295"),
     # Refused before a checkpoint is resolved or loaded (the path does not exist: that error would come later).
     (["generate", "--cuda-graph", "--device", "cpu", "--model", "/no/such/checkpoint"],
      "--cuda-graph: CUDA graphs need a CUDA device"),

@@ -78,7 +78,10 @@ def test_bfloat16_on_the_cpu_skips_triton_with_its_reason(capsys):
     (["--device", "mps"], "--device: expected cpu or cuda[:N]"),
     (["--backend", "cutlass", "--device", "cpu", "--tokens", "4"], "--backend cutlass"),
     (["--tokens", "100000000000000", "--backend", "torch", "--device", "cpu"], "too large for this machine's memory"),
-], ids=["k_above_E", "no_tokens", "seed_overflow", "bad_device", "cutlass_on_cpu", "too_large"])
+    (["--tokens", "4611686018427387904", "--backend", "torch", "--device", "cpu"], "too large for this machine's"),
+    (["--tokens", "100000000000000000000"], "argument --tokens: expected a positive integer below 2**63"),
+], ids=["k_above_E", "no_tokens", "seed_overflow", "bad_device", "cutlass_on_cpu", "too_large", "storage_overflow",
+        "tokens_overflow"])
 def test_usage_errors_are_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         selfcheck.main(argv)
