@@ -517,10 +517,20 @@ def test_bad_module_path_is_a_reason_not_an_import_error(monkeypatch, tmp_path):
     try:
         module, error = _extension.load()
         assert module is None and error
-        assert "not built" in _extension.unavailable_reason()
+        assert "not built" in _extension.unavailable_reason() and "SCATTERMOE_CSRC_MODULE=" in error
+        # A module that loads but is not the extension (or is an older build of it): a reason too, not an
+        # AttributeError from probe().
+        other = tmp_path / "other.py"
+        other.write_text("x = 1\n")
+        monkeypatch.setenv("SCATTERMOE_CSRC_MODULE", str(other))
+        _extension.load.cache_clear()
+        _extension.probe.cache_clear()
+        assert _extension.load()[0] is None and "has no cuda_probe" in _extension.unavailable_reason()
+        assert _extension.probe() == {"error": None, "device_count": 0}
     finally:
         _extension.load.cache_clear()
         _extension.probe.cache_clear()
+        sys.modules.pop("scattermoe._C", None)
 
 
 def test_cuda_error_code_parses_extension_messages():

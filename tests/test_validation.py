@@ -741,6 +741,15 @@ def test_without_the_interpreter_cpu_tensors_go_to_the_reference():
     assert out.stdout.split() == ["torch", "True"], out.stdout
 
 
+def test_switch_variables_set_but_empty_mean_their_defaults():
+    """SCATTERMOE_BACKEND= (set, empty: as a shell line or a CI matrix writes an unset value) is the default, not an
+    ImportError of the whole package."""
+    code = "import scattermoe; from scattermoe import backends; print(backends.get_backend(), backends._combine)"
+    env = {**os.environ, "SCATTERMOE_BACKEND": "", "SCATTERMOE_TOPK_COMBINE": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["auto", "scatter"], out.stdout
+
 def test_the_original_kernel_api_checks_before_it_computes():
     from scattermoe.kernels import ops
 

@@ -29,7 +29,7 @@ def _check_name(name: str, what: str = "backend") -> str:
     return name
 
 
-_current = _check_name(os.environ.get("SCATTERMOE_BACKEND", "auto"),
+_current = _check_name(os.environ.get("SCATTERMOE_BACKEND") or "auto",  # set but empty: the default
                        "the environment variable SCATTERMOE_BACKEND")
 
 
@@ -76,7 +76,7 @@ def _check_combine(mode: str, what: str = "mode") -> str:
     return mode
 
 
-_combine = _check_combine(os.environ.get("SCATTERMOE_TOPK_COMBINE", "scatter"),
+_combine = _check_combine(os.environ.get("SCATTERMOE_TOPK_COMBINE") or "scatter",
                           "the environment variable SCATTERMOE_TOPK_COMBINE")
 
 

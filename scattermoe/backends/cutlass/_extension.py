@@ -40,11 +40,13 @@ def load() -> Tuple[Optional[ModuleType], Optional[str]]:
     """(module, None) or (None, why it is not available). Cached: one attempt per process."""
     path = os.environ.get("SCATTERMOE_CSRC_MODULE")
     try:
-        if path:
-            return _load_from_path(path), None
-        return importlib.import_module("scattermoe._C"), None
+        module = _load_from_path(path) if path else importlib.import_module("scattermoe._C")
     except (ImportError, OSError) as e:  # not built, built for another Python, or a missing file
-        return None, f"{type(e).__name__}: {e}"
+        where = f" (SCATTERMOE_CSRC_MODULE={path!r})" if path else ""
+        return None, f"{type(e).__name__}: {e}{where}"
+    if not hasattr(module, "cuda_probe"):  # another module, or an extension older than this package
+        return None, f"{module.__file__} is not this version's csrc extension (it has no cuda_probe)"
+    return module, None
 
 
 @functools.lru_cache(maxsize=None)
