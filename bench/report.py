@@ -24,10 +24,14 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 HEADLINE_T = 16384
 
 
+def _positive(value) -> bool:
+    """A finite, positive number (NaN, 0, negative, missing or not a number: no measurement)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _measured(row: Dict) -> bool:
-    """A row with a time: a finite, positive number of ms (NaN, 0, negative or missing: not measured)."""
-    ms = row.get("ms")
-    return isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
+    """A row with a time: a finite, positive number of ms."""
+    return _positive(row.get("ms"))
 
 
 def _find(rows: List[Dict], case: str, impl: str, tokens: int, routing: str = "uniform") -> Optional[Dict]:
@@ -38,6 +42,9 @@ def _find(rows: List[Dict], case: str, impl: str, tokens: int, routing: str = "u
 
 
 ROW_KEY = ("case", "tokens", "routing", "dtype", "impl")
+# Row fields the report formats as numbers (absent or null: not measured).
+NUMBER_FIELDS = ("ms", "tflops", "gb_s", "peak_mem_gb", "held_gb", "hbm_floor_ms", "hbm_bytes_s", "roofline_frac",
+                 "max_over_mean", "vs_dense")
 
 
 def check_payload(payload, name: str = "result") -> Dict:
@@ -57,10 +64,18 @@ def check_payload(payload, name: str = "result") -> Dict:
                 and all(isinstance(r[k], str) for k in ("case", "routing", "impl"))):
             raise ValueError(f"{name}: row {i} has a case, routing or impl that is not a string, or tokens that are "
                              "not an integer")
+        bad = [k for k in NUMBER_FIELDS if r.get(k) is not None and (isinstance(r[k], bool)
+                                                                       or not isinstance(r[k], (int, float)))]
+        if not isinstance(r.get("triton_fallbacks") or [], list):
+            bad.append("triton_fallbacks")
+        if bad:
+            raise ValueError(f"{name}: row {i} has {', '.join(bad)} of the wrong type (numbers; a list of pieces)")
         key = tuple(r.get(k) for k in ROW_KEY)
         if key in seen:
             raise ValueError(f"{name}: two rows for {dict(zip(ROW_KEY, key))}")
         seen.add(key)
+    if not isinstance(payload.get("notes") or [], list):
+        raise ValueError(f"{name}: notes is not a list")
     return payload
 
 
@@ -104,7 +119,7 @@ def targets(payload: Dict, impl: str = "scattermoe_triton") -> List[Dict]:
                       "jetmoe_moe_fwd_bwd", ">= 1.5x", "time"),
     ]
     mine, ref = _find(rows, "jetmoe_moe_fwd", impl, HEADLINE_T), _find(rows, "jetmoe_moe_fwd", "reference", HEADLINE_T)
-    if mine and ref and mine.get("held_gb") is not None and ref.get("held_gb") is not None:
+    if mine and ref and _positive(mine.get("held_gb")) and _positive(ref.get("held_gb")):
         out.append(_unless_failed({"target": "memory kept by the forward for backward", "want": "<= reference",
                                    "measured": f"{mine['held_gb']:.2f} GB vs reference {ref['held_gb']:.2f} GB",
                                    "met": mine["held_gb"] <= ref["held_gb"] + 1e-3}, mine))
@@ -113,7 +128,7 @@ def targets(payload: Dict, impl: str = "scattermoe_triton") -> List[Dict]:
                     "measured": "not measured", "met": None})
     shares = []
     for r in rows:
-        if r["case"] == "routing" and r["impl"] == "scattermoe" and r.get("ms") and r["tokens"] >= 4096:
+        if r["case"] == "routing" and r["impl"] == "scattermoe" and _measured(r) and r["tokens"] >= 4096:
             layer = _find(rows, "jetmoe_moe_fwd", impl, r["tokens"], r["routing"])
             if layer:
                 shares.append((r["ms"] / layer["ms"], r["tokens"], r["routing"], _failed(r) or _failed(layer)))
@@ -128,7 +143,7 @@ def targets(payload: Dict, impl: str = "scattermoe_triton") -> List[Dict]:
                     "measured": "not measured", "met": None})
     # Decode is inference: the no-grad forward where the run has it, else the training forward (older files).
     decode = _find(rows, "jetmoe_moe_infer", impl, 1) or _find(rows, "jetmoe_moe_fwd", impl, 1)
-    if decode and decode.get("hbm_floor_ms"):
+    if decode and _positive(decode.get("hbm_floor_ms")):
         x = decode["ms"] / decode["hbm_floor_ms"]
         out.append(_unless_failed({"target": "decode (T=1) forward vs reading the active experts' weights once",
                                    "want": "<= 2x", "measured": f"{x:.2f}x ({decode['ms'] * 1e3:.0f} us vs "
@@ -140,7 +155,7 @@ def targets(payload: Dict, impl: str = "scattermoe_triton") -> List[Dict]:
                     "want": "<= 2x", "measured": "not measured", "met": None})
     # The same forward replayed as a CUDA graph (how serving stacks run decode): no launch overhead.
     graph = _find(rows, "jetmoe_moe_infer_graph", impl, 1)
-    if graph and graph.get("hbm_floor_ms"):
+    if graph and _positive(graph.get("hbm_floor_ms")):
         x = graph["ms"] / graph["hbm_floor_ms"]
         out.append(_unless_failed({"target": "decode (T=1) forward as a CUDA-graph replay vs reading the weights once",
                                    "want": "<= 2x", "measured": f"{x:.2f}x ({graph['ms'] * 1e3:.0f} us vs "
@@ -317,6 +332,9 @@ def fallback_summary(rows: List[Dict]) -> str:
 def hang_note(payload: Dict) -> str:
     hung = payload.get("hung")
     if not hung:
+        if payload.get("elapsed_s") is None and not payload.get("smoke_only"):  # written after each group
+            return ("> INCOMPLETE: the run ended before its last group (no elapsed_s), so cases are missing "
+                    "from this file.\n\n")
         return ""
     return (f"> ENDED BY A HANG: {hung['impl']} ({hung['what']}) had not finished after {hung['after_s']:g} s; the "
             "run stopped there, so the cases after it are missing from this file.\n\n")
@@ -383,9 +401,10 @@ def newest_result(results_dir: Path = RESULTS_DIR) -> Optional[Path]:
             except ValueError as exc:
                 print(f"python -m bench.report: skipping {exc}", file=sys.stderr)
                 continue
-            # A full suite before any partial one (quick, headline, a subset, one ended by a hang): the targets
-            # need every case.
-            whole = payload.get("suite", "full") == "full" and not payload.get("hung")
+            # A full suite before any partial one (quick, headline, a subset, one ended by a hang or killed: the
+            # file is rewritten after each group, and elapsed_s is set at the end): the targets need every case.
+            whole = (payload.get("suite", "full") == "full" and not payload.get("hung")
+                     and payload.get("elapsed_s") is not None)
             found.append((whole, str(payload.get("created") or ""), path.name, path))
     return max(found)[-1] if found else None
 

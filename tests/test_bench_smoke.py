@@ -295,7 +295,8 @@ def test_device_limits_match_whole_words_and_know_what_they_do_not_know():
 HANG = {"impl": "scattermoe_cutlass", "what": "jetmoe_moe T=16384 uniform fwd_bwd", "after_s": 150.0}
 
 
-@pytest.mark.parametrize("partial", [{"suite": "full-subset"}, {"hung": HANG}], ids=["subset", "ended_by_a_hang"])
+@pytest.mark.parametrize("partial", [{"suite": "full-subset"}, {"hung": HANG}, {"elapsed_s": None}],
+                         ids=["subset", "ended_by_a_hang", "killed"])  # killed: its last per-group rewrite
 def test_a_partial_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_path, partial):
     results = tmp_path / "results"
     results.mkdir()
@@ -307,6 +308,8 @@ def test_a_partial_run_never_feeds_the_readme_while_a_whole_suite_exists(tmp_pat
     (results / "whole.json").unlink()
     assert report.newest_result(results).name == "newer.json"  # with no whole suite, the newest partial one
     assert ("ENDED BY A HANG: scattermoe_cutlass" in report.readme_section(newer)) == ("hung" in partial)
+    assert ("INCOMPLETE: the run ended before its last group" in report.readme_section(newer)) == (
+        "elapsed_s" in partial)
 
 
 @pytest.mark.interpreter
@@ -445,7 +448,12 @@ def test_report_and_plot_refuse_malformed_files_in_one_line(tmp_path, capsys):
     duplicate = {**good, "rows": good["rows"] + good["rows"][:1]}
     cases = {"dup.json": (duplicate, "two rows for"), "list.json": ([good], "no 'rows' list"),
              "nocreated.json": ({**good, "created": None}, "missing created"),
-             "tokens.json": ({**good, "rows": [{**good["rows"][0], "tokens": "16384"}]}, "not an integer")}
+             "tokens.json": ({**good, "rows": [{**good["rows"][0], "tokens": "16384"}]}, "not an integer"),
+             "memory.json": ({**good, "rows": [{**good["rows"][0], "peak_mem_gb": "10"}]}, "row 0 has peak_mem_gb of "
+                             "the wrong type"),
+             "fallbacks.json": ({**good, "rows": [{**good["rows"][0], "triton_fallbacks": "dW"}]},
+                                "row 0 has triton_fallbacks of the wrong type"),
+             "notes.json": ({**good, "notes": "one"}, "notes is not a list")}
     for name, (content, message) in cases.items():
         path = tmp_path / name
         path.write_text(json.dumps(content))

@@ -189,6 +189,21 @@ def test_memory_and_decode_targets_are_not_met_on_a_row_that_failed_its_check(ch
         assert ("FAILED" in t["measured"]) is (not met), t
 
 
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])
+def test_routing_memory_and_decode_targets_are_not_measured_on_a_time_or_size_that_is_no_measurement(bad):
+    """A negative, zero, NaN or infinite routing time, forward memory or decode floor is no measurement: the target
+    says 'not measured' (a routing row at -1 ms read as 'at most -100.0% ... met' before)."""
+    routing = _routing_rows({4096: 0.03})
+    routing["rows"][0]["ms"] = bad
+    cases = [(routing, "routing share"),
+             ({"rows": [_row("jetmoe_moe_fwd", "scattermoe_triton", ms=1.0, held_gb=bad, check="ok"),
+                        _row("jetmoe_moe_fwd", "reference", ms=2.0, held_gb=2.0, check="ok")]}, "memory kept"),
+             ({"rows": [_row("jetmoe_moe_infer", "scattermoe_triton", 1, ms=0.05, hbm_floor_ms=bad, check="ok")]},
+              "decode (T=1) forward vs reading")]
+    for payload, prefix in cases:
+        t = _target(json.loads(json.dumps(payload)), prefix)
+        assert t["met"] is None and t["measured"] == "not measured", t
+
 def test_csrc_against_triton_is_met_at_exactly_the_same_time():
     """Issue 3's ">= 1.0x" against the Triton backend: a tie is met, a hair slower is not."""
     for ms, met in ((10.0, True), (10.01, False)):
