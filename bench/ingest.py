@@ -21,6 +21,7 @@ import shutil
 import sys
 import tarfile
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -30,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO_ROOT / "bench" / "gpu_runs"
 COMPANIONS = (".md", ".png")  # written beside each result .json by the same run
 MAX_FAILURES_SHOWN = 40
+CUT_OFF = (EOFError, zlib.error, tarfile.ReadError)  # what reading a truncated .tgz raises
 
 
 def unpack(archive: Path, runs_dir: Path) -> Path:
@@ -40,15 +42,31 @@ def unpack(archive: Path, runs_dir: Path) -> Path:
     while dest.exists():
         n += 1
         dest = runs_dir / f"{stem}-{n}"
+    data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     try:
         with tarfile.open(archive) as tar:
-            for m in tar.getmembers():
+            try:
+                members, cut = tar.getmembers(), None
+            except CUT_OFF as exc:  # a transfer cut short: the members whose headers came before the cut
+                members, cut = list(tar.members), exc
+            for m in members:
                 if not (m.isfile() or m.isdir()) or Path(m.name).is_absolute() or ".." in Path(m.name).parts:
                     raise ValueError(f"{archive}: member {m.name!r} is not a plain file inside the archive")
             dest.mkdir(parents=True)
-            tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    except tarfile.TarError as exc:
-        raise ValueError(f"{archive}: not a readable .tgz ({exc})") from None
+            kept = 0
+            for m in members:
+                try:
+                    tar.extract(m, dest, **data_filter)
+                    kept += 1
+                except CUT_OFF as exc:  # this member's data runs past the cut: dropped, not kept half-written
+                    (dest / m.name).unlink(missing_ok=True)
+                    cut = exc
+                    break
+    except (tarfile.TarError, *CUT_OFF) as exc:
+        raise ValueError(f"{archive}: not a readable .tgz ({type(exc).__name__}: {exc})") from None
+    if cut is not None:
+        print(f"python -m bench.ingest: warning: {archive} is cut off ({type(cut).__name__}: {cut}); kept the "
+              f"{kept} members before the cut", file=sys.stderr)
     return dest
 
 
@@ -76,10 +94,17 @@ def result_files(run: Path) -> List[Path]:
     for path in sorted(run.rglob("*.json")):
         try:
             payload = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            print(f"python -m bench.ingest: skipping {path}: not a readable JSON file ({exc})", file=sys.stderr)
             continue
         if (isinstance(payload, dict) and payload.get("benchmark") in ("kernels", "e2e")
                 and isinstance(payload.get("rows"), list) and not payload.get("smoke_only")):
+            if payload["benchmark"] == "kernels":
+                try:
+                    report.check_payload(payload, str(path))
+                except ValueError as exc:
+                    print(f"python -m bench.ingest: skipping {exc}", file=sys.stderr)
+                    continue
             found.append(path)
     return found
 

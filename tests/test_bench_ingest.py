@@ -7,6 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from helpers import write_kernel_result
 
 from bench import ingest
@@ -171,3 +172,24 @@ def test_exit_status_is_2_when_the_readme_cannot_be_rewritten(tmp_path, capsys):
     assert _ingest(archive, results, runs, readme) == 2
     assert "expected the markers" in capsys.readouterr().err
     assert (results / "2026-12-01_h100_abcdef0.json").exists()
+
+
+def test_a_cut_off_archive_keeps_the_files_before_the_cut_and_a_malformed_result_is_skipped_by_name(tmp_path, capsys):
+    """A transfer cut short (the device tool's limits, a killed copy) loses only what came after the cut; a result
+    file the report could not read is named and skipped (both were tracebacks)."""
+    results, runs, readme = _layout(tmp_path)
+    run = _run_folder(tmp_path, {"scattermoe_triton": 10.0, "torch_grouped_mm": 15.0})
+    bad = json.loads((run / "2026-12-01_h100_abcdef0.json").read_text())
+    bad["rows"][0].pop("case")
+    (run / "2026-12-01_h100_bad0000.json").write_text(json.dumps(bad))
+    (run / "zz_trace.bin").write_bytes(np.random.default_rng(0).bytes(200_000))  # last (members are sorted)
+    whole = _archive(run, tmp_path / "whole.tgz").read_bytes()
+    archive = tmp_path / "gpu_check.tgz"
+    archive.write_bytes(whole[: len(whole) - 50_000])  # the cut falls inside zz_trace.bin
+    assert _ingest(archive, results, runs, readme) == 0
+    captured = capsys.readouterr()
+    assert "is cut off" in captured.err and "kept the" in captured.err, captured.err
+    assert "skipping" in captured.err and "bad0000.json: row 0 lacks case" in captured.err, captured.err
+    assert sorted(p.name for p in results.glob("*.json")) == ["2026-12-01_h100_abcdef0.json",
+                                                              "2026-12-01_h100_abcdef0_e2e.json"]
+    assert not list(runs.rglob("zz_trace.bin"))  # not kept half-written
