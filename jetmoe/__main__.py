@@ -475,8 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         sp.add_argument("--backend", default="auto", choices=["auto", "triton", "cutlass", "torch"], help=backend_help)
         if seed:  # eval draws nothing at random
-            sp.add_argument("--seed", type=_number(int, "seed", 0, 2**32 - 1), default=0)  # train mixes it into
-            # each step's seed (seed * 1000003 + step): within 64 bits
+            # Below 2**32: train mixes it into each step's 64-bit seed (seed * 1000003 + step).
+            sp.add_argument("--seed", type=_number(int, "seed", 0, 2**32 - 1), default=0)
 
     def checkpoint(sp):
         sp.add_argument("--model", default="jetmoe/jetmoe-8b", help="checkpoint directory or Hub id")

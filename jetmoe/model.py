@@ -71,9 +71,10 @@ class JetMoEConfig:
         if self.kv_channels % 2:
             raise ValueError(f"kv_channels: expected an even head size (rotary embeddings rotate pairs of "
                              f"dimensions), got {self.kv_channels}")
-        if self.rms_norm_eps < 0 or self.rope_theta <= 0:
-            raise ValueError(f"rms_norm_eps, rope_theta: expected >= 0 and > 0, got {self.rms_norm_eps} and "
-                             f"{self.rope_theta}")
+        if self.rms_norm_eps < 0:
+            raise ValueError(f"rms_norm_eps: expected a value >= 0, got {self.rms_norm_eps}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta: expected a value > 0, got {self.rope_theta}")
         if not isinstance(self.tie_word_embeddings, bool):  # "false" would tie
             raise ValueError(f"tie_word_embeddings: expected a bool, got {self.tie_word_embeddings!r}")
         eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
