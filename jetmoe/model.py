@@ -56,9 +56,12 @@ class JetMoEConfig:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):  # numbers where numbers are due: "32" would fail deep inside torch
             default, value = field.default, getattr(self, field.name)
-            if field.name.endswith("_token_id") or isinstance(default, bool) or not isinstance(default, (int, float)):
-                continue  # ids may be None or, for eos, a list (checked below); flags and names
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            if field.name.endswith("_token_id") or not isinstance(default, (int, float)):
+                continue  # ids may be None or, for eos, a list (checked below); names
+            if isinstance(default, bool):  # a flag: "false" would read as true
+                if not isinstance(value, bool):
+                    raise ValueError(f"{field.name}={value!r}, expected bool")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
                     isinstance(default, int) and not isinstance(value, int)):
                 raise ValueError(f"{field.name}={value!r}, expected {type(default).__name__}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
@@ -75,8 +78,6 @@ class JetMoEConfig:
             raise ValueError(f"rms_norm_eps: expected a value >= 0, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta: expected a value > 0, got {self.rope_theta}")
-        if not isinstance(self.tie_word_embeddings, bool):  # "false" would tie
-            raise ValueError(f"tie_word_embeddings: expected a bool, got {self.tie_word_embeddings!r}")
         eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
         for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos),
                           ("pad_token_id", [self.pad_token_id])):
@@ -515,9 +516,9 @@ class JetMoEForCausalLM(nn.Module):
                 raise ValueError(f"cache: made for {got[0]} layers of {got[1]} heads x {got[2]} on {cache.k.device}; "
                                  f"this model has {want[0]} layers of {want[1]} heads x {want[2]}, and input_ids are "
                                  f"on {input_ids.device}")
-        if cache is not None and (cache.k.size(1) != B or L > cache.k.size(3)):
-            raise ValueError(f"cache: holds {cache.k.size(3)} positions of a batch of {cache.k.size(1)}, "
-                             f"{start} filled; got {S} more of a batch of {B}")
+            if cache.k.size(1) != B or L > cache.k.size(3):
+                raise ValueError(f"cache: holds {cache.k.size(3)} positions of a batch of {cache.k.size(1)}, "
+                                 f"{start} filled; got {S} more of a batch of {B}")
         if attention_mask is not None and attention_mask.shape != (B, L):
             raise ValueError(f"attention_mask: expected shape {(B, L)} (batch, cache + new positions), "
                              f"got {tuple(attention_mask.shape)}")

@@ -437,7 +437,7 @@ def test_broken_shards_are_refused_before_any_weight_is_written(tmp_path):
     ({"rms_norm_eps": None}, "rms_norm_eps=None"),
     ({"pad_token_id": 48}, r"pad_token_id: expected None or an id in \[0, vocab_size=48\)"),
     ({"pad_token_id": True}, "pad_token_id: expected None or an id in"),
-    ({"tie_word_embeddings": "false"}, "tie_word_embeddings: expected a bool, got 'false'"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings='false', expected bool"),
     ({"rms_norm_eps": -1e-6}, "rms_norm_eps: expected a value >= 0, got -1e-06"),
     ({"rope_theta": 0.0, "rope_parameters": {"rope_type": "default", "rope_theta": 0.0}},
      "rope_theta: expected a value > 0, got 0.0"),
