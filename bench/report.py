@@ -24,9 +24,13 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 HEADLINE_T = 16384
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive(value) -> bool:
     """A finite, positive number (NaN, 0, negative, missing or not a number: no measurement)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return _number(value) and math.isfinite(value) and value > 0
 
 
 def _measured(row: Dict) -> bool:
@@ -64,8 +68,7 @@ def check_payload(payload, name: str = "result") -> Dict:
                 and all(isinstance(r[k], str) for k in ("case", "routing", "impl"))):
             raise ValueError(f"{name}: row {i} has a case, routing or impl that is not a string, or tokens that are "
                              "not an integer")
-        bad = [k for k in NUMBER_FIELDS if r.get(k) is not None and (isinstance(r[k], bool)
-                                                                       or not isinstance(r[k], (int, float)))]
+        bad = [k for k in NUMBER_FIELDS if r.get(k) is not None and not _number(r[k])]
         if not isinstance(r.get("triton_fallbacks") or [], list):
             bad.append("triton_fallbacks")
         if bad:
