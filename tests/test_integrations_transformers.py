@@ -824,6 +824,21 @@ def test_experts_subclasses_with_their_own_forward_are_left_alone_and_said_so():
 
 
 
+def _randomized(experts: torch.nn.Module) -> torch.nn.Module:
+    """experts with N(0, 0.3) parameters (torch.empty at init)."""
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0.0, 0.3)
+    return experts
+
+
+def _experts_call(T: int, D: int, E: int):
+    """The arguments of a fused-experts call: hidden_states [T, D], top_k_index [T, 2] (two experts per token),
+    top_k_weights [T, 2]."""
+    h, w = torch.randn(T, D), torch.rand(T, 2)
+    return h, torch.stack([torch.randperm(E)[:2] for _ in range(T)]), w
+
+
 class _DoubledMixtralExperts(transformers.models.mixtral.modeling_mixtral.MixtralExperts):
     """Experts whose own forward calls the interface's (as transformers' ErgoExperts does: one route per row, then a
     per-expert norm), here just doubling it."""
@@ -840,13 +855,8 @@ def test_a_subclass_with_its_own_forward_runs_scattermoe_inside_it_and_its_inter
     integrations.register_experts_implementation()
     config = _tiny("mixtral")
     torch.manual_seed(0)
-    experts = _DoubledMixtralExperts(config).float()
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0.0, 0.3)
-    T, E = 7, config.num_local_experts
-    h, w = torch.randn(T, config.hidden_size), torch.rand(T, 2)
-    idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    experts = _randomized(_DoubledMixtralExperts(config).float())
+    h, idx, w = _experts_call(7, config.hidden_size, config.num_local_experts)
     calls = _count_scattermoe_ops(monkeypatch)
     for expert_parallel in (False, True):
         experts._is_expert_parallel = expert_parallel
@@ -892,10 +902,7 @@ def test_a_family_patch_covers_the_subclasses_its_module_defines_and_refuses_tho
     del module.DoubledExperts
     config = _tiny("mixtral")
     torch.manual_seed(0)
-    ref = PlainSubExperts(config).float()
-    with torch.no_grad():
-        for p in ref.parameters():  # torch.empty at init
-            p.normal_(0.0, 0.3)
+    ref = _randomized(PlainSubExperts(config).float())
     try:
         patch()
         assert module.MixtralExperts.__name__ == "ScatterMoEMixtralExperts"
@@ -905,9 +912,7 @@ def test_a_family_patch_covers_the_subclasses_its_module_defines_and_refuses_tho
     assert (module.MixtralExperts, module.PlainSubExperts) == (MixtralExperts, PlainSubExperts)
     assert type(built).__name__ == "ScatterMoEPlainSubExperts"
     built.load_state_dict(ref.state_dict())
-    T, E = 7, config.num_local_experts
-    h, w = torch.randn(T, config.hidden_size), torch.rand(T, 2)
-    idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    h, idx, w = _experts_call(7, config.hidden_size, config.num_local_experts)
     calls = _count_scattermoe_ops(monkeypatch)
     with scattermoe.use_backend("torch"):
         got = built(h, idx, w)
@@ -956,9 +961,10 @@ def test_patched_blocks_take_hidden_states_of_any_strides():
     (the ops refused them, asking for .contiguous())."""
     ref = _build("mixtral")
     model = integrations.apply_scattermoe(copy.deepcopy(ref))
-    T, D, E = 7, ref.config.hidden_size, ref.config.num_local_experts
-    h, w = torch.randn(D, T).t(), torch.rand(T, 2)
-    idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    D = ref.config.hidden_size
+    h, idx, w = _experts_call(7, D, ref.config.num_local_experts)
+    h = h.t().contiguous().t()  # the same values, as a transposed view
+    assert h.stride() == (1, 7)
     with torch.no_grad(), scattermoe.use_backend("torch"):
         got = model.model.layers[0].mlp.experts(h, idx, w)
     with torch.no_grad():
@@ -971,6 +977,7 @@ def test_patched_blocks_take_hidden_states_of_any_strides():
     with torch.no_grad():
         want = ref.model.layers[0].mlp(x)
     assert _rel(got, want) < TOL
+
 
 def test_expert_parallel_experts_run_their_own_loop(monkeypatch):
     """Under expert parallelism transformers sends sentinel expert ids >= E, which scattermoe's routing refuses:
@@ -1011,9 +1018,7 @@ def test_experts_with_a_post_expert_norm_run_their_own_loop():
         for name, p in experts.named_parameters():
             p.normal_(0.0, 0.3) if "proj" in name else p.normal_(1.0, 0.3)
     assert experts.has_post_expert_norm
-    T = 7
-    h, w = torch.randn(T, 32), torch.rand(T, 2)
-    idx = torch.stack([torch.randperm(4)[:2] for _ in range(T)])
+    h, idx, w = _experts_call(7, 32, 4)
     config._experts_implementation = "eager"
     want = experts(h, idx, w)
     config._experts_implementation = "scattermoe"
