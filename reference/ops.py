@@ -56,7 +56,9 @@ def parallel_linear(
         pos = positions[sorted_expert_idxs == e]  # this expert's rows, in expert order
         slots = sorted_scattered_idxs[pos]
         in_rows = pos if grouped_in else torch.div(slots, k, rounding_mode="floor")
-        y = x[in_rows] @ expert_weights[e]
+        # W^T X^T, transposed, not X W: under torch.compile, with D=1, mm's backward guards on the
+        # data-dependent row count of the [rows, 1] X (a stride test; GuardOnDataDependentSymNode).
+        y = (expert_weights[e].t() @ x[in_rows].t()).t()
         if expert_biases is not None:
             y = y + expert_biases[e]
         out = out.index_copy(0, pos if grouped_out else slots, y)

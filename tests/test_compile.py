@@ -31,14 +31,14 @@ def _forward_backward(fn, leaves, args, dy=None):
     return y, dy, torch.autograd.grad(y, leaves, dy)
 
 
-def _compare_compiled_to_eager(module, compile_backend, shapes):
+def _compare_compiled_to_eager(module, compile_backend, shapes, backend="triton"):
     """Compile once with fullgraph=True; for each (B, L) the compiled forward and backward equal eager."""
     compiled = torch.compile(module, fullgraph=True, backend=compile_backend)
     names = ["y", "dx", "dexpert_p"] + [f"d{n}" for n, _ in module.named_parameters()]
     for B, L in shapes:
         x, p, idx = _layer_case(B, L, module.num_experts, module.top_k, module.input_size)
         leaves = [x, p] + list(module.parameters())
-        with scattermoe.use_backend("triton"), warnings.catch_warnings(record=True) as caught:
+        with scattermoe.use_backend(backend), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             y_c, dy, grads_c = _forward_backward(compiled, leaves, (x, p, idx))
             y_e, _, grads_e = _forward_backward(module, leaves, (x, p, idx), dy)
@@ -70,6 +70,16 @@ def test_compiled_layers_match_eager_across_token_counts_aot_eager():
     _compare_compiled_to_eager(mlp, "aot_eager", [(2, 3), (3, 7)])
     glu = _with_biases(scattermoe.GLUMLP(16, 12, 3, 3, bias=False))
     _compare_compiled_to_eager(glu, "aot_eager", [(1, 4), (2, 9)])
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiled_layers_with_one_feature_match_eager_on_the_torch_backend(compile_backend):
+    """The torch backend's expert loop (data-dependent rows per expert) compiles with D=1 or F=1 too: X W's
+    backward once guarded there on the row count ([rows, 1] has ambiguous strides) and the compile failed."""
+    mlp = _with_biases(scattermoe.MLP(1, 4, 3, 2, bias=True))  # D=1: the first GEMM's X is [rows, 1]
+    _compare_compiled_to_eager(mlp, compile_backend, [(2, 3), (1, 5)], backend="torch")
+    glu = _with_biases(scattermoe.GLUMLP(3, 1, 3, 2))  # F=1: the second GEMM's X is [rows, 1]
+    _compare_compiled_to_eager(glu, compile_backend, [(2, 3)], backend="torch")
 
 
 def test_compiled_glumlp_in_gather_mode_matches_eager_aot_eager(monkeypatch):
