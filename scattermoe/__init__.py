@@ -8,6 +8,7 @@ Backends: ``scattermoe.set_backend("auto" | "triton" | "cutlass" | "torch")``.
 """
 
 from . import backends, kernels, ops, routing
+from . import mlp, parallel_experts, utils  # the original ScatterMoE's modules, as attributes as there
 from ._validate import set_debug, set_device_asserts
 from .backends import get_backend, get_topk_combine, set_backend, set_topk_combine, use_backend, use_topk_combine
 from .layers import GLUMLP, MLP, MoA, MoARouting, ParallelExperts
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GLUMLP", "MLP", "MoA", "MoARouting", "ParallelExperts",
-    "backends", "kernels", "ops", "routing",
+    "backends", "kernels", "mlp", "ops", "parallel_experts", "routing", "utils",
     "flatten_sort_count", "get_backend", "get_topk_combine", "glu_moe", "load_balancing_loss", "parallel_linear",
     "parallel_linear_glu",
     "router_z_loss", "set_backend", "set_debug", "set_device_asserts", "set_topk_combine", "topk_gating",

@@ -62,13 +62,18 @@ def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.T
         raise ValueError(f"x: expected {input_size} features (the layer's input_size) in its last dimension, got "
                          f"shape {tuple(x.shape)}")
     lead = tuple(x.shape[:-1])
+    tokens = math.prod(lead)
+    # x's leading dims, or one token dim (the original ScatterMoE's layers took x [B, L, D] with routing
+    # [B*L, K], as a router over the flattened tokens makes it, and any shape of expert_idxs: flat [T*K] too).
+    shapes = {"expert_p": (lead + (top_k,), (tokens, top_k)),
+              "expert_idxs": (lead + (top_k,), (tokens, top_k), (tokens * top_k,))}
     for name, t, dtypes in (("expert_p", expert_p, _FLOAT_DTYPES), ("expert_idxs", expert_idxs, _INDEX_DTYPES)):
         check_tensor(name, t, dtypes=dtypes)
         if t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got one on {t.device}")
-        if tuple(t.shape) != lead + (top_k,):
-            raise ValueError(f"{name}: expected shape {lead + (top_k,)} (x's leading dims, top_k), "
-                             f"got {tuple(t.shape)}")
+        if tuple(t.shape) not in shapes[name]:
+            raise ValueError(f"{name}: expected shape {lead + (top_k,)} (x's leading dims, top_k) or "
+                             f"{(tokens, top_k)}, got {tuple(t.shape)}")
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +146,8 @@ def _load_experts(target: "ParallelExperts", weight: torch.Tensor, bias: Optiona
 class MLP(nn.Module):
     """Mixture of plain MLP experts: y = sum_j p_j * W2_e act(W1_e x)."""
 
+    _up_width = 1  # W1's output width per hidden unit (GLUMLP: 2, both halves)
+
     def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
                  bias: bool = False, activation: Optional[Callable] = None) -> None:
         super().__init__()
@@ -154,7 +161,9 @@ class MLP(nn.Module):
         self.num_experts = num_experts
         self.input_size = input_size
         self.hidden_size = hidden_size
-        self.experts = ParallelExperts(num_experts, input_size, hidden_size, bias=bias)
+        # Built at its width, W1 then W2: the random draws of the original ScatterMoE's layers, so a seed gives
+        # the same initial weights there and here.
+        self.experts = ParallelExperts(num_experts, input_size, self._up_width * hidden_size, bias=bias)
         self.output_experts = ParallelExperts(num_experts, hidden_size, input_size, bias=bias)
         self.top_k = min(top_k, num_experts)
         self.activation = activation if activation is not None else nn.GELU()
@@ -191,7 +200,7 @@ class MLP(nn.Module):
         return self.activation(self.experts(x, self.top_k, *routing, grouped_out=True))
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
-        """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
+        """x [..., D]; expert_p, expert_idxs [..., K] (or [T, K]; ids also [T*K]) -> [..., D]."""
         _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
         x_shape = x.shape
         x = _token_rows(x)
@@ -210,12 +219,13 @@ class GLUMLP(MLP):
     GLUMLP); ``True`` activates the first half (JetMoE's checkpoints).
     """
 
+    _up_width = 2
+
     def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
                  bias: bool = False, activation: Optional[Callable] = None,
                  activate_first: bool = False) -> None:
         super().__init__(input_size, hidden_size, num_experts, top_k, bias=bias,
                          activation=activation if activation is not None else nn.SiLU())
-        self.experts = ParallelExperts(num_experts, input_size, 2 * hidden_size, bias=bias)
         self.activate_first = flag("activate_first", activate_first)
 
     def extra_repr(self) -> str:
@@ -266,7 +276,7 @@ class GLUMLP(MLP):
         return self.activation(a) * b if self.activate_first else a * self.activation(b)
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
-        """x [..., D]; expert_p, expert_idxs [..., K] -> [..., D]."""
+        """x [..., D]; expert_p, expert_idxs [..., K] (or [T, K]; ids also [T*K]) -> [..., D]."""
         if not self._fusable():
             return super().forward(x, expert_p, expert_idxs)
         # SiLU: one fused op (GLU in the first GEMM's epilogue, G recomputed in backward).
@@ -280,7 +290,7 @@ class GLUMLP(MLP):
 
 class MoARouting(NamedTuple):
     """What MoA.map hands to MoA.reduce for the same tokens."""
-    expert_p: torch.Tensor  # [..., K] gates, with x's leading dims (reduce checks attn_out's against them)
+    expert_p: torch.Tensor  # [..., K] gates, x's leading dims or [T, K] (reduce checks attn_out's against them)
     sorted_expert_idxs: torch.Tensor
     sorted_scattered_idxs: torch.Tensor
     expert_offsets: torch.Tensor
@@ -317,7 +327,8 @@ class MoA(nn.Module):
 
     def map(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor
             ) -> Tuple[torch.Tensor, MoARouting]:
-        """x [..., D]; expert_p, expert_idxs [..., K] -> (queries [..., H*K, Dh], routing for reduce)."""
+        """x [..., D]; expert_p, expert_idxs [..., K] (or [T, K]; ids also [T*K]) -> (queries [..., H*K, Dh],
+        routing for reduce)."""
         _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
         lead = x.shape[:-1]
         routing = MoARouting(expert_p, *flatten_sort_count(expert_idxs, self.num_experts))

@@ -64,6 +64,9 @@ def test_flatten_and_sort_and_padded_block_indices(T, E, K):
         expected = [int(start) + i * block for e, start in enumerate(expert_offsets - counts)
                     for i in range((int(counts[e]) + block - 1) // block)]
         assert padded_block_idxs.tolist() == expected
+    # int64 whatever the ids' dtype, as the 2024 code's type promotion (bincount's int64) returned them
+    padded_block_idxs, expert_offsets = kops.padded_block_indices(sorted_expert_idxs.int(), E)
+    assert (padded_block_idxs.dtype, expert_offsets.dtype) == (torch.int64, torch.int64)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -269,3 +272,28 @@ def test_scatter2scatter_out_over_its_own_input(backend, alias):
         y = kops.scatter2scatter(X_in, W, sorted_expert_idxs, sorted_scattered_idxs, 1, None, True, False, out=out)
     assert y.data_ptr() == out.data_ptr()
     assert_close(y, want, TOL[torch.float32], f"y with out over {alias}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_single2scatter_is_one_tokens_rows(backend, rows):
+    """0.3.0's one-token kernel: Y[j] = X[j, or 0 with one row] W_e, e = expert_idxs[0, j]; any sizes (the
+    original's kernel took multiples of 128 only)."""
+    from scattermoe.kernels.single import single2scatter
+
+    E, K, D, F = 5, 3, 24, 20
+    torch.manual_seed(rows)
+    X, W = torch.randn(rows, D), torch.randn(E, D, F)
+    idx = torch.tensor([[4, 0, 2]])
+    with scattermoe.use_backend(backend):
+        y = single2scatter(X, W, idx)
+    expected = torch.stack([X[j if rows > 1 else 0].double() @ W[idx[0, j]].double() for j in range(K)])
+    assert_close(y, expected, TOL[torch.float32], "Y")
+    for args, error, match in [
+        ((torch.randn(2, D), W, idx), ValueError, r"^X: expected \[1, D\] or \[K=3, D\]"),
+        ((X, W, idx.expand(2, K)), ValueError, r"^expert_idxs: expected \[1, K\]"),
+        ((X, W, idx[0]), ValueError, r"^expert_idxs: expected a 2-d tensor"),
+        ((X, W, idx.float()), TypeError, r"^expert_idxs: expected dtype"),
+    ]:
+        with pytest.raises(error, match=match):
+            single2scatter(*args)

@@ -114,3 +114,73 @@ def test_mlp_correctness_torch_backend(x_dim, h_dim, k, bias):
 def test_glu_mlp_correctness(x_dim, h_dim, k, bias):
     """The original GLUMLP (``h, g = W1 x``; ``h * silu(g)``), the same checks."""
     _check(GLUMLP, 37, x_dim, h_dim, 8, k, bias, "triton", glu=True)
+
+
+def test_the_originals_modules_are_attributes_of_the_package():
+    """As the original's ``import scattermoe`` made them (its __init__ imported them all)."""
+    import importlib
+
+    fresh = importlib.import_module("scattermoe")
+    for name in ("mlp", "parallel_experts", "kernels", "utils"):
+        assert getattr(fresh, name) is importlib.import_module(f"scattermoe.{name}")
+    # the names the original's mlp.py imported, and so exported
+    assert scattermoe.mlp.ParallelExperts is scattermoe.ParallelExperts
+    assert scattermoe.mlp.flatten_sort_count is scattermoe.flatten_sort_count
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("cls", [MLP, GLUMLP])
+def test_a_seed_gives_the_originals_initial_weights(cls, bias):
+    """The original's layers draw W1 ([E, width, D]; GLU: both halves, 2F) and then W2 from the RNG, in
+    that order; the same seed must give the same weights here (and one W1 draw, not a throw-away first)."""
+    E, D, F = 4, 8, 6
+    torch.manual_seed(0)
+    layer = cls(D, F, E, 2, bias=bias)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    w1 = scattermoe.ParallelExperts(E, D, (2 if cls is GLUMLP else 1) * F, bias=bias)
+    w2 = scattermoe.ParallelExperts(E, F, D, bias=bias)
+    assert torch.equal(torch.rand(1), after)  # the same number of draws
+    for mine, theirs in ((layer.experts, w1), (layer.output_experts, w2)):
+        for name, p in theirs.named_parameters():
+            assert torch.equal(getattr(mine, name), p), name
+
+
+@pytest.mark.parametrize("cls", [MLP, GLUMLP])
+def test_routing_over_flattened_tokens_beside_a_3d_x(cls):
+    """The original's layers took x [B, L, D] with routing [B*L, K] (a router over the flattened tokens) and
+    expert ids of any shape: those calls give what x's own leading dims give."""
+    B, L, D, F, E, K = 2, 3, 8, 6, 4, 2
+    torch.manual_seed(1)
+    layer = cls(D, F, E, K)
+    x = torch.randn(B, L, D)
+    p = torch.softmax(torch.randn(B, L, K), -1)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(B * L)]).view(B, L, K)
+    with scattermoe.use_backend("torch"):
+        expected = layer(x, p, idx)
+        for p_given, idx_given in ((p.view(-1, K), idx.view(-1, K)), (p.view(-1, K), idx),
+                                   (p, idx.reshape(-1)), (p.view(-1, K), idx.reshape(-1))):
+            y = layer(x, p_given, idx_given)
+            assert y.shape == x.shape and torch.equal(y, expected)
+        with pytest.raises(ValueError, match=r"^expert_p: expected shape \(2, 3, 2\) .* or \(6, 2\), got \(3, 2, 2\)"):
+            layer(x, p.view(L, B, K), idx)
+        with pytest.raises(ValueError, match=r"^expert_idxs: expected shape .*got \(6,\)"):
+            layer(x, p, idx.reshape(-1)[:B * L])
+
+
+def test_import_replace_moe_patches_transformers_as_the_original_did():
+    """``import scattermoe.utils.replace_moe`` (the original 0.3.0's README) patches GPT-OSS and GraniteMoeHybrid;
+    run in a fresh process, since the import patches transformers for the rest of its life."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    code = ("import scattermoe.utils.replace_moe as r\n"
+            "import transformers.models.gpt_oss.modeling_gpt_oss as g\n"
+            "import transformers.models.granitemoehybrid.modeling_granitemoehybrid as h\n"
+            "print(r.PATCHED, g.GptOssExperts.__module__, h.GraniteMoeHybridExperts.__module__)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['gpt_oss',", "'granitemoehybrid']", "scattermoe.integrations.transformers_moe",
+                                  "scattermoe.integrations.transformers_moe"]

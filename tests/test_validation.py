@@ -179,7 +179,9 @@ LAYER_FACTORIES = {
 
 LAYER_BAD_ROUTING = {
     # id -> (expert_p shape, expert_idxs shape, argument named)
-    "expert_idxs_flattened": ((B, L, K), (B * L, K), "expert_idxs"),
+    # [B*L, K] and flat [B*L*K] ids are taken (the original ScatterMoE's layers took them); [L, B, K] is not
+    "expert_idxs_other_layout": ((B, L, K), (L, B, K), "expert_idxs"),
+    "expert_p_flat": ((B * L * K,), (B, L, K), "expert_p"),
     "expert_idxs_too_many_slots": ((B, L, K), (B, L, K + 1), "expert_idxs"),
     "expert_idxs_no_slot_dim": ((B, L, K), (B, L), "expert_idxs"),
     "expert_p_wrong_shape": ((B, L, K + 1), (B, L, K), "expert_p"),

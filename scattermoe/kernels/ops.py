@@ -87,7 +87,7 @@ def padded_block_indices(sorted_experts_idxs: torch.Tensor, k: int,
     first_block = blocks.cumsum(-1) - blocks
     block_in_expert = torch.arange(owner.numel(), device=counts.device) - first_block[owner]
     padded_block_idxs = (expert_offsets - counts)[owner] + N_BLOCK_SIZE * block_in_expert
-    return padded_block_idxs.to(sorted_experts_idxs.dtype), expert_offsets
+    return padded_block_idxs, expert_offsets  # both int64 (bincount's), as the 2024 code returned them
 
 
 # ----------------------------------------------------------------------------- kernels
