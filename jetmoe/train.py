@@ -95,8 +95,10 @@ class TrainConfig:
     # (under torchrun rounded down to a multiple of the process count, which shares them)
 
 
-# What must stay as it was for a resumed run to continue the one it resumes (val_fraction: warned about apart).
-RESUME_SETTINGS = ("lr", "warmup_steps", "seed", "batch_size", "seq_len", "grad_accum", "grad_clip")
+# What must stay as it was for a resumed run to continue the one it resumes (val_fraction and the sequences per
+# step, batch_size x grad_accum x processes, which alone decide the batches: warned about apart). steps and
+# min_lr_ratio shape the cosine schedule: a run extended to more steps decays on another curve.
+RESUME_SETTINGS = ("lr", "warmup_steps", "min_lr_ratio", "steps", "seed", "seq_len", "grad_clip")
 
 
 def saved_train_config(out_dir: Union[str, Path]) -> dict:
@@ -487,7 +489,8 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
     tmp = out / (TRAINER_STATE + ".tmp")
     torch.save({"step": step, "optimizer": optimizer_sd,
                 "optimizer_dir": OPTIMIZER_DCP if cfg.sharded_optimizer_state else None,
-                "train_config": dataclasses.asdict(cfg)}, tmp)
+                "train_config": dict(dataclasses.asdict(cfg),
+                                     world=dist.get_world_size() if dist.is_initialized() else 1)}, tmp)
     os.replace(tmp, out / TRAINER_STATE)
 
 
@@ -573,7 +576,16 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                           "(the whole run's step count) to continue one schedule across resumes")
         saved_cfg = state.get("train_config", {})
         changed = [f"{k} {saved_cfg[k]} -> {getattr(cfg, k)}" for k in RESUME_SETTINGS
-                   if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
+                   if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)
+                   # a time budget, to or from: the --seconds warning covers it (and its advice is to give --steps)
+                   and not (k == "steps" and None in (saved_cfg[k], cfg.steps))]
+        if "batch_size" in saved_cfg:  # world: saved since 2026-12-03 (before, taken as unchanged)
+            was = (saved_cfg["batch_size"], saved_cfg.get("grad_accum", 1), saved_cfg.get("world", world))
+            now = (cfg.batch_size, cfg.grad_accum, world)
+            if math.prod(was) != math.prod(now):
+                changed.append("sequences per step (batch_size x grad_accum x processes) "
+                               f"{' x '.join(map(str, was))} = {math.prod(was)} -> "
+                               f"{' x '.join(map(str, now))} = {math.prod(now)}")
         if changed and rank == 0:
             warnings.warn(f"resuming a run trained with other settings ({', '.join(changed)}): its batches or its "
                           "learning-rate schedule differ from here on from an uninterrupted run's")
@@ -624,6 +636,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             bar = tqdm(total=round(cfg.seconds), unit="s", dynamic_ncols=True,
                        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
     records: List[dict] = []
+    saved_step = step  # the step of the checkpoint on disk (resumed: the one read; fresh: none before step 1)
     start = last = time.perf_counter()
     elapsed = 0.0  # training time so far, the same on every rank (all-reduced below)
     with _InterruptAfterStep(enabled=world == 1) as interrupt:
@@ -677,9 +690,10 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                     bar.set_postfix(step=step, loss=f"{loss:.3f}", aux=f"{aux:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 if log is not None and (step % cfg.log_every == 0 or step == 1 or "val_loss" in rec):
                     log(rec)
-            if cfg.save_every and step % cfg.save_every == 0 and not stop:
+            if cfg.save_every and step % cfg.save_every == 0 and not final:  # the last step: saved below, once
                 saving = time.perf_counter()
                 _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
+                saved_step = step
                 # Saving is not training time either (JetMoE-8B: minutes): off the clock, as evaluation is.
                 start += time.perf_counter() - saving
                 last = time.perf_counter()
@@ -689,7 +703,10 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         bar.close()
     if interrupt.requested and rank == 0:
         print(f"interrupted: saving step {step} to {cfg.out_dir} (--resume continues from there)", flush=True)
-    _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
+    # Once per step: not again after a Ctrl-C during the save of the step, nor on a resume already at --steps (it
+    # trained nothing: the checkpoint, and the settings saved in it, stay).
+    if step > saved_step:
+        _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
     return records
 
 

@@ -38,6 +38,7 @@ from jetmoe.train import (
     get_batch,
     load_corpus,
     make_optimizer,
+    saved_train_config,
     split_validation,
     tokenize,
     train,
@@ -191,7 +192,7 @@ def test_a_diverged_run_stops_and_keeps_its_last_checkpoint(tmp_path, capsys):
     train(model, tokens(), cfg)
     saved = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
     with pytest.raises(TrainingDiverged, match=r"^step 4: the loss is nan"), \
-            pytest.warns(UserWarning, match=r"resuming a run trained with other settings \(lr 0.004 -> inf\)"):
+            pytest.warns(UserWarning, match=r"resuming a run trained with other settings \(lr 0.004 -> inf, steps 2 -> 6\)"):
         train(model, tokens(), dataclasses.replace(cfg, steps=6, lr=float("inf"), resume=True))  # step 3 made NaN
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != TRAIN_LOG} == \
         {name: data for name, data in saved.items() if name != TRAIN_LOG}
@@ -331,7 +332,7 @@ def test_saves_are_off_the_clock_and_a_ctrl_c_during_one_stops_before_the_next_s
     torch.manual_seed(0)
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=6, save_every=1, batch_size=2, seq_len=16, progress=False)
     records = train(JetMoEForCausalLM(BYTES), tokens(), cfg)
-    assert [r["step"] for r in records] == [1, 2] and saves == [1, 2, 2]  # the periodic saves, then the final one
+    assert [r["step"] for r in records] == [1, 2] and saves == [1, 2]  # step 2's save, finished, not repeated
     assert records[1]["elapsed_s"] - records[0]["elapsed_s"] < 0.5  # step 1's save (0.6 s) is not in step 2's time
 
 
@@ -1171,18 +1172,64 @@ def test_cli_train_passes_its_flags_to_the_training_config(tiny_ckpt, tmp_path, 
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("setting, value", [("lr", 1e-3), ("warmup_steps", 7), ("seed", 7), ("batch_size", 3),
-                                            ("seq_len", 24), ("grad_accum", 2), ("grad_clip", 0.5)])
+@pytest.mark.parametrize("setting, value", [("lr", 1e-3), ("warmup_steps", 7), ("min_lr_ratio", 0.5), ("steps", 4),
+                                            ("seed", 7), ("seq_len", 24), ("grad_clip", 0.5)])
 def test_resuming_with_another_setting_says_which(setting, value, tmp_path, monkeypatch):
-    """Each setting that decides the batches or the updates, changed on --resume, is named in a warning."""
+    """Each setting that decides the batches or the updates, changed on --resume, is named in a warning: steps
+    too, since the cosine schedule runs to it (a run extended to more steps decays on another curve)."""
     import jetmoe.train as jt
 
     monkeypatch.setattr(jt, "train_step", lambda *args, **kwargs: (0.0, 0.0))  # the checks, not the training
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=1, batch_size=2, seq_len=16, progress=False)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, batch_size=2, seq_len=16, progress=False)
     train(JetMoEForCausalLM(BYTES), tokens(), cfg)
-    changed = dataclasses.replace(cfg, steps=2, resume=True, **{setting: value})
+    changed = dataclasses.replace(cfg, resume=True, **{setting: value})  # warned before anything (or nothing) runs
     with pytest.warns(UserWarning, match=rf"other settings \({setting} {getattr(cfg, setting)} -> {value}\)"):
         train(JetMoEForCausalLM(BYTES), tokens(), changed)
+
+
+@pytest.mark.parametrize("batch_size, grad_accum, warned", [(3, 1, "2 x 1 x 1 = 2 -> 3 x 1 x 1 = 3"),
+                                                            (2, 2, "2 x 1 x 1 = 2 -> 2 x 2 x 1 = 4"),
+                                                            (1, 2, None)])
+def test_resuming_with_other_sequences_per_step_says_so(batch_size, grad_accum, warned, tmp_path, monkeypatch):
+    """The batches are decided by the sequences per step (batch_size x grad_accum x processes) alone: another
+    count is warned about; the same count split otherwise (1 x 2 for 2 x 1) draws the same sequences, no warning."""
+    import jetmoe.train as jt
+
+    monkeypatch.setattr(jt, "train_step", lambda *args, **kwargs: (0.0, 0.0))
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, batch_size=2, seq_len=16, progress=False)
+    train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    assert saved_train_config(cfg.out_dir)["world"] == 1
+    changed = dataclasses.replace(cfg, resume=True, batch_size=batch_size, grad_accum=grad_accum)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(JetMoEForCausalLM(BYTES), tokens(), changed)
+    said = [str(w.message) for w in caught if "other settings" in str(w.message)]
+    if warned is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and f"sequences per step (batch_size x grad_accum x processes) {warned}" in said[0]
+    # batches drawn: the same union of sequences at a step whenever the count is the same
+    assert (sorted(map(tuple, torch.cat([get_batch(torch.arange(500), 5, a, 0, 1, changed)
+                                         for a in range(grad_accum)]).tolist())) ==
+            sorted(map(tuple, get_batch(torch.arange(500), 5, 0, 0, 1, cfg).tolist()))) == (warned is None)
+
+
+def test_the_last_step_is_saved_once_and_a_resume_with_nothing_to_train_saves_nothing(tmp_path, monkeypatch):
+    import jetmoe.train as jt
+
+    saves = []
+    real_save = jt._save
+    monkeypatch.setattr(jt, "train_step", lambda *args, **kwargs: (0.0, 0.0))
+    monkeypatch.setattr(jt, "_save", lambda model, opt, step, *args: (saves.append(step),
+                                                                       real_save(model, opt, step, *args)))
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=4, save_every=2, batch_size=2, seq_len=16,
+                      progress=False)
+    train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    assert saves == [2, 4]  # step 4 was written twice (the periodic save, then the final one)
+    state = (Path(cfg.out_dir) / TRAINER_STATE).read_bytes()
+    # already at --steps: nothing trained, and the checkpoint keeps the settings it was trained with
+    assert train(JetMoEForCausalLM(BYTES), tokens(), dataclasses.replace(cfg, resume=True, batch_size=8)) == []
+    assert saves == [2, 4] and (Path(cfg.out_dir) / TRAINER_STATE).read_bytes() == state
 
 
 def test_tokens_per_second_count_every_micro_batch(tmp_path, monkeypatch):
