@@ -32,6 +32,8 @@ class ByteTokenizer:
         spec = {"type": "bytes", "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
                 "pad_token_id": self.pad_token_id, "vocab_size": self.vocab_size}
         (Path(out_dir) / BYTE_TOKENIZER_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        for name in HF_TOKENIZER_FILES:  # a replaced checkpoint's: load_tokenizer would read them first
+            (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 class HFTokenizer:
@@ -58,6 +60,7 @@ class HFTokenizer:
 
     def save_pretrained(self, out_dir: Union[str, Path]) -> None:
         self.tok.save_pretrained(str(out_dir))
+        (Path(out_dir) / BYTE_TOKENIZER_FILE).unlink(missing_ok=True)  # a replaced run's (read second, but stale)
 
 
 Tokenizer = Union[ByteTokenizer, HFTokenizer]
@@ -68,10 +71,18 @@ def load_tokenizer(ckpt_dir: Optional[Union[str, Path]], vocab_size: Optional[in
     there is no directory and the vocabulary is the byte one). Anything else is a ValueError naming the dir."""
     if ckpt_dir is not None:
         d = Path(ckpt_dir)
+        tokenizer = None
         if any((d / name).is_file() for name in HF_TOKENIZER_FILES):
-            return HFTokenizer(d)
-        if (d / BYTE_TOKENIZER_FILE).is_file():
-            return ByteTokenizer()
+            tokenizer = HFTokenizer(d)
+        elif (d / BYTE_TOKENIZER_FILE).is_file():
+            tokenizer = ByteTokenizer()
+        if tokenizer is not None:
+            # Ids past the embedding would fail deep in the model's forward (or, under the vocabulary, read as
+            # other tokens): a tokenizer left over from another checkpoint.
+            if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+                raise ValueError(f"the tokenizer in {d} has {tokenizer.vocab_size} tokens, more than the model's "
+                                 f"vocab_size {vocab_size}: is it this checkpoint's?")
+            return tokenizer
     if vocab_size == ByteTokenizer().vocab_size:
         return ByteTokenizer()
     raise ValueError(f"no tokenizer in {ckpt_dir} (expected {' or '.join(HF_TOKENIZER_FILES)}, "

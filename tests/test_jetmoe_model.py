@@ -583,6 +583,18 @@ def test_tokenizers_bytes_and_autotokenizer(tmp_path):
     assert load_tokenizer(tmp_path / "llama_style").encode("def f ( ) :") == [1, 3, 4, 5, 6, 7]
     with pytest.raises(ValueError, match="no tokenizer in"):
         load_tokenizer(tmp_path / "nothing", vocab_size=32000)
+    # More ids than the model's embedding: another checkpoint's tokenizer, said by name (it failed in the forward).
+    with pytest.raises(ValueError, match=rf"^the tokenizer in {re.escape(str(tmp_path))} has 8 tokens, more than "
+                                         r"the model's vocab_size 5: is it this checkpoint's\?"):
+        load_tokenizer(tmp_path, vocab_size=5)
+    assert isinstance(load_tokenizer(tmp_path, vocab_size=8), HFTokenizer)
+    # A folder replaced by a run of the other tokenizer keeps only the new one's files (the HF ones were read first,
+    # so a byte-level run saved over a checkpoint was read back with the checkpoint's tokenizer).
+    byte.save_pretrained(tmp_path)
+    assert not any((tmp_path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    assert isinstance(load_tokenizer(tmp_path, vocab_size=259), ByteTokenizer)
+    hf.save_pretrained(tmp_path)
+    assert not (tmp_path / "byte_tokenizer.json").exists() and isinstance(load_tokenizer(tmp_path), HFTokenizer)
 
 
 def test_an_autotokenizer_without_bos_encodes_without_one(tmp_path):
