@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -444,8 +445,10 @@ def init_distributed(device: torch.device) -> Tuple[int, int]:
 
 
 def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
-                    tokenizer: Optional[Tokenizer] = None, sharded: bool = False) -> None:
-    """HF layout in out_dir (loadable by transformers) plus trainer_state.pt (optimizer, step) beside it, or,
+                    tokenizer: Optional[Tokenizer] = None, sharded: bool = False,
+                    corpus: Optional[dict] = None) -> None:
+    """HF layout in out_dir (loadable by transformers) plus trainer_state.pt (optimizer, step; the config, with
+    ``corpus``, the text's corpus_fingerprint, for --resume to compare) beside it, or,
     with cfg.sharded_optimizer_state, the optimizer state in out_dir/optimizer_dcp, written by every rank.
     Every rank calls it when ``sharded``: the weights are gathered to rank 0 one file (at most 5 GB) at a time,
     and the optimizer state, unless saved sharded, whole; rank 0 writes them. Otherwise only the rank that
@@ -489,7 +492,7 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
     tmp = out / (TRAINER_STATE + ".tmp")
     torch.save({"step": step, "optimizer": optimizer_sd,
                 "optimizer_dir": OPTIMIZER_DCP if cfg.sharded_optimizer_state else None,
-                "train_config": dict(dataclasses.asdict(cfg),
+                "train_config": dict(dataclasses.asdict(cfg), corpus=corpus,
                                      world=dist.get_world_size() if dist.is_initialized() else 1)}, tmp)
     os.replace(tmp, out / TRAINER_STATE)
 
@@ -528,6 +531,29 @@ class _InterruptAfterStep:
             self._restore()
 
 
+def corpus_fingerprint(tokens: torch.Tensor) -> dict:
+    """The token stream's length and a hash of its ids (saved with a checkpoint: a resume on other text is said)."""
+    ids = tokens.detach().to("cpu", torch.int64).contiguous().numpy()
+    return {"tokens": int(ids.size), "sha256": hashlib.sha256(ids.tobytes()).hexdigest()[:16]}
+
+
+# TrainConfig's counts and their least values (the CLI's bounds, for callers of train() itself: 0 sequences gave
+# an error from torch.stack, log_every=0 a ZeroDivisionError, seq_len=1 no predicted token, read as divergence).
+_COUNT_MINIMUMS = {"steps": 1, "batch_size": 1, "seq_len": 2, "grad_accum": 1, "warmup_steps": 0, "log_every": 1,
+                   "save_every": 0, "eval_every": 0, "eval_windows": 1}
+
+
+def _check_counts(cfg: TrainConfig) -> None:
+    for name, least in _COUNT_MINIMUMS.items():
+        value = getattr(cfg, name)
+        if name == "steps" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"train: {name}={value!r}, expected an integer >= {least}")
+    if cfg.seconds is not None and not (isinstance(cfg.seconds, (int, float)) and 0 < cfg.seconds < math.inf):
+        raise ValueError(f"train: seconds={cfg.seconds!r}, expected a positive number of seconds (or None)")
+
+
 def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, tokenizer: Optional[Tokenizer] = None,
           log: Optional[Callable[[dict], None]] = None) -> List[dict]:
     """Train in place until cfg.steps or cfg.seconds; save to cfg.out_dir; return the per-step records.
@@ -541,12 +567,14 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     cfg.val_fraction also val_loss and val_perplexity at every cfg.eval_every-th step and the last (cross entropy
     on the held-out tail of ``tokens``, which training never draws from).
     """
+    _check_counts(cfg)
     if cfg.steps is None and cfg.seconds is None:
         raise ValueError("train: give steps or seconds (or both)")
     if cfg.eval_every and not cfg.val_fraction:
         raise ValueError("train: eval_every needs a held-out part (val_fraction > 0)")
     if cfg.sharded_optimizer_state and not cfg.fsdp:  # under DDP every rank holds the whole state: nothing to shard
         raise ValueError("train: sharded_optimizer_state needs fsdp")
+    corpus = corpus_fingerprint(tokens)
     tokens, val_windows = split_corpus(tokens, cfg)  # before any output, not at the first step
     device = next(model.parameters()).device
     rank, world = init_distributed(device)
@@ -579,6 +607,9 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                    if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)
                    # a time budget, to or from: the --seconds warning covers it (and its advice is to give --steps)
                    and not (k == "steps" and None in (saved_cfg[k], cfg.steps))]
+        if saved_cfg.get("corpus") not in (None, corpus):  # saved since 2026-12-03
+            changed.append(f"the text: {saved_cfg['corpus']['tokens']} tokens -> {corpus['tokens']}, "
+                           f"sha256 {saved_cfg['corpus']['sha256']} -> {corpus['sha256']}")
         if "batch_size" in saved_cfg:  # world: saved since 2026-12-03 (before, taken as unchanged)
             was = (saved_cfg["batch_size"], saved_cfg.get("grad_accum", 1), saved_cfg.get("world", world))
             now = (cfg.batch_size, cfg.grad_accum, world)
@@ -692,7 +723,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                     log(rec)
             if cfg.save_every and step % cfg.save_every == 0 and not final:  # the last step: saved below, once
                 saving = time.perf_counter()
-                _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
+                _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus)
                 saved_step = step
                 # Saving is not training time either (JetMoE-8B: minutes): off the clock, as evaluation is.
                 start += time.perf_counter() - saving
@@ -706,7 +737,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     # Once per step: not again after a Ctrl-C during the save of the step, nor on a resume already at --steps (it
     # trained nothing: the checkpoint, and the settings saved in it, stay).
     if step > saved_step:
-        _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded)
+        _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus)
     return records
 
 
@@ -756,7 +787,7 @@ def plot_train_log(out_dir: Union[str, Path]) -> Optional[str]:
     return None
 
 
-def _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded) -> None:
+def _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus) -> None:
     # An update can make the weights non-finite with a finite loss and gradients (an infinite learning rate):
     # such weights are never saved over the last checkpoint.
     finite = torch.stack([torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
@@ -767,6 +798,6 @@ def _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded) -> None:
         raise TrainingDiverged(f"step {step}: the weights are not finite after this step's update: training diverged "
                                f"(a smaller --lr?); not saved, {cfg.out_dir}'s last checkpoint is kept")
     if rank == 0 or sharded:  # sharded: every rank takes part in gathering the state to rank 0
-        save_checkpoint(model, optimizer, step, cfg, tokenizer, sharded)
+        save_checkpoint(model, optimizer, step, cfg, tokenizer, sharded, corpus)
     if world > 1:
         dist.barrier()  # no rank runs ahead (or exits) before the checkpoint is complete

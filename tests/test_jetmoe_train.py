@@ -1297,3 +1297,40 @@ def test_evaluate_over_two_processes_shares_an_odd_window_count_as_it_says(tiny_
     _, windows, n_tokens, loss, one_loss = line.split()
     assert (int(windows), int(n_tokens)) == (4, 4 * 11)
     assert abs(float(loss) - float(one_loss)) <= 1e-5 * float(one_loss)
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("grad_accum", 0), ("eval_windows", -1), ("log_every", 0),
+                                          ("seq_len", 1), ("save_every", -1), ("warmup_steps", -3), ("steps", 0),
+                                          ("batch_size", 2.0), ("grad_accum", True)])
+def test_train_refuses_counts_out_of_range_by_name(field, value, tmp_path):
+    """train() itself, not only the CLI: these failed later (torch.stack of no sequences, a ZeroDivisionError, a
+    "diverged" loss of no predicted token) or ran something else (save_every=-1 saved every step)."""
+    cfg = dataclasses.replace(TrainConfig(out_dir=str(tmp_path / "run"), steps=1, batch_size=2, seq_len=16,
+                                          progress=False), **{field: value})
+    with pytest.raises(ValueError, match=rf"^train: {field}={value!r}, expected an integer >= "):
+        train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    for seconds in (-1, 0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^train: seconds=.*expected a positive number of seconds"):
+            train(JetMoEForCausalLM(BYTES), tokens(), TrainConfig(out_dir=str(tmp_path / "run"), seconds=seconds))
+    assert not (tmp_path / "run").exists()  # refused before anything was made on disk
+
+
+def test_resuming_on_other_text_says_so(tmp_path, monkeypatch):
+    """The checkpoint keeps the text's length and hash: a resume on other text (another --data, or none, which is
+    the stdlib) draws other batches than the run would have, and is warned about; on the same text it is not."""
+    import jetmoe.train as jt
+
+    monkeypatch.setattr(jt, "train_step", lambda *args, **kwargs: (0.0, 0.0))
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=1, batch_size=2, seq_len=16, progress=False)
+    train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    saved = saved_train_config(cfg.out_dir)["corpus"]
+    assert saved == jt.corpus_fingerprint(tokens()) and saved["tokens"] == tokens().numel()
+    resume = dataclasses.replace(cfg, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(JetMoEForCausalLM(BYTES), tokens(), resume)  # the same text (already at steps: nothing trained)
+    other = tokens().clone()
+    other[5] += 1  # one token changed: the same length, another hash
+    with pytest.warns(UserWarning, match=rf"other settings \(the text: {other.numel()} tokens -> {other.numel()}, "
+                                         rf"sha256 {saved['sha256']} -> {jt.corpus_fingerprint(other)['sha256']}\)"):
+        train(JetMoEForCausalLM(BYTES), other, resume)
