@@ -615,6 +615,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as exc:
         print(f"jetmoe: error: {exc}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as exc:
+        # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError: one line, as the sizes were the cause
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in message:
+            raise
+        print(f"jetmoe: error: out of memory ({message}): a smaller --batch-size, --seq-len or model, or "
+              "--grad-accum to split each step's batch", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:

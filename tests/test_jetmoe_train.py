@@ -1334,3 +1334,27 @@ def test_resuming_on_other_text_says_so(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=rf"other settings \(the text: {other.numel()} tokens -> {other.numel()}, "
                                          rf"sha256 {saved['sha256']} -> {jt.corpus_fingerprint(other)['sha256']}\)"):
         train(JetMoEForCausalLM(BYTES), other, resume)
+
+
+@pytest.mark.parametrize("error, said", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "CUDA out of memory"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 5368709120 bytes"), "DefaultCPUAllocator: can't allocate memory"),
+    (MemoryError(), "MemoryError")])
+def test_cli_says_out_of_memory_in_one_line(error, said, tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A batch too large for the device: one line naming the sizes to lower and exit 1, not a traceback; another
+    RuntimeError (a bug) keeps its traceback."""
+    import jetmoe.train as jt
+
+    def raises(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(jt, "train", raises)
+    argv = ["train", "--out", str(tmp_path / "a"), "--data", str(tiny_ckpt.parent / "corpus.py"), "--steps", "1",
+            "--device", "cpu", "--seq-len", "16", "--batch-size", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("jetmoe: error: out of memory (") and said in err
+    assert "--batch-size" in err
+    monkeypatch.setattr(jt, "train", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        main(argv[:2] + [str(tmp_path / "b")] + argv[3:])
