@@ -305,7 +305,8 @@ class CausalLMOutput:
 def router_aux_loss(routers: Sequence[Tuple[torch.Tensor, torch.Tensor]], num_experts: int,
                     valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     """JetMoE's recipe summed over routers: E * sum_e P_e f_e + 0.1 * mean(logsumexp^2); valid_T [T] bool
-    drops padding tokens. (transformers 5.23 differs: no z-loss, f sums to K, the MoA router counted twice.)"""
+    drops padding tokens. (transformers 5.23 differs: no z-loss, f sums to K, the MoA router counted twice, and all
+    routers pooled before P and f multiply, so two routers unbalanced in opposite ways read as balanced.)"""
     total = 0.0
     for logits_TE, idxs_TK in routers:
         if valid_T is not None:

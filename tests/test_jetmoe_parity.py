@@ -5,7 +5,8 @@ non-trivial and a dropped bias or norm shows. The transformers model is built, s
 loaded here with ``JetMoEForCausalLM.from_pretrained``: each test also checks the HF -> jetmoe checkpoint path.
 
 transformers 5.23 is the reference for everything but the aux loss: its load_balancing_loss_func has no
-z-loss, normalises f to sum to K, and records the MoA router twice, while JetMoE's training recipe
+z-loss, normalises f to sum to K, records the MoA router twice and pools every router's P and f before
+multiplying them (one product, not a sum of one per router), while JetMoE's training recipe
 (DESIGN.md section 9) is what jetmoe implements. The recipe is recomputed here, independently, from the
 router logits that transformers' own routers produce (captured with forward hooks).
 Its MoA tiles K/V with ``repeat`` (query head i reads KV head i mod H), the fixed behaviour of PR #41423.
