@@ -72,8 +72,9 @@ def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.T
         if t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got one on {t.device}")
         if tuple(t.shape) not in shapes[name]:
-            raise ValueError(f"{name}: expected shape {lead + (top_k,)} (x's leading dims, top_k) or "
-                             f"{(tokens, top_k)}, got {tuple(t.shape)}")
+            accepted = " or ".join(map(str, dict.fromkeys(shapes[name])))
+            raise ValueError(f"{name}: expected shape {accepted} (x's leading dims, top_k; or one token dim), "
+                             f"got {tuple(t.shape)}")
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
@@ -290,7 +291,7 @@ class GLUMLP(MLP):
 
 class MoARouting(NamedTuple):
     """What MoA.map hands to MoA.reduce for the same tokens."""
-    expert_p: torch.Tensor  # [..., K] gates, x's leading dims or [T, K] (reduce checks attn_out's against them)
+    expert_p: torch.Tensor  # [..., K] gates, with x's leading dims (reduce checks attn_out's against them)
     sorted_expert_idxs: torch.Tensor
     sorted_scattered_idxs: torch.Tensor
     expert_offsets: torch.Tensor
@@ -331,7 +332,8 @@ class MoA(nn.Module):
         routing for reduce)."""
         _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
         lead = x.shape[:-1]
-        routing = MoARouting(expert_p, *flatten_sort_count(expert_idxs, self.num_experts))
+        # expert_p with x's leading dims (given [T, K] too): reduce checks attn_out's layout against them
+        routing = MoARouting(expert_p.reshape(*lead, self.top_k), *flatten_sort_count(expert_idxs, self.num_experts))
         q = self.input_linear(_token_rows(x), self.top_k, *routing[1:])  # [T*K, H*Dh], slot order
         # (token, slot, head) -> (token, head, slot): one copy of q, so SDPA's GQA grouping matches.
         q = q.view(-1, self.top_k, self.num_heads, self.head_dim).transpose(1, 2)

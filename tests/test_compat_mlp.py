@@ -117,15 +117,21 @@ def test_glu_mlp_correctness(x_dim, h_dim, k, bias):
 
 
 def test_the_originals_modules_are_attributes_of_the_package():
-    """As the original's ``import scattermoe`` made them (its __init__ imported them all)."""
-    import importlib
+    """As the original's ``import scattermoe`` made them (its __init__ imported them all): checked in a fresh
+    process, where nothing but ``import scattermoe`` has run (this file imports scattermoe.mlp itself)."""
+    import subprocess
+    import sys
 
-    fresh = importlib.import_module("scattermoe")
-    for name in ("mlp", "parallel_experts", "kernels", "utils"):
-        assert getattr(fresh, name) is importlib.import_module(f"scattermoe.{name}")
-    # the names the original's mlp.py imported, and so exported
-    assert scattermoe.mlp.ParallelExperts is scattermoe.ParallelExperts
-    assert scattermoe.mlp.flatten_sort_count is scattermoe.flatten_sort_count
+    code = ("import scattermoe, sys\n"
+            "m = scattermoe.mlp\n"
+            "print(scattermoe.parallel_experts.__name__, scattermoe.utils.__name__, scattermoe.kernels.single.__name__,"
+            " m.ParallelExperts is scattermoe.ParallelExperts, m.flatten_sort_count is scattermoe.flatten_sort_count,"
+            " 'scattermoe.utils.replace_moe' in sys.modules)\n")  # replace_moe patches: only when imported itself
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["scattermoe.parallel_experts", "scattermoe.utils", "scattermoe.kernels.single",
+                                  "True", "True", "False"]
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -162,10 +168,14 @@ def test_routing_over_flattened_tokens_beside_a_3d_x(cls):
                                    (p, idx.reshape(-1)), (p.view(-1, K), idx.reshape(-1))):
             y = layer(x, p_given, idx_given)
             assert y.shape == x.shape and torch.equal(y, expected)
-        with pytest.raises(ValueError, match=r"^expert_p: expected shape \(2, 3, 2\) .* or \(6, 2\), got \(3, 2, 2\)"):
+        with pytest.raises(ValueError, match=r"^expert_p: expected shape \(2, 3, 2\) or \(6, 2\) \(.*\), got "
+                                             r"\(3, 2, 2\)$"):
             layer(x, p.view(L, B, K), idx)
-        with pytest.raises(ValueError, match=r"^expert_idxs: expected shape .*got \(6,\)"):
+        with pytest.raises(ValueError, match=r"^expert_idxs: expected shape \(2, 3, 2\) or \(6, 2\) or \(12,\) "
+                                             r"\(.*\), got \(6,\)$"):
             layer(x, p, idx.reshape(-1)[:B * L])
+        with pytest.raises(ValueError, match=r"^expert_p: expected shape \(6, 2\) \("):  # 2-D x: said once
+            layer(x.view(-1, D), p.view(-1, K)[:5], idx.view(-1, K))
 
 
 def test_import_replace_moe_patches_transformers_as_the_original_did():

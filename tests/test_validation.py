@@ -658,6 +658,11 @@ def test_moa_reduce_refuses_attention_output_left_transposed():
     q, routing = moa.map(torch.randn(B, L, D), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
     with pytest.raises(ValueError, match=rf"^attn_out: expected leading dims \({B}, {L}\)"):
         moa.reduce(q.transpose(0, 1), routing)
+    # map given routing over the flattened tokens ([B*L, K]) keeps x's dims for this check all the same
+    x = torch.randn(B, L, D)
+    q_flat_routing, routing_flat = moa.map(x, torch.rand(B * L, K), make_expert_idxs(B * L, E, K))
+    with pytest.raises(ValueError, match=rf"^attn_out: expected leading dims \({B}, {L}\)"):
+        moa.reduce(q_flat_routing.transpose(0, 1), routing_flat)
     flat = moa.reduce(q.reshape(B * L, *q.shape[2:]), routing)  # one flat token dim: the same tokens, in order
     assert torch.equal(flat.view(B, L, D), moa.reduce(q, routing))
     # A batch of one, seq-first ([L, 1] for map's [1, L]): the same order, taken.
