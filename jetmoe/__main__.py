@@ -455,7 +455,10 @@ def _train(args, demo: bool) -> None:
         if "val_loss" in records[-1]:
             print(f"held-out loss {records[-1]['val_loss']:.3f} (perplexity {records[-1]['val_perplexity']:.2f}) on "
                   f"the last {100 * cfg.val_fraction:g}% of the corpus, never trained on")
-    print(f"saved to {cfg.out_dir} (HF layout: transformers.JetMoeForCausalLM.from_pretrained loads it too)")
+    if records:
+        print(f"saved to {cfg.out_dir} (HF layout: transformers.JetMoeForCausalLM.from_pretrained loads it too)")
+    else:  # a resume already at --steps
+        print(f"nothing trained: {cfg.out_dir} is as it was")
     from .train import TRAIN_LOG, TRAIN_PLOT, plot_train_log
     why_not = plot_train_log(cfg.out_dir)
     curve = f"loss curve: {Path(cfg.out_dir) / TRAIN_PLOT}" if why_not is None else why_not
@@ -465,6 +468,16 @@ def _train(args, demo: bool) -> None:
         args.temperature, args.top_p, args.ignore_eos, args.warmup = 0.8, 0.95, False, 0
         print("sample:\n" + "-" * 60)
         run_generation(model, tokenizer, [args.prompt], args, device, stream=True)
+
+
+# What to lower when a command runs out of memory (its own options).
+_LOWER_FOR_MEMORY = {
+    "train": "a smaller --batch-size or --seq-len (--grad-accum keeps the batch per step), or a smaller model",
+    "demo": "a smaller --batch-size or --seq-len (--grad-accum keeps the batch per step)",
+    "eval": "a smaller --batch-size or --seq-len, or --dtype bfloat16",
+    "generate": "fewer or shorter --prompt, fewer --max-new-tokens, or --dtype bfloat16",
+    None: "smaller sizes",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -597,6 +610,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train import TrainingDiverged
 
     try:
+        args = argparse.Namespace(command=None)
         args = build_parser().parse_args(argv)
         if getattr(args, "temperature", None) == 0 and (args.top_p < 1 or args.top_k > 0):
             raise CLIError("--top-p and --top-k choose among sampled tokens; with --temperature 0 (greedy, the "
@@ -620,8 +634,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in message:
             raise
-        print(f"jetmoe: error: out of memory ({message}): a smaller --batch-size, --seq-len or model, or "
-              "--grad-accum to split each step's batch", file=sys.stderr)
+        print(f"jetmoe: error: out of memory ({message}): {_LOWER_FOR_MEMORY[args.command]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

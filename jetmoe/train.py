@@ -32,6 +32,7 @@ import datetime
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -533,8 +534,10 @@ class _InterruptAfterStep:
 
 def corpus_fingerprint(tokens: torch.Tensor) -> dict:
     """The token stream's length and a hash of its ids (saved with a checkpoint: a resume on other text is said)."""
-    ids = tokens.detach().to("cpu", torch.int64).contiguous().numpy()
-    return {"tokens": int(ids.size), "sha256": hashlib.sha256(ids.tobytes()).hexdigest()[:16]}
+    ids = tokens.detach().cpu().contiguous()  # no copy of a CPU stream: the hash reads its buffer as it is
+    digest = hashlib.sha256(str(ids.dtype).encode())
+    digest.update(ids.numpy())
+    return {"tokens": ids.numel(), "sha256": digest.hexdigest()[:16]}
 
 
 # TrainConfig's counts and their least values (the CLI's bounds, for callers of train() itself: 0 sequences gave
@@ -548,9 +551,9 @@ def _check_counts(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if name == "steps" and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:  # numpy ints too
             raise ValueError(f"train: {name}={value!r}, expected an integer >= {least}")
-    if cfg.seconds is not None and not (isinstance(cfg.seconds, (int, float)) and 0 < cfg.seconds < math.inf):
+    if cfg.seconds is not None and not (isinstance(cfg.seconds, numbers.Real) and 0 < cfg.seconds < math.inf):
         raise ValueError(f"train: seconds={cfg.seconds!r}, expected a positive number of seconds (or None)")
 
 
@@ -605,8 +608,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         saved_cfg = state.get("train_config", {})
         changed = [f"{k} {saved_cfg[k]} -> {getattr(cfg, k)}" for k in RESUME_SETTINGS
                    if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)
-                   # a time budget, to or from: the --seconds warning covers it (and its advice is to give --steps)
-                   and not (k == "steps" and None in (saved_cfg[k], cfg.steps))]
+                   # to a time budget: the --seconds warning above says it (from one: the schedule changes too)
+                   and not (k == "steps" and cfg.steps is None)]
         if saved_cfg.get("corpus") not in (None, corpus):  # saved since 2026-12-03
             changed.append(f"the text: {saved_cfg['corpus']['tokens']} tokens -> {corpus['tokens']}, "
                            f"sha256 {saved_cfg['corpus']['sha256']} -> {corpus['sha256']}")

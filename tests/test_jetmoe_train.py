@@ -996,9 +996,13 @@ def test_resuming_a_seconds_only_run_warns_that_the_schedule_restarts(tmp_path):
         train(model, tokens(), cfg)
         with pytest.warns(UserWarning, match="--seconds budget only: the learning-rate schedule"):
             train(model, tokens(), dataclasses.replace(cfg, steps=None, seconds=0.2, resume=True))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            train(model, tokens(), dataclasses.replace(cfg, steps=3, resume=True))  # a step budget: no warning
+        # From the seconds-only checkpoint to a step budget: the schedule turns from time-based to step-based,
+        # said as a change of steps (not as the seconds-only restart)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(model, tokens(), dataclasses.replace(cfg, steps=3, resume=True))
+        said = [str(w.message) for w in caught]
+        assert len(said) == 1 and "other settings (steps None -> 3)" in said[0]
 
 
 def test_a_save_cut_short_is_not_resumable(tmp_path, monkeypatch, capsys):
@@ -1315,6 +1319,14 @@ def test_train_refuses_counts_out_of_range_by_name(field, value, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was made on disk
 
 
+def test_train_takes_numpy_numbers_as_counts(tmp_path):
+    import numpy as np
+
+    numpy_cfg = TrainConfig(out_dir=str(tmp_path / "np"), steps=np.int64(1), batch_size=np.int32(2),
+                            seq_len=np.int64(16), seconds=np.float32(60), progress=False)
+    assert [r["step"] for r in train(JetMoEForCausalLM(BYTES), tokens(), numpy_cfg)] == [1]
+
+
 def test_resuming_on_other_text_says_so(tmp_path, monkeypatch):
     """The checkpoint keeps the text's length and hash: a resume on other text (another --data, or none, which is
     the stdlib) draws other batches than the run would have, and is warned about; on the same text it is not."""
@@ -1354,7 +1366,23 @@ def test_cli_says_out_of_memory_in_one_line(error, said, tiny_ckpt, tmp_path, ca
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("jetmoe: error: out of memory (") and said in err
-    assert "--batch-size" in err
+    assert "--grad-accum" in err  # train's own options
+    for command, cmd_name, advice in (("eval", "cmd_eval", "a smaller --batch-size or --seq-len, or --dtype bfloat16"),
+                                      ("generate", "cmd_generate", "fewer --max-new-tokens")):
+        monkeypatch.setattr(f"jetmoe.__main__.{cmd_name}", raises)
+        assert main([command, "--model", str(tiny_ckpt)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("jetmoe: error: out of memory (") and advice in err and "--grad-accum" not in err
     monkeypatch.setattr(jt, "train", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="^a bug$"):
         main(argv[:2] + [str(tmp_path / "b")] + argv[3:])
+
+
+def test_cli_resume_already_at_steps_says_nothing_was_trained(tiny_ckpt, tmp_path, capsys):
+    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(tiny_ckpt.parent / "corpus.py"), "--steps", "1",
+            "--device", "cpu", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
+    assert main(argv) == 0
+    assert "saved to" in capsys.readouterr().out
+    assert main(argv + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already at --steps 1, nothing to train" in out and "nothing trained: " in out and "saved to" not in out
