@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _module_globals  # nn.Module's global hook registries
 
 from ._validate import _FLOAT_DTYPES, _INDEX_DTYPES, check_features, check_tensor, flag, positive_int
 from .kernels._compat import accepts_padded_block_idxs
@@ -75,6 +76,15 @@ def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.T
             accepted = " or ".join(map(str, dict.fromkeys(shapes[name])))
             raise ValueError(f"{name}: expected shape {accepted} (x's leading dims, top_k; or one token dim), "
                              f"got {tuple(t.shape)}")
+
+
+def _runs_hooks(module: nn.Module) -> bool:
+    """Whether calling module runs a hook: its own (forward, pre-forward, backward, pre-backward) or a global one
+    (nn.Module's own test for its slow path)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module_globals._global_forward_hooks
+                or _module_globals._global_forward_pre_hooks or _module_globals._global_backward_hooks
+                or _module_globals._global_backward_pre_hooks)
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
@@ -267,8 +277,9 @@ class GLUMLP(MLP):
         no hooks (a subclass's own forward, e.g. an adapter, a hook, or FSDP sharding them must run)."""
         if not (type(self.activation) is nn.SiLU or self.activation is F.silu):
             return False
-        return all(type(m) is ParallelExperts and not (m._forward_hooks or m._forward_pre_hooks)
-                   for m in (self.experts, self.output_experts))
+        # Backward hooks, the activation's hooks and global ones too: the fused op calls none of these modules.
+        return (all(type(m) is ParallelExperts and not _runs_hooks(m) for m in (self.experts, self.output_experts))
+                and not (isinstance(self.activation, nn.Module) and _runs_hooks(self.activation)))
 
     def _hidden(self, x: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
         h = self.experts(x, self.top_k, *routing, grouped_out=True)

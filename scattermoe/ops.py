@@ -231,6 +231,15 @@ def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[
                  for t in (x,) + tensors)
 
 
+def _kernel_function(backend: str) -> str:
+    """The kernel backends' autograd Functions have no vmap or jvp rule: a torch.func transform (grad, vjp, vmap,
+    jvp) around them is refused here by name, not by torch's message asking for a setup_context."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(f"scattermoe: the {backend} backend's ops do not support torch.func transforms (grad, "
+                           "vjp, vmap, jvp); run them with scattermoe.use_backend('torch')")
+    return backend
+
+
 def _first_order(backward):
     """A kernel backend's backward, which is not itself differentiable: run it without recording a graph and,
     when a graph was asked for (``create_graph=True``), hand back outputs whose own backward raises an error
@@ -357,7 +366,8 @@ def parallel_linear(
         return reference.parallel_linear(x, expert_weights, k, sorted_expert_idxs, sorted_scattered_idxs,
                                          expert_offsets, expert_biases, gates, grouped_in, grouped_out)
     return ParallelLinear.apply(x, expert_weights, expert_biases, gates, k, sorted_expert_idxs,
-                                sorted_scattered_idxs, expert_offsets, grouped_in, grouped_out, backend)
+                                sorted_scattered_idxs, expert_offsets, grouped_in, grouped_out,
+                                _kernel_function(backend))
 
 
 class ParallelLinearGLU(torch.autograd.Function):
@@ -418,7 +428,7 @@ def parallel_linear_glu(
     keep = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, expert_weights, expert_biases))
     return ParallelLinearGLU.apply(x, expert_weights, expert_biases, k, sorted_scattered_idxs, expert_offsets,
-                                   grouped_in, grouped_out, activate_first, backend, keep)
+                                   grouped_in, grouped_out, activate_first, _kernel_function(backend), keep)
 
 
 class GLUMoE(torch.autograd.Function):
@@ -513,4 +523,4 @@ def glu_moe(
     keep = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out, gates))
     return GLUMoE.apply(x, w_in, b_in, w_out, b_out, gates, k, sorted_expert_idxs, sorted_scattered_idxs,
-                        expert_offsets, activate_first, backend, keep)
+                        expert_offsets, activate_first, _kernel_function(backend), keep)

@@ -342,6 +342,59 @@ def test_glumlp_with_silu_honours_hooks_and_subclassed_experts(backend):
     assert_all_close(["y (subclassed experts)"], [subclassed], [want], TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_glumlp_with_silu_runs_backward_activation_and_global_hooks(backend):
+    """Hooks the fused op would skip, silently, since it calls none of the modules: backward hooks on the expert
+    modules, hooks on the activation module, global module hooks. Each fires, as in MLP, with the same output."""
+    T, D, F_, E, K = 6, 16, 12, 4, 2
+    torch.manual_seed(5)
+    layer = scattermoe.GLUMLP(D, F_, E, K)
+    _reinit(layer)
+    x, (p, idx) = torch.randn(T, D, requires_grad=True), _routing(1, T, E, K)
+    p, idx = p.view(T, K).detach(), idx.view(T, K)
+    registrations = {
+        "experts backward": lambda seen: layer.experts.register_full_backward_hook(
+            lambda *args: seen.append(1)),
+        "output_experts backward pre": lambda seen: layer.output_experts.register_full_backward_pre_hook(
+            lambda *args: seen.append(1)),
+        "activation forward": lambda seen: layer.activation.register_forward_hook(lambda *args: seen.append(1)),
+        "global forward": lambda seen: nn.modules.module.register_module_forward_hook(
+            lambda module, *args: seen.append(1) if module is layer.activation else None),
+    }
+    with scattermoe.use_backend(backend):
+        plain = layer(x, p, idx)
+        for name, register in registrations.items():
+            seen = []
+            handle = register(seen)
+            try:
+                y = layer(x, p, idx)
+                y.sum().backward()
+            finally:
+                handle.remove()
+            assert seen, f"{name} hook did not run"
+            torch.testing.assert_close(y, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_func_transforms_are_refused_by_name_on_a_kernel_backend():
+    """The kernel backends' Functions have no vmap/jvp rule: torch.func.grad over a layer says so and names the
+    backend that can; the torch backend runs it, equal to autograd."""
+    T, D, F_, E, K = 5, 8, 6, 3, 2
+    torch.manual_seed(6)
+    layer = scattermoe.GLUMLP(D, F_, E, K)
+    x, (p, idx) = torch.randn(T, D), _routing(1, T, E, K)
+    p, idx = p.view(T, K).detach(), idx.view(T, K)
+
+    def loss(x):
+        return layer(x, p, idx).square().sum()
+    with scattermoe.use_backend("triton"), pytest.raises(
+            RuntimeError, match=r"^scattermoe: the triton backend's ops do not support torch.func transforms"):
+        torch.func.grad(loss)(x)
+    with scattermoe.use_backend("torch"):
+        xg = x.clone().requires_grad_()
+        loss(xg).backward()
+        torch.testing.assert_close(torch.func.grad(loss)(x), xg.grad)
+
+
 def test_the_layers_print_their_sizes_and_whether_they_have_biases():
     assert str(scattermoe.GLUMLP(8, 6, 4, 2, bias=True)).splitlines()[1:3] == [
         "  k=2, activate_first=False",
