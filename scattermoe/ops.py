@@ -231,7 +231,7 @@ def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[
                  for t in (x,) + tensors)
 
 
-def _kernel_function(backend: str) -> str:
+def _outside_torch_func(backend: str) -> str:
     """The kernel backends' autograd Functions have no vmap or jvp rule: a torch.func transform (grad, vjp, vmap,
     jvp) around them is refused here by name, not by torch's message asking for a setup_context."""
     if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
@@ -367,7 +367,7 @@ def parallel_linear(
                                          expert_offsets, expert_biases, gates, grouped_in, grouped_out)
     return ParallelLinear.apply(x, expert_weights, expert_biases, gates, k, sorted_expert_idxs,
                                 sorted_scattered_idxs, expert_offsets, grouped_in, grouped_out,
-                                _kernel_function(backend))
+                                _outside_torch_func(backend))
 
 
 class ParallelLinearGLU(torch.autograd.Function):
@@ -428,7 +428,7 @@ def parallel_linear_glu(
     keep = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, expert_weights, expert_biases))
     return ParallelLinearGLU.apply(x, expert_weights, expert_biases, k, sorted_scattered_idxs, expert_offsets,
-                                   grouped_in, grouped_out, activate_first, _kernel_function(backend), keep)
+                                   grouped_in, grouped_out, activate_first, _outside_torch_func(backend), keep)
 
 
 class GLUMoE(torch.autograd.Function):
@@ -523,4 +523,4 @@ def glu_moe(
     keep = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out, gates))
     return GLUMoE.apply(x, w_in, b_in, w_out, b_out, gates, k, sorted_expert_idxs, sorted_scattered_idxs,
-                        expert_offsets, activate_first, _kernel_function(backend), keep)
+                        expert_offsets, activate_first, _outside_torch_func(backend), keep)
