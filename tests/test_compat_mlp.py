@@ -11,6 +11,8 @@ Run on the 'torch' backend as well (the reference path).
 """
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before scattermoe imports Triton
 
@@ -116,20 +118,23 @@ def test_glu_mlp_correctness(x_dim, h_dim, k, bias):
     _check(GLUMLP, 37, x_dim, h_dim, 8, k, bias, "triton", glu=True)
 
 
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """code run by a new interpreter that sees this one's imports; it must succeed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_the_originals_modules_are_attributes_of_the_package():
     """As the original's ``import scattermoe`` made them (its __init__ imported them all): checked in a fresh
     process, where nothing but ``import scattermoe`` has run (this file imports scattermoe.mlp itself)."""
-    import subprocess
-    import sys
-
     code = ("import scattermoe, sys\n"
             "m = scattermoe.mlp\n"
             "print(scattermoe.parallel_experts.__name__, scattermoe.utils.__name__, scattermoe.kernels.single.__name__,"
             " m.ParallelExperts is scattermoe.ParallelExperts, m.flatten_sort_count is scattermoe.flatten_sort_count,"
             " 'scattermoe.utils.replace_moe' in sys.modules)\n")  # replace_moe patches: only when imported itself
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
+    out = _fresh_python(code)
     assert out.stdout.split() == ["scattermoe.parallel_experts", "scattermoe.utils", "scattermoe.kernels.single",
                                   "True", "True", "False"]
 
@@ -181,16 +186,11 @@ def test_routing_over_flattened_tokens_beside_a_3d_x(cls):
 def test_import_replace_moe_patches_transformers_as_the_original_did():
     """``import scattermoe.utils.replace_moe`` (the original 0.3.0's README) patches GPT-OSS and GraniteMoeHybrid;
     run in a fresh process, since the import patches transformers for the rest of its life."""
-    import subprocess
-    import sys
-
     pytest.importorskip("transformers")
     code = ("import scattermoe.utils.replace_moe as r\n"
             "import transformers.models.gpt_oss.modeling_gpt_oss as g\n"
             "import transformers.models.granitemoehybrid.modeling_granitemoehybrid as h\n"
             "print(r.PATCHED, g.GptOssExperts.__module__, h.GraniteMoeHybridExperts.__module__)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
+    out = _fresh_python(code)
     assert out.stdout.split() == ["['gpt_oss',", "'granitemoehybrid']", "scattermoe.integrations.transformers_moe",
                                   "scattermoe.integrations.transformers_moe"]
