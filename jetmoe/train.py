@@ -243,7 +243,7 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, amp
     collective) and the sums are all-reduced. Returns loss, perplexity, tokens (predicted, all ranks), windows;
     with ``per_window`` also this process's per-window losses in its windows' order, and its first batch's logits.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world_size()
     rank = dist.get_rank() if dist.is_initialized() else 0
     n = windows.shape[0] - windows.shape[0] % world
     if n == 0:
@@ -334,6 +334,11 @@ def shard_model(model: JetMoEForCausalLM, param_dtype: Optional[torch.dtype] = N
 def _on_rank0() -> bool:
     """Whether this process is rank 0, or the only one."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _world_size() -> int:
+    """The process count: 1 outside torchrun."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> Optional[dict]:
@@ -493,8 +498,7 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
     tmp = out / (TRAINER_STATE + ".tmp")
     torch.save({"step": step, "optimizer": optimizer_sd,
                 "optimizer_dir": OPTIMIZER_DCP if cfg.sharded_optimizer_state else None,
-                "train_config": dict(dataclasses.asdict(cfg), corpus=corpus,
-                                     world=dist.get_world_size() if dist.is_initialized() else 1)}, tmp)
+                "train_config": dict(dataclasses.asdict(cfg), corpus=corpus, world=_world_size())}, tmp)
     os.replace(tmp, out / TRAINER_STATE)
 
 
