@@ -20,13 +20,13 @@ def test_every_backend_that_runs_passes_and_says_so(capsys):
         assert "skipped" in rows["cutlass"], out
 
 
-def _spoiled(monkeypatch, spoil):
-    """_run_layer with spoil(result) applied to the torch backend's result (not to the float64 reference's)."""
+def _spoiled(monkeypatch, spoil, backends=("torch",)):
+    """_run_layer with spoil(result) applied to these backends' results (not to the float64 reference's)."""
     real = selfcheck._run_layer
 
     def run(model, x, gates, idx, dy, backend):
         got = real(model, x, gates, idx, dy, backend)
-        if backend == "torch" and x.dtype != torch.float64:
+        if backend in backends and x.dtype != torch.float64:
             spoil(got)
         return got
 
@@ -62,6 +62,34 @@ def test_any_failing_backend_makes_the_exit_status_1(argv, spoil, monkeypatch, c
     out = capsys.readouterr().out
     if argv[1] == "all":
         assert any(line.startswith("triton") for line in out.splitlines()), out
+
+
+def _scale_out(factor):
+    return lambda got: got.update(out=got["out"] * factor)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype, spoiled, factor, verdicts", [
+    ("float16", ("torch", "triton"), 1.006, {"torch": "pass", "triton": "pass"}),  # both 6e-3: the dtype's floor
+    ("float16", ("triton",), 1.006, {"torch": "pass", "triton": "FAIL"}),  # torch is right: triton alone is wrong
+    ("float16", ("torch", "triton"), 1.04, {"torch": "FAIL", "triton": "FAIL"}),  # 4e-2 > 10x float16's 3e-3
+    ("float32", ("torch", "triton"), 1 + 2e-5, {"torch": "FAIL", "triton": "FAIL"}),  # float32 keeps its 1e-5
+], ids=["shared_floor", "one_wrong", "above_cap", "float32_strict"])
+def test_half_precision_bound_rises_only_to_an_error_every_backend_shares(dtype, spoiled, factor, verdicts,
+                                                                         monkeypatch, capsys):
+    """At a small, cancelling shape half precision's rounding alone can exceed the dtype's bound in every backend
+    alike; a backend then passes within twice the other's error (at most 10x the bound), and one wrong backend
+    beside a right one still fails. Spoiling the output by a relative factor sets its error to about factor - 1."""
+    _spoiled(monkeypatch, _scale_out(factor), spoiled)
+    status = selfcheck.main([*SMALL, "--dtype", dtype, "--backend", "all"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["torch"], ["triton"])}
+    assert {name: rows[name].split()[-1] for name in verdicts} == verdicts, out
+    assert status == (1 if "FAIL" in verdicts.values() else 0), out
+    for name, verdict in verdicts.items():
+        assert ("!" in rows[name]) == (verdict == "FAIL"), out  # the failing error is marked
+    if dtype == "float16" and factor < 1.01:
+        assert "bound+:" in out and "3e-03+" in rows["torch"] + rows["triton"], out
 
 
 def test_bfloat16_on_the_cpu_skips_triton_with_its_reason(capsys):
