@@ -262,12 +262,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append(row)
         measured[name] = (row, [_rel_err(got[key], ref[key]) for key in ("out",) + GRADS])
 
-    notes = []
+    notes, marked = [], False
     for name, (row, errs) in measured.items():
         others = [e for other, (_, e) in measured.items() if other != name]
         bounds = _bounds(tol, errs, others, dtype_name != "float32")
         ok = all(e <= b for e, b in zip(errs, bounds))
         failed |= not ok
+        marked |= not ok
         timing = row[3:]
         cells = [f"{e:.1e}" + ("!" if e > b else "") for e, b in zip(errs, bounds)]  # ! marks what failed
         row[3:] = cells + [f"{tol:.0e}" + ("+" if max(bounds) > tol else "")] + timing + ["pass" if ok else "FAIL"]
@@ -278,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if notes:
         print(f"\nbound+: raised where every other backend's error is above {tol:.0e} too, to twice the smallest "
               "(the dtype's own rounding at this shape), at most 10x:\n  " + "\n  ".join(notes))
-    if any("!" in cell for row in rows for cell in row):
+    if marked:
         print("\n!: above its bound")
     if device.type == "cuda":
         print("\nfwd+bwd ms: median of 10 after warm-up, routing included; indicative only, "
