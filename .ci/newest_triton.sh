@@ -7,13 +7,18 @@
 # and the ahead-of-time sm_90 compile (wgmma, shared memory, spills per autotune config) under that
 # Triton, in a venv of its own from the source tree: ~1 minute to build the venv, ~4 of tests on 2 cores (230 s beside the first leg, 2026-12-02).
 #
-# Usage: bash .ci/newest_triton.sh [VENV_DIR] (default: a fresh temporary folder). Exit status: pytest's;
+# Usage: bash .ci/newest_triton.sh [VENV_DIR] (default: a fresh temporary folder, removed at the end). Exit status: pytest's;
 # when the venv cannot be built (no network for the wheel), 1 under CI=true, else 0 with a warning.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 TRITON_NEWEST="3.9.0"
-venv="${1:-$(mktemp -d "${TMPDIR:-/tmp}/scattermoe-ci-triton-$TRITON_NEWEST.XXXXXX")}"
+if [ -n "${1:-}" ]; then
+    venv="$1"
+else  # a temporary venv (2.2 GB) is removed when the leg ends, however it ends
+    venv="$(mktemp -d "${TMPDIR:-/tmp}/scattermoe-ci-triton-$TRITON_NEWEST.XXXXXX")"
+    trap 'rm -rf "$venv"' EXIT
+fi
 export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if ! { python -m venv "$venv" &&
