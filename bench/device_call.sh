@@ -53,4 +53,5 @@ wait "$snapshot" 2>/dev/null
 [ "$rc" -eq 124 ] && echo "device_call: gpu_check.sh stopped after $kill_s s" >&2
 pack gpu_check.tgz
 rm -f "$DEST/gpu_check.partial.tgz" "$DEST/.gpu_check.partial.tgz.tmp"
+[ -s "$DEST/gpu_check.tgz" ] && rm -rf "$scratch"  # packed: the scratch copy is not needed (kept if packing failed)
 exit "$rc"
