@@ -262,13 +262,14 @@ def cmd_eval(args) -> int:
     transformers' JetMoeForCausalLM loaded from the same files. Exit status 1 when the two disagree."""
     import json
 
-    from .checkpoint import load_config, load_pretrained, resolve
+    from .checkpoint import config_to_dict, load_config, load_pretrained, resolve
     from .tokenizer import load_tokenizer
     from .train import eval_windows, evaluate, load_corpus, tokenize
 
     device = pick_device(args.device)
     if args.compare_transformers:  # before minutes of work on a large model
         try:
+            from transformers import JetMoeConfig as TransformersJetMoeConfig
             from transformers import JetMoeForCausalLM as TransformersJetMoe
         except ImportError as exc:
             raise CLIError(f"--compare-transformers: needs transformers with JetMoE ({exc})") from None
@@ -319,7 +320,10 @@ def cmd_eval(args) -> int:
         # With accelerate, device_map puts the weights straight on the device (not through host memory first).
         import importlib.util
         placement = {"device_map": str(device)} if importlib.util.find_spec("accelerate") else {}
-        hf = TransformersJetMoe.from_pretrained(str(ckpt), dtype=dtype, **placement).to(device)
+        # The config as jetmoe read it: transformers reads only its own key names, and would build its defaults
+        # from a config.json in the original JetMoE spelling (ffn_hidden_size, num_layers, ...).
+        hf_config = TransformersJetMoeConfig.from_dict(config_to_dict(config))
+        hf = TransformersJetMoe.from_pretrained(str(ckpt), config=hf_config, dtype=dtype, **placement).to(device)
         theirs = run("transformers", hf)
         loss_rel = abs(ours["loss"] - theirs["loss"]) / max(abs(theirs["loss"]), 1e-12)
         window_diff = max(abs(a - b) for a, b in zip(ours["window_losses"], theirs["window_losses"]))

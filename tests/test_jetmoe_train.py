@@ -830,6 +830,28 @@ def test_cli_eval_matches_transformers_and_says_when_it_does_not(tiny_ckpt, tmp_
     assert "--backend cutlass:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("original", [("num_hidden_layers",), ("intermediate_size", "num_local_experts",
+                                                               "num_experts_per_tok", "num_hidden_layers")],
+                         ids=["layers", "all_sizes"])
+def test_cli_eval_compares_with_transformers_on_a_config_in_the_original_spelling(tiny_ckpt, capsys, original):
+    """jetmoe reads config.json in JetMoE's original key names (num_layers, ffn_hidden_size, ...); transformers reads
+    only its own and takes defaults for the rest. --compare-transformers built transformers' model from the file:
+    with num_layers alone it ran 12 layers (10 random) and said DISAGREE; with the sizes it failed to load."""
+    pytest.importorskip("transformers")
+    from jetmoe.checkpoint import KEY_ALIASES
+
+    path = tiny_ckpt / "config.json"
+    config = json.loads(path.read_text())
+    for key in original:
+        config[KEY_ALIASES[key]] = config.pop(key)
+    path.write_text(json.dumps(config))
+    argv = ["eval", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"), "--seq-len", "32",
+            "--windows", "4", "--device", "cpu", "--no-progress", "--compare-transformers"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert ": agree;" in out, out
+
+
 @pytest.mark.parametrize("loss_rel, logits_rel, status", [
     (0.9e-4, 0.9e-4, 0),  # both within float32's bounds (1e-4 each)
     (1.1e-4, 0.0, 1),  # the loss beyond its bound alone
