@@ -192,7 +192,9 @@ def run_generation(model, tokenizer, prompts: List[str], args, device: torch.dev
     """Generate for each prompt (a left-padded batch), stream row 0, and report like gpt-fast."""
     rows = [tokenizer.encode(p) for p in prompts]
     width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    # Padding is masked out, so any id will do where the tokenizer has no pad (nor eos) token.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for i, r in enumerate(rows):  # left padding: every row's last prompt token in the last column
         input_ids[i, width - len(r):] = torch.tensor(r)

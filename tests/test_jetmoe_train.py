@@ -790,6 +790,27 @@ def test_cli_generate_streams_and_reports(tiny_ckpt, capsys):
     assert re.search(r"\| 2 warm-up runs: \d+\.\d+ s, timed apart \|", err), err
 
 
+def test_cli_generate_with_a_tokenizer_that_has_neither_pad_nor_eos(tiny_ckpt, capsys):
+    """A Hugging Face tokenizer with only a BOS token: the prompts' left padding took pad_token_id (eos, None here),
+    a TypeError in torch.full even for one prompt. Padding is masked, so the rows come out as each alone."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, **{f"w{i}": i for i in range(2, 40)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>").save_pretrained(
+        tiny_ckpt)
+    (tiny_ckpt / "byte_tokenizer.json").unlink(missing_ok=True)
+    common = ["generate", "--model", str(tiny_ckpt), "--max-new-tokens", "4", "--device", "cpu"]
+    outs = []
+    for prompts in (["w5 w6 w7"], ["w9"], ["w5 w6 w7", "w9"]):
+        assert main([*common, *(a for p in prompts for a in ("--prompt", p))]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0].startswith("w5 w6 w7") and outs[1].startswith("w9")
+    assert outs[2] == f"--- [0]\n{outs[0].strip()}\n--- [1]\n{outs[1].strip()}\n", outs
+
+
 def test_plot_train_log_says_why_when_there_is_nothing_to_draw(tmp_path):
     from jetmoe.train import plot_train_log
     why = plot_train_log(tmp_path)
