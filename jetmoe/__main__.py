@@ -46,6 +46,8 @@ def _number(kind, name: str, low=None, high=None, low_open=False, high_open=Fals
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
+        if kind is int and high is None and value > 2**63 - 1:  # int64: torch takes no larger size
+            raise argparse.ArgumentTypeError(f"expected a value <= {2**63 - 1}, got {text}")
         bad = not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
             or (high is not None and (value >= high if high_open else value > high))
         if bad:
@@ -361,6 +363,9 @@ def _training_setup(args, device: torch.device, rank0: bool = True):
         # Its weights are left unloaded: train() reloads them from the same files when it resumes.
         return load_tokenizer(args.out, config.vocab_size), config, lambda: load_pretrained(
             args.out, dtype=torch.float32, device=device, weights=False)
+    if args.model in PRESETS and Path(args.model).is_dir():  # generate and eval would read the directory
+        raise CLIError(f"--model {args.model}: both a preset and a directory here; pass ./{args.model} to train the "
+                       "checkpoint in the directory, or run from another folder to train the preset from scratch")
     if args.model in PRESETS:
         config = JetMoEConfig.preset(args.model)
         if config.vocab_size != ByteTokenizer().vocab_size:  # before building it: jetmoe-8b is 34 GB in fp32
@@ -638,7 +643,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (MemoryError, RuntimeError) as exc:
         # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError: one line, as the sizes were the cause
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in message:
+        too_large = ("can't allocate memory", "Storage size calculation overflowed")  # the second: over int64 bytes
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and not any(t in message for t in too_large):
             raise
         print(f"jetmoe: error: out of memory ({message}): {_LOWER_FOR_MEMORY[args.command]}", file=sys.stderr)
         return 1

@@ -736,11 +736,24 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     (["train", "--seq-len", "1", "--steps", "1"], "argument --seq-len: expected a value >= 2"),  # nothing to predict
     (["demo", "--seq-len", "1"], "argument --seq-len: expected a value >= 2"),
     (["eval", "--model", "/no/such/checkpoint"], "checkpoint not found"),
+    # Above int64, which no torch size takes (a TypeError in the KV cache's torch.zeros, with a traceback).
+    (["generate", "--max-new-tokens", str(2**64)], f"argument --max-new-tokens: expected a value <= {2**63 - 1}, got"),
+    (["train", "--batch-size", str(2**63), "--steps", "1"], f"argument --batch-size: expected a value <= {2**63 - 1}"),
 ])
 def test_cli_rejects_bad_values_before_any_work(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("jetmoe: error:") and message in err, err
+
+
+def test_cli_train_refuses_a_model_name_that_is_both_a_preset_and_a_directory_here(tmp_path, capsys, monkeypatch):
+    """generate and eval read ./tiny as a checkpoint; train took the preset and trained from scratch, silently."""
+    monkeypatch.chdir(tmp_path)
+    JetMoEForCausalLM(BYTES).save_pretrained(tmp_path / "tiny")
+    assert main(["train", "--model", "tiny", "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model tiny: both a preset and a directory here; pass ./tiny" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_train_guards_its_output_folder(tmp_path, capsys):
@@ -1395,7 +1408,10 @@ def test_resuming_on_other_text_says_so(tmp_path, monkeypatch):
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "CUDA out of memory"),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
                   "allocate 5368709120 bytes"), "DefaultCPUAllocator: can't allocate memory"),
-    (MemoryError(), "MemoryError")])
+    (MemoryError(), "MemoryError"),
+    # torch.zeros with more than int64 bytes (e.g. the KV cache of a --max-new-tokens near 2**62)
+    (RuntimeError("Storage size calculation overflowed with sizes=[3, 1, 5, 4611686018427387907, 32]"),
+     "Storage size calculation overflowed")], ids=["cuda", "cpu_allocator", "memory_error", "size_overflow"])
 def test_cli_says_out_of_memory_in_one_line(error, said, tiny_ckpt, tmp_path, capsys, monkeypatch):
     """A batch too large for the device: one line naming the sizes to lower and exit 1, not a traceback; another
     RuntimeError (a bug) keeps its traceback."""
