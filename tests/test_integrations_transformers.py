@@ -581,7 +581,7 @@ def test_apply_checks_its_arguments_and_a_family_patcher_leaves_transformers_alo
     import transformers.models.mixtral.modeling_mixtral as mixtral_module
 
     before = dict(vars(mixtral_module))
-    with pytest.raises(ValueError, match="no supported MoE block"):
+    with pytest.raises(ValueError, match=r"no MoE block of the model types \['mixtral'\] found in LlamaForCausalLM"):
         integrations.apply_scattermoe_to_mixtral(llama)
     assert dict(vars(mixtral_module)) == before, "transformers' mixtral module was patched before the error"
 
@@ -600,7 +600,7 @@ def test_apply_looks_only_at_the_model_and_names_a_family_transformers_lacks(mon
     with pytest.raises(ValueError, match="unknown family '../mixtral'"):  # not a module path either
         integrations.apply_scattermoe(ref, families=["../mixtral"])
     # Named, a family restricts the patch to its own blocks.
-    with pytest.raises(ValueError, match="no supported MoE block found in MixtralForCausalLM"):
+    with pytest.raises(ValueError, match=r"no MoE block of the model types \[.qwen3_moe.\] found in Mixtral"):
         integrations.apply_scattermoe(_build("mixtral"), families=["qwen3_moe"])
 
 
@@ -946,6 +946,13 @@ def test_apply_names_a_bad_families_argument():
         integrations.apply_scattermoe(_build("mixtral"), families=[3])
     model = integrations.apply_scattermoe(_build("mixtral"), families={"mixtral": 1}.keys())  # any iterable
     assert _scattermoe_classes(model) == {"ScatterMoEMixtralExperts"}
+    with pytest.raises(ValueError, match="^families: an empty list patches nothing"):
+        integrations.apply_scattermoe(_build("mixtral"), families=[])
+    # Families that exclude the model's own: said so (the message listed the model's type among the supported).
+    with pytest.raises(ValueError, match=r"^scattermoe: no MoE block of the model types \['qwen2_moe'\] found in "
+                                         r"MixtralForCausalLM \(model_type='mixtral'\); apply_scattermoe\(model\) "
+                                         "without families= patches every supported block$"):
+        integrations.apply_scattermoe(_build("mixtral"), families=["qwen2_moe"])
 
 
 def test_jetmoe_with_another_activation_runs_its_own_glu():
@@ -1004,9 +1011,12 @@ def test_fused_experts_with_another_activation_run_their_own_gate():
     _assert_same_loss_and_grads(model, ref, _ids())
 
 
-def test_experts_with_a_post_expert_norm_run_their_own_loop():
-    """A post-expert norm (transformers' has_post_expert_norm: a norm between each expert's output and its gate)
-    is not in scattermoe's ops: experts_implementation="scattermoe" then runs the class's own loop, norm included."""
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_experts_with_a_post_expert_norm_run_on_scattermoe(backend, monkeypatch):
+    """A post-expert norm (transformers' has_post_expert_norm, MuseSpark: a norm between each expert's output and its
+    gate): the two GEMMs on scattermoe, the norm on the ungated rows, then the gated sum. The output and every
+    gradient (the inputs, both expert weights, the norm's weight) as the class's own loop. Before, such experts
+    were patched but ran that loop, which is slower than the model's configured grouped_mm."""
     muse = pytest.importorskip("transformers.models.muse_spark.modeling_muse_spark")
     integrations.register_experts_implementation()
     config = muse.MuseSparkTextConfig(hidden_size=32, moe_hidden_size=32, moe_intermediate_size=16,
@@ -1019,12 +1029,26 @@ def test_experts_with_a_post_expert_norm_run_their_own_loop():
             p.normal_(0.0, 0.3) if "proj" in name else p.normal_(1.0, 0.3)
     assert experts.has_post_expert_norm
     h, idx, w = _experts_call(7, 32, 4)
-    config._experts_implementation = "eager"
-    want = experts(h, idx, w)
-    config._experts_implementation = "scattermoe"
-    with scattermoe.use_backend("torch"):
-        got = experts(h, idx, w)
-    assert _rel(got, want) < TOL
+    dy = torch.randn(7, 32)
+
+    def run(implementation):
+        config._experts_implementation = implementation
+        experts.zero_grad(set_to_none=True)
+        inputs = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+        with scattermoe.use_backend(backend):
+            y = experts(inputs[0], idx, inputs[1])
+            y.backward(dy)
+        return [y] + [t.grad for t in inputs] + [p.grad for p in experts.parameters()]
+
+    want = run("eager")
+    ops = []
+    real = transformers_moe.parallel_linear
+    monkeypatch.setattr(transformers_moe, "parallel_linear", lambda *a, **k: ops.append(1) or real(*a, **k))
+    got = run("scattermoe")
+    assert len(ops) == 2, "the GEMMs did not run on scattermoe"
+    assert len(got) == len(want) == 3 + len(list(experts.parameters()))
+    for g, ref in zip(got, want):
+        assert _rel(g, ref) < TOL
 
 
 def test_fused_experts_with_their_own_gate_function_keep_it_under_silu():

@@ -61,10 +61,10 @@ def _fused_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
     Reads the layout flags that the decorator sets: ``has_gate``, ``has_bias``, ``is_transposed``,
     ``is_concatenated``. Returns [T, D] in hidden_states' dtype.
     """
-    if getattr(self, "_is_expert_parallel", False) or getattr(self, "has_post_expert_norm", False):
-        # Expert parallelism sends sentinel ids >= E (and a post-expert norm is not wired here): the eager loop of
-        # the class on the interface runs (``__wrapped__``: the forward under transformers' dispatcher). Not
-        # type(self)'s forward: a subclass's own forward may be what called the dispatcher (ErgoExperts).
+    if getattr(self, "_is_expert_parallel", False):
+        # Expert parallelism sends sentinel ids >= E: the eager loop of the class on the interface runs
+        # (``__wrapped__``: the forward under transformers' dispatcher). Not type(self)'s forward: a subclass's
+        # own forward may be what called the dispatcher (ErgoExperts).
         cls = next((c for c in type(self).__mro__ if _is_interface_class(c)), type(self))
         eager = getattr(cls.forward, "__wrapped__", cls.forward)
         return eager(self, hidden_states, top_k_index, top_k_weights)
@@ -82,13 +82,21 @@ def _fused_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
 
     # The default gate is act(first half) * second half; a class may override it (GPT-OSS: interleaved, clamped).
     default_gate = getattr(type(self)._apply_gate, "__name__", "") == "_default_apply_gate"
-    if (has_gate and getattr(self, "is_concatenated", True) and default_gate and _is_silu(self.act_fn)):
+    post_norm = getattr(self, "has_post_expert_norm", False)  # a norm on each expert's output row (MuseSpark)
+    if (has_gate and getattr(self, "is_concatenated", True) and default_gate and _is_silu(self.act_fn)
+            and not post_norm):
         # One op: SiLU GLU fused into the first GEMM's epilogue, G recomputed in backward.
         y = glu_moe(hidden_states, w_in, w_out, top_k_weights, routing, b_in, b_out, activate_first=True)
     else:
         h = parallel_linear(hidden_states, w_in, k, *routing, expert_biases=b_in, grouped_out=True)  # [N, *] grouped
         h = self._apply_gate(h) if has_gate else self.act_fn(h)
-        y = parallel_linear(h, w_out, 1, *routing, expert_biases=b_out, gates=top_k_weights, grouped_in=True)
+        if post_norm:
+            # The rows ungated, in slot order t*K + j; normed, then gated and summed over K as transformers does.
+            rows = parallel_linear(h, w_out, 1, *routing, expert_biases=b_out, grouped_in=True)
+            rows = self.post_expert_norm(rows).view(hidden_states.size(0), k, -1)
+            y = (rows * top_k_weights.unsqueeze(-1)).sum(dim=1)
+        else:
+            y = parallel_linear(h, w_out, 1, *routing, expert_biases=b_out, gates=top_k_weights, grouped_in=True)
     return y.to(hidden_states.dtype)
 
 
@@ -360,6 +368,9 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
             names = None
         if names is None or not all(isinstance(f, str) for f in names):
             raise TypeError(f"families: expected model_type names (a str or a list of them), got {families!r}")
+        if not names:
+            raise ValueError("families: an empty list patches nothing; pass None (the default) for every supported "
+                             "block")
         families = names
     targets: Dict[type, Dict[str, Callable]] = {}  # JetMoE's classes, or those of the families named
     generic = families is None  # then any class on the fused-experts interface is a target too
@@ -411,6 +422,10 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
                          f"subclasses with their own forward, which patching would discard: {'; '.join(kept[:3])}"
                          + ("; ..." if len(kept) > 3 else "")
                          + f"; where such a forward calls the fused-experts interface's, {_RUN_INSIDE_ITS_FORWARD}")
+    if swapped == 0 and families is not None:
+        raise ValueError(f"scattermoe: no MoE block of the model types {families} found in {type(model).__name__} "
+                         f"(model_type={model_type!r}); apply_scattermoe(model) without families= patches every "
+                         "supported block")
     if swapped == 0:
         raise _unsupported(f"no supported MoE block found in {type(model).__name__} (model_type={model_type!r})")
     if kept:
