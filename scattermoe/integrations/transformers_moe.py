@@ -93,7 +93,8 @@ def _fused_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
         if post_norm:
             # The rows ungated, in slot order t*K + j; normed, then gated and summed over K as transformers does.
             rows = parallel_linear(h, w_out, 1, *routing, expert_biases=b_out, grouped_in=True)
-            rows = self.post_expert_norm(rows).view(hidden_states.size(0), k, -1)
+            rows = self.post_expert_norm(rows)
+            rows = rows.view(hidden_states.size(0), k, rows.size(-1))  # (not -1: T may be 0)
             y = (rows * top_k_weights.unsqueeze(-1)).sum(dim=1)
         else:
             y = parallel_linear(h, w_out, 1, *routing, expert_biases=b_out, gates=top_k_weights, grouped_in=True)
