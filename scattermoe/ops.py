@@ -240,27 +240,43 @@ def _outside_torch_func(backend: str) -> str:
     return backend
 
 
+class _RefuseSecondOrder(torch.autograd.Function):
+    """Identity on a kernel backward's results, whose own backward raises. Its inputs are what those results
+    depend on (the forward's saved inputs and the incoming grads), so every path from a second-order quantity to
+    them runs through it: an error node fed detached copies (torch's DelayedError) was pruned by
+    ``torch.autograd.grad(..., inputs)``, which then dropped the op's second-order terms silently."""
+
+    @staticmethod
+    def forward(ctx, message, results, *depends_on):
+        ctx.message = message
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
 def _first_order(backward):
     """A kernel backend's backward, which is not itself differentiable: run it without recording a graph and,
-    when a graph was asked for (``create_graph=True``), hand back outputs whose own backward raises an error
+    when a graph was asked for (``create_graph=True``), hand back results whose own backward raises an error
     that says so and names the backend that can (like torch.autograd.function.once_differentiable, but also
     when the incoming grads are constants, and with a message a user can act on)."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        # Grad mode is on in a backward only under create_graph=True: then the results depend, to second order,
+        # on the saved inputs (x, W, gates) and on the incoming grads, through code that records no graph.
+        depends_on = torch.is_grad_enabled() and [
+            t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        # Grad mode is on in a backward only under create_graph=True. Then every output carries the error, even
-        # when the incoming grads are constants (y.sum()): the result still depends on the inputs (W, x), and a
-        # graph-less output would silently drop those second-order terms.
-        if not torch.is_grad_enabled():
+        if not depends_on:
             return outputs
         message = (f"scattermoe: the {ctx.backend} backend computes first derivatives only, so a second "
                    "backward through its ops (double backward, e.g. a gradient penalty built with "
                    "create_graph=True) is not supported; run that part with scattermoe.use_backend('torch')")
-        delayed = torch._C._functions.DelayedError(message, sum(o is not None for o in outputs))
-        tensors = delayed(*[o.detach().requires_grad_() for o in outputs if o is not None])
-        tensors = iter(tensors if isinstance(tensors, tuple) else (tensors,))
-        return tuple(next(tensors) if o is not None else None for o in outputs)
+        results = _RefuseSecondOrder.apply(message, [o for o in outputs if o is not None], *depends_on)
+        results = iter(results)
+        return tuple(next(results) if o is not None else None for o in outputs)
     return wrapper
 
 
