@@ -360,6 +360,9 @@ class MoA(nn.Module):
         expected = (self.num_heads * self.top_k, self.head_dim)
         if tuple(attn_out.shape[-2:]) != expected:
             raise ValueError(f"attn_out: expected [..., {expected[0]}, {expected[1]}], got {tuple(attn_out.shape)}")
+        if routing.expert_p.size(-1) != self.top_k:
+            raise ValueError(f"routing: made by a map with top_k={routing.expert_p.size(-1)}, but this layer has "
+                             f"top_k={self.top_k}: pass the routing of this layer's own map")
         tokens, mapped = math.prod(lead), routing.expert_p.numel() // self.top_k
         if tokens != mapped:
             raise ValueError(f"routing: made by map for {mapped} tokens, but attn_out holds "

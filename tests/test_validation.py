@@ -408,6 +408,17 @@ def test_moa_reduce_rejects_routing_made_by_a_layer_with_other_experts():
         scattermoe.MoA(D, 4, 2, E, K).reduce(q, routing)
 
 
+@pytest.mark.parametrize("other_k, tokens", [(1, 2 * B * L), (3, B * L)], ids=["k1_twice_the_tokens", "k3"])
+def test_moa_reduce_rejects_routing_made_by_a_layer_with_another_top_k(other_k, tokens):
+    """k=1 routing over twice the tokens has as many gates as this k=2 layer's: accepted, it paired tokens with
+    other tokens' experts. k=3 over as many tokens failed in a reshape."""
+    other = scattermoe.MoA(D, 4, 2, E, other_k)
+    _, routing = other.map(torch.randn(tokens, D), torch.rand(tokens, other_k), make_expert_idxs(tokens, E, other_k))
+    q = torch.randn(B, L, 2 * K, 4)  # this layer: 2 heads of 4
+    with pytest.raises(ValueError, match=rf"^routing: made by a map with top_k={other_k}, but this layer has top_k"):
+        scattermoe.MoA(D, 4, 2, E, K).reduce(q, routing)
+
+
 # ---- backend selection ----
 
 def test_set_backend_rejects_unknown_names():
