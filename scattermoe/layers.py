@@ -28,6 +28,7 @@ class ParallelExperts(nn.Module):
         super().__init__()
         num_experts = positive_int("num_experts", num_experts)
         input_size, output_size = positive_int("input_size", input_size), positive_int("output_size", output_size)
+        bias = False if bias is None else flag("bias", bias)  # None: no bias, as nn.Linear reads it
         self.weight = nn.Parameter(torch.empty(num_experts, output_size, input_size))
         self.bias = nn.Parameter(torch.empty(num_experts, output_size)) if bias else None
         self.num_experts = num_experts
@@ -332,6 +333,7 @@ class MoA(nn.Module):
         self.top_k = min(top_k, num_experts)
         self.input_linear = ParallelExperts(num_experts, input_size, num_heads * head_dim)
         self.output_linear = ParallelExperts(num_experts, num_heads * head_dim, input_size)
+        bias = False if bias is None else flag("bias", bias)
         self.bias = nn.Parameter(torch.zeros(input_size)) if bias else None
 
     def extra_repr(self) -> str:

@@ -619,8 +619,11 @@ def test_layers_name_x_of_the_wrong_width(layer, width):
     (lambda: scattermoe.MLP(D, F, E, K, bias="no"), ValueError, r"^bias: expected True or False"),
     (lambda: scattermoe.GLUMLP(D, F, E, K, bias=1.5), ValueError, r"^bias: expected True or False"),
     (lambda: scattermoe.MLP(D, F, E, K, activation="gelu"), TypeError, r"^activation: expected a callable"),
+    # (these two built a bias: a trainable shared output bias for MoA)
+    (lambda: scattermoe.ParallelExperts(E, D, F, bias="no"), ValueError, r"^bias: expected True or False"),
+    (lambda: scattermoe.MoA(D, 4, 2, E, K, bias="no"), ValueError, r"^bias: expected True or False"),
 ], ids=["glu_activate_first_string", "glu_gelu_activate_first_string", "mlp_bias_string", "glu_bias_float",
-        "mlp_activation_string"])
+        "mlp_activation_string", "experts_bias_string", "moa_bias_string"])
 def test_layers_check_their_flags_and_activation_when_built(build, error, message):
     with pytest.raises(error, match=message):
         build()
@@ -628,6 +631,8 @@ def test_layers_check_their_flags_and_activation_when_built(build, error, messag
 
 def test_bias_none_means_no_bias_as_nn_linear_takes_it():
     assert scattermoe.GLUMLP(D, F, E, K, bias=None).experts.bias is None
+    assert scattermoe.ParallelExperts(E, D, F, bias=None).bias is None
+    assert scattermoe.MoA(D, 4, 2, E, K, bias=None).bias is None
 
 
 def test_from_linears_refuses_what_copying_the_weights_would_lose():
