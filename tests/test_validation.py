@@ -345,6 +345,16 @@ def test_parallel_linear_refuses_meta_tensors_by_name():
         scattermoe.parallel_linear(**args)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_original_group_bwd_w_refuses_meta_tensors_by_name(backend):
+    """(The torch backend read the offsets' values: torch's "Cannot copy out of meta tensor".)"""
+    from scattermoe.kernels import ops as kernel_ops
+
+    dy, x, offsets = torch.randn(N, F, device="meta"), torch.randn(N, D, device="meta"), torch.tensor([2, 5, N])
+    with scattermoe.use_backend(backend), pytest.raises(ValueError, match=r"^X: .*meta device"):
+        kernel_ops.group_bwd_W(dy, x, offsets.to("meta"), E)
+
+
 # ---- routing functions ----
 
 def test_topk_gating_rejects_bad_arguments():

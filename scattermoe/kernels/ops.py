@@ -38,7 +38,8 @@ import reference
 from .. import backends
 from .. import ops as _ops  # may be partly initialised here (scattermoe.ops can import this module); used at call time
 from .._validate import (_FLOAT_DTYPES, _INDEX_DTYPES, check_expert_idxs, check_expert_offsets_values,
-                         check_index_range, check_out, check_parallel_linear, check_tensor, flag, positive_int)
+                         check_index_range, check_not_meta, check_out, check_parallel_linear, check_tensor, flag,
+                         positive_int)
 from ._compat import _is_index_tensor, accepts_padded_block_idxs
 
 __all__ = [  # noqa: F822 (ALLOW_TF32 is a property of the module class below)
@@ -185,6 +186,7 @@ def group_bwd_W(DY: torch.Tensor, X: torch.Tensor, expert_offsets: torch.Tensor,
     """
     with_bias = flag("has_bias", has_bias) if has_bias is not _UNSET else False
     check_tensor("X", X, dim=2, dtypes=_FLOAT_DTYPES)
+    check_not_meta("X", X)  # (the torch backend reads the offsets' values)
     check_tensor("DY", DY, dim=2, dtypes=(X.dtype,), device=X.device)
     if DY.size(0) != X.size(0):
         raise ValueError(f"DY, X: expected [N, F] and [N, D] with the same N, "
