@@ -101,14 +101,30 @@ def positive_int(name: str, value, *, minimum: int = 1, maximum: Optional[int] =
     return number
 
 
-def check_dtype_like_x(name: str, t, x: torch.Tensor) -> None:
+def autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): nothing to cast
+        return False
+
+
+AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # what torch.autocast casts (not float64)
+
+
+def check_dtype_like_x(name: str, t, x: torch.Tensor, x_name: str = "x") -> None:
     """A weight or bias in x's dtype, or a TypeError that says which way out there is (a layer's weights and its
     input must agree, unless torch.autocast casts both)."""
     if isinstance(t, torch.Tensor) and t.dtype != x.dtype:
         def short(d):
             return str(d).replace("torch.", "")
-        raise TypeError(f"{name}: dtype {short(t.dtype)} differs from x's dtype {short(x.dtype)}: convert one to the "
-                        f"other (e.g. the layer with .to(torch.{short(x.dtype)})) or run under torch.autocast")
+        if autocast_enabled(x.device.type):  # x in a dtype autocast leaves alone (float64), the weight cast
+            cast = short(torch.get_autocast_dtype(x.device.type))
+            raise TypeError(f"{name}: torch.autocast casts it to {cast} but leaves {x_name}'s {short(x.dtype)} as it "
+                            f"is, as torch's own ops do: pass {x_name} in float32, float16 or bfloat16, or run "
+                            "outside autocast")
+        autocast = " or run under torch.autocast" if x.dtype in AUTOCAST_ELIGIBLE else ""  # it leaves float64 alone
+        raise TypeError(f"{name}: dtype {short(t.dtype)} differs from {x_name}'s dtype {short(x.dtype)}: convert one "
+                        f"to the other (e.g. the layer with .to(torch.{short(x.dtype)})){autocast}")
 
 
 def flag(name: str, value) -> bool:

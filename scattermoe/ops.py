@@ -17,7 +17,7 @@ import torch
 import reference
 
 from . import backends
-from ._validate import check_glu_moe, check_parallel_linear, flag, positive_int
+from ._validate import AUTOCAST_ELIGIBLE, autocast_enabled, check_glu_moe, check_parallel_linear, flag, positive_int
 from .kernels._compat import accepts_padded_block_idxs
 
 
@@ -205,15 +205,6 @@ def _gated_bias_grad(dy, gates_flat, bias, fan, sorted_expert_idxs, sorted_scatt
     return db.to(bias.dtype)
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta): nothing to cast
-        return False
-
-
-_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
     """(x, *tensors) cast to the autocast dtype when autocast is on for x's device, else unchanged.
@@ -223,11 +214,11 @@ def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[
     (differentiably: the float32 weight receives the gradient). Gates keep their dtype (float32
     gates beside half-precision x are part of the contract).
     """
-    if not isinstance(x, torch.Tensor) or not _autocast_enabled(x.device.type):
+    if not isinstance(x, torch.Tensor) or not autocast_enabled(x.device.type):
         return (x,) + tensors  # (a non-tensor x is reported by the argument checks that follow)
     dtype = torch.get_autocast_dtype(x.device.type)
     # As torch.autocast: float64 (and integer) tensors are left alone, so float64 x stays float64.
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in AUTOCAST_ELIGIBLE else t
                  for t in (x,) + tensors)
 
 

@@ -254,13 +254,16 @@ def test_moa_reduce_rejects_routing_made_for_other_tokens():
         moa.reduce(q_other, routing)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 @pytest.mark.parametrize("layer", ["mlp", "glumlp", "moa_map", "moa_reduce"])
-def test_layers_say_how_to_resolve_a_dtype_mismatch(layer):
-    """x in another dtype than the layer's weights (no autocast): the error says the two dtypes and the ways out.
+def test_layers_say_how_to_resolve_a_dtype_mismatch(layer, dtype):
+    """x in another dtype than the layer's weights (no autocast): the error says the two dtypes and the ways out,
+    autocast only where it would cast x (it leaves float64 alone). MoA.reduce names its own argument, attn_out.
     (Said where the weights are read, not by the layer beforehand: under FSDP a layer's weights are only in their
     compute dtype once its hooks have run.)"""
     p, idx = torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K)
-    x = torch.randn(B, L, D, dtype=torch.float64)
+    x = torch.randn(B, L, D, dtype=dtype)
+    x_name = "x"
     if layer == "mlp":
         call = lambda: scattermoe.MLP(D, 6, E, K)(x, p, idx)  # noqa: E731
     elif layer == "glumlp":
@@ -268,9 +271,29 @@ def test_layers_say_how_to_resolve_a_dtype_mismatch(layer):
     else:
         moa = scattermoe.MoA(D, 4, 2, E, K)
         q, routing = moa.map(x.float(), p, idx)
-        call = (lambda: moa.map(x, p, idx)) if layer == "moa_map" else (lambda: moa.reduce(q.double(), routing))
-    with pytest.raises(TypeError, match=r"dtype float32 differs from x's dtype float64: convert one to the other "
-                                        r"\(e.g. the layer with .to\(torch.float64\)\) or run under torch.autocast"):
+        call = (lambda: moa.map(x, p, idx)) if layer == "moa_map" else (lambda: moa.reduce(q.to(dtype), routing))
+        x_name = "attn_out" if layer == "moa_reduce" else "x"
+    name = str(dtype).replace("torch.", "")
+    autocast = " or run under torch.autocast" if dtype != torch.float64 else ""
+    with pytest.raises(TypeError, match=rf"dtype float32 differs from {x_name}'s dtype {name}: convert one to the "
+                                        rf"other \(e.g. the layer with .to\(torch.{name}\)\){autocast}$"):
+        call()
+
+
+@pytest.mark.parametrize("layer", ["glumlp", "moa_reduce"])
+def test_under_autocast_float64_x_is_said_to_be_left_alone(layer):
+    """torch.autocast casts the weights and leaves float64 x as it is (as torch does): the error said "run under
+    torch.autocast" to a caller who was."""
+    p, idx = torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K)
+    x = torch.randn(B, L, D, dtype=torch.float64)
+    if layer == "glumlp":
+        call, x_name = (lambda: scattermoe.GLUMLP(D, 6, E, K)(x, p, idx)), "x"
+    else:
+        moa = scattermoe.MoA(D, 4, 2, E, K)
+        q, routing = moa.map(x.float(), p, idx)
+        call, x_name = (lambda: moa.reduce(q.double(), routing)), "attn_out"
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(
+            TypeError, match=rf"torch.autocast casts it to float16 but leaves {x_name}'s float64 as it is"):
         call()
 
 
