@@ -198,11 +198,16 @@ def _add_gate_bias_term(dgates_flat, dy, bias, fan, sorted_expert_idxs, sorted_s
 
 
 def _gated_bias_grad(dy, gates_flat, bias, fan, sorted_expert_idxs, sorted_scattered_idxs):
-    """db_e = sum over expert e's slots t*K + j of gates[t, j] * dy[t], in float32 (bias [E, F])."""
-    tokens = torch.div(sorted_scattered_idxs, fan, rounding_mode="floor")
-    rows = dy.float()[tokens] * gates_flat.float()[sorted_scattered_idxs].unsqueeze(-1)
-    db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device).index_add_(0, sorted_expert_idxs, rows)
-    return db.to(bias.dtype)
+    """db_e = sum over expert e's slots t*K + j of gates[t, j] * dy[t], in float32 (bias [E, F]).
+
+    As a GEMM, db = M^T dy with M [T, E] each token's gate mass per expert: deterministic on CUDA, where an
+    index_add_ of the N gated rows into E rows adds with atomics in a varying order."""
+    expert_of_slot = torch.empty_like(sorted_expert_idxs)
+    expert_of_slot[sorted_scattered_idxs] = sorted_expert_idxs
+    experts = torch.arange(bias.size(0), device=bias.device)
+    chosen = expert_of_slot.view(-1, fan, 1) == experts  # [T, K, E] (a comparison: one_hot would sync to check)
+    mass = (chosen * gates_flat.float().view(-1, fan, 1)).sum(1)  # [T, E]
+    return (mass.t() @ dy.float()).to(bias.dtype)
 
 
 
@@ -317,7 +322,8 @@ class ParallelLinear(torch.autograd.Function):
         if grouped_in or k == 1:  # x rows pair one-to-one with dx_raw rows
             dgate_rows = _gate_dots(dx_raw.unsqueeze(1), x).view(-1)
             row_gates = gates_flat[sorted_scattered_idxs] if grouped_in else gates_flat
-            dx = dx_raw * row_gates.unsqueeze(-1).to(dx_raw.dtype)
+            # In float32, rounded once: a float32 gate cast to float16 first is 0 below ~3e-8 and inf above 65504.
+            dx = (dx_raw.float() * row_gates.float().unsqueeze(-1)).to(dx_raw.dtype)
             dgates_flat = dgate_rows.new_empty(gates_flat.shape)
             if grouped_in:
                 dgates_flat[sorted_scattered_idxs] = dgate_rows
@@ -326,7 +332,7 @@ class ParallelLinear(torch.autograd.Function):
         else:  # x is [T, D], fanned out to the K slots of each token
             dx_raw = dx_raw.view(num_tokens, fan, dx_raw.size(-1))
             dgates_flat = _gate_dots(dx_raw, x).view(-1)
-            dx = torch.bmm(gates.unsqueeze(1).to(dx_raw.dtype), dx_raw).squeeze(1)
+            dx = torch.bmm(gates.float().unsqueeze(1), dx_raw.float()).squeeze(1).to(dx_raw.dtype)  # (as above)
         dgates_flat = dgates_flat.float()
         if has_bias:
             _add_gate_bias_term(dgates_flat, dy, bias, fan, sorted_expert_idxs, sorted_scattered_idxs)

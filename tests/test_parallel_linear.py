@@ -505,3 +505,30 @@ def test_kernels_skip_rows_whose_slot_is_out_of_range(dev, with_scale):
     for _, slot, e in valid:
         s = scale[slot] if with_scale else 1.0
         assert_close(dw[e], torch.outer(x[slot // fan], dy[slot // fan]) * s, 1e-5, f"dW of expert {e}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gate", [1e-7, 1e5], ids=["tiny", "huge"])
+@pytest.mark.parametrize("path", ["grouped_in", "fanned_out"])
+def test_float32_gates_scale_a_float16_dx_in_float32(path, gate):
+    """float16 x beside float32 gates (JetMoE's router): the gated backward's dX took the gates cast to float16,
+    subnormal below 6e-5 (at 1e-7, a few bits), 0 below ~3e-8 and inf above 65504 (dX all inf under a finite
+    output). Both gated paths: rows already grouped (MLP's second layer, MoA.reduce) and x [T, D] fanned out to
+    K slots."""
+    T, E, K, D, F = 6, 3, 2, 8, 5
+    torch.manual_seed(11)
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(T, E, K), E)
+    gates = gate * (1 + torch.rand(T, K))
+    w = torch.randn(E, D, F).half()
+    x = (torch.randn(T * K if path == "grouped_in" else T, D) * (1e-3 if gate > 1 else 1)).half().requires_grad_()
+    k = 1 if path == "grouped_in" else K
+    # dY as a loss scale makes it, so that dX itself is a normal float16 (with tiny gates) and stays finite (huge)
+    dy = torch.randn(T, F).half() * (1e-3 if gate > 1 else 1e3)
+    with scattermoe.use_backend("triton"):
+        y = scattermoe.parallel_linear(x, w, k, *routing, gates=gates, grouped_in=path == "grouped_in")
+        y.backward(dy)
+    assert torch.isfinite(y).all()
+    x64 = x.detach().double().requires_grad_()
+    reference.parallel_linear(x64, w.double(), k, *routing, None, gates.double(),
+                              grouped_in=path == "grouped_in").backward(dy.double())
+    assert_close(x.grad, x64.grad, TOL[torch.float16], "dx")
