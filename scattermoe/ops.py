@@ -245,7 +245,7 @@ class _RefuseSecondOrder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, message, results, *depends_on):
         ctx.message = message
-        return tuple(results)
+        return tuple(r.detach() for r in results)  # (not views: a caller may modify a result in place)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -322,17 +322,18 @@ class ParallelLinear(torch.autograd.Function):
         if grouped_in or k == 1:  # x rows pair one-to-one with dx_raw rows
             dgate_rows = _gate_dots(dx_raw.unsqueeze(1), x).view(-1)
             row_gates = gates_flat[sorted_scattered_idxs] if grouped_in else gates_flat
-            # In float32, rounded once: a float32 gate cast to float16 first is 0 below ~3e-8 and inf above 65504.
-            dx = (dx_raw.float() * row_gates.float().unsqueeze(-1)).to(dx_raw.dtype)
+            # With the gate as it is: computed in float32 (type promotion), rounded once; a float32 gate cast to
+            # float16 first is 0 below ~3e-8 and inf above 65504. In place: dx_raw's last read is just above.
+            dx = dx_raw.mul_(row_gates.unsqueeze(-1))
             dgates_flat = dgate_rows.new_empty(gates_flat.shape)
             if grouped_in:
                 dgates_flat[sorted_scattered_idxs] = dgate_rows
             else:
                 dgates_flat = dgate_rows
         else:  # x is [T, D], fanned out to the K slots of each token
-            dx_raw = dx_raw.view(num_tokens, fan, dx_raw.size(-1))
-            dgates_flat = _gate_dots(dx_raw, x).view(-1)
-            dx = torch.bmm(gates.float().unsqueeze(1), dx_raw.float()).squeeze(1).to(dx_raw.dtype)  # (as above)
+            dgates_flat = _gate_dots(dx_raw.view(num_tokens, fan, dx_raw.size(-1)), x).view(-1)
+            slots = torch.arange(dx_raw.size(0), device=dx_raw.device, dtype=sorted_scattered_idxs.dtype)
+            dx = gather_sum_op(dx_raw, slots, gates_flat, fan, backend)  # float32 sum, no float32 copy of dx_raw
         dgates_flat = dgates_flat.float()
         if has_bias:
             _add_gate_bias_term(dgates_flat, dy, bias, fan, sorted_expert_idxs, sorted_scattered_idxs)

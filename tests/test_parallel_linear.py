@@ -408,6 +408,11 @@ def test_kernel_backends_refuse_double_backward_by_name(op):
             plain = torch.autograd.grad(loss(run()), x)[0]
             dx, = torch.autograd.grad(loss(run()), x, create_graph=True)
         assert torch.equal(dx.detach(), plain)
+        # The results stay tensors of their own: modified in place, as a caller may (they were custom-Function views
+        # once, which autograd refuses to modify in place).
+        with scattermoe.use_backend("triton"):
+            for inputs in [x] + ([gates] if op != "parallel_linear_glu" else []):
+                torch.autograd.grad(loss(run()), inputs, create_graph=True)[0].mul_(1.0)
         with pytest.raises(RuntimeError, match=message):
             dx.square().sum().backward()
         with pytest.raises(RuntimeError, match=message):  # beside a first-order term
@@ -511,7 +516,7 @@ def test_kernels_skip_rows_whose_slot_is_out_of_range(dev, with_scale):
 @pytest.mark.parametrize("gate", [1e-7, 1e5], ids=["tiny", "huge"])
 @pytest.mark.parametrize("path", ["grouped_in", "fanned_out"])
 def test_float32_gates_scale_a_float16_dx_in_float32(path, gate):
-    """float16 x beside float32 gates (JetMoE's router): the gated backward's dX took the gates cast to float16,
+    """float16 x beside float32 gates (a float32 router's, part of the contract): dX took the gates cast to float16,
     subnormal below 6e-5 (at 1e-7, a few bits), 0 below ~3e-8 and inf above 65504 (dX all inf under a finite
     output). Both gated paths: rows already grouped (MLP's second layer, MoA.reduce) and x [T, D] fanned out to
     K slots."""
