@@ -111,20 +111,30 @@ def autocast_enabled(device_type: str) -> bool:
 AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # what torch.autocast casts (not float64)
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``t`` computes in: the autocast dtype where autocast is on and casts t's dtype, else its own."""
+    if t.dtype in AUTOCAST_ELIGIBLE and autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
 def check_dtype_like_x(name: str, t, x: torch.Tensor, x_name: str = "x") -> None:
-    """A weight or bias in x's dtype, or a TypeError that says which way out there is (a layer's weights and its
-    input must agree, unless torch.autocast casts both)."""
-    if isinstance(t, torch.Tensor) and t.dtype != x.dtype:
-        def short(d):
-            return str(d).replace("torch.", "")
-        if autocast_enabled(x.device.type):  # x in a dtype autocast leaves alone (float64), the weight cast
-            cast = short(torch.get_autocast_dtype(x.device.type))
-            raise TypeError(f"{name}: torch.autocast casts it to {cast} but leaves {x_name}'s {short(x.dtype)} as it "
-                            f"is, as torch's own ops do: pass {x_name} in float32, float16 or bfloat16, or run "
-                            "outside autocast")
-        autocast = " or run under torch.autocast" if x.dtype in AUTOCAST_ELIGIBLE else ""  # it leaves float64 alone
-        raise TypeError(f"{name}: dtype {short(t.dtype)} differs from {x_name}'s dtype {short(x.dtype)}: convert one "
-                        f"to the other (e.g. the layer with .to(torch.{short(x.dtype)})){autocast}")
+    """A weight or bias that computes in x's dtype (under torch.autocast: once cast), or a TypeError that says
+    which way out there is."""
+    if not isinstance(t, torch.Tensor) or autocast_dtype(t) == autocast_dtype(x):
+        return
+
+    def short(d):
+        return str(d).replace("torch.", "")
+    if autocast_enabled(x.device.type):  # one of the two in a dtype autocast leaves alone (float64)
+        kept = " and ".join(f"{n} ({short(d.dtype)})" for n, d in ((x_name, x), (name, t))
+                            if d.dtype not in AUTOCAST_ELIGIBLE)
+        raise TypeError(f"{name}: torch.autocast casts float32, float16 and bfloat16 to "
+                        f"{short(torch.get_autocast_dtype(x.device.type))} but leaves {kept} as it is, as torch's "
+                        "own ops do: convert it, or run outside autocast")
+    autocast = " or run under torch.autocast" if {x.dtype, t.dtype} <= set(AUTOCAST_ELIGIBLE) else ""
+    raise TypeError(f"{name}: dtype {short(t.dtype)} differs from {x_name}'s dtype {short(x.dtype)}: convert one "
+                    f"to the other (e.g. the layer with .to(torch.{short(x.dtype)})){autocast}")
 
 
 def flag(name: str, value) -> bool:

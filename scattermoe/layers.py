@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module_globals  # nn.Module's global hook registries
 
-from ._validate import (_FLOAT_DTYPES, _INDEX_DTYPES, AUTOCAST_ELIGIBLE, autocast_enabled, check_dtype_like_x,
-                        check_features, check_not_meta, check_tensor, flag, positive_int)
+from ._validate import (_FLOAT_DTYPES, _INDEX_DTYPES, check_dtype_like_x, check_features, check_not_meta,
+                        check_tensor, flag, positive_int)
 from .kernels._compat import accepts_padded_block_idxs
 from .ops import glu_moe, parallel_linear
 from .routing import flatten_sort_count
@@ -361,8 +361,7 @@ class MoA(nn.Module):
         check_features("attn_out", attn_out)
         # Here, not in the projection below, which would name attn_out "x" and the weights "expert_weights".
         check_not_meta("attn_out", attn_out)
-        if not (autocast_enabled(attn_out.device.type) and attn_out.dtype in AUTOCAST_ELIGIBLE):
-            check_dtype_like_x("output_linear.weight", self.output_linear.weight, attn_out, "attn_out")
+        check_dtype_like_x("output_linear.weight", self.output_linear.weight, attn_out, "attn_out")
         lead = attn_out.shape[:-2]
         expected = (self.num_heads * self.top_k, self.head_dim)
         if tuple(attn_out.shape[-2:]) != expected:

@@ -7,6 +7,7 @@ neither may compute on bad input.
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 
@@ -280,20 +281,29 @@ def test_layers_say_how_to_resolve_a_dtype_mismatch(layer, dtype):
         call()
 
 
+@pytest.mark.parametrize("float64", ["input", "layer"])
 @pytest.mark.parametrize("layer", ["glumlp", "moa_reduce"])
-def test_under_autocast_float64_x_is_said_to_be_left_alone(layer):
-    """torch.autocast casts the weights and leaves float64 x as it is (as torch does): the error said "run under
-    torch.autocast" to a caller who was."""
+def test_under_autocast_the_float64_side_is_said_to_be_left_alone(layer, float64):
+    """torch.autocast casts float32/16 and bfloat16 and leaves float64 as it is (as torch does): the error says
+    which side it left, and not "run under torch.autocast" to a caller who was."""
     p, idx = torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K)
-    x = torch.randn(B, L, D, dtype=torch.float64)
+    x = torch.randn(B, L, D, dtype=torch.float64 if float64 == "input" else torch.float32)
     if layer == "glumlp":
-        call, x_name = (lambda: scattermoe.GLUMLP(D, 6, E, K)(x, p, idx)), "x"
+        module = scattermoe.GLUMLP(D, 6, E, K)
+        call, x_name, w_name = (lambda: module(x, p, idx)), "x", "w_in"
     else:
-        moa = scattermoe.MoA(D, 4, 2, E, K)
+        module = moa = scattermoe.MoA(D, 4, 2, E, K)
         q, routing = moa.map(x.float(), p, idx)
-        call, x_name = (lambda: moa.reduce(q.double(), routing)), "attn_out"
+        call, x_name, w_name = (lambda: moa.reduce(q.to(x.dtype), routing)), "attn_out", "output_linear.weight"
+    if float64 == "layer":
+        module.double()
+    kept = x_name if float64 == "input" else w_name
     with torch.autocast("cpu", dtype=torch.float16), pytest.raises(
-            TypeError, match=rf"torch.autocast casts it to float16 but leaves {x_name}'s float64 as it is"):
+            TypeError, match=rf"torch.autocast casts float32, float16 and bfloat16 to float16 but leaves "
+                             rf"{re.escape(kept)} \(float64\) as it is"):
+        call()
+    # Outside autocast a float64 side is converted, autocast would not help: not offered.
+    with pytest.raises(TypeError, match=r"differs from .*\)\)$"):
         call()
 
 
