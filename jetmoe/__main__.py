@@ -363,9 +363,10 @@ def _training_setup(args, device: torch.device, rank0: bool = True):
         # Its weights are left unloaded: train() reloads them from the same files when it resumes.
         return load_tokenizer(args.out, config.vocab_size), config, lambda: load_pretrained(
             args.out, dtype=torch.float32, device=device, weights=False)
-    if args.model in PRESETS and Path(args.model).is_dir():  # generate and eval would read the directory
-        raise CLIError(f"--model {args.model}: both a preset and a directory here; pass ./{args.model} to train the "
-                       "checkpoint in the directory, or run from another folder to train the preset from scratch")
+    checkpoint_here = (Path(args.model) / "config.json").is_file()  # which generate and eval would read
+    if args.command == "train" and args.model in PRESETS and checkpoint_here:  # (demo has no --model)
+        raise CLIError(f"--model {args.model}: both a preset and a checkpoint here; pass ./{args.model} to train "
+                       "the checkpoint in the directory, or run from another folder to train the preset from scratch")
     if args.model in PRESETS:
         config = JetMoEConfig.preset(args.model)
         if config.vocab_size != ByteTokenizer().vocab_size:  # before building it: jetmoe-8b is 34 GB in fp32
@@ -640,10 +641,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as exc:
         print(f"jetmoe: error: {exc}", file=sys.stderr)
         return 1
-    except (MemoryError, RuntimeError) as exc:
-        # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError: one line, as the sizes were the cause
+    except (MemoryError, RuntimeError, TypeError) as exc:
+        # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError: one line, as the sizes were the cause;
+        # sizes past int64 (options whose sum or product overflows) fail in torch's argument parser or allocator.
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        too_large = ("can't allocate memory", "Storage size calculation overflowed")  # the second: over int64 bytes
+        too_large = ("can't allocate memory", "Storage size calculation overflowed", "Overflow when unpacking long")
         if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and not any(t in message for t in too_large):
             raise
         print(f"jetmoe: error: out of memory ({message}): {_LOWER_FOR_MEMORY[args.command]}", file=sys.stderr)

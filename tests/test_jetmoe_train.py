@@ -752,8 +752,14 @@ def test_cli_train_refuses_a_model_name_that_is_both_a_preset_and_a_directory_he
     JetMoEForCausalLM(BYTES).save_pretrained(tmp_path / "tiny")
     assert main(["train", "--model", "tiny", "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--model tiny: both a preset and a directory here; pass ./tiny" in err, err
+    assert err.count("\n") == 1 and "--model tiny: both a preset and a checkpoint here; pass ./tiny" in err, err
     assert not (tmp_path / "run").exists()
+    # demo has no --model (it trains the preset); a folder named tiny without a checkpoint is no checkpoint.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["demo", "--seconds", "1", "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]) == 0
+    (tmp_path / "tiny" / "config.json").unlink()
+    assert main(["train", "--model", "tiny", "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cpu",
+                 "--no-progress"]) == 0
 
 
 def test_cli_train_guards_its_output_folder(tmp_path, capsys):
@@ -1411,7 +1417,11 @@ def test_resuming_on_other_text_says_so(tmp_path, monkeypatch):
     (MemoryError(), "MemoryError"),
     # torch.zeros with more than int64 bytes (e.g. the KV cache of a --max-new-tokens near 2**62)
     (RuntimeError("Storage size calculation overflowed with sizes=[3, 1, 5, 4611686018427387907, 32]"),
-     "Storage size calculation overflowed")], ids=["cuda", "cpu_allocator", "memory_error", "size_overflow"])
+     "Storage size calculation overflowed"),
+    # a sum or product of options past int64 (prompt + --max-new-tokens, batch x grad-accum), in torch's arguments
+    (TypeError("zeros(): argument 'size' failed to unpack the object at pos 3 with error \"Overflow when unpacking "
+               "long long\""), "Overflow when unpacking long")],
+    ids=["cuda", "cpu_allocator", "memory_error", "size_overflow", "int64_overflow"])
 def test_cli_says_out_of_memory_in_one_line(error, said, tiny_ckpt, tmp_path, capsys, monkeypatch):
     """A batch too large for the device: one line naming the sizes to lower and exit 1, not a traceback; another
     RuntimeError (a bug) keeps its traceback."""
