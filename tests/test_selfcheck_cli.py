@@ -92,6 +92,30 @@ def test_half_precision_bound_rises_only_to_an_error_every_backend_shares(dtype,
         assert "bound+:" in out and "3e-03+" in rows["torch"] + rows["triton"], out
 
 
+@pytest.mark.interpreter
+def test_two_kernel_backends_wrong_alike_do_not_vouch_for_each_other(monkeypatch, capsys):
+    """triton and cutlass share code (ops.py; cutlass falls back to Triton in places): a bug they share must not raise
+    their bounds, only the torch backend's error may; with no torch row (here it crashed), nothing raises them.
+    cutlass is stood in for by triton here (no GPU)."""
+    real = selfcheck._run_layer
+
+    def run(model, x, gates, idx, dy, backend):
+        if x.dtype == torch.float64:
+            return real(model, x, gates, idx, dy, backend)  # the reference
+        if backend == "torch":
+            raise IndexError("a bug in the torch backend")
+        got = real(model, x, gates, idx, dy, "triton")
+        got.update(out=got["out"] * 1.006)  # the same 6e-3 error in both kernel backends
+        return got
+
+    monkeypatch.setattr(selfcheck, "_run_layer", run)
+    assert selfcheck.main([*SMALL, "--dtype", "float16", "--backend", "all"]) == 1
+    out = capsys.readouterr().out
+    verdicts = {line.split()[0]: line.split()[-1] for line in out.splitlines()
+                if line.split()[:1] in (["triton"], ["cutlass"])}
+    assert verdicts == {"triton": "FAIL", "cutlass": "FAIL"}, out
+
+
 def test_bfloat16_on_the_cpu_skips_triton_with_its_reason(capsys):
     assert selfcheck.main([*SMALL, "--dtype", "bfloat16", "--backend", "all"]) == 0
     out = capsys.readouterr().out
