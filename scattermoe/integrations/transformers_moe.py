@@ -423,7 +423,8 @@ def apply_scattermoe(model: nn.Module, families: Optional[List[str]] = None) -> 
                          f"subclasses with their own forward, which patching would discard: {'; '.join(kept[:3])}"
                          + ("; ..." if len(kept) > 3 else "")
                          + f"; where such a forward calls the fused-experts interface's, {_RUN_INSIDE_ITS_FORWARD}")
-    if swapped == 0 and families is not None:
+    if swapped == 0 and families is not None and (model_type == "jetmoe" or any(
+            _is_interface_class(c) for m in model.modules() for c in type(m).__mro__)):  # blocks of other families
         raise ValueError(f"scattermoe: no MoE block of the model types {families} found in {type(model).__name__} "
                          f"(model_type={model_type!r}); apply_scattermoe(model) without families= patches every "
                          "supported block")
