@@ -210,7 +210,6 @@ def _gated_bias_grad(dy, gates_flat, bias, fan, sorted_expert_idxs, sorted_scatt
     return (mass.t() @ dy.float()).to(bias.dtype)
 
 
-
 def _under_autocast(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
     """(x, *tensors) cast to the autocast dtype when autocast is on for x's device, else unchanged.
 
