@@ -237,7 +237,7 @@ def run_generation(model, tokenizer, prompts: List[str], args, device: torch.dev
 
 
 def cmd_generate(args) -> None:
-    from .checkpoint import load_pretrained, resolve
+    from .checkpoint import load_config, load_pretrained, resolve
     from .tokenizer import load_tokenizer
 
     device = pick_device(args.device)
@@ -246,8 +246,8 @@ def cmd_generate(args) -> None:
     ckpt = resolve(args.model)
     dtype = load_dtype(ckpt, args.dtype, device)
     backend = pick_backend(args.backend, device, dtype)  # before loading what may be 17 GB
-    model = load_pretrained(ckpt, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(ckpt, model.config.vocab_size)
+    tokenizer = load_tokenizer(ckpt, load_config(ckpt).vocab_size)  # before the weights: a missing package is said
+    model = load_pretrained(ckpt, dtype=dtype, device=device)        # at once, not after loading 17 GB
     print(f"{ckpt}: {model.num_parameters() / 1e6:.1f}M parameters, {model.lm_head.weight.dtype} on {device}; "
           f"{backend_note(backend, device)}", file=sys.stderr)
     if args.warmup is None:

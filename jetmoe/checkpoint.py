@@ -104,7 +104,8 @@ def resolve(path_or_hub_id: Union[str, os.PathLike]) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(f"checkpoint not found: {name!r} is not a local directory, and huggingface_hub "
-                              "is not installed to download it (pip install huggingface_hub)") from None
+                              "is not installed to download it (pip install transformers: it brings huggingface_hub, "
+                              "and reads the checkpoint's tokenizer)") from None
     try:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     except Exception as exc:  # offline, unknown repo, gated repo: one line, not the hub's traceback

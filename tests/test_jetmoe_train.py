@@ -30,6 +30,7 @@ from jetmoe.__main__ import main
 from jetmoe.train import (
     OPTIMIZER_DCP,
     TRAIN_LOG,
+    TRAIN_PLOT,
     TRAINER_STATE,
     TrainConfig,
     TrainingDiverged,
@@ -807,6 +808,31 @@ def test_cli_generate_streams_and_reports(tiny_ckpt, capsys):
     out, err = capsys.readouterr()
     assert "--- [0]\na" in out and "--- [1]\ndef g(x):" in out
     assert re.search(r"\| 2 warm-up runs: \d+\.\d+ s, timed apart \|", err), err
+
+
+def test_a_fresh_run_leaves_no_curve_of_the_run_it_replaces(tmp_path):
+    """A fresh run deleted the old log but kept its train_log.png: where matplotlib is missing (nothing drawn anew),
+    the folder held the new log beside the old run's curve."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / TRAIN_PLOT).write_bytes(b"the replaced run's curve")
+    (out / TRAIN_LOG).write_text("{}\n")
+    train(JetMoEForCausalLM(BYTES), tokens(), TrainConfig(out_dir=str(out), steps=1, batch_size=2, seq_len=16,
+                                                         progress=False))
+    assert not (out / TRAIN_PLOT).exists() and (out / TRAIN_LOG).read_text() != "{}\n"
+
+
+def test_cli_generate_reads_the_tokenizer_before_the_weights(tiny_ckpt, capsys, monkeypatch):
+    """A tokenizer that cannot load (here: transformers missing) is said before the weights are read, not after
+    loading (for JetMoE-8B) 17 GB."""
+    import jetmoe.checkpoint as ck
+
+    (tiny_ckpt / "byte_tokenizer.json").unlink(missing_ok=True)
+    (tiny_ckpt / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setattr(ck, "load_pretrained", lambda *a, **k: pytest.fail("loaded the weights first"))
+    assert main(["generate", "--model", str(tiny_ckpt), "--device", "cpu"]) == 2
+    assert "pip install transformers" in capsys.readouterr().err
 
 
 def test_cli_generate_with_a_tokenizer_that_has_neither_pad_nor_eos(tiny_ckpt, capsys):
