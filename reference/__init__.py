@@ -13,3 +13,5 @@ from .ops import (
 )
 
 __all__ = ["flatten_sort_count", "glu", "moe_mlp_per_token", "parallel_linear"]
+
+IS_SCATTERMOE_REFERENCE = True  # scattermoe checks this: a user's own reference.py on sys.path would shadow us

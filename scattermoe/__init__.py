@@ -7,7 +7,14 @@
 Backends: ``scattermoe.set_backend("auto" | "triton" | "cutlass" | "torch")``.
 """
 
-from . import backends, kernels, ops, routing
+import reference as _reference
+
+if not getattr(_reference, "IS_SCATTERMOE_REFERENCE", False):  # installed top level beside scattermoe, by that name
+    raise ImportError(f"scattermoe: `import reference` found {getattr(_reference, '__file__', None) or _reference!r}, "
+                      "not scattermoe's pure-PyTorch reference (the torch backend): another reference module earlier "
+                      "on sys.path (e.g. a reference.py beside your script) shadows it; rename that one")
+
+from . import backends, kernels, ops, routing  # (after the check: they import reference)
 from . import mlp, parallel_experts, utils  # the original ScatterMoE's modules, as attributes as there
 from ._validate import set_debug, set_device_asserts
 from .backends import get_backend, get_topk_combine, set_backend, set_topk_combine, use_backend, use_topk_combine

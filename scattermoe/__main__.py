@@ -279,8 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     _print_table(header, rows)
     if notes:
-        print(f"\nbound+: raised where the reference's error in this dtype (the torch backend's; for it, the others') "
-              f"is above {tol:.0e} too, to twice that (the dtype's own rounding at this shape), at most 10x:\n  "
+        print(f"\nbound+: raised to twice the reference's error in this dtype (the torch backend's; for it, the "
+              f"others') where that is above {tol:.0e} (the dtype's own rounding at this shape), at most 10x:\n  "
               + "\n  ".join(notes))
     if marked:
         print("\n!: above its bound")

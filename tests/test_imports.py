@@ -153,3 +153,21 @@ def test_importing_the_packages_leaves_torch_dynamo_and_the_kernels_unimported()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[-2] == "[]", proc.stdout
+
+
+def test_a_reference_module_that_shadows_ours_is_named_at_import(tmp_path):
+    """`reference` is installed top level beside scattermoe: a user's reference.py beside their script came first on
+    sys.path, and the torch backend failed later with "module 'reference' has no attribute 'parallel_linear'"."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "reference.py").write_text("answers = 42\n")
+    code = "import sys; sys.path.insert(1, sys.argv[1]); import scattermoe"  # the script's folder first, as Python does
+    proc = subprocess.run([sys.executable, "-c", code, repo], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: scattermoe: `import reference` found ") and "reference.py" in last, last
+    assert "rename that one" in last

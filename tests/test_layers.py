@@ -393,6 +393,10 @@ def test_torch_func_transforms_are_refused_by_name_on_a_kernel_backend():
         xg = x.clone().requires_grad_()
         loss(xg).backward()
         torch.testing.assert_close(torch.func.grad(loss)(x), xg.grad)
+        # vmap over x, the routing shared (the README's claim): each batch member as its own call
+        xs = torch.randn(3, T, D)
+        torch.testing.assert_close(torch.func.vmap(lambda x: layer(x, p, idx))(xs),
+                                   torch.stack([layer(x, p, idx) for x in xs]))
 
 
 def test_the_layers_print_their_sizes_and_whether_they_have_biases():
