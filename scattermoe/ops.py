@@ -330,9 +330,15 @@ class ParallelLinear(torch.autograd.Function):
             else:
                 dgates_flat = dgate_rows
         else:  # x is [T, D], fanned out to the K slots of each token
-            dgates_flat = _gate_dots(dx_raw.view(num_tokens, fan, dx_raw.size(-1)), x).view(-1)
-            slots = torch.arange(dx_raw.size(0), device=dx_raw.device, dtype=sorted_scattered_idxs.dtype)
-            dx = gather_sum_op(dx_raw, slots, gates_flat, fan, backend)  # float32 sum, no float32 copy of dx_raw
+            dx_raw = dx_raw.view(num_tokens, fan, dx_raw.size(-1))
+            dgates_flat = _gate_dots(dx_raw, x).view(-1)
+            # As above, summed over the K slots in one float32 [T, D] (not a float32 copy of dx_raw, K times
+            # larger), in torch: the cutlass backend runs its backward without Triton.
+            gates32 = gates.float()
+            dx = dx_raw[:, 0] * gates32[:, :1]
+            for j in range(1, fan):
+                dx.addcmul_(dx_raw[:, j], gates32[:, j:j + 1])
+            dx = dx.to(dx_raw.dtype)
         dgates_flat = dgates_flat.float()
         if has_bias:
             _add_gate_bias_term(dgates_flat, dy, bias, fan, sorted_expert_idxs, sorted_scattered_idxs)
