@@ -390,15 +390,12 @@ def test_kernel_backends_refuse_double_backward_by_name(op):
     w_in = torch.randn(E, D, 2 * F, requires_grad=True)
     w_out = torch.randn(E, F, D, requires_grad=True)
 
-    def run_on(inputs):
+    def run(inputs=x):
         if op == "parallel_linear":
             return scattermoe.parallel_linear(inputs, w_in, K, *routing, gates=gates)
         if op == "parallel_linear_glu":
             return scattermoe.parallel_linear_glu(inputs, w_in, K, *routing)
         return scattermoe.glu_moe(inputs, w_in, w_out, gates, routing)
-
-    def run():
-        return run_on(x)
 
     message = r"the triton backend computes first derivatives only.*use_backend\('torch'\)"
     # A loss whose gradient is itself differentiable, and y.sum(), whose incoming gradient is a constant but whose
@@ -421,7 +418,7 @@ def test_kernel_backends_refuse_double_backward_by_name(op):
         # a path to them. An error node fed detached copies was pruned: the weights' grad came back None (or
         # "not used in the graph"), and through a tanh in front of the op, dx's grad held only tanh's term.
         with scattermoe.use_backend("triton"):
-            dx_tanh, = torch.autograd.grad(loss(run_on(torch.tanh(x))), x, create_graph=True)
+            dx_tanh, = torch.autograd.grad(loss(run(torch.tanh(x))), x, create_graph=True)
         for penalty in (dx, dx_tanh):
             for inputs in ([w_in], [x]) + (([gates],) if op != "parallel_linear_glu" else ()):
                 with pytest.raises(RuntimeError, match=message):
