@@ -33,7 +33,9 @@ if [ -z "${BENCH_COMMIT:-}" ] && [ -f "$carried" ]; then
     export BENCH_COMMIT="$(head -n 1 "$carried")" BENCH_DIRTY="$(tail -n 1 "$carried")"
 fi
 pack() {  # the scratch folder into $DEST/$1, written aside and renamed, so a reader never sees half of it
-    tar czf "$DEST/.$1.tmp" -C "$scratch" . 2>/dev/null && mv -f "$DEST/.$1.tmp" "$DEST/$1"
+    tar czf "$DEST/.$1.tmp" -C "$scratch" . 2>/dev/null
+    # 1 is GNU tar's "a file changed as we read it" (the log, still being written): the archive is whole.
+    [ "$?" -le 1 ] && mv -f "$DEST/.$1.tmp" "$DEST/$1"
     cp "$scratch/gpu_check_summary.txt" "$DEST/" 2>/dev/null
 }
 # (What is under $OUT comes back even when the tool kills the command at its timeout.)
@@ -45,13 +47,35 @@ pack() {  # the scratch folder into $DEST/$1, written aside and renamed, so a re
 ) &
 snapshot=$!
 kill_s="${DEVICE_CALL_KILL_S:-$(( BUDGET + 45 ))}"
+# gpu_check.sh in a session of its own, stopped by session: its steps run under timeouts of their own, each in
+# a process group of its own, which a signal to gpu_check.sh's group (what `timeout` sends) would miss.
 GPU_CHECK_STEPS="$STEPS" GPU_CHECK_BUDGET_S="$BUDGET" PYTHONUNBUFFERED=1 \
-    timeout --signal=INT --kill-after=5 "$kill_s" bash "$here/gpu_check.sh" "$scratch"
+    setsid bash "$here/gpu_check.sh" "$scratch" &
+check=$!  # (a background job of a shell without job control leads no group: setsid makes it the session id)
+stopped="$scratch/.stopped_by_device_call"
+(
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    sleep "$kill_s" &
+    nap=$!
+    wait "$nap" || exit 0
+    touch "$stopped"
+    pkill -INT -s "$check" || kill -INT -- "-$check"  # python writes its files on SIGINT; tee -i keeps logging
+    sleep 5
+    pkill -KILL -s "$check" || kill -KILL -- "-$check" 2>/dev/null
+) &
+watchdog=$!
+wait "$check"
 rc=$?
-kill "$snapshot" 2>/dev/null
-wait "$snapshot" 2>/dev/null
-[ "$rc" -eq 124 ] && echo "device_call: gpu_check.sh stopped after $kill_s s" >&2
+kill "$snapshot" "$watchdog" 2>/dev/null
+wait "$snapshot" "$watchdog" 2>/dev/null
+if [ -e "$stopped" ]; then
+    rc=124
+    rm -f "$stopped"
+    echo "device_call: gpu_check.sh stopped after $kill_s s" >&2
+fi
 pack gpu_check.tgz
-rm -f "$DEST/gpu_check.partial.tgz" "$DEST/.gpu_check.partial.tgz.tmp"
-[ -s "$DEST/gpu_check.tgz" ] && rm -rf "$scratch"  # packed: the scratch copy is not needed (kept if packing failed)
+if [ -s "$DEST/gpu_check.tgz" ]; then  # packed: the snapshot and the scratch copy are not needed
+    rm -f "$DEST/gpu_check.partial.tgz" "$DEST/.gpu_check.partial.tgz.tmp"
+    rm -rf "$scratch"
+fi
 exit "$rc"

@@ -9,7 +9,9 @@
 #    GPU_PYTHON names another interpreter), keyed by the csrc sources, that Python and the CUTLASS
 #    version. gpu_check.sh's csrc step uses it when the key matches and compiles otherwise: the build
 #    is minutes of the session's few minutes of device time, and it is the same nvcc 13.0 on both.
-# 3. third_party/scattermoe: the original ScatterMoE, the benchmark's peer, if it can be cloned.
+# 3. third_party/scattermoe: the original ScatterMoE, the benchmark's peer, cloned from
+#    ORIGINAL_SCATTERMOE_GIT (default its GitHub repository; a machine that cannot reach GitHub names a local
+#    copy, e.g. the session's `fetch github:shawntan/scattermoe` mirror).
 #
 # Needs: pip, nvcc, and an interpreter of the image's Python minor version (pyenv has 3.12 here).
 set -euo pipefail
@@ -41,8 +43,10 @@ SCATTERMOE_CUTLASS_INCLUDE=/tmp/scattermoe-prebuild-cutlass/cutlass_library/sour
     "$venv/bin/python" csrc/build.py --prebuild third_party/csrc-prebuilt
 
 if [ ! -d third_party/scattermoe ]; then
-    git clone --depth 1 https://github.com/shawntan/scattermoe third_party/scattermoe \
-        || echo "prepare: could not clone the original ScatterMoE; its benchmark rows will read unavailable"
+    original="${ORIGINAL_SCATTERMOE_GIT:-https://github.com/shawntan/scattermoe}"
+    git clone -q --depth 1 "$original" third_party/scattermoe \
+        || echo "prepare: WARNING: could not clone the original ScatterMoE from $original; its benchmark rows" \
+                "(the 1.5x target) will read unavailable: set ORIGINAL_SCATTERMOE_GIT to a copy of it" >&2
 fi
 # The device's copy of the tree has no .git: the commit the result files name travels here (device_call.sh reads it).
 { git rev-parse HEAD; if [ -n "$(git status --porcelain --untracked-files=normal)" ]; then echo dirty; else echo clean; fi; } \

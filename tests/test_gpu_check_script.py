@@ -66,7 +66,7 @@ def test_a_hung_benchmark_is_run_again_without_what_hung(tmp_path, hung):
     assert len(calls) == 4, calls  # two runs: the arguments, then the csrc module each saw
     first, second = calls[0], calls[2]
     assert "--skip-impls" not in first and "--hang-file" in first
-    assert "--hang-s 13" in first  # a third of the ~400 s left (60 to 150)
+    assert "--hang-s 13" in first  # a third of the ~400 s left (120 to 150)
     assert f"--skip-impls {hung}:hung in this GPU check's first benchmark run" in second
     csrc_disabled = calls[3].endswith("csrc-disabled-after-a-bench-hang")
     assert csrc_disabled == hung.startswith("scattermoe_cutlass,"), calls[3]
@@ -76,10 +76,10 @@ def test_a_hung_benchmark_is_run_again_without_what_hung(tmp_path, hung):
 @needs_bash
 def test_the_benchmark_runs_even_when_the_budget_is_spent_but_is_not_rerun(tmp_path):
     """Earlier steps past the budget: the suite still gets its 90 s (the point of the run), with --hang-s at its
-    60 s floor; after a hang there is no time for a rerun, and the status says so (2), not 0."""
+    120 s floor; after a hang there is no time for a rerun, and the status says so (2), not 0."""
     proc, calls, summary = _run_gpu_check(tmp_path, "torch_grouped_mm", 10)
     assert proc.returncode == 2, proc.stdout[-3000:]
-    assert len(calls) == 2 and "--hang-s 60 " in calls[0], calls
+    assert len(calls) == 2 and "--hang-s 120 " in calls[0], calls
     assert "not run" in proc.stdout
     assert "bench_rc=3" in summary and "bench_hung=torch_grouped_mm" in summary
 
@@ -99,9 +99,23 @@ exec "$REAL_PYTHON" "$@"
 """
 
 
-def _device_call(tmp_path, env_extra, budget="1"):
+# One whose benchmark (run under a timeout of gpu_check.sh's own, in a process group of its own) never ends and
+# says when it is interrupted.
+HANGING_BENCH_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-" ] || { [ "$1" = "-m" ] && [ "$2" = "pip" ]; }; then exit 0; fi  # versions, install: at once
+if [ "$1" = "-m" ] && [ "$2" = "bench" ]; then
+    trap 'echo interrupted > "$INTERRUPTED"; exit 130' INT
+    sleep 300 &
+    wait $!
+    exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def _device_call(tmp_path, env_extra, budget="1", python=SLOW_PYTHON):
     fake = tmp_path / "python"
-    fake.write_text(SLOW_PYTHON)
+    fake.write_text(python)
     fake.chmod(0o755)
     out = tmp_path / "OUT"
     out.mkdir()
@@ -134,3 +148,113 @@ def test_device_call_refuses_in_seconds_when_third_party_was_not_carried(tmp_pat
     proc, out = _device_call(tmp_path, {})
     assert proc.returncode == 65, proc.stderr[-2000:]
     assert "third_party/ was not carried" in (out / "gpu_check_summary.txt").read_text()
+
+
+@needs_bash
+def test_device_call_stops_the_step_running_under_gpu_check_s_own_timeout(tmp_path):
+    """The stop reaches the step's process (in a process group of its own under gpu_check.sh's `timeout`), which
+    writes its files on SIGINT, and an archive still comes back: a signal to gpu_check.sh's group alone left the
+    step running to its own, later, timeout (here 90 s) and cut the log."""
+    import tarfile
+    import time
+
+    marker = tmp_path / "interrupted"
+    start = time.monotonic()
+    proc, out = _device_call(tmp_path, {"DEVICE_CALL_WITHOUT_CARRY": "1", "DEVICE_CALL_SNAPSHOT_S": "100",
+                                        "DEVICE_CALL_KILL_S": "4", "INTERRUPTED": str(marker)},
+                             python=HANGING_BENCH_PYTHON)
+    assert time.monotonic() - start < 40, proc.stderr[-2000:]
+    assert proc.returncode == 124, proc.stderr[-2000:]
+    assert marker.read_text().strip() == "interrupted"
+    with tarfile.open(out / "gpu_check.tgz") as tar:
+        log = tar.extractfile("./gpu_check.log").read().decode()
+    assert "kernel benchmark" in log and "benchmark exit status: 130" in log, log[-2000:]
+
+
+@needs_bash
+def test_device_call_keeps_an_archive_of_a_file_that_changed_while_it_was_read(tmp_path):
+    """GNU tar exits 1 when a file changes as it reads it (the log, still written while the snapshot is taken):
+    the archive is whole and is kept, and so is the snapshot if the final archive is missing."""
+    import tarfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real_tar = shutil.which("tar")
+    (bin_dir / "tar").write_text(f'#!/usr/bin/env bash\n"{real_tar}" "$@"\nexit 1\n')
+    (bin_dir / "tar").chmod(0o755)
+    proc, out = _device_call(tmp_path, {"DEVICE_CALL_WITHOUT_CARRY": "1", "DEVICE_CALL_SNAPSHOT_S": "2",
+                                        "DEVICE_CALL_KILL_S": "6", "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert proc.returncode == 124, proc.stderr[-2000:]
+    with tarfile.open(out / "gpu_check.tgz") as tar:
+        assert "./gpu_check.log" in tar.getnames()
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tgz"]
+
+
+# Stands in for `timeout`: records the limit each step was given, then runs the step (which here ends at once).
+RECORDING_TIMEOUT = """#!/usr/bin/env bash
+while [ "${1#-}" != "$1" ]; do shift; done  # the options (--signal=INT --kill-after=20)
+echo "$1 ${*:2}" >> "$LIMITS"
+shift
+exec "$@"
+"""
+QUICK_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-" ] || [ "$1" = "-m" ]; then exit 0; fi  # versions, install and every step: at once
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+@needs_bash
+@pytest.mark.parametrize("budget, e2e_at_most", [(400, 310), (200, 200)])
+def test_the_e2e_step_leaves_the_hf_step_its_time_where_it_keeps_two_minutes(tmp_path, budget, e2e_at_most):
+    """e2e once took all the time left, so hf never ran; now hf's 90 s are kept where e2e still gets 120 (at a
+    budget of 200 it gets them all)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("timeout", RECORDING_TIMEOUT), ("python", QUICK_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    limits = tmp_path / "limits"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
+           "REAL_PYTHON": sys.executable, "LIMITS": str(limits), "GPU_CHECK_STEPS": "e2e hf",
+           "GPU_CHECK_BUDGET_S": str(budget)}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    steps = {("hf" if "bench_hf_patch" in line else "e2e" if "--e2e" in line else line): int(line.split()[0])
+             for line in limits.read_text().splitlines()}
+    assert e2e_at_most - 15 <= steps["e2e"] <= e2e_at_most, steps
+    assert "hf" in steps, steps  # (the stand-in e2e ends at once)
+
+
+CSRC_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-" ] || { [ "$1" = "-m" ] && [ "$2" = "pip" ]; }; then exit 0; fi
+if [ "$1" = "-m" ] && [ "$2" = "bench.csrc_memcheck" ]; then echo /built/scattermoe_C.so; exit 0; fi
+if [ "$1" = "-m" ] && [ "$2" = "bench" ]; then
+    echo "SCATTERMOE_CSRC_MODULE=$SCATTERMOE_CSRC_MODULE" >> "$FAKE_LOG"
+    exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+SLOW_SANITIZER = """#!/usr/bin/env bash
+exec sleep 60
+"""
+
+
+@needs_bash
+def test_a_memcheck_out_of_time_keeps_csrc_in_the_later_steps(tmp_path):
+    """Slow under the sanitizer is no fault: csrc once was disabled for every later step by a memcheck timeout."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python", CSRC_PYTHON), ("compute-sanitizer", SLOW_SANITIZER)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "bench_calls.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
+           "REAL_PYTHON": sys.executable, "FAKE_LOG": str(log), "GPU_CHECK_STEPS": "csrc bench",
+           "GPU_CHECK_BUDGET_S": "300", "GPU_CHECK_MEMCHECK_S": "2", "SCATTERMOE_CUTLASS_INCLUDE": "/headers"}
+    env.pop("SCATTERMOE_CSRC_MODULE", None)
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "memcheck exit status: 124" in proc.stdout, proc.stdout[-3000:]
+    assert log.read_text().strip() == "SCATTERMOE_CSRC_MODULE=/built/scattermoe_C.so"
+    assert proc.returncode == 1  # memcheck did not finish: not a pass
