@@ -156,6 +156,14 @@ def _load_experts(target: "ParallelExperts", weight: torch.Tensor, bias: Optiona
     target.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad) if bias is not None else None
 
 
+def _activation_in_bias_slot(bias, activation):
+    """The 2024 signature, (input_size, hidden_size, num_experts, top_k, activation), had no bias: its fifth
+    positional argument, a callable where ``bias`` now is, is the activation."""
+    if activation is None and callable(bias):
+        return False, bias
+    return bias, activation
+
+
 class MLP(nn.Module):
     """Mixture of plain MLP experts: y = sum_j p_j * W2_e act(W1_e x)."""
 
@@ -164,6 +172,7 @@ class MLP(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
                  bias: bool = False, activation: Optional[Callable] = None) -> None:
         super().__init__()
+        bias, activation = _activation_in_bias_slot(bias, activation)
         num_experts = positive_int("num_experts", num_experts)
         input_size, hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
         top_k = positive_int("top_k", top_k)
@@ -237,6 +246,7 @@ class GLUMLP(MLP):
     def __init__(self, input_size: int, hidden_size: int, num_experts: int, top_k: int,
                  bias: bool = False, activation: Optional[Callable] = None,
                  activate_first: bool = False) -> None:
+        bias, activation = _activation_in_bias_slot(bias, activation)
         super().__init__(input_size, hidden_size, num_experts, top_k, bias=bias,
                          activation=activation if activation is not None else nn.SiLU())
         self.activate_first = flag("activate_first", activate_first)

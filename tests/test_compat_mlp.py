@@ -158,6 +158,23 @@ def test_a_seed_gives_the_originals_initial_weights(cls, bias):
 
 
 @pytest.mark.parametrize("cls", [MLP, GLUMLP])
+def test_the_2024_layers_positional_activation_is_the_activation(cls):
+    """The 2024 layers were (input_size, hidden_size, num_experts, top_k, activation=...), with no bias: a
+    positional activation, now in bias's slot, is taken as the activation (it was refused as a bad bias)."""
+    torch.manual_seed(0)
+    legacy = cls(8, 6, 4, 2, nn.Tanh())
+    torch.manual_seed(0)
+    keyword = cls(8, 6, 4, 2, activation=nn.Tanh())
+    assert isinstance(legacy.activation, nn.Tanh) and legacy.experts.bias is None
+    x, p = torch.randn(5, 8), torch.softmax(torch.randn(5, 2), -1)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(5)])
+    with scattermoe.use_backend("torch"):
+        assert torch.equal(legacy(x, p, idx), keyword(x, p, idx))
+    with pytest.raises(ValueError, match="^bias: expected True or False"):
+        cls(8, 6, 4, 2, "yes")
+
+
+@pytest.mark.parametrize("cls", [MLP, GLUMLP])
 def test_routing_over_flattened_tokens_beside_a_3d_x(cls):
     """The original's layers took x [B, L, D] with routing [B*L, K] (a router over the flattened tokens) and
     expert ids of any shape: those calls give what x's own leading dims give."""
