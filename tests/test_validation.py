@@ -791,6 +791,23 @@ def test_triton_interpret_is_read_as_triton_reads_it():
     assert out.stdout.split() == ["True", "triton" if backends.interpreter_problem() is None else "torch"]
 
 
+def test_a_bad_triton_switch_does_not_fail_the_torch_backend():
+    """Choosing `auto` on the CPU read the Triton backend's config, so a bad SCATTERMOE_AUTOTUNE failed every op
+    even where the torch backend runs them; it is read when the Triton backend is used, and named there."""
+    code = ("import torch, scattermoe\n"
+            "r = scattermoe.flatten_sort_count(torch.tensor([[0, 2], [1, 2]]), 3)\n"
+            "x, w = torch.randn(2, 4), torch.randn(3, 4, 5)\n"
+            "y = scattermoe.parallel_linear(x, w, 2, *r)\n"
+            "print(scattermoe.backends.resolve(x), torch.allclose(y[1], x[0] @ w[2]))\n"
+            "import scattermoe.backends.triton\n")
+    env = {**os.environ, "SCATTERMOE_AUTOTUNE": "bogus"}
+    env.pop("SCATTERMOE_BACKEND", None)
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["torch", "True"], out.stderr[-2000:]
+    assert out.returncode == 1 and "SCATTERMOE_AUTOTUNE='bogus': expected 1 or 0" in out.stderr
+
+
 def test_without_the_interpreter_cpu_tensors_go_to_the_reference():
     """Without TRITON_INTERPRET (a plain CPU install, or CPU tensors on a GPU machine) the Triton kernels cannot run
     on CPU tensors: 'auto' gives them to the reference, and asking for 'triton' says to set the variable."""

@@ -15,6 +15,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from typing import Iterator, Optional
 
 import torch
@@ -126,14 +127,24 @@ def interpreter_problem() -> Optional[str]:
 _INTERPRETER_PROBLEM = interpreter_problem()
 
 
+def triton_interpret_knob() -> bool:
+    """TRITON_INTERPRET read as Triton reads it (its knob: 1, true, yes, on...); a stricter reading here once sent
+    TRITON_INTERPRET=true to the torch backend."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
+        os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _triton_interpreting() -> bool:
     """Whether the Triton kernels run in the interpreter (False without Triton: nothing to interpret)."""
     if not triton_importable():
         return False
-    # Read from the kernels' config: Triton fixes interpreter mode when the kernels are defined.
-    from .triton.config import INTERPRET
-
-    return INTERPRET
+    # Triton fixes interpreter mode when the kernels are defined: once they are, their config's reading holds.
+    # Before, the knob itself, so that choosing `auto` on the CPU reads none of the Triton backend's own
+    # switches (a bad SCATTERMOE_AUTOTUNE must not fail the torch backend's ops).
+    config = sys.modules.get(f"{__name__}.triton.config")
+    return config.INTERPRET if config is not None else triton_interpret_knob()
 
 
 def _probe_triton() -> bool:

@@ -11,17 +11,15 @@ multiply the time.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
 from ..._validate import env_flag
+from .. import triton_interpret_knob
 
-# Read as Triton reads it (its knob: 1, true, yes, on...), which decides when the kernels are defined whether
-# they are interpreted; a stricter reading here once sent TRITON_INTERPRET=true to the torch backend.
-INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
-    os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether the kernels, defined on import, are interpreted.
+INTERPRET = triton_interpret_knob()
 AUTOTUNE = env_flag("SCATTERMOE_AUTOTUNE", default=True)
 
 # Honoured by every kernel for float32 inputs (ScatterMoE's switch; kernels.ops.ALLOW_TF32 forwards here).
