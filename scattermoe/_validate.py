@@ -211,9 +211,11 @@ def check_parallel_linear(
             f"sorted_scattered_idxs: expected {num_rows} entries like sorted_expert_idxs, "
             f"got {sorted_scattered_idxs.numel()}")
     check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
-    if expert_offsets.numel() != num_experts or not expert_offsets.is_contiguous():
-        raise ValueError(f"expert_offsets: expected a contiguous [E={num_experts}] tensor, "
-                         f"got shape {shape(expert_offsets)}")
+    if expert_offsets.numel() != num_experts:
+        raise ValueError(f"expert_offsets: expected [E={num_experts}], one end per expert of the weights, got shape "
+                         f"{shape(expert_offsets)} (routing for another number of experts?)")
+    if not expert_offsets.is_contiguous():
+        raise ValueError("expert_offsets: expected a contiguous tensor")
     if expert_biases is not None:
         check_dtype_like_x("expert_biases", expert_biases, x)
         check_tensor("expert_biases", expert_biases, dim=2, device=device)

@@ -52,18 +52,26 @@ class ParallelExperts(nn.Module):
                 gates: Optional[torch.Tensor] = None, grouped_in: bool = False,
                 grouped_out: bool = False) -> torch.Tensor:
         """See ``scattermoe.parallel_linear``; the weight is passed as a [E, in, out] view, not copied."""
+        # By this method's names (parallel_linear's own checks would say "x" and "expert_weights").
+        check_tensor("inputs", inputs, dim=2, dtypes=_FLOAT_DTYPES)
+        if inputs.size(1) != self.input_size:
+            raise ValueError(f"inputs: expected {self.input_size} features (the layer's input_size), got shape "
+                             f"{tuple(inputs.shape)}")
+        check_dtype_like_x("weight", self.weight, inputs, "inputs")
         return parallel_linear(inputs, self.weight.permute(0, 2, 1), k, sorted_expert_idxs,
                                sorted_scattered_idxs, expert_offsets, expert_biases=self.bias,
                                gates=gates, grouped_in=grouped_in, grouped_out=grouped_out)
 
 
 def _check_routing(x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor, top_k: int,
-                   input_size: int) -> None:
-    """The layers' arguments, told by the names the caller passed (the ops below call them otherwise)."""
+                   input_size: int, weight_name: str, weight: torch.Tensor) -> None:
+    """The layers' arguments, told by the names the caller passed (the ops below call them otherwise), and the
+    first projection's weight by its name in the layer."""
     check_features("x", x)
     if x.size(-1) != input_size:
         raise ValueError(f"x: expected {input_size} features (the layer's input_size) in its last dimension, got "
                          f"shape {tuple(x.shape)}")
+    check_dtype_like_x(weight_name, weight, x)
     lead = tuple(x.shape[:-1])
     tokens = math.prod(lead)
     # x's leading dims, or one token dim (the original ScatterMoE's layers took x [B, L, D] with routing
@@ -223,7 +231,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
         """x [..., D]; expert_p, expert_idxs [..., K] (or [T, K]; ids also [T*K]) -> [..., D]."""
-        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
+        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size, "experts.weight", self.experts.weight)
         x_shape = x.shape
         x = _token_rows(x)
         sorted_expert_idxs, sorted_scattered_idxs, expert_offsets = flatten_sort_count(
@@ -304,7 +312,7 @@ class GLUMLP(MLP):
         if not self._fusable():
             return super().forward(x, expert_p, expert_idxs)
         # SiLU: one fused op (GLU in the first GEMM's epilogue, G recomputed in backward).
-        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
+        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size, "experts.weight", self.experts.weight)
         routing = flatten_sort_count(expert_idxs, num_experts=self.num_experts)
         y = glu_moe(_token_rows(x), self.experts.weight.permute(0, 2, 1),
                     self.output_experts.weight.permute(0, 2, 1), expert_p.reshape(-1, self.top_k), routing,
@@ -354,7 +362,8 @@ class MoA(nn.Module):
             ) -> Tuple[torch.Tensor, MoARouting]:
         """x [..., D]; expert_p, expert_idxs [..., K] (or [T, K]; ids also [T*K]) -> (queries [..., H*K, Dh],
         routing for reduce)."""
-        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size)
+        _check_routing(x, expert_p, expert_idxs, self.top_k, self.input_size, "input_linear.weight",
+                       self.input_linear.weight)
         lead = x.shape[:-1]
         # expert_p with x's leading dims (given [T, K] too): reduce checks attn_out's layout against them
         routing = MoARouting(expert_p.reshape(*lead, self.top_k), *flatten_sort_count(expert_idxs, self.num_experts))

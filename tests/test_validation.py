@@ -79,7 +79,10 @@ BAD_INPUTS = {
     "routing_2d": ({"sorted_scattered_idxs": lambda a: a["sorted_scattered_idxs"].view(T, K)}, ValueError,
                    r"^sorted_scattered_idxs: .*1-d"),
     "expert_offsets_wrong_length": ({"expert_offsets": lambda a: a["expert_offsets"][:-1]}, ValueError,
-                                    r"^expert_offsets: "),
+                                    rf"^expert_offsets: expected \[E={E}\], one end per expert .* \(routing for "
+                                    r"another number of experts\?\)$"),
+    "expert_offsets_strided": ({"expert_offsets": lambda a: torch.stack([a["expert_offsets"]] * 2, 1)[:, 0]},
+                               ValueError, r"^expert_offsets: expected a contiguous tensor$"),
     "expert_offsets_not_ending_at_N": ({"expert_offsets": _with_value("expert_offsets", -1, N - 1)}, ValueError,
                                        r"^expert_offsets: "),
     "expert_offsets_decreasing": ({"expert_offsets": lambda a: torch.tensor([3, 1, N])}, ValueError,
@@ -290,7 +293,7 @@ def test_under_autocast_the_float64_side_is_said_to_be_left_alone(layer, float64
     x = torch.randn(B, L, D, dtype=torch.float64 if float64 == "input" else torch.float32)
     if layer == "glumlp":
         module = scattermoe.GLUMLP(D, 6, E, K)
-        call, x_name, w_name = (lambda: module(x, p, idx)), "x", "w_in"
+        call, x_name, w_name = (lambda: module(x, p, idx)), "x", "experts.weight"
     else:
         module = moa = scattermoe.MoA(D, 4, 2, E, K)
         q, routing = moa.map(x.float(), p, idx)
@@ -541,7 +544,7 @@ def test_use_backend_restores_the_previous_backend_even_when_the_block_raises():
                 raise KeyError("boom")
     assert scattermoe.get_backend() == "torch"
     with scattermoe.use_backend("triton"):
-        pass
+        scattermoe.set_backend("auto")  # (the README says so: the block restores what it found)
     assert scattermoe.get_backend() == "torch"
 
 
@@ -653,6 +656,28 @@ def test_layers_name_x_of_the_wrong_width(layer, width):
     forward = LAYER_FACTORIES[layer]()
     with pytest.raises(ValueError, match=rf"^x: expected {D} features \(the layer's input_size\)"):
         forward(torch.randn(B, L, width), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
+
+
+@pytest.mark.parametrize("layer, weight", [("MLP", "experts.weight"), ("GLUMLP", "experts.weight"),
+                                           ("MoA.map", "input_linear.weight")])
+def test_layers_name_their_own_weight_of_another_dtype(layer, weight):
+    """By the layer's names: MLP said "expert_weights" (parallel_linear's) and GLUMLP "w_in" (glu_moe's) for the
+    same mistake."""
+    forward = LAYER_FACTORIES[layer]()
+    with pytest.raises(TypeError, match=rf"^{re.escape(weight)}: dtype float32 differs from x's dtype float16"):
+        forward(torch.randn(B, L, D).half(), torch.rand(B, L, K), make_expert_idxs(B * L, E, K).view(B, L, K))
+
+
+def test_parallel_experts_names_its_own_arguments():
+    """forward(inputs, ...) with the module's weight: not "x" and "expert_weights", parallel_linear's names."""
+    experts = scattermoe.ParallelExperts(E, D, F)
+    routing = scattermoe.flatten_sort_count(make_expert_idxs(B * L, E, K), E)
+    with pytest.raises(ValueError, match=rf"^inputs: expected {D} features \(the layer's input_size\), got shape"):
+        experts(torch.randn(B * L, D + 1), K, *routing)
+    with pytest.raises(TypeError, match=r"^weight: dtype float32 differs from inputs's dtype float16"):
+        experts(torch.randn(B * L, D).half(), K, *routing)
+    with pytest.raises(ValueError, match=r"^inputs: expected a 2-d tensor"):
+        experts(torch.randn(B, L, D), K, *routing)
 
 
 @pytest.mark.parametrize("build, error, message", [
