@@ -59,15 +59,24 @@ def moe_mlp_vectorised(x, expert_p, expert_idxs, w_in, w_out, b_in, b_out, activ
     return reference.parallel_linear(h, w_out.transpose(1, 2), 1, *routing, b_out, expert_p, True, False)
 
 
+def _routing_on_experts(*experts):
+    """A _routing where every token is sent to the same K experts (all tokens on one expert, when K=1)."""
+    def routing(B, L, E, K, device="cpu", dtype=torch.float32):
+        assert len(experts) == K and max(experts) < E
+        idx = torch.tensor(experts, device=device).expand(B, L, K).contiguous()
+        return torch.softmax(torch.randn(B, L, K, device=device), -1).to(dtype).requires_grad_(), idx
+    return routing
+
+
 def check_mlp_layer(layer_name, B, L, D, F_, E, K, bias, backend, dtype=torch.float32, device="cpu",
-                    per_token=True, tol=None):
+                    per_token=True, tol=None, make_routing=_routing):
     """One of LAYERS on ``backend``: forward and the gradients of x, expert_p and every parameter, vs float64."""
     cls, kwargs, activation, glu_activate_first = LAYERS[layer_name]
     layer = cls(D, F_, E, K, bias=bias, **kwargs)
     _reinit(layer)
     layer.to(device=device, dtype=dtype)
     x = torch.randn(B, L, D, device=device).to(dtype).requires_grad_()
-    p, idx = _routing(B, L, E, K, device, dtype)
+    p, idx = make_routing(B, L, E, K, device, dtype)
     with scattermoe.use_backend(backend):
         y = layer(x, p, idx)
     assert y.shape == (B, L, D) and y.dtype == dtype and y.device == x.device
@@ -92,6 +101,23 @@ def check_mlp_layer(layer_name, B, L, D, F_, E, K, bias, backend, dtype=torch.fl
 @pytest.mark.parametrize("B, L, D, F_, E, K", MLP_SHAPES)
 def test_mlp_layers_match_per_token_reference(B, L, D, F_, E, K, layer_name, bias, backend):
     check_mlp_layer(layer_name, B, L, D, F_, E, K, bias, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer_name", list(LAYERS))
+@pytest.mark.parametrize("experts", [(3,), (3, 1)], ids=["all_on_one_expert", "all_on_the_same_two"])
+def test_mlp_layers_with_every_token_on_the_same_experts(experts, layer_name, backend):
+    """DESIGN.md's "all tokens routed to one expert", at the layers: the other experts get no row."""
+    check_mlp_layer(layer_name, 2, 5, 24, 20, 4, len(experts), True, backend,
+                    make_routing=_routing_on_experts(*experts))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer_name", list(LAYERS))
+def test_mlp_layers_in_float16(layer_name, backend):
+    """The plain MLP, the unfused GLU and both fused orders in float16 on the CPU (the interpreter's dots are right
+    in float16, not bfloat16), against the float64 reference."""
+    check_mlp_layer(layer_name, 2, 7, 24, 40, 5, 2, True, backend, dtype=torch.float16)
 
 
 @pytest.mark.parametrize("layer_name", list(LAYERS))
@@ -155,10 +181,12 @@ MOA_SHAPES = [
     pytest.param(2, 6, 24, 2, 8, 5, 2, id="odd_D-empty_expert"),  # D not a multiple of 32; expert 4 gets no token
     pytest.param(1, 5, 16, 2, 12, 3, 3, id="k_eq_E"),             # k=E, H*Dh = 24
     pytest.param(2, 4, 16, 3, 8, 1, 1, id="E1"),                  # one expert, k=1, 3 heads
+    pytest.param(1, 1, 16, 2, 8, 4, 2, id="T1"),                  # a single token
 ]
 
 
-def check_moa(B, L, D, H, Dh, E, K, bias, backend, dtype=torch.float32, device="cpu", tol=None):
+def check_moa(B, L, D, H, Dh, E, K, bias, backend, dtype=torch.float32, device="cpu", tol=None,
+              make_routing=_routing):
     """map -> SDPA(enable_gqa=True) against H shared K/V heads -> reduce, vs the per-token loop in float64."""
     moa = scattermoe.MoA(D, Dh, H, E, K, bias=bias)
     w_kv = nn.Parameter(torch.empty(2 * H * Dh, D))  # the caller's shared key/value projection
@@ -167,7 +195,7 @@ def check_moa(B, L, D, H, Dh, E, K, bias, backend, dtype=torch.float32, device="
     moa.to(device=device, dtype=dtype)
     w_kv = nn.Parameter(w_kv.detach().to(device=device, dtype=dtype))
     x = torch.randn(B, L, D, device=device).to(dtype).requires_grad_()
-    p, idx = _routing(B, L, E, K, device, dtype)
+    p, idx = make_routing(B, L, E, K, device, dtype)
 
     with scattermoe.use_backend(backend):
         q, routing = moa.map(x, p, idx)                               # [B, L, H*K, Dh]
@@ -194,6 +222,17 @@ def check_moa(B, L, D, H, Dh, E, K, bias, backend, dtype=torch.float32, device="
 @pytest.mark.parametrize("B, L, D, H, Dh, E, K", MOA_SHAPES)
 def test_moa_with_sdpa_gqa_matches_per_token_reference(B, L, D, H, Dh, E, K, bias, backend):
     check_moa(B, L, D, H, Dh, E, K, bias, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("experts", [(2,), (2, 0)], ids=["all_on_one_expert", "all_on_the_same_two"])
+def test_moa_with_every_token_on_the_same_experts(experts, backend):
+    check_moa(2, 5, 24, 2, 8, 4, len(experts), True, backend, make_routing=_routing_on_experts(*experts))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moa_in_float16(backend):
+    check_moa(2, 6, 24, 2, 8, 5, 2, True, backend, dtype=torch.float16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
