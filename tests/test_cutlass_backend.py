@@ -893,3 +893,68 @@ def test_the_grouped_gemm_launch_reads_each_experts_bias_through_the_bias_own_ro
     flat = bias.as_strided(((E - 1) * 72 + F,), (1,))  # the bias's memory, first row to last
     for e in range(E):
         assert torch.equal(flat[e * seen["stride_be"]:][:F], bias[e]), (e, seen["stride_be"])
+
+
+def _malformed_scatter2scatter_calls():
+    """(name, kwargs of cutlass.scatter2scatter, the argument the error must name) for calls whose tensors the
+    kernels (csrc and Triton alike) would read or write past: what torch.ops.scattermoe.scatter2scatter(_glu) can
+    be handed without parallel_linear's checks."""
+    bf16 = torch.bfloat16
+    x, w, _, (_, scattered, offsets) = make_case([3, 0, 5], 16, 32)
+    good = dict(x=x, w=w, bias=None, sorted_scattered_idxs=scattered, expert_offsets=offsets, fan_out=1,
+                grouped_in=True, grouped_out=False)
+    glu = dict(good, glu=1)
+    meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731  (another device, without a GPU)
+    return [
+        ("offsets shorter than E", dict(good, expert_offsets=offsets[:2]), "expert_offsets"),
+        ("row_scale shorter than N", dict(good, row_scale=torch.ones(7)), "row_scale"),
+        ("pre_activation with too few rows", dict(glu, pre_activation=torch.empty(7, 32, dtype=bf16)),
+         "pre_activation"),
+        ("pre_activation narrower than 2F", dict(glu, pre_activation=torch.empty(8, 16, dtype=bf16)),
+         "pre_activation"),
+        ("out with too few rows", dict(good, out=torch.empty(7, 32, dtype=bf16)), "out"),
+        ("x narrower than K", dict(good, x=x[:, :8].contiguous()), "x"),
+        ("bias of the wrong width", dict(good, bias=torch.zeros(3, 16, dtype=bf16)), "bias"),
+        ("w on another device", dict(good, w=meta(w)), "w"),
+        ("offsets on another device", dict(good, expert_offsets=meta(offsets)), "expert_offsets"),
+        ("indices on another device", dict(good, sorted_scattered_idxs=meta(scattered)), "sorted_scattered_idxs"),
+        ("row_scale on another device", dict(good, row_scale=torch.ones(8, device="meta")), "row_scale"),
+    ]
+
+
+@pytest.mark.parametrize("name,kwargs,argument", _malformed_scatter2scatter_calls(),
+                         ids=[c[0] for c in _malformed_scatter2scatter_calls()])
+def test_malformed_scatter2scatter_calls_raise_naming_the_argument_before_any_kernel(fake_launch, fake_triton, name,
+                                                                                     kwargs, argument):
+    """Neither the csrc kernel nor the Triton fallback (which reads the same indices unchecked) is reached."""
+    with pytest.raises(ValueError, match=f"^{argument}: "):
+        cutlass.scatter2scatter(**kwargs)
+    assert not fake_launch and not fake_triton, name
+
+
+def test_a_well_formed_scatter2scatter_call_passes_the_argument_checks(fake_launch, fake_triton):
+    """The same tensors as the malformed calls above, well formed: they reach the kernel (offsets may be longer
+    than E, row_scale and the outputs may have more rows than N: the kernels read only the first ones)."""
+    x, w, _, (_, scattered, offsets) = make_case([3, 0, 5], 16, 32)
+    pre = torch.empty(9, 32, dtype=torch.bfloat16)
+    cutlass.scatter2scatter(x, w, None, scattered, torch.cat([offsets, offsets[-1:]]), 1, True, False,
+                            row_scale=torch.ones(9), glu=1, pre_activation=pre)
+    assert len(fake_launch) == 1 and not fake_triton
+
+
+@pytest.mark.parametrize("name,pre,dg,row_scale,argument", [
+    ("odd pre width", (6, 15), (6, 7), None, "pre"),
+    ("dg with fewer rows", (6, 16), (5, 8), None, "dg"),
+    ("dg narrower than F", (6, 16), (6, 4), None, "dg"),
+    ("row_scale shorter than N", (6, 16), (6, 8), 5, "row_scale"),
+    ("dg on another device", (6, 16), "meta", None, "dg"),
+])
+def test_malformed_glu_backward_calls_raise_naming_the_argument_before_any_kernel(fake_launch, fake_triton, name, pre,
+                                                                                  dg, row_scale, argument):
+    pre_t = torch.randn(*pre).to(torch.bfloat16)
+    dg_t = (torch.empty(6, 8, dtype=torch.bfloat16, device="meta") if dg == "meta"
+            else torch.randn(*dg).to(torch.bfloat16))
+    scale = torch.ones(row_scale) if row_scale is not None else None
+    with pytest.raises(ValueError, match=f"^{argument}: "):
+        cutlass.glu_backward(pre_t, dg_t, True, scale)
+    assert not fake_launch and not fake_triton, name
