@@ -958,3 +958,67 @@ def test_malformed_glu_backward_calls_raise_naming_the_argument_before_any_kerne
     with pytest.raises(ValueError, match=f"^{argument}: "):
         cutlass.glu_backward(pre_t, dg_t, True, scale)
     assert not fake_launch and not fake_triton, name
+
+
+def _locate_row_tile(offsets, num_rows, tile, tile_m=128):
+    """The definition (csrc/scatter_gemm/scatter_gemm_sm90.cuh, above locate_row_tile_warp), one expert at a time."""
+    tiles_before = prev_end = 0
+    for e, end in enumerate(offsets):
+        end = min(max(end, 0), num_rows)
+        start, prev_end = min(prev_end, end), end
+        tiles = -(-(end - start) // tile_m)
+        if tile < tiles_before + tiles:
+            return start + (tile - tiles_before) * tile_m, end, e
+        tiles_before += tiles
+    return 0, 0, -1
+
+
+def _locate_row_tile_warp(offsets, num_rows, tile, tile_m=128):
+    """locate_row_tile_warp transcribed lane by lane: 32 experts a pass, shfl_up for the previous end and the
+    inclusive scan, a ballot for the first lane whose tiles reach past `tile`, shfl from lane 31 for the carry."""
+    num_experts = len(offsets)
+    tiles_before = prev_end = 0
+    for base in range(0, num_experts, 32):
+        lanes = range(32)
+        valid = [base + lane < num_experts for lane in lanes]
+        end = [min(max(offsets[base + lane], 0), num_rows) if valid[lane] else 0 for lane in lanes]
+        before = [prev_end] + end[:31]
+        start = [min(b, e) for b, e in zip(before, end)]
+        count = [-(-(end[i] - start[i]) // tile_m) if valid[i] else 0 for i in lanes]
+        upto = list(count)
+        d = 1
+        while d < 32:  # shfl_up by d: lanes below d keep theirs
+            upto = [upto[i] + (upto[i - d] if i >= d else 0) for i in lanes]
+            d *= 2
+        holds = [valid[i] and tile < tiles_before + upto[i] for i in lanes]
+        if any(holds):
+            src = holds.index(True)
+            first_tile = tiles_before + upto[src] - count[src]
+            return start[src] + (tile - first_tile) * tile_m, end[src], base + src
+        tiles_before += upto[31]
+        prev_end = end[31]
+    return 0, 0, -1
+
+
+def test_the_warp_search_finds_each_row_tile_where_the_serial_definition_does():
+    """Both scatter-GEMM kernels find a tile's expert with locate_row_tile_warp (the per-tile one since 2026-12-01,
+    in place of thread 0's serial walk): its transcription gives the serial definition's answer for every row tile
+    of the grid (cdiv(N, 128) + E, the tiles past the last included), with sorted offsets, empty experts, unsorted
+    ones and ones outside [0, N] (hand-made routing, unchecked on CUDA), E from 1 to 130 (passes of 32 and a
+    partial one)."""
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for case in range(240):
+        num_experts = [1, 2, 31, 32, 33, 64, 100, 128, 130][case % 9]
+        num_rows = int(torch.randint(0, 1500, (1,), generator=g))
+        if case % 3 == 0:  # routing-made: sorted, ending at N
+            cuts = torch.randint(0, num_rows + 1, (num_experts,), generator=g).sort().values
+            cuts[-1] = num_rows
+        else:  # unsorted, some below 0 or above N
+            cuts = torch.randint(-200, num_rows + 400, (num_experts,), generator=g)
+        offsets = cuts.tolist()
+        for tile in range(-(-num_rows // 128) + num_experts):
+            assert _locate_row_tile_warp(offsets, num_rows, tile) == _locate_row_tile(offsets, num_rows, tile), (
+                offsets, num_rows, tile)
+            checked += 1
+    assert checked > 5000

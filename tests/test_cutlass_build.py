@@ -307,10 +307,14 @@ def test_scatter_gemm_sass_holds_hgmma_and_cp_async(built, cuobjdump, source):
     assert sass.count("STG.E.128") >= (1 if wgrad else 3) * kernels, f"{source}: the epilogue lacks 16-byte stores"
     assert len(hgmma) == 8 * kernels, f"{source}: {len(hgmma)} HGMMA: not one 8-wgmma mainloop per kernel"
     if not wgrad:
-        # The persistent kernel's warps find their tiles' experts with a warp scan (shuffles and a ballot).
-        persistent = sass[sass.index("scatter_gemm_persistent_kernel"):]
-        assert "scatter_gemm_kernel" in sass and "VOTE" in persistent and "SHFL.UP" in persistent, \
-            f"{source}: the persistent scatter GEMM is missing or finds its tiles without the warp scan"
+        # Both kernels find their tiles' experts with a warp scan (shuffles and a ballot): the per-tile one's
+        # thread 0 walked the experts one dependent load at a time until 2026-12-01 (bench/NOTES.md 25).
+        names = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}
+        kinds = {name: "persistent" if "persistent" in name else "per tile" for name in names}
+        assert sorted(kinds.values()) == ["per tile"] * 2 + ["persistent"] * 2, f"{source}: kernels {sorted(names)}"
+        for name, body in names.items():
+            assert "VOTE" in body and "SHFL.UP" in body, \
+                f"{source}: the {kinds[name]} kernel {name} finds its tiles without the warp scan"
     assert "CALL" not in sass, f"{source}: the kernel calls a subroutine"
     if not wgrad:
         # W by TMA (params.w_tma): 3-D boxes, 2 per stage for a K-major W, 16 (64 x 8) for an F-major one, in

@@ -54,7 +54,7 @@ using sm90::store_8;
 
 using TileShape = Shape<Int<kScatterGemmTileM>, Int<kScatterGemmTileN>, Int<kScatterGemmTileK>>;
 
-// Which expert and rows a row tile holds: in the per-tile kernel found once by thread 0 and kept in
+// Which expert and rows a row tile holds: in the per-tile kernel found once by warp 0 and kept in
 // shared memory (the 256-byte carve-out; unused by the persistent kernel, whose warps each find it).
 struct TileInfo {
   int64_t row_start;
@@ -120,35 +120,19 @@ CUTE_DEVICE int w_column(int c, int n_tile, int n_out, bool glu, bool& ok) {
 // Fast-math silu, as Triton's sigmoid: exp(-v) = inf for v < -88 gives v / inf = -0, the limit.
 CUTE_DEVICE float silu(float v) { return __fdividef(v, 1.0f + __expf(-v)); }
 
-// Thread 0 of each CTA: which expert and rows does row tile `tile` hold? (expert -1: none.)
-template <class Offset>
-CUTE_DEVICE void locate_row_tile(const Offset* offsets, int num_experts, int64_t num_rows, int64_t tile,
-                                 int64_t& row_start, int64_t& row_end, int& expert) {
-  expert = -1;
-  row_start = row_end = 0;
-  int64_t tiles_before = 0;
-  int64_t prev_end = 0;  // expert e-1's end, clamped: expert e starts there (or at its own end if smaller)
-  for (int e = 0; e < num_experts; ++e) {
-    int64_t end = static_cast<int64_t>(offsets[e]);
-    end = end < 0 ? 0 : (end > num_rows ? num_rows : end);
-    const int64_t start = prev_end < end ? prev_end : end;
-    prev_end = end;
-    const int64_t tiles = (end - start + kScatterGemmTileM - 1) / kScatterGemmTileM;
-    if (tile < tiles_before + tiles) {
-      expert = e;
-      row_start = start + (tile - tiles_before) * kScatterGemmTileM;
-      row_end = end;
-      return;
-    }
-    tiles_before += tiles;
-  }
-}
-
-// The same answer as locate_row_tile, found by a whole warp 32 experts at a time: each lane takes
-// one expert (its clamped rows and row tiles), an inclusive scan over the lanes counts the tiles up
-// to each, and a ballot picks the first expert whose tiles reach past `tile`. O(E / 32) steps of a
-// few shuffles instead of E dependent loads, so every warp of a persistent CTA can find each of its
-// tiles itself. All 32 lanes must call it together; all get the answer.
+// Which expert and rows does row tile `tile` hold? (expert -1: none.) The definition, serially (what thread 0 of
+// the per-tile kernel ran until 2026-12-01, and what tests/test_cutlass_backend.py transcribes):
+//     tiles_before = 0, prev_end = 0
+//     for e in [0, E): end = clamp(offsets[e], 0, N); start = min(prev_end, end); prev_end = end
+//                      tiles = cdiv(end - start, 128)
+//                      if tile < tiles_before + tiles: return {start + (tile - tiles_before) * 128, end, e}
+//                      tiles_before += tiles
+//     return {0, 0, -1}
+// Found here by a whole warp 32 experts at a time: each lane takes one expert (its clamped rows and row
+// tiles), an inclusive scan over the lanes counts the tiles up to each, and a ballot picks the first expert
+// whose tiles reach past `tile`. O(E / 32) steps of a few shuffles instead of E dependent loads, so warp 0 of
+// a per-tile CTA finds its tile quickly and every warp of a persistent CTA can find each of its tiles itself.
+// All 32 lanes must call it together; all get the answer.
 template <class Offset>
 CUTE_DEVICE TileInfo locate_row_tile_warp(const Offset* offsets, int num_experts, int64_t num_rows, int tile) {
   constexpr unsigned kAll = 0xffffffffu;
@@ -393,12 +377,12 @@ __global__ void __launch_bounds__(G::kThreads, 1)
   int row_tile, n_tile;
   scatter_gemm_tile_of(static_cast<int>(blockIdx.x), scatter_gemm_row_tiles(p.num_rows, p.num_experts),
                        scatter_gemm_col_tiles(p.n_out, p.glu), row_tile, n_tile);
-  if (threadIdx.x == 0) {
-    int64_t row_start, row_end;
-    int expert;
-    locate_row_tile(static_cast<const Offset*>(p.expert_offsets), p.num_experts, p.num_rows,
-                    static_cast<int64_t>(row_tile), row_start, row_end, expert);
-    shared.extra = {row_start, row_end, expert};
+  // Warp 0 finds the tile's expert and rows, E / 32 rounds of 32 independent loads: thread 0 alone walking
+  // expert_offsets was E dependent loads (each waits for the last one's compare) while 383 threads waited here.
+  if (threadIdx.x < 32) {
+    const TileInfo found = locate_row_tile_warp(static_cast<const Offset*>(p.expert_offsets), p.num_experts,
+                                                p.num_rows, row_tile);
+    if (threadIdx.x == 0) shared.extra = found;
   }
   __syncthreads();
   const auto tile = shared.extra;
