@@ -159,7 +159,8 @@ bool scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
                   int64_t stride_ym, int64_t y_rows, uintptr_t gates, uintptr_t sorted_scattered_idxs,
                   uintptr_t expert_offsets, bool offsets_int64, bool x_grouped, bool y_grouped, int64_t fan_out,
                   int64_t num_experts, int64_t num_rows, int64_t k_in, int64_t n_out, int64_t glu, uintptr_t pre,
-                  int64_t stride_pm, int64_t num_ctas, bool w_tma, int64_t device, uintptr_t stream) {
+                  int64_t stride_pm, int64_t pre_rows, int64_t num_ctas, bool w_tma, int64_t device,
+                  uintptr_t stream) {
   ScatterGemmParams p;
   p.x = as_ptr<const void>(x);
   p.stride_xm = stride_xm;
@@ -186,6 +187,7 @@ bool scatter_gemm(const std::string& dtype, bool w_k_major, uintptr_t x, int64_t
   p.glu = checked_int(glu, "glu");
   p.pre = as_ptr<void>(pre);
   p.stride_pm = stride_pm;
+  p.pre_rows = pre_rows;
   p.num_ctas = checked_int(num_ctas, "num_ctas");
   p.w_tma = w_tma;
   p.device = checked_int(device, "device");
@@ -314,11 +316,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stride_be"), py::arg("y"), py::arg("stride_ym"), py::arg("y_rows"), py::arg("gates"),
         py::arg("sorted_scattered_idxs"), py::arg("expert_offsets"), py::arg("offsets_int64"), py::arg("x_grouped"),
         py::arg("y_grouped"), py::arg("fan_out"), py::arg("num_experts"), py::arg("num_rows"), py::arg("k_in"),
-        py::arg("n_out"), py::arg("glu") = 0, py::arg("pre") = 0, py::arg("stride_pm") = 0, py::arg("num_ctas") = 0,
-        py::arg("w_tma") = false, py::arg("device"), py::arg("stream"),
+        py::arg("n_out"), py::arg("glu") = 0, py::arg("pre") = 0, py::arg("stride_pm") = 0,
+        py::arg("pre_rows") = 0, py::arg("num_ctas") = 0, py::arg("w_tma") = false, py::arg("device"),
+        py::arg("stream"),
         "scatter2scatter on sm_90a: rows gathered on load (x_grouped=False: token slot // fan_out), scattered on "
         "store (y_grouped=False: slot), per-expert bias, the GLU epilogue (glu=1: silu(a) * b, 2: a * silu(b), "
-        "W and bias 2 * n_out wide; pre, if not 0, receives both halves before it), float32 gates by slot "
+        "W and bias 2 * n_out wide; pre, if not 0, pre_rows rows, receives both halves before it), float32 gates "
+        "by slot "
         "(csrc/include/scattermoe/scatter_gemm.h has the layouts); num_ctas > 0: the persistent kernel on that many "
         "CTAs (the SM count), 0: one CTA per tile; w_tma: W loaded by TMA where a tensor map can describe it, "
         "else by cp.async. Returns whether W was loaded by TMA. Enqueued on `stream`; no host sync.");

@@ -1022,3 +1022,25 @@ def test_the_warp_search_finds_each_row_tile_where_the_serial_definition_does():
                 offsets, num_rows, tile)
             checked += 1
     assert checked > 5000
+
+
+def test_the_scatter_gemm_launch_gives_the_kernel_the_pre_activation_rows(monkeypatch, cpu_launch):
+    """The kernel's run() refuses a pre-activation with fewer rows than N (pre_rows, as y_rows for y): the launcher
+    must pass the tensor's rows, 0 without one."""
+    seen = []
+
+    class FakeModule:  # scatter_gemm with run()'s row checks
+        def scatter_gemm(self, **kw):
+            if kw["y_rows"] < kw["num_rows"] or (kw["pre"] and kw.get("pre_rows", 0) < kw["num_rows"]):
+                raise ValueError(f"the kernel refuses these rows: {kw}")
+            seen.append(kw)
+            return False
+
+    monkeypatch.setattr(_extension, "load", lambda: (FakeModule(), None))
+    x, w, _, (_, scattered, offsets) = make_case([3, 0, 5], 16, 32)
+    p = sg.plan(x, w, None, offsets, 8, glu=1)
+    assert isinstance(p, sg.ScatterGemmPlan), p
+    y, pre = torch.empty(8, 16, dtype=torch.bfloat16), torch.empty(9, 32, dtype=torch.bfloat16)
+    sg.launch(p, x, w, None, scattered, offsets, 1, True, False, None, y, pre)
+    sg.launch(p, x, w, None, scattered, offsets, 1, True, False, None, y)
+    assert [(kw["pre"] != 0, kw["pre_rows"]) for kw in seen] == [(True, 9), (False, 0)]

@@ -568,6 +568,8 @@ bool run(const ScatterGemmParams& p, cudaStream_t stream) {
   SMOE_CHECK(p.x_grouped ? p.x_rows >= p.num_rows : p.x_rows * p.fan_out >= p.num_rows,
              "x_rows: X has ", p.x_rows, " rows, too few for ", p.num_rows, " routed rows with fan_out ", p.fan_out);
   SMOE_CHECK(p.y_rows >= p.num_rows, "y_rows: Y has ", p.y_rows, " rows, fewer than the ", p.num_rows, " routed rows");
+  SMOE_CHECK(p.pre == nullptr || p.pre_rows >= p.num_rows, "pre_rows: PRE has ", p.pre_rows, " rows, fewer than the ",
+             p.num_rows, " routed rows");
   for (auto [name, ptr] : {std::pair<const char*, const void*>{"x", p.x}, {"w", p.w}}) {
     SMOE_CHECK(ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0,
                name, ": expected a non-null 16-byte aligned device pointer, got ", ptr);

@@ -56,6 +56,7 @@ struct ScatterGemmParams {
   int glu = 0;                            // 0: none; 1: silu(first half) * second; 2: first * silu(second)
   void* pre = nullptr;                    // glu only: [*, 2F] pre-activation H, rows like Y; nullptr: not kept
   int64_t stride_pm = 0;
+  int64_t pre_rows = 0;                   // rows of PRE when given: host-side size checks only, as y_rows
   int num_ctas = 0;                       // 0: one CTA per tile; > 0: the persistent kernel on this many CTAs
   bool w_tma = false;                     // load W by TMA (else cp.async, as X); see scatter_gemm_sm90
   int device = 0;

@@ -175,7 +175,8 @@ def launch(p: ScatterGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[
         fan_out=fan_out if not grouped_in else 1, num_experts=p.num_experts, num_rows=p.num_rows,
         k_in=p.k_in, n_out=p.n_out, glu=p.glu,
         pre=pre_activation.data_ptr() if pre_activation is not None else 0,
-        stride_pm=row_stride(pre_activation) if pre_activation is not None else 0, num_ctas=num_ctas(device),
+        stride_pm=row_stride(pre_activation) if pre_activation is not None else 0,
+        pre_rows=pre_activation.size(0) if pre_activation is not None else 0, num_ctas=num_ctas(device),
         w_tma=_weight_tma, device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
     )
     last_weight_load = "tma" if used_tma else "cp.async"
