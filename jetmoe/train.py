@@ -285,7 +285,8 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, amp
 
 def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
     """Linear warm-up, then cosine to lr * min_lr_ratio at cfg.steps; a run bounded only by cfg.seconds
-    decays over the fraction of its time budget spent instead (the step count it will reach is unknown)."""
+    decays over ``time_fraction`` instead (the step count it will reach is unknown): train() passes the fraction
+    spent of the time its budget has left after warm-up, so the cosine starts from its top, as with steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.steps:
@@ -678,10 +679,19 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     saved_step = step  # the step of the checkpoint on disk (resumed: the one read; fresh: none before step 1)
     start = last = time.perf_counter()
     elapsed = 0.0  # training time so far, the same on every rank (all-reduced below)
+    # A --seconds-only schedule decays over the time left after warm-up: the budget's whole time would put the
+    # cosine part-way down at the first step after warm-up (the demo: from 4e-3 to 2.9e-3 in one step). A resume
+    # past warm-up starts its cosine at once (this run's time: the schedule restarts, as train() warns).
+    warmup_end_s = 0.0 if step >= cfg.warmup_steps else None
     with _InterruptAfterStep(enabled=world == 1) as interrupt:
         while cfg.steps is None or step < cfg.steps:
+            if warmup_end_s is None and step >= cfg.warmup_steps:
+                warmup_end_s = elapsed
+            time_fraction = 0.0
+            if cfg.seconds and warmup_end_s is not None:
+                time_fraction = (elapsed - warmup_end_s) / max(cfg.seconds - warmup_end_s, 1e-9)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg, elapsed / cfg.seconds if cfg.seconds else 0.0)
+                group["lr"] = lr_at(step, cfg, time_fraction)
             batches = [get_batch(tokens, step, a, rank, world, cfg) for a in range(cfg.grad_accum)]
             # Dropout (config.attention_dropout) draws from a seed of the step's own: a resumed run draws what an
             # uninterrupted one would.

@@ -1153,6 +1153,40 @@ def test_a_run_bounded_by_seconds_decays_over_the_time_it_has_spent(tmp_path, mo
     assert records[1]["lr"] < records[0]["lr"]  # decaying, not the constant rate of a fraction stuck at 0
 
 
+def test_a_run_bounded_by_seconds_starts_its_cosine_from_the_top_after_warm_up(tmp_path, monkeypatch):
+    """With warm-up, a --seconds-only run decays over the time left after warm-up: the first step after it runs at
+    the peak rate (as a steps-bounded run does), not part-way down a cosine over the whole budget (the demo's log
+    went from 4e-3 at its last warm-up step to 2.9e-3 at the next). A resume that ends warm-up part-way through
+    this run times its cosine from there too. (1 s a step; the training itself replaced.)"""
+    from types import SimpleNamespace
+
+    import jetmoe.train as jt
+
+    clock = [100.0]
+    monkeypatch.setattr(jt, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def one_second_step(*args, **kwargs):
+        clock[0] += 1.0
+        return 0.0, 0.0
+
+    monkeypatch.setattr(jt, "train_step", one_second_step)
+    cfg = TrainConfig(out_dir=str(tmp_path / "t"), seconds=6.0, lr=1.0, warmup_steps=2, min_lr_ratio=0.1,
+                      batch_size=2, seq_len=16, progress=False)
+    model = JetMoEForCausalLM(BYTES)
+    with scattermoe.use_backend("torch"):
+        records = jt.train(model, tokens(), cfg)
+        # warm-up at 0 s and 1 s; the cosine over the 4 s left, from 2 s
+        assert [r["lr"] for r in records] == pytest.approx(
+            [0.5, 1.0] + [jt.lr_at(2, cfg, f) for f in (0, 0.25, 0.5, 0.75)])
+        assert records[2]["lr"] == pytest.approx(1.0)
+        one_step = dataclasses.replace(cfg, out_dir=str(tmp_path / "r"), seconds=None, steps=1)
+        jt.train(model, tokens(), one_step)
+        with pytest.warns(UserWarning, match="--seconds budget only"):
+            resumed = jt.train(model, tokens(), dataclasses.replace(one_step, steps=None, seconds=4.0, resume=True))
+    # step 1 (the last of warm-up) at 0 s, then the cosine over the 3 s left
+    assert [r["lr"] for r in resumed] == pytest.approx([1.0] + [jt.lr_at(2, cfg, f) for f in (0, 1 / 3, 2 / 3)])
+
+
 def test_weight_decay_spares_norms_and_biases():
     model = JetMoEForCausalLM(BYTES)
     opt = make_optimizer(model, TrainConfig(out_dir="unused", weight_decay=0.1))
