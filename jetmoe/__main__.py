@@ -391,6 +391,9 @@ def _train(args, demo: bool) -> None:
     from .model import unknown_compile_backend
     from .train import TrainConfig, amp_dtype_for, init_distributed, load_corpus, split_corpus, tokenize, train
 
+    if args.resume and args.overwrite:  # one continues the run in --out, the other replaces it
+        raise CLIError("--resume and --overwrite: pass one, --resume to continue the run in --out or --overwrite to "
+                       "start over in its place")
     if args.eval_every and not args.val_fraction:  # before any work
         raise CLIError("--eval-every: needs a held-out part, --val-fraction > 0")
     compile_backend = getattr(args, "compile", None)

@@ -732,6 +732,9 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     (["train", "--eval-every", "5", "--steps", "1", "--device", "cpu"], "--eval-every: needs a held-out part"),
     (["train", "--sharded-optimizer-state", "--steps", "1"], "--sharded-optimizer-state: needs --fsdp"),
     (["train", "--compile", "nope", "--steps", "1"], "--compile: unknown torch.compile backend 'nope'"),
+    # --overwrite was ignored beside --resume (which continued the run it was meant to replace)
+    (["train", "--resume", "--overwrite", "--out", "/no/such/run"], "--resume and --overwrite: pass one"),
+    (["demo", "--resume", "--overwrite", "--out", "/no/such/run"], "--resume and --overwrite: pass one"),
     (["train", "--val-fraction", "1", "--steps", "1"], "argument --val-fraction: expected a value >= 0 and < 1"),
     (["eval", "--seq-len", "1"], "argument --seq-len: expected a value >= 2"),
     (["train", "--seq-len", "1", "--steps", "1"], "argument --seq-len: expected a value >= 2"),  # nothing to predict
