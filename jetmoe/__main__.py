@@ -59,6 +59,11 @@ def _number(kind, name: str, low=None, high=None, low_open=False, high_open=Fals
     return parse
 
 
+def _user_path(text: str) -> Path:
+    """An argparse type for a path: ~ expanded, as --model's is (the shell leaves --out=~/x as it is)."""
+    return Path(text).expanduser()
+
+
 def _nearest_existing(path: Path) -> Path:
     """path, or its nearest ancestor that exists: where making the missing folders would start."""
     while not path.exists():
@@ -512,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: as stored on CUDA, float32 on the CPU")
 
     def data(sp):
-        sp.add_argument("--data", nargs="+", help="text files or directories (directories: their .py, .txt, .md and "
-                        ".rst files; default: the Python stdlib's .py files)")
+        sp.add_argument("--data", nargs="+", type=_user_path, help="text files or directories (directories: their "
+                        ".py, .txt, .md and .rst files; default: the Python stdlib's .py files)")
 
     def sampling(sp, max_new: int):
         sp.add_argument("--max-new-tokens", type=_number(int, "max-new-tokens", 1), default=max_new)
@@ -528,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     def training(sp, out: Path, seconds: Optional[float], batch: int, seq: int, lr: Optional[float],
                  log_every: int = 25, val_fraction: float = 0.0, fsdp: bool = False):
         data(sp)
-        sp.add_argument("--out", type=Path, default=out, help=f"checkpoint directory (default {out})")
+        sp.add_argument("--out", type=_user_path, default=out, help=f"checkpoint directory (default {out})")
         sp.add_argument("--steps", type=_number(int, "steps", 1), default=None,
                         help="stop at this optimizer step (counting the steps of a resumed run)")
         sp.add_argument("--seconds", type=_number(float, "seconds", 0, low_open=True), default=seconds,
@@ -605,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the same windows through transformers' JetMoeForCausalLM loaded from the same files; "
                    "exit status 1 when the losses or the first batch's logits differ by more than rounding "
                    "(float32: 1e-4 relative for both; 16 bits: 1e-2 for the loss, 2e-2 for the logits)")
-    e.add_argument("--json", type=Path, help="write the numbers to this file")
+    e.add_argument("--json", type=_user_path, help="write the numbers to this file")
     e.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     common(e, seed=False)
 

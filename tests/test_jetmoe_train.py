@@ -750,6 +750,19 @@ def test_cli_rejects_bad_values_before_any_work(argv, message, capsys):
     assert err.count("\n") == 1 and err.startswith("jetmoe: error:") and message in err, err
 
 
+@pytest.mark.parametrize("argv, field", [(["train", "--out=~/run"], "out"), (["demo", "--out=~/run"], "out"),
+                                         (["train", "--data=~/run"], "data"), (["eval", "--data=~/run"], "data"),
+                                         (["eval", "--json=~/run"], "json")])
+def test_cli_paths_expand_the_home_folder(argv, field, tmp_path, monkeypatch):
+    """The shell leaves a ~ after = as it is: --out=~/run made a folder named ~ in the working directory (while
+    --model expands it)."""
+    from jetmoe.__main__ import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    value = getattr(build_parser().parse_args(argv), field)
+    assert (value[0] if field == "data" else value) == tmp_path / "run"
+
+
 def test_cli_train_refuses_a_model_name_that_is_both_a_preset_and_a_checkpoint_here(tmp_path, capsys, monkeypatch):
     """generate and eval read ./tiny as a checkpoint; train took the preset and trained from scratch, silently."""
     monkeypatch.chdir(tmp_path)
