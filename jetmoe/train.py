@@ -170,8 +170,10 @@ def tokenize(docs: Sequence[str], tokenizer: Tokenizer) -> torch.Tensor:
 
 
 def _check_corpus_length(tokens: torch.Tensor, seq_len: int) -> None:
-    if tokens.numel() <= seq_len:
-        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
+    # One window is enough: the model predicts each of its tokens from those before (labels are the inputs,
+    # shifted inside the loss), so a step needs seq_len tokens, not seq_len + 1.
+    if tokens.numel() < seq_len:
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than one window of seq_len {seq_len}: "
                          "give more text (--data) or a shorter --seq-len")
 
 
@@ -201,7 +203,7 @@ def split_validation(tokens: torch.Tensor, fraction: float, seq_len: int) -> Tup
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"val_fraction: expected a value in (0, 1), got {fraction}")
     n_val = max(round(tokens.numel() * fraction), seq_len)
-    if tokens.numel() - n_val <= seq_len:
+    if tokens.numel() - n_val < seq_len:
         raise ValueError(f"the corpus has {tokens.numel()} tokens: holding out {n_val} for validation "
                          f"(val_fraction {fraction}, at least seq_len {seq_len}) leaves too few to train on; give "
                          "more text, a smaller val_fraction or a shorter seq_len")

@@ -345,6 +345,8 @@ def test_tokenize_ends_every_document_with_eos_and_batches_reach_the_last_window
     cfg = TrainConfig(out_dir="unused", batch_size=64, seq_len=4)
     starts = {tuple(row.tolist()) for step in range(20) for row in get_batch(torch.arange(6), step, 0, 0, 1, cfg)}
     assert starts == {(0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5)}  # every window of 4 in 6 tokens, the last too
+    # One window is a corpus: the labels are the inputs shifted inside the loss, so seq_len tokens make a step.
+    assert get_batch(torch.arange(4), 0, 0, 0, 1, cfg).tolist() == [[0, 1, 2, 3]] * 64
 
     class BigVocab:  # ids past int16's 32767 (a 50k vocabulary) must survive the compact stream
         vocab_size, eos_token_id = 50000, 49999
@@ -374,6 +376,7 @@ def test_split_validation_holds_out_the_tail():
     train_part, held = split_validation(t, 0.1, 16)
     assert torch.equal(train_part, t[:900]) and torch.equal(held, t[900:])
     assert split_validation(t, 0.001, 16)[1].numel() == 16  # at least one window
+    assert split_validation(t[:32], 0.5, 16)[0].numel() == 16  # one window left to train on is enough
     with pytest.raises(ValueError, match="leaves too few to train on"):
         split_validation(t, 0.99, 16)
     with pytest.raises(ValueError, match=r"expected a value in \(0, 1\)"):
@@ -1024,7 +1027,7 @@ def test_cli_checks_text_and_output_before_loading_weights(tiny_ckpt, tmp_path, 
             (["eval", "--data", str(short), "--seq-len", "64"], "tokens"),
             (["eval", "--data", str(corpus), "--json", str(blocker / "x.json")], "is a file"),
             (["train", "--data", str(short), "--steps", "1", "--seq-len", "64", "--out", str(tmp_path / "o1")],
-             "fewer than seq_len + 1"),
+             "fewer than one window of seq_len 64"),
             (["train", "--data", str(corpus), "--steps", "1", "--seq-len", "64", "--val-fraction", "0.97",
               "--out", str(tmp_path / "o2")], "leaves too few to train on")):
         assert main([*argv, "--model", str(tiny_ckpt), "--device", "cpu"]) == 2, argv
