@@ -599,9 +599,12 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:  # a fresh run starts a fresh log, and no curve of the run it replaces stays beside it
-            (Path(cfg.out_dir) / TRAIN_LOG).unlink(missing_ok=True)
-            (Path(cfg.out_dir) / TRAIN_PLOT).unlink(missing_ok=True)
+        if not cfg.resume:  # a fresh run starts a fresh log, and no curve of the run it replaces stays beside it;
+            # nor its trainer state: a run that died before its first save left it beside the new run's log, and
+            # --resume continued the replaced run (its weights stay until the first save, not resumable, as after
+            # a save cut short)
+            for name in (TRAIN_LOG, TRAIN_PLOT, TRAINER_STATE):
+                (Path(cfg.out_dir) / name).unlink(missing_ok=True)
     state = None
     if cfg.resume:
         load_weights(model, cfg.out_dir, progress=None if rank == 0 else False)  # every rank, before any sharding

@@ -841,6 +841,28 @@ def test_a_fresh_run_leaves_no_curve_of_the_run_it_replaces(tmp_path):
     assert not (out / TRAIN_PLOT).exists() and (out / TRAIN_LOG).read_text() != "{}\n"
 
 
+def test_a_fresh_run_that_dies_before_its_first_save_leaves_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    """--overwrite deleted the old log at the start but kept the replaced run's trainer state until the first save:
+    a run that died before it left the old run resumable, and --resume continued it silently."""
+    import jetmoe.train as jt
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(out_dir=str(out), steps=1, batch_size=2, seq_len=16, progress=False)
+    with scattermoe.use_backend("torch"):
+        train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    assert (out / TRAINER_STATE).is_file()
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(jt, "train_step", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    assert not (out / TRAINER_STATE).exists()
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--device", "cpu"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
 def test_cli_generate_reads_the_tokenizer_before_the_weights(tiny_ckpt, capsys, monkeypatch):
     """A tokenizer that cannot load (here: transformers missing) is said before the weights are read, not after
     loading (for JetMoE-8B) 17 GB."""
