@@ -584,6 +584,10 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         raise ValueError("train: eval_every needs a held-out part (val_fraction > 0)")
     if cfg.sharded_optimizer_state and not cfg.fsdp:  # under DDP every rank holds the whole state: nothing to shard
         raise ValueError("train: sharded_optimizer_state needs fsdp")
+    if cfg.steps is not None and cfg.warmup_steps >= cfg.steps and _on_rank0():
+        warnings.warn(f"--warmup {cfg.warmup_steps} >= --steps {cfg.steps}: the learning rate warms up over the whole "
+                      "run, so it never decays" + (f" and never reaches its peak, --lr {cfg.lr:g}"
+                                                   if cfg.warmup_steps > cfg.steps else ""))
     corpus = corpus_fingerprint(tokens)
     tokens, val_windows = split_corpus(tokens, cfg)  # before any output, not at the first step
     device = next(model.parameters()).device

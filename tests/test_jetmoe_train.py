@@ -1119,7 +1119,8 @@ def test_ctrl_c_finishes_the_step_and_saves(tmp_path):
 def test_resuming_a_seconds_only_run_warns_that_the_schedule_restarts(tmp_path):
     corpus = tmp_path / "corpus.py"
     corpus.write_text(TEXT)
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, seq_len=32, batch_size=2, progress=False)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, seq_len=32, batch_size=2, warmup_steps=1,
+                      progress=False)  # (a warm-up shorter than the run: no warning of its own)
     model = JetMoEForCausalLM(BYTES)
     with scattermoe.use_backend("torch"):  # (the schedule, not the kernels: no interpreter)
         train(model, tokens(), cfg)
@@ -1226,6 +1227,24 @@ def test_a_run_bounded_by_seconds_starts_its_cosine_from_the_top_after_warm_up(t
             resumed = jt.train(model, tokens(), dataclasses.replace(one_step, steps=None, seconds=4.0, resume=True))
     # step 1 (the last of warm-up) at 0 s, then the cosine over the 3 s left
     assert [r["lr"] for r in resumed] == pytest.approx([1.0] + [jt.lr_at(2, cfg, f) for f in (0, 1 / 3, 2 / 3)])
+
+
+@pytest.mark.parametrize("warmup, said", [(3, "never decays and never reaches its peak, --lr 1"),
+                                          (2, "never decays"), (1, None)])
+def test_a_warm_up_as_long_as_the_run_is_warned_about(warmup, said, tmp_path, monkeypatch):
+    import jetmoe.train as jt
+
+    monkeypatch.setattr(jt, "train_step", lambda *args, **kwargs: (0.0, 0.0))
+    monkeypatch.setattr(jt, "_save", lambda *args: None)
+    cfg = TrainConfig(out_dir=str(tmp_path / "t"), steps=2, lr=1.0, warmup_steps=warmup, batch_size=2, seq_len=16,
+                      progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = jt.train(JetMoEForCausalLM(BYTES), tokens(), cfg)
+    warned = [str(w.message) for w in caught if "--warmup" in str(w.message)]
+    assert warned == ([] if said is None else [f"--warmup {warmup} >= --steps 2: the learning rate warms up over the "
+                                               f"whole run, so it {said}"])
+    assert (max(r["lr"] for r in records) < 1.0) == (warmup > 2)  # what the warning says
 
 
 def test_weight_decay_spares_norms_and_biases():
@@ -1496,7 +1515,8 @@ def test_resuming_on_other_text_says_so(tmp_path, monkeypatch):
     import jetmoe.train as jt
 
     monkeypatch.setattr(jt, "train_step", lambda *args, **kwargs: (0.0, 0.0))
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=1, batch_size=2, seq_len=16, progress=False)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=1, batch_size=2, seq_len=16, warmup_steps=0,
+                      progress=False)  # (a warm-up shorter than the run: no warning of its own)
     train(JetMoEForCausalLM(BYTES), tokens(), cfg)
     saved = saved_train_config(cfg.out_dir)["corpus"]
     assert saved == jt.corpus_fingerprint(tokens()) and saved["tokens"] == tokens().numel()
