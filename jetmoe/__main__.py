@@ -437,7 +437,9 @@ def _train(args, demo: bool) -> None:
                       compile=compile_backend)
     if cfg.steps is None and cfg.seconds is None:
         raise CLIError("give --steps or --seconds")
-    split_corpus(tokens, cfg)  # a corpus too short for --seq-len / --val-fraction: told before the model is built
+    # A corpus too short for --seq-len / --val-fraction: told before the model is built.
+    training_part, val_windows = split_corpus(tokens, cfg)
+    held_out = tokens.numel() - training_part.numel()  # at least one window: more than --val-fraction of a short text
     if rank0:
         warn_past_context("--seq-len", cfg.seq_len, config)
     model = build()
@@ -473,8 +475,10 @@ def _train(args, demo: bool) -> None:
         print(f"loss {records[0]['loss']:.3f} at step {records[0]['step']} -> {end:.3f} (mean of the last {n} "
               f"step{'s' * (n > 1)}) after {len(records)} steps in {records[-1]['elapsed_s']:.0f} s")
         if "val_loss" in records[-1]:
+            n = val_windows.shape[0] - val_windows.shape[0] % world  # evaluate's share over the processes
             print(f"held-out loss {records[-1]['val_loss']:.3f} (perplexity {records[-1]['val_perplexity']:.2f}) on "
-                  f"the last {100 * cfg.val_fraction:g}% of the corpus, never trained on")
+                  f"{n} window{'s' * (n > 1)} of {cfg.seq_len} tokens spread over the corpus's last {held_out:,} "
+                  f"tokens ({100 * held_out / tokens.numel():.2g}%), never trained on")
     if records:
         print(f"saved to {cfg.out_dir} (HF layout: transformers.JetMoeForCausalLM.from_pretrained loads it too)")
     else:  # a resume already at --steps

@@ -863,6 +863,17 @@ def test_a_fresh_run_that_dies_before_its_first_save_leaves_nothing_to_resume(tm
     assert "nothing to resume" in capsys.readouterr().err
 
 
+def test_cli_says_how_much_text_it_held_out(tiny_ckpt, tmp_path, capsys):
+    """At least one window is held out: on a short text that is more than --val-fraction, and the summary said the
+    fraction asked for ("the last 1% of the corpus") where 64 of its 1282 tokens, 5%, were held out."""
+    assert main(["train", "--model", str(tiny_ckpt), "--data", str(tiny_ckpt.parent / "corpus.py"), "--steps", "1",
+                 "--warmup", "0", "--seq-len", "64", "--batch-size", "2", "--val-fraction", "0.01",
+                 "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]) == 0
+    assert tokens().numel() + 1 == 1282  # (the stream: BOS, the text, EOS)
+    assert re.search(r"held-out loss \d+\.\d{3} \(perplexity \d+\.\d{2}\) on 1 window of 64 tokens spread over "
+                     r"the corpus's last 64 tokens \(5%\), never trained on", capsys.readouterr().out)
+
+
 def test_cli_generate_reads_the_tokenizer_before_the_weights(tiny_ckpt, capsys, monkeypatch):
     """A tokenizer that cannot load (here: transformers missing) is said before the weights are read, not after
     loading (for JetMoE-8B) 17 GB."""
