@@ -455,9 +455,10 @@ def init_distributed(device: torch.device) -> Tuple[int, int]:
 
 def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
                     tokenizer: Optional[Tokenizer] = None, sharded: bool = False,
-                    corpus: Optional[dict] = None) -> None:
+                    corpus: Optional[dict] = None, train_seconds: Optional[float] = None) -> None:
     """HF layout in out_dir (loadable by transformers) plus trainer_state.pt (optimizer, step; the config, with
-    ``corpus``, the text's corpus_fingerprint, for --resume to compare) beside it, or,
+    ``corpus``, the text's corpus_fingerprint, for --resume to compare; ``train_seconds``, the training time up to
+    ``step``, all runs together) beside it, or,
     with cfg.sharded_optimizer_state, the optimizer state in out_dir/optimizer_dcp, written by every rank.
     Every rank calls it when ``sharded``: the weights are gathered to rank 0 one file (at most 5 GB) at a time,
     and the optimizer state, unless saved sharded, whole; rank 0 writes them. Otherwise only the rank that
@@ -499,7 +500,7 @@ def save_checkpoint(model: JetMoEForCausalLM, optimizer: torch.optim.Optimizer, 
     for leftover in (old_dcp, new_dcp):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = out / (TRAINER_STATE + ".tmp")
-    torch.save({"step": step, "optimizer": optimizer_sd,
+    torch.save({"step": step, "optimizer": optimizer_sd, "train_seconds": train_seconds,
                 "optimizer_dir": OPTIMIZER_DCP if cfg.sharded_optimizer_state else None,
                 "train_config": dict(dataclasses.asdict(cfg), corpus=corpus, world=_world_size())}, tmp)
     os.replace(tmp, out / TRAINER_STATE)
@@ -573,7 +574,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     see shard_model; its checkpoint in out_dir is whole, fp32); every rank
     must call this with the same tokens and config. ``cfg.resume`` reloads weights, optimizer and step from
     out_dir. Ctrl-C in a one-process run ends it after the step under way, saved as at the end.
-    Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s; with
+    Records: step, loss (cross entropy, mean over ranks), aux_loss, lr, tokens_per_s, elapsed_s (this run's
+    training time), train_s (with the runs it resumes; absent after a checkpoint saved without it); with
     cfg.val_fraction also val_loss and val_perplexity at every cfg.eval_every-th step and the last (cross entropy
     on the held-out tail of ``tokens``, which training never draws from).
     """
@@ -598,6 +600,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     amp_dtype = amp_dtype_for(cfg.amp, device)
     sharded = cfg.fsdp and world > 1
     step = 0
+    earlier_s: Optional[float] = 0.0  # the training time of the runs this one resumes (None: unknown)
     state_path = Path(cfg.out_dir) / TRAINER_STATE
     if cfg.resume and not state_path.is_file():  # before anything is made on disk
         raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
@@ -616,6 +619,7 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         # state (JetMoE-8B's is 68 GB); the others take the step.
         state = torch.load(state_path, map_location="cpu" if sharded else device, weights_only=True, mmap=sharded)
         step = state["step"]
+        earlier_s = state.get("train_seconds")  # saved since 2026-12-03 (None before: unknown)
         if cfg.steps is None and rank == 0:
             warnings.warn(f"resuming at step {step} with a --seconds budget only: the learning-rate schedule (a "
                           "cosine over this run's seconds) starts again from its peak, without warm-up; give --steps "
@@ -731,6 +735,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
             stop = (cfg.seconds is not None and elapsed >= cfg.seconds) or interrupt.requested
             rec = {"step": step, "loss": loss, "aux_loss": aux, "lr": optimizer.param_groups[0]["lr"],
                    "tokens_per_s": tokens_per_step / max(now - last, 1e-9), "elapsed_s": elapsed}
+            if earlier_s is not None:
+                rec["train_s"] = earlier_s + elapsed
             final = stop or (cfg.steps is not None and step >= cfg.steps)
             if val_windows is not None and (final or (cfg.eval_every and step % cfg.eval_every == 0)):
                 val = evaluate(model, val_windows, cfg.batch_size, amp_dtype)  # every rank: a sharded forward
@@ -750,7 +756,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
                     log(rec)
             if cfg.save_every and step % cfg.save_every == 0 and not final:  # the last step: saved below, once
                 saving = time.perf_counter()
-                _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus)
+                _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus,
+                      None if earlier_s is None else earlier_s + elapsed)
                 saved_step = step
                 # Saving is not training time either (JetMoE-8B: minutes): off the clock, as evaluation is.
                 start += time.perf_counter() - saving
@@ -764,7 +771,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
     # Once per step: not again after a Ctrl-C during the save of the step, nor on a resume already at --steps (it
     # trained nothing: the checkpoint, and the settings saved in it, stay).
     if step > saved_step:
-        _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus)
+        _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus,
+              None if earlier_s is None else earlier_s + elapsed)
     return records
 
 
@@ -803,7 +811,10 @@ def plot_train_log(out_dir: Union[str, Path]) -> Optional[str]:
     top.set_ylabel("cross entropy (nats/token)")
     top.grid(True, which="both", alpha=0.3)
     top.legend(fontsize=8)
-    top.set_title(f"{Path(out_dir).name}: {steps[-1]} steps in {recs[-1]['elapsed_s']:.0f} s", fontsize=10)
+    # After a resume the log holds every run's steps, and elapsed_s is the last run's time only.
+    took = (f"{recs[-1]['train_s']:.0f} s" if "train_s" in recs[-1]
+            else f"a last run of {recs[-1]['elapsed_s']:.0f} s")  # a run resumed from a checkpoint without it
+    top.set_title(f"{Path(out_dir).name}: {steps[-1]} steps in {took}", fontsize=10)
     bottom.plot(steps, [r["lr"] for r in recs], lw=1.0, color="gray")
     bottom.set_ylabel("learning rate")
     bottom.set_xlabel("optimizer step")
@@ -814,7 +825,7 @@ def plot_train_log(out_dir: Union[str, Path]) -> Optional[str]:
     return None
 
 
-def _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus) -> None:
+def _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus, train_seconds) -> None:
     # An update can make the weights non-finite with a finite loss and gradients (an infinite learning rate):
     # such weights are never saved over the last checkpoint.
     finite = torch.stack([torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
@@ -825,6 +836,6 @@ def _save(model, optimizer, step, cfg, tokenizer, rank, world, sharded, corpus) 
         raise TrainingDiverged(f"step {step}: the weights are not finite after this step's update: training diverged "
                                f"(a smaller --lr?); not saved, {cfg.out_dir}'s last checkpoint is kept")
     if rank == 0 or sharded:  # sharded: every rank takes part in gathering the state to rank 0
-        save_checkpoint(model, optimizer, step, cfg, tokenizer, sharded, corpus)
+        save_checkpoint(model, optimizer, step, cfg, tokenizer, sharded, corpus, train_seconds)
     if world > 1:
         dist.barrier()  # no rank runs ahead (or exits) before the checkpoint is complete

@@ -1258,6 +1258,35 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(warmup, said, tmp_path, mo
     assert (max(r["lr"] for r in records) < 1.0) == (warmup > 2)  # what the warning says
 
 
+def test_the_log_and_its_curve_count_the_training_time_of_every_run_resumed(tmp_path, monkeypatch):
+    """elapsed_s is this run's time: after a resume, the curve's title said "4 steps in 2 s" for two runs of 2 s.
+    train_s and the title count both (1 s a step; the training itself replaced)."""
+    from types import SimpleNamespace
+
+    import jetmoe.train as jt
+
+    matplotlib_axes = pytest.importorskip("matplotlib.axes")  # (optional: the test extra brings it)
+    clock = [100.0]
+    monkeypatch.setattr(jt, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def one_second_step(*args, **kwargs):
+        clock[0] += 1.0
+        return 0.0, 0.0
+
+    monkeypatch.setattr(jt, "train_step", one_second_step)
+    titles = []
+    monkeypatch.setattr(matplotlib_axes.Axes, "set_title", lambda self, text, **kw: titles.append(text))
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, warmup_steps=0, batch_size=2, seq_len=16,
+                      progress=False)
+    model = JetMoEForCausalLM(BYTES)
+    with scattermoe.use_backend("torch"):
+        jt.train(model, tokens(), cfg)
+        jt.train(model, tokens(), dataclasses.replace(cfg, steps=4, resume=True))
+    log = [json.loads(line) for line in (tmp_path / "run" / TRAIN_LOG).read_text().splitlines()]
+    assert [(r["elapsed_s"], r["train_s"]) for r in log] == [(1, 1), (2, 2), (1, 3), (2, 4)]
+    assert jt.plot_train_log(tmp_path / "run") is None and titles == ["run: 4 steps in 4 s"]
+
+
 def test_weight_decay_spares_norms_and_biases():
     model = JetMoEForCausalLM(BYTES)
     opt = make_optimizer(model, TrainConfig(out_dir="unused", weight_decay=0.1))
