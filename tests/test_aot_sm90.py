@@ -90,3 +90,14 @@ def test_gather_sum_reads_and_writes_16_byte_vectors_without_spills():
         assert stack == 0 and local == 0, f"{name}: registers spill ({registers} registers, stack {stack})"
         assert "ld.global.v4.b32" in loads, f"{name}: row loads are not 16-byte vectors: {loads}"
         assert stores == ["st.global.v4.b32"], f"{name}: stores are not 16-byte vectors: {stores}"
+
+
+def test_int64_column_variant_compiles_to_wgmma_without_spills():
+    # The variant for operands whose column offsets pass int32 (config.int64_columns: a column-major out or X),
+    # at each kernel's default config: rare, but it must still compile and not spill.
+    cases = [(kernel, aot.autotune_space(kernel)[0], "bf16", dict(flags[-1], INT64_COLS=True))
+             for kernel, flags in FLAG_SETS.items()]
+    for report in aot.compile_in_subprocess(cases):
+        assert report.wgmma and report.pipelined, report
+        assert report.stack_bytes == 0 and report.local_bytes == 0, f"registers spill: {report}"
+

@@ -297,3 +297,70 @@ def test_single2scatter_is_one_tokens_rows(backend, rows):
     ]:
         with pytest.raises(error, match=match):
             single2scatter(*args)
+
+
+# Column strides whose offsets pass 2^31 elements: the kernels once multiplied column offsets by strides in int32,
+# so a column-major operand's last column wrapped to 2^32 elements below where it is, read or written silently.
+# The views lie in a sparse file mapped shared (8 GiB of address space, a few pages of memory and disk: only the
+# touched pages exist, and a shared file mapping is not charged against the overcommit limit as malloc would be).
+_SPREAD = 2**31 - 2**20  # column stride: column 2 sits at 2^32 - 2^21 elements, which int32 wraps to -2^21
+_BASE = 2**21 + 64  # first element of each view, so that the wrapped address still lies inside the mapping
+
+
+def _spread_columns(tmp_path, name: str, shape: tuple, inner: tuple) -> tuple:
+    """(view, canary): a float16 view of `shape` with strides `inner` + (_SPREAD,) (3 columns), and the elements
+    2^32 below its start, where the int32 wrap sends column 2, set to a value no result contains."""
+    assert shape[-1] == 3
+    span = _BASE + 2 * _SPREAD + 4096
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.truncate(span * 2)
+    base = torch.from_file(str(path), shared=True, size=span, dtype=torch.float16)
+    canary = base[_BASE - 2**21:_BASE - 2**21 + 4096]
+    canary.fill_(1000.0)
+    return base.as_strided(shape, inner + (_SPREAD,), _BASE), canary
+
+
+@pytest.mark.interpreter
+def test_group_bwd_W_reads_columns_past_2_31_elements(tmp_path):
+    N, E, D, F = 5, 2, 3, 3
+    X, _ = _spread_columns(tmp_path, "x", (N, D), (1,))
+    DY, _ = _spread_columns(tmp_path, "dy", (N, F), (1,))
+    X.copy_(torch.randn(N, D))
+    DY.copy_(torch.randn(N, F))
+    offsets = torch.tensor([2, N])
+    with scattermoe.use_backend("triton"):
+        dw, db = kops.group_bwd_W(DY, X, offsets, E, has_bias=True)
+    Xd, DYd = X.double(), DY.double()
+    assert_close(dw, torch.stack([Xd[:2].t() @ DYd[:2], Xd[2:].t() @ DYd[2:]]), TOL[torch.float16], "dW")
+    assert_close(db, torch.stack([DYd[:2].sum(0), DYd[2:].sum(0)]), TOL[torch.float16], "db")
+
+
+@pytest.mark.interpreter
+def test_scatter2scatter_weight_and_out_columns_past_2_31_elements(tmp_path):
+    """A weight whose output columns are spread (any strides are accepted) and a column-major `out`."""
+    T, E, K, D = 3, 2, 2, 16
+    sorted_expert_idxs, sorted_scattered_idxs = kops.flatten_and_sort(_routing(T, E, K, seed=7))
+    X = torch.randn(T, D).half()
+    W, _ = _spread_columns(tmp_path, "w", (E, D, 3), (D, 1))
+    W.copy_(torch.randn(E, D, 3) / 4)
+    out, canary = _spread_columns(tmp_path, "out", (T * K, 3), (1,))
+    out.fill_(float("nan"))
+    _, offsets = kops.padded_block_indices(sorted_expert_idxs, E)
+    want = reference.parallel_linear(X.double(), W.double(), K, sorted_expert_idxs, sorted_scattered_idxs,
+                                     offsets, None, None, False, False)
+    with scattermoe.use_backend("triton"):
+        y = kops.scatter2scatter(X, W, sorted_expert_idxs, sorted_scattered_idxs, K, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close(y, want, TOL[torch.float16], "y")
+    assert bool((canary == 1000.0).all()), "a store landed 2^32 elements below out"
+
+
+def test_int64_column_offsets_only_where_int32_would_wrap():
+    """The kernels take the int64 path (INT64_COLS) only for such operands: every usual layout keeps the int32
+    column offsets, whose code tests/test_aot_sm90.py checks (the int64 ones cost registers)."""
+    assert not triton_config.int64_columns((2048, 1), (5632, 2048), (11264, 2048))  # JetMoE, K-major weight
+    assert not triton_config.int64_columns((5632, 1), (2048, 5632), (65536, 16384))  # a transposed [T, D] view
+    assert triton_config.int64_columns((2048, 1), (3, _SPREAD))
+    assert not triton_config.int64_columns((1024 - 256, 2**21 - 1))  # the last product below 2^31
+    assert triton_config.int64_columns((1024 - 256, 2**21))  # 2^31 exactly

@@ -72,7 +72,8 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
     """Compile one kernel and config for sm_90 with the given constexpr flags (X_GROUPED=..., ...)."""
     fn, unit_strides, not_aligned = _KERNELS[kernel]
     block_m, block_n, block_k, num_warps, num_stages = config
-    constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, INPUT_PRECISION="ieee")
+    constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, INPUT_PRECISION="ieee",
+                     INT64_COLS=False)
     constants.update(flags)
     if kernel.startswith("scatter2scatter"):
         constants.setdefault("E_POW2", 8)

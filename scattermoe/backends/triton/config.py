@@ -138,6 +138,19 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32" if ALLOW_TF32 and dtype == torch.float32 else "ieee"
 
 
+def int64_columns(*columns: tuple) -> bool:
+    """Whether a kernel must compute its column offsets (column index x column stride) in int64.
+
+    They are int32 otherwise: row offsets are int64 already, and a unit column stride is the JIT's constant 1,
+    so the int32 column offsets of the usual layouts are free, where int64 ones cost registers and instructions
+    (up to 13 more registers, 255 at the 128x256 tile; bench/NOTES.md). But int32 wraps once an operand with a
+    non-unit column stride spans 2^31 elements (a column-major `out` or X from kernels.ops). ``columns`` are
+    (size, stride) of each operand's column dimensions; a tile's column offsets run up to 256 past the size
+    (masked, still computed), hence the margin.
+    """
+    return any((size + 256) * abs(stride) >= 2**31 for size, stride in columns)
+
+
 def pow2_bucket(n: int) -> int:
     """Autotune key for the row count: a new T reuses the tuning of its power-of-two bucket."""
     return triton.next_power_of_2(max(int(n), 1))

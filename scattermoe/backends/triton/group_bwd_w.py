@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._schedule import largest_experts_first
-from .config import autotune_configs, input_precision, pow2_bucket, on_tensor_device
+from .config import autotune_configs, input_precision, int64_columns, pow2_bucket, on_tensor_device
 
 
 @triton.autotune(configs=autotune_configs("group_bwd_w"), key=["K_IN", "N_OUT", "M_BUCKET"])
@@ -43,6 +43,7 @@ def _group_bwd_w_kernel(
     X_GROUPED: tl.constexpr, DY_GROUPED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, EXPERT_ORDER: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    INT64_COLS: tl.constexpr,                     # column offsets in int64 (config.int64_columns)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -66,6 +67,12 @@ def _group_bwd_w_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_mask = offs_k < K_IN
     n_mask = offs_n < N_OUT
+    if INT64_COLS:  # an operand's columns span 2^31 elements: int32 column offsets would wrap
+        cols_k = offs_k.to(tl.int64)
+        cols_n = offs_n.to(tl.int64)
+    else:
+        cols_k = offs_k
+        cols_n = offs_n
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for row0 in range(start, end, BLOCK_M):
@@ -82,9 +89,9 @@ def _group_bwd_w_kernel(
             dy_rows = rows.to(tl.int64)
         else:
             dy_rows = slots // DY_FAN_OUT
-        x = tl.load(X_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(X_ptr + x_rows[:, None] * stride_xm + cols_k[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        dy = tl.load(DY_ptr + dy_rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+        dy = tl.load(DY_ptr + dy_rows[:, None] * stride_dym + cols_n[None, :] * stride_dyn,
                      mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
@@ -93,11 +100,11 @@ def _group_bwd_w_kernel(
         if HAS_BIAS:
             db_acc += tl.sum(dy.to(tl.float32), 0)
 
-    dw_ptrs = DW_ptr + expert.to(tl.int64) * stride_dwe + offs_k[:, None] * stride_dwk + offs_n[None, :] * stride_dwn
+    dw_ptrs = DW_ptr + expert.to(tl.int64) * stride_dwe + cols_k[:, None] * stride_dwk + cols_n[None, :] * stride_dwn
     tl.store(dw_ptrs, acc.to(DW_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
     if HAS_BIAS:
         if pid_k == 0:
-            tl.store(DB_ptr + expert.to(tl.int64) * stride_dbe + offs_n * stride_dbn,
+            tl.store(DB_ptr + expert.to(tl.int64) * stride_dbe + cols_n * stride_dbn,
                      db_acc.to(DB_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -144,5 +151,7 @@ def group_bwd_w(
         X_GROUPED=x_grouped, DY_GROUPED=dy_grouped,
         HAS_BIAS=with_bias, HAS_SCALE=row_scale is not None, EXPERT_ORDER=order is not None,
         INPUT_PRECISION=input_precision(x.dtype),
+        INT64_COLS=int64_columns((k_in, x.stride(1)), (n_out, dy.stride(1)), (k_in, dw.stride(1)),
+                                 (n_out, dw.stride(2)), (n_out, db_arg.stride(-1))),
     )
     return dw, db

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import autotune_configs, input_precision, num_row_tiles_bound, pow2_bucket, prune_by_rows, on_tensor_device
+from .config import (autotune_configs, input_precision, int64_columns, num_row_tiles_bound, on_tensor_device,
+                     pow2_bucket, prune_by_rows)
 
 
 @triton.jit
@@ -67,6 +68,7 @@ def _scatter2scatter(
     STORE_PRE: tl.constexpr,                # GLU: also write both halves before the activation (for backward)
     GLU_PAIRED: tl.constexpr,               # GLU in one accumulator: tile columns interleave the halves (below)
     INPUT_PRECISION: tl.constexpr,
+    INT64_COLS: tl.constexpr,               # column offsets in int64 (config.int64_columns)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # With GLU, W has 2*N_OUT columns: this program computes columns offs_n of both halves,
@@ -114,8 +116,20 @@ def _scatter2scatter(
         w_cols = offs_n
     n_mask = offs_n < N_OUT
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = X_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = W_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + w_cols[None, :] * stride_wn
+    if INT64_COLS:  # an operand's columns span 2^31 elements: int32 column offsets and K steps would wrap
+        cols_k = offs_k.to(tl.int64)
+        cols_w = w_cols.to(tl.int64)
+        step_xk = tl.cast(stride_xk, tl.int64)  # so that the K steps below are int64 products
+        step_wk = tl.cast(stride_wk, tl.int64)
+        n_half = tl.cast(N_OUT, tl.int64)  # the second GLU half's first column
+    else:
+        cols_k = offs_k
+        cols_w = w_cols
+        step_xk = stride_xk
+        step_wk = stride_wk
+        n_half = N_OUT
+    x_ptrs = X_ptr + x_rows[:, None] * stride_xm + cols_k[None, :] * stride_xk
+    w_ptrs = W_ptr + expert.to(tl.int64) * stride_we + cols_k[:, None] * stride_wk + cols_w[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # second GLU half; dead code without GLU
     for k0 in range(0, K_IN, BLOCK_K):
@@ -124,29 +138,30 @@ def _scatter2scatter(
         b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if GLU and not GLU_PAIRED:
-            b2 = tl.load(w_ptrs + N_OUT * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b2 = tl.load(w_ptrs + n_half * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * step_xk
+        w_ptrs += BLOCK_K * step_wk
 
     if GLU_PAIRED:
         if HAS_BIAS:
-            acc += tl.load(B_ptr + expert.to(tl.int64) * stride_be + w_cols * stride_bn, mask=n_mask,
+            acc += tl.load(B_ptr + expert.to(tl.int64) * stride_be + cols_w * stride_bn, mask=n_mask,
                            other=0.0)[None, :].to(tl.float32)
         acc, acc2 = tl.split(tl.reshape(acc, (BLOCK_M, OUT_N, 2)))  # (first half, second half)
         offs_n = pid_n * OUT_N + tl.arange(0, OUT_N)
         n_mask = offs_n < N_OUT
+    cols_n = offs_n.to(tl.int64) if INT64_COLS else offs_n
     out_mask = row_mask[:, None] & n_mask[None, :]
     if HAS_BIAS and not GLU_PAIRED:
-        b_ptrs = B_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn
+        b_ptrs = B_ptr + expert.to(tl.int64) * stride_be + cols_n * stride_bn
         acc += tl.load(b_ptrs, mask=n_mask, other=0.0)[None, :].to(tl.float32)
         if GLU:
-            acc2 += tl.load(b_ptrs + N_OUT * stride_bn, mask=n_mask, other=0.0)[None, :].to(tl.float32)
+            acc2 += tl.load(b_ptrs + n_half * stride_bn, mask=n_mask, other=0.0)[None, :].to(tl.float32)
     if GLU:
         if STORE_PRE:
-            p_ptrs = P_ptr + y_rows[:, None] * stride_pm + offs_n[None, :] * stride_pn
+            p_ptrs = P_ptr + y_rows[:, None] * stride_pm + cols_n[None, :] * stride_pn
             tl.store(p_ptrs, acc.to(P_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(p_ptrs + N_OUT * stride_pn, acc2.to(P_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(p_ptrs + n_half * stride_pn, acc2.to(P_ptr.dtype.element_ty), mask=out_mask)
         if GLU == 1:
             acc = _silu(acc) * acc2
         else:
@@ -154,7 +169,7 @@ def _scatter2scatter(
     if HAS_SCALE:
         scale = tl.load(scale_ptr + slots, mask=row_mask, other=0.0)
         acc *= scale[:, None].to(tl.float32)
-    y_ptrs = Y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_ptrs = Y_ptr + y_rows[:, None] * stride_ym + cols_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -231,5 +246,7 @@ def scatter2scatter(
         HAS_BIAS=bias is not None, HAS_SCALE=row_scale is not None,
         GLU=glu, STORE_PRE=pre_activation is not None, GLU_PAIRED=paired,
         INPUT_PRECISION=input_precision(x.dtype),
+        INT64_COLS=int64_columns((k_in, x.stride(1)), (k_in, w.stride(1)), (w_out, w.stride(2)), (n_out, y.stride(1)),
+                                 (w_out, bias_arg.stride(-1)), (w_out, pre_arg.stride(1))),
     )
     return y
