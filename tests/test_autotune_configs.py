@@ -139,3 +139,44 @@ def test_autotune_off_pins_each_kernels_default_config(monkeypatch):
         assert [config_mod._as_tuple(c) for c in config_mod.autotune_configs(kernel)] == space, kernel
     monkeypatch.setattr(config_mod, "INTERPRET", True)
     assert len(config_mod.autotune_configs("scatter2scatter")) == 1
+
+
+@pytest.mark.parametrize("kernel", ["scatter2scatter", "group_bwd_w"])
+def test_tuning_is_not_reused_across_input_precisions(kernel, forced, monkeypatch):
+    """A config tuned under IEEE float32 must not be reused after ALLOW_TF32=True (or back): the two compile to
+    different kernels (tf32 stages its operands differently in shared memory), so one can run out of resources where
+    the other fits. Here the first config is made to fail under tf32 (as an OutOfResources config times inf)."""
+    if torch.cuda.is_available():
+        device = "cuda"
+    elif config_mod.INTERPRET:
+        device = "cpu"
+    else:
+        pytest.skip("needs a GPU or the Triton interpreter (TRITON_INTERPRET=1)")
+    fits_ieee_only, fits_both = (32, 32, 32, 4, 1), (16, 32, 32, 4, 1)
+    autotuner = KERNELS[kernel]()
+    monkeypatch.setattr(autotuner, "configs", [config_mod.make_config(c) for c in (fits_ieee_only, fits_both)])
+    monkeypatch.setattr(autotuner, "cache", {})
+    timed = []
+
+    def bench(*args, config, **meta):
+        timed.append(meta["INPUT_PRECISION"])
+        if config_mod._as_tuple(config) == fits_ieee_only:
+            return [float("inf")] * 3 if meta["INPUT_PRECISION"] == "tf32" else [1.0] * 3
+        return [2.0] * 3
+    monkeypatch.setattr(autotuner, "_bench", bench)
+    monkeypatch.setattr(config_mod, "ALLOW_TF32", False)
+    sorted_expert, scattered, offsets = _routing(device)
+    x = torch.randn(T, D, device=device)
+    w = torch.randn(E, D, F, device=device) / D**0.5
+    dy = torch.randn(T * K, F, device=device)
+
+    def launch():
+        if kernel == "scatter2scatter":
+            return triton_backend.scatter2scatter(x, w, None, scattered, offsets, K, False, True)
+        return triton_backend.group_bwd_w(x, dy, scattered, offsets, w, K, 1, False, True)[0]
+    launch()
+    assert config_mod._as_tuple(autotuner.best_config) == fits_ieee_only
+    monkeypatch.setattr(config_mod, "ALLOW_TF32", True)
+    launch()
+    assert timed == ["ieee"] * 2 + ["tf32"] * 2, "the tf32 launch was not tuned apart"
+    assert config_mod._as_tuple(autotuner.best_config) == fits_both

@@ -27,7 +27,9 @@ from .._schedule import largest_experts_first
 from .config import autotune_configs, input_precision, int64_columns, pow2_bucket, on_tensor_device
 
 
-@triton.autotune(configs=autotune_configs("group_bwd_w"), key=["K_IN", "N_OUT", "M_BUCKET"])
+# INPUT_PRECISION is a key: ieee and tf32 are different kernels (a config that fits one can run out of shared
+# memory in the other), and Triton keys a tuning only on the keys and the tensors' dtypes.
+@triton.autotune(configs=autotune_configs("group_bwd_w"), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION"])
 @triton.jit
 def _group_bwd_w_kernel(
     X_ptr, stride_xm, stride_xk,                  # X [T or N, K_IN]

@@ -176,8 +176,9 @@ def _scatter2scatter(
 # One jit function, three autotuned launchers with their own tile spaces: plain; GLU with paired columns
 # (W K-major: its columns are contiguous along K however they interleave); GLU with two accumulators
 # (W F-major, where interleaved columns would break the 16-byte loads along F).
+# INPUT_PRECISION is a key: ieee and tf32 compile to different kernels (see group_bwd_w.py).
 def _autotuned(space: str):
-    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET"],
+    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION"],
                            prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
 
 
