@@ -9,7 +9,7 @@ would still run, only slowly; this catches it before a GPU is at hand.
 import pytest
 
 from scattermoe.backends.triton import aot
-from scattermoe.backends.triton.config import is_decode_config
+from scattermoe.backends.triton.config import FP32, is_decode_config, space_precisions
 
 FLAG_SETS = {
     "scatter2scatter": [
@@ -59,6 +59,42 @@ def test_compiles_to_pipelined_wgmma_without_spills(reports, case):
     assert report.pipelined, f"loads are not pipelined with cp.async: {report}"
     assert report.shared_bytes <= aot.H100_SHARED_BYTES, f"shared memory over the H100 limit: {report}"
     assert report.stack_bytes == 0 and report.local_bytes == 0, f"registers spill: {report}"
+
+
+# float32 operands go to the "<kernel>_fp32" autotuners (config.py), whose configs are tagged with the input
+# precisions they are for. Each is compiled at each of its precisions, with the flag set that needs the most
+# registers in float32 (checked over both sets under Triton 3.6 and 3.9, 2026-12-03: bench/NOTES.md), to keep this
+# to ~30 compiles. No wgmma is asserted: an ieee dot runs on FMA, and a tf32 one with fewer than 64 rows on mma.
+FP32_FLAGS = {"scatter2scatter": 1, "scatter2scatter_glu_paired": 1, "scatter2scatter_glu": 1, "group_bwd_w": 1}
+FP32_CASES = [
+    (kernel + FP32, config, "fp32", dict(FLAG_SETS[kernel][FP32_FLAGS[kernel]], INPUT_PRECISION=precision))
+    for kernel in FLAG_SETS
+    for config, precisions in space_precisions(kernel + FP32).items()
+    for precision in precisions
+]
+
+
+@pytest.fixture(scope="module")
+def fp32_reports():
+    return aot.compile_in_subprocess(FP32_CASES)
+
+
+@pytest.mark.parametrize("case", range(len(FP32_CASES)), ids=[
+    f"{k}-{'x'.join(map(str, c))}-{f['INPUT_PRECISION']}" for k, c, _, f in FP32_CASES])
+def test_float32_configs_compile_without_spills(fp32_reports, case):
+    report = fp32_reports[case]
+    assert (report.kernel, report.config) == FP32_CASES[case][:2]
+    assert report.pipelined, f"loads are not pipelined with cp.async: {report}"
+    assert report.shared_bytes <= aot.H100_SHARED_BYTES, f"shared memory over the H100 limit: {report}"
+    assert report.stack_bytes == 0 and report.local_bytes == 0, f"registers spill: {report}"
+
+
+def test_float32_default_configs_serve_both_precisions():
+    # SCATTERMOE_AUTOTUNE=0 pins the first config of a space, and a pinned config is never pruned: it must be one
+    # that compiles without spills under ieee and tf32 alike.
+    for kernel in FLAG_SETS:
+        first = aot.autotune_space(kernel + FP32)[0]
+        assert space_precisions(kernel + FP32)[first] == ("ieee", "tf32"), kernel
 
 
 def test_routing_kernels_compile_without_spills():

@@ -25,23 +25,26 @@ from scattermoe.backends.triton import config as config_mod
 s2s_module = importlib.import_module("scattermoe.backends.triton.scatter2scatter")
 gbw_module = importlib.import_module("scattermoe.backends.triton.group_bwd_w")
 
-KERNELS = {
-    "scatter2scatter": lambda: s2s_module._scatter2scatter_kernel,
-    "scatter2scatter_glu": lambda: s2s_module._scatter2scatter_glu_kernel,
-    "scatter2scatter_glu_paired": lambda: s2s_module._scatter2scatter_glu_paired_kernel,
+KERNELS = {  # "<kernel>_fp32": the autotuner the launchers send float32 operands to
+    **{name: (lambda name=name: s2s_module._KERNELS[name]) for name in s2s_module._KERNELS},
     "group_bwd_w": lambda: gbw_module._group_bwd_w_kernel,
+    "group_bwd_w" + config_mod.FP32: lambda: gbw_module._group_bwd_w_fp32_kernel,
 }
 CASES = [(kernel, cfg) for kernel in KERNELS for cfg in config_mod.gpu_space(kernel)]
 T, E, K, D, F = 37, 5, 2, 40, 72  # N = 74 routed rows; expert 4 gets none
 
 
 @pytest.fixture
-def device_dtype():
+def device_dtype(request):
+    """float32 for the float32 autotuners, float16 for the others (under the interpreter too: the launchers pick the
+    autotuner by dtype, so a float32 run would not reach the config forced on a 16-bit one)."""
+    kernel = request.node.callspec.params["kernel"]
+    dtype = torch.float32 if kernel.endswith(config_mod.FP32) else torch.float16
     if torch.cuda.is_available():
-        return "cuda", torch.float16
+        return "cuda", dtype
     if not config_mod.INTERPRET:
         pytest.skip("needs a GPU or the Triton interpreter (TRITON_INTERPRET=1)")
-    return "cpu", torch.float32
+    return "cpu", dtype
 
 
 @pytest.fixture
@@ -49,6 +52,10 @@ def forced(monkeypatch):
     """force(kernel, cfg): that autotuned kernel runs exactly cfg (no tuning, no cached choice)."""
     def force(kernel: str, cfg: tuple) -> None:
         monkeypatch.setattr(KERNELS[kernel](), "configs", [config_mod.make_config(cfg)])
+        for other in KERNELS:  # and the launch must reach it (the launchers pick by layout and dtype)
+            if other != kernel:
+                monkeypatch.setattr(KERNELS[other](), "run",
+                                    lambda *a, other=other, **kw: pytest.fail(f"launched {other}, not {kernel}"))
     return force
 
 
@@ -65,7 +72,7 @@ def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device
     sorted_expert, scattered, offsets = _routing(device)
     x = torch.randn(T, D, device=device, dtype=dtype)
     tol = TOL[dtype]
-    if kernel == "scatter2scatter":  # tokens gathered, gate-scaled and scattered to slots, with bias
+    if kernel.removesuffix(config_mod.FP32) == "scatter2scatter":  # tokens gathered, gate-scaled, scattered, with bias
         w = (torch.randn(E, D, F, device=device) / D**0.5).to(dtype)
         b = torch.randn(E, F, device=device, dtype=dtype)
         gates = torch.rand(T * K, device=device)
@@ -75,13 +82,12 @@ def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device
                                         offsets.cpu(), b.double().cpu(), None, False, False)
         assert_close(y, ref * gates.double().cpu()[:, None], tol, "y")
     elif kernel.startswith("scatter2scatter_glu"):  # the fused first MoE GEMM, pre-activation kept
+        paired = kernel.startswith("scatter2scatter_glu_paired")
         # The launcher sends a K-major W (the layers' [E, 2F, D] weight, permuted) to the paired kernel and an
         # F-major one to the two-accumulator kernel.
         w = (torch.randn(E, D, 2 * F, device=device) / D**0.5).to(dtype)
-        if kernel == "scatter2scatter_glu_paired":
+        if paired:
             w = w.transpose(1, 2).contiguous().transpose(1, 2)
-        other = "scatter2scatter_glu" if kernel == "scatter2scatter_glu_paired" else "scatter2scatter_glu_paired"
-        monkeypatch.setattr(KERNELS[other](), "run", lambda *a, **kw: pytest.fail(f"launched {other}, not {kernel}"))
         pre = torch.full((T * K, 2 * F), float("nan"), device=device, dtype=dtype)
         g = triton_backend.scatter2scatter(x, w, None, scattered, offsets, K, False, True, glu=1, pre_activation=pre)
         h = reference.parallel_linear(x.double().cpu(), w.double().cpu(), K, sorted_expert.cpu(), scattered.cpu(),
@@ -91,7 +97,7 @@ def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device
         # The other order, with bias, an odd width (the last paired tile half full) and no pre-activation.
         f_odd = 37
         w = (torch.randn(E, D, 2 * f_odd, device=device) / D**0.5).to(dtype)
-        if kernel == "scatter2scatter_glu_paired":
+        if paired:
             w = w.transpose(1, 2).contiguous().transpose(1, 2)
         b = torch.randn(E, 2 * f_odd, device=device, dtype=dtype)
         g = triton_backend.scatter2scatter(x, w, b, scattered, offsets, K, False, True, glu=2)
@@ -141,8 +147,8 @@ def test_autotune_off_pins_each_kernels_default_config(monkeypatch):
     assert len(config_mod.autotune_configs("scatter2scatter")) == 1
 
 
-@pytest.mark.parametrize("kernel", ["scatter2scatter", "group_bwd_w"])
-def test_tuning_is_not_reused_across_input_precisions(kernel, forced, monkeypatch):
+@pytest.mark.parametrize("kernel", ["scatter2scatter" + config_mod.FP32, "group_bwd_w" + config_mod.FP32])
+def test_tuning_is_not_reused_across_input_precisions(kernel, monkeypatch):
     """A config tuned under IEEE float32 must not be reused after ALLOW_TF32=True (or back): the two compile to
     different kernels (tf32 stages its operands differently in shared memory), so one can run out of resources where
     the other fits. Here the first config is made to fail under tf32 (as an OutOfResources config times inf)."""
@@ -171,7 +177,7 @@ def test_tuning_is_not_reused_across_input_precisions(kernel, forced, monkeypatc
     dy = torch.randn(T * K, F, device=device)
 
     def launch():
-        if kernel == "scatter2scatter":
+        if kernel.startswith("scatter2scatter"):
             return triton_backend.scatter2scatter(x, w, None, scattered, offsets, K, False, True)
         return triton_backend.group_bwd_w(x, dy, scattered, offsets, w, K, 1, False, True)[0]
     launch()
@@ -180,3 +186,20 @@ def test_tuning_is_not_reused_across_input_precisions(kernel, forced, monkeypatc
     launch()
     assert timed == ["ieee"] * 2 + ["tf32"] * 2, "the tf32 launch was not tuned apart"
     assert config_mod._as_tuple(autotuner.best_config) == fits_both
+
+
+def test_float32_configs_are_pruned_to_the_launch_precision():
+    """A config tagged tf32-only (it spills under ieee: tests/test_aot_sm90.py) is never tuned for an ieee launch; the
+    16-bit spaces are pruned by rows only, as before."""
+    for kernel in ("scatter2scatter", "group_bwd_w"):
+        space = config_mod.gpu_space(kernel + config_mod.FP32)
+        configs = [config_mod.make_config(c) for c in space]
+        prune = config_mod.pruner(kernel + config_mod.FP32)
+        tf32_only = [c for c, p in config_mod.space_precisions(kernel + config_mod.FP32).items() if p == ("tf32",)]
+        assert tf32_only, kernel
+        ieee = [config_mod._as_tuple(c) for c in prune(configs, {"M_BUCKET": 2}, INPUT_PRECISION="ieee")]
+        tf32 = [config_mod._as_tuple(c) for c in prune(configs, {"M_BUCKET": 2}, INPUT_PRECISION="tf32")]
+        assert ieee == [c for c in space if c not in tf32_only] and tf32 == space, kernel
+        sixteen = [config_mod.make_config(c) for c in config_mod.gpu_space(kernel)]
+        assert config_mod.pruner(kernel)(sixteen, {"M_BUCKET": 32768}, INPUT_PRECISION="ieee") == \
+            config_mod.prune_by_rows(sixteen, {"M_BUCKET": 32768}), kernel

@@ -21,9 +21,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .config import gpu_space
-from .group_bwd_w import _group_bwd_w_kernel
-from .scatter2scatter import _scatter2scatter_glu_kernel, _scatter2scatter_glu_paired_kernel, _scatter2scatter_kernel
+from .config import FP32, gpu_space
+from .group_bwd_w import _group_bwd_w_fp32_kernel, _group_bwd_w_kernel
+from .scatter2scatter import _KERNELS as _S2S_KERNELS
 
 H100_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block on sm_90
 
@@ -31,17 +31,22 @@ H100_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block on sm_9
 # launcher sends it: the permuted [E, in, out] view, K-major, except to the two-accumulator GLU kernel), and
 # the ints that are not multiples of 16.
 _KERNELS = {
-    "scatter2scatter": (_scatter2scatter_kernel, ("stride_xk", "stride_wk", "stride_yn", "stride_bn", "stride_pn"),
+    "scatter2scatter": (_S2S_KERNELS["scatter2scatter"],
+                        ("stride_xk", "stride_wk", "stride_yn", "stride_bn", "stride_pn"),
                         ("num_rows", "E", "FAN_OUT", "M_BUCKET")),
-    "scatter2scatter_glu_paired": (_scatter2scatter_glu_paired_kernel,
+    "scatter2scatter_glu_paired": (_S2S_KERNELS["scatter2scatter_glu_paired"],
                                    ("stride_xk", "stride_wk", "stride_yn", "stride_bn", "stride_pn"),
                                    ("num_rows", "E", "FAN_OUT", "M_BUCKET")),
-    "scatter2scatter_glu": (_scatter2scatter_glu_kernel,  # the launcher's pick for an F-major W
+    "scatter2scatter_glu": (_S2S_KERNELS["scatter2scatter_glu"],  # the launcher's pick for an F-major W
                             ("stride_xk", "stride_wn", "stride_yn", "stride_bn", "stride_pn"),
                             ("num_rows", "E", "FAN_OUT", "M_BUCKET")),
     "group_bwd_w": (_group_bwd_w_kernel, ("stride_xk", "stride_dyn", "stride_dwk", "stride_dbn"),
                     ("num_rows", "X_FAN_OUT", "DY_FAN_OUT", "M_BUCKET")),
 }
+# "<kernel>_fp32": the float32 autotuner of the same jit function (config.py), launched with the same layouts.
+_FP32_KERNELS = {**{name: _S2S_KERNELS[name + FP32] for name in _KERNELS if name in _S2S_KERNELS},
+                 "group_bwd_w": _group_bwd_w_fp32_kernel}
+_KERNELS.update({name + FP32: (fn,) + _KERNELS[name][1:] for name, fn in _FP32_KERNELS.items()})
 _INDEX_POINTERS = ("sorted_scattered_ptr", "expert_offsets_ptr")
 
 
@@ -75,12 +80,13 @@ def compile_sm90(kernel: str, config: tuple, dtype: str = "bf16", **flags) -> Co
     constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, INPUT_PRECISION="ieee",
                      INT64_COLS=False)
     constants.update(flags)
-    if kernel.startswith("scatter2scatter"):
+    base = kernel.removesuffix(FP32)  # "<kernel>_fp32": the float32 autotuner of the same jit function
+    if base.startswith("scatter2scatter"):
         constants.setdefault("E_POW2", 8)
         constants.setdefault("GLU", 0)
         constants.setdefault("STORE_PRE", False)
-        constants.setdefault("GLU_PAIRED", kernel == "scatter2scatter_glu_paired")
-    if kernel == "group_bwd_w":
+        constants.setdefault("GLU_PAIRED", base == "scatter2scatter_glu_paired")
+    if base == "group_bwd_w":
         constants.setdefault("EXPERT_ORDER", False)  # index order; True: largest expert first (E >= 16)
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):

@@ -3,7 +3,8 @@
 On the GPU each kernel autotunes over a small space aimed at the H100 (num_warps 4
 or 8 so dots lower to wgmma; 128x128x64 at 4 warps spills, so big tiles get 8
 warps). ``SCATTERMOE_AUTOTUNE=0`` pins the first (default) config for
-reproducible runs. Under ``TRITON_INTERPRET=1`` a single small config is used:
+reproducible runs. float32 operands get spaces of their own (the 16-bit tiles spill
+there), pruned to the launch's input precision. Under ``TRITON_INTERPRET=1`` a single small config is used:
 the interpreter runs every program in Python, and autotuning there would only
 multiply the time.
 """
@@ -60,6 +61,39 @@ _SPACES = {
         (128, 128, 128, 8, 3),
     ],
 }
+# float32 operands: the tiles above are sized for 16-bit ones and spill (AOT for sm_90: group_bwd_w 11-21 KB of stack
+# per thread with bias and gates, scatter2scatter 255 registers; bench/NOTES.md). An ieee dot runs on FMA (no tensor
+# core multiplies ieee fp32) and holds whole operand slices in registers: small BLOCK_K. A tf32 dot runs on wgmma with
+# the operands staged in fp32, twice the shared memory of bf16 (128x256x64 at 3 stages no longer fits). Each config
+# is tagged with the precisions it compiles for without spills; prune_by_precision keeps those of the launch's
+# INPUT_PRECISION, and the first, the default SCATTERMOE_AUTOTUNE=0 pins, serves both. The launchers send float32
+# to the "<kernel>_fp32" autotuners, so the 16-bit spaces and kernels are untouched.
+_BOTH, _TF32 = ("ieee", "tf32"), ("tf32",)
+_FP32_SPACES = {
+    "scatter2scatter": [
+        ((128, 64, 32, 8, 3), _BOTH),
+        ((64, 64, 64, 4, 4), _BOTH),
+        ((128, 128, 64, 8, 3), _TF32),  # ieee: 255 registers and a stack
+    ],
+    "scatter2scatter_glu_paired": [
+        ((128, 64, 32, 8, 3), _BOTH),
+        ((64, 64, 32, 4, 4), _BOTH),
+        ((128, 128, 64, 8, 3), _TF32),
+    ],
+    "scatter2scatter_glu": [
+        ((64, 64, 32, 8, 3), _BOTH),
+        ((128, 64, 32, 8, 3), _BOTH),
+        ((128, 64, 64, 8, 3), _TF32),
+    ],
+    # ieee with bias or gates spills from 32x64x64 up (the row sum and the scaling of dY in the FMA dot's layout).
+    "group_bwd_w": [
+        ((16, 64, 64, 8, 3), _BOTH),
+        ((32, 32, 32, 8, 3), _BOTH),
+        ((64, 128, 128, 8, 3), _TF32),
+    ],
+}
+FP32 = "_fp32"  # suffix of the float32 autotuners' space names
+
 # Decode (few routed rows) is bound by reading the weights, so what counts is enough programs to
 # keep every SM streaming them: 16-row tiles (mma.sync: wgmma needs 64 rows per warpgroup) and
 # narrow columns. JetMoE at T=1, k=2: the second GEMM gets 2 x cdiv(2048, 32) = 128 programs
@@ -83,8 +117,20 @@ _INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
 
 
 def gpu_space(kernel: str) -> list:
-    """Every (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the GPU autotuner may pick for a kernel."""
+    """Every (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the GPU autotuner may pick for a kernel
+    (``"<kernel>_fp32"``: for float32 operands, either precision)."""
+    if kernel.endswith(FP32):
+        base = kernel[:-len(FP32)]
+        return [config for config, _ in _FP32_SPACES[base]] + list(_DECODE_SPACES[base])
     return list(_SPACES[kernel]) + list(_DECODE_SPACES[kernel])
+
+
+def space_precisions(kernel: str) -> dict:
+    """{config: the input precisions it is for} of a kernel's GPU space (16-bit spaces: "ieee", what they launch)."""
+    if kernel.endswith(FP32):
+        base = kernel[:-len(FP32)]
+        return {**dict(_FP32_SPACES[base]), **{config: _BOTH for config in _DECODE_SPACES[base]}}
+    return {config: ("ieee",) for config in gpu_space(kernel)}
 
 
 def is_decode_config(config: tuple) -> bool:
@@ -105,13 +151,26 @@ def prune_by_rows(configs: list, named_args: dict, **kwargs) -> list:
     return kept or configs
 
 
+def pruner(kernel: str):
+    """The autotuner's early_config_prune for a kernel's space: prune_by_rows, then, for float32, the configs of
+    the launch's INPUT_PRECISION (a tf32-only config would spill under ieee)."""
+    precisions = space_precisions(kernel)
+
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
+        configs = prune_by_rows(configs, named_args, **kwargs)
+        precision = named_args.get("INPUT_PRECISION", kwargs.get("INPUT_PRECISION"))
+        kept = [c for c in configs if precision in precisions.get(_as_tuple(c), (precision,))]
+        return kept or configs
+    return prune
+
+
 def autotune_configs(kernel: str) -> list:
     if INTERPRET:
         space = [_INTERPRETER_CONFIG]
     elif AUTOTUNE:
         space = gpu_space(kernel)
     else:
-        space = _SPACES[kernel][:1]
+        space = gpu_space(kernel)[:1]
     return [make_config(c) for c in space]
 
 

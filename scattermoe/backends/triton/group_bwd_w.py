@@ -24,14 +24,11 @@ import triton
 import triton.language as tl
 
 from .._schedule import largest_experts_first
-from .config import autotune_configs, input_precision, int64_columns, pow2_bucket, on_tensor_device
+from .config import FP32, autotune_configs, input_precision, int64_columns, on_tensor_device, pow2_bucket, pruner
 
 
-# INPUT_PRECISION is a key: ieee and tf32 are different kernels (a config that fits one can run out of shared
-# memory in the other), and Triton keys a tuning only on the keys and the tensors' dtypes.
-@triton.autotune(configs=autotune_configs("group_bwd_w"), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION"])
 @triton.jit
-def _group_bwd_w_kernel(
+def _group_bwd_w(
     X_ptr, stride_xm, stride_xk,                  # X [T or N, K_IN]
     DY_ptr, stride_dym, stride_dyn,               # dY [T or N, N_OUT]
     DW_ptr, stride_dwe, stride_dwk, stride_dwn,   # dW [E, K_IN, N_OUT], any strides
@@ -110,6 +107,18 @@ def _group_bwd_w_kernel(
                      db_acc.to(DB_ptr.dtype.element_ty), mask=n_mask)
 
 
+# Autotuned twice: for 16-bit operands and for float32 ones (config.py: the 16-bit tiles spill in float32).
+# INPUT_PRECISION is a key: ieee and tf32 are different kernels (a config that fits one can run out of shared
+# memory in the other), and Triton keys a tuning only on the keys and the tensors' dtypes.
+def _autotuned(space: str):
+    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION"],
+                           prune_configs_by={"early_config_prune": pruner(space)})(_group_bwd_w)
+
+
+_group_bwd_w_kernel = _autotuned("group_bwd_w")
+_group_bwd_w_fp32_kernel = _autotuned("group_bwd_w" + FP32)
+
+
 @on_tensor_device
 def group_bwd_w(
     x: torch.Tensor,
@@ -139,7 +148,8 @@ def group_bwd_w(
     def grid(meta):
         return (triton.cdiv(k_in, meta["BLOCK_K"]) * triton.cdiv(n_out, meta["BLOCK_N"]), num_experts)
 
-    _group_bwd_w_kernel[grid](
+    kernel = _group_bwd_w_fp32_kernel if x.dtype == torch.float32 else _group_bwd_w_kernel
+    kernel[grid](
         x, x.stride(0), x.stride(1),
         dy, dy.stride(0), dy.stride(1),
         dw, dw.stride(0), dw.stride(1), dw.stride(2),

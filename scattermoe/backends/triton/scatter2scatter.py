@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import (autotune_configs, input_precision, int64_columns, num_row_tiles_bound, on_tensor_device,
-                     pow2_bucket, prune_by_rows)
+from .config import (FP32, autotune_configs, input_precision, int64_columns, num_row_tiles_bound, on_tensor_device,
+                     pow2_bucket, pruner)
 
 
 @triton.jit
@@ -175,16 +175,28 @@ def _scatter2scatter(
 
 # One jit function, three autotuned launchers with their own tile spaces: plain; GLU with paired columns
 # (W K-major: its columns are contiguous along K however they interleave); GLU with two accumulators
-# (W F-major, where interleaved columns would break the 16-byte loads along F).
+# (W F-major, where interleaved columns would break the 16-byte loads along F). Each twice: for 16-bit operands
+# and for float32 ones (config.py: the 16-bit tiles spill in float32).
 # INPUT_PRECISION is a key: ieee and tf32 compile to different kernels (see group_bwd_w.py).
 def _autotuned(space: str):
     return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION"],
-                           prune_configs_by={"early_config_prune": prune_by_rows})(_scatter2scatter)
+                           prune_configs_by={"early_config_prune": pruner(space)})(_scatter2scatter)
 
 
 _scatter2scatter_kernel = _autotuned("scatter2scatter")
 _scatter2scatter_glu_paired_kernel = _autotuned("scatter2scatter_glu_paired")
 _scatter2scatter_glu_kernel = _autotuned("scatter2scatter_glu")
+_scatter2scatter_fp32_kernel = _autotuned("scatter2scatter" + FP32)
+_scatter2scatter_glu_paired_fp32_kernel = _autotuned("scatter2scatter_glu_paired" + FP32)
+_scatter2scatter_glu_fp32_kernel = _autotuned("scatter2scatter_glu" + FP32)
+_KERNELS = {
+    "scatter2scatter": _scatter2scatter_kernel,
+    "scatter2scatter_glu_paired": _scatter2scatter_glu_paired_kernel,
+    "scatter2scatter_glu": _scatter2scatter_glu_kernel,
+    "scatter2scatter" + FP32: _scatter2scatter_fp32_kernel,
+    "scatter2scatter_glu_paired" + FP32: _scatter2scatter_glu_paired_fp32_kernel,
+    "scatter2scatter_glu" + FP32: _scatter2scatter_glu_fp32_kernel,
+}
 
 
 @on_tensor_device
@@ -224,8 +236,8 @@ def scatter2scatter(
     scale_arg = row_scale if row_scale is not None else y
     pre_arg = pre_activation if pre_activation is not None else y
     paired = bool(glu) and w.stride(1) == 1  # K-major W (the layers' permuted weight)
-    kernel = _scatter2scatter_glu_paired_kernel if paired else (_scatter2scatter_glu_kernel if glu else
-                                                                 _scatter2scatter_kernel)
+    space = "scatter2scatter_glu_paired" if paired else ("scatter2scatter_glu" if glu else "scatter2scatter")
+    kernel = _KERNELS[space + (FP32 if x.dtype == torch.float32 else "")]
 
     def grid(meta):
         out_cols = meta["BLOCK_N"] // 2 if paired else meta["BLOCK_N"]  # output columns per program
