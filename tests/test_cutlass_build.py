@@ -308,7 +308,7 @@ def test_scatter_gemm_sass_holds_hgmma_and_cp_async(built, cuobjdump, source):
     assert len(hgmma) == 8 * kernels, f"{source}: {len(hgmma)} HGMMA: not one 8-wgmma mainloop per kernel"
     if not wgrad:
         # Both kernels find their tiles' experts with a warp scan (shuffles and a ballot): the per-tile one's
-        # thread 0 walked the experts one dependent load at a time until 2026-12-01 (bench/NOTES.md 25).
+        # thread 0 walked the experts one dependent load at a time until 2026-12-03 (bench/NOTES.md 25).
         names = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}
         kinds = {name: "persistent" if "persistent" in name else "per tile" for name in names}
         assert sorted(kinds.values()) == ["per tile"] * 2 + ["persistent"] * 2, f"{source}: kernels {sorted(names)}"
