@@ -48,31 +48,51 @@ pack() {  # the scratch folder into $DEST/$1, written aside and renamed, so a re
 snapshot=$!
 kill_s="${DEVICE_CALL_KILL_S:-$(( BUDGET + 45 ))}"
 # gpu_check.sh in a session of its own, stopped by session: its steps run under timeouts of their own, each in
-# a process group of its own, which a signal to gpu_check.sh's group (what `timeout` sends) would miss.
-GPU_CHECK_STEPS="$STEPS" GPU_CHECK_BUDGET_S="$BUDGET" PYTHONUNBUFFERED=1 \
-    setsid bash "$here/gpu_check.sh" "$scratch" &
-check=$!  # (a background job of a shell without job control leads no group: setsid makes it the session id)
+# a process group of its own, which a signal to gpu_check.sh's group (what `timeout` sends) would miss. The session
+# leader writes its id (its pid) to a file for the watchdog (where setsid must fork, it is not setsid's pid).
+sid_file="$scratch/.session_id"
 stopped="$scratch/.stopped_by_device_call"
+# signal_session SIGNAL: every process of gpu_check.sh's session (pkill -s, without procps), its leader last: the
+# leader's end ends the call below, which stops the watchdog, perhaps before the others were signalled.
+signal_session() {
+    local sig="$1" sid stat p session
+    sid="$(cat "$sid_file" 2>/dev/null)" || return 0
+    for p in /proc/[0-9]*; do
+        stat="$(cat "$p/stat" 2>/dev/null)" || continue
+        stat="${stat##*) }"  # after "pid (comm) ": state ppid pgrp session ...
+        read -r _ _ _ session _ <<< "$stat"
+        [ "$session" = "$sid" ] && [ "${p#/proc/}" != "$sid" ] && kill -"$sig" "${p#/proc/}" 2>/dev/null
+    done
+    kill -"$sig" "$sid" 2>/dev/null
+    return 0
+}
 (
     trap 'kill "$nap" 2>/dev/null; exit 0' TERM
     sleep "$kill_s" &
     nap=$!
     wait "$nap" || exit 0
     touch "$stopped"
-    pkill -INT -s "$check" || kill -INT -- "-$check"  # python writes its files on SIGINT; tee -i keeps logging
-    sleep 5
-    pkill -KILL -s "$check" || kill -KILL -- "-$check" 2>/dev/null
+    signal_session INT  # python writes its files on SIGINT; tee -i keeps logging
+    sleep 5 &
+    nap=$!
+    wait "$nap" || exit 0
+    signal_session KILL
 ) &
 watchdog=$!
-wait "$check"
+# In the foreground: a background job of a shell without job control starts with SIGINT ignored, which its
+# processes inherit (python would not see the stop's SIGINT, nor write its files).
+GPU_CHECK_STEPS="$STEPS" GPU_CHECK_BUDGET_S="$BUDGET" PYTHONUNBUFFERED=1 \
+    setsid --wait bash -c 'echo "$$" > "$0"; exec bash "$1" "$2"' "$sid_file" "$here/gpu_check.sh" "$scratch"
 rc=$?
 kill "$snapshot" "$watchdog" 2>/dev/null
 wait "$snapshot" "$watchdog" 2>/dev/null
 if [ -e "$stopped" ]; then
+    signal_session KILL  # what outlived gpu_check.sh's end after the SIGINT (the watchdog stops with it)
     rc=124
     rm -f "$stopped"
     echo "device_call: gpu_check.sh stopped after $kill_s s" >&2
 fi
+rm -f "$sid_file"
 pack gpu_check.tgz
 if [ -s "$DEST/gpu_check.tgz" ]; then  # packed: the snapshot and the scratch copy are not needed
     rm -f "$DEST/gpu_check.partial.tgz" "$DEST/.gpu_check.partial.tgz.tmp"

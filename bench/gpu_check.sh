@@ -138,12 +138,15 @@ bench_run() {
         echo "benchmark: ${left}s left of the budget; not run"
         return
     fi
-    # A step hung past a third of the window (120 to 150 s), so that the files are written, and a rerun has time,
+    # A step hung past a third of the window (120 to 150 s, at most two thirds of it), so that the files are written, and a rerun has time,
     # before the hard timeout. Triton's autotuning is spread over the checks' steps (T=1, then 512), but the
     # first check of an implementation compiles every config of every kernel it uses (about 30, a second or two
     # each): a floor of a minute could call that a hang, and rerun the suite without Triton.
     local hang_s=$(( left / 3 ))
     [ "$hang_s" -lt 120 ] && hang_s=120
+    # ... but within two thirds of the window, so a hang is still caught (and the files written) before the hard
+    # timeout, whose SIGINT a thread stuck in a CUDA synchronize never sees.
+    [ "$hang_s" -gt $(( left * 2 / 3 )) ] && hang_s=$(( left * 2 / 3 ))
     [ "$hang_s" -gt 150 ] && hang_s=150
     # Soft budget under the hard one, so the run ends by itself and writes its files.
     # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
