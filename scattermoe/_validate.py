@@ -321,3 +321,66 @@ def check_glu_moe(x, w_in, w_out, gates, b_in, b_out, sorted_expert_idxs) -> Non
         raise ValueError(f"gates: shape {shape(gates)} gives {gates.numel()} routed rows, but expert_idxs_sorted "
                          f"holds {sorted_expert_idxs.numel()}: the gates and the routing must come from the same "
                          "top-k")
+
+
+def _check_rows(name: str, t: torch.Tensor, rows: int, cols: int, device: torch.device) -> None:
+    """t [>= rows, cols] on device: what a kernel writes or reads row by row, cols wide, for `rows` rows."""
+    check_tensor(name, t, dim=2, device=device)
+    if t.size(0) < rows or t.size(1) != cols:
+        raise ValueError(f"{name}: expected [>= {rows}, {cols}], got shape {tuple(t.shape)}")
+
+
+def check_scatter2scatter_args(x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, row_scale,
+                               out, glu, pre_activation) -> None:
+    """What the scatter GEMM kernels (csrc and Triton alike) index without bounds checks, checked by each backend's
+    launcher: torch.ops.scattermoe.scatter2scatter(_glu) and kernels.ops reach them without parallel_linear's
+    checks, so a malformed call raises ValueError naming the argument instead of reading or writing past it."""
+    check_tensor("x", x, dim=2)
+    device = x.device
+    check_tensor("w", w, dim=3, device=device)
+    num_experts, k_in, w_cols = w.shape
+    n_out = w_cols // 2 if glu else w_cols
+    num_rows = sorted_scattered_idxs.numel()
+    if x.size(1) != k_in:
+        raise ValueError(f"x: expected [*, {k_in}] (w is {tuple(w.shape)}), got {tuple(x.shape)}")
+    # Row slot // fan_out of x is read for each of the N slots (x grouped: row i for the i-th routed row).
+    x_rows = num_rows if grouped_in else -(-num_rows // max(int(fan_out), 1))
+    if x.size(0) < x_rows:
+        raise ValueError(f"x: expected at least {x_rows} rows for N={num_rows} slots "
+                         f"({'grouped' if grouped_in else f'fan_out {fan_out}'}), got {tuple(x.shape)}")
+    check_tensor("sorted_scattered_idxs", sorted_scattered_idxs, dtypes=_INDEX_DTYPES, device=device)
+    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
+    if expert_offsets.numel() < num_experts:  # the kernels read E ends
+        raise ValueError(f"expert_offsets: expected [E={num_experts}], got shape {tuple(expert_offsets.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dim=2, device=device)
+        if tuple(bias.shape) != (num_experts, w_cols):
+            raise ValueError(f"bias: expected shape {(num_experts, w_cols)}, got {tuple(bias.shape)}")
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, device=device)
+        if row_scale.numel() < num_rows:  # read by slot, in [0, N)
+            raise ValueError(f"row_scale: expected one scale per slot (N={num_rows}), got shape "
+                             f"{tuple(row_scale.shape)}")
+    if out is not None:
+        _check_rows("out", out, num_rows, n_out, device)
+    if pre_activation is not None:
+        _check_rows("pre_activation", pre_activation, num_rows, w_cols, device)
+
+
+def check_glu_backward_args(pre, dg, row_scale) -> None:
+    """pre [N, 2F], dg [N, F], row_scale [N] or None on one device: what the GLU backward kernels (csrc and Triton)
+    read without bounds checks (torch.ops.scattermoe.glu_backward reaches their launchers unchecked), else
+    ValueError."""
+    check_tensor("pre", pre, dim=2)
+    num_rows, width = pre.shape
+    if width % 2:
+        raise ValueError(f"pre: expected [N, 2F], an even width (the GLU's two halves), got shape {tuple(pre.shape)}")
+    check_tensor("dg", dg, dim=2, device=pre.device)
+    if tuple(dg.shape) != (num_rows, width // 2):
+        raise ValueError(f"dg: expected shape {(num_rows, width // 2)} (pre is {tuple(pre.shape)}), "
+                         f"got {tuple(dg.shape)}")
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, device=pre.device)
+        if row_scale.numel() < num_rows:
+            raise ValueError(f"row_scale: expected one scale per row (N={num_rows}), got shape "
+                             f"{tuple(row_scale.shape)}")

@@ -914,6 +914,8 @@ def _malformed_scatter2scatter_calls():
          "pre_activation"),
         ("out with too few rows", dict(good, out=torch.empty(7, 32, dtype=bf16)), "out"),
         ("x narrower than K", dict(good, x=x[:, :8].contiguous()), "x"),
+        ("x with fewer rows than the slots", dict(good, x=x[:7]), "x"),
+        ("x with fewer tokens than N / fan_out", dict(good, x=x[:3], fan_out=2, grouped_in=False), "x"),
         ("bias of the wrong width", dict(good, bias=torch.zeros(3, 16, dtype=bf16)), "bias"),
         ("w on another device", dict(good, w=meta(w)), "w"),
         ("offsets on another device", dict(good, expert_offsets=meta(offsets)), "expert_offsets"),
@@ -930,6 +932,17 @@ def test_malformed_scatter2scatter_calls_raise_naming_the_argument_before_any_ke
     with pytest.raises(ValueError, match=f"^{argument}: "):
         cutlass.scatter2scatter(**kwargs)
     assert not fake_launch and not fake_triton, name
+
+
+@pytest.mark.parametrize("name,kwargs,argument", _malformed_scatter2scatter_calls(),
+                         ids=[c[0] for c in _malformed_scatter2scatter_calls()])
+def test_the_triton_launcher_refuses_the_same_malformed_calls(name, kwargs, argument):
+    """torch.ops.scattermoe.scatter2scatter(..., backend="triton") goes straight to the Triton launcher: the same
+    checks there (a malformed call raises before the kernel, which would read or write past the tensors)."""
+    from scattermoe.backends import triton as triton_backend
+
+    with pytest.raises(ValueError, match=f"^{argument}: "):
+        triton_backend.scatter2scatter(**kwargs)
 
 
 def test_a_well_formed_scatter2scatter_call_passes_the_argument_checks(fake_launch, fake_triton):
@@ -958,6 +971,10 @@ def test_malformed_glu_backward_calls_raise_naming_the_argument_before_any_kerne
     with pytest.raises(ValueError, match=f"^{argument}: "):
         cutlass.glu_backward(pre_t, dg_t, True, scale)
     assert not fake_launch and not fake_triton, name
+    from scattermoe.backends import triton as triton_backend
+
+    with pytest.raises(ValueError, match=f"^{argument}: "):  # the Triton launcher, reached directly, alike
+        triton_backend.glu_backward(pre_t, dg_t, True, scale)
 
 
 def _locate_row_tile(offsets, num_rows, tile, tile_m=128):

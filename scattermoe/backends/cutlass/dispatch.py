@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._validate import _INDEX_DTYPES, check_tensor, env_flag, flag
+from ..._validate import check_glu_backward_args, check_scatter2scatter_args, env_flag, flag
 from . import glu_grad, grouped_gemm, scatter_gemm
 from . import weight_grad as wgrad
 
@@ -42,63 +42,6 @@ def set_strict(enabled: bool = True) -> None:
 def _not_cuda(t: torch.Tensor) -> Optional[str]:
     """The csrc kernels run on CUDA tensors only: the reason for anything else."""
     return None if t.device.type == "cuda" else f"tensors on {t.device}, not CUDA"
-
-
-def _check_rows(name: str, t: torch.Tensor, rows: int, cols: int, device: torch.device) -> None:
-    """t [>= rows, cols] on device: what a kernel writes or reads row by row, cols wide, for `rows` rows."""
-    check_tensor(name, t, dim=2, device=device)
-    if t.size(0) < rows or t.size(1) != cols:
-        raise ValueError(f"{name}: expected [>= {rows}, {cols}], got shape {tuple(t.shape)}")
-
-
-def _check_scatter2scatter_args(x, w, bias, sorted_scattered_idxs, expert_offsets, row_scale, out, glu,
-                                pre_activation) -> None:
-    """What both backends' kernels index without bounds checks. torch.ops.scattermoe.scatter2scatter(_glu) reach
-    here without parallel_linear's checks, and a Triton fallback would read and write past the tensors as the csrc
-    kernels would, so a malformed call raises ValueError naming the argument instead of going to either."""
-    check_tensor("x", x, dim=2)
-    device = x.device
-    check_tensor("w", w, dim=3, device=device)
-    num_experts, k_in, w_cols = w.shape
-    n_out = w_cols // 2 if glu else w_cols
-    num_rows = sorted_scattered_idxs.numel()
-    if x.size(1) != k_in:
-        raise ValueError(f"x: expected [*, {k_in}] (w is {tuple(w.shape)}), got {tuple(x.shape)}")
-    check_tensor("sorted_scattered_idxs", sorted_scattered_idxs, dtypes=_INDEX_DTYPES, device=device)
-    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
-    if expert_offsets.numel() < num_experts:  # the kernels read E ends
-        raise ValueError(f"expert_offsets: expected [E={num_experts}], got shape {tuple(expert_offsets.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, dim=2, device=device)
-        if tuple(bias.shape) != (num_experts, w_cols):
-            raise ValueError(f"bias: expected shape {(num_experts, w_cols)}, got {tuple(bias.shape)}")
-    if row_scale is not None:
-        check_tensor("row_scale", row_scale, device=device)
-        if row_scale.numel() < num_rows:  # read by slot, in [0, N)
-            raise ValueError(f"row_scale: expected one scale per slot (N={num_rows}), got shape "
-                             f"{tuple(row_scale.shape)}")
-    if out is not None:
-        _check_rows("out", out, num_rows, n_out, device)
-    if pre_activation is not None:
-        _check_rows("pre_activation", pre_activation, num_rows, w_cols, device)
-
-
-def _check_glu_backward_args(pre, dg, row_scale) -> None:
-    """pre [N, 2F], dg [N, F], row_scale [N] or None on one device: what both backends' GLU backward kernels read
-    without bounds checks (torch.ops.scattermoe.glu_backward reaches here unchecked), else ValueError."""
-    check_tensor("pre", pre, dim=2)
-    num_rows, width = pre.shape
-    if width % 2:
-        raise ValueError(f"pre: expected [N, 2F], an even width (the GLU's two halves), got shape {tuple(pre.shape)}")
-    check_tensor("dg", dg, dim=2, device=pre.device)
-    if tuple(dg.shape) != (num_rows, width // 2):
-        raise ValueError(f"dg: expected shape {(num_rows, width // 2)} (pre is {tuple(pre.shape)}), "
-                         f"got {tuple(dg.shape)}")
-    if row_scale is not None:
-        check_tensor("row_scale", row_scale, device=pre.device)
-        if row_scale.numel() < num_rows:
-            raise ValueError(f"row_scale: expected one scale per row (N={num_rows}), got shape "
-                             f"{tuple(row_scale.shape)}")
 
 
 def scatter2scatter_fallback_reason(
@@ -162,9 +105,9 @@ def scatter2scatter(
     pre_activation: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """See scattermoe.backends.triton.scatter2scatter: same contract, same result; malformed arguments (shapes,
-    devices) raise ValueError on this backend, before either kernel."""
-    _check_scatter2scatter_args(x, w, bias, sorted_scattered_idxs, expert_offsets, row_scale, out, glu,
-                                pre_activation)
+    devices) raise ValueError, before either kernel."""
+    check_scatter2scatter_args(x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, row_scale, out,
+                               glu, pre_activation)
     num_rows = sorted_scattered_idxs.numel()
     reason = scatter2scatter_fallback_reason(x, w, bias, expert_offsets, num_rows, grouped_in, grouped_out,
                                              row_scale, out, glu, pre_activation)
@@ -214,7 +157,7 @@ def glu_backward(pre: torch.Tensor, dg: torch.Tensor, activate_first: bool, row_
                  store_g: bool = False, store_dot: bool = False):
     """See scattermoe.backends.triton.glu_backward: same contract, same result; malformed arguments raise
     ValueError."""
-    _check_glu_backward_args(pre, dg, row_scale)
+    check_glu_backward_args(pre, dg, row_scale)
     reason = _not_cuda(pre) or glu_grad.plan(pre, dg)
     if reason is not None:
         return _to_triton(pre, reason).glu_backward(pre, dg, activate_first, row_scale, store_g, store_dot)

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._validate import check_glu_backward_args
 from .config import INTERPRET, on_tensor_device
 
 
@@ -88,8 +89,9 @@ def glu_backward(
 
     row_scale is [N] or None. With a row_scale, the stored G is scaled by it (row by row) and dot is not.
     """
-    # The kernel reads rows with a unit column stride and row_scale as contiguous: a copy only where they are not
-    # (torch.ops.scattermoe.glu_backward reaches here without the public functions' checks).
+    # torch.ops.scattermoe.glu_backward reaches here without the public functions' checks: the shapes, then the
+    # layout the kernel reads (rows with a unit column stride, row_scale contiguous: a copy only where they are not).
+    check_glu_backward_args(pre, dg, row_scale)
     pre = pre if pre.stride(-1) == 1 else pre.contiguous()
     dg = dg if dg.stride(-1) == 1 else dg.contiguous()
     row_scale = row_scale.contiguous() if row_scale is not None else None

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._validate import check_scatter2scatter_args
 from .config import (FP32, autotune_configs, input_precision, int64_columns, num_row_tiles_bound, on_tensor_device,
                      pow2_bucket, pruner)
 
@@ -214,7 +215,7 @@ def scatter2scatter(
     glu: int = 0,
     pre_activation: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch the kernel. Shapes are validated by the caller (ops.py).
+    """Launch the kernel (the shapes checked here, the routing's values by the caller: ops.py).
 
     x [T or N, K_IN]; w [E, K_IN, W_OUT] (a permuted view is fine); bias [E, W_OUT] or None;
     row_scale [N] (per slot) or None. Returns Y [N, N_OUT] in x's dtype, grouped or in slot
@@ -222,6 +223,10 @@ def scatter2scatter(
     2: first * silu(second)); with ``glu``, ``pre_activation`` [N, W_OUT], if given, receives
     both halves before the activation, rows ordered like Y.
     """
+    # torch.ops.scattermoe.* and kernels.ops reach here without parallel_linear's checks: what the kernel would
+    # read or write past is checked (shapes; the values of the indices are the caller's).
+    check_scatter2scatter_args(x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, row_scale, out,
+                               glu, pre_activation)
     num_rows = sorted_scattered_idxs.numel()
     num_experts, k_in, w_out = w.shape
     n_out = w_out // 2 if glu else w_out
