@@ -622,8 +622,8 @@ def train(model: JetMoEForCausalLM, tokens: torch.Tensor, cfg: TrainConfig, toke
         earlier_s = state.get("train_seconds")  # saved since 2026-12-03 (None before: unknown)
         if cfg.steps is None and rank == 0:
             warnings.warn(f"resuming at step {step} with a --seconds budget only: the learning-rate schedule (a "
-                          "cosine over this run's seconds) starts again from its peak, without warm-up; give --steps "
-                          "(the whole run's step count) to continue one schedule across resumes")
+                          "cosine over this run's seconds) starts again from its peak (after what is left of the "
+                          "warm-up); give --steps (the whole run's step count) to continue one schedule across resumes")
         saved_cfg = state.get("train_config", {})
         changed = [f"{k} {saved_cfg[k]} -> {getattr(cfg, k)}" for k in RESUME_SETTINGS
                    if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)

@@ -30,7 +30,11 @@ KERNELS = {  # "<kernel>_fp32": the autotuner the launchers send float32 operand
     "group_bwd_w": lambda: gbw_module._group_bwd_w_kernel,
     "group_bwd_w" + config_mod.FP32: lambda: gbw_module._group_bwd_w_fp32_kernel,
 }
-CASES = [(kernel, cfg) for kernel in KERNELS for cfg in config_mod.gpu_space(kernel)]
+# (kernel, config, input precision): the float32 configs under each precision they are tuned for (the 16-bit ones
+# launch ieee).
+CASES = [(kernel, cfg, precision) for kernel in KERNELS for cfg in config_mod.gpu_space(kernel)
+         for precision in config_mod.space_precisions(kernel)[cfg]]
+TF32_TOL = 5e-4  # DESIGN.md section 5
 T, E, K, D, F = 37, 5, 2, 40, 72  # N = 74 routed rows; expert 4 gets none
 
 
@@ -64,14 +68,16 @@ def _routing(device):
     return scattermoe.flatten_sort_count(idx, num_experts=E)
 
 
-@pytest.mark.parametrize("kernel,cfg", CASES, ids=[f"{k}-{'x'.join(map(str, c))}" for k, c in CASES])
-def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device_dtype, monkeypatch):
+@pytest.mark.parametrize("kernel,cfg,precision", CASES,
+                         ids=[f"{k}-{'x'.join(map(str, c))}-{p}" for k, c, p in CASES])
+def test_every_autotune_config_matches_the_reference(kernel, cfg, precision, forced, device_dtype, monkeypatch):
     device, dtype = device_dtype
     torch.manual_seed(hash(cfg) % 2**31)
     forced(kernel, cfg)
+    monkeypatch.setattr(config_mod, "ALLOW_TF32", precision == "tf32")  # (read per launch)
     sorted_expert, scattered, offsets = _routing(device)
     x = torch.randn(T, D, device=device, dtype=dtype)
-    tol = TOL[dtype]
+    tol = TF32_TOL if precision == "tf32" else TOL[dtype]
     if kernel.removesuffix(config_mod.FP32) == "scatter2scatter":  # tokens gathered, gate-scaled, scattered, with bias
         w = (torch.randn(E, D, F, device=device) / D**0.5).to(dtype)
         b = torch.randn(E, F, device=device, dtype=dtype)
@@ -117,6 +123,13 @@ def test_every_autotune_config_matches_the_reference(kernel, cfg, forced, device
             want_db[e] = dy.double().cpu()[rows].sum(0)
         assert_close(dw, want_dw, tol, "dW")
         assert_close(db, want_db, tol, "db")
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_the_autotune_keys_hold_what_changes_the_compiled_kernel(kernel):
+    """Beside the sizes, the input precision and the int64 column offsets: each compiles to another kernel, with
+    other registers and shared memory, so a tuning under one must not be reused under the other."""
+    assert {"K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION", "INT64_COLS"} <= set(KERNELS[kernel]().keys)
 
 
 def test_decode_configs_are_pruned_above_the_decode_row_count():

@@ -1018,7 +1018,7 @@ def _locate_row_tile_warp(offsets, num_rows, tile, tile_m=128):
 
 
 def test_the_warp_search_finds_each_row_tile_where_the_serial_definition_does():
-    """Both scatter-GEMM kernels find a tile's expert with locate_row_tile_warp (the per-tile one since 2026-12-01,
+    """Both scatter-GEMM kernels find a tile's expert with locate_row_tile_warp (the per-tile one since 2026-12-03,
     in place of thread 0's serial walk): its transcription gives the serial definition's answer for every row tile
     of the grid (cdiv(N, 128) + E, the tiles past the last included), with sorted offsets, empty experts, unsorted
     ones and ones outside [0, N] (hand-made routing, unchecked on CUDA), E from 1 to 130 (passes of 32 and a

@@ -121,7 +121,7 @@ CUTE_DEVICE int w_column(int c, int n_tile, int n_out, bool glu, bool& ok) {
 CUTE_DEVICE float silu(float v) { return __fdividef(v, 1.0f + __expf(-v)); }
 
 // Which expert and rows does row tile `tile` hold? (expert -1: none.) The definition, serially (what thread 0 of
-// the per-tile kernel ran until 2026-12-01, and what tests/test_cutlass_backend.py transcribes):
+// the per-tile kernel ran until 2026-12-03, and what tests/test_cutlass_backend.py transcribes):
 //     tiles_before = 0, prev_end = 0
 //     for e in [0, E): end = clamp(offsets[e], 0, N); start = min(prev_end, end); prev_end = end
 //                      tiles = cdiv(end - start, 128)

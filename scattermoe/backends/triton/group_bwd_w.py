@@ -109,9 +109,11 @@ def _group_bwd_w(
 
 # Autotuned twice: for 16-bit operands and for float32 ones (config.py: the 16-bit tiles spill in float32).
 # INPUT_PRECISION is a key: ieee and tf32 are different kernels (a config that fits one can run out of shared
-# memory in the other), and Triton keys a tuning only on the keys and the tensors' dtypes.
+# memory in the other), and Triton keys a tuning only on the keys and the tensors' dtypes; so is INT64_COLS (the
+# int64 column offsets need more registers: a tile tuned without them can spill with them).
 def _autotuned(space: str):
-    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION"],
+    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION",
+                                                                       "INT64_COLS"],
                            prune_configs_by={"early_config_prune": pruner(space)})(_group_bwd_w)
 
 

@@ -178,9 +178,10 @@ def _scatter2scatter(
 # (W K-major: its columns are contiguous along K however they interleave); GLU with two accumulators
 # (W F-major, where interleaved columns would break the 16-byte loads along F). Each twice: for 16-bit operands
 # and for float32 ones (config.py: the 16-bit tiles spill in float32).
-# INPUT_PRECISION is a key: ieee and tf32 compile to different kernels (see group_bwd_w.py).
+# INPUT_PRECISION and INT64_COLS are keys: each compiles to a different kernel (see group_bwd_w.py).
 def _autotuned(space: str):
-    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION"],
+    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION",
+                                                                       "INT64_COLS"],
                            prune_configs_by={"early_config_prune": pruner(space)})(_scatter2scatter)
 
 
