@@ -177,17 +177,23 @@ def test_device_call_stops_the_step_running_under_gpu_check_s_own_timeout(tmp_pa
     assert "kernel benchmark" in log and "benchmark exit status: 130" in log, log[-2000:]
 
 
+def _fake_bin(tmp_path, **scripts) -> Path:
+    """A folder of stand-in executables (name -> script text), to put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in scripts.items():
+        (bin_dir / name.replace("_", "-")).write_text(text)
+        (bin_dir / name.replace("_", "-")).chmod(0o755)
+    return bin_dir
+
+
 @needs_bash
 def test_device_call_keeps_an_archive_of_a_file_that_changed_while_it_was_read(tmp_path):
     """GNU tar exits 1 when a file changes as it reads it (the log, still written while the snapshot is taken):
     the archive is whole and is kept, and so is the snapshot if the final archive is missing."""
     import tarfile
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    real_tar = shutil.which("tar")
-    (bin_dir / "tar").write_text(f'#!/usr/bin/env bash\n"{real_tar}" "$@"\nexit 1\n')
-    (bin_dir / "tar").chmod(0o755)
+    bin_dir = _fake_bin(tmp_path, tar=f'#!/usr/bin/env bash\n"{shutil.which("tar")}" "$@"\nexit 1\n')
     proc, out = _device_call(tmp_path, {"DEVICE_CALL_WITHOUT_CARRY": "1", "DEVICE_CALL_SNAPSHOT_S": "2",
                                         "DEVICE_CALL_KILL_S": "6", "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert proc.returncode == 124, proc.stderr[-2000:]
@@ -214,11 +220,7 @@ exec "$REAL_PYTHON" "$@"
 def test_the_e2e_step_leaves_the_hf_step_its_time_where_it_keeps_two_minutes(tmp_path, budget, e2e_at_most):
     """e2e once took all the time left, so hf never ran; now hf's 90 s are kept where e2e still gets 120 (at a
     budget of 200 it gets them all)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("timeout", RECORDING_TIMEOUT), ("python", QUICK_PYTHON)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = _fake_bin(tmp_path, timeout=RECORDING_TIMEOUT, python=QUICK_PYTHON)
     limits = tmp_path / "limits"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
            "REAL_PYTHON": sys.executable, "LIMITS": str(limits), "GPU_CHECK_STEPS": "e2e hf",
@@ -249,11 +251,7 @@ exec sleep 60
 @needs_bash
 def test_a_memcheck_out_of_time_keeps_csrc_in_the_later_steps(tmp_path):
     """Slow under the sanitizer is no fault: csrc once was disabled for every later step by a memcheck timeout."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("python", CSRC_PYTHON), ("compute-sanitizer", SLOW_SANITIZER)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = _fake_bin(tmp_path, python=CSRC_PYTHON, compute_sanitizer=SLOW_SANITIZER)
     log = tmp_path / "bench_calls.log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
            "REAL_PYTHON": sys.executable, "FAKE_LOG": str(log), "GPU_CHECK_STEPS": "csrc bench",

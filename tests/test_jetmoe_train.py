@@ -1182,21 +1182,26 @@ def test_learning_rate_schedule_warms_up_then_decays_to_its_floor():
     assert lr_at(0, timed, 1.0) == pytest.approx(0.1)
 
 
-def test_a_run_bounded_by_seconds_decays_over_the_time_it_has_spent(tmp_path, monkeypatch):
-    """train() with --seconds only hands lr_at the fraction of the budget spent before each step: on a clock that
-    moves 1 s a step, a 4 s budget runs 4 steps at fractions 0, 1/4, 1/2, 3/4 (the training itself replaced)."""
-    from types import SimpleNamespace
-
+@pytest.fixture
+def one_second_steps(monkeypatch):
+    """jetmoe.train with a clock of its own that moves 1 s a training step, the step itself replaced (loss 0)."""
     import jetmoe.train as jt
 
     clock = [100.0]
-    monkeypatch.setattr(jt, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # train.py's clock only
+    monkeypatch.setattr(jt, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # train.py's clock only
 
     def one_second_step(*args, **kwargs):
         clock[0] += 1.0
         return 0.0, 0.0
 
     monkeypatch.setattr(jt, "train_step", one_second_step)
+    return jt
+
+
+def test_a_run_bounded_by_seconds_decays_over_the_time_it_has_spent(tmp_path, monkeypatch, one_second_steps):
+    """train() with --seconds only hands lr_at the fraction of the budget spent before each step: on a clock that
+    moves 1 s a step, a 4 s budget runs 4 steps at fractions 0, 1/4, 1/2, 3/4 (the training itself replaced)."""
+    jt = one_second_steps
     monkeypatch.setattr(jt, "_save", lambda *args: None)
     cfg = TrainConfig(out_dir=str(tmp_path / "t"), seconds=4.0, lr=1.0, warmup_steps=0, min_lr_ratio=0.1,
                       batch_size=2, seq_len=16, progress=False)
@@ -1206,23 +1211,12 @@ def test_a_run_bounded_by_seconds_decays_over_the_time_it_has_spent(tmp_path, mo
     assert records[1]["lr"] < records[0]["lr"]  # decaying, not the constant rate of a fraction stuck at 0
 
 
-def test_a_run_bounded_by_seconds_starts_its_cosine_from_the_top_after_warm_up(tmp_path, monkeypatch):
+def test_a_run_bounded_by_seconds_starts_its_cosine_from_the_top_after_warm_up(tmp_path, one_second_steps):
     """With warm-up, a --seconds-only run decays over the time left after warm-up: the first step after it runs at
     the peak rate (as a steps-bounded run does), not part-way down a cosine over the whole budget (the demo's log
     went from 4e-3 at its last warm-up step to 2.9e-3 at the next). A resume that ends warm-up part-way through
     this run times its cosine from there too. (1 s a step; the training itself replaced.)"""
-    from types import SimpleNamespace
-
-    import jetmoe.train as jt
-
-    clock = [100.0]
-    monkeypatch.setattr(jt, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    def one_second_step(*args, **kwargs):
-        clock[0] += 1.0
-        return 0.0, 0.0
-
-    monkeypatch.setattr(jt, "train_step", one_second_step)
+    jt = one_second_steps
     cfg = TrainConfig(out_dir=str(tmp_path / "t"), seconds=6.0, lr=1.0, warmup_steps=2, min_lr_ratio=0.1,
                       batch_size=2, seq_len=16, progress=False)
     model = JetMoEForCausalLM(BYTES)
@@ -1258,22 +1252,12 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(warmup, said, tmp_path, mo
     assert (max(r["lr"] for r in records) < 1.0) == (warmup > 2)  # what the warning says
 
 
-def test_the_log_and_its_curve_count_the_training_time_of_every_run_resumed(tmp_path, monkeypatch):
+def test_the_log_and_its_curve_count_the_training_time_of_every_run_resumed(tmp_path, monkeypatch,
+                                                                           one_second_steps):
     """elapsed_s is this run's time: after a resume, the curve's title said "4 steps in 2 s" for two runs of 2 s.
     train_s and the title count both (1 s a step; the training itself replaced)."""
-    from types import SimpleNamespace
-
-    import jetmoe.train as jt
-
     matplotlib_axes = pytest.importorskip("matplotlib.axes")  # (optional: the test extra brings it)
-    clock = [100.0]
-    monkeypatch.setattr(jt, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    def one_second_step(*args, **kwargs):
-        clock[0] += 1.0
-        return 0.0, 0.0
-
-    monkeypatch.setattr(jt, "train_step", one_second_step)
+    jt = one_second_steps
     titles = []
     monkeypatch.setattr(matplotlib_axes.Axes, "set_title", lambda self, text, **kw: titles.append(text))
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, warmup_steps=0, batch_size=2, seq_len=16,
@@ -1458,17 +1442,9 @@ def test_the_last_step_is_saved_once_and_a_resume_with_nothing_to_train_saves_no
     assert saves == [2, 4] and (Path(cfg.out_dir) / TRAINER_STATE).read_bytes() == state
 
 
-def test_tokens_per_second_count_every_micro_batch(tmp_path, monkeypatch):
+def test_tokens_per_second_count_every_micro_batch(tmp_path, monkeypatch, one_second_steps):
     """tokens_per_s = batch_size * seq_len * grad_accum per step over its time (here 1 s per step on a fake clock)."""
-    import jetmoe.train as jt
-
-    clock = [100.0]
-
-    def one_second_step(*args, **kwargs):
-        clock[0] += 1.0
-        return 0.0, 0.0
-    monkeypatch.setattr(jt, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(jt, "train_step", one_second_step)
+    jt = one_second_steps
     monkeypatch.setattr(jt, "_save", lambda *args, **kwargs: None)
     cfg = TrainConfig(out_dir=str(tmp_path), steps=2, batch_size=2, seq_len=16, grad_accum=3, progress=False)
     records = jt.train(JetMoEForCausalLM(BYTES), tokens(), cfg)
