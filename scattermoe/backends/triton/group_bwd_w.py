@@ -112,8 +112,8 @@ def _group_bwd_w(
 # memory in the other), and Triton keys a tuning only on the keys and the tensors' dtypes; so is INT64_COLS (the
 # int64 column offsets need more registers: a tile tuned without them can spill with them).
 def _autotuned(space: str):
-    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION",
-                                                                       "INT64_COLS"],
+    return triton.autotune(configs=autotune_configs(space),
+                           key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION", "INT64_COLS"],
                            prune_configs_by={"early_config_prune": pruner(space)})(_group_bwd_w)
 
 

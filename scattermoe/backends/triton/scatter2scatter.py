@@ -180,8 +180,8 @@ def _scatter2scatter(
 # and for float32 ones (config.py: the 16-bit tiles spill in float32).
 # INPUT_PRECISION and INT64_COLS are keys: each compiles to a different kernel (see group_bwd_w.py).
 def _autotuned(space: str):
-    return triton.autotune(configs=autotune_configs(space), key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION",
-                                                                       "INT64_COLS"],
+    return triton.autotune(configs=autotune_configs(space),
+                           key=["K_IN", "N_OUT", "M_BUCKET", "INPUT_PRECISION", "INT64_COLS"],
                            prune_configs_by={"early_config_prune": pruner(space)})(_scatter2scatter)
 
 
