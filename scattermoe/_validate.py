@@ -330,6 +330,19 @@ def _check_rows(name: str, t: torch.Tensor, rows: int, cols: int, device: torch.
         raise ValueError(f"{name}: expected [>= {rows}, {cols}], got shape {tuple(t.shape)}")
 
 
+def _check_read_rows(name: str, t: torch.Tensor, num_rows: int, fan_out, grouped: bool, fan_name: str) -> None:
+    """t holds the rows a kernel reads for N routed rows: row i of the i-th one if grouped, else row slot // fan_out
+    (so fan_out must be a positive int: the kernels divide by it)."""
+    if grouped:
+        rows = num_rows
+    else:
+        fan_out = positive_int(fan_name, fan_out)
+        rows = -(-num_rows // fan_out)
+    if t.size(0) < rows:
+        raise ValueError(f"{name}: expected at least {rows} rows for N={num_rows} slots "
+                         f"({'grouped' if grouped else f'{fan_name} {fan_out}'}), got {tuple(t.shape)}")
+
+
 def check_scatter2scatter_args(x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, row_scale,
                                out, glu, pre_activation) -> None:
     """What the scatter GEMM kernels (csrc and Triton alike) index without bounds checks, checked by each backend's
@@ -343,11 +356,7 @@ def check_scatter2scatter_args(x, w, bias, sorted_scattered_idxs, expert_offsets
     num_rows = sorted_scattered_idxs.numel()
     if x.size(1) != k_in:
         raise ValueError(f"x: expected [*, {k_in}] (w is {tuple(w.shape)}), got {tuple(x.shape)}")
-    # Row slot // fan_out of x is read for each of the N slots (x grouped: row i for the i-th routed row).
-    x_rows = num_rows if grouped_in else -(-num_rows // max(int(fan_out), 1))
-    if x.size(0) < x_rows:
-        raise ValueError(f"x: expected at least {x_rows} rows for N={num_rows} slots "
-                         f"({'grouped' if grouped_in else f'fan_out {fan_out}'}), got {tuple(x.shape)}")
+    _check_read_rows("x", x, num_rows, fan_out, grouped_in, "fan_out")
     check_tensor("sorted_scattered_idxs", sorted_scattered_idxs, dtypes=_INDEX_DTYPES, device=device)
     check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
     if expert_offsets.numel() < num_experts:  # the kernels read E ends
@@ -383,4 +392,31 @@ def check_glu_backward_args(pre, dg, row_scale) -> None:
         check_tensor("row_scale", row_scale, device=pre.device)
         if row_scale.numel() < num_rows:
             raise ValueError(f"row_scale: expected one scale per row (N={num_rows}), got shape "
+                             f"{tuple(row_scale.shape)}")
+
+
+def check_group_bwd_w_args(x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out,
+                           x_grouped, dy_grouped, row_scale) -> None:
+    """What the weight-gradient kernels (csrc and Triton) read without bounds checks, checked by each backend's
+    launcher: torch.ops.scattermoe.group_bwd_w reaches them without parallel_linear's checks, so a malformed call
+    raises ValueError (TypeError for a wrong dtype) naming the argument instead of reading past it."""
+    check_tensor("like_weight", like_weight, dim=3, dtypes=_FLOAT_DTYPES)
+    device = like_weight.device
+    num_experts, k_in, n_out = like_weight.shape
+    check_tensor("sorted_scattered_idxs", sorted_scattered_idxs, dtypes=_INDEX_DTYPES, device=device)
+    num_rows = sorted_scattered_idxs.numel()
+    for name, t, cols in (("x", x, k_in), ("dy", dy, n_out)):
+        check_tensor(name, t, dim=2, dtypes=(like_weight.dtype,), device=device)
+        if t.size(1) != cols:
+            raise ValueError(f"{name}: expected [*, {cols}] (like_weight is {tuple(like_weight.shape)}), "
+                             f"got {tuple(t.shape)}")
+    _check_read_rows("x", x, num_rows, x_fan_out, x_grouped, "x_fan_out")
+    _check_read_rows("dy", dy, num_rows, dy_fan_out, dy_grouped, "dy_fan_out")
+    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
+    if expert_offsets.numel() < num_experts:  # the kernels read E ends
+        raise ValueError(f"expert_offsets: expected [E={num_experts}], got shape {tuple(expert_offsets.shape)}")
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, dtypes=_FLOAT_DTYPES, device=device)
+        if row_scale.numel() < num_rows:  # read by slot, in [0, N)
+            raise ValueError(f"row_scale: expected one scale per slot (N={num_rows}), got shape "
                              f"{tuple(row_scale.shape)}")

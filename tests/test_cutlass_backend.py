@@ -977,6 +977,56 @@ def test_malformed_glu_backward_calls_raise_naming_the_argument_before_any_kerne
         triton_backend.glu_backward(pre_t, dg_t, True, scale)
 
 
+def _malformed_group_bwd_w_calls():
+    """(name, kwargs of group_bwd_w, the argument the error must name) for calls whose tensors the weight-gradient
+    kernels (csrc and Triton alike) would read past: what torch.ops.scattermoe.group_bwd_w can be handed."""
+    x, w, _, (_, scattered, offsets) = make_case([3, 0, 5], 16, 32)
+    dy = torch.randn(8, 32).to(torch.bfloat16)
+    good = dict(x=x, dy=dy, sorted_scattered_idxs=scattered, expert_offsets=offsets, like_weight=w, x_fan_out=1,
+                dy_fan_out=1, x_grouped=False, dy_grouped=True)
+    meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731  (another device, without a GPU)
+    return [
+        ("offsets shorter than E", dict(good, expert_offsets=offsets[:2]), "expert_offsets", ValueError),
+        ("row_scale shorter than N", dict(good, row_scale=torch.ones(7)), "row_scale", ValueError),
+        ("x narrower than K", dict(good, x=x[:, :8].contiguous()), "x", ValueError),
+        ("dy narrower than F", dict(good, dy=dy[:, :16].contiguous()), "dy", ValueError),
+        ("grouped dy with fewer rows than N", dict(good, dy=dy[:7]), "dy", ValueError),
+        ("x with fewer tokens than N / fan_out", dict(good, x=x[:3], x_fan_out=2), "x", ValueError),
+        ("a zero fan_out (the kernels divide by it)", dict(good, x_fan_out=0), "x_fan_out", ValueError),
+        ("dy of another dtype", dict(good, dy=dy.float()), "dy", TypeError),
+        ("float indices", dict(good, sorted_scattered_idxs=scattered.float()), "sorted_scattered_idxs", TypeError),
+        ("x on another device", dict(good, x=meta(x)), "x", ValueError),
+        ("offsets on another device", dict(good, expert_offsets=meta(offsets)), "expert_offsets", ValueError),
+        ("indices on another device", dict(good, sorted_scattered_idxs=meta(scattered)), "sorted_scattered_idxs",
+         ValueError),
+    ]
+
+
+@pytest.mark.parametrize("name,kwargs,argument,error", _malformed_group_bwd_w_calls(),
+                         ids=[c[0] for c in _malformed_group_bwd_w_calls()])
+def test_malformed_group_bwd_w_calls_raise_naming_the_argument_before_any_kernel(fake_launch, fake_triton, name,
+                                                                                 kwargs, argument, error):
+    """Neither the csrc weight-gradient kernel nor the Triton one (reached directly through
+    torch.ops.scattermoe.group_bwd_w(..., backend="triton")) is launched."""
+    with pytest.raises(error, match=f"^{argument}: "):
+        cutlass.group_bwd_w(**kwargs)
+    assert not fake_launch and not fake_triton, name
+    from scattermoe.backends import triton as triton_backend
+
+    with pytest.raises(error, match=f"^{argument}: "):
+        triton_backend.group_bwd_w(**kwargs)
+
+
+def test_a_well_formed_group_bwd_w_call_passes_the_argument_checks(fake_launch, fake_triton):
+    """The same tensors as the malformed calls above, well formed, reach the csrc kernel (offsets may be longer than
+    E and row_scale longer than N: the kernels read only the first ones)."""
+    x, w, _, (_, scattered, offsets) = make_case([3, 0, 5], 16, 32)
+    dy = torch.randn(8, 32).to(torch.bfloat16)
+    cutlass.group_bwd_w(x, dy, scattered, torch.cat([offsets, offsets[-1:]]), w, 1, 1, False, True,
+                        row_scale=torch.ones(9))
+    assert len(fake_launch) == 1 and not fake_triton
+
+
 def _locate_row_tile(offsets, num_rows, tile, tile_m=128):
     """The definition (csrc/scatter_gemm/scatter_gemm_sm90.cuh, above locate_row_tile_warp), one expert at a time."""
     tiles_before = prev_end = 0

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._validate import check_glu_backward_args, check_scatter2scatter_args, env_flag, flag
+from ..._validate import check_glu_backward_args, check_group_bwd_w_args, check_scatter2scatter_args, env_flag, flag
 from . import glu_grad, grouped_gemm, scatter_gemm
 from . import weight_grad as wgrad
 
@@ -139,7 +139,10 @@ def group_bwd_w(
     row_scale: Optional[torch.Tensor] = None,
     with_bias: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """See scattermoe.backends.triton.group_bwd_w: same contract, same result."""
+    """See scattermoe.backends.triton.group_bwd_w: same contract, same result; malformed arguments raise
+    ValueError (TypeError for a wrong dtype), before either kernel."""
+    check_group_bwd_w_args(x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out,
+                           x_grouped, dy_grouped, row_scale)
     num_rows = sorted_scattered_idxs.numel()
     p = _not_cuda(x) or wgrad.plan(x, dy, expert_offsets, like_weight, num_rows, row_scale)
     if isinstance(p, str):

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._validate import check_group_bwd_w_args
 from .._schedule import largest_experts_first
 from .config import FP32, autotune_configs, input_precision, int64_columns, on_tensor_device, pow2_bucket, pruner
 
@@ -135,7 +136,10 @@ def group_bwd_w(
     row_scale: Optional[torch.Tensor] = None,
     with_bias: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Returns (dW shaped and strided like ``like_weight`` [E, K_IN, N_OUT], db [E, N_OUT] or None)."""
+    """Returns (dW shaped and strided like ``like_weight`` [E, K_IN, N_OUT], db [E, N_OUT] or None); malformed
+    arguments raise ValueError (TypeError for a wrong dtype) before the kernel."""
+    check_group_bwd_w_args(x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out,
+                           x_grouped, dy_grouped, row_scale)
     num_experts, k_in, n_out = like_weight.shape
     num_rows = sorted_scattered_idxs.numel()
     # Read as contiguous by the kernel (no copy when they are; see scatter2scatter).
