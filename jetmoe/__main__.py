@@ -392,10 +392,48 @@ def _training_setup(args, device: torch.device, rank0: bool = True):
         ckpt, dtype=torch.float32, device=device, progress=None if rank0 else False)
 
 
+# On --resume, the options that shape the run take the run's own values (its saved TrainConfig) unless given
+# again: the option's dest -> the TrainConfig field. Not the text (--data: only its fingerprint is saved, and a
+# change is warned about), nor how it runs (device, amp, FSDP, recomputation, compile: a resume may change them).
+RUN_SETTINGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "grad_accum": "grad_accum",
+                "lr": "lr", "warmup": "warmup_steps", "seed": "seed", "val_fraction": "val_fraction",
+                "eval_every": "eval_every", "eval_windows": "eval_windows", "save_every": "save_every",
+                "log_every": "log_every"}
+
+
+def given_options(argv: Optional[List[str]]) -> set:
+    """The options (argparse dests) that argv gives, as opposed to those left at their defaults."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for sp in (parser, *subparsers.choices.values()):
+        for action in sp._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def inherit_run_settings(args, saved: dict, given: set) -> List[str]:
+    """--resume: each of RUN_SETTINGS that the command line does not give takes the saved run's value (a changed
+    --seq-len, say, warned about but taken, made the resume another run). Returns "--option value" for each value
+    taken that differs from the option's default."""
+    taken = []
+    for dest, field in RUN_SETTINGS.items():
+        if dest in given or field not in saved or not hasattr(args, dest):
+            continue
+        if saved[field] != getattr(args, dest) and saved[field] is not None:
+            taken.append(f"--{dest.replace('_', '-')} {saved[field]:g}" if isinstance(saved[field], float)
+                         else f"--{dest.replace('_', '-')} {saved[field]}")
+        setattr(args, dest, saved[field])
+    return taken
+
+
 def _train(args, demo: bool) -> None:
     from .model import unknown_compile_backend
-    from .train import TrainConfig, amp_dtype_for, init_distributed, load_corpus, split_corpus, tokenize, train
+    from .train import (TrainConfig, amp_dtype_for, init_distributed, load_corpus, saved_train_config, split_corpus,
+                        tokenize, train)
 
+    inherited = []
+    if args.resume and not args.overwrite:  # (both: refused below)
+        inherited = inherit_run_settings(args, saved_train_config(args.out), getattr(args, "given", set(vars(args))))
     if args.resume and args.overwrite:  # one continues the run in --out, the other replaces it
         raise CLIError("--resume and --overwrite: pass one, --resume to continue the run in --out or --overwrite to "
                        "start over in its place")
@@ -416,15 +454,14 @@ def _train(args, demo: bool) -> None:
     check_out_dir(Path(args.out), args.resume, replace)
     rank, world = init_distributed(device)  # under torchrun: join the process group before anything else
     rank0 = rank == 0
+    if inherited and rank0:
+        print(f"--resume: the run's own {', '.join(inherited)} (give an option again to change it)", flush=True)
     tokenizer, config, build = _training_setup(args, device, rank0)
     t = time.perf_counter()
     docs = load_corpus(args.data)
     tokens = tokenize(docs, tokenizer)
     from .model import PRESETS
-    from .train import saved_train_config
-    lr = args.lr
-    if lr is None and args.resume:  # the run's own: --model's default would be a preset's (4e-3) after a fine-tune
-        lr = saved_train_config(args.out).get("lr")
+    lr = args.lr  # with --resume, the run's own (inherit_run_settings): a preset's 4e-3 would follow a fine-tune
     if lr is None:
         lr = 4e-3 if args.model in PRESETS else 2e-5
     cfg = TrainConfig(out_dir=str(args.out), steps=args.steps, seconds=args.seconds, batch_size=args.batch_size,
@@ -482,7 +519,7 @@ def _train(args, demo: bool) -> None:
     if records:
         print(f"saved to {cfg.out_dir} (HF layout: transformers.JetMoeForCausalLM.from_pretrained loads it too)")
     else:  # a resume already at --steps
-        print(f"nothing trained: {cfg.out_dir} is as it was")
+        print(f"nothing trained: {cfg.out_dir} is as it was (pass a larger --steps to train on)")
     from .train import TRAIN_LOG, TRAIN_PLOT, plot_train_log
     why_not = plot_train_log(cfg.out_dir)
     curve = f"loss curve: {Path(cfg.out_dir) / TRAIN_PLOT}" if why_not is None else why_not
@@ -636,6 +673,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = argparse.Namespace(command=None)
         args = build_parser().parse_args(argv)
+        args.given = given_options(argv)  # --resume keeps the run's own values of the options not given
         if getattr(args, "temperature", None) == 0 and (args.top_p < 1 or args.top_k > 0):
             raise CLIError("--top-p and --top-k choose among sampled tokens; with --temperature 0 (greedy, the "
                            "default) nothing is sampled: give --temperature > 0 too")

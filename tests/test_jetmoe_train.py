@@ -1593,3 +1593,39 @@ def test_cli_resume_already_at_steps_says_nothing_was_trained(tiny_ckpt, tmp_pat
     assert main(argv + ["--resume"]) == 0
     out = capsys.readouterr().out
     assert "already at --steps 1, nothing to train" in out and "nothing trained: " in out and "saved to" not in out
+
+
+def test_cli_resume_keeps_the_runs_own_settings_unless_given_again(tiny_ckpt, tmp_path, capsys):
+    """`train --resume` with only --steps continues the run as it was trained (--seq-len 16, --batch-size 2, its
+    learning rate, warm-up, seed and held-out part), not with the options' defaults, which made another run (128
+    tokens a sequence, 16 a batch) after a warning; an option given again is taken, and warned about."""
+    from jetmoe.train import TRAINER_STATE, saved_train_config
+
+    out = tmp_path / "run"
+    first = ["train", "--out", str(out), "--data", str(tiny_ckpt.parent / "corpus.py"), "--device", "cpu",
+             "--backend", "torch", "--no-progress", "--steps", "2", "--seq-len", "16", "--batch-size", "2",
+             "--grad-accum", "2", "--lr", "1e-3", "--warmup", "1", "--seed", "7", "--val-fraction", "0.2",
+             "--eval-windows", "3", "--log-every", "1"]
+    assert main(first) == 0
+    trained = saved_train_config(out)
+    capsys.readouterr()
+    rest = ["train", "--out", str(out), "--data", str(tiny_ckpt.parent / "corpus.py"), "--device", "cpu",
+            "--backend", "torch", "--no-progress", "--resume"]
+    with pytest.warns(UserWarning) as seen:  # the longer schedule alone is named: nothing else changed
+        assert main(rest + ["--steps", "3"]) == 0
+    assert [str(w.message) for w in seen if "other settings" in str(w.message)] == [
+        "resuming a run trained with other settings (steps 2 -> 3): its batches or its learning-rate schedule "
+        "differ from here on from an uninterrupted run's"], [str(w.message) for w in seen]
+    printed = capsys.readouterr().out
+    assert "--resume: the run's own" in printed and "--seq-len 16" in printed and "--lr 0.001" in printed, printed
+    resumed = saved_train_config(out)
+    for field in ("seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "val_fraction",
+                  "eval_windows", "log_every"):
+        assert resumed[field] == trained[field], field
+    assert resumed["steps"] == 3 and torch.load(out / TRAINER_STATE, weights_only=True)["step"] == 3
+    with pytest.warns(UserWarning, match=r"other settings \(steps 3 -> 4, seq_len 16 -> 8\)"):
+        assert main(rest + ["--steps", "4", "--seq-len", "8"]) == 0
+    assert saved_train_config(out)["seq_len"] == 8 and saved_train_config(out)["batch_size"] == 2
+    # --steps not given: the run's own (4, reached), so nothing is trained rather than a new schedule begun
+    assert main(rest) == 0
+    assert "nothing trained" in capsys.readouterr().out
