@@ -141,11 +141,13 @@ def build_mode() -> str:
     value = os.environ.get("SCATTERMOE_BUILD_CUDA", "").strip().lower()
     if value in ("", "auto"):
         return "auto"
-    if value in ("0", "false", "no", "off"):
+    # The words of scattermoe._validate.env_flag (not imported: the build environment has no torch).
+    if value in ("0", "false", "no", "off", "n"):
         return "off"
-    if value in ("1", "true", "yes", "on"):
+    if value in ("1", "true", "yes", "on", "y"):
         return "on"
-    raise ValueError(f"SCATTERMOE_BUILD_CUDA: expected 1, 0 or unset, got {value!r}")
+    raise ValueError(f"SCATTERMOE_BUILD_CUDA: expected 1 or 0 (or true/false, yes/no, on/off), auto or unset, "
+                     f"got {os.environ['SCATTERMOE_BUILD_CUDA']!r}")
 
 
 def default_jobs() -> int:

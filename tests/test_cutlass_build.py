@@ -151,6 +151,12 @@ def test_the_build_switch_is_read_strictly_and_the_setuptools_hook_obeys_it(monk
                         ("1", "on"), ("true", "on"), ("yes", "on"), ("On", "on")):
         monkeypatch.setenv("SCATTERMOE_BUILD_CUDA", value)
         assert csrc_build.build_mode() == mode, value
+    from scattermoe._validate import _OFF, _ON, env_flag
+
+    for words, mode in ((_ON, "on"), (_OFF, "off")):  # the library's switches' words, read alike
+        for word in words:
+            monkeypatch.setenv("SCATTERMOE_BUILD_CUDA", word.upper())
+            assert csrc_build.build_mode() == mode and env_flag("SCATTERMOE_BUILD_CUDA") == (mode == "on"), word
     monkeypatch.setenv("SCATTERMOE_BUILD_CUDA", "2")
     with pytest.raises(ValueError, match="SCATTERMOE_BUILD_CUDA"):
         csrc_build.build_mode()

@@ -188,6 +188,9 @@ def test_topk_combine_is_read_from_the_environment_at_import():
     env = {**os.environ, "SCATTERMOE_TOPK_COMBINE": "gather"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["gather"], out.stderr[-2000:]
+    env["SCATTERMOE_TOPK_COMBINE"] = " Gather "  # read as the switches are: any case, spaces ignored
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["gather"], out.stderr[-2000:]
     env["SCATTERMOE_TOPK_COMBINE"] = "bogus"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "SCATTERMOE_TOPK_COMBINE: expected one of scatter, gather" in out.stderr

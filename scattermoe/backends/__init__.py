@@ -30,8 +30,13 @@ def _check_name(name: str, what: str = "backend") -> str:
     return name
 
 
-_current = _check_name(os.environ.get("SCATTERMOE_BACKEND") or "auto",  # set but empty: the default
-                       "the environment variable SCATTERMOE_BACKEND")
+def _env_word(name: str) -> str:
+    """A word-valued environment variable read as the switches are (_validate.env_flag): any case, surrounding
+    spaces ignored, set but empty as unset ("")."""
+    return (os.environ.get(name) or "").strip().lower()
+
+
+_current = _check_name(_env_word("SCATTERMOE_BACKEND") or "auto", "the environment variable SCATTERMOE_BACKEND")
 
 
 def set_backend(name: str) -> None:
@@ -77,7 +82,7 @@ def _check_combine(mode: str, what: str = "mode") -> str:
     return mode
 
 
-_combine = _check_combine(os.environ.get("SCATTERMOE_TOPK_COMBINE") or "scatter",
+_combine = _check_combine(_env_word("SCATTERMOE_TOPK_COMBINE") or "scatter",
                           "the environment variable SCATTERMOE_TOPK_COMBINE")
 
 
