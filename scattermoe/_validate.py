@@ -75,9 +75,26 @@ def shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
+def _batched_by_vmap(t: torch.Tensor) -> bool:
+    """Whether t is batched by a torch.func.vmap, at any of the functorch levels that wrap it (vmap(grad(f)) too)."""
+    if torch.compiler.is_compiling():  # traced: Dynamo cannot trace these calls (nor does it trace vmap's wrappers)
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def check_tensor(name: str, t, *, dim: Optional[int] = None, dtypes=None, device=None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is _INDEX_DTYPES and _batched_by_vmap(t):  # (vmap over x, the routing shared, runs on torch)
+        raise NotImplementedError(
+            f"{name}: torch.func.vmap over the routing is not supported (each expert's row count depends on the "
+            "expert ids' values, which vmap cannot batch); fold the vmapped dimension into the tokens instead: the "
+            "layers take x of any shape [..., D]")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name}: expected a {dim}-d tensor, got shape {shape(t)}")
     if dtypes is not None and t.dtype not in dtypes:

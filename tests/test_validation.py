@@ -857,6 +857,10 @@ def test_switch_variables_set_but_empty_mean_their_defaults():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["auto", "scatter"], out.stdout
+    # Read as the switches are (any case, spaces ignored), as a shell line or a CI matrix may write them.
+    env.update(SCATTERMOE_BACKEND=" Torch ", SCATTERMOE_TOPK_COMBINE="GATHER")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["torch", "gather"], out.stderr[-2000:]
 
 def test_the_original_kernel_api_checks_before_it_computes():
     from scattermoe.kernels import ops
@@ -872,3 +876,30 @@ def test_the_original_kernel_api_checks_before_it_computes():
     offsets = torch.bincount(sorted_expert_idxs, minlength=E).cumsum(0)
     with pytest.raises(ValueError, match=r"^has_bias: expected True or False, got 'no'"):
         ops.group_bwd_W(torch.randn(T * K, F), torch.randn(T * K, D), offsets, E, has_bias="no")
+
+
+def test_vmap_over_the_expert_ids_is_refused_by_name_and_over_x_and_the_gates_runs():
+    """torch.func.vmap cannot batch the routing (each expert's row count depends on the expert ids' values): it
+    failed deep inside, on an .item() or a boolean mask. It is refused at the first batched index tensor, under
+    vmap(grad(f)) too; vmap over x and the gates, the routing shared, runs on the torch backend (README)."""
+    layer = scattermoe.GLUMLP(D, F, E, K)
+    x = torch.randn(3, T, D)
+    expert_idxs = torch.stack([make_expert_idxs(T, E, K) for _ in range(3)])
+    gates = torch.rand(3, T, K)
+    with backends.use_backend("torch"):
+        with pytest.raises(NotImplementedError, match=r"^expert_idxs: torch.func.vmap over the routing is not "
+                           r"supported .* the layers take x of any shape \[\.\.\., D\]"):
+            torch.func.vmap(layer)(x, gates, expert_idxs)
+        with pytest.raises(NotImplementedError, match=r"^expert_idxs: torch.func.vmap"):
+            torch.func.vmap(lambda idxs: scattermoe.flatten_sort_count(idxs, num_experts=E))(expert_idxs)
+        sorted_idxs = torch.stack([torch.stack(scattermoe.flatten_sort_count(i, num_experts=E)[:2])
+                                   for i in expert_idxs])
+        offsets = scattermoe.flatten_sort_count(expert_idxs[0], num_experts=E)[2]
+        with pytest.raises(NotImplementedError, match=r"^sorted_expert_idxs: torch.func.vmap"):
+            torch.func.vmap(lambda s: scattermoe.parallel_linear(x[0], layer.experts.weight.permute(0, 2, 1), K,
+                                                                 s[0], s[1], offsets))(sorted_idxs)
+        with pytest.raises(NotImplementedError, match=r"^expert_idxs: torch.func.vmap"):  # a grad inside the vmap
+            torch.func.vmap(lambda idxs: torch.func.grad(lambda rows: layer(rows, gates[0], idxs).sum())(x[0]))(
+                expert_idxs)
+        both = torch.func.vmap(lambda rows, g: layer(rows, g, expert_idxs[0]))(x, gates)
+        torch.testing.assert_close(both, torch.stack([layer(x[i], gates[i], expert_idxs[0]) for i in range(3)]))
