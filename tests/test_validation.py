@@ -534,6 +534,25 @@ def test_use_backend_holds_in_a_backward_run_on_another_thread(reentrant):
     assert not errors and seen == ["torch", "torch"], (seen, errors)
 
 
+@pytest.mark.interpreter
+def test_a_backward_runs_on_the_backend_of_its_forward_after_the_block_has_ended(monkeypatch):
+    """use_backend's docstring: the forward inside a triton block, the backward after it, with the torch backend in
+    force by then: the backward's kernels are still Triton's (and its gradients those of the torch backend)."""
+    scattermoe.set_backend("torch")
+    layer = scattermoe.GLUMLP(D, F, E, K)
+    x = torch.randn(T, D, requires_grad=True)
+    gates, idx = scattermoe.topk_gating(torch.randn(T, E), K)
+    with scattermoe.use_backend("triton"):
+        out = layer(x, gates, idx).square().sum()
+    asked, kernels = [], backends.kernels
+    monkeypatch.setattr(backends, "kernels", lambda name: asked.append(name) or kernels(name))
+    out.backward()
+    assert scattermoe.get_backend() == "torch" and asked and set(asked) == {"triton"}, asked
+    x2 = x.detach().clone().requires_grad_()
+    layer(x2, gates, idx).square().sum().backward()  # the torch backend's
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_use_backend_restores_the_previous_backend_even_when_the_block_raises():
     scattermoe.set_backend("torch")
     with pytest.raises(KeyError):

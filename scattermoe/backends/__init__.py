@@ -56,7 +56,11 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed block on another backend, then restore the previous one."""
+    """Run the enclosed block on another backend, then restore the previous one.
+
+    Process-wide like ``set_backend`` (see there why): a generator that yields inside the block leaves the choice in
+    force in its caller while it is suspended, as ``torch.no_grad`` does; choose the backend around the whole
+    loop instead. A backward runs on the backend its forward ran on, wherever it is called."""
     global _current
     previous, _current = _current, _check_name(name)
     try:
