@@ -1111,3 +1111,124 @@ def test_the_scatter_gemm_launch_gives_the_kernel_the_pre_activation_rows(monkey
     sg.launch(p, x, w, None, scattered, offsets, 1, True, False, None, y, pre)
     sg.launch(p, x, w, None, scattered, offsets, 1, True, False, None, y)
     assert [(kw["pre"] != 0, kw["pre_rows"]) for kw in seen] == [(True, 9), (False, 0)]
+
+
+# Preconditions of the csrc kernels' argument checks (csrc/*/run(), the bindings' 32-bit ints) that the planners
+# must guarantee, or else fall back to Triton: a plan the kernel then refuses is a ValueError out of the launch.
+
+
+def test_an_overlapping_pre_activation_falls_back_instead_of_reaching_the_kernel(fake_launch, fake_triton):
+    """run() of the scatter GEMM refuses stride_pm < 2F (its SMOE_CHECK); an expanded or row-overlapping
+    pre_activation passes the shape checks, so the plan must name it."""
+    x, w, b, route = make_case([5, 0, 7], 32, 64)
+    for pre in (torch.empty(1, 64, dtype=torch.bfloat16).expand(12, 64),  # row stride 0
+                torch.empty(12 * 40 + 24, dtype=torch.bfloat16).as_strided((12, 64), (40, 1))):  # rows overlap
+        reason = dispatch.scatter2scatter_fallback_reason(x, w, b, route[2], 12, True, False, None, None, 1, pre)
+        assert reason is not None and reason.startswith("pre_activation (strides"), reason
+        assert s2s(x, w, b, route, grouped_out=False, glu=1, pre_activation=pre) == "triton-result"
+    assert not fake_launch and len(fake_triton) == 2
+    kept = torch.empty(12, 72, dtype=torch.bfloat16)[:, :64]  # row stride 72 >= 2F: still the csrc kernel
+    s2s(x, w, b, route, grouped_out=False, glu=1, pre_activation=kept)
+    assert len(fake_launch) == 1 and len(fake_triton) == 2
+
+
+def _empty_weight_calls():
+    bf16 = torch.bfloat16
+    x = torch.randn(8, 16).to(bf16)
+    offsets = torch.tensor([3, 8])
+    return {
+        # x [8, 0] sliced from a [8, 8] buffer: a row stride of 8, which rows_ok takes
+        "K=0": (x[:, :0], torch.empty(2, 0, 24, dtype=bf16), offsets, "K=0, F=24: an empty weight"),
+        "F=0, K-major w": (x, torch.empty(2, 0, 16, dtype=bf16).permute(0, 2, 1), offsets,
+                           "K=16, F=0: an empty weight"),
+        "E=0": (x, torch.empty(0, 16, 24, dtype=bf16), offsets[:0], "E=0: no experts"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_empty_weight_calls()))
+def test_an_empty_weight_falls_back_instead_of_reaching_the_kernel(fake_launch, fake_triton, name):
+    """run() of every GEMM refuses E, K or F = 0 (num_experts / k_in / n_out >= 1); those planned a launch (a
+    K-major [E, K, 0] weight, a sliced [N, 0] x with an aligned row stride, an E=0 weight) and raised there.
+    Triton takes them (it writes the bias for K=0, nothing for F=0)."""
+    x, w, offsets, reason = _empty_weight_calls()[name]
+    assert gg.plan(x, w, None, offsets, 8).startswith(reason)
+    assert sg.plan(x, w, None, offsets, 8).startswith(reason)
+    assert cutlass.scatter2scatter(x, w, None, torch.arange(8), offsets, 1, True, True) == "triton-result"
+    assert not fake_launch and [k for k in dispatch.FALLBACKS if k.startswith(reason)]
+
+
+def test_dw_with_no_experts_is_empty_without_a_kernel(fake_launch, fake_triton):
+    """E=0: dW [0, K, F] and db [0, F] have nothing to compute. The csrc kernel refuses num_experts < 1 and the Triton
+    launcher indexes dw[0] (an IndexError), so the dispatcher returns them itself."""
+    bf16 = torch.bfloat16
+    x, dy = torch.randn(4, 16).to(bf16), torch.randn(4, 24).to(bf16)
+    like = torch.empty(0, 16, 24, dtype=bf16)
+    idx, offsets = torch.arange(4), torch.empty(0, dtype=torch.int64)
+    assert wg.plan(x, dy, offsets, like, 4, None).startswith("E=0: no experts")
+    for with_bias in (False, True):
+        dw, db = cutlass.group_bwd_w(x, dy, idx, offsets, like, 1, 1, True, True, None, with_bias)
+        assert dw.shape == (0, 16, 24) and dw.dtype == bf16
+        assert (db.shape == (0, 24) and db.dtype == bf16) if with_bias else db is None
+    assert not fake_launch and not fake_triton
+
+
+def test_feature_dims_past_32_bits_fall_back_on_metadata_alone():
+    """The bindings take K and F as 32-bit ints (checked_int) and the kernels index columns in int up to a tile past
+    them: wider weights must be a reason, read from shapes and strides only (meta tensors: no memory)."""
+    bf16, big = torch.bfloat16, 2**31
+    offsets = torch.tensor([2])
+
+    def meta(*shape):
+        return torch.empty(*shape, dtype=bf16, device="meta")
+
+    wide_k = (meta(2, big), meta(1, big, 8))
+    wide_f = (meta(2, 8), meta(1, 8, big))
+    wide_f_k_major = (meta(2, 8), meta(1, big, 8).permute(0, 2, 1))  # strides (8 * 2^31, 1, 8)
+    for x, w in (wide_k, wide_f, wide_f_k_major):
+        for reason in (gg.plan(x, w, None, offsets, 2), sg.plan(x, w, None, offsets, 2)):
+            assert isinstance(reason, str) and "32-bit column indices" in reason, reason
+    x, w = wide_f_k_major
+    assert "32-bit column indices" in sg.plan(x, w, None, offsets, 2, glu=1)  # 2F = 2^31 columns of W
+    x, w = wide_k
+    assert "32-bit column indices" in wg.plan(x, meta(2, 8), offsets, w, 2, None)
+    assert "32-bit column indices" in glu_grad.plan(meta(2, 2 * big), meta(2, big))
+    # Just below: still planned (meta tensors' data_ptr() is 0, so aligned).
+    x, w = meta(2, 2**30), meta(1, 2**30, 8)
+    assert isinstance(sg.plan(x, w, None, offsets, 2), sg.ScatterGemmPlan)
+    assert isinstance(gg.plan(x, w, None, offsets, 2), gg.GroupedGemmPlan)
+    assert isinstance(wg.plan(x, meta(2, 8), offsets, w, 2, None), wg.GroupBwdWPlan)
+    assert glu_grad.plan(meta(2, 2**31), meta(2, 2**30)) is None
+
+
+def test_a_fan_out_past_32_bits_reaches_the_kernels_as_one_that_reads_the_same_rows(monkeypatch, cpu_launch):
+    """The bindings take fan_out as a 32-bit int; Python's may be any positive int (a huge one is a valid call
+    when x has one row). The kernels read row slot // fan_out for slots in [0, N): the launchers pass a fan-out
+    that reads the same row for every slot."""
+    seen = []
+
+    class FakeModule:
+        def scatter_gemm(self, **kw):
+            seen.append(("fan_out", kw["fan_out"], kw["num_rows"]))
+            return False
+
+        def group_bwd_w(self, **kw):
+            seen.extend([("x_fan_out", kw["x_fan_out"], kw["num_rows"]),
+                         ("dy_fan_out", kw["dy_fan_out"], kw["num_rows"])])
+
+    monkeypatch.setattr(_extension, "load", lambda: (FakeModule(), None))
+    x, w, _, (_, scattered, offsets) = make_case([3, 0, 5], 16, 32)
+    y = torch.empty(8, 32, dtype=torch.bfloat16)
+    p = sg.plan(x[:1], w, None, offsets, 8)
+    assert isinstance(p, sg.ScatterGemmPlan), p
+    dy = torch.randn(8, 32).to(torch.bfloat16)
+    pw = wg.plan(x[:1], dy, offsets, w, 8, None)
+    assert isinstance(pw, wg.GroupBwdWPlan), pw
+    for fan_out in (2, 8, 2**31, 2**40 + 3):
+        seen.clear()
+        sg.launch(p, x[:1], w, None, scattered, offsets, fan_out, False, False, None, y)
+        wg.launch(pw, x[:1], dy, scattered, offsets, fan_out, fan_out, False, False, torch.empty_like(w))
+        for name, passed, num_rows in seen:
+            assert 1 <= passed <= 2**31 - 1, (name, passed)
+            assert [s // passed for s in range(num_rows)] == [s // fan_out for s in range(num_rows)], (name, passed)
+    monkeypatch.setattr(sg, "_persistent", 2**40)  # set_persistent takes any positive int
+    assert sg.num_ctas(0) == 2**31 - 1

@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _extension
-from .grouped_gemm import DTYPES, INT32_MAX, row_stride
+from .grouped_gemm import DTYPES, FEATURES_MAX, INT32_MAX, row_stride
 
 
 def plan(pre: torch.Tensor, dg: torch.Tensor) -> Union[str, None]:
@@ -26,6 +26,8 @@ def plan(pre: torch.Tensor, dg: torch.Tensor) -> Union[str, None]:
         return f"pre (strides {pre.stride()}) and dg (strides {dg.stride()}) need a unit column stride"
     if pre.size(-1) < 2:
         return f"pre [*, {pre.size(-1)}]: an empty GLU (the kernel needs F >= 1)"
+    if pre.size(-1) // 2 > FEATURES_MAX:
+        return f"pre [*, {pre.size(-1)}]: F more than the kernel's 32-bit column indices take ({FEATURES_MAX})"
     if row_stride(pre) < pre.size(-1) or row_stride(dg) < dg.size(-1):  # rows overlapping (e.g. expanded)
         return f"pre (strides {pre.stride()}) or dg (strides {dg.stride()}): rows overlap"
     if pre.size(0) > INT32_MAX:

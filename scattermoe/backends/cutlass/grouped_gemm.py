@@ -25,6 +25,9 @@ DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 ALIGN_ELEMENTS = 8  # TMA: 16-byte aligned rows and bases, i.e. 8 two-byte elements
 ALIGN_BYTES = 16
 INT32_MAX = 2**31 - 1
+# The kernels take K and F as 32-bit ints (the bindings refuse more) and index columns in 32-bit ints up to a
+# tile past them (the GLU backward's loop steps 1024 columns): wider goes to Triton, which has int64 columns.
+FEATURES_MAX = INT32_MAX - 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,24 @@ def rows_ok(t: torch.Tensor) -> bool:
     what cp.async and TMA take, and what the kernels' own argument checks require."""
     ld = row_stride(t)
     return t.stride(-1) == 1 and ld % ALIGN_ELEMENTS == 0 and ld >= t.size(-1) and _aligned(t)
+
+
+def sizes_reason(num_experts: int, k_in: int, cols: int) -> Optional[str]:
+    """Why the kernels cannot take a weight [E, K, cols] by its sizes alone, else None: each needs E, K and F
+    >= 1 (their argument checks refuse 0; Triton writes the bias, or nothing, there) and 32-bit feature dims."""
+    if num_experts == 0:
+        return "E=0: no experts (the kernels need at least one)"
+    if k_in == 0 or cols == 0:
+        return f"K={k_in}, F={cols}: an empty weight (the kernels need both >= 1)"
+    if max(k_in, cols) > FEATURES_MAX:
+        return f"K={k_in}, F={cols}: more than the kernels' 32-bit column indices take ({FEATURES_MAX})"
+    return None
+
+
+def int32_fan_out(fan_out: int, num_rows: int) -> int:
+    """A gathered operand's fan-out as the kernels' 32-bit argument (the bindings refuse more): they read row
+    slot // fan_out for slots in [0, num_rows), 0 for any fan_out >= num_rows, so num_rows reads the same rows."""
+    return max(1, min(int(fan_out), num_rows))
 
 
 def weight_layout(w: torch.Tensor) -> Union[Tuple[bool, int, int], str]:
@@ -92,6 +113,9 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
     num_experts, k_in, n_out = w.shape
     if num_rows > INT32_MAX:
         return f"{num_rows} rows: CUTLASS problem sizes are 32-bit"
+    sizes = sizes_reason(num_experts, k_in, n_out)
+    if sizes:
+        return sizes
     if k_in % ALIGN_ELEMENTS or n_out % ALIGN_ELEMENTS:
         return f"K={k_in}, F={n_out}: TMA needs feature dims that are multiples of {ALIGN_ELEMENTS}"
     if not rows_ok(x):

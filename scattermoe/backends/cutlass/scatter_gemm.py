@@ -24,7 +24,8 @@ import torch
 
 from ..._validate import env_flag
 from . import _extension
-from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, _sm_count, row_stride, rows_ok, weight_layout
+from .grouped_gemm import (ALIGN_ELEMENTS, DTYPES, INT32_MAX, _sm_count, int32_fan_out, row_stride, rows_ok,
+                           sizes_reason, weight_layout)
 
 # Which scatter GEMM kernel runs: False, one CTA per tile (the default); True, the persistent kernel on
 # one CTA per SM; an int, the persistent kernel on that many CTAs (tests use a few, so that each CTA
@@ -89,7 +90,8 @@ def num_ctas(device_index: int) -> int:
     """The scatter GEMM's num_ctas argument: 0 (one CTA per tile) or the persistent kernel's CTA count."""
     if _persistent is False:
         return 0
-    return _sm_count(device_index) if _persistent is True else int(_persistent)
+    # The kernel runs min(num_ctas, tiles) CTAs with tiles < 2^31, so a larger count is the same launch.
+    return _sm_count(device_index) if _persistent is True else min(int(_persistent), INT32_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,9 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
     n_out = w_cols // 2 if glu else w_cols
     if num_rows > INT32_MAX:
         return f"{num_rows} rows: more than the kernel's 32-bit row count"
+    sizes = sizes_reason(num_experts, k_in, w_cols)
+    if sizes:
+        return sizes
     if k_in % ALIGN_ELEMENTS:
         return f"K={k_in}: cp.async copies 16 bytes, so K must be a multiple of {ALIGN_ELEMENTS}"
     if not rows_ok(x):
@@ -143,6 +148,8 @@ def plan(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], expert_
     w_k_major, ld, stride_we = layout
     if out is not None and row_stride(out) < n_out:
         return f"out (strides {out.stride()}) has overlapping rows (an expanded tensor)"
+    if pre_activation is not None and row_stride(pre_activation) < w_cols:
+        return f"pre_activation (strides {pre_activation.stride()}) has overlapping rows (an expanded tensor)"
     if bias is not None and bias.stride(-1) != 1:
         return "bias must have a unit column stride"
     if expert_offsets.dtype not in (torch.int32, torch.int64):
@@ -172,7 +179,7 @@ def launch(p: ScatterGemmPlan, x: torch.Tensor, w: torch.Tensor, bias: Optional[
         gates=gates.data_ptr() if gates is not None else 0,
         sorted_scattered_idxs=idx.data_ptr(), expert_offsets=offsets.data_ptr(),
         offsets_int64=offsets.dtype == torch.int64, x_grouped=grouped_in, y_grouped=grouped_out,
-        fan_out=fan_out if not grouped_in else 1, num_experts=p.num_experts, num_rows=p.num_rows,
+        fan_out=1 if grouped_in else int32_fan_out(fan_out, p.num_rows), num_experts=p.num_experts, num_rows=p.num_rows,
         k_in=p.k_in, n_out=p.n_out, glu=p.glu,
         pre=pre_activation.data_ptr() if pre_activation is not None else 0,
         stride_pm=row_stride(pre_activation) if pre_activation is not None else 0,

@@ -23,7 +23,7 @@ import torch
 
 from .._schedule import largest_experts_first
 from . import _extension
-from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, row_stride, rows_ok
+from .grouped_gemm import ALIGN_ELEMENTS, DTYPES, INT32_MAX, int32_fan_out, row_stride, rows_ok, sizes_reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +55,11 @@ def plan(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor, like_w
         return f"{num_rows} rows: more than the kernel's 32-bit row count"
     if num_experts > 65535:
         return f"{num_experts} experts: more than the kernel's grid allows (65535)"
+    sizes = sizes_reason(num_experts, k_in, n_out)
+    if sizes:
+        return sizes
     if k_in % ALIGN_ELEMENTS or n_out % ALIGN_ELEMENTS:
         return f"K={k_in}, F={n_out}: cp.async copies 16 bytes, so both must be multiples of {ALIGN_ELEMENTS}"
-    if k_in == 0 or n_out == 0:
-        return f"K={k_in}, F={n_out}: an empty weight (the kernel needs both >= 1)"
     if x.size(-1) != k_in or dy.size(-1) != n_out:
         return f"x [*, {x.size(-1)}] and dy [*, {dy.size(-1)}] do not match the weight [E, {k_in}, {n_out}]"
     if not rows_ok(x) or not rows_ok(dy):
@@ -97,7 +98,8 @@ def launch(p: GroupBwdWPlan, x: torch.Tensor, dy: torch.Tensor, sorted_scattered
         dw=dw.data_ptr(), stride_dwe=dw.stride(0), stride_dwk=dw.stride(1), stride_dwn=dw.stride(2),
         sorted_scattered_idxs=idx.data_ptr(), expert_offsets=offsets.data_ptr(),
         offsets_int64=offsets.dtype == torch.int64, x_grouped=x_grouped, dy_grouped=dy_grouped,
-        x_fan_out=1 if x_grouped else x_fan_out, dy_fan_out=1 if dy_grouped else dy_fan_out,
+        x_fan_out=1 if x_grouped else int32_fan_out(x_fan_out, p.num_rows),
+        dy_fan_out=1 if dy_grouped else int32_fan_out(dy_fan_out, p.num_rows),
         num_experts=p.num_experts, num_rows=p.num_rows, k_in=p.k_in, n_out=p.n_out,
         device=device, stream=torch.cuda.current_stream(x.device).cuda_stream,
         row_scale=scale.data_ptr() if scale is not None else 0,
