@@ -419,10 +419,13 @@ def test_backward_calls_csrc_cannot_take_go_to_triton(fake_launch, fake_triton):
     _, w, _, route = make_case([4, 4], 16, 24)
     _, scattered, offsets = route
     x, dy = torch.randn(8, 16).to(w.dtype), torch.randn(8, 24).to(w.dtype)
-    short_gates = torch.rand(7)  # one scale per slot is needed: a shorter one is a reason, not a kernel read
-    assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, short_gates) == ("triton-dw", None)
+    gates_2d = torch.rand(4, 2)  # one scale per slot, but [T, k]: the csrc dW reads a 1-d one
+    assert cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, gates_2d) == ("triton-dw", None)
     assert cutlass.glu_backward(x.float(), x.float()[:, :8], True)[0] == "triton-dh"
-    assert [k for k in dispatch.FALLBACKS if k.startswith("row_scale of shape (7,)")]
+    assert [k for k in dispatch.FALLBACKS if k.startswith("row_scale of shape (4, 2)")]
+    short_gates = torch.rand(7)  # fewer scales than slots: refused before either kernel (a read past the end)
+    with pytest.raises(ValueError, match=r"row_scale: expected one scale per slot \(N=8\)"):
+        cutlass.group_bwd_w(x, dy, scattered, offsets, w, 1, 1, True, True, short_gates)
     assert [k for k in dispatch.FALLBACKS if k.startswith("dtype float32")] and not fake_launch
 
 
@@ -700,7 +703,8 @@ def test_cpu_tensors_never_reach_a_csrc_plan_and_fall_back_by_name(monkeypatch):
     dispatch.FALLBACKS.clear()
     monkeypatch.setattr(dispatch, "_check_triton", lambda t, why: (_ for _ in ()).throw(RuntimeError(why)))
     for call in (lambda: s2s(x, w, None, route),
-                 lambda: cutlass.group_bwd_w(x, torch.randn(5, 8), scattered, offsets, w, 1, 1, True, True),
+                 lambda: cutlass.group_bwd_w(x, torch.randn(5, 8).to(w.dtype), scattered, offsets, w, 1, 1, True,
+                                             True),
                  lambda: cutlass.glu_backward(torch.randn(5, 8), torch.randn(5, 4), True)):
         with pytest.raises(RuntimeError, match="tensors on cpu, not CUDA"):
             call()
