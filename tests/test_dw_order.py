@@ -88,3 +88,37 @@ def test_triton_dw_in_largest_first_order_matches_the_reference(monkeypatch, any
                                    None, True)
     assert torch.equal(dw_bad[4], dw[4])  # expert 4 computed (by every program) ...
     assert torch.isnan(dw_bad[9]).all()  # ... and expert 9 never: its dW is still the poison
+
+
+@pytest.mark.parametrize("row_scale", [False, True], ids=["ungated", "gated"])
+@pytest.mark.parametrize("dy_grouped", [False, True], ids=["dy_gathered", "dy_grouped"])
+def test_triton_dw_of_an_empty_weight_is_empty_and_its_db_still_sums_the_rows(dy_grouped, row_scale):
+    """torch.ops.scattermoe.group_bwd_w reaches the Triton launcher with any weight: with E = 0 it raised an
+    IndexError, and with K = 0 (the bias alone makes the output) db came back unwritten (uninitialised memory),
+    as the grid had no program. db_e = sum over expert e's rows of s * dy, expert by expert, with an empty expert."""
+    g = torch.Generator().manual_seed(5)
+    E, K, F = 3, 2, 5
+    counts = torch.tensor([2, 0, 4])
+    n = int(counts.sum())
+    sorted_expert = torch.repeat_interleave(torch.arange(E), counts)
+    scattered = torch.randperm(n, generator=g)
+    offsets = counts.cumsum(0)
+    dy = torch.randn(n if dy_grouped else n // K, F, generator=g)
+    scale = torch.rand(n, generator=g) if row_scale else None
+    dys = dy if dy_grouped else dy[scattered // K]
+    if row_scale:
+        dys = dys * scale[scattered][:, None]
+    want = torch.zeros(E, F, dtype=torch.float64)
+    for e in range(E):
+        want[e] = dys.double()[sorted_expert == e].sum(0)
+    like = torch.empty(E, 0, F)
+    dw, db = triton_group_bwd_w(torch.empty(n, 0), dy, scattered, offsets, like, 1, 1 if dy_grouped else K, True,
+                                dy_grouped, scale, True)
+    assert dw.shape == (E, 0, F) and db.shape == (E, F)
+    assert_close(db, want, TOL[torch.float32], "db of a K=0 weight")
+    dw, db = triton_group_bwd_w(torch.empty(0, 4), torch.empty(0, F), scattered[:0], offsets[:0],
+                                torch.empty(0, 4, F), 1, 1, True, True, None, True)
+    assert dw.shape == (0, 4, F) and db.shape == (0, F)
+    dw, db = triton_group_bwd_w(torch.randn(n, 4), torch.empty(n, 0), scattered, offsets, torch.empty(E, 4, 0), 1, 1,
+                                True, True, None, True)
+    assert dw.shape == (E, 4, 0) and db.shape == (E, 0)

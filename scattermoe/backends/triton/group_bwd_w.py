@@ -122,6 +122,30 @@ _group_bwd_w_kernel = _autotuned("group_bwd_w")
 _group_bwd_w_fp32_kernel = _autotuned("group_bwd_w" + FP32)
 
 
+def _empty_weight_grads(dy, sorted_scattered_idxs, expert_offsets, like_weight, dy_fan_out, dy_grouped, row_scale,
+                        with_bias):
+    """group_bwd_w for a weight with no elements (E, K_IN or N_OUT = 0), in torch: dW is empty, but with K_IN = 0
+    db_e = sum over the expert's rows of s * dY still has N_OUT columns (the bias alone makes the output)."""
+    num_experts, _, n_out = like_weight.shape
+    dw = torch.empty_like(like_weight)
+    if not with_bias:
+        return dw, None
+    db = torch.zeros(num_experts, n_out, dtype=torch.float32, device=like_weight.device)
+    num_rows = sorted_scattered_idxs.numel()
+    if num_experts and n_out and num_rows:
+        rows = torch.arange(num_rows, device=dy.device)
+        # Row i belongs to the first expert whose end (clamped to [0, N]) passes it.
+        ends = expert_offsets[:num_experts].clamp(0, num_rows).cummax(0).values
+        expert = torch.searchsorted(ends, rows, right=True)
+        slots = sorted_scattered_idxs.long()
+        keep = (expert < num_experts) & (slots >= 0) & (slots < num_rows)  # as the kernel: a bad slot adds nothing
+        dy_rows = dy[rows] if dy_grouped else dy[slots.clamp(0, num_rows - 1) // dy_fan_out]
+        scaled = dy_rows.float() * (row_scale.reshape(-1)[slots.clamp(0, num_rows - 1)].float()[:, None]
+                                    if row_scale is not None else 1.0)
+        db.index_add_(0, expert[keep], scaled[keep])
+    return dw, db.to(like_weight.dtype)
+
+
 @on_tensor_device
 def group_bwd_w(
     x: torch.Tensor,
@@ -145,6 +169,9 @@ def group_bwd_w(
     # Read as contiguous by the kernel (no copy when they are; see scatter2scatter).
     sorted_scattered_idxs, expert_offsets = sorted_scattered_idxs.contiguous(), expert_offsets.contiguous()
     row_scale = row_scale.contiguous() if row_scale is not None else None
+    if num_experts == 0 or k_in == 0 or n_out == 0:  # an empty dW: no tile to launch (the grid would be empty)
+        return _empty_weight_grads(dy, sorted_scattered_idxs, expert_offsets, like_weight, dy_fan_out, dy_grouped,
+                                   row_scale, with_bias)
     dw = torch.empty_like(like_weight)
     db = like_weight.new_empty(num_experts, n_out) if with_bias else None
     db_arg = db if db is not None else dw[0]
