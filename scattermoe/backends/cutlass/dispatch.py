@@ -144,8 +144,6 @@ def group_bwd_w(
     check_group_bwd_w_args(x, dy, sorted_scattered_idxs, expert_offsets, like_weight, x_fan_out, dy_fan_out,
                            x_grouped, dy_grouped, row_scale)
     num_rows = sorted_scattered_idxs.numel()
-    if like_weight.size(0) == 0:  # no experts: dW [0, K, F] (and db [0, F]) hold nothing to compute
-        return torch.empty_like(like_weight), like_weight.new_empty(0, like_weight.size(2)) if with_bias else None
     p = _not_cuda(x) or wgrad.plan(x, dy, expert_offsets, like_weight, num_rows, row_scale)
     if isinstance(p, str):
         return _to_triton(x, p).group_bwd_w(
