@@ -360,6 +360,22 @@ def _check_read_rows(name: str, t: torch.Tensor, num_rows: int, fan_out, grouped
                          f"({'grouped' if grouped else f'{fan_name} {fan_out}'}), got {tuple(t.shape)}")
 
 
+def _check_kernel_offsets(expert_offsets, num_experts: int, device: torch.device) -> None:
+    """expert_offsets as the grouped kernels read it: an index vector on device with at least E ends."""
+    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
+    if expert_offsets.numel() < num_experts:  # the kernels read E ends
+        raise ValueError(f"expert_offsets: expected [E={num_experts}], got shape {tuple(expert_offsets.shape)}")
+
+
+def _check_slot_scales(row_scale, num_rows: int, device: torch.device, dtypes=None) -> None:
+    """row_scale (None, or at least one scale per slot, read by slot in [0, N)) on device."""
+    if row_scale is None:
+        return
+    check_tensor("row_scale", row_scale, dtypes=dtypes, device=device)
+    if row_scale.numel() < num_rows:
+        raise ValueError(f"row_scale: expected one scale per slot (N={num_rows}), got shape {tuple(row_scale.shape)}")
+
+
 def check_scatter2scatter_args(x, w, bias, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in, row_scale,
                                out, glu, pre_activation) -> None:
     """What the scatter GEMM kernels (csrc and Triton alike) index without bounds checks, checked by each backend's
@@ -375,18 +391,12 @@ def check_scatter2scatter_args(x, w, bias, sorted_scattered_idxs, expert_offsets
         raise ValueError(f"x: expected [*, {k_in}] (w is {tuple(w.shape)}), got {tuple(x.shape)}")
     _check_read_rows("x", x, num_rows, fan_out, grouped_in, "fan_out")
     check_tensor("sorted_scattered_idxs", sorted_scattered_idxs, dtypes=_INDEX_DTYPES, device=device)
-    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
-    if expert_offsets.numel() < num_experts:  # the kernels read E ends
-        raise ValueError(f"expert_offsets: expected [E={num_experts}], got shape {tuple(expert_offsets.shape)}")
+    _check_kernel_offsets(expert_offsets, num_experts, device)
     if bias is not None:
         check_tensor("bias", bias, dim=2, device=device)
         if tuple(bias.shape) != (num_experts, w_cols):
             raise ValueError(f"bias: expected shape {(num_experts, w_cols)}, got {tuple(bias.shape)}")
-    if row_scale is not None:
-        check_tensor("row_scale", row_scale, device=device)
-        if row_scale.numel() < num_rows:  # read by slot, in [0, N)
-            raise ValueError(f"row_scale: expected one scale per slot (N={num_rows}), got shape "
-                             f"{tuple(row_scale.shape)}")
+    _check_slot_scales(row_scale, num_rows, device)
     if out is not None:
         _check_rows("out", out, num_rows, n_out, device)
     if pre_activation is not None:
@@ -429,11 +439,5 @@ def check_group_bwd_w_args(x, dy, sorted_scattered_idxs, expert_offsets, like_we
                              f"got {tuple(t.shape)}")
     _check_read_rows("x", x, num_rows, x_fan_out, x_grouped, "x_fan_out")
     _check_read_rows("dy", dy, num_rows, dy_fan_out, dy_grouped, "dy_fan_out")
-    check_tensor("expert_offsets", expert_offsets, dim=1, dtypes=_INDEX_DTYPES, device=device)
-    if expert_offsets.numel() < num_experts:  # the kernels read E ends
-        raise ValueError(f"expert_offsets: expected [E={num_experts}], got shape {tuple(expert_offsets.shape)}")
-    if row_scale is not None:
-        check_tensor("row_scale", row_scale, dtypes=_FLOAT_DTYPES, device=device)
-        if row_scale.numel() < num_rows:  # read by slot, in [0, N)
-            raise ValueError(f"row_scale: expected one scale per slot (N={num_rows}), got shape "
-                             f"{tuple(row_scale.shape)}")
+    _check_kernel_offsets(expert_offsets, num_experts, device)
+    _check_slot_scales(row_scale, num_rows, device, dtypes=_FLOAT_DTYPES)

@@ -139,10 +139,10 @@ def _empty_weight_grads(dy, sorted_scattered_idxs, expert_offsets, like_weight, 
         expert = torch.searchsorted(ends, rows, right=True)
         slots = sorted_scattered_idxs.long()
         keep = (expert < num_experts) & (slots >= 0) & (slots < num_rows)  # as the kernel: a bad slot adds nothing
-        dy_rows = dy[rows] if dy_grouped else dy[slots.clamp(0, num_rows - 1) // dy_fan_out]
-        scaled = dy_rows.float() * (row_scale.reshape(-1)[slots.clamp(0, num_rows - 1)].float()[:, None]
-                                    if row_scale is not None else 1.0)
-        db.index_add_(0, expert[keep], scaled[keep])
+        slots = slots.clamp(0, num_rows - 1)  # (read, then dropped by keep)
+        dy_rows = dy[:num_rows] if dy_grouped else dy[slots // dy_fan_out]
+        scale = row_scale.reshape(-1)[slots].float()[:, None] if row_scale is not None else 1.0
+        db.index_add_(0, expert[keep], (dy_rows.float() * scale)[keep])
     return dw, db.to(like_weight.dtype)
 
 
