@@ -419,10 +419,10 @@ def inherit_run_settings(args, saved: dict, given: set) -> List[str]:
     for dest, field in RUN_SETTINGS.items():
         if dest in given or field not in saved or not hasattr(args, dest):
             continue
-        if saved[field] != getattr(args, dest) and saved[field] is not None:
-            taken.append(f"--{dest.replace('_', '-')} {saved[field]:g}" if isinstance(saved[field], float)
-                         else f"--{dest.replace('_', '-')} {saved[field]}")
-        setattr(args, dest, saved[field])
+        value = saved[field]
+        if value != getattr(args, dest) and value is not None:
+            taken.append(f"--{dest.replace('_', '-')} {f'{value:g}' if isinstance(value, float) else value}")
+        setattr(args, dest, value)
     return taken
 
 
@@ -673,7 +673,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = argparse.Namespace(command=None)
         args = build_parser().parse_args(argv)
-        args.given = given_options(argv)  # --resume keeps the run's own values of the options not given
+        if getattr(args, "resume", False):  # it keeps the run's own values of the options not given
+            args.given = given_options(argv)
         if getattr(args, "temperature", None) == 0 and (args.top_p < 1 or args.top_k > 0):
             raise CLIError("--top-p and --top-k choose among sampled tokens; with --temperature 0 (greedy, the "
                            "default) nothing is sampled: give --temperature > 0 too")
