@@ -84,7 +84,7 @@ def _triton_routing_allowed(t: torch.Tensor) -> bool:
     """The one-launch routing kernels may run on t: CUDA, triton importable, the torch backend not selected,
     torch.compile not tracing (it lowers the torch path itself)."""
     return (t.is_cuda and not torch.compiler.is_compiling() and backends.get_backend() != "torch"
-            and backends.triton_importable())
+            and backends.triton_importable() and not backends.triton_half_interpreted())
 
 
 def _use_fused_routing(flat: torch.Tensor, num_experts: int) -> bool:

@@ -41,6 +41,12 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     from scattermoe.backends.triton.config import INTERPRET  # the mode the kernels were defined in
 
+    if scattermoe.backends.triton_half_interpreted():
+        # A test module set TRITON_INTERPRET at import, after triton was: on a GPU machine every Triton test then
+        # failed with "Cannot call @triton.jit'd outside of the scope of a kernel" (the 2026-12-04 H200 run).
+        raise pytest.UsageError("TRITON_INTERPRET was set after triton was imported (by a test module?): the "
+                                "kernels are interpreted and Triton's own library is not; set it only here")
+
     # The tests that need the csrc module last (a stable sort: the rest keep their order). Its first build
     # takes minutes, so CI runs it in the background beside the other tests and these wait for it (on the
     # build cache's lock) only at the end; run alone, they build it themselves.

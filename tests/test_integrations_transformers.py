@@ -10,10 +10,6 @@ Most checks run on the 'torch' backend; one forward+backward per expert layout (
 runs the Triton kernels through the interpreter.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before scattermoe imports Triton
-
 import contextlib
 import copy
 import sys

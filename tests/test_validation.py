@@ -922,3 +922,44 @@ def test_vmap_over_the_expert_ids_is_refused_by_name_and_over_x_and_the_gates_ru
                 expert_idxs)
         both = torch.func.vmap(lambda rows, g: layer(rows, g, expert_idxs[0]))(x, gates)
         torch.testing.assert_close(both, torch.stack([layer(x[i], gates[i], expert_idxs[0]) for i in range(3)]))
+
+
+def test_triton_interpret_set_after_triton_is_named_and_auto_runs_the_reference():
+    """TRITON_INTERPRET set after `import triton` leaves our kernels interpreted and Triton's own library not: every
+    launch failed with "Cannot call @triton.jit'd outside of the scope of a kernel" (a test module's setdefault did
+    this to the whole GPU test run). `auto` now runs the reference there, and asking for 'triton' says why."""
+    code = ("import os, torch, triton\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import scattermoe; from scattermoe import backends\n"
+            "r = scattermoe.flatten_sort_count(torch.tensor([[0, 2], [1, 2]]), 3)\n"
+            "x, w = torch.randn(2, 4), torch.randn(3, 4, 5)\n"
+            "y = scattermoe.parallel_linear(x, w, 2, *r)\n"
+            "print(backends.triton_half_interpreted(), backends.resolve(x), torch.allclose(y[1], x[0] @ w[2]))\n"
+            "try:\n"
+            "    with scattermoe.use_backend('triton'):\n"
+            "        scattermoe.parallel_linear(x, w, 2, *r)\n"
+            "except RuntimeError as e:\n"
+            "    print('set after triton was imported' in str(e))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SCATTERMOE_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "torch", "True", "True"], out.stdout
+
+
+def test_no_test_module_sets_triton_interpret_at_import():
+    """Only conftest may set TRITON_INTERPRET (before scattermoe is imported, and only without CUDA). A test module
+    that set it at import, after triton was imported, turned every Triton test on the GPU into an interpreter
+    error; on the CPU the same line does nothing, so only this check sees it."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if path.name == "conftest.py":
+            continue
+        for stmt in ast.parse(path.read_text()).body:  # module level: what runs at import
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if any(isinstance(node, ast.Constant) and node.value == "TRITON_INTERPRET" for node in ast.walk(stmt)):
+                offenders.append(f"{path.name}:{stmt.lineno}")
+    assert offenders == [], f"module-level TRITON_INTERPRET in {offenders}: leave it to conftest.py"

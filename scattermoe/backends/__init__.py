@@ -156,6 +156,18 @@ def _triton_interpreting() -> bool:
     return config.INTERPRET if config is not None else triton_interpret_knob()
 
 
+def triton_half_interpreted() -> bool:
+    """The kernels are (or would be) defined for the interpreter while Triton's own jitted library (tl.zeros,
+    tl.sum...) was not: TRITON_INTERPRET was set after triton was imported (torch may import it). Such kernels
+    fail at their first library call ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    if not _triton_interpreting():
+        return False
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(tl.zeros, InterpretedFunction)
+
+
 def _probe_triton() -> bool:
     try:  # an import, not find_spec: a broken install must fall back to torch, not fail at the first launch
         import triton  # noqa: F401
@@ -180,6 +192,10 @@ def triton_unsupported_reason(x: torch.Tensor):
         return "triton is not installed (pip install triton)"
     if x.dtype not in _TRITON_DTYPES:
         return f"the triton backend supports float16, bfloat16 and float32, not {x.dtype}"
+    if triton_half_interpreted():
+        return ("TRITON_INTERPRET was set after triton was imported: the kernels would be interpreted and Triton's "
+                "own library would not, which cannot run (set it before anything imports triton or torch, or not "
+                "at all)")
     if x.device.type == "cuda":
         return None
     if x.device.type != "cpu":
