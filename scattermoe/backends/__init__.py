@@ -219,7 +219,8 @@ def cutlass_unsupported_reason(x: torch.Tensor):
 
 # The GPUs (torch.cuda.get_device_name) on which ``auto`` runs bf16/fp16 on the csrc kernels: those where a
 # committed benchmark result (bench/results/) has scattermoe_cutlass faster than scattermoe_triton on the
-# headline case (GLUMLP forward + backward at the JetMoE-8B shape, T=16384, bf16). None is measured yet.
+# headline case (GLUMLP forward + backward at the JetMoE-8B shape, T=16384, bf16). None: on the H200 it was
+# 0.37x Triton (bench/results/2026-12-04_h200_71ca4da.json, bench/NOTES.md Outcomes).
 CUTLASS_PREFERRED_DEVICES: frozenset = frozenset()
 
 
