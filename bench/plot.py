@@ -14,7 +14,25 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Set, Tuple
+
+
+def _segments(pts: List[Tuple[float, float]], attempted: Set) -> List[List[Tuple[float, float]]]:
+    """pts (sorted by T) cut where a T the run tried between two of them has no point: a line is drawn only
+    between neighbouring sizes both measured, never across one that was skipped or failed."""
+    measured = {t for t, _ in pts}
+    segments: List[List[Tuple[float, float]]] = []
+    current: List[Tuple[float, float]] = []
+    values = dict(pts)
+    for t in sorted(attempted | measured):
+        if t in measured:
+            current.append((t, values[t]))
+        elif current:
+            segments.append(current)
+            current = []
+    if current:
+        segments.append(current)
+    return segments
 
 
 def plot(payload: Dict, path: Path) -> Optional[str]:
@@ -28,6 +46,9 @@ def plot(payload: Dict, path: Path) -> Optional[str]:
     from .report import _measured
 
     rows = [r for r in payload["rows"] if _measured(r)]
+    attempted: Dict = {}  # case -> every T the run tried (skipped and failed rows included)
+    for r in payload["rows"]:
+        attempted.setdefault(r["case"], set()).add(r["tokens"])
     cases = list(dict.fromkeys(r["case"] for r in rows))
     if not cases:
         return "no results to plot"
@@ -42,17 +63,20 @@ def plot(payload: Dict, path: Path) -> Optional[str]:
             for routing, style in (("uniform", "-"), ("zipf", "--")):
                 pts = sorted((r["tokens"], r[metric]) for r in mine if r["impl"] == impl and r["routing"] == routing
                              and isinstance(r.get(metric), (int, float)))
-                if not pts:
-                    continue
-                line, = ax.plot(*zip(*pts), style, marker="o", markersize=3, color=colors.get(impl),
-                                label=impl if routing == "uniform" or impl not in colors else None)
-                colors.setdefault(impl, line.get_color())
+                label = impl if routing == "uniform" or impl not in colors else None
+                for segment in _segments(pts, attempted[case]):
+                    line, = ax.plot(*zip(*segment), style, marker="o", markersize=3, color=colors.get(impl),
+                                    label=label)
+                    colors.setdefault(impl, line.get_color())
+                    label = None
         if metric == "tflops":  # the datasheet roofline: the most any implementation could reach at each T
             roof = sorted({(r["tokens"], r["flops"] / r["roofline_ms"] / 1e9) for r in mine
                            if r.get("roofline_ms") and r.get("flops") and r["routing"] == "uniform"})
-            if roof:
-                ax.plot(*zip(*roof), ":", color="black", lw=1.2, marker="_" if len(roof) == 1 else None,
-                        markersize=12, label="roofline (datasheet)")
+            label = "roofline (datasheet)"
+            for segment in _segments(roof, attempted[case]):
+                ax.plot(*zip(*segment), ":", color="black", lw=1.2, marker="_" if len(segment) == 1 else None,
+                        markersize=12, label=label)
+                label = None
         ax.set_xscale("log", base=2)
         if metric == "ms":
             ax.set_yscale("log")

@@ -279,14 +279,16 @@ def test_plot_draws_zipf_dashed_beside_uniform_and_skips_a_row_without_a_time(tm
             + [_row("routing", "scattermoe", t, "zipf", ms=t / 500) for t in (16, 4096)]
             + [_row("routing", "scattermoe", 256, "zipf", ms=math.nan)])
     assert plot({"rows": rows, "device": "test", "commit": "0" * 40}, tmp_path / "p.png") is None
-    by_style = {ln.get_linestyle(): ln for ln in plotted_lines}
-    assert set(by_style) == {"-", "--"}, [ln.get_linestyle() for ln in plotted_lines]
-    uniform, zipf = by_style["-"], by_style["--"]
+    assert {ln.get_linestyle() for ln in plotted_lines} == {"-", "--"}, [ln.get_linestyle() for ln in plotted_lines]
+    (uniform,) = [ln for ln in plotted_lines if ln.get_linestyle() == "-"]
+    zipf = [ln for ln in plotted_lines if ln.get_linestyle() == "--"]
     assert list(uniform.get_xdata()) == [16, 256, 4096]
     assert list(uniform.get_ydata()) == pytest.approx([0.016, 0.256, 4.096])
-    assert list(zipf.get_xdata()) == [16, 4096]  # the NaN row at T=256 adds no point
-    assert list(zipf.get_ydata()) == pytest.approx([0.032, 8.192])
-    assert zipf.get_color() == uniform.get_color()  # one implementation, one colour
+    # The NaN row at T=256 adds no point, and no line bridges it: two lone points, not a line from 16 to 4096
+    # (the first H200 file, with only T=1 and T=16384 timed, drew lines across the eleven sizes between).
+    assert [list(ln.get_xdata()) for ln in zipf] == [[16], [4096]]
+    assert [list(ln.get_ydata()) for ln in zipf] == [pytest.approx([0.032]), pytest.approx([8.192])]
+    assert {ln.get_color() for ln in zipf} == {uniform.get_color()}  # one implementation, one colour
 
 
 def test_hang_watch_fires_once_for_the_step_that_hangs_and_stops_when_told():
