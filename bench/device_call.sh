@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call of the device tool running the GPU protocol (gpu_check.sh), shaped to the tool's limits:
 #
-#   run(command="bash bench/device_call.sh 'csrc tests bench' 540", carry=["third_party"], timeout_s=600)
+#   run(command="bash bench/device_call.sh 'csrc tests profile bench' 540", carry=["third_party"], timeout_s=600)
 #
 # gpu_check.sh writes a dozen files (logs, JUnit XML, result .json/.md/.png); the tool returns at most
 # 8 from $OUT. So everything goes to a scratch folder, then into $OUT/gpu_check.tgz, with the summary
@@ -16,7 +16,7 @@
 # gpu_check.sh's (124 when stopped), or 65 when what bench/prepare_gpu_carry.sh makes was not carried
 # (DEVICE_CALL_WITHOUT_CARRY=1 runs anyway: no csrc module, no original ScatterMoE, commit unknown).
 set -u
-STEPS="${1:-csrc tests bench e2e hf}"
+STEPS="${1:-csrc tests profile bench e2e hf}"
 BUDGET="${2:-540}"
 DEST="${OUT:?device_call.sh runs on the device machine, where OUT names the folder that comes back}"
 here="$(dirname "${BASH_SOURCE[0]}")"

@@ -19,6 +19,8 @@
 #                 tests/test_autotune_configs.py (over GPU_CHECK_TEST_WORKERS xdist workers, default 8; with
 #                 pytest-timeout, a test past GPU_CHECK_TEST_TIMEOUT_S, default 120, ends its worker and
 #                 fails); JUnit XML into OUTDIR/junit_<part>.xml;
+# 3b. profile:    python -m bench.profile --out OUTDIR: the headline case's kernels, per backend, by time (at most
+#                 120 s, and never the kernel suite's 90 s floor; its status never changes the script's);
 # 4. bench:       python -m bench --out OUTDIR, the kernel suite (result .json / .md, .png if
 #                 matplotlib is there), most important cases first, within the time left; if an
 #                 implementation hangs (--hang-s), once more without it in the time left;
@@ -27,8 +29,8 @@
 # 7. cputests:    -m 'not gpu' (the CPU tests, in one process, with the time left): not a default step, since
 #                 CI runs them on every commit; name it to run them under the image's versions.
 #
-# GPU_CHECK_STEPS picks steps (default "csrc tests bench e2e hf"). With 15 minutes of device time
-# (the machine's start included): "csrc tests bench" in one call, then "csrc e2e hf" with
+# GPU_CHECK_STEPS picks steps (default "csrc tests profile bench e2e hf"). With 15 minutes of device time
+# (the machine's start included): "csrc tests profile bench" in one call, then "csrc e2e hf" with
 # GPU_CHECK_MEMCHECK=0 (the module for the e2e's cutlass rows, not checked twice) in a short second
 # one, each through bench/device_call.sh (the device tool returns at most 8 files; bench/README.md).
 #
@@ -60,7 +62,7 @@ BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 TEST_BUDGET="${GPU_CHECK_TEST_BUDGET_S:-240}"
 # The GPU image's interpreter with torch is python3 (a bare "python" may be absent or another one).
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-STEPS=" ${GPU_CHECK_STEPS:-csrc tests bench e2e hf} "
+STEPS=" ${GPU_CHECK_STEPS:-csrc tests profile bench e2e hf} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step() { printf '\n===== %s (t=%ss) =====\n' "$1" "$SECONDS"; }
@@ -287,6 +289,22 @@ EOF
     local reserve=0
     want e2e && reserve=$(( reserve + 120 ))
     want hf && reserve=$(( reserve + 90 ))
+    PROFILE_RC=skipped
+    if want profile; then
+        step "kernel profile of the headline case (python -m bench.profile)"
+        # Which kernels the GLUMLP forward+backward spends its time in, per backend (the suite's medians cannot
+        # say): at most 120 s, and never the kernel suite's 90 s floor.
+        local profile_s=$(( BUDGET - SECONDS - reserve ))
+        want bench && profile_s=$(( profile_s - 90 ))
+        [ "$profile_s" -gt 120 ] && profile_s=120
+        if [ "$profile_s" -ge 45 ]; then
+            gpu_run "$profile_s" "$PY" -m bench.profile --out "$OUT"
+            PROFILE_RC=$?
+        else
+            echo "skipped: ${profile_s}s left of the budget"
+        fi
+    fi
+
     BENCH_RC=skipped
     BENCH_HUNG=
     if want bench; then
@@ -340,6 +358,7 @@ EOF
         echo "pytest_csrc_rc=$CSRC_TEST_RC"
         echo "pytest_autotune_rc=$AUTOTUNE_TEST_RC"
         echo "pytest_cpu_rc=$CPU_TEST_RC"
+        echo "profile_rc=$PROFILE_RC"
         echo "bench_rc=$BENCH_RC"
         echo "bench_hung=${BENCH_HUNG:-none}"
         echo "e2e_rc=$E2E_RC"

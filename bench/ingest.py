@@ -89,7 +89,8 @@ def failed_tests(run: Path) -> List[str]:
 
 
 def result_files(run: Path) -> List[Path]:
-    """The .json result files of the kernel and e2e suites in run (never a CPU smoke run, nor hf_patch.json)."""
+    """The .json result files of the kernel and e2e suites and of bench.profile in run (never a CPU smoke run, nor
+    hf_patch.json)."""
     found = []
     for path in sorted(run.rglob("*.json")):
         try:
@@ -97,8 +98,11 @@ def result_files(run: Path) -> List[Path]:
         except (OSError, ValueError) as exc:
             print(f"python -m bench.ingest: skipping {path}: not a readable JSON file ({exc})", file=sys.stderr)
             continue
-        if (isinstance(payload, dict) and payload.get("benchmark") in ("kernels", "e2e")
-                and isinstance(payload.get("rows"), list) and not payload.get("smoke_only")):
+        if not isinstance(payload, dict) or payload.get("smoke_only"):
+            continue
+        if payload.get("benchmark") == "profile" and isinstance(payload.get("impls"), list):
+            found.append(path)  # python -m bench.profile: kernel tables, no rows
+        elif payload.get("benchmark") in ("kernels", "e2e") and isinstance(payload.get("rows"), list):
             if payload["benchmark"] == "kernels":
                 try:
                     report.check_payload(payload, str(path))
@@ -185,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if target:
                 copied.append(target)
     if not found:
-        print("python -m bench.ingest: no kernel or e2e result file in these archives", file=sys.stderr)
+        print("python -m bench.ingest: no kernel, e2e or profile result file in these archives", file=sys.stderr)
         return 1
 
     for target in copied:
@@ -196,6 +200,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(cutlass_verdict(payload, target.name))
             combine = report.combine_table(payload)
             print(f"\n{target.name}: top-k combine (NOTES.md 23)\n{combine or 'no scatter/gather pair timed'}")
+        elif payload["benchmark"] == "profile":
+            print(f"\n{target.name}: the largest kernels per call (the .md beside it has the tables)")
+            for res in payload["impls"]:
+                top = ", ".join(f"{k['kernel'][:60]} {k['us_per_call'] / 1e3:.2f} ms ({k['share']:.0%})"
+                                for k in res.get("kernels", [])[:3])
+                print(f"  {res['impl']}: {top or res['status']}")
     print()
     rc = report.main(["--readme", str(args.readme), "--results-dir", str(args.results_dir)])
     print("review, then commit the results folder and the README (and NOTES.md's Outcomes)")

@@ -28,6 +28,14 @@ def _run_folder(root: Path, ms: dict, name: str = "2026-12-01_h100_abcdef0") -> 
     (run / f"{name}.png").write_bytes(b"\x89PNG fake")
     (run / f"{name}_e2e.json").write_text(json.dumps({"benchmark": "e2e", "device": "H100", "rows": []}))
     (run / f"{name}_e2e.md").write_text("# e2e\n")
+    profile = {"benchmark": "profile", "device": "H100", "impls": [
+        {"impl": "scattermoe_cutlass", "status": "ok", "kernels": [
+            {"kernel": "dw_kernel", "us_per_call": 30000.0, "launches_per_call": 2, "share": 0.75},
+            {"kernel": "glu_kernel", "us_per_call": 10000.0, "launches_per_call": 1, "share": 0.25}]},
+        {"impl": "scattermoe_original", "status": "unavailable: not found"}]}
+    (run / f"{name}_profile.json").write_text(json.dumps(profile))
+    (run / f"{name}_profile.md").write_text("# profile\n")
+    (run / "2026-12-01_cpu_abcdef0_profile-cpu-smoke.json").write_text(json.dumps(dict(profile, smoke_only=True)))
     write_kernel_result(run, "2026-12-01_cpu_abcdef0_cpu-smoke.json", "2026-12-01T09:00:00+00:00", ms, smoke=True)
     (run / "hf_patch.json").write_text(json.dumps({"device": "H100", "rows": [{"impl": "x"}]}))
     (run / "junit_gpu.xml").write_text(JUNIT)
@@ -61,7 +69,10 @@ def test_copies_the_suites_results_and_reports_failures_and_the_csrc_verdict(tmp
     out = capsys.readouterr().out
     assert sorted(f.name for f in results.iterdir()) == sorted([
         "2026-12-01_h100_abcdef0.json", "2026-12-01_h100_abcdef0.md", "2026-12-01_h100_abcdef0.png",
-        "2026-12-01_h100_abcdef0_e2e.json", "2026-12-01_h100_abcdef0_e2e.md"])  # no smoke run, no hf_patch.json
+        "2026-12-01_h100_abcdef0_e2e.json", "2026-12-01_h100_abcdef0_e2e.md",
+        "2026-12-01_h100_abcdef0_profile.json", "2026-12-01_h100_abcdef0_profile.md"])  # no smoke run, no hf_patch
+    assert "scattermoe_cutlass: dw_kernel 30.00 ms (75%), glu_kernel 10.00 ms (25%)" in out  # the profile's top
+    assert "scattermoe_original: unavailable: not found" in out
     assert (runs / "gpu_check" / "hf_patch.json").exists()  # the whole archive stays unpacked beside
     assert "pytest_gpu_rc=1" in out
     assert "failed or errored tests: 2" in out
@@ -107,7 +118,7 @@ def test_refuses_archives_that_escape_or_hold_no_result(tmp_path, capsys):
     empty_run.mkdir()
     (empty_run / "gpu_check_summary.txt").write_text("csrc_build_rc=1\n")
     assert _ingest(_archive(empty_run, tmp_path / "empty.tgz"), results, runs, readme) == 1
-    assert "no kernel or e2e result file" in capsys.readouterr().err
+    assert "no kernel, e2e or profile result file" in capsys.readouterr().err
     assert list(results.iterdir()) == []
 
     (tmp_path / "junk.tgz").write_bytes(b"not a tar")
@@ -191,5 +202,6 @@ def test_a_cut_off_archive_keeps_the_files_before_the_cut_and_a_malformed_result
     assert "is cut off" in captured.err and "kept the" in captured.err, captured.err
     assert "skipping" in captured.err and "bad0000.json: row 0 lacks case" in captured.err, captured.err
     assert sorted(p.name for p in results.glob("*.json")) == ["2026-12-01_h100_abcdef0.json",
-                                                              "2026-12-01_h100_abcdef0_e2e.json"]
+                                                              "2026-12-01_h100_abcdef0_e2e.json",
+                                                              "2026-12-01_h100_abcdef0_profile.json"]
     assert not list(runs.rglob("zz_trace.bin"))  # not kept half-written

@@ -623,3 +623,59 @@ def test_checks_table_reads_the_merged_checks_of_each_group():
     assert cells[("routing", "torch_sort")][2:] == ["FAIL", "differs in 1 of 2 checks"]
     # A failure in an earlier group stays a failure whatever the later groups say.
     assert merge_checks({"T=1": {"x": group(5e-2, 1e-4, False)}, "T=512": {"x": group(1e-3, 1e-3)}})["x"]["ok"] is False
+
+
+# ---------------------------------------------------------------- python -m bench.profile
+
+
+@pytest.mark.interpreter
+def test_profile_smoke_tables_each_implementations_ops(tmp_path):
+    """bench.profile on the CPU: one table per implementation, the scattermoe kernels' ops named in the Triton
+    one, shares summing to 1, an implementation that cannot run here recorded as unavailable (not a failure)."""
+    from bench import profile
+
+    rc = profile.main(["--cpu-smoke", "--out", str(tmp_path), "--tokens", "8", "--iters", "1",
+                       "--impls", "scattermoe_triton,torch_grouped_mm,sonicmoe"])
+    assert rc == 0
+    p = _only_json(tmp_path)
+    assert p["benchmark"] == "profile" and p["smoke_only"] and p["case"] == "jetmoe_moe_fwd_bwd" and p["complete"]
+    by_impl = {r["impl"]: r for r in p["impls"]}
+    assert by_impl["sonicmoe"]["status"].startswith("unavailable: ")
+    for impl in ("scattermoe_triton", "torch_grouped_mm"):
+        assert by_impl[impl]["status"] == "ok"
+        assert sum(k["share"] for k in by_impl[impl]["kernels"]) == pytest.approx(1.0)
+    names = {k["kernel"] for k in by_impl["scattermoe_triton"]["kernels"]}
+    assert {"scattermoe::scatter2scatter_glu", "scattermoe::group_bwd_w", "scattermoe::glu_backward"} <= names
+    md = (tmp_path / f"{next(tmp_path.glob('*.json')).stem}.md").read_text()
+    assert "CPU SMOKE RUN" in md and "## scattermoe_triton:" in md and "## sonicmoe\n\nunavailable" in md
+
+
+def test_profile_refuses_a_smoke_run_into_the_results_folder_and_unknown_impls(capsys):
+    from bench import profile
+
+    for argv in (["--cpu-smoke"], ["--cpu-smoke", "--out", str(report.RESULTS_DIR)],
+                 ["--impls", "scattermoe_triton,bogus"], ["--impls", "dense_same_flops"]):
+        with pytest.raises(SystemExit) as exc:
+            profile.main(argv)
+        assert exc.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "never bench/results/" in err and "not profiled here: bogus" in err and "dense_same_flops" in err
+
+
+def test_profile_table_sums_small_kernels_into_one_line():
+    """kernel_table: per-call times (total over the profiled calls), largest first, and the kernels under
+    --min-share summed into one line; CPU-side entries left out on the device."""
+    from types import SimpleNamespace
+
+    from bench.profile import kernel_table
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    ev = lambda key, us, n, dev=cuda: SimpleNamespace(key=key, self_device_time_total=us, self_cpu_time_total=us,  # noqa: E731
+                                                      count=n, device_type=dev)
+    events = [ev("small_a", 10, 2), ev("big", 800, 2), ev("mid", 180, 4), ev("small_b", 10, 2),
+              ev("aten::mm", 5000, 2, cpu)]
+    rows = kernel_table(events, iters=2, on_device=True, min_share=0.05)
+    assert [r["kernel"] for r in rows] == ["big", "mid", "(2 others, each under 5%)"]
+    assert [r["us_per_call"] for r in rows] == [400, 90, 10]
+    assert [r["launches_per_call"] for r in rows] == [1, 2, 2]
+    assert [r["share"] for r in rows] == pytest.approx([0.8, 0.18, 0.02])

@@ -277,3 +277,26 @@ def test_a_memcheck_out_of_time_keeps_csrc_in_the_later_steps(tmp_path):
     assert "memcheck exit status: 124" in proc.stdout, proc.stdout[-3000:]
     assert log.read_text().strip() == "SCATTERMOE_CSRC_MODULE=/built/scattermoe_C.so"
     assert proc.returncode == 1  # memcheck did not finish: not a pass
+
+
+@needs_bash
+@pytest.mark.parametrize("budget, profile_s", [(400, 120), (200, 110), (120, None)])
+def test_the_profile_step_takes_at_most_two_minutes_and_leaves_the_suite_its_floor(tmp_path, budget, profile_s):
+    """python -m bench.profile (which kernels the headline case spends its time in) runs before the kernel suite,
+    for at most 120 s and never into the suite's 90 s floor; under 45 s it is skipped."""
+    bin_dir = _fake_bin(tmp_path, timeout=RECORDING_TIMEOUT, python=QUICK_PYTHON)
+    limits = tmp_path / "limits"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
+           "REAL_PYTHON": sys.executable, "LIMITS": str(limits), "GPU_CHECK_STEPS": "profile bench",
+           "GPU_CHECK_BUDGET_S": str(budget)}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    steps = {("profile" if "bench.profile" in line else "bench" if "-m bench " in line else line): int(line.split()[0])
+             for line in limits.read_text().splitlines()}
+    if profile_s is None:
+        assert "profile" not in steps and "profile_rc=skipped" in proc.stdout, steps
+    else:
+        assert profile_s - 10 <= steps["profile"] <= profile_s, steps
+        assert "profile_rc=0" in proc.stdout
+    assert steps["bench"] >= 90, steps
