@@ -19,8 +19,9 @@
 #                 tests/test_autotune_configs.py (over GPU_CHECK_TEST_WORKERS xdist workers, default 8; with
 #                 pytest-timeout, a test past GPU_CHECK_TEST_TIMEOUT_S, default 120, ends its worker and
 #                 fails); JUnit XML into OUTDIR/junit_<part>.xml;
-# 3b. profile:    python -m bench.profile --out OUTDIR: the headline case's kernels, per backend, by time (at most
-#                 120 s, and never the kernel suite's 90 s floor; its status never changes the script's);
+# 3b. profile:    python -m bench.profile --out OUTDIR: the headline case's and decode's kernels and host ops, per
+#                 backend, by time (at most 120 s, and never the kernel suite's 90 s floor; its status never
+#                 changes the script's);
 # 4. bench:       python -m bench --out OUTDIR, the kernel suite (result .json / .md, .png if
 #                 matplotlib is there), most important cases first, within the time left; if an
 #                 implementation hangs (--hang-s), once more without it in the time left;

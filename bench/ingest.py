@@ -100,7 +100,7 @@ def result_files(run: Path) -> List[Path]:
             continue
         if not isinstance(payload, dict) or payload.get("smoke_only"):
             continue
-        if payload.get("benchmark") == "profile" and isinstance(payload.get("impls"), list):
+        if payload.get("benchmark") == "profile" and isinstance(payload.get("cases"), list):
             found.append(path)  # python -m bench.profile: kernel tables, no rows
         elif payload.get("benchmark") in ("kernels", "e2e") and isinstance(payload.get("rows"), list):
             if payload["benchmark"] == "kernels":
@@ -202,10 +202,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"\n{target.name}: top-k combine (NOTES.md 23)\n{combine or 'no scatter/gather pair timed'}")
         elif payload["benchmark"] == "profile":
             print(f"\n{target.name}: the largest kernels per call (the .md beside it has the tables)")
-            for res in payload["impls"]:
-                top = ", ".join(f"{k['kernel'][:60]} {k['us_per_call'] / 1e3:.2f} ms ({k['share']:.0%})"
-                                for k in res.get("kernels", [])[:3])
-                print(f"  {res['impl']}: {top or res['status']}")
+            for case in payload["cases"]:
+                for res in case["impls"]:
+                    top = ", ".join(f"{k['kernel'][:60]} {k['us_per_call'] / 1e3:.2f} ms ({k['share']:.0%})"
+                                    for k in res.get("kernels", [])[:3])
+                    wall = (f"wall {res['wall_us_per_call'] / 1e3:.2f} ms, kernels "
+                            f"{res['kernel_us_per_call'] / 1e3:.2f} ms: " if res["status"] == "ok" else "")
+                    print(f"  {case['case']} T={case['tokens']} {res['impl']}: {wall}{top or res['status']}")
     print()
     rc = report.main(["--readme", str(args.readme), "--results-dir", str(args.results_dir)])
     print("review, then commit the results folder and the README (and NOTES.md's Outcomes)")

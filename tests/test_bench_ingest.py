@@ -28,11 +28,12 @@ def _run_folder(root: Path, ms: dict, name: str = "2026-12-01_h100_abcdef0") -> 
     (run / f"{name}.png").write_bytes(b"\x89PNG fake")
     (run / f"{name}_e2e.json").write_text(json.dumps({"benchmark": "e2e", "device": "H100", "rows": []}))
     (run / f"{name}_e2e.md").write_text("# e2e\n")
-    profile = {"benchmark": "profile", "device": "H100", "impls": [
-        {"impl": "scattermoe_cutlass", "status": "ok", "kernels": [
-            {"kernel": "dw_kernel", "us_per_call": 30000.0, "launches_per_call": 2, "share": 0.75},
-            {"kernel": "glu_kernel", "us_per_call": 10000.0, "launches_per_call": 1, "share": 0.25}]},
-        {"impl": "scattermoe_original", "status": "unavailable: not found"}]}
+    profile = {"benchmark": "profile", "device": "H100", "cases": [{"case": "jetmoe_moe_fwd_bwd", "tokens": 16384,
+                                                                    "impls": [
+        {"impl": "scattermoe_cutlass", "status": "ok", "wall_us_per_call": 41000.0, "kernel_us_per_call": 40000.0,
+         "kernels": [{"kernel": "dw_kernel", "us_per_call": 30000.0, "launches_per_call": 2, "share": 0.75},
+                     {"kernel": "glu_kernel", "us_per_call": 10000.0, "launches_per_call": 1, "share": 0.25}]},
+        {"impl": "scattermoe_original", "status": "unavailable: not found"}]}]}
     (run / f"{name}_profile.json").write_text(json.dumps(profile))
     (run / f"{name}_profile.md").write_text("# profile\n")
     (run / "2026-12-01_cpu_abcdef0_profile-cpu-smoke.json").write_text(json.dumps(dict(profile, smoke_only=True)))
@@ -71,8 +72,9 @@ def test_copies_the_suites_results_and_reports_failures_and_the_csrc_verdict(tmp
         "2026-12-01_h100_abcdef0.json", "2026-12-01_h100_abcdef0.md", "2026-12-01_h100_abcdef0.png",
         "2026-12-01_h100_abcdef0_e2e.json", "2026-12-01_h100_abcdef0_e2e.md",
         "2026-12-01_h100_abcdef0_profile.json", "2026-12-01_h100_abcdef0_profile.md"])  # no smoke run, no hf_patch
-    assert "scattermoe_cutlass: dw_kernel 30.00 ms (75%), glu_kernel 10.00 ms (25%)" in out  # the profile's top
-    assert "scattermoe_original: unavailable: not found" in out
+    assert ("jetmoe_moe_fwd_bwd T=16384 scattermoe_cutlass: wall 41.00 ms, kernels 40.00 ms: dw_kernel 30.00 ms "
+            "(75%), glu_kernel 10.00 ms (25%)") in out  # the profile's top kernels
+    assert "jetmoe_moe_fwd_bwd T=16384 scattermoe_original: unavailable: not found" in out
     assert (runs / "gpu_check" / "hf_patch.json").exists()  # the whole archive stays unpacked beside
     assert "pytest_gpu_rc=1" in out
     assert "failed or errored tests: 2" in out

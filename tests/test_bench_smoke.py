@@ -630,36 +630,45 @@ def test_checks_table_reads_the_merged_checks_of_each_group():
 
 @pytest.mark.interpreter
 def test_profile_smoke_tables_each_implementations_ops(tmp_path):
-    """bench.profile on the CPU: one table per implementation, the scattermoe kernels' ops named in the Triton
-    one, shares summing to 1, an implementation that cannot run here recorded as unavailable (not a failure)."""
+    """bench.profile on the CPU: per case, one table per implementation, the scattermoe kernels' ops named in the
+    Triton one, shares summing to 1, a wall time per call, an implementation that cannot run here recorded as
+    unavailable (not a failure)."""
     from bench import profile
 
-    rc = profile.main(["--cpu-smoke", "--out", str(tmp_path), "--tokens", "8", "--iters", "1",
+    rc = profile.main(["--cpu-smoke", "--out", str(tmp_path), "--cases", "fwd_bwd:8,infer:1", "--iters", "1",
                        "--impls", "scattermoe_triton,torch_grouped_mm,sonicmoe"])
     assert rc == 0
     p = _only_json(tmp_path)
-    assert p["benchmark"] == "profile" and p["smoke_only"] and p["case"] == "jetmoe_moe_fwd_bwd" and p["complete"]
-    by_impl = {r["impl"]: r for r in p["impls"]}
-    assert by_impl["sonicmoe"]["status"].startswith("unavailable: ")
-    for impl in ("scattermoe_triton", "torch_grouped_mm"):
-        assert by_impl[impl]["status"] == "ok"
-        assert sum(k["share"] for k in by_impl[impl]["kernels"]) == pytest.approx(1.0)
-    names = {k["kernel"] for k in by_impl["scattermoe_triton"]["kernels"]}
-    assert {"scattermoe::scatter2scatter_glu", "scattermoe::group_bwd_w", "scattermoe::glu_backward"} <= names
+    assert p["benchmark"] == "profile" and p["smoke_only"] and p["complete"]
+    assert [(c["case"], c["tokens"]) for c in p["cases"]] == [("jetmoe_moe_fwd_bwd", 8), ("jetmoe_moe_infer", 1)]
+    for case in p["cases"]:
+        by_impl = {r["impl"]: r for r in case["impls"]}
+        assert by_impl["sonicmoe"]["status"].startswith("unavailable: ")
+        for impl in ("scattermoe_triton", "torch_grouped_mm"):
+            res = by_impl[impl]
+            assert res["status"] == "ok" and res["wall_us_per_call"] > 0 and res["kernels"] == []  # no device
+            assert sum(k["share"] for k in res["host_ops"]) <= 1.0 + 1e-9 and res["host_ops"]
+        names = {k["kernel"] for k in by_impl["scattermoe_triton"]["host_ops"]}
+        assert "scattermoe::scatter2scatter_glu" in names, names
+    train = {r["impl"]: r for r in p["cases"][0]["impls"]}["scattermoe_triton"]["host_ops"]
+    assert {"scattermoe::group_bwd_w", "scattermoe::glu_backward"} <= {k["kernel"] for k in train}
     md = (tmp_path / f"{next(tmp_path.glob('*.json')).stem}.md").read_text()
-    assert "CPU SMOKE RUN" in md and "## scattermoe_triton:" in md and "## sonicmoe\n\nunavailable" in md
+    assert "CPU SMOKE RUN" in md and "## jetmoe_moe_infer, T=1" in md and "### scattermoe_triton: wall" in md
+    assert "### sonicmoe\n\nunavailable" in md
 
 
 def test_profile_refuses_a_smoke_run_into_the_results_folder_and_unknown_impls(capsys):
     from bench import profile
 
     for argv in (["--cpu-smoke"], ["--cpu-smoke", "--out", str(report.RESULTS_DIR)],
-                 ["--impls", "scattermoe_triton,bogus"], ["--impls", "dense_same_flops"]):
+                 ["--impls", "scattermoe_triton,bogus"], ["--impls", "dense_same_flops"], ["--cases", "fwd:0"],
+                 ["--cases", "sideways:16"], ["--cases", ","]):
         with pytest.raises(SystemExit) as exc:
             profile.main(argv)
         assert exc.value.code == 2, argv
     err = capsys.readouterr().err
     assert "never bench/results/" in err and "not profiled here: bogus" in err and "dense_same_flops" in err
+    assert "'fwd:0' is not MODE:T" in err and "'sideways:16' is not MODE:T" in err and "--cases: none given" in err
 
 
 def test_profile_table_sums_small_kernels_into_one_line():
