@@ -230,21 +230,29 @@ exec "$REAL_PYTHON" "$@"
 """
 
 
+def _step_limits(tmp_path, steps: str, budget: int):
+    """gpu_check.sh with every step a stand-in that ends at once: (the run, {step: the timeout it was given})."""
+    bin_dir = _fake_bin(tmp_path, timeout=RECORDING_TIMEOUT, python=QUICK_PYTHON)
+    limits = tmp_path / "limits"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
+           "REAL_PYTHON": sys.executable, "LIMITS": str(limits), "GPU_CHECK_STEPS": steps,
+           "GPU_CHECK_BUDGET_S": str(budget)}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+    def name(line: str) -> str:
+        return ("hf" if "bench_hf_patch" in line else "profile" if "bench.profile" in line
+                else "e2e" if "--e2e" in line else "bench" if "-m bench " in line else line)
+    return proc, {name(line): int(line.split()[0]) for line in limits.read_text().splitlines()}
+
+
 @needs_bash
 @pytest.mark.parametrize("budget, e2e_at_most", [(400, 310), (200, 200)])
 def test_the_e2e_step_leaves_the_hf_step_its_time_where_it_keeps_two_minutes(tmp_path, budget, e2e_at_most):
     """e2e once took all the time left, so hf never ran; now hf's 90 s are kept where e2e still gets 120 (at a
     budget of 200 it gets them all)."""
-    bin_dir = _fake_bin(tmp_path, timeout=RECORDING_TIMEOUT, python=QUICK_PYTHON)
-    limits = tmp_path / "limits"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
-           "REAL_PYTHON": sys.executable, "LIMITS": str(limits), "GPU_CHECK_STEPS": "e2e hf",
-           "GPU_CHECK_BUDGET_S": str(budget)}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    steps = {("hf" if "bench_hf_patch" in line else "e2e" if "--e2e" in line else line): int(line.split()[0])
-             for line in limits.read_text().splitlines()}
+    _, steps = _step_limits(tmp_path, "e2e hf", budget)
     assert e2e_at_most - 15 <= steps["e2e"] <= e2e_at_most, steps
     assert "hf" in steps, steps  # (the stand-in e2e ends at once)
 
@@ -284,16 +292,7 @@ def test_a_memcheck_out_of_time_keeps_csrc_in_the_later_steps(tmp_path):
 def test_the_profile_step_takes_at_most_two_minutes_and_leaves_the_suite_its_floor(tmp_path, budget, profile_s):
     """python -m bench.profile (which kernels the headline case spends its time in) runs before the kernel suite,
     for at most 120 s and never into the suite's 90 s floor; under 45 s it is skipped."""
-    bin_dir = _fake_bin(tmp_path, timeout=RECORDING_TIMEOUT, python=QUICK_PYTHON)
-    limits = tmp_path / "limits"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
-           "REAL_PYTHON": sys.executable, "LIMITS": str(limits), "GPU_CHECK_STEPS": "profile bench",
-           "GPU_CHECK_BUDGET_S": str(budget)}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    steps = {("profile" if "bench.profile" in line else "bench" if "-m bench " in line else line): int(line.split()[0])
-             for line in limits.read_text().splitlines()}
+    proc, steps = _step_limits(tmp_path, "profile bench", budget)
     if profile_s is None:
         assert "profile" not in steps and "profile_rc=skipped" in proc.stdout, steps
     else:
